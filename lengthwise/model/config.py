@@ -1,0 +1,187 @@
+"""`ModelConfig`: the parts of a Hugging Face `config.json` that the executor needs, validated.
+
+One config class covers every supported family (Llama, Mistral, Qwen2, Qwen3); the family only
+switches features on (q/k/v bias, q/k norm, sliding window). Both the transformers 4.x layout
+(`rope_theta` + `rope_scaling`) and the 5.x layout (`rope_parameters`) are read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing a file or holds something we cannot serve."""
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding settings. `type` is one of `SUPPORTED_ROPE_TYPES`."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    # llama3 only
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only model in the Llama family."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    # Per layer: the sliding-window size, or None for full attention.
+    sliding_windows: tuple[int | None, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                    "num_kv_heads", "head_dim", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise CheckpointError(f"config.json: {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise CheckpointError(
+                f"config.json: num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})")
+        if len(self.sliding_windows) != self.num_layers:
+            object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
+        """Read `config.json` (and the EOS ids of `generation_config.json`) from a checkpoint directory."""
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise CheckpointError(f"model directory {str(model_dir)!r} does not exist")
+        path = model_dir / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{model_dir}: config.json is missing; is this a Hugging Face checkpoint?")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        gen_path = model_dir / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        return cls.from_hf(raw, gen)
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
+        """Build from the dicts of `config.json` and (optionally) `generation_config.json`."""
+        generation = generation or {}
+        model_type = raw.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise CheckpointError(
+                f"config.json: model_type {model_type!r} is not supported "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (only 'silu')")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if key not in raw:
+                raise CheckpointError(f"config.json: required field {key!r} is missing")
+        num_heads = raw["num_attention_heads"]
+        num_layers = raw["num_hidden_layers"]
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
+        eos = generation.get("eos_token_id", raw.get("eos_token_id"))
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        bos = generation.get("bos_token_id", raw.get("bos_token_id"))
+        bias = bool(raw.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope=_rope_from_hf(raw),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v bias (and no o bias); Llama-style configs say so with attention_bias.
+            qkv_bias=True if model_type == "qwen2" else bias,
+            o_bias=False if model_type == "qwen2" else bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            sliding_windows=_sliding_windows_from_hf(raw, model_type, num_layers),
+            bos_token_id=bos,
+            eos_token_ids=eos_ids,
+            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+        )
+
+
+def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
+    # transformers 5 writes `rope_parameters` (theta inside); 4.x writes `rope_theta` + `rope_scaling`.
+    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(
+            f"config.json: rope type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+    kwargs: dict[str, Any] = {"theta": theta, "type": rope_type}
+    if rope_type in ("linear", "llama3"):
+        if "factor" not in params:
+            raise CheckpointError(f"config.json: rope scaling of type {rope_type!r} needs 'factor'")
+        kwargs["factor"] = float(params["factor"])
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if key not in params:
+                raise CheckpointError(f"config.json: llama3 rope scaling needs {key!r}")
+        kwargs["low_freq_factor"] = float(params["low_freq_factor"])
+        kwargs["high_freq_factor"] = float(params["high_freq_factor"])
+        kwargs["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+    return RopeConfig(**kwargs)
+
+
+def _sliding_windows_from_hf(raw: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
+    window = raw.get("sliding_window")
+    if model_type == "llama" or not window:
+        return (None,) * num_layers
+    layer_types = raw.get("layer_types")
+    if layer_types is not None:
+        if len(layer_types) != num_layers:
+            raise CheckpointError("config.json: layer_types must have one entry per layer")
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    if model_type == "mistral":
+        return (window,) * num_layers
+    # Qwen2/3 (transformers 4.x layout): sliding only when enabled, from layer max_window_layers on.
+    if not raw.get("use_sliding_window", False):
+        return (None,) * num_layers
+    first = raw.get("max_window_layers", num_layers)
+    return tuple(window if i >= first else None for i in range(num_layers))

@@ -1,0 +1,122 @@
+"""The decoder: one implementation for Llama, Mistral, Qwen2 and Qwen3 checkpoints.
+
+The family only switches features (q/k/v bias, q/k RMSNorm, sliding windows, RoPE scaling) on in
+`ModelConfig`. Weights arrive fused from the loader: one QKV matrix and one gate-up matrix per
+layer. The model knows nothing about batching policy: a forward pass takes a flat list of tokens,
+their positions, and the per-step `AttentionMetadata` that says where each sequence's context
+lives in the KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lengthwise.kv.storage import KVCacheStorage
+from lengthwise.model.config import ModelConfig
+from lengthwise.ops import (
+    AttentionMetadata,
+    apply_rotary,
+    paged_attention,
+    rms_norm,
+    rotary_cos_sin,
+    rotary_inv_freq,
+    silu_and_mul,
+)
+from lengthwise.ops.attention import write_kv
+
+
+def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + SwiGLU MLP, with the residual add fused into the following norm."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        c = config
+        self.config = c
+        self.sliding_window = c.sliding_windows[layer_idx]
+        self.scale = c.head_dim ** -0.5
+        h, qkv = c.hidden_size, c.q_size + 2 * c.kv_size
+        self.input_norm = _param((h,), dtype, device)
+        self.qkv_weight = _param((qkv, h), dtype, device)
+        self.qkv_bias = _param((qkv,), dtype, device) if c.qkv_bias else None
+        self.q_norm = _param((c.head_dim,), dtype, device) if c.qk_norm else None
+        self.k_norm = _param((c.head_dim,), dtype, device) if c.qk_norm else None
+        self.o_weight = _param((h, c.q_size), dtype, device)
+        self.o_bias = _param((h,), dtype, device) if c.o_bias else None
+        self.post_attn_norm = _param((h,), dtype, device)
+        self.gate_up_weight = _param((2 * c.intermediate_size, h), dtype, device)
+        self.gate_up_bias = _param((2 * c.intermediate_size,), dtype, device) if c.mlp_bias else None
+        self.down_weight = _param((h, c.intermediate_size), dtype, device)
+        self.down_bias = _param((h,), dtype, device) if c.mlp_bias else None
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
+                sin: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        x, residual = rms_norm(x, self.input_norm, c.rms_norm_eps, residual)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split((c.q_size, c.kv_size, c.kv_size), dim=-1)
+        q = q.view(-1, c.num_heads, c.head_dim)
+        k = k.view(-1, c.num_kv_heads, c.head_dim)
+        v = v.view(-1, c.num_kv_heads, c.head_dim)
+        if self.q_norm is not None:
+            q = rms_norm(q, self.q_norm, c.rms_norm_eps)[0]
+            k = rms_norm(k, self.k_norm, c.rms_norm_eps)[0]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        attn = paged_attention(q, k_cache, v_cache, positions, meta, self.scale, self.sliding_window)
+        x = F.linear(attn.reshape(-1, c.q_size), self.o_weight, self.o_bias)
+        x, residual = rms_norm(x, self.post_attn_norm, c.rms_norm_eps, residual)
+        x = silu_and_mul(F.linear(x, self.gate_up_weight, self.gate_up_bias))
+        return F.linear(x, self.down_weight, self.down_bias), residual
+
+
+class CausalLM(nn.Module):
+    """Embedding, decoder layers, final norm and LM head. Construct through `lengthwise.model.load_model`."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.embed = _param((config.vocab_size, config.hidden_size), dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, device) for i in range(config.num_layers))
+        self.final_norm = _param((config.hidden_size,), dtype, device)
+        self.lm_head = (self.embed if config.tie_word_embeddings
+                        else _param((config.vocab_size, config.hidden_size), dtype, device))
+        r = config.rope
+        self.register_buffer("inv_freq", rotary_inv_freq(
+            config.head_dim, r.theta, r.type, r.factor, r.low_freq_factor, r.high_freq_factor,
+            r.original_max_position_embeddings).to(self.device), persistent=False)
+
+    def new_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCacheStorage:
+        """A KV cache shaped for this model, on its device and in its dtype."""
+        c = self.config
+        return KVCacheStorage(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
+                              self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_cache: KVCacheStorage) -> torch.Tensor:
+        """Run `input_ids [T]` at `positions [T]`; return the final hidden states `[T, hidden]`.
+
+        Every new token's key and value is written into `kv_cache` at `meta.slot_mapping`.
+        """
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = rotary_cos_sin(positions, self.inv_freq, self.dtype)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, cos, sin, positions, meta, kv_cache.k[i], kv_cache.v[i])
+        return rms_norm(x, self.final_norm, self.config.rms_norm_eps, residual)[0]
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `[N, vocab]` in float32 for the hidden states of the rows to sample from."""
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,165 @@
+"""Load a Hugging Face checkpoint directory into a `CausalLM`, fusing QKV and gate-up on the way.
+
+Reads `model.safetensors` or the shards listed in `model.safetensors.index.json`. Every tensor is
+checked against the shape the config implies, so a mismatched checkpoint fails with the tensor's
+name rather than deep inside a matmul.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from lengthwise.model.config import CheckpointError, ModelConfig
+from lengthwise.model.llama import CausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Tensors some exporters leave in checkpoints that carry nothing the model needs.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
+    """`auto` means float32 on the CPU (fastest there) and the checkpoint's own dtype on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu" or config.torch_dtype not in DTYPES:
+            return torch.float32
+        return DTYPES[config.torch_dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto` picks CUDA when present. Asking for CUDA without one is an error, not a silent CPU run."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU")
+    return dev
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: one file, or the shards its index names."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{model_dir}: shards listed in {index.name} are missing: {missing}")
+        return [model_dir / s for s in shards]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pth")):
+        raise CheckpointError(f"{model_dir}: only safetensors weights are supported (found .bin/.pth files)")
+    raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face tensor names and shapes that `config` implies."""
+    c = config
+    h = c.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (c.vocab_size, h),
+        "model.norm.weight": (h,),
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        for name, out in (("q", c.q_size), ("k", c.kv_size), ("v", c.kv_size)):
+            shapes[p + f"self_attn.{name}_proj.weight"] = (out, h)
+            if c.qkv_bias:
+                shapes[p + f"self_attn.{name}_proj.bias"] = (out,)
+        shapes[p + "self_attn.o_proj.weight"] = (h, c.q_size)
+        if c.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (h,)
+        if c.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (c.head_dim,)
+            shapes[p + "self_attn.k_norm.weight"] = (c.head_dim,)
+        for name, shape in (("gate", (c.intermediate_size, h)), ("up", (c.intermediate_size, h)),
+                            ("down", (h, c.intermediate_size))):
+            shapes[p + f"mlp.{name}_proj.weight"] = shape
+            if c.mlp_bias:
+                shapes[p + f"mlp.{name}_proj.bias"] = (shape[0],)
+    return shapes
+
+
+def read_checkpoint(model_dir: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Every expected tensor, shape-checked, as stored (no dtype conversion yet)."""
+    shapes = expected_shapes(config)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                # A tied checkpoint may still carry a copy of the LM head; the embedding is used.
+                if name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue
+                if name not in shapes:
+                    raise CheckpointError(f"{path.name}: unexpected tensor {name!r} for this config")
+                t = f.get_tensor(name)
+                if tuple(t.shape) != shapes[name]:
+                    raise CheckpointError(
+                        f"{path.name}: tensor {name!r} has shape {tuple(t.shape)}, "
+                        f"expected {shapes[name]} from config.json")
+                tensors[name] = t
+    missing = [n for n in shapes if n not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{model_dir}: checkpoint is missing tensors {missing[:5]}{more}")
+    return tensors
+
+
+def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
+               device: str | torch.device = "auto") -> CausalLM:
+    """Load a checkpoint directory as a `CausalLM` on `device` in `dtype`."""
+    model_dir = Path(model_dir)
+    config = ModelConfig.from_dir(model_dir)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, config, dev)
+    tensors = read_checkpoint(model_dir, config)
+    model = CausalLM(config, dt, dev)
+
+    def put(param: torch.nn.Parameter | None, *names: str) -> None:
+        if param is None:
+            return
+        src = tensors[names[0]] if len(names) == 1 else torch.cat([tensors[n] for n in names])
+        param.data.copy_(src.to(dt))
+
+    put(model.embed, "model.embed_tokens.weight")
+    put(model.final_norm, "model.norm.weight")
+    if not config.tie_word_embeddings:
+        put(model.lm_head, "lm_head.weight")
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        put(layer.input_norm, p + "input_layernorm.weight")
+        put(layer.post_attn_norm, p + "post_attention_layernorm.weight")
+        put(layer.qkv_weight, attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight")
+        put(layer.qkv_bias, attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")
+        put(layer.q_norm, attn + "q_norm.weight")
+        put(layer.k_norm, attn + "k_norm.weight")
+        put(layer.o_weight, attn + "o_proj.weight")
+        put(layer.o_bias, attn + "o_proj.bias")
+        put(layer.gate_up_weight, mlp + "gate_proj.weight", mlp + "up_proj.weight")
+        put(layer.gate_up_bias, mlp + "gate_proj.bias", mlp + "up_proj.bias")
+        put(layer.down_weight, mlp + "down_proj.weight")
+        put(layer.down_bias, mlp + "down_proj.bias")
+    return model.eval()

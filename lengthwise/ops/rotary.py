@@ -1,0 +1,46 @@
+"""Rotary position embeddings (rotate-half layout, as Hugging Face Llama checkpoints use)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rotary_inv_freq(head_dim: int, theta: float, rope_type: str = "default", factor: float = 1.0,
+                    low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                    original_max_position_embeddings: int = 8192) -> torch.Tensor:
+    """Inverse frequencies `[head_dim // 2]` in float32 for the `default`, `linear` and `llama3` types."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        # Meta's Llama 3.1 frequency-dependent scaling: long wavelengths are divided by `factor`,
+        # short ones kept, and the band between interpolated smoothly.
+        old = original_max_position_embeddings
+        low_wavelen, high_wavelen = old / low_freq_factor, old / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    if rope_type != "default":
+        raise ValueError(f"rope_type {rope_type!r} is not supported")
+    return inv_freq
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `[T, head_dim]` for integer `positions [T]`, computed in float32, cast to `dtype`."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x [T, heads, head_dim]` by per-token `cos`/`sin [T, head_dim]`."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

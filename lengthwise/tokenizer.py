@@ -1,0 +1,139 @@
+"""Tokenizer: `tokenizer.json` (the `tokenizers` library) plus `tokenizer_config.json`.
+
+Handles the parts transformers users rely on: BOS/EOS insertion (the post-processor, overridden by
+explicit `add_bos_token` / `add_eos_token`), added and special tokens, and the chat template
+(from `tokenizer_config.json` or `chat_template.jinja`) rendered with jinja2 the way transformers
+renders it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as _HFTokenizer
+
+from lengthwise.model.config import CheckpointError
+
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def _token_content(value: Any) -> str | None:
+    if isinstance(value, dict):  # serialised AddedToken
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Text <-> token ids for one checkpoint directory."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            hint = (" (only a SentencePiece tokenizer.model is present; lengthwise needs the fast-tokenizer "
+                    "file tokenizer.json)" if (model_dir / "tokenizer.model").is_file() else "")
+            raise CheckpointError(f"{model_dir}: tokenizer.json is missing{hint}")
+        self._tok = _HFTokenizer.from_file(str(path))
+        cfg_path = model_dir / "tokenizer_config.json"
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self._add_added_tokens(cfg.get("added_tokens_decoder", {}))
+        self.special_tokens: dict[str, str] = {}
+        for key in _SPECIAL_KEYS:
+            content = _token_content(cfg.get(key))
+            if content is not None:
+                self.special_tokens[key] = content
+        self.bos_token_id = self.token_to_id(self.special_tokens.get("bos_token"))
+        self.eos_token_id = self.token_to_id(self.special_tokens.get("eos_token"))
+        # None means "as tokenizer.json's post-processor does"; a bool from the config overrides it.
+        self._add_bos: bool | None = cfg.get("add_bos_token")
+        self._add_eos: bool | None = cfg.get("add_eos_token")
+        self.chat_template = _load_chat_template(model_dir, cfg)
+        self.model_max_length = cfg.get("model_max_length")
+
+    def _add_added_tokens(self, decoder: dict[str, dict[str, Any]]) -> None:
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        for spec in decoder.values():
+            if spec["content"] in vocab:
+                continue
+            token = AddedToken(spec["content"], single_word=spec.get("single_word", False),
+                               lstrip=spec.get("lstrip", False), rstrip=spec.get("rstrip", False),
+                               normalized=spec.get("normalized", False), special=spec.get("special", False))
+            if token.special:
+                self._tok.add_special_tokens([token])
+            else:
+                self._tok.add_tokens([token])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with `add_special_tokens`, BOS/EOS as the checkpoint configures."""
+        if not isinstance(text, str):
+            raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+        if not add_special_tokens:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        if self._add_bos is None and self._add_eos is None:
+            return self._tok.encode(text, add_special_tokens=True).ids
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if self._add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        if self._add_eos and self.eos_token_id is not None:
+            ids = [*ids, self.eos_token_id]
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **kwargs: Any) -> str:
+        """Render `messages` (OpenAI-style dicts with `role` and `content`) to the prompt text."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat_template; use a plain prompt instead")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise ValueError("messages must be a list of dicts, each with a 'role' and 'content'")
+        return _compile_template(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            **self.special_tokens, **kwargs)
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered chat; the template places BOS itself, so none is added here."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+
+def _load_chat_template(model_dir: Path, cfg: dict[str, Any]) -> str | None:
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # named templates: take "default"
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default") or next(iter(named.values()), None)
+    jinja_file = model_dir / "chat_template.jinja"
+    if template is None and jinja_file.is_file():
+        template = jinja_file.read_text()
+    return template
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    # The same environment transformers uses: sandboxed, trim/lstrip blocks, its helper globals.
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
