@@ -1,5 +1,5 @@
-"""Segment + paged KV cache: storage tensors here, block bookkeeping (pure Python) beside them."""
+"""Segment + paged KV cache: block bookkeeping (pure Python) and the storage tensors."""
 
-from lengthwise.kv.storage import KVCacheStorage
+from lengthwise.kv.block_manager import BlockPool, KVBlockManager, Segment
 
-__all__ = ["KVCacheStorage"]
+__all__ = ["BlockPool", "KVBlockManager", "Segment"]

@@ -1,0 +1,138 @@
+"""The pure-Python block manager: prompt segments shared by samples, response segments, freeing."""
+
+from __future__ import annotations
+
+import ast
+import random
+from pathlib import Path
+
+import pytest
+
+from lengthwise.kv import BlockPool, KVBlockManager
+
+
+def test_module_has_no_torch():
+    import lengthwise.kv.block_manager as bm
+
+    tree = ast.parse(Path(bm.__file__).read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "torch" not in imported and "numpy" not in imported
+
+
+def test_pool_allocate_release_and_exhaustion():
+    pool = BlockPool(4)
+    a = pool.allocate(3)
+    assert len(set(a)) == 3 and pool.num_free == 1
+    assert pool.allocate(2) is None and pool.num_free == 1  # all or nothing
+    pool.retain(a[:1])
+    pool.release(a)
+    assert pool.num_free == 3 and pool.refcount(a[0]) == 1
+    pool.release(a[:1])
+    assert pool.num_free == 4
+    with pytest.raises(ValueError, match="already free"):
+        pool.release(a[:1])
+    with pytest.raises(ValueError, match="cannot be shared"):
+        pool.retain(a[:1])
+    with pytest.raises(ValueError, match="num_blocks"):
+        BlockPool(0)
+
+
+def test_n_samples_store_the_prompt_once():
+    m = KVBlockManager(num_blocks=32, block_size=4)
+    for i in range(4):
+        m.add_sequence(f"r0-{i}", "r0")
+    assert m.grow_prompt("r0", 10)  # 3 blocks, shared by 4 samples
+    prompt = m.prompt_segment("r0")
+    assert len(prompt.blocks) == 3 and m.num_free_blocks == 29
+    assert all(m.pool.refcount(b) == 4 for b in prompt.blocks)
+    for i in range(4):
+        assert m.grow_response(f"r0-{i}", 1)
+    assert m.num_free_blocks == 25  # one response block each, the prompt still once
+    responses = [set(m.response_segment(f"r0-{i}").blocks) for i in range(4)]
+    assert not set.intersection(*responses) and not (set.union(*responses) & set(prompt.blocks))
+    m.free_sequence("r0-0")
+    assert m.num_free_blocks == 26 and all(m.pool.refcount(b) == 3 for b in prompt.blocks)
+    for i in range(1, 4):
+        m.free_sequence(f"r0-{i}")
+    assert m.num_free_blocks == 32
+
+
+def test_chunked_prompt_growth_keeps_sharing():
+    m = KVBlockManager(num_blocks=16, block_size=4)
+    m.add_sequence("a", "r")
+    m.add_sequence("b", "r")
+    assert m.grow_prompt("r", 3) and m.grow_prompt("r", 9)
+    assert len(m.prompt_segment("r").blocks) == 3 and m.prompt_segment("r").num_tokens == 9
+    assert all(m.pool.refcount(b) == 2 for b in m.prompt_segment("r").blocks)
+    m.free_sequence("a")
+    m.free_sequence("b")
+    assert m.num_free_blocks == 16
+
+
+def test_response_grows_a_block_at_a_time():
+    m = KVBlockManager(num_blocks=8, block_size=4)
+    m.add_sequence("s", "r")
+    m.grow_prompt("r", 5)
+    free = m.num_free_blocks
+    for n in range(1, 10):
+        assert m.grow_response("s", n)
+        assert len(m.response_segment("s").blocks) == -(-n // 4)
+    assert m.num_free_blocks == free - 3
+
+
+def test_out_of_blocks_returns_false_and_takes_nothing():
+    m = KVBlockManager(num_blocks=3, block_size=4)
+    m.add_sequence("s", "r")
+    assert m.grow_prompt("r", 8)
+    assert not m.grow_response("s", 5)  # needs 2, 1 free
+    assert m.num_free_blocks == 1 and m.response_segment("s").blocks == []
+    m.free_sequence("s")  # preemption frees everything
+    assert m.num_free_blocks == 3
+
+
+def test_errors_and_idempotent_free():
+    m = KVBlockManager(num_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="no sequences attached"):
+        m.grow_prompt("ghost", 3)
+    m.add_sequence("s", "r")
+    with pytest.raises(ValueError, match="already exists"):
+        m.add_sequence("s", "r")
+    m.free_sequence("s")
+    m.free_sequence("s")  # aborting twice is harmless
+    assert m.num_free_blocks == 4
+    with pytest.raises(ValueError, match="block_size"):
+        KVBlockManager(4, 0)
+
+
+def test_random_workload_never_leaks():
+    rng = random.Random(0)
+    m = KVBlockManager(num_blocks=64, block_size=4)
+    live: dict[str, list[str]] = {}
+    for step in range(2000):
+        op = rng.random()
+        if op < 0.3 and len(live) < 10:
+            rid = f"r{step}"
+            live[rid] = [f"{rid}-{i}" for i in range(rng.randint(1, 4))]
+            for sid in live[rid]:
+                m.add_sequence(sid, rid)
+            if not m.grow_prompt(rid, rng.randint(1, 30)):
+                for sid in live.pop(rid):
+                    m.free_sequence(sid)
+        elif op < 0.8 and live:
+            rid = rng.choice(list(live))
+            sid = rng.choice(live[rid])
+            m.grow_response(sid, m.response_segment(sid).num_tokens + rng.randint(1, 6))
+        elif live:
+            rid = rng.choice(list(live))
+            sid = live[rid].pop()
+            m.free_sequence(sid)
+            if not live[rid]:
+                del live[rid]
+        used = {b for rid, sids in live.items() for b in m.prompt_segment(rid).blocks}
+        used |= {b for sids in live.values() for s in sids for b in m.response_segment(s).blocks}
+        assert m.num_free_blocks + len(used) == 64
+    for sids in live.values():
+        for sid in sids:
+            m.free_sequence(sid)
+    assert m.num_free_blocks == 64
