@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from lengthwise.engine import generate
 from lengthwise.model import CheckpointError, load_model
+from lengthwise.model.config import read_json
 from lengthwise.model.default import default_model_dir
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.tokenizer import Tokenizer
@@ -34,17 +34,18 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_generate)
 
 
-def _generation_defaults(model_dir: Path) -> dict[str, float | int]:
-    """Sampling defaults from generation_config.json, as transformers' generate() would apply them."""
+def generation_defaults(model_dir: Path) -> dict[str, float | int]:
+    """Sampling defaults from generation_config.json, as transformers' generate() applies them:
+    greedy unless `do_sample`; when sampling, temperature 1.0, top_p 1.0 and top_k 50 unless set."""
     path = model_dir / "generation_config.json"
-    gen = json.loads(path.read_text()) if path.is_file() else {}
-    if not gen.get("do_sample", False):
+    gen = read_json(path) if path.is_file() else {}
+    if not gen.get("do_sample"):
         return {"temperature": 0.0}
-    out: dict[str, float | int] = {"temperature": float(gen.get("temperature", 1.0))}
-    if "top_p" in gen:
-        out["top_p"] = float(gen["top_p"])
-    if "top_k" in gen:
-        out["top_k"] = int(gen["top_k"])
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": 0.0}
+    out: dict[str, float | int] = {}
+    for key, default in defaults.items():
+        value = gen.get(key)
+        out[key] = type(default)(default if value is None else value)
     return out
 
 
@@ -55,11 +56,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     model = load_model(model_dir, args.dtype, args.device)
     tokenizer = Tokenizer(model_dir)
-    sampling = _generation_defaults(model_dir)
+    sampling = generation_defaults(model_dir)
     for name in ("temperature", "top_p", "top_k"):
         if getattr(args, name) is not None:
             sampling[name] = getattr(args, name)
-    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, **sampling)
+    # A checkpoint without end tokens in its configs still stops at the tokenizer's EOS.
+    stop_ids = () if model.config.eos_token_ids or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, stop_token_ids=stop_ids, **sampling)
+    if params.greedy and (args.top_p is not None or args.top_k is not None or args.seed is not None):
+        print("[lengthwise] warning: decoding is greedy (temperature 0), so --top-p/--top-k/--seed have no "
+              "effect; pass --temperature to sample", file=sys.stderr)
     if args.chat:
         def to_messages(text: str) -> list[dict[str, str]]:
             system = [{"role": "system", "content": args.system}] if args.system else []

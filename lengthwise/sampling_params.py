@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class SamplingParams:
     """Decoding parameters, with vLLM's names and meanings.
 
-    `temperature == 0` means greedy. `top_k <= 0` and `top_p == 1` switch those filters off.
+    `temperature == 0` (below 1e-5) means greedy. `top_k <= 0` and `top_p == 1` switch those filters off.
     `seed` makes a sampled output reproducible, independent of other requests in the batch.
     Generation stops at one of the model's end tokens (unless `ignore_eos`), at any of
     `stop_token_ids`, or after `max_tokens`.
@@ -40,6 +40,8 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+            if self.seed >= 2**63:
+                raise ValueError(f"seed must be < 2**63, got {self.seed}")
         if not isinstance(self.stop_token_ids, (tuple, list)):
             raise ValueError(f"stop_token_ids must be a list of ints, got {type(self.stop_token_ids).__name__}")
         for t in self.stop_token_ids:
@@ -50,7 +52,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # As vLLM: a temperature this small would overflow the softmax, and means greedy anyway.
+        return self.temperature < 1e-5
 
 
 def _check_int(name: str, value: object, minimum: int | None) -> None:

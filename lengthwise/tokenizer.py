@@ -51,9 +51,16 @@ class Tokenizer:
                 self.special_tokens[key] = content
         self.bos_token_id = self.token_to_id(self.special_tokens.get("bos_token"))
         self.eos_token_id = self.token_to_id(self.special_tokens.get("eos_token"))
-        # None means "as tokenizer.json's post-processor does"; a bool from the config overrides it.
-        self._add_bos: bool | None = cfg.get("add_bos_token")
-        self._add_eos: bool | None = cfg.get("add_eos_token")
+        # tokenizer.json's post-processor decides, unless the config sets add_bos_token/add_eos_token
+        # explicitly (honoured as transformers 4.x Llama tokenizers do; an unset flag keeps the
+        # post-processor's choice for that token).
+        self._explicit = "add_bos_token" in cfg or "add_eos_token" in cfg
+        probe = self._tok.encode("a", add_special_tokens=True).ids
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        by_pp_bos = len(probe) > len(plain) and probe[0] == self.bos_token_id
+        by_pp_eos = len(probe) > len(plain) and probe[-1] == self.eos_token_id
+        self._add_bos = bool(cfg["add_bos_token"]) if cfg.get("add_bos_token") is not None else by_pp_bos
+        self._add_eos = bool(cfg["add_eos_token"]) if cfg.get("add_eos_token") is not None else by_pp_eos
         self.chat_template = _load_chat_template(model_dir, cfg)
         self.model_max_length = cfg.get("model_max_length")
 
@@ -83,7 +90,7 @@ class Tokenizer:
             raise ValueError(f"prompt must be a string, got {type(text).__name__}")
         if not add_special_tokens:
             return self._tok.encode(text, add_special_tokens=False).ids
-        if self._add_bos is None and self._add_eos is None:
+        if not self._explicit:
             return self._tok.encode(text, add_special_tokens=True).ids
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if self._add_bos and self.bos_token_id is not None:
@@ -102,9 +109,12 @@ class Tokenizer:
             raise ValueError("this tokenizer has no chat_template; use a plain prompt instead")
         if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
             raise ValueError("messages must be a list of dicts, each with a 'role' and 'content'")
-        return _compile_template(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            **self.special_tokens, **kwargs)
+        try:
+            return _compile_template(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                **self.special_tokens, **kwargs)
+        except jinja2.TemplateError as e:  # templates reject e.g. a system role with raise_exception
+            raise ValueError(f"chat template: {e}") from e
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat; the template places BOS itself, so none is added here."""

@@ -37,6 +37,16 @@ def test_sharded_checkpoint_gives_same_logits(llama_dir, tmp_path):
     assert torch.equal(single, split)
 
 
+def test_bad_index_and_json_name_the_file(llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path)
+    (d / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(CheckpointError, match="has no 'weight_map'"):
+        load_model(d, "float32", "cpu")
+    (d / "generation_config.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="generation_config.json: not valid JSON"):
+        load_model(d, "float32", "cpu")
+
+
 def test_missing_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="config.json is missing"):

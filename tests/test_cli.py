@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import STORIES, requires_stories
@@ -28,15 +29,40 @@ def test_generate_several_prompts_sampled_with_seed(capsys):
     assert main(argv) == 0
     assert capsys.readouterr().out == first
     assert "--- [0] 'Lily'" in first and "--- [1] 'The cat'" in first
+    assert main(argv[:6] + ["--max-tokens", "10"]) == 0  # the same prompts, greedy
+    assert capsys.readouterr().out != first
+    assert main(argv[:-4] + ["--seed", "4", "--max-tokens", "10"]) == 0
+    assert capsys.readouterr().out != first
 
 
 def test_generate_chat_on_default_model(capsys, default_model, monkeypatch):
+    from lengthwise import SamplingParams, Tokenizer, generate, load_model
+
     monkeypatch.setenv("LENGTHWISE_CACHE", str(default_model.parent))
-    assert main(["generate", "--prompt", "hello", "--chat", "--system", "be kind", "--max-tokens", "5",
-                 "--seed", "0", "--temperature", "1.0"]) == 0
+    assert main(["generate", "--prompt", "hello", "--chat", "--system", "be kind", "--max-tokens", "8"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip()
     assert str(default_model) in captured.err
+    tok, model = Tokenizer(default_model), load_model(default_model, "float32", "cpu")
+    messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello"}]
+    [expected] = generate(model, [tok.encode_chat(messages)], SamplingParams(max_tokens=8, temperature=0.0))
+    assert captured.out == tok.decode(expected.token_ids) + "\n"
+
+
+@requires_stories
+def test_chat_without_template_is_an_error(capsys):
+    assert main(["generate", str(STORIES), "--prompt", "hi", "--chat"]) == 2
+    assert "no chat_template" in capsys.readouterr().err
+
+
+def test_generation_config_defaults(tmp_path):
+    from lengthwise.cli import generation_defaults
+
+    assert generation_defaults(tmp_path) == {"temperature": 0.0}
+    (tmp_path / "generation_config.json").write_text('{"do_sample": true, "temperature": 0.6, "top_p": null}')
+    assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 1.0, "top_k": 50, "min_p": 0.0}
+    (tmp_path / "generation_config.json").write_text('{"do_sample": true,')
+    with pytest.raises(ValueError, match="generation_config.json: not valid JSON"):
+        generation_defaults(tmp_path)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -50,7 +76,7 @@ def test_errors_exit_2_with_message(capsys, argv, message, default_model, monkey
     assert message in capsys.readouterr().err
 
 
-def test_console_script_entry_point(default_model):
-    result = subprocess.run([sys.executable, "-m", "lengthwise.cli", "generate", "--help"],
-                            capture_output=True, text=True, check=True)
+def test_console_script_entry_point():
+    script = Path(sys.executable).parent / "lengthwise"  # installed by [project.scripts]
+    result = subprocess.run([str(script), "generate", "--help"], capture_output=True, text=True, check=True)
     assert "--max-tokens" in result.stdout and "--chat" in result.stdout

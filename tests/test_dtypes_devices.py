@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import make_hf_model, requires_cuda, save_hf_model
@@ -13,7 +15,7 @@ PROMPTS = [[5, 17, 99, 3, 250], list(range(10, 60))]
 
 
 def _ref_logits(hf, dtype, device="cpu"):
-    hf = hf.to(device=device, dtype=dtype)
+    hf = copy.deepcopy(hf).to(device=device, dtype=dtype)  # never convert the shared fixture in place
     with torch.no_grad():
         return torch.stack([hf(torch.tensor([p], device=device)).logits[0, -1].float() for p in PROMPTS])
 
@@ -74,5 +76,6 @@ def test_cuda_matches_transformers(qwen3, dtype):
     if dtype == torch.float32:
         for p, o in zip(PROMPTS, out, strict=True):
             with torch.no_grad():
-                r = hf.to(dtype=dtype).generate(torch.tensor([p], device="cuda"), max_new_tokens=16, do_sample=False)
+                r = copy.deepcopy(hf).to("cuda").generate(torch.tensor([p], device="cuda"), max_new_tokens=16,
+                                                          do_sample=False)
             assert o.token_ids == r[0, len(p):].tolist()

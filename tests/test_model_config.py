@@ -50,6 +50,10 @@ def test_family_flags():
     ({"rope_scaling": {"rope_type": "linear"}}, "needs 'factor'"),
     ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
     ({"hidden_size": 0}, "hidden_size must be a positive integer"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+    ({"num_attention_heads": "4"}, "num_attention_heads must be a positive integer"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 0}}, "factor must be positive"),
+    ({"eos_token_id": [1, None]}, "eos_token_id must be a token id"),
 ])
 def test_bad_config_names_the_problem(change, message):
     with pytest.raises(CheckpointError, match=message):

@@ -15,7 +15,7 @@ from lengthwise.engine.sampler import filter_logits
     ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"),
     ({"min_p": 2}, "min_p"), ({"seed": -1}, "seed"), ({"seed": 1.0}, "seed"),
     ({"stop_token_ids": [1, "x"]}, "stop_token_ids"), ({"ignore_eos": 1}, "ignore_eos"),
-    ({"temperature": float("nan")}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"), ({"seed": 2**64}, "seed"),
 ])
 def test_invalid_params_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -51,6 +51,13 @@ def test_seeded_sample_is_reproducible_and_batch_independent(model):
     assert batched[1].token_ids == alone
     other_seed = generate(model, [prompt], SamplingParams(max_tokens=24, temperature=1.0, seed=124, ignore_eos=True))
     assert other_seed[0].token_ids != alone
+
+
+def test_tiny_temperature_is_greedy(model):
+    prompt = [[3, 4, 5]]
+    greedy = generate(model, prompt, SamplingParams(max_tokens=8, temperature=0.0))
+    tiny = generate(model, prompt, SamplingParams(max_tokens=8, temperature=1e-45))
+    assert greedy[0].token_ids == tiny[0].token_ids
 
 
 def test_top_k_1_is_greedy(model):

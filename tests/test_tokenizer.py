@@ -54,6 +54,9 @@ def test_explicit_add_bos_and_eos_flags(tmp_path):
     shutil.rmtree(tmp_path / "tok")
     both = Tokenizer(_with_config(STORIES, tmp_path, add_bos_token=True, add_eos_token=True))
     assert both.encode("hello there") == [1, *plain, 2]
+    shutil.rmtree(tmp_path / "tok")
+    eos_only = Tokenizer(_with_config(STORIES, tmp_path, add_eos_token=True))
+    assert eos_only.encode("hello there") == [1, *plain, 2]  # the post-processor's BOS is kept
 
 
 def test_added_special_token_from_config(default_model, tmp_path):
@@ -112,3 +115,7 @@ def test_template_errors_are_clear(default_model, tmp_path):
         Tokenizer(no_template).apply_chat_template(MESSAGES)
     with pytest.raises(ValueError, match="prompt must be a string"):
         tok.encode(123)
+    strict = _with_config(default_model, tmp_path / "strict", chat_template=(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"))
+    with pytest.raises(ValueError, match="chat template: System role not supported"):
+        Tokenizer(strict).apply_chat_template(MESSAGES)

@@ -90,13 +90,8 @@ class ModelConfig:
         path = model_dir / "config.json"
         if not path.is_file():
             raise CheckpointError(f"{model_dir}: config.json is missing; is this a Hugging Face checkpoint?")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
         gen_path = model_dir / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-        return cls.from_hf(raw, gen)
+        return cls.from_hf(read_json(path), read_json(gen_path) if gen_path.is_file() else {})
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:
@@ -114,11 +109,16 @@ class ModelConfig:
                     "num_attention_heads"):
             if key not in raw:
                 raise CheckpointError(f"config.json: required field {key!r} is missing")
+        for key in ("hidden_size", "num_attention_heads", "num_hidden_layers"):
+            if isinstance(raw[key], bool) or not isinstance(raw[key], int) or raw[key] <= 0:
+                raise CheckpointError(f"config.json: {key} must be a positive integer, got {raw[key]!r}")
         num_heads = raw["num_attention_heads"]
         num_layers = raw["num_hidden_layers"]
         head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
         eos = generation.get("eos_token_id", raw.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos_ids):
+            raise CheckpointError(f"eos_token_id must be a token id or a list of token ids, got {eos!r}")
         bos = generation.get("bos_token_id", raw.get("bos_token_id"))
         bias = bool(raw.get("attention_bias", False))
         return cls(
@@ -146,6 +146,17 @@ class ModelConfig:
         )
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON object from a checkpoint file; errors name the file."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
     # transformers 5 writes `rope_parameters` (theta inside); 4.x writes `rope_theta` + `rope_scaling`.
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
@@ -159,6 +170,8 @@ def _rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
         if "factor" not in params:
             raise CheckpointError(f"config.json: rope scaling of type {rope_type!r} needs 'factor'")
         kwargs["factor"] = float(params["factor"])
+        if not kwargs["factor"] > 0:
+            raise CheckpointError(f"config.json: rope scaling factor must be positive, got {params['factor']!r}")
     if rope_type == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
             if key not in params:

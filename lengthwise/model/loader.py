@@ -7,13 +7,12 @@ name rather than deep inside a matmul.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from lengthwise.model.config import CheckpointError, ModelConfig
+from lengthwise.model.config import CheckpointError, ModelConfig, read_json
 from lengthwise.model.llama import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +47,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but torch sees no CUDA GPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     return dev
 
 
@@ -55,7 +56,10 @@ def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint: one file, or the shards its index names."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: has no 'weight_map' naming the shard of each tensor")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (model_dir / s).is_file()]
         if missing:
             raise CheckpointError(f"{model_dir}: shards listed in {index.name} are missing: {missing}")
