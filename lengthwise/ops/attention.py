@@ -11,7 +11,7 @@ The batch is flattened: `T` new tokens from `B` sequences, sequence `b` owning q
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ class AttentionMetadata:
     prompt_lens: list[int]
     response_block_tables: torch.Tensor | None = None
     response_lens: list[int] | None = None
+    # Context slots per sequence, computed once per step and reused by every layer.
+    _slots: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -40,10 +42,13 @@ class AttentionMetadata:
 
     def context_slots(self, b: int) -> torch.Tensor:
         """Cache slots of sequence `b`'s whole context, prompt segment first, in position order."""
+        if b in self._slots:
+            return self._slots[b]
         parts = [_segment_slots(self.prompt_block_tables[b], self.prompt_lens[b], self.block_size)]
         if self.response_block_tables is not None and self.response_lens and self.response_lens[b]:
             parts.append(_segment_slots(self.response_block_tables[b], self.response_lens[b], self.block_size))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        self._slots[b] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._slots[b]
 
 
 def _segment_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
