@@ -56,6 +56,8 @@ class _Batch:
             self.manager.add_sequence(sid, sid)
             self.manager.grow_prompt(sid, len(p))
         self.cache: KVCacheStorage = model.new_kv_cache(self.manager.pool.num_blocks, block_size)
+        # Prompt segments never change after prefill: one table for all steps, indexed by the active rows.
+        self.prompt_table = self._table([self.manager.prompt_segment(sid).blocks for sid in self.ids])
 
     def _table(self, rows: list[list[int]]) -> torch.Tensor:
         width = max(1, max(len(r) for r in rows))
@@ -77,7 +79,7 @@ class _Batch:
         positions = torch.cat([torch.arange(n, device=device) for n in lens])
         slots = torch.tensor([s for blk, n in zip(blocks, lens, strict=True) for s in self._slots(blk, 0, n)],
                              dtype=torch.long, device=device)
-        meta = AttentionMetadata(starts, slots, self.block_size, self._table(blocks), lens)
+        meta = AttentionMetadata(starts, slots, self.block_size, self.prompt_table, lens)
         hidden = self.model(ids, positions, meta, self.cache)
         return self.model.compute_logits(hidden[torch.tensor(starts[1:], device=device) - 1])
 
@@ -89,12 +91,12 @@ class _Batch:
         for b, n in zip(active, new_lens, strict=True):
             if not self.manager.grow_response(self.ids[b], n):
                 raise RuntimeError("KV cache sized too small for the batch")  # sized up front: a bug if hit
-        prompt_blocks = [self.manager.prompt_segment(self.ids[b]).blocks for b in active]
         resp_blocks = [self.manager.response_segment(self.ids[b]).blocks for b in active]
         slots = [self._slots(blk, n - 1, n)[0] for blk, n in zip(resp_blocks, new_lens, strict=True)]
         positions = [p + n - 1 for p, n in zip(prompt_lens, new_lens, strict=True)]
         meta = AttentionMetadata(list(range(len(active) + 1)), torch.tensor(slots, device=device), self.block_size,
-                                 self._table(prompt_blocks), prompt_lens, self._table(resp_blocks), new_lens)
+                                 self.prompt_table[torch.tensor(active, device=device)], prompt_lens,
+                                 self._table(resp_blocks), new_lens)
         hidden = self.model(torch.tensor(tokens, device=device), torch.tensor(positions, device=device),
                             meta, self.cache)
         return self.model.compute_logits(hidden)

@@ -132,9 +132,6 @@ class KVBlockManager:
     def response_segment(self, seq_id: str) -> Segment:
         return self._responses[seq_id]
 
-    def has_sequence(self, seq_id: str) -> bool:
-        return seq_id in self._responses
-
     def free_sequence(self, seq_id: str) -> None:
         """Free a finished, aborted or preempted sample: its response blocks and its prompt references.
         The prompt blocks return to the pool with the request's last sample. Unknown ids are ignored."""
