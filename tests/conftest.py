@@ -11,6 +11,11 @@ import torch
 # Keep the suite deterministic and off a busy second core.
 torch.set_num_threads(int(os.environ.get("LENGTHWISE_TEST_THREADS", "1")))
 
+# Without a GPU, Triton kernels run in Triton's interpreter. It must be chosen before anything
+# imports triton (transformers does), because triton's own @jit helpers are built at import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260k"
 

@@ -6,6 +6,17 @@ import pytest
 import torch
 
 from lengthwise.ops import AttentionMetadata, paged_attention
+from lengthwise.ops.cpu import segment_attention_kernel
+
+
+@pytest.fixture(params=["torch", "cpu-kernel"])
+def backend(request, monkeypatch):
+    """Run each case through the torch reference and through the C++ CPU kernel."""
+    if request.param == "torch":
+        monkeypatch.setenv("LENGTHWISE_KERNELS", "torch")
+    elif segment_attention_kernel() is None:
+        pytest.skip("the CPU attention kernel could not be built here (no C++ compiler?)")
+    return request.param
 
 
 def _dense(q, k, v, q_pos, window):
@@ -23,20 +34,21 @@ def _dense(q, k, v, q_pos, window):
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (8, 1)])
 @pytest.mark.parametrize("window", [None, 5])
-def test_prompt_and_response_segments_one_softmax(heads, kv_heads, window):
+def test_prompt_and_response_segments_one_softmax(heads, kv_heads, window, backend):
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
-    bs, D, num_blocks = 4, 8, 40
+    bs, D, num_blocks = 4, 8, 60
     k_cache = torch.randn(num_blocks * bs, kv_heads, D, generator=g)
     v_cache = torch.randn(num_blocks * bs, kv_heads, D, generator=g)
     free = torch.randperm(num_blocks, generator=g).tolist()  # scattered, out-of-order blocks
-    # (prompt_len, response_len, new query tokens): decode, chunked prefill, a prompt-only prefill
-    seqs = [(7, 5, 1), (3, 0, 3), (9, 1, 1), (13, 6, 4)]
+    # (prompt_len, response_len, new query tokens): decode, chunked prefill, a prompt-only prefill,
+    # and a chunk longer than the CPU kernel takes (SDPA in the same call)
+    seqs = [(7, 5, 1), (3, 0, 3), (9, 1, 1), (13, 6, 4), (30, 0, 21), (1, 0, 1)]
     p_tables, r_tables, qs, ctx_slots, q_pos = [], [], [0], [], []
     for p, r, n in seqs:
         pb = [free.pop() for _ in range(-(-p // bs))]
         rb = [free.pop() for _ in range(-(-r // bs))]
-        p_tables.append(pb + [0] * (4 - len(pb)))
-        r_tables.append(rb + [0] * (4 - len(rb)))
+        p_tables.append(pb + [0] * (8 - len(pb)))
+        r_tables.append(rb + [0] * (8 - len(rb)))
         slots = [pb[i // bs] * bs + i % bs for i in range(p)] + [rb[i // bs] * bs + i % bs for i in range(r)]
         ctx_slots.append(slots)
         q_pos.append(torch.arange(p + r - n, p + r))
@@ -46,6 +58,32 @@ def test_prompt_and_response_segments_one_softmax(heads, kv_heads, window):
     meta = AttentionMetadata(qs, torch.zeros(0, dtype=torch.long), bs, torch.tensor(p_tables),
                              [s[0] for s in seqs], torch.tensor(r_tables), [s[1] for s in seqs])
     out = paged_attention(q, k_cache, v_cache, positions, meta, D ** -0.5, window)
+    assert out.is_contiguous() and torch.isfinite(out).all()
     for b, slots in enumerate(ctx_slots):
         ref = _dense(q[qs[b]:qs[b + 1]], k_cache[slots], v_cache[slots], q_pos[b], window)
         torch.testing.assert_close(out[qs[b]:qs[b + 1]].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_kernel_at_model_scale_matches_reference(monkeypatch):
+    """Head size 64, GQA 4, blocks of 16, 33 decode rows with contexts up to 300: the shapes the engine runs."""
+    if segment_attention_kernel() is None:
+        pytest.skip("the CPU attention kernel could not be built here (no C++ compiler?)")
+    g = torch.Generator().manual_seed(3)
+    bs, D, heads, kv_heads, rows = 16, 64, 8, 2, 33
+    lens = torch.randint(1, 300, (rows, 2), generator=g).tolist()
+    need = sum(-(-p // bs) + -(-r // bs) for p, r in lens)
+    k_cache, v_cache = torch.randn(2, need * bs, kv_heads, D, generator=g)
+    blocks = torch.randperm(need, generator=g).tolist()
+    p_tab, r_tab = [], []
+    for p, r in lens:
+        p_tab.append([blocks.pop() for _ in range(-(-p // bs))])
+        r_tab.append([blocks.pop() for _ in range(-(-r // bs))])
+    pad = lambda t: torch.tensor([x + [0] * (max(map(len, t)) - len(x)) for x in t])  # noqa: E731
+    meta = AttentionMetadata(list(range(rows + 1)), torch.zeros(0, dtype=torch.long), bs, pad(p_tab),
+                             [p for p, _ in lens], pad(r_tab), [r for _, r in lens])
+    q = torch.randn(rows, heads, D, generator=g)
+    positions = torch.tensor([p + r - 1 for p, r in lens])
+    fast = paged_attention(q, k_cache, v_cache, positions, meta, D ** -0.5)
+    monkeypatch.setenv("LENGTHWISE_KERNELS", "torch")
+    ref = paged_attention(q, k_cache, v_cache, positions, meta, D ** -0.5)
+    torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)

@@ -17,14 +17,13 @@ from lengthwise.kv.storage import KVCacheStorage
 from lengthwise.model.config import ModelConfig
 from lengthwise.ops import (
     AttentionMetadata,
-    apply_rotary,
     paged_attention,
     rms_norm,
     rotary_cos_sin,
     rotary_inv_freq,
     silu_and_mul,
 )
-from lengthwise.ops.attention import write_kv
+from lengthwise.ops.rotary import rotary_and_write_kv
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -68,8 +67,7 @@ class DecoderLayer(nn.Module):
         if self.q_norm is not None:
             q = rms_norm(q, self.q_norm, c.rms_norm_eps)[0]
             k = rms_norm(k, self.k_norm, c.rms_norm_eps)[0]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        q = rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
         attn = paged_attention(q, k_cache, v_cache, positions, meta, self.scale, self.sliding_window)
         x = F.linear(attn.reshape(-1, c.q_size), self.o_weight, self.o_bias)
         x, residual = rms_norm(x, self.post_attn_norm, c.rms_norm_eps, residual)

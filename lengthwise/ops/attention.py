@@ -11,10 +11,34 @@ The batch is flattened: `T` new tokens from `B` sequences, sequence `b` owning q
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from lengthwise.ops import cpu as cpu_kernels
+from lengthwise.ops import triton as triton_ops
+from lengthwise.ops.dispatch import kernel_choice, use_triton
+
+# Row-groups with at most this many queries take the CPU kernel (one pass per query row); longer
+# prefill chunks are faster as SDPA's blocked matmuls.
+CPU_KERNEL_MAX_QUERIES = 16
+
+
+class KernelTensors(NamedTuple):
+    """`AttentionMetadata` as int32 device tensors for fused kernels, plus host-side maxima."""
+
+    query_start: torch.Tensor            # [B + 1]
+    prompt_lens: torch.Tensor            # [B]
+    response_lens: torch.Tensor          # [B], zeros without response segments
+    prompt_block_tables: torch.Tensor    # [B, max_blocks]
+    response_block_tables: torch.Tensor  # [B, max_blocks], [B, 1] zeros without response segments
+    context_lens: list[int]              # host copy: prompt + response tokens per row-group
+    max_query_len: int
+    max_context: int
+    is_decode: bool                      # every row-group has exactly one query
 
 
 @dataclass
@@ -35,6 +59,8 @@ class AttentionMetadata:
     response_lens: list[int] | None = None
     # Context slots per sequence, computed once per step and reused by every layer.
     _slots: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    # The same for fused kernels (`kernel_tensors`, `query_tiles`), built on first use.
+    _kernel: dict[object, object] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -49,6 +75,37 @@ class AttentionMetadata:
             parts.append(_segment_slots(self.response_block_tables[b], self.response_lens[b], self.block_size))
         self._slots[b] = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self._slots[b]
+
+    def kernel_tensors(self) -> KernelTensors:
+        """The metadata as device tensors for fused kernels: built once per step, shared by every layer."""
+        if "tensors" not in self._kernel:
+            b, device = self.num_seqs, self.prompt_block_tables.device
+            has_resp = self.response_block_tables is not None and self.response_lens is not None
+            resp = list(self.response_lens) if has_resp else [0] * b
+            # One host-to-device copy for the three integer vectors.
+            ints = torch.tensor([*self.query_start, *self.prompt_lens, *resp], dtype=torch.int32).to(device)
+            tables = self.response_block_tables
+            if tables is None:
+                tables = torch.zeros((b, 1), dtype=torch.int32, device=device)
+            qlens = [e - s for s, e in zip(self.query_start[:-1], self.query_start[1:], strict=True)]
+            ctx = [p + r for p, r in zip(self.prompt_lens, resp, strict=True)]
+            self._kernel["tensors"] = KernelTensors(
+                ints[:b + 1], ints[b + 1:2 * b + 1], ints[2 * b + 1:],
+                self.prompt_block_tables.to(torch.int32).contiguous(), tables.to(torch.int32).contiguous(),
+                ctx, max(qlens, default=0), max(ctx, default=0), all(n == 1 for n in qlens))
+        return self._kernel["tensors"]
+
+    def query_tiles(self, block_m: int) -> torch.Tensor:
+        """`[tiles, 2]` int32 device tensor of (row-group, first query row) for every tile of up to
+        `block_m` query rows, the tiles with the most context first; built once per step and size."""
+        if ("tiles", block_m) not in self._kernel:
+            qs, lens = self.query_start, self.kernel_tensors().context_lens
+            tiles = [(b, r) for b in range(self.num_seqs) for r in range(qs[b], qs[b + 1], block_m)]
+            # Queries sit at the end of their context: a tile's last key is about `len - rows after it`.
+            tiles.sort(key=lambda t: qs[t[0] + 1] - min(t[1] + block_m, qs[t[0] + 1]) - lens[t[0]])
+            self._kernel["tiles", block_m] = torch.tensor(tiles or [(0, 0)], dtype=torch.int32).to(
+                self.prompt_block_tables.device)
+        return self._kernel["tiles", block_m]
 
 
 def _segment_slots(block_table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -75,8 +132,18 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     already be in the cache. Returns `[T, heads, head_dim]`. This is the torch reference: one
     gather and one SDPA call per sequence.
     """
-    out = torch.empty_like(q)
-    for b in range(meta.num_seqs):
+    if use_triton(q):
+        return triton_ops.paged_attention(q, k_cache, v_cache, positions, meta, scale, sliding_window)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    groups: Iterable[int] = range(meta.num_seqs)
+    if q.device.type == "cpu" and kernel_choice() != "torch" and cpu_kernels.supports(q, k_cache):
+        # Decode rows and short chunks go to the C++ kernel; long prefill chunks keep SDPA's matmuls.
+        qs = meta.query_start
+        short = [b for b in groups if 0 < qs[b + 1] - qs[b] <= CPU_KERNEL_MAX_QUERIES]
+        if short:
+            cpu_kernels.segment_attention(q, k_cache, v_cache, positions, meta, scale, sliding_window, out, short)
+        groups = [b for b in groups if qs[b + 1] - qs[b] > CPU_KERNEL_MAX_QUERIES]
+    for b in groups:
         start, end = meta.query_start[b], meta.query_start[b + 1]
         if start == end:
             continue

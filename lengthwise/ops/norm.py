@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from lengthwise.ops import triton as triton_ops
+from lengthwise.ops.dispatch import use_triton
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -13,6 +16,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     the normalisation itself is computed in float32 and cast back before the weight multiply,
     which is what makes bf16/fp16 outputs match the reference implementation.
     """
+    if use_triton(x):
+        return triton_ops.fused_add_rms_norm(x, weight, eps, residual)
     if residual is not None:
         x = x + residual
     h = x.float()

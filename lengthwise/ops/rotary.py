@@ -6,6 +6,10 @@ import math
 
 import torch
 
+from lengthwise.ops import triton as triton_ops
+from lengthwise.ops.attention import write_kv
+from lengthwise.ops.dispatch import use_triton
+
 
 def rotary_inv_freq(head_dim: int, theta: float, rope_type: str = "default", factor: float = 1.0,
                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
@@ -44,3 +48,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotate `q [T, heads, D]` and `k [T, kv_heads, D]`, store k and `v` into the flat caches at
+    `slot_mapping [T]`, and return the rotated q. The Triton kernel does all of it in one pass."""
+    if use_triton(q):
+        return triton_ops.rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    write_kv(k_cache, v_cache, apply_rotary(k, cos, sin), v, slot_mapping)
+    return apply_rotary(q, cos, sin)

@@ -1,0 +1,106 @@
+"""The CPU fast path for segment attention: a small C++ kernel, compiled on first use.
+
+Why C++: the torch reference gathers every sequence's context into a fresh tensor and calls SDPA
+once per sequence; at decode batch 256 that is thousands of small calls per step plus a copy of
+the whole KV cache. The kernel (`segment_attention.cpp`) walks each row's block tables and reads
+keys and values in place, once, with one online softmax over the prompt and response segments.
+
+It is built with the system C++ compiler (`$CXX`, else `c++`) for this CPU (`-march=native`) into
+the lengthwise cache directory, keyed by a hash of source, flags and CPU, and loaded with ctypes.
+If no compiler is found or the build fails, `segment_attention_kernel()` returns `None` (with one
+warning) and callers use the torch reference. float32 only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("segment_attention.cpp")
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LENGTHWISE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lengthwise")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+@cache
+def segment_attention_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel library, or `None` where it cannot be built here."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        warnings.warn("no C++ compiler found: CPU attention uses the slower torch reference", stacklevel=2)
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(b"\0".join(x.encode() for x in (
+            SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature(), platform.machine()))).hexdigest()[:16]
+        lib = _cache_dir() / f"segment_attention-{key}.so"
+        if not lib.is_file():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
+                out = Path(tmp) / lib.name
+                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True,
+                               text=True, timeout=300)
+                os.replace(out, lib)  # atomic: concurrent builders never load a half-written file
+        so = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(f"building the CPU attention kernel failed ({detail.strip()[:500]}): "
+                      f"using the slower torch reference", stacklevel=2)
+        return None
+    so.lw_segment_attention.restype = None
+    so.lw_segment_attention.argtypes = (
+        [ctypes.c_void_p] * 8 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int])
+    max_heads, max_dim = ctypes.c_int(), ctypes.c_int()
+    so.lw_limits(ctypes.byref(max_heads), ctypes.byref(max_dim))
+    so.max_heads, so.max_head_dim = max_heads.value, max_dim.value
+    return so
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the kernel handles these tensors (CPU, float32, head sizes within its limits)."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        return False
+    lib = segment_attention_kernel()
+    return (lib is not None and q.shape[-1] <= lib.max_head_dim
+            and q.shape[1] <= lib.max_heads)
+
+
+def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                      meta, scale: float, sliding_window: int | None, out: torch.Tensor,  # noqa: ANN001
+                      groups: list[int]) -> None:
+    """Fill `out`'s rows of the row-groups `groups` (see `lengthwise.ops.attention.paged_attention`)."""
+    lib = segment_attention_kernel()
+    kt = meta.kernel_tensors()
+    q, k_cache, v_cache = q.contiguous(), k_cache.contiguous(), v_cache.contiguous()
+    positions = positions.to(torch.int64).contiguous()
+    group_ids = torch.tensor(groups, dtype=torch.int32)
+    ptr = ctypes.c_void_p
+    lib.lw_segment_attention(
+        ptr(q.data_ptr()), ptr(k_cache.data_ptr()), ptr(v_cache.data_ptr()), ptr(out.data_ptr()),
+        ptr(positions.data_ptr()), ptr(kt.query_start.data_ptr()), ptr(kt.prompt_lens.data_ptr()),
+        ptr(kt.response_lens.data_ptr()), ptr(kt.prompt_block_tables.data_ptr()), kt.prompt_block_tables.shape[1],
+        ptr(kt.response_block_tables.data_ptr()), kt.response_block_tables.shape[1], ptr(group_ids.data_ptr()),
+        len(groups), q.shape[1], k_cache.shape[1], q.shape[2], meta.block_size, sliding_window or 0, scale,
+        torch.get_num_threads())

@@ -1,0 +1,151 @@
+// Segment attention on the CPU: each query row reads its prompt segment and then its response
+// segment straight from the paged KV cache, with one online softmax across both. Nothing is
+// gathered or padded, so every key and value is read from memory exactly once per query row
+// (and once per KV head for all the query heads that share it: GQA).
+//
+// Plain C ABI (called through ctypes), float32 only, no torch headers: it compiles in about a
+// second. Work is split over (query row, KV head) pairs among `num_threads` std::threads, which
+// exit when done (no spinning pool to fight torch's own threads).
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxHeads = 128;   // query heads
+constexpr int kMaxHeadDim = 256;
+constexpr int kMaxTile = 64;     // keys per softmax update (at most one block)
+
+struct Args {
+  const float* q; const float* k; const float* v; float* out;
+  const int64_t* positions; const int32_t* query_start;
+  const int32_t* prompt_lens; const int32_t* response_lens;
+  const int32_t* prompt_tables; const int32_t* response_tables;
+  int prompt_width, response_width;
+  int heads, kv_heads, head_dim, block_size, window;
+  float scale;
+};
+
+inline float dot(const float* a, const float* b, int n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Query row `t` of row-group `b`, KV heads [h0, h1) and their query heads. Keys are visited a
+// block-tile at a time; a tile of all heads is one contiguous run of memory, which the hardware
+// prefetcher streams.
+void attend(const Args& a, int t, int b, int h0, int h1) {
+  const int D = a.head_dim, G = a.heads / a.kv_heads, bs = a.block_size, nh = (h1 - h0) * G;
+  const int64_t row_stride = int64_t(a.kv_heads) * D;
+  const int plen = a.prompt_lens[b], rlen = a.response_lens[b];
+  const int64_t pos = a.positions[t];
+  const int hi = int(std::min<int64_t>(pos, plen + rlen - 1));
+  const int lo = a.window > 0 ? int(std::max<int64_t>(0, pos - a.window + 1)) : 0;
+
+  alignas(64) float q[kMaxHeads][kMaxHeadDim];
+  alignas(64) float acc[kMaxHeads][kMaxHeadDim];
+  alignas(64) float s[kMaxTile];
+  float m[kMaxHeads], l[kMaxHeads];
+  for (int h = 0; h < nh; ++h) {
+    const float* src = a.q + (int64_t(t) * a.heads + h0 * G + h) * D;
+    for (int d = 0; d < D; ++d) { q[h][d] = src[d] * a.scale; acc[h][d] = 0.f; }
+    m[h] = -1e30f;
+    l[h] = 0.f;
+  }
+  for (int p = lo; p <= hi;) {
+    // The tile: consecutive keys inside one block of one segment.
+    const bool in_prompt = p < plen;
+    const int off = in_prompt ? p : p - plen;
+    const int seg_end = in_prompt ? std::min(plen, hi + 1) : hi + 1 - plen;
+    const int32_t* table = in_prompt ? a.prompt_tables + int64_t(b) * a.prompt_width
+                                     : a.response_tables + int64_t(b) * a.response_width;
+    const int within = off % bs;
+    const int n = std::min({bs - within, seg_end - off, kMaxTile});
+    const int64_t slot = int64_t(table[off / bs]) * bs + within;
+    for (int h = 0; h < nh; ++h) {
+      const int64_t head_off = int64_t(h0 + h / G) * D;
+      const float* kp = a.k + slot * row_stride + head_off;
+      const float* vp = a.v + slot * row_stride + head_off;
+      float tile_max = -1e30f;
+      for (int i = 0; i < n; ++i) {
+        s[i] = dot(q[h], kp + i * row_stride, D);
+        tile_max = std::max(tile_max, s[i]);
+      }
+      const float new_m = std::max(m[h], tile_max);
+      const float correction = std::exp(m[h] - new_m);
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int i = 0; i < n; ++i) { s[i] = std::exp(s[i] - new_m); sum += s[i]; }
+      l[h] = l[h] * correction + sum;
+      m[h] = new_m;
+      float* acch = acc[h];
+#pragma omp simd
+      for (int d = 0; d < D; ++d) acch[d] *= correction;
+      for (int i = 0; i < n; ++i) {
+        const float w = s[i];
+        const float* vi = vp + i * row_stride;
+#pragma omp simd
+        for (int d = 0; d < D; ++d) acch[d] += w * vi[d];
+      }
+    }
+    p += n;
+  }
+  for (int h = 0; h < nh; ++h) {
+    float* dst = a.out + (int64_t(t) * a.heads + h0 * G + h) * D;
+    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+    for (int d = 0; d < D; ++d) dst[d] = acc[h][d] * inv;
+  }
+}
+
+}  // namespace
+
+extern "C" int lw_limits(int* max_heads, int* max_head_dim) {
+  *max_heads = kMaxHeads;
+  *max_head_dim = kMaxHeadDim;
+  return 0;
+}
+
+// Attention for the query rows of the row-groups listed in `groups` (other groups are left
+// untouched, for the caller to handle). Tensors are contiguous: q/out [T, heads, D],
+// k/v [slots, kv_heads, D], tables [B, width] of block ids.
+extern "C" void lw_segment_attention(
+    const float* q, const float* k, const float* v, float* out, const int64_t* positions,
+    const int32_t* query_start, const int32_t* prompt_lens, const int32_t* response_lens,
+    const int32_t* prompt_tables, int prompt_width, const int32_t* response_tables, int response_width,
+    const int32_t* groups, int num_groups, int heads, int kv_heads, int head_dim, int block_size,
+    int window, float scale, int num_threads) {
+  Args a{q, k, v, out, positions, query_start, prompt_lens, response_lens, prompt_tables, response_tables,
+         prompt_width, response_width, heads, kv_heads, head_dim, block_size, window, scale};
+  std::vector<std::pair<int, int>> rows;  // (query row, group)
+  for (int i = 0; i < num_groups; ++i) {
+    const int b = groups[i];
+    for (int t = query_start[b]; t < query_start[b + 1]; ++t) rows.emplace_back(t, b);
+  }
+  // Split the KV heads of a row only when there are too few rows to keep every thread busy.
+  const int64_t want = 4 * int64_t(num_threads) / int64_t(std::max<size_t>(1, rows.size()));
+  const int splits = int(std::min<int64_t>(kv_heads, std::max<int64_t>(1, want)));
+  const int per_split = (kv_heads + splits - 1) / splits;
+  const int64_t tasks = int64_t(rows.size()) * splits;
+  // Contexts differ in length, so threads take small batches of tasks from a shared counter.
+  std::atomic<int64_t> next{0};
+  constexpr int64_t kBatch = 1;
+  auto run = [&]() {
+    for (int64_t begin; (begin = next.fetch_add(kBatch)) < tasks;) {
+      for (int64_t x = begin; x < std::min(tasks, begin + kBatch); ++x) {
+        const auto& [t, b] = rows[x / splits];
+        const int h0 = int(x % splits) * per_split;
+        if (h0 < kv_heads) attend(a, t, b, h0, std::min(kv_heads, h0 + per_split));
+      }
+    }
+  };
+  const int n = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, tasks)));
+  std::vector<std::thread> pool;
+  for (int i = 1; i < n; ++i) pool.emplace_back(run);
+  run();
+  for (auto& th : pool) th.join();
+}

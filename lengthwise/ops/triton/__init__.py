@@ -1,0 +1,45 @@
+"""Triton kernels behind the ops' dispatch (CUDA; on the CPU under `TRITON_INTERPRET=1` for tests).
+
+Importing this package does not import triton: each function imports its kernel module on first
+call, so the package loads where triton is absent. `lengthwise.ops.dispatch` decides when these run;
+called directly they always take the Triton path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def fused_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                       residual: torch.Tensor | None = None,
+                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm` in one kernel: `(norm(x + residual) * weight, x + residual)`."""
+    from lengthwise.ops.triton.norm import fused_add_rms_norm as run
+
+    return run(x, weight, eps, residual, out)
+
+
+def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`silu(gate) * up` for `gate_up [..., 2 * I]`, gate first."""
+    from lengthwise.ops.triton.activation import silu_and_mul as run
+
+    return run(gate_up, out)
+
+
+def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """RoPE on q and k, k and v stored straight into the paged cache; returns the rotated q."""
+    from lengthwise.ops.triton.rotary import rotary_and_write_kv as run
+
+    return run(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, out)
+
+
+def paged_attention(q, k_cache, v_cache, positions, meta, scale, sliding_window=None, out=None):
+    """Segment attention: the decode kernel when every row-group has one query, else the varlen one."""
+    from lengthwise.ops.triton.attention import paged_attention as run
+
+    return run(q, k_cache, v_cache, positions, meta, scale, sliding_window, out)
+
+
+__all__ = ["fused_add_rms_norm", "paged_attention", "rotary_and_write_kv", "silu_and_mul"]

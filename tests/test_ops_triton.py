@@ -1,0 +1,416 @@
+"""The Triton kernels against the torch reference, on fresh random inputs.
+
+With a CUDA GPU the compiled kernels run on it; without one they run on the CPU under Triton's
+interpreter: the `kernels` fixture sets `TRITON_INTERPRET=1` for this module before the kernel
+modules are imported (Triton decides at decoration time), and `test_kernels_run_where_expected`
+checks that it took effect. Every output is poisoned with NaN before the kernel runs, and every
+cache slot outside the contexts holds NaN, so a row not written or a key read from the wrong slot
+shows up.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lengthwise.ops import AttentionMetadata, paged_attention
+from lengthwise.ops import triton as triton_ops
+from lengthwise.ops.activation import silu_and_mul
+from lengthwise.ops.dispatch import KERNELS_ENV, kernel_choice, use_triton
+from lengthwise.ops.norm import rms_norm
+from lengthwise.ops.rotary import apply_rotary, rotary_and_write_kv, rotary_cos_sin, rotary_inv_freq
+
+CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+DEVICE = "cuda" if CUDA else "cpu"
+KERNEL_MODULES = {"norm": ["_rms_norm_kernel"], "activation": ["_silu_and_mul_kernel"],
+                  "rotary": ["_rotary_write_kernel"],
+                  "attention": ["_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel"]}
+NAN = float("nan")
+DTYPES = [torch.float32, torch.bfloat16]
+ELEMENTWISE_DTYPES = [*DTYPES, torch.float16]
+# Elementwise kernels: float32 near-exact; bf16 within two units in the last place. (The 3.9
+# interpreter casts float32 to bf16 by truncation where compiled code rounds to nearest even.)
+ELEMENTWISE_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
+                   torch.float16: dict(atol=1e-3, rtol=2e-3)}
+ATTENTION_TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+
+
+def _modules():
+    return {name: importlib.import_module(f"lengthwise.ops.triton.{name}") for name in KERNEL_MODULES}
+
+
+def _interpreted(module, names) -> bool:
+    return all(type(getattr(module, n)).__name__ == "InterpretedFunction" for n in names)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel modules: compiled on CUDA; on the CPU interpreted, with `TRITON_INTERPRET=1` set
+    while this module runs (a kernel module imported earlier without it is re-imported)."""
+    with pytest.MonkeyPatch.context() as mp:
+        if not CUDA:
+            mp.setenv("TRITON_INTERPRET", "1")
+        modules = _modules()
+        for name, module in modules.items():
+            if not CUDA and not _interpreted(module, KERNEL_MODULES[name]):
+                modules[name] = importlib.reload(module)
+        yield modules
+
+
+@pytest.fixture(autouse=True)
+def _setup(request, monkeypatch):
+    # The dispatching ops below are the references; the kernels are called directly.
+    monkeypatch.setenv(KERNELS_ENV, "torch")
+    if "without_triton" not in request.node.name:
+        if not HAS_TRITON:
+            pytest.skip("triton is not installed")
+        request.getfixturevalue("kernels")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape, g, dtype=torch.float32, scale=1.0):
+    return (scale * torch.randn(*shape, generator=g)).to(device=DEVICE, dtype=dtype)
+
+
+def _poisoned(shape, dtype):
+    return torch.full(shape, NAN, dtype=dtype, device=DEVICE)
+
+
+def test_kernels_run_where_expected():
+    for name, module in _modules().items():
+        assert _interpreted(module, KERNEL_MODULES[name]) == (not CUDA), name
+    assert _modules()["attention"].INTERPRETED == (not CUDA)
+    if not CUDA:
+        assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+def test_ops_work_without_triton():
+    """Where triton does not import, the package still loads, dispatch picks the torch reference,
+    and forcing Triton is a clear error."""
+    code = """
+import sys
+sys.modules["triton"] = None  # `import triton` now raises ImportError
+import os, torch
+from lengthwise.ops import rms_norm, silu_and_mul
+from lengthwise.ops.dispatch import triton_available, use_triton
+assert not triton_available() and not use_triton(torch.zeros(1))
+x = torch.randn(3, 8)
+rms_norm(x, torch.ones(8), 1e-6, x)
+silu_and_mul(x)
+os.environ["LENGTHWISE_KERNELS"] = "triton"
+try:
+    use_triton(x)
+except ValueError as e:
+    print(e)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in (KERNELS_ENV, "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "triton does not import" in out.stdout
+
+
+# --- elementwise kernels -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+@pytest.mark.parametrize("case", ["residual", "no-residual", "qk-norm-view"])
+def test_fused_add_rms_norm(dtype, case):
+    g = _gen(1)
+    if case == "qk-norm-view":  # q of a fused qkv output: a strided [T, heads, head_dim] view
+        x = _randn(6, 5 * 24, g=g, dtype=dtype)[:, :96].view(6, 4, 24)
+        w, residual = _randn(24, g=g, dtype=dtype, scale=0.2) + 1, None
+    else:
+        x, w = _randn(5, 100, g=g, dtype=dtype), _randn(100, g=g, dtype=dtype, scale=0.2) + 1
+        residual = _randn(5, 100, g=g, dtype=dtype) if case == "residual" else None
+    ref, ref_sum = rms_norm(x, w, 1e-6, residual)
+    out = _poisoned(x.shape, dtype)
+    got, got_sum = triton_ops.fused_add_rms_norm(x, w, 1e-6, residual, out=out)
+    assert got is out
+    torch.testing.assert_close(got, ref, **ELEMENTWISE_TOL[dtype])
+    if residual is None:
+        assert got_sum is x
+    else:
+        torch.testing.assert_close(got_sum, ref_sum, **ELEMENTWISE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+@pytest.mark.parametrize("shape", [(7, 80), (2, 3, 2 * 300)])
+def test_silu_and_mul(dtype, shape):
+    x = _randn(*shape, g=_gen(2), dtype=dtype, scale=2.0)
+    out = _poisoned((*shape[:-1], shape[-1] // 2), dtype)
+    got = triton_ops.silu_and_mul(x, out=out)
+    assert got is out
+    torch.testing.assert_close(got, silu_and_mul(x), **ELEMENTWISE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (8, 2, 24), (8, 1, 16)])
+def test_rotary_and_write_kv(dtype, heads, kv_heads, head_dim):
+    g, t, slots_total = _gen(3), 9, 64
+    qkv = _randn(t, (heads + 2 * kv_heads) * head_dim, g=g, dtype=dtype)  # q, k, v as strided views
+    q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q, k, v = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim)
+    positions = torch.randint(0, 500, (t,), generator=g).to(DEVICE)
+    cos, sin = rotary_cos_sin(positions, rotary_inv_freq(head_dim, 10000.0).to(DEVICE), dtype)
+    slots = torch.randperm(slots_total, generator=g)[:t].to(DEVICE)
+    cache_shape = (slots_total, kv_heads, head_dim)
+    ref_k, ref_v = _poisoned(cache_shape, dtype), _poisoned(cache_shape, dtype)
+    ref_q = rotary_and_write_kv(q, k, v, cos, sin, ref_k, ref_v, slots)  # the torch reference (dispatch: torch)
+    torch.testing.assert_close(ref_q, apply_rotary(q, cos, sin))
+    k_cache, v_cache = torch.full_like(ref_k, NAN), torch.full_like(ref_v, NAN)
+    out = _poisoned(q.shape, dtype)
+    got = triton_ops.rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, out=out)
+    assert got is out
+    tol = ELEMENTWISE_TOL[dtype]
+    torch.testing.assert_close(got, ref_q, **tol)
+    torch.testing.assert_close(k_cache, ref_k, equal_nan=True, **tol)  # untouched slots stay NaN
+    assert torch.equal(v_cache.nan_to_num(), ref_v.nan_to_num()) and torch.equal(v_cache.isnan(), ref_v.isnan())
+    # A negative slot (padding) rotates q but writes nothing.
+    k_cache.fill_(NAN)
+    pad = slots.clone()
+    pad[0] = -1
+    got = triton_ops.rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, pad)
+    torch.testing.assert_close(got, ref_q, **tol)
+    assert k_cache.isnan().sum() == (slots_total - t + 1) * kv_heads * head_dim
+
+
+@pytest.fixture
+def interpreter_rounds_to_nearest(monkeypatch):
+    """Make the interpreter cast float32 to bf16 by rounding to nearest even, as compiled kernels
+    do (the 3.9 interpreter truncates), so bf16 results can be compared bit for bit."""
+    if CUDA:
+        pytest.skip("compiled kernels: their rounding needs no correction")
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime import interpreter
+
+        original = interpreter.InterpreterBuilder.cast_impl
+    except (ImportError, AttributeError):
+        pytest.skip("this triton's interpreter has no InterpreterBuilder.cast_impl to correct")
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interpreter.TensorHandle(data.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
+
+
+def test_bf16_elementwise_kernels_are_bit_exact(interpreter_rounds_to_nearest):
+    """The kernels round where torch rounds (sum, normalised value, silu, each RoPE product and sum),
+    so with round-to-nearest casts their bf16 outputs equal the reference's exactly."""
+    g, dt = _gen(4), torch.bfloat16
+    x, r = _randn(64, 256, g=g, dtype=dt), _randn(64, 256, g=g, dtype=dt)
+    w = _randn(256, g=g, dtype=dt, scale=0.2) + 1
+    assert all(torch.equal(a, b) for a, b in zip(triton_ops.fused_add_rms_norm(x, w, 1e-6, r),
+                                                 rms_norm(x, w, 1e-6, r), strict=True))
+    gate_up = _randn(64, 512, g=g, dtype=dt, scale=3.0)
+    assert torch.equal(triton_ops.silu_and_mul(gate_up), silu_and_mul(gate_up))
+    t, heads, kv_heads, d = 33, 8, 2, 64
+    q, k, v = (_randn(t, n, d, g=g, dtype=dt) for n in (heads, kv_heads, kv_heads))
+    cos, sin = rotary_cos_sin(torch.randint(0, 4000, (t,), generator=g), rotary_inv_freq(d, 500000.0), dt)
+    slots = torch.randperm(100, generator=g)[:t]
+    caches = [torch.zeros(100, kv_heads, d, dtype=dt) for _ in range(4)]
+    got = triton_ops.rotary_and_write_kv(q, k, v, cos, sin, caches[0], caches[1], slots)
+    assert torch.equal(got, rotary_and_write_kv(q, k, v, cos, sin, caches[2], caches[3], slots))
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+# --- attention -----------------------------------------------------------------------------------
+
+BLOCK = 4  # cache block size: no context below is a multiple of it
+
+
+def _segment_case(heads, kv_heads, seqs, dtype, seed, head_dim=16, num_blocks=64):
+    """Scattered, shuffled blocks; `seqs` = [(prompt_len, response_len, queries)], queries at the
+    context's last positions. Slots outside every context hold NaN."""
+    g = _gen(seed)
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    width = max(-(-max(p, r) // BLOCK) for p, r, _ in seqs) + 1
+    p_tables, r_tables, qs, q_pos, used = [], [], [0], [], []
+    for p, r, n in seqs:
+        pb = [free.pop() for _ in range(-(-p // BLOCK))]
+        rb = [free.pop() for _ in range(-(-r // BLOCK))]
+        p_tables.append(pb + [free[0]] * (width - len(pb)))  # pad with a block holding NaN
+        r_tables.append(rb + [free[0]] * (width - len(rb)))
+        used += [pb[i // BLOCK] * BLOCK + i % BLOCK for i in range(p)]
+        used += [rb[i // BLOCK] * BLOCK + i % BLOCK for i in range(r)]
+        q_pos.append(torch.arange(p + r - n, p + r))
+        qs.append(qs[-1] + n)
+    k_cache = _poisoned((num_blocks * BLOCK, kv_heads, head_dim), dtype)
+    v_cache = _poisoned((num_blocks * BLOCK, kv_heads, head_dim), dtype)
+    used_t = torch.tensor(used, device=DEVICE)
+    k_cache[used_t] = _randn(len(used), kv_heads, head_dim, g=g, dtype=dtype)
+    v_cache[used_t] = _randn(len(used), kv_heads, head_dim, g=g, dtype=dtype)
+    q = _randn(qs[-1], heads, head_dim, g=g, dtype=dtype)
+    has_response = any(r for _, r, _ in seqs)
+    meta = AttentionMetadata(qs, torch.zeros(0, dtype=torch.long, device=DEVICE), BLOCK,
+                             torch.tensor(p_tables, device=DEVICE), [s[0] for s in seqs],
+                             torch.tensor(r_tables, device=DEVICE) if has_response else None,
+                             [s[1] for s in seqs] if has_response else None)
+    return q, k_cache, v_cache, torch.cat(q_pos).to(DEVICE), meta
+
+
+# (dtype, heads, kv_heads, sliding window): GQA 1, 4 and 8, each dtype, with and without a window.
+ATTENTION_CASES = [
+    (torch.float32, 2, 2, None), (torch.float32, 8, 2, 5), (torch.float32, 8, 1, None),
+    (torch.bfloat16, 2, 2, 6), (torch.bfloat16, 8, 2, None), (torch.bfloat16, 8, 1, 5),
+]
+# Decode: contexts of 12, 3 (no response), 21, 42 and 1 tokens.
+DECODE_SEQS = [(7, 5, 1), (3, 0, 1), (20, 1, 1), (33, 9, 1), (1, 0, 1)]
+# Prefill-like steps: decode rows, a prompt prefill, chunked prefill over cached prompt keys,
+# queries in the response segment, a chunk spanning both segments, and a row-group with no query.
+PREFILL_SEQS = [(7, 5, 1), (12, 0, 12), (20, 0, 6), (33, 9, 4), (5, 2, 0), (4, 13, 13), (10, 3, 6)]
+
+
+@pytest.mark.parametrize("dtype, heads, kv_heads, window", ATTENTION_CASES)
+def test_decode_attention(dtype, heads, kv_heads, window):
+    from lengthwise.ops.triton.attention import paged_attention as triton_attention
+
+    q, k_cache, v_cache, positions, meta = _segment_case(heads, kv_heads, DECODE_SEQS, dtype, seed=heads + kv_heads)
+    assert meta.kernel_tensors().is_decode
+    ref = paged_attention(q, k_cache, v_cache, positions, meta, 0.3, window)
+    assert not ref.isnan().any()
+    # One partition; two (a boundary inside the 33-token prompt segment); three of 16 keys (the short
+    # contexts, and keys before the window, leave partitions empty). The automatic choice is
+    # `test_split_count_choice`'s; the model test runs it.
+    for splits in (1, 2, 3):
+        out = _poisoned(q.shape, dtype)
+        got = triton_attention(q, k_cache, v_cache, positions, meta, 0.3, window, out, num_splits=splits, block_n=16)
+        torch.testing.assert_close(got, ref, **ATTENTION_TOL[dtype], msg=lambda m, s=splits: f"splits={s}: {m}")
+
+
+@pytest.mark.parametrize("dtype, heads, kv_heads, window", ATTENTION_CASES)
+def test_prefill_attention(dtype, heads, kv_heads, window):
+    from lengthwise.ops.triton.attention import paged_attention as triton_attention
+
+    q, k_cache, v_cache, positions, meta = _segment_case(heads, kv_heads, PREFILL_SEQS, dtype, seed=heads * kv_heads)
+    assert not meta.kernel_tensors().is_decode
+    ref = paged_attention(q, k_cache, v_cache, positions, meta, 0.3, window)
+    assert not ref.isnan().any()
+    out = _poisoned(q.shape, dtype)
+    got = triton_ops.paged_attention(q, k_cache, v_cache, positions, meta, 0.3, window, out)
+    assert got is out
+    torch.testing.assert_close(got, ref, **ATTENTION_TOL[dtype])
+    # Small tiles: several query tiles per row-group and several key tiles per segment.
+    got = triton_attention(q, k_cache, v_cache, positions, meta, 0.3, window, block_m=16, block_n=16)
+    torch.testing.assert_close(got, ref, **ATTENTION_TOL[dtype])
+
+
+def test_prefill_kernel_on_a_decode_step():
+    from lengthwise.ops.triton.attention import paged_attention as triton_attention
+
+    q, k_cache, v_cache, positions, meta = _segment_case(8, 2, DECODE_SEQS, torch.float32, seed=7)
+    ref = paged_attention(q, k_cache, v_cache, positions, meta, 0.3, 4)
+    got = triton_attention(q, k_cache, v_cache, positions, meta, 0.3, 4, decode=False)
+    torch.testing.assert_close(got, ref, **ATTENTION_TOL[torch.float32])
+
+
+def test_split_count_choice():
+    from lengthwise.ops.triton.attention import choose_num_splits
+
+    assert choose_num_splits(64, 8, 8192, 132) == 1      # the batch fills the GPU
+    assert choose_num_splits(1, 8, 200, 132) == 1        # too short to split
+    assert choose_num_splits(1, 8, 8192, 132) == 32      # two waves of 132 from 8 programs, 256 keys each
+    assert choose_num_splits(8, 8, 2048, 132) == 5
+    assert choose_num_splits(1, 8, 1024, 132) == 4       # at least 256 keys per partition
+    assert choose_num_splits(1, 1, 10 ** 6, 132) == 64   # capped
+
+
+# --- dispatch and the model ----------------------------------------------------------------------
+
+def test_dispatch_choice(monkeypatch):
+    x = torch.zeros(2, device=DEVICE)
+    monkeypatch.setenv(KERNELS_ENV, "torch")
+    assert not use_triton(x)
+    monkeypatch.delenv(KERNELS_ENV)
+    assert kernel_choice() == "auto" and use_triton(x) == CUDA
+    monkeypatch.setenv(KERNELS_ENV, "Triton")
+    assert use_triton(x)
+    monkeypatch.setenv(KERNELS_ENV, "cuda")
+    with pytest.raises(ValueError, match=KERNELS_ENV):
+        use_triton(x)
+
+
+def _tiny_model(dtype):
+    from lengthwise.model.config import ModelConfig
+    from lengthwise.model.llama import CausalLM
+
+    config = ModelConfig(model_type="qwen3", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
+                         num_heads=8, num_kv_heads=2, head_dim=16, max_position_embeddings=128, qk_norm=True,
+                         sliding_windows=(None, 6), eos_token_ids=(95,))
+    model = CausalLM(config, dtype, DEVICE)
+    g = _gen(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(_randn(*p.shape, g=g, scale=0.2) + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []))
+def test_model_greedy_tokens_match_torch(monkeypatch, dtype):
+    """The whole decoder through the dispatching ops: prefill (varlen kernel), decode (split-K when it
+    pays), qk-norm, a sliding-window layer; greedy tokens equal to the torch reference's."""
+    from lengthwise import SamplingParams, generate
+    from lengthwise.engine import prompt_logits
+
+    model = _tiny_model(dtype)
+    prompts = [[5, 17, 9, 3, 50], list(range(10, 27)), [7]]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    ref_logits = prompt_logits(model, prompts, block_size=4)
+    ref = generate(model, prompts, params, block_size=4)
+    monkeypatch.setenv(KERNELS_ENV, "auto" if CUDA else "triton")
+    assert use_triton(model.embed)
+    logits = prompt_logits(model, prompts, block_size=4)
+    got = generate(model, prompts, params, block_size=4)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < tol
+    if dtype == torch.float32:
+        assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+@pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding", "qwen3"])
+def test_cuda_triton_model_matches_transformers(monkeypatch, family):
+    import copy
+
+    from conftest import make_hf_model, save_hf_model
+
+    from lengthwise import SamplingParams, generate, load_model
+    from lengthwise.engine import prompt_logits
+
+    prompts = [[5, 17, 99, 3, 250], list(range(10, 60))]
+    hf = make_hf_model(family)
+    path = save_hf_model(hf, __import__("tempfile").mkdtemp())
+    monkeypatch.setenv(KERNELS_ENV, "auto")
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        model = load_model(path, dtype, "cuda")
+        ours = prompt_logits(model, prompts).cpu()
+        ref_hf = copy.deepcopy(hf).to(device="cuda", dtype=dtype)
+        with torch.no_grad():
+            ref = torch.stack([ref_hf(torch.tensor([p], device="cuda")).logits[0, -1].float() for p in prompts]).cpu()
+        err = ((ours - ref).abs().max() / ref.abs().max()).item()
+        params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+        got = generate(model, prompts, params)
+        monkeypatch.setenv(KERNELS_ENV, "torch")
+        want = generate(model, prompts, params)
+        ours_torch = prompt_logits(model, prompts).cpu()
+        monkeypatch.setenv(KERNELS_ENV, "auto")
+        same = [o.token_ids == w.token_ids for o, w in zip(got, want, strict=True)]
+        err_torch = ((ours_torch - ref).abs().max() / ref.abs().max()).item()
+        print(f"\n{family} {dtype}: logits vs transformers max rel err {err:.2e} (torch kernels {err_torch:.2e}); "
+              f"greedy tokens triton == torch: {same}")
+        assert err < tol, dtype
+        if dtype == torch.float32:
+            assert [o.token_ids for o in got] == [o.token_ids for o in want]
