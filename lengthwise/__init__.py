@@ -1,6 +1,7 @@
 """lengthwise: an LLM inference engine that perceives response lengths before decoding and schedules on them."""
 
-from lengthwise.engine import Generation, generate
+from lengthwise.config import EngineConfig
+from lengthwise.engine import LLM, Generation, LLMEngine, RequestOutput, generate
 from lengthwise.model import CausalLM, CheckpointError, ModelConfig, load_model
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.tokenizer import Tokenizer
@@ -8,10 +9,14 @@ from lengthwise.tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "LLM",
     "CausalLM",
     "CheckpointError",
+    "EngineConfig",
     "Generation",
+    "LLMEngine",
     "ModelConfig",
+    "RequestOutput",
     "SamplingParams",
     "Tokenizer",
     "generate",

@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+MAX_LOGPROBS = 20
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, kw_only=True)
 class SamplingParams:
-    """Decoding parameters, with vLLM's names and meanings.
+    """Decoding parameters, with vLLM's names and meanings. Keyword-only; validated on construction.
 
-    `temperature == 0` (below 1e-5) means greedy. `top_k <= 0` and `top_p == 1` switch those filters off.
-    `seed` makes a sampled output reproducible, independent of other requests in the batch.
-    Generation stops at one of the model's end tokens (unless `ignore_eos`), at any of
-    `stop_token_ids`, or after `max_tokens`.
+    - `n`: completions per prompt. `max_tokens`: the most tokens generated per completion.
+    - `temperature` below 1e-5 means greedy (then top-k/top-p/min-p play no part). `top_k` 0 or -1
+      and `top_p == 1` and `min_p == 0` switch those filters off.
+    - `seed` makes a sampled output reproducible, independent of other requests in the batch.
+    - Generation stops at one of the model's end tokens (unless `ignore_eos`), at any of
+      `stop_token_ids`, at any `stop` string (removed from the text unless
+      `include_stop_str_in_output`), or after `max_tokens`. `stop` is normalised to a tuple.
+    - Penalties, as vLLM: `repetition_penalty` (> 0, 1 = off) over prompt and output tokens
+      divides positive logits and multiplies negative ones; `frequency_penalty` (per occurrence)
+      and `presence_penalty` (once) in [-2, 2] are subtracted for tokens already generated.
+    - `logprobs`: None, or 0..20 most likely tokens returned per generated token, each with its
+      log-probability under the model's raw distribution (before penalties and temperature); 0
+      returns only the sampled token's own log-probability and rank.
+    - `skip_special_tokens` and `detokenize` control the output text.
     """
 
+    n: int = 1
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
+    stop: str | tuple[str, ...] | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
+        _check_int("n", self.n, minimum=1)
         _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
@@ -42,18 +65,52 @@ class SamplingParams:
             _check_int("seed", self.seed, minimum=0)
             if self.seed >= 2**63:
                 raise ValueError(f"seed must be < 2**63, got {self.seed}")
+        object.__setattr__(self, "stop", _normalise_stop(self.stop))
         if not isinstance(self.stop_token_ids, (tuple, list)):
             raise ValueError(f"stop_token_ids must be a list of ints, got {type(self.stop_token_ids).__name__}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, minimum=0)
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_number(name, value)
+            if not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        _check_number("repetition_penalty", self.repetition_penalty)
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, minimum=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be at most {MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def greedy(self) -> bool:
         # As vLLM: a temperature this small would overflow the softmax, and means greedy anyway.
         return self.temperature < 1e-5
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any of the three penalties changes the logits."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _normalise_stop(stop: object) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (tuple, list)):
+        raise ValueError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+    for s in stop:
+        if not isinstance(s, str):
+            raise ValueError(f"stop must be a string or a list of strings, got an element {s!r}")
+        if not s:
+            raise ValueError("stop strings must not be empty")
+    return tuple(stop)
 
 
 def _check_int(name: str, value: object, minimum: int | None) -> None:
@@ -64,5 +121,6 @@ def _check_int(name: str, value: object, minimum: int | None) -> None:
 
 
 def _check_number(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    # Infinite values are rejected too: none of the float fields has a meaningful infinite setting.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")

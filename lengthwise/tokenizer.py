@@ -84,6 +84,10 @@ class Tokenizer:
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary string of `token_id` (e.g. '▁the', 'Ġthe', '<0x0A>'); None if out of range."""
+        return self._tok.id_to_token(token_id)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, BOS/EOS as the checkpoint configures."""
         if not isinstance(text, str):

@@ -109,9 +109,9 @@ def test_missing_tokenizer_files(llama_dir, tmp_path):
 def test_prompt_longer_than_context(llama_dir):
     model = load_model(llama_dir, "float32", "cpu")
     ctx = model.config.max_position_embeddings
-    with pytest.raises(ValueError, match=f"prompt 1 is {ctx + 5} tokens.*context of {ctx} tokens"):
+    with pytest.raises(ValueError, match=f"request '1' is {ctx + 5} tokens.*context of {ctx} tokens"):
         generate(model, [[5], [7] * (ctx + 5)], SamplingParams(max_tokens=4))
-    with pytest.raises(ValueError, match="prompt 0 is empty"):
+    with pytest.raises(ValueError, match="request '0' is empty"):
         generate(model, [[]], SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generate(model, [[1, 100000]], SamplingParams(max_tokens=4))

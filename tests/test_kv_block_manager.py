@@ -136,3 +136,45 @@ def test_random_workload_never_leaks():
         for sid in sids:
             m.free_sequence(sid)
     assert m.num_free_blocks == 64
+
+
+def test_prefix_cache_reuses_whole_blocks_and_evicts_oldest_free_first():
+    m = KVBlockManager(6, 4, enable_prefix_caching=True)
+    tokens = list(range(10, 21))  # 11 tokens: 2 full blocks + 3
+    m.add_sequence("a0", "a")
+    assert m.match_prefix("a", tokens) == 0
+    m.grow_prompt("a", 11)
+    m.cache_prompt("a", tokens, 11)
+    assert m.num_cached_blocks == 2  # the partial third block is never cached
+    a_blocks = list(m.prompt_segment("a").blocks)
+    # A second request with the same first 8 tokens shares those blocks, while "a" still runs.
+    m.add_sequence("b0", "b")
+    m.add_sequence("b1", "b")
+    assert m.match_prefix("b", tokens[:8] + [99, 98]) == 8
+    assert m.prompt_segment("b").blocks == a_blocks[:2]
+    assert m.pool.refcount(a_blocks[0]) == 3  # a0, b0, b1
+    # Equal prompts reuse all but the block holding the last token (its logits must be computed).
+    m.add_sequence("c0", "c")
+    assert m.match_prefix("c", tokens[:8]) == 4
+    for s in ("a0", "b0", "b1", "c0"):
+        m.free_sequence(s)
+    assert m.num_free_blocks == 6 and m.num_cached_blocks == 2  # free, yet still cached
+    m.add_sequence("d0", "d")
+    assert m.match_prefix("d", tokens) == 8  # a hit on free blocks takes them back
+    assert m.num_free_blocks == 4
+    m.free_sequence("d0")
+    m.add_sequence("e0", "e")
+    m.grow_prompt("e", 6 * 4)  # needs every block: the cached ones are evicted
+    assert m.num_cached_blocks == 0
+    m.free_sequence("e0")
+    m.add_sequence("f0", "f")
+    assert m.match_prefix("f", tokens) == 0
+
+
+def test_prefix_cache_off_matches_nothing():
+    m = KVBlockManager(6, 4)
+    m.add_sequence("a0", "a")
+    m.grow_prompt("a", 9)
+    m.cache_prompt("a", list(range(9)), 9)
+    m.add_sequence("b0", "b")
+    assert m.match_prefix("b", list(range(9))) == 0

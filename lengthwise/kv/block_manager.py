@@ -12,19 +12,25 @@ preempts a sequence with `free_sequence` and recomputes it later.
 
 from __future__ import annotations
 
-from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
 class BlockPool:
-    """A fixed set of block ids with reference counts. Block ids are `0 .. num_blocks - 1`."""
+    """A fixed set of block ids with reference counts. Block ids are `0 .. num_blocks - 1`.
+
+    Free blocks are kept in release order; `allocate` takes the longest-free first, so a freed
+    block that still holds a cached prompt prefix survives as long as possible (LRU eviction).
+    `reclaim` takes a specific free block back (a prefix-cache hit).
+    """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: dict[int, None] = dict.fromkeys(range(num_blocks))  # insertion-ordered set
         self._refs = [0] * num_blocks
+        self.on_evict: Callable[[int], None] | None = None
 
     @property
     def num_free(self) -> int:
@@ -37,10 +43,21 @@ class BlockPool:
         """`n` fresh blocks with a reference count of 1, or `None` (nothing taken) if too few are free."""
         if n > len(self._free):
             return None
-        blocks = [self._free.popleft() for _ in range(n)]
-        for b in blocks:
+        blocks = []
+        for _ in range(n):
+            b = next(iter(self._free))
+            del self._free[b]
             self._refs[b] = 1
+            if self.on_evict is not None:
+                self.on_evict(b)
+            blocks.append(b)
         return blocks
+
+    def reclaim(self, block: int) -> None:
+        """Take one reference to `block`, whether it is in use or free (then it leaves the free list)."""
+        if self._refs[block] == 0:
+            del self._free[block]
+        self._refs[block] += 1
 
     def retain(self, blocks: list[int]) -> None:
         """Add a reference to blocks that are already allocated."""
@@ -56,7 +73,7 @@ class BlockPool:
                 raise ValueError(f"block {b} is already free")
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self._free.append(b)
+                self._free[b] = None
 
 
 @dataclass
@@ -75,11 +92,17 @@ class KVBlockManager:
     exactly when the last sample of the request is freed.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        # Prefix cache: full prompt blocks by (parent key's hash, their tokens), chained from the
+        # first block, so a hit means the whole prefix up to and including that block is equal.
+        self.enable_prefix_caching = enable_prefix_caching
+        self._cached: dict[tuple[int, tuple[int, ...]], int] = {}
+        self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self.pool.on_evict = self._evict
         self._prompts: dict[str, Segment] = {}
         self._users: dict[str, set[str]] = {}
         self._responses: dict[str, Segment] = {}
@@ -125,6 +148,56 @@ class KVBlockManager:
     def grow_response(self, seq_id: str, num_tokens: int) -> bool:
         """Make the sequence's response segment hold `num_tokens` tokens. `False` if out of blocks."""
         return self._grow(self._responses[seq_id], num_tokens)
+
+    def match_prefix(self, request_id: str, tokens: Sequence[int]) -> int:
+        """Attach the cached blocks of the longest cached prefix of `tokens` (whole blocks, and never
+        the last token, whose logits must be computed) to the request's still empty prompt segment,
+        one reference per attached sample. Returns how many prompt tokens need no computing."""
+        users = self._users.get(request_id)
+        if not users:
+            raise ValueError(f"request {request_id!r} has no sequences attached")
+        prompt = self._prompts[request_id]
+        if not self.enable_prefix_caching or prompt.blocks:
+            return 0
+        matched = []
+        for key in self._keys(tokens, (len(tokens) - 1) // self.block_size):
+            block = self._cached.get(key)
+            if block is None:
+                break
+            matched.append(block)
+        for block in matched:
+            for _ in users:
+                self.pool.reclaim(block)
+        prompt.blocks.extend(matched)
+        prompt.num_tokens = len(matched) * self.block_size
+        return prompt.num_tokens
+
+    def cache_prompt(self, request_id: str, tokens: Sequence[int], num_computed: int) -> None:
+        """Offer the request's full prompt blocks within its first `num_computed` tokens (their keys
+        and values written) as prefixes for later requests. Freed, they stay cached until evicted."""
+        if not self.enable_prefix_caching:
+            return
+        blocks = self._prompts[request_id].blocks
+        for i, key in enumerate(self._keys(tokens, num_computed // self.block_size)):
+            if blocks[i] not in self._key_of and key not in self._cached:
+                self._cached[key] = blocks[i]
+                self._key_of[blocks[i]] = key
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
+    def _keys(self, tokens: Sequence[int], num_blocks: int):  # noqa: ANN202 (generator of keys)
+        bs, parent = self.block_size, 0
+        for i in range(num_blocks):
+            key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
+            yield key
+            parent = hash(key)
+
+    def _evict(self, block: int) -> None:
+        key = self._key_of.pop(block, None)
+        if key is not None:
+            del self._cached[key]
 
     def prompt_segment(self, request_id: str) -> Segment:
         return self._prompts[request_id]

@@ -1,0 +1,53 @@
+"""`EngineConfig`: how an engine instance is set up. Validated on construction; errors name the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings, with vLLM's names where vLLM has one.
+
+    `kv_cache_memory`: the KV cache's size, allocated once at start-up: an int is bytes, a float
+    in (0, 1] a fraction of the device's free memory, `None` the default (90% of free GPU memory;
+    on the CPU, the smaller of 4 GiB and half the available memory). The cache is never larger
+    than `max_num_seqs` full-length contexts need.
+    `max_num_batched_tokens`: the token budget of one forward pass; longer prompts are prefilled
+    in chunks of at most this many tokens.
+    `enable_prefix_caching`: full prompt blocks are kept (until their space is needed) and reused
+    by later requests whose prompts start with the same tokens, as vLLM's automatic prefix caching.
+    """
+
+    dtype: str = "auto"
+    device: str = "auto"
+    kv_cache_memory: int | float | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    policy: str = "fcfs"
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            _positive_int(name, getattr(self, name))
+        if self.max_model_len is not None:
+            _positive_int("max_model_len", self.max_model_len)
+        m = self.kv_cache_memory
+        if m is not None:
+            if isinstance(m, bool) or not isinstance(m, (int, float)):
+                raise ValueError(f"kv_cache_memory must be bytes (int) or a fraction (float), got {m!r}")
+            if isinstance(m, float) and not 0 < m <= 1:
+                raise ValueError(f"kv_cache_memory as a fraction must be in (0, 1], got {m}")
+            if isinstance(m, int) and m <= 0:
+                raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {m}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if not isinstance(self.policy, str) or not self.policy:
+            raise ValueError(f"policy must be a policy name, got {self.policy!r}")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

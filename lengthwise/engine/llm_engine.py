@@ -1,0 +1,250 @@
+"""`LLMEngine`: the step loop. Add requests, call `step()` until nothing is unfinished.
+
+One step = the scheduler plans which tokens run (continuing running requests, admitting waiting
+ones in the policy's order, preempting when the KV cache is full), the model runner runs them in
+one forward pass, and every chunk that ends a context samples a token for its sequences, which
+are detokenized and checked for stop conditions. Finished sequences free their blocks at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lengthwise.config import EngineConfig
+from lengthwise.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from lengthwise.engine.model_runner import ModelRunner
+from lengthwise.engine.outputs import RequestOutput
+from lengthwise.engine.sampler import make_generator, sample
+from lengthwise.kv.storage import KVCacheStorage
+from lengthwise.model import CausalLM, load_model
+from lengthwise.model.config import read_json
+from lengthwise.sampling_params import SamplingParams
+from lengthwise.sched import Scheduler, make_policy
+from lengthwise.sequence import Request, Sequence
+from lengthwise.tokenizer import Tokenizer
+
+CPU_DEFAULT_KV_BYTES = 4 << 30
+
+
+class LLMEngine:
+    """A model, its tokenizer, a KV cache and a scheduler, advanced one step at a time."""
+
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
+                 model_dir: str | Path | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.model, self.tokenizer = model, tokenizer
+        self.model_dir = None if model_dir is None else Path(model_dir)
+        mc = self.model.config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.eos_token_ids = frozenset(mc.eos_token_ids or (
+            () if self.tokenizer is None or self.tokenizer.eos_token_id is None else (self.tokenizer.eos_token_id,)))
+        self.num_blocks = self._plan_num_blocks()
+        self.scheduler = Scheduler(make_policy(config.policy), self.num_blocks, config.block_size,
+                                   config.max_num_seqs, config.max_num_batched_tokens,
+                                   enable_prefix_caching=config.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+        """Load the checkpoint (and its tokenizer.json, if any) in `model_dir` and build an engine on it."""
+        config = config or EngineConfig()
+        model_dir = Path(model_dir)
+        model = load_model(model_dir, config.dtype, config.device)
+        tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        return cls(model, tokenizer, config, model_dir)
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _plan_num_blocks(self) -> int:
+        c, mc = self.config, self.model.config
+        per_block = KVCacheStorage.bytes_per_block(mc.num_layers, c.block_size, mc.num_kv_heads, mc.head_dim,
+                                                   self.model.dtype)
+        budget = _kv_budget_bytes(c.kv_cache_memory, self.model.device)
+        blocks_per_seq = -(-self.max_model_len // c.block_size)
+        # More than every running sequence at full length would never be used.
+        num_blocks = min(budget // per_block, c.max_num_seqs * blocks_per_seq + c.max_num_seqs)
+        if num_blocks < blocks_per_seq:
+            raise ValueError(f"kv_cache_memory of {budget} bytes holds {num_blocks} blocks of {per_block} bytes, "
+                             f"fewer than the {blocks_per_seq} one {self.max_model_len}-token context needs; "
+                             f"raise kv_cache_memory or lower max_model_len")
+        return int(num_blocks)
+
+    def default_sampling_params(self) -> SamplingParams:
+        """vLLM's behaviour: the checkpoint's generation_config.json sets the sampling defaults."""
+        return SamplingParams(**generation_defaults(self.model_dir)) if self.model_dir else SamplingParams()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, arrival_time: float | None = None) -> Request:
+        """Tokenize (if text), validate and queue a request; returns its state."""
+        params = params or self.default_sampling_params()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text = None
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt is text but {self.model_dir} has no tokenizer.json; pass token ids")
+            text, prompt_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+        self._check_prompt(prompt_ids, request_id)
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} samples cannot run together under max_num_seqs="
+                             f"{self.config.max_num_seqs}; raise max_num_seqs or lower n")
+        max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
+        kv = self.scheduler.kv
+        need = kv.blocks_for(len(prompt_ids)) + params.n * kv.blocks_for(max_tokens)
+        if need > self.num_blocks:
+            raise ValueError(f"request {request_id!r} needs {need} KV blocks (prompt of {len(prompt_ids)} tokens, "
+                             f"n={params.n} x max_tokens={max_tokens}) but the cache has {self.num_blocks}; "
+                             f"raise kv_cache_memory or lower max_tokens or n")
+        request = Request(request_id, prompt_ids, params, time.monotonic() if arrival_time is None else arrival_time,
+                          max_tokens, prompt=text)
+        for seq in request.seqs:
+            self._init_sequence(seq)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request
+
+    def _check_prompt(self, ids: list[int], request_id: str) -> None:
+        if not ids:
+            raise ValueError(f"prompt of request {request_id!r} is empty: at least one token is needed")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt of request {request_id!r} is {len(ids)} tokens, which leaves no room to "
+                             f"generate within the context of {self.max_model_len} tokens (max_model_len)")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt of request {request_id!r} has token ids outside the vocabulary "
+                             f"[0, {vocab}): {bad[:5]}")
+
+    def _init_sequence(self, seq: Sequence) -> None:
+        p = seq.request.params
+        # Sample i of a seeded request draws from seed + i: reproducible alone or in any batch.
+        seq.state["generator"] = None if p.greedy else make_generator(
+            None if p.seed is None else p.seed + seq.index, self.model.device)
+        seq.state["text"] = ""
+        if p.logprobs is not None:
+            seq.state["logprobs"] = []
+        if p.detokenize and self.tokenizer is not None:
+            seq.state["detok"] = IncrementalDetokenizer(self.tokenizer, seq.request.prompt_ids,
+                                                        skip_special_tokens=p.skip_special_tokens)
+            if p.stop:
+                seq.state["stop"] = StopStringMatcher(p.stop, p.include_stop_str_in_output)
+        elif p.stop:
+            raise ValueError("stop strings need detokenize=True and a tokenizer")
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a waiting or running request; its KV blocks are freed at once. `False` if unknown or done."""
+        request = self.requests.get(request_id)
+        if request is None or not self.scheduler.abort(request):
+            return False
+        request.finish_time = time.monotonic()
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def pop_finished(self, request_id: str) -> RequestOutput:
+        """The final output of a finished request, forgetting the request."""
+        request = self.requests.pop(request_id)
+        return RequestOutput.from_request(request)
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Run one scheduling step and forward pass. Returns the requests that gained tokens or finished."""
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending")  # a bug, never expected
+            return []
+        logits = self.runner.run(plan.chunks, self.scheduler.kv)
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        for row, chunk in enumerate(c for c in plan.chunks if c.sample):
+            targets = chunk.request.active_seqs if chunk.seq is None else [chunk.seq]
+            rows.extend([row] * len(targets))
+            seqs.extend(targets)
+        if not seqs:
+            return []
+        if len(rows) != logits.shape[0]:
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        out = sample(logits, [s.request.params for s in seqs], [s.state["generator"] for s in seqs],
+                     [s.request.prompt_ids for s in seqs], [s.output_ids for s in seqs])
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq, token, lp in zip(seqs, out.token_ids, out.logprobs, strict=True):
+            self._append(seq, token, lp, now)
+            touched[seq.request.request_id] = seq.request
+        return list(touched.values())
+
+    def _append(self, seq: Sequence, token: int, logprobs: Any, now: float) -> None:
+        request, p = seq.request, seq.request.params
+        seq.output_ids.append(token)
+        if request.first_token_time is None:
+            request.first_token_time = now
+        if logprobs is not None:
+            seq.state["logprobs"].append(logprobs)
+        reason = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"
+        detok = seq.state.get("detok")
+        cut = False  # a stop string ended the text: nothing after it belongs to the output
+        if detok is not None:
+            new = detok.add(token)  # a special stop token adds no text when skip_special_tokens
+            text = seq.state["text"] + new
+            matcher = seq.state.get("stop")
+            if matcher is not None and new:
+                hit = matcher.check(text, len(new))
+                if hit is not None:
+                    text, reason, cut = text[:hit], "stop", True
+            seq.state["text"] = text
+        if reason is None and len(seq.output_ids) >= request.max_tokens:
+            reason = "length"
+        if reason is not None and detok is not None and not cut:
+            seq.state["text"] += detok.flush()  # text held back for an unfinished character
+        if reason is not None:
+            self.scheduler.finish_sequence(seq, reason)
+            if request.finished:
+                request.finish_time = now
+
+
+def _kv_budget_bytes(memory: int | float | None, device: torch.device) -> int:
+    if isinstance(memory, int):
+        return memory
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * (0.9 if memory is None else memory))
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if memory is None:
+        return min(CPU_DEFAULT_KV_BYTES, available // 2)
+    return int(available * memory)
+
+
+def generation_defaults(model_dir: Path) -> dict[str, float | int]:
+    """Sampling defaults from generation_config.json, as transformers' generate() applies them:
+    greedy unless `do_sample`; when sampling, temperature 1.0, top_p 1.0 and top_k 50 unless set."""
+    path = Path(model_dir) / "generation_config.json"
+    gen = read_json(path) if path.is_file() else {}
+    if not gen.get("do_sample"):
+        return {"temperature": 0.0}
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": 0.0}
+    out: dict[str, float | int] = {}
+    for key, default in defaults.items():
+        value = gen.get(key)
+        out[key] = type(default)(default if value is None else value)
+    return out

@@ -1,0 +1,227 @@
+"""The step scheduler: which tokens of which sequences run in the next forward pass.
+
+Each step it first continues the running requests (decodes, unfinished prefill chunks, the
+recomputation of preempted sequences), then admits waiting requests in the order the policy
+offers them, all within a token budget (`max_num_batched_tokens`) and a sequence limit
+(`max_num_seqs`). A long prompt is prefilled in chunks across steps. When the KV cache runs out
+of blocks, the policy names a running request to preempt; its blocks are freed and it waits
+again, to be recomputed later: nothing is dropped and nothing crashes.
+
+Progress counters (`Request.num_prompt_computed`, `Sequence.num_computed`) advance here, when a
+chunk is scheduled; the engine only appends the tokens it samples. Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lengthwise.kv.block_manager import KVBlockManager
+from lengthwise.sched.policy import SchedulerView, SchedulingPolicy
+from lengthwise.sequence import Request, RequestStatus, Sequence
+
+
+@dataclass
+class ScheduledChunk:
+    """Tokens `start:end` of one segment, fed in this step.
+
+    `seq is None`: a chunk of the request's prompt, written to its prompt segment. Otherwise
+    tokens of `seq.output_ids`, written to that sequence's response segment. `sample`: the
+    chunk ends the context, so the logits at its last token are sampled from (once per waiting
+    sequence of the request for a prompt chunk).
+    """
+
+    request: Request
+    seq: Sequence | None
+    start: int
+    end: int
+    sample: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    """Token-budgeted continuous batching over a `KVBlockManager`, ordered by a `SchedulingPolicy`."""
+
+    def __init__(self, policy: SchedulingPolicy, num_blocks: int, block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int, clock: Callable[[], float] = time.monotonic,
+                 enable_prefix_caching: bool = False) -> None:
+        if max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
+        if max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {max_num_batched_tokens}")
+        self.policy = policy
+        self.clock = clock
+        self.kv = KVBlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        # Admission keeps a little headroom so running sequences can grow before anyone is preempted.
+        self.watermark_blocks = max(1, num_blocks // 100)
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    # -- requests in and out -------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a new request. The caller has checked that it fits the cache on its own."""
+        request.status = RequestStatus.WAITING
+        self.policy.add(request)
+
+    def abort(self, request: Request) -> bool:
+        """Stop a waiting or running request and free its blocks now. `False` if already finished."""
+        if request.status is RequestStatus.FINISHED:
+            return False
+        if request.status is RequestStatus.WAITING:
+            self.policy.remove(request)
+        for seq in request.active_seqs:
+            seq.finish_reason = "abort"
+        self._release(request)
+        return True
+
+    def finish_sequence(self, seq: Sequence, reason: str) -> None:
+        """End one sequence (its response blocks are freed now); the request ends with its last one."""
+        seq.finish_reason = reason
+        self.kv.free_sequence(seq.seq_id)
+        if seq.request.finished:
+            self._release(seq.request)
+
+    def _release(self, request: Request) -> None:
+        for seq in request.seqs:
+            self.kv.free_sequence(seq.seq_id)
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+            self.policy.finished(request)
+        request.status = RequestStatus.FINISHED
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.policy)
+
+    @property
+    def num_running_seqs(self) -> int:
+        return sum(len(r.active_seqs) for r in self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.running) or len(self.policy) > 0
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next forward pass; advances the computed-token counters of what it schedules."""
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            chunks = self._plan(request, budget)
+            while chunks is None:  # out of blocks: someone at or after `request` in priority yields
+                victim = self.policy.victim(self.running[i:])
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+                chunks = self._plan(request, budget)
+            if chunks is None:
+                continue  # `request` itself was preempted; `i` now points at the next one
+            budget -= self._apply(chunks, out)
+            i += 1
+        self._admit(out, budget)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        num_seqs = self.num_running_seqs
+        view = SchedulerView(now=self.clock(), num_running_requests=len(self.running), num_running_seqs=num_seqs,
+                             num_free_blocks=self.kv.num_free_blocks, num_blocks=self.kv.pool.num_blocks,
+                             seq_slots=self.max_num_seqs - num_seqs)
+        for request in self.policy.candidates(view):
+            if budget <= 0:
+                break
+            seqs = request.active_seqs
+            if num_seqs + len(seqs) > self.max_num_seqs:
+                break
+            for seq in seqs:
+                self.kv.add_sequence(seq.seq_id, request.request_id)
+            cached = self.kv.match_prefix(request.request_id, request.prompt_ids)
+            # The rest of the prompt (and a first response block per sample) must fit beside the
+            # headroom, or admitting it now would only preempt someone a few steps later.
+            need = (self.kv.blocks_for(request.prompt_len) - cached // self.kv.block_size
+                    + sum(self.kv.blocks_for(len(s.output_ids) + 1) for s in seqs))
+            headroom = self.watermark_blocks if self.running else 0
+            chunks = None
+            if self.kv.num_free_blocks - need >= headroom:
+                request.num_prompt_computed = request.num_cached_tokens = cached
+                chunks = self._plan(request, budget)
+            if chunks is None:
+                request.num_prompt_computed = 0
+                for seq in seqs:
+                    self.kv.free_sequence(seq.seq_id)
+                break
+            self.policy.admitted(request)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            num_seqs += len(seqs)
+            budget -= self._apply(chunks, out)
+
+    def _plan(self, request: Request, budget: int) -> list[ScheduledChunk] | None:
+        """The request's chunks for this step, with their blocks allocated; `None` if blocks ran out.
+        Counters are not touched, so a failed plan can simply be retried after a preemption."""
+        chunks: list[ScheduledChunk] = []
+        if not request.prompt_done:
+            start = request.num_prompt_computed
+            end = start + min(budget, request.prompt_len - start)
+            if not self.kv.grow_prompt(request.request_id, end):
+                return None
+            # A fresh request samples its first tokens from the prompt's last logits; a recomputed
+            # one already has them and re-feeds its outputs once the prompt is back.
+            fresh = end == request.prompt_len and not any(s.output_ids for s in request.seqs)
+            chunks.append(ScheduledChunk(request, None, start, end, sample=fresh))
+            budget -= end - start
+            if end < request.prompt_len or fresh:
+                return chunks
+        for seq in request.active_seqs:
+            if budget <= 0:
+                break
+            if seq.num_pending == 0:
+                continue
+            end = seq.num_computed + min(budget, seq.num_pending)
+            if not self.kv.grow_response(seq.seq_id, end):
+                return None
+            chunks.append(ScheduledChunk(request, seq, seq.num_computed, end, sample=end == len(seq.output_ids)))
+            budget -= end - seq.num_computed
+        return chunks
+
+    def _apply(self, chunks: list[ScheduledChunk], out: SchedulerOutput) -> int:
+        used = 0
+        for c in chunks:
+            if c.seq is None:
+                c.request.num_prompt_computed = c.end
+                self.kv.cache_prompt(c.request.request_id, c.request.prompt_ids, c.end)
+            else:
+                c.seq.num_computed = c.end
+            used += c.num_tokens
+        out.chunks.extend(chunks)
+        return used
+
+    def _preempt(self, request: Request) -> None:
+        for seq in request.seqs:
+            self.kv.free_sequence(seq.seq_id)
+            seq.num_computed = 0
+        request.num_prompt_computed = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.running.remove(request)
+        request.status = RequestStatus.WAITING
+        self.policy.preempted(request)

@@ -1,0 +1,238 @@
+"""The continuous-batching engine end to end: batching, preemption, sharing, seeds, abort, validation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import STORIES, requires_stories
+
+from lengthwise import LLM, SamplingParams
+from lengthwise.config import EngineConfig
+from lengthwise.engine.llm import run_to_completion
+from lengthwise.engine.llm_engine import LLMEngine
+from lengthwise.kv.storage import KVCacheStorage
+from lengthwise.model import load_model
+
+
+@pytest.fixture(scope="module")
+def llama(hf_checkpoint):
+    """(transformers model, lengthwise float32 model) of the tiny random Llama."""
+    hf, path = hf_checkpoint("llama")
+    return hf, load_model(path, "float32", "cpu")
+
+
+def _engine(model, **config) -> LLMEngine:
+    return LLMEngine(model, None, EngineConfig(**config))
+
+
+def _prompts(n: int, seed: int = 0, vocab: int = 320, max_len: int = 60) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(1, max_len))] for _ in range(n)]
+
+
+def _tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _block_bytes(model, block_size: int = 16) -> int:
+    c = model.config
+    return KVCacheStorage.bytes_per_block(c.num_layers, block_size, c.num_kv_heads, c.head_dim, model.dtype)
+
+
+def test_greedy_matches_transformers(llama):
+    hf, model = llama
+    prompts = _prompts(4, seed=1)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = run_to_completion(_engine(model), prompts, [params] * 4)
+    for p, got in zip(prompts, _tokens(outs), strict=True):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert got == ref[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("tight_cache", [False, True], ids=["roomy", "preempting"])
+def test_64_mixed_prompts_batched_equal_each_alone(llama, tight_cache):
+    _, model = llama
+    prompts = _prompts(64, seed=2)
+    rng = random.Random(3)
+    params = [SamplingParams(max_tokens=rng.randint(1, 24), temperature=0, ignore_eos=True) for _ in prompts]
+    alone = [_tokens(run_to_completion(_engine(model, max_num_seqs=1), [p], [sp]))[0]
+             for p, sp in zip(prompts, params, strict=True)]
+    # 20 blocks of 16 tokens hold a few sequences at a time: the 64 requests must preempt each other.
+    config = dict(kv_cache_memory=20 * _block_bytes(model)) if tight_cache else {}
+    engine = _engine(model, max_num_batched_tokens=256, **config)
+    batched = _tokens(run_to_completion(engine, prompts, params))
+    assert batched == alone
+    assert [len(t) for t in batched] == [sp.max_tokens for sp in params]
+    if tight_cache:
+        assert engine.num_blocks == 20
+        assert engine.scheduler.num_preemptions > 0
+    assert engine.scheduler.kv.num_free_blocks == engine.num_blocks
+
+
+def test_chunked_prefill_gives_the_same_tokens(llama):
+    _, model = llama
+    prompts = _prompts(6, seed=4, max_len=120)
+    params = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)] * 6
+    whole = _tokens(run_to_completion(_engine(model), prompts, params))
+    chunked_engine = _engine(model, max_num_batched_tokens=7)
+    assert _tokens(run_to_completion(chunked_engine, prompts, params)) == whole
+
+
+def test_n_samples_store_the_prompt_once(llama):
+    _, model = llama
+    engine = _engine(model, block_size=4)
+    prompt = _prompts(1, seed=5, max_len=40)[0]
+    prompt = (prompt * 3)[:30]  # 30 tokens: 8 blocks of 4
+    engine.add_request(prompt, SamplingParams(n=4, max_tokens=10, temperature=1.0, seed=1, ignore_eos=True), "r")
+    kv = engine.scheduler.kv
+    engine.step()  # prefill: the prompt once, then a first token for each sample
+    prompt_blocks = kv.prompt_segment("r").blocks
+    assert len(prompt_blocks) == 8
+    assert engine.num_blocks - kv.num_free_blocks == 8
+    assert all(kv.pool.refcount(b) == 4 for b in prompt_blocks)
+    engine.step()  # each sample's first response block
+    assert engine.num_blocks - kv.num_free_blocks == 8 + 4
+    while engine.has_unfinished_requests():
+        engine.step()
+    out = engine.pop_finished("r")
+    assert [len(c.token_ids) for c in out.outputs] == [10] * 4
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1  # samples differ (seed + index)
+    assert kv.num_free_blocks == engine.num_blocks
+
+
+def test_seeded_sample_is_the_same_alone_and_in_a_batch_of_32(llama):
+    _, model = llama
+    prompts = _prompts(32, seed=6)
+    rng = random.Random(7)
+    params = [SamplingParams(max_tokens=rng.randint(4, 20), temperature=rng.choice([0.0, 0.7, 1.0]),
+                             top_p=rng.choice([1.0, 0.9]), top_k=rng.choice([0, 20]), seed=rng.randrange(1000),
+                             ignore_eos=True) for _ in prompts]
+    target = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+    params[17] = target
+    alone = _tokens(run_to_completion(_engine(model), [prompts[17]], [target]))[0]
+    batched = _tokens(run_to_completion(_engine(model, max_num_batched_tokens=64), prompts, params))
+    assert batched[17] == alone
+    again = _tokens(run_to_completion(_engine(model), [prompts[17]], [target]))[0]
+    assert again == alone
+    other = _tokens(run_to_completion(_engine(model), [prompts[17]], [SamplingParams(
+        max_tokens=16, temperature=0.9, top_p=0.95, seed=4321, ignore_eos=True)]))[0]
+    assert other != alone
+
+
+def test_abort_frees_every_block(llama):
+    _, model = llama
+    engine = _engine(model, max_num_seqs=4)
+    ids = [engine.add_request(p, SamplingParams(max_tokens=50, n=2, ignore_eos=True)).request_id
+           for p in _prompts(6, seed=8)]
+    for _ in range(3):
+        engine.step()
+    kv = engine.scheduler.kv
+    assert kv.num_free_blocks < engine.num_blocks
+    assert engine.scheduler.num_waiting > 0  # some still waiting, some running
+    for rid in ids:
+        assert engine.abort_request(rid)
+    assert kv.num_free_blocks == engine.num_blocks
+    assert not engine.has_unfinished_requests()
+    out = engine.pop_finished(ids[0])
+    assert out.finished and {c.finish_reason for c in out.outputs} == {"abort"}
+    assert not engine.abort_request(ids[1])  # already finished
+
+
+def test_engine_validation_names_the_problem(llama):
+    _, model = llama
+    engine = _engine(model)
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request(list(range(3, 259)), SamplingParams())
+    with pytest.raises(ValueError, match="outside"):
+        engine.add_request([5, 320], SamplingParams())
+    with pytest.raises(ValueError, match="no tokenizer"):
+        engine.add_request("text", SamplingParams())
+    engine.add_request([5], SamplingParams(), "dup")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request([5], SamplingParams(), "dup")
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        _engine(model, kv_cache_memory=100)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        _engine(model, max_num_seqs=2).add_request([5], SamplingParams(n=3))
+    small = _engine(model, kv_cache_memory=17 * _block_bytes(model))  # 16 blocks: one 256-token context
+    with pytest.raises(ValueError, match="KV blocks"):
+        small.add_request([5] * 10, SamplingParams(n=4, max_tokens=200))
+    for bad in (dict(max_num_seqs=0), dict(max_num_batched_tokens=-1), dict(kv_cache_memory=1.5),
+                dict(block_size="16"), dict(policy="")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EngineConfig(**bad)
+
+
+def test_llm_api_text_prompts_chat_and_outputs(default_model):
+    llm = LLM(default_model, dtype="float32", device="cpu", max_num_seqs=8)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outs = llm.generate(["the sun and the sea", "a word"], params, use_tqdm=False)
+    assert [o.prompt for o in outs] == ["the sun and the sea", "a word"]
+    for o in outs:
+        c = o.outputs[0]
+        assert o.finished and c.finish_reason == "length" and len(c.token_ids) == 6
+        assert c.text == llm.tokenizer.decode(c.token_ids)
+        assert o.prompt_token_ids == llm.tokenizer.encode(o.prompt)
+        m = o.metrics
+        assert m.arrival_time <= m.first_token_time <= m.finish_time
+    by_ids = llm.generate([{"prompt_token_ids": outs[0].prompt_token_ids}], params, use_tqdm=False)
+    assert by_ids[0].outputs[0].token_ids == outs[0].outputs[0].token_ids
+    chat = llm.chat([{"role": "user", "content": "hello there"}], params, use_tqdm=False)
+    assert chat[0].prompt_token_ids == llm.tokenizer.encode_chat([{"role": "user", "content": "hello there"}])
+    with pytest.raises(ValueError, match="unknown LLM argument"):
+        LLM(default_model, max_num_sequences=3)
+    with pytest.raises(ValueError, match="2 entries for 1 prompts"):
+        llm.generate(["x"], [params, params], use_tqdm=False)
+    assert not llm.engine.requests  # nothing left queued after the failed call
+
+
+def test_logprobs_and_stop_strings_through_the_engine(default_model):
+    llm = LLM(default_model, dtype="float32", device="cpu")
+    base = llm.generate(["the sun and the sea"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    words = base.text.split()
+    assert len(words) >= 4
+    stop = " " + words[2]
+    cut = llm.generate(["the sun and the sea"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                                                stop=[stop], logprobs=3), use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == base.text[:base.text.index(stop)]
+    assert len(cut.logprobs) == len(cut.token_ids)
+    assert all(len(lp.top) == 3 and lp.rank >= 1 for lp in cut.logprobs)
+
+
+@requires_stories
+def test_stories260k_batched_equals_unbatched():
+    llm = LLM(STORIES, dtype="float32", device="cpu")
+    prompts = ["Once upon a time", "Lily wanted to", "The dog ran to the", "One day, a big bird", "Tom"]
+    greedy = SamplingParams(max_tokens=400, temperature=0.0)
+    sampled = SamplingParams(max_tokens=80, temperature=0.8, top_p=0.9, seed=11)
+    for params in (greedy, sampled):
+        batched = llm.generate(prompts, params, use_tqdm=False)
+        for p, b in zip(prompts, batched, strict=True):
+            alone = llm.generate([p], params, use_tqdm=False)[0].outputs[0]
+            assert alone.token_ids == b.outputs[0].token_ids
+            assert alone.text == b.outputs[0].text
+    assert any(o.outputs[0].finish_reason == "stop" for o in llm.generate(prompts, greedy, use_tqdm=False))
+
+
+def test_prefix_caching_reuses_a_shared_prompt_prefix_without_changing_outputs(llama):
+    _, model = llama
+    shared = _prompts(1, seed=9, max_len=60)[0]
+    shared = (shared * 3)[:40]
+    prompts = [shared + tail for tail in _prompts(3, seed=10, max_len=10)]
+    params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)] * 3
+    off = _tokens(run_to_completion(_engine(model, enable_prefix_caching=False), prompts, params))
+    engine = _engine(model)
+    first = run_to_completion(engine, prompts[:1], params[:1])
+    rest = run_to_completion(engine, prompts[1:], params[1:])
+    assert _tokens(first + rest) == off
+    # 40 shared tokens = 2 whole blocks of 16 found in the cache for each later request.
+    assert first[0].num_cached_tokens == 0
+    assert [r.num_cached_tokens for r in rest] == [32, 32]
+    assert engine.scheduler.kv.num_free_blocks == engine.num_blocks
