@@ -6,12 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from lengthwise.engine import generate
-from lengthwise.model import CheckpointError, load_model
-from lengthwise.model.config import read_json
+from lengthwise.engine import LLM
+from lengthwise.engine.llm_engine import generation_defaults
+from lengthwise.model import CheckpointError
 from lengthwise.model.default import default_model_dir
 from lengthwise.sampling_params import SamplingParams
-from lengthwise.tokenizer import Tokenizer
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -27,26 +26,27 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible output")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt, sharing one prompt KV segment (default 1)")
+    p.add_argument("--stop", action="append", default=None, help="stop string; repeat for several")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message, with --chat")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--kv-cache-memory", type=_kv_memory, default=None,
+                   help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together at most (default 256)")
     p.set_defaults(func=_cmd_generate)
 
 
-def generation_defaults(model_dir: Path) -> dict[str, float | int]:
-    """Sampling defaults from generation_config.json, as transformers' generate() applies them:
-    greedy unless `do_sample`; when sampling, temperature 1.0, top_p 1.0 and top_k 50 unless set."""
-    path = model_dir / "generation_config.json"
-    gen = read_json(path) if path.is_file() else {}
-    if not gen.get("do_sample"):
-        return {"temperature": 0.0}
-    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": 0.0}
-    out: dict[str, float | int] = {}
-    for key, default in defaults.items():
-        value = gen.get(key)
-        out[key] = type(default)(default if value is None else value)
-    return out
+def _kv_memory(text: str) -> int | float:
+    """`--kv-cache-memory`: bytes (`4000000000`, `4GiB`, `512MiB`) or a fraction of free memory (`0.5`)."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    t = text.strip().lower()
+    for suffix, scale in units.items():
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * scale)
+    value = float(t)
+    return value if "." in t else int(value)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -54,37 +54,45 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not args.model:
         print(f"[lengthwise] no MODEL_DIR given: using the built-in random-initialised model at {model_dir}",
               file=sys.stderr)
-    model = load_model(model_dir, args.dtype, args.device)
-    tokenizer = Tokenizer(model_dir)
+    llm = LLM(model_dir, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+              max_num_seqs=args.max_num_seqs)
+    tokenizer = llm.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer.json, so text prompts cannot be encoded")
     sampling = generation_defaults(model_dir)
     for name in ("temperature", "top_p", "top_k"):
         if getattr(args, name) is not None:
             sampling[name] = getattr(args, name)
-    # A checkpoint without end tokens in its configs still stops at the tokenizer's EOS.
-    stop_ids = () if model.config.eos_token_ids or tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
-    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, stop_token_ids=stop_ids, **sampling)
+    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, n=args.n, stop=args.stop, **sampling)
     if params.greedy and (args.top_p is not None or args.top_k is not None or args.seed is not None):
         print("[lengthwise] warning: decoding is greedy (temperature 0), so --top-p/--top-k/--seed have no "
               "effect; pass --temperature to sample", file=sys.stderr)
     if args.chat:
-        def to_messages(text: str) -> list[dict[str, str]]:
-            system = [{"role": "system", "content": args.system}] if args.system else []
-            return [*system, {"role": "user", "content": text}]
-        prompts = [tokenizer.encode_chat(to_messages(t)) for t in args.prompt]
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        outputs = llm.chat([[*system, {"role": "user", "content": t}] for t in args.prompt], params,
+                           use_tqdm=len(args.prompt) > 1)
     else:
-        prompts = [tokenizer.encode(t) for t in args.prompt]
-    outputs = generate(model, prompts, params)
+        outputs = llm.generate(args.prompt, params, use_tqdm=len(args.prompt) > 1)
     for i, out in enumerate(outputs):
-        if len(outputs) > 1:
-            print(f"--- [{i}] {args.prompt[i]!r} ({out.finish_reason}, {len(out.token_ids)} tokens)")
-        print(tokenizer.decode(out.token_ids))
+        for c in out.outputs:
+            if len(outputs) > 1 or len(out.outputs) > 1:
+                label = f"{i}.{c.index}" if len(out.outputs) > 1 else f"{i}"
+                print(f"--- [{label}] {args.prompt[i]!r} ({c.finish_reason}, {len(c.token_ids)} tokens)")
+            print(c.text)
     return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from lengthwise.bench.throughput import add_parser
+
+    add_parser(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lengthwise", description="Length-aware LLM inference engine.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,13 +58,19 @@ def default_cache_dir() -> Path:
 def default_model_dir(seed: int = 0, cache_dir: str | Path | None = None) -> Path:
     """Path of the default model for `seed`, building it first if it is not cached yet."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / f"random-llama-v{FORMAT_VERSION}-seed{seed}"
+    return build_once(cache / f"random-llama-v{FORMAT_VERSION}-seed{seed}", lambda out: write_random_llama(out, seed))
+
+
+def build_once(target: Path, write: Callable[[Path], None]) -> Path:
+    """Return checkpoint directory `target`, first writing it with `write(dir)` if it is not there.
+    The files are written to a temporary directory renamed into place, so concurrent builders never
+    see a half-written checkpoint."""
     if (target / "model.safetensors").is_file():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        write_random_llama(tmp, seed)
+        write(tmp)
         tmp.chmod(0o755)
         try:
             tmp.rename(target)

@@ -1,0 +1,1 @@
+"""Benchmarks: model presets, workloads, the throughput harness (`lengthwise bench throughput`) and its report."""
