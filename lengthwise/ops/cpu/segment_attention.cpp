@@ -17,7 +17,7 @@ namespace {
 
 constexpr int kMaxHeads = 128;   // query heads
 constexpr int kMaxHeadDim = 256;
-constexpr int kMaxTile = 64;     // keys per softmax update (at most one block)
+constexpr int kMaxTile = 32;     // keys per softmax update (at most one block)
 
 struct Args {
   const float* q; const float* k; const float* v; float* out;
@@ -49,7 +49,7 @@ void attend(const Args& a, int t, int b, int h0, int h1) {
 
   alignas(64) float q[kMaxHeads][kMaxHeadDim];
   alignas(64) float acc[kMaxHeads][kMaxHeadDim];
-  alignas(64) float s[kMaxTile];
+  alignas(64) float s[kMaxHeads][kMaxTile];
   float m[kMaxHeads], l[kMaxHeads];
   for (int h = 0; h < nh; ++h) {
     const float* src = a.q + (int64_t(t) * a.heads + h0 * G + h) * D;
@@ -67,30 +67,36 @@ void attend(const Args& a, int t, int b, int h0, int h1) {
     const int within = off % bs;
     const int n = std::min({bs - within, seg_end - off, kMaxTile});
     const int64_t slot = int64_t(table[off / bs]) * bs + within;
+    // Scores for the whole tile, key by key: each key's heads are one contiguous row of the cache.
+    const float* kt = a.k + slot * row_stride + int64_t(h0) * D;
+    const float* vt = a.v + slot * row_stride + int64_t(h0) * D;
+    for (int i = 0; i < n; ++i) {
+      const float* ki = kt + i * row_stride;
+      for (int h = 0; h < nh; ++h) s[h][i] = dot(q[h], ki + (h / G) * D, D);
+    }
     for (int h = 0; h < nh; ++h) {
-      const int64_t head_off = int64_t(h0 + h / G) * D;
-      const float* kp = a.k + slot * row_stride + head_off;
-      const float* vp = a.v + slot * row_stride + head_off;
       float tile_max = -1e30f;
-      for (int i = 0; i < n; ++i) {
-        s[i] = dot(q[h], kp + i * row_stride, D);
-        tile_max = std::max(tile_max, s[i]);
-      }
+      for (int i = 0; i < n; ++i) tile_max = std::max(tile_max, s[h][i]);
       const float new_m = std::max(m[h], tile_max);
       const float correction = std::exp(m[h] - new_m);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-      for (int i = 0; i < n; ++i) { s[i] = std::exp(s[i] - new_m); sum += s[i]; }
+      for (int i = 0; i < n; ++i) { s[h][i] = std::exp(s[h][i] - new_m); sum += s[h][i]; }
       l[h] = l[h] * correction + sum;
       m[h] = new_m;
       float* acch = acc[h];
 #pragma omp simd
       for (int d = 0; d < D; ++d) acch[d] *= correction;
-      for (int i = 0; i < n; ++i) {
-        const float w = s[i];
-        const float* vi = vp + i * row_stride;
+    }
+    // Values, key by key again, in memory order.
+    for (int i = 0; i < n; ++i) {
+      const float* vi = vt + i * row_stride;
+      for (int h = 0; h < nh; ++h) {
+        const float w = s[h][i];
+        const float* vh = vi + (h / G) * D;
+        float* acch = acc[h];
 #pragma omp simd
-        for (int d = 0; d < D; ++d) acch[d] += w * vi[d];
+        for (int d = 0; d < D; ++d) acch[d] += w * vh[d];
       }
     }
     p += n;
