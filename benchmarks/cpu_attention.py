@@ -1,0 +1,78 @@
+"""Decode attention on the CPU: the C++ segment kernel against the torch reference, same inputs.
+
+    .venv/bin/python benchmarks/cpu_attention.py [--batch 256] [--threads 2]
+
+A decode step of `--batch` rows (llama-100m's attention shape: 12 heads of 64, no GQA), each with
+a prompt segment and a response segment of random lengths in scattered 16-token blocks. Prints the
+time per layer call of each backend and the K/V bytes read per second (each context's keys and
+values read once, the minimum any exact kernel must read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from lengthwise.ops import AttentionMetadata, paged_attention
+
+
+def _case(batch: int, heads: int, kv_heads: int, dim: int, bs: int, max_prompt: int, max_resp: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    lens = [(int(torch.randint(1, max_prompt, (1,), generator=g)), int(torch.randint(0, max_resp, (1,), generator=g)))
+            for _ in range(batch)]
+    need = sum(-(-p // bs) + -(-r // bs) for p, r in lens)
+    k, v = torch.randn(2, need * bs, kv_heads, dim, generator=g)
+    blocks = torch.randperm(need, generator=g).tolist()
+    p_tab = [[blocks.pop() for _ in range(-(-p // bs))] for p, _ in lens]
+    r_tab = [[blocks.pop() for _ in range(-(-r // bs))] for _, r in lens]
+
+    def pad(t):
+        w = max(1, max(map(len, t)))
+        return torch.tensor([x + [0] * (w - len(x)) for x in t])
+
+    meta = AttentionMetadata(list(range(batch + 1)), torch.zeros(0, dtype=torch.long), bs, pad(p_tab),
+                             [p for p, _ in lens], pad(r_tab), [r for _, r in lens])
+    q = torch.randn(batch, heads, dim, generator=g)
+    positions = torch.tensor([p + r - 1 for p, r in lens])
+    kv_bytes = sum(p + r for p, r in lens) * kv_heads * dim * 4 * 2
+    return q, k, v, positions, meta, kv_bytes
+
+
+def _time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--max-prompt", type=int, default=300)
+    ap.add_argument("--max-response", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    q, k, v, pos, meta, kv_bytes = _case(args.batch, 12, 12, 64, 16, args.max_prompt, args.max_response, 0)
+    print(f"decode attention, batch {args.batch}, 12 heads x 64, {kv_bytes / 1e6:.0f} MB of K/V, "
+          f"{args.threads} threads")
+    print(f"{'backend':<12} {'ms/layer':>9} {'GB/s':>7}")
+    results = {}
+    for backend in ("torch", "auto"):
+        os.environ["LENGTHWISE_KERNELS"] = backend
+        dt = _time(lambda: paged_attention(q, k, v, pos, meta, 0.125), args.repeats)
+        results[backend] = dt
+        name = "reference" if backend == "torch" else "cpu-kernel"
+        print(f"{name:<12} {dt * 1e3:>9.2f} {kv_bytes / dt / 1e9:>7.1f}")
+    print(f"speed-up of the kernel over the reference: {results['torch'] / results['auto']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
