@@ -1,8 +1,9 @@
-"""The `lengthwise` command line: `lengthwise generate [MODEL_DIR] --prompt TEXT ...`."""
+"""The `lengthwise` command line: `lengthwise generate | bench | predictor ...`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,7 +36,31 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory", type=_kv_memory, default=None,
                    help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together at most (default 256)")
+    add_policy_arguments(p)
+    p.add_argument("--length-predictor", default=None,
+                   help="predict each response's length first: a predictor directory, 'self' or 'self:DIR'")
     p.set_defaults(func=_cmd_generate)
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    """`--policy NAME` and repeatable `--policy-option KEY=VALUE` (values parsed as JSON if they can be)."""
+    p.add_argument("--policy", default="fcfs",
+                   help="scheduling policy: fcfs (= continuous), continuous-sjf, static, sequence, multibin")
+    p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy option, e.g. fcr=continue, batch_size=16, bins=4 (repeat for several)")
+
+
+def parse_policy_options(items: list[str]) -> dict[str, object]:
+    options: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--policy-option must be KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value  # a bare word: fcr=continue
+    return options
 
 
 def _kv_memory(text: str) -> int | float:
@@ -55,7 +80,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"[lengthwise] no MODEL_DIR given: using the built-in random-initialised model at {model_dir}",
               file=sys.stderr)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-              max_num_seqs=args.max_num_seqs)
+              max_num_seqs=args.max_num_seqs, length_predictor=args.length_predictor, policy=args.policy,
+              policy_options=parse_policy_options(args.policy_option))
     tokenizer = llm.tokenizer
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer.json, so text prompts cannot be encoded")
@@ -74,6 +100,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         outputs = llm.generate(args.prompt, params, use_tqdm=len(args.prompt) > 1)
     for i, out in enumerate(outputs):
+        if out.predicted_length is not None:
+            actual = max(len(c.token_ids) for c in out.outputs)
+            print(f"[lengthwise] prompt {i}: predicted length {out.predicted_length:.0f} tokens, generated {actual}",
+                  file=sys.stderr)
         for c in out.outputs:
             if len(outputs) > 1 or len(out.outputs) > 1:
                 label = f"{i}.{c.index}" if len(out.outputs) > 1 else f"{i}"
@@ -83,7 +113,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from lengthwise.bench.throughput import add_parser
+    from lengthwise.bench import predictors, schedule, throughput
+
+    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    throughput.add_subcommand(bench_sub)
+    predictors.add_subcommand(bench_sub)
+    schedule.add_subcommand(bench_sub)
+
+
+def _add_predictor(sub: argparse._SubParsersAction) -> None:
+    from lengthwise.predict.commands import add_parser
 
     add_parser(sub)
 
@@ -93,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)
+    _add_predictor(sub)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,12 @@ class EngineConfig:
     in chunks of at most this many tokens.
     `enable_prefix_caching`: full prompt blocks are kept (until their space is needed) and reused
     by later requests whose prompts start with the same tokens, as vLLM's automatic prefix caching.
+    `policy`/`policy_options`: the scheduling policy by name (`fcfs`/`continuous`,
+    `continuous-sjf`, `static`, `sequence`, `multibin`) and its keyword options.
+    `length_predictor`: a saved predictor directory, `"oracle"`, `"self"` or `"self:DIR"`, or a
+    `LengthPredictor`; every request gets a predicted length before it is scheduled.
+    `record_lengths`: a JSONL file to which each finished request appends its prompt, the
+    model's hidden state at the end of prefill and its real length (the probe's training data).
     """
 
     dtype: str = "auto"
@@ -28,6 +35,9 @@ class EngineConfig:
     max_model_len: int | None = None
     policy: str = "fcfs"
     enable_prefix_caching: bool = True
+    policy_options: dict[str, Any] | None = None
+    length_predictor: Any = None
+    record_lengths: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

@@ -63,10 +63,14 @@ class Request:
     max_tokens: int                      # params.max_tokens clipped to the model's context
     prompt: str | None = None
     predicted_length: float | None = None  # filled by a length predictor, read by policies
+    prediction: Any = None               # the full LengthPrediction (distribution, quantiles), if any
     status: RequestStatus = RequestStatus.WAITING
     num_prompt_computed: int = 0
     num_cached_tokens: int = 0           # prompt tokens found in the prefix cache at the last admission
     num_preemptions: int = 0
+    num_collected: int = 0               # times it reached a batch's cap unfinished (FCR failures)
+    suspended: bool = False              # collected with fcr="continue": waiting, its KV blocks kept
+    eos_after: int | None = None         # benchmarks: each sample ends after this many tokens (engine only)
     first_token_time: float | None = None
     finish_time: float | None = None
     seqs: list[Sequence] = field(default_factory=list)

@@ -111,6 +111,21 @@ def header(config: dict[str, Any]) -> str:
             f"{w['prompt_tokens']} prompt + {w['output_tokens']} output tokens")
 
 
+def pyplot():  # noqa: ANN201 (matplotlib.pyplot | None)
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a note) if it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        import sys
+
+        print("matplotlib is not installed: no PNG (pip install 'lengthwise[bench]')", file=sys.stderr)
+        return None
+    return plt
+
+
 def write_json(report: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -218,10 +218,8 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register `bench` with its `throughput` subcommand on the top-level CLI's subparsers."""
-    bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
+    """Register `throughput` under `lengthwise bench`."""
     p = bench_sub.add_parser(
         "throughput", help="lengthwise vs transformers (static batches and continuous batching)",
         description="Offline throughput of lengthwise and two transformers baselines on the same workload, "

@@ -31,7 +31,8 @@ class LLM:
     `model_dir` is a local Hugging Face checkpoint directory (the built-in default model when
     `None`). The other arguments are `EngineConfig`'s: `dtype`, `device`, `kv_cache_memory`
     (bytes or a fraction of free memory), `max_num_seqs`, `max_num_batched_tokens`,
-    `block_size`, `max_model_len` and the scheduling `policy`.
+    `block_size`, `max_model_len`, the scheduling `policy`, the `length_predictor` (a saved
+    predictor directory, `"self"` or `"oracle"`) and `record_lengths` (a JSONL file).
     """
 
     def __init__(self, model_dir: str | Path | None = None, **engine_args: Any) -> None:
@@ -52,7 +53,8 @@ class LLM:
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt: text, a list of token ids, or `{"prompt_token_ids": [...]}`.
+        """Generate for every prompt: text, a list of token ids, or a dict with `"prompt"` or
+        `"prompt_token_ids"` (and, for benchmarks with the `oracle` predictor, `"true_length"`).
 
         `sampling_params` is one `SamplingParams` for all prompts or a list with one per prompt
         (default: the checkpoint's generation defaults). Returns outputs in prompt order.
@@ -64,7 +66,9 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
-        return run_to_completion(self.engine, [_prompt_input(p, i) for i, p in enumerate(prompts)], params, use_tqdm)
+        true_lengths = [p.get("true_length") if isinstance(p, dict) else None for p in prompts]
+        return run_to_completion(self.engine, [_prompt_input(p, i) for i, p in enumerate(prompts)], params, use_tqdm,
+                                 true_lengths)
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -80,13 +84,14 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
 def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params: list[SamplingParams],
-                      use_tqdm: bool = False) -> list[RequestOutput]:
+                      use_tqdm: bool = False, true_lengths: list[float | None] | None = None) -> list[RequestOutput]:
     """Queue every prompt on `engine`, step until all are finished, return their outputs in order.
     If anything fails midway (a bad prompt, an interrupt), the requests already queued are aborted."""
     ids: list[str] = []
     try:
-        for prompt, sp in zip(prompts, params, strict=True):
-            ids.append(engine.add_request(prompt, sp).request_id)
+        for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
+            hint = None if true_lengths is None else true_lengths[i]
+            ids.append(engine.add_request(prompt, sp, true_length=hint).request_id)
     except ValueError:
         for rid in ids:  # nothing half-submitted stays queued
             engine.abort_request(rid)

@@ -12,6 +12,7 @@ import itertools
 import os
 import time
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 
 from lengthwise.config import EngineConfig
 from lengthwise.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from lengthwise.engine.length import LengthPerception
 from lengthwise.engine.model_runner import ModelRunner
 from lengthwise.engine.outputs import RequestOutput
 from lengthwise.engine.sampler import make_generator, sample
@@ -27,10 +29,20 @@ from lengthwise.model import CausalLM, load_model
 from lengthwise.model.config import read_json
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.sched import Scheduler, make_policy
-from lengthwise.sequence import Request, Sequence
+from lengthwise.sequence import Request, RequestStatus, Sequence
 from lengthwise.tokenizer import Tokenizer
 
 CPU_DEFAULT_KV_BYTES = 4 << 30
+
+
+@dataclass
+class EngineStats:
+    """Counters for reports. `row_steps`: batch rows summed over the steps that sampled, idle rows
+    of a static batch included (`SchedulingPolicy.rows`): generated tokens / row_steps is the
+    effective token ratio, row_steps / requests the first paper's padded steps per request."""
+
+    sampling_steps: int = 0
+    row_steps: int = 0
 
 
 class LLMEngine:
@@ -46,12 +58,15 @@ class LLMEngine:
         self.eos_token_ids = frozenset(mc.eos_token_ids or (
             () if self.tokenizer is None or self.tokenizer.eos_token_id is None else (self.tokenizer.eos_token_id,)))
         self.num_blocks = self._plan_num_blocks()
-        self.scheduler = Scheduler(make_policy(config.policy), self.num_blocks, config.block_size,
+        policy = make_policy(config.policy, config.policy_options)
+        self.scheduler = Scheduler(policy, self.num_blocks, config.block_size,
                                    config.max_num_seqs, config.max_num_batched_tokens,
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.length = LengthPerception(self, config.length_predictor, config.record_lengths)
+        self.stats = EngineStats()
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -85,8 +100,15 @@ class LLMEngine:
     # -- requests ------------------------------------------------------------------------------
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> Request:
-        """Tokenize (if text), validate and queue a request; returns its state."""
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    true_length: float | None = None, eos_after: int | None = None) -> Request:
+        """Tokenize (if text), validate and queue a request; returns its state.
+
+        For benchmarks only: `true_length` is what the `oracle` predictor returns; `eos_after`
+        ends each sample after exactly that many tokens, as if the model had emitted its end
+        token there, so a workload's recorded lengths are reproduced without the scheduler or
+        the policy seeing them (unlike `max_tokens`, which they read).
+        """
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
@@ -116,7 +138,16 @@ class LLMEngine:
         for seq in request.seqs:
             self._init_sequence(seq)
         self.requests[request_id] = request
-        self.scheduler.add(request)
+        if eos_after is not None:
+            if isinstance(eos_after, bool) or not isinstance(eos_after, int) or eos_after < 1:
+                raise ValueError(f"eos_after must be a positive number of tokens, got {eos_after!r}")
+            request.eos_after = eos_after
+        if true_length is not None:
+            self.length.true_lengths[request_id] = float(true_length)
+        if self.length.predicts_before_scheduling:
+            self.length.pending.append(request)  # predicted in a batch at the next step, then scheduled
+        else:
+            self.scheduler.add(request)
         return request
 
     def _check_prompt(self, ids: list[int], request_id: str) -> None:
@@ -150,13 +181,19 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> bool:
         """Abort a waiting or running request; its KV blocks are freed at once. `False` if unknown or done."""
         request = self.requests.get(request_id)
-        if request is None or not self.scheduler.abort(request):
+        if request is None:
+            return False
+        if self.length.discard(request_id):  # still waiting for its prediction: never scheduled
+            for seq in request.active_seqs:
+                seq.finish_reason = "abort"
+            request.status = RequestStatus.FINISHED
+        elif not self.scheduler.abort(request):
             return False
         request.finish_time = time.monotonic()
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self.length.pending) or self.scheduler.has_unfinished()
 
     def pop_finished(self, request_id: str) -> RequestOutput:
         """The final output of a finished request, forgetting the request."""
@@ -167,7 +204,13 @@ class LLMEngine:
 
     def step(self) -> list[Request]:
         """Run one scheduling step and forward pass. Returns the requests that gained tokens or finished."""
+        for request in self.length.predict_pending():
+            self.scheduler.add(request)
         plan = self.scheduler.schedule()
+        for request in plan.restarted:  # FCR recompute: the discarded output starts over, same seed
+            request.first_token_time = None  # nobody saw the discarded tokens
+            for seq in request.seqs:
+                self._init_sequence(seq)
         if not plan.chunks:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending")  # a bug, never expected
@@ -175,12 +218,22 @@ class LLMEngine:
         logits = self.runner.run(plan.chunks, self.scheduler.kv)
         rows: list[int] = []
         seqs: list[Sequence] = []
+        prefilled: list[int] = []
         for row, chunk in enumerate(c for c in plan.chunks if c.sample):
             targets = chunk.request.active_seqs if chunk.seq is None else [chunk.seq]
             rows.extend([row] * len(targets))
             seqs.extend(targets)
+            if chunk.seq is None:
+                prefilled.append(row)
+        if prefilled and self.length.wants_hidden:
+            sampling = [c for c in plan.chunks if c.sample]
+            hidden = self.runner.last_hidden
+            self.length.on_prefill_done([sampling[r].request for r in prefilled],
+                                        hidden[torch.tensor(prefilled, device=hidden.device)])
         if not seqs:
             return []
+        self.stats.sampling_steps += 1
+        self.stats.row_steps += plan.rows
         if len(rows) != logits.shape[0]:
             logits = logits[torch.tensor(rows, device=logits.device)]
         out = sample(logits, [s.request.params for s in seqs], [s.state["generator"] for s in seqs],
@@ -202,6 +255,8 @@ class LLMEngine:
         reason = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
+        elif len(seq.output_ids) == request.eos_after:
+            reason = "stop"
         detok = seq.state.get("detok")
         cut = False  # a stop string ended the text: nothing after it belongs to the output
         if detok is not None:
@@ -221,6 +276,7 @@ class LLMEngine:
             self.scheduler.finish_sequence(seq, reason)
             if request.finished:
                 request.finish_time = now
+                self.length.on_finish(request)
 
 
 def _kv_budget_bytes(memory: int | float | None, device: torch.device) -> int:

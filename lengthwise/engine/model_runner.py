@@ -23,6 +23,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.cache = model.new_kv_cache(num_blocks, block_size)
+        # Final hidden states of the last step's sampling rows (the probe's features at prefill end).
+        self.last_hidden: torch.Tensor | None = None
 
     def run(self, chunks: list[ScheduledChunk], kv: KVBlockManager) -> torch.Tensor:
         """Run one step; return float32 logits `[num_sampling_chunks, vocab]`, one row per chunk
@@ -71,6 +73,7 @@ class ModelRunner:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden[torch.tensor(sample_rows, device=device)]
+        self.last_hidden = hidden
         return self.model.compute_logits(hidden)
 
 

@@ -1,8 +1,12 @@
-"""Scheduling: the step scheduler (token budget, blocks, preemption) and the policies that order it.
-Pure Python: no torch, testable with fake clocks."""
+"""Scheduling: the step scheduler (token budget, blocks, preemption, failure collection) and the
+policies that order it, selected by name with `make_policy`. Pure Python: no torch, testable
+with fake clocks."""
 
+from lengthwise.sched.batching import BatchPolicy, MultiBinPolicy, SequencePolicy, StaticPolicy
+from lengthwise.sched.continuous import ShortestJobFirstPolicy
 from lengthwise.sched.policy import FCFSPolicy, SchedulerView, SchedulingPolicy, make_policy
 from lengthwise.sched.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
-__all__ = ["FCFSPolicy", "ScheduledChunk", "Scheduler", "SchedulerOutput", "SchedulerView", "SchedulingPolicy",
+__all__ = ["BatchPolicy", "FCFSPolicy", "MultiBinPolicy", "ScheduledChunk", "Scheduler", "SchedulerOutput",
+           "SchedulerView", "SchedulingPolicy", "SequencePolicy", "ShortestJobFirstPolicy", "StaticPolicy",
            "make_policy"]

@@ -1,19 +1,22 @@
 """Scheduling policies: which waiting request is admitted next, and which running one yields.
 
 The `Scheduler` does the mechanics (token budget, sequence limit, KV blocks, chunked prefill,
-preemption); a policy only decides order. It owns the waiting queue, so a policy can keep it in
-whatever structure its order needs (a FIFO, bins, a sorted window). Continuous batching admits
-every step; a static-batching policy is one that offers nothing until its batch has drained.
-Pure Python: no torch.
+preemption, failure collection); a policy only decides order. It owns the waiting queue, so a
+policy can keep it in whatever structure its order needs (a FIFO, bins, a sorted window).
+Continuous batching admits every step; a batch policy (`sched/batching.py`) offers nothing new
+until its batch has drained, and may cap a batch's length (`cap`), which makes the scheduler
+collect the rows that reach it (FCR). Pure Python: no torch.
 """
 
 from __future__ import annotations
 
 import bisect
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import count
+from typing import Any
 
 from lengthwise.sequence import Request
 
@@ -28,13 +31,23 @@ class SchedulerView:
     num_free_blocks: int
     num_blocks: int
     seq_slots: int  # how many more sequences max_num_seqs allows this step
+    block_size: int = 16
+    max_num_seqs: int = 256
+    running: tuple[Request, ...] = field(default=(), repr=False)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
 
 
 class SchedulingPolicy(ABC):
-    """Orders admission and preemption. Subclasses register under `name` for `make_policy`."""
+    """Orders admission and preemption. Subclasses register under `name` for `make_policy`;
+    their keyword-only `__init__` arguments are the policy's options."""
 
     name: str = ""
     registry: dict[str, type[SchedulingPolicy]] = {}
+    # How rows that reach their `cap` are collected: "recompute" (start again from scratch, as
+    # the first paper) or "continue" (keep the KV segments and resume later).
+    fcr: str | None = None
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -72,15 +85,80 @@ class SchedulingPolicy(ABC):
         return max(running, key=lambda r: r.arrival_time)
 
     def finished(self, request: Request) -> None:  # noqa: B027 (optional hook)
-        """A running request finished; policies that track batches or lengths may note it."""
+        """A running request finished (or was aborted); policies that track batches may note it."""
+
+    def cap(self, request: Request) -> int | None:
+        """The most tokens `request` may have generated in its current batch (None: no cap). A
+        running request that reaches its cap unfinished is collected (`collected`)."""
+        return None
+
+    def collected(self, request: Request) -> None:
+        """A running request reached its cap and left the batch: queue it to finish later."""
+        self.add(request)
+
+    def rows(self, num_running_seqs: int) -> int:
+        """Batch rows this decode step occupies, idle (finished, padded) rows included: a static
+        batch keeps its size until its last row ends. Continuous batching has no idle rows."""
+        return num_running_seqs
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The settings this instance was built with (for reports)."""
+        return {k: getattr(self, k) for k in _option_names(type(self)) if hasattr(self, k)}
+
+
+def predicted_need(request: Request, view: SchedulerView, quantile: float) -> int:
+    """KV blocks `request` will hold at its predicted length's `quantile` (its prompt segment once,
+    a response segment per sample); without a prediction, at its `max_tokens`."""
+    pred = request.prediction
+    if pred is not None:
+        length = pred.quantile(quantile)
+    elif request.predicted_length is not None:
+        length = request.predicted_length
+    else:
+        length = request.max_tokens
+    out = min(request.max_tokens, max(1, int(length + 0.999)))
+    return view.blocks_for(request.prompt_len) + sum(
+        view.blocks_for(max(out, len(s.output_ids) + 1)) for s in request.active_seqs)
+
+
+def predictive_admission(candidates: list[Request], view: SchedulerView, quantile: float) -> list[Request]:
+    """Predictive admission: the prefix of `candidates` whose predicted KV needs fit in the blocks
+    that should still be free once every running request has grown to its predicted length."""
+    held = sum(view.blocks_for(r.prompt_len) + sum(view.blocks_for(len(s.output_ids)) for s in r.active_seqs)
+               for r in view.running)
+    reserved = sum(predicted_need(r, view, quantile) for r in view.running) - held
+    free = view.num_free_blocks - max(0, reserved)
+    out = []
+    for r in candidates:
+        need = predicted_need(r, view, quantile)
+        if need > free and (out or view.running):
+            break  # an empty engine always admits its first candidate: nothing else could make room
+        free -= need
+        out.append(r)
+    return out
+
+
+def check_quantile(quantile: float) -> None:
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile}")
 
 
 class FCFSPolicy(SchedulingPolicy):
-    """First come, first served: arrival order, preempted requests back in their arrival place."""
+    """First come, first served: arrival order, preempted requests back in their arrival place.
+
+    `predictive=True` adds predictive admission: a request is admitted only when the blocks its
+    predicted length (at the prediction's `quantile`, the safety margin) will need should still be
+    free after the running requests reach theirs; vLLM instead admits whenever the prompt fits
+    and preempts when the cache runs out. Sequences that outgrow their prediction are preempted.
+    """
 
     name = "fcfs"
 
-    def __init__(self) -> None:
+    def __init__(self, *, predictive: bool = False, quantile: float = 0.9) -> None:
+        check_quantile(quantile)
+        self.predictive = predictive
+        self.quantile = quantile
         self._queue: list[tuple[float, int, Request]] = []
         self._keys: dict[int, tuple[float, int]] = {}
         self._tiebreak = count()
@@ -102,7 +180,8 @@ class FCFSPolicy(SchedulingPolicy):
 
     def candidates(self, view: SchedulerView) -> Iterable[Request]:
         # A copy (admission mutates the queue), and no longer than could possibly be admitted.
-        return [e[2] for e in self._queue[:max(view.seq_slots, 0)]]
+        out = [e[2] for e in self._queue[:max(view.seq_slots, 0)]]
+        return predictive_admission(out, view, self.quantile) if self.predictive else out
 
     def admitted(self, request: Request) -> None:
         self.remove(request)
@@ -111,9 +190,22 @@ class FCFSPolicy(SchedulingPolicy):
         return len(self._queue)
 
 
-def make_policy(name: str) -> SchedulingPolicy:
-    """The policy registered under `name` (e.g. "fcfs"), with default settings."""
+SchedulingPolicy.registry["continuous"] = FCFSPolicy  # the issue's name for continuous FCFS
+
+
+def _option_names(cls: type[SchedulingPolicy]) -> list[str]:
+    params = inspect.signature(cls.__init__).parameters.values()
+    return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+
+
+def make_policy(name: str, options: dict[str, Any] | None = None) -> SchedulingPolicy:
+    """The policy registered under `name` (e.g. "fcfs", "sequence"), built with `options`."""
     cls = SchedulingPolicy.registry.get(name)
     if cls is None:
         raise ValueError(f"policy {name!r} is unknown; available: {sorted(SchedulingPolicy.registry)}")
-    return cls()
+    options = dict(options or {})
+    unknown = set(options) - set(_option_names(cls))
+    if unknown:
+        raise ValueError(f"policy {name!r} has no option(s) {sorted(unknown)}; its options are "
+                         f"{_option_names(cls) or 'none'}")
+    return cls(**options)

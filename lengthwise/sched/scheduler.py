@@ -47,6 +47,9 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    # Collected with fcr="recompute": their outputs were discarded and they wait to start again.
+    restarted: list[Request] = field(default_factory=list)
+    rows: int = 0  # batch rows this step occupies, idle rows included (policy.rows)
 
     @property
     def num_tokens(self) -> int:
@@ -71,7 +74,9 @@ class Scheduler:
         # Admission keeps a little headroom so running sequences can grow before anyone is preempted.
         self.watermark_blocks = max(1, num_blocks // 100)
         self.running: list[Request] = []
+        self.suspended: list[Request] = []  # collected with fcr="continue", holding their KV blocks
         self.num_preemptions = 0
+        self.num_collected = 0
 
     # -- requests in and out -------------------------------------------------------------------
 
@@ -86,6 +91,9 @@ class Scheduler:
             return False
         if request.status is RequestStatus.WAITING:
             self.policy.remove(request)
+        if request.suspended:
+            self.suspended.remove(request)
+            request.suspended = False
         for seq in request.active_seqs:
             seq.finish_reason = "abort"
         self._release(request)
@@ -122,6 +130,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Plan the next forward pass; advances the computed-token counters of what it schedules."""
         out = SchedulerOutput()
+        for request in list(self.running):
+            cap = self.policy.cap(request)
+            if cap is not None and request.prompt_done and max(len(s.output_ids) for s in request.active_seqs) >= cap:
+                self._collect(request, out)
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -139,19 +151,54 @@ class Scheduler:
             budget -= self._apply(chunks, out)
             i += 1
         self._admit(out, budget)
+        out.rows = self.policy.rows(self.num_running_seqs)
         return out
+
+    def _collect(self, request: Request, out: SchedulerOutput) -> None:
+        """FCR: `request` reached its batch's cap unfinished. It leaves the batch and waits: with
+        its KV blocks ("continue") or from scratch, its output discarded ("recompute")."""
+        self.running.remove(request)
+        request.status = RequestStatus.WAITING
+        request.num_collected += 1
+        self.num_collected += 1
+        if self.policy.fcr == "continue":
+            request.suspended = True
+            self.suspended.append(request)
+        else:
+            for seq in request.seqs:
+                self.kv.free_sequence(seq.seq_id)
+                seq.output_ids.clear()
+                seq.num_computed = 0
+                seq.finish_reason = None
+            request.num_prompt_computed = 0
+            out.restarted.append(request)
+        self.policy.collected(request)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         num_seqs = self.num_running_seqs
         view = SchedulerView(now=self.clock(), num_running_requests=len(self.running), num_running_seqs=num_seqs,
                              num_free_blocks=self.kv.num_free_blocks, num_blocks=self.kv.pool.num_blocks,
-                             seq_slots=self.max_num_seqs - num_seqs)
+                             seq_slots=self.max_num_seqs - num_seqs, block_size=self.kv.block_size,
+                             max_num_seqs=self.max_num_seqs, running=tuple(self.running))
         for request in self.policy.candidates(view):
             if budget <= 0:
                 break
             seqs = request.active_seqs
             if num_seqs + len(seqs) > self.max_num_seqs:
                 break
+            if request.suspended:  # its blocks are still held: it resumes where it stopped
+                chunks = self._plan(request, budget)
+                if chunks is None and not self.running:
+                    self._spill_suspended(keep=request)
+                    chunks = self._plan(request, budget)
+                if chunks is None:
+                    break
+                self.suspended.remove(request)
+                request.suspended = False
+                self._start(request, chunks, out)
+                num_seqs += len(seqs)
+                budget -= sum(c.num_tokens for c in chunks)
+                continue
             for seq in seqs:
                 self.kv.add_sequence(seq.seq_id, request.request_id)
             cached = self.kv.match_prefix(request.request_id, request.prompt_ids)
@@ -160,6 +207,8 @@ class Scheduler:
             need = (self.kv.blocks_for(request.prompt_len) - cached // self.kv.block_size
                     + sum(self.kv.blocks_for(len(s.output_ids) + 1) for s in seqs))
             headroom = self.watermark_blocks if self.running else 0
+            if self.kv.num_free_blocks - need < headroom and not self.running and self.suspended:
+                self._spill_suspended(keep=None, need=need)  # nothing runs: parked KV must make room
             chunks = None
             if self.kv.num_free_blocks - need >= headroom:
                 request.num_prompt_computed = request.num_cached_tokens = cached
@@ -169,12 +218,28 @@ class Scheduler:
                 for seq in seqs:
                     self.kv.free_sequence(seq.seq_id)
                 break
-            self.policy.admitted(request)
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            self._start(request, chunks, out)
             num_seqs += len(seqs)
-            budget -= self._apply(chunks, out)
+            budget -= sum(c.num_tokens for c in chunks)
 
+    def _start(self, request: Request, chunks: list[ScheduledChunk], out: SchedulerOutput) -> None:
+        self.policy.admitted(request)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        self._apply(chunks, out)
+
+    def _spill_suspended(self, keep: Request | None, need: int = 0) -> None:
+        """Free the KV of suspended requests (newest first) until `need` blocks are free: they
+        keep their tokens and will recompute them, like a preempted request."""
+        for request in reversed(list(self.suspended)):
+            if request is keep or (keep is None and self.kv.num_free_blocks >= need):
+                continue
+            for seq in request.seqs:
+                self.kv.free_sequence(seq.seq_id)
+                seq.num_computed = 0
+            request.num_prompt_computed = 0
+            request.suspended = False
+            self.suspended.remove(request)
     def _plan(self, request: Request, budget: int) -> list[ScheduledChunk] | None:
         """The request's chunks for this step, with their blocks allocated; `None` if blocks ran out.
         Counters are not touched, so a failed plan can simply be retried after a preemption."""

@@ -1,0 +1,217 @@
+"""`lengthwise bench schedule`: every scheduling policy on one workload, in one executor, one run.
+
+The workload is alpaca-lengths: each request's prompt, and its true `t0.0` length reproduced with
+`eos_after` (each sample ends exactly there, as if the model emitted EOS), under the paper's hard
+cap of 512 (`max_tokens`). The true length is hidden from the predictor and the policy; the
+predictor (`--predictor DIR`, or `oracle`) runs inside the engine, so its time counts. Arrivals
+are all at once (the paper's setting) or Poisson at `--request-rate`.
+
+Per policy: requests/s, output tokens/s, padded steps per request (row-steps / requests: the
+first paper's "avg length"), effective token ratio (real tokens / row-steps), FCR failure rate,
+preemptions, and latency, TTFT and TPOT with vLLM's `benchmark_serving` definitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lengthwise.bench.presets import resolve_model
+from lengthwise.bench.report import pyplot
+from lengthwise.bench.workloads import read_alpaca_lengths
+
+HARD_CAP = 512
+DEFAULT_POLICIES = ["static:batch_size=16", "sequence", "sequence:vbs=false,fcr=null,vbs_fixed=16",
+                    "sequence:fcr=continue", "continuous", "continuous-sjf", "continuous:predictive=true",
+                    "multibin:bins=4,batch_size=16"]
+KEYS = ["policy", "options", "requests_per_s", "output_tokens_per_s", "padded_steps_per_request",
+        "effective_token_ratio", "failure_rate", "preemptions", "latency_mean_s", "latency_p50_s", "latency_p99_s",
+        "ttft_mean_s", "ttft_p99_s", "tpot_mean_s"]
+
+
+@dataclass
+class PolicySpec:
+    name: str
+    options: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return self.name + (":" + ",".join(f"{k}={json.dumps(v)}" for k, v in self.options.items())
+                            if self.options else "")
+
+
+def parse_policy(text: str) -> PolicySpec:
+    """`NAME` or `NAME:key=value,key=value` (values parsed as JSON where they can be)."""
+    name, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--policy {text!r}: option {item!r} is not key=value")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return PolicySpec(name, options)
+
+
+def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("schedule", help="scheduling policies side by side on alpaca-lengths",
+                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama-100m", help="checkpoint directory or preset (default llama-100m)")
+    p.add_argument("--data", required=True, type=Path, help="alpaca-lengths JSONL (e.g. dev.jsonl)")
+    p.add_argument("--num-requests", type=int, default=1024)
+    p.add_argument("--predictor", default=None, help="predictor directory or 'oracle' (default: none)")
+    p.add_argument("--policy", action="append", default=None, metavar="NAME[:k=v,...]",
+                   help=f"a policy run (repeat); default: {' '.join(DEFAULT_POLICIES)}")
+    p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second (default: all at 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None, help="write the list of per-policy records here")
+    p.add_argument("--out-dir", type=Path, default=Path("bench-schedule"), help="table and PNG go here")
+    p.set_defaults(func=cmd_schedule)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    import torch
+
+    from lengthwise.config import EngineConfig
+    from lengthwise.model import load_model
+    from lengthwise.tokenizer import Tokenizer
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    specs = [parse_policy(t) for t in (args.policy or DEFAULT_POLICIES)]
+    records_in = read_alpaca_lengths(args.data, args.num_requests)
+    model_dir, label = resolve_model(args.model, args.seed)
+    model = load_model(model_dir, args.dtype, "auto")
+    tokenizer = Tokenizer(model_dir)
+    lengths = [min(n, HARD_CAP) for _, n in records_in]
+    arrivals = ([0.0] * len(lengths) if args.request_rate is None else
+                np.cumsum(np.random.default_rng(args.seed).exponential(1 / args.request_rate, len(lengths))).tolist())
+    kv_bytes = None
+    if args.kv_cache_tokens is not None:
+        from lengthwise.kv.storage import KVCacheStorage
+
+        mc = model.config
+        kv_bytes = KVCacheStorage.bytes_per_block(mc.num_layers, 16, mc.num_kv_heads, mc.head_dim, model.dtype) * (
+            -(-args.kv_cache_tokens // 16))
+    results = []
+    for spec in specs:
+        config = EngineConfig(dtype=args.dtype, kv_cache_memory=kv_bytes, max_num_seqs=args.max_num_seqs,
+                              policy=spec.name, policy_options=spec.options, length_predictor=args.predictor)
+        rec = run_policy(model, tokenizer, config, [t for t, _ in records_in], lengths, arrivals, spec)
+        rec["model"] = label
+        results.append(rec)
+        print(format_row(rec), file=sys.stderr)
+        gc.collect()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    table = format_table(results)
+    (args.out_dir / "schedule.md").write_text(table + "\n")
+    print(table)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, args.out_dir / "schedule.png")
+    return 0
+
+
+def run_policy(model: Any, tokenizer: Any, config: Any, prompts: list[str], lengths: list[int],
+               arrivals: list[float], spec: PolicySpec) -> dict[str, Any]:
+    """Serve the workload under one policy on a fresh engine (same model weights); return its record."""
+    from lengthwise.engine.llm_engine import LLMEngine
+    from lengthwise.sampling_params import SamplingParams
+
+    engine = LLMEngine(model, tokenizer, config)
+    params = SamplingParams(max_tokens=HARD_CAP, temperature=0.0, ignore_eos=True)
+    oracle = config.length_predictor == "oracle"
+    order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+    nxt = 0
+    done: list[Any] = []
+    bar = tqdm(total=len(prompts), desc=spec.label, unit="req", dynamic_ncols=True)
+    start = time.monotonic()
+    while len(done) < len(prompts):
+        now = time.monotonic() - start
+        while nxt < len(order) and arrivals[order[nxt]] <= now:
+            i = order[nxt]
+            engine.add_request(prompts[i], params, request_id=str(i), arrival_time=start + arrivals[i],
+                               true_length=lengths[i] if oracle else None, eos_after=lengths[i])
+            nxt += 1
+        if not engine.has_unfinished_requests():
+            time.sleep(max(0.0, min(0.05, arrivals[order[nxt]] - now)))
+            continue
+        for r in engine.step():
+            if r.finished:
+                done.append(engine.requests.pop(r.request_id))
+                bar.update(1)
+    elapsed = time.monotonic() - start
+    bar.close()
+    tokens = sum(r.num_generated for r in done)
+    lat = np.array([r.finish_time - r.arrival_time for r in done])
+    ttft = np.array([r.first_token_time - r.arrival_time for r in done])
+    tpot = [(r.finish_time - r.first_token_time) / (r.num_generated - 1) for r in done if r.num_generated > 1]
+    row_steps = max(1, engine.stats.row_steps)
+    return {"policy": spec.name, "options": spec.options, "label": spec.label,
+            "requests_per_s": len(done) / elapsed, "output_tokens_per_s": tokens / elapsed,
+            "padded_steps_per_request": row_steps / len(done), "effective_token_ratio": tokens / row_steps,
+            "failure_rate": sum(r.num_collected > 0 for r in done) / len(done),
+            "preemptions": engine.scheduler.num_preemptions,
+            "latency_mean_s": float(lat.mean()), "latency_p50_s": float(np.percentile(lat, 50)),
+            "latency_p99_s": float(np.percentile(lat, 99)), "ttft_mean_s": float(ttft.mean()),
+            "ttft_p99_s": float(np.percentile(ttft, 99)), "tpot_mean_s": float(np.mean(tpot)) if tpot else 0.0,
+            "elapsed_s": elapsed, "num_requests": len(done), "output_tokens": tokens,
+            "prediction_s": engine.length.stats.seconds, "steps": engine.stats.sampling_steps}
+
+
+def format_row(r: dict[str, Any]) -> str:
+    return (f"{r['label']}: {r['requests_per_s']:.3f} req/s, {r['output_tokens_per_s']:.1f} tok/s, "
+            f"padded steps {r['padded_steps_per_request']:.1f}, effective {r['effective_token_ratio']:.1%}, "
+            f"failures {r['failure_rate']:.1%}, preemptions {r['preemptions']}, "
+            f"latency mean {r['latency_mean_s']:.1f} s")
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    base = next((r for r in results if r["policy"] == "static"), None)
+    head = ["policy", "req/s", "tok/s", "vs static", "padded steps/req", "effective", "FCR failures", "preempt",
+            "latency mean/p50/p99 s", "TTFT mean/p99 s", "TPOT ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        ratio = f"{r['output_tokens_per_s'] / base['output_tokens_per_s']:.2f}x" if base else "-"
+        lines.append("| " + " | ".join([
+            r["label"], f"{r['requests_per_s']:.3f}", f"{r['output_tokens_per_s']:.1f}", ratio,
+            f"{r['padded_steps_per_request']:.1f}", f"{r['effective_token_ratio']:.1%}", f"{r['failure_rate']:.1%}",
+            str(r["preemptions"]),
+            f"{r['latency_mean_s']:.1f} / {r['latency_p50_s']:.1f} / {r['latency_p99_s']:.1f}",
+            f"{r['ttft_mean_s']:.1f} / {r['ttft_p99_s']:.1f}", f"{r['tpot_mean_s'] * 1000:.1f}"]) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
+    plt = pyplot()
+    if plt is None:
+        return None
+    labels = [r["label"] for r in results]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 0.5 * len(labels) + 2.5))
+    for ax, key, title in ((axes[0], "output_tokens_per_s", "output tokens/s"),
+                           (axes[1], "effective_token_ratio", "effective token ratio"),
+                           (axes[2], "latency_mean_s", "mean latency (s)")):
+        ax.barh(labels, [r[key] for r in results])
+        ax.set_title(title)
+        ax.invert_yaxis()
+    for ax in axes[1:]:
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,66 @@
+"""Length perception: predictors that estimate each request's response length before decoding.
+
+    from lengthwise.predict import load_length_data, train_proxy, load_predictor
+    data = load_length_data("train.jsonl", target="L_max")
+    train_proxy(data).save("predictors/proxy")
+    p = load_predictor("predictors/proxy")
+    p.predict([LengthQuery(prompt="Name five animals.")])[0].length
+
+Kinds: `oracle` (truth; benchmarks only), `constant` (training median), `proxy` (a small text
+encoder + head), `probe` (a head on the served model's hidden state at the end of prefill),
+`self` (the served model asked for its own length). See docs/predictors.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lengthwise.predict.base import (
+    LengthPrediction,
+    LengthPredictor,
+    LengthQuery,
+    check_allowed,
+    load_predictor,
+    registered_kinds,
+)
+from lengthwise.predict.data import LengthDataset, LengthRecord, load_length_data
+from lengthwise.predict.metrics import kendall_tau, length_metrics
+from lengthwise.predict.probe import ProbePredictor, train_probe
+from lengthwise.predict.proxy import ProxyPredictor, train_proxy
+from lengthwise.predict.self_predict import SelfPredictor
+from lengthwise.predict.simple import ConstantPredictor, OraclePredictor
+from lengthwise.predict.training import TrainConfig
+
+if TYPE_CHECKING:
+    from lengthwise.engine.llm_engine import LLMEngine
+
+__all__ = [
+    "ConstantPredictor", "LengthDataset", "LengthPrediction", "LengthPredictor", "LengthQuery", "LengthRecord",
+    "OraclePredictor", "ProbePredictor", "ProxyPredictor", "SelfPredictor", "TrainConfig", "kendall_tau",
+    "length_metrics", "load_length_data", "load_predictor", "make_predictor", "train_probe", "train_proxy",
+]
+
+
+def make_predictor(spec: str | Path | LengthPredictor, engine: LLMEngine | None = None,
+                   allow_benchmark_only: bool = True) -> LengthPredictor:
+    """A predictor from a spec: a saved predictor directory, `"oracle"`, `"self"`, or
+    `"self:DIR"` (self with the predictor in DIR as the fallback for unparsable answers)."""
+    if isinstance(spec, LengthPredictor):
+        check_allowed(type(spec), allow_benchmark_only)
+        return spec
+    text = str(spec)
+    if text == "oracle":
+        check_allowed(OraclePredictor, allow_benchmark_only)
+        return OraclePredictor()
+    if text == "self" or text.startswith("self:"):
+        if engine is None:
+            raise ValueError("length_predictor 'self' asks the served model, so it needs an engine")
+        fallback = load_predictor(text[5:], allow_benchmark_only) if text.startswith("self:") else None
+        return SelfPredictor(engine, fallback)
+    if text in registered_kinds():
+        raise ValueError(f"length_predictor {text!r} must be trained first: `lengthwise predictor train --kind "
+                         f"{text} ... --out DIR`, then pass DIR")
+    if not Path(text).is_dir():
+        raise ValueError(f"length_predictor {text!r} is neither a predictor directory nor one of 'oracle', 'self'")
+    return load_predictor(text, allow_benchmark_only)

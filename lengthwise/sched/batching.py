@@ -1,0 +1,337 @@
+"""Batch policies: the papers' static batching, sequence scheduling and multi-bin batching.
+
+All three serve one batch at a time: a batch's members are offered for admission (over as many
+steps as the token budget needs), nothing else joins while it runs, and the next batch starts
+only when every member has finished or been collected. `rows()` reports the batch's size for
+the whole time it runs, so idle rows (finished early, or padding in the papers' executors) are
+counted as the papers count them. They differ in how batches are formed:
+
+- `static` (the papers' vanilla baseline): FCFS batches of a fixed size `batch_size`.
+- `sequence` (first paper): windows sorted by predicted length; VBS sizes batches from the KV
+  budget; FCR caps each batch at its bucket and collects the rows that reach the cap.
+- `multibin` (third paper): k FCFS bins by predicted length, a batch released when a bin fills
+  (or its oldest request has waited `max_wait`, or nothing else is left to run).
+
+Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+from lengthwise.sched.policy import SchedulerView, SchedulingPolicy
+from lengthwise.sequence import Request
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def predicted(request: Request) -> float:
+    """A request's predicted length; without a prediction, its max_tokens (the safe assumption)."""
+    return request.max_tokens if request.predicted_length is None else float(request.predicted_length)
+
+
+class BatchPolicy(SchedulingPolicy):
+    """Serves formed batches one after another. Subclasses fill `self.ready` via `form_batches`."""
+
+    def __init__(self) -> None:
+        self.ready: deque[tuple[list[Request], int | None]] = deque()  # (members, cap) in release order
+        self.batch: list[Request] = []        # the batch being served
+        self.batch_cap: int | None = None
+        self.pending: list[Request] = []      # its members not admitted (yet, or again after a preemption)
+        self.outcomes: dict[int, bool] = {}   # id -> done (finished or collected) for the batch's members
+        self.batches_served = 0
+
+    # -- subclasses ---------------------------------------------------------------------------
+
+    def form_batches(self, view: SchedulerView, drain: bool) -> None:
+        """Move waiting requests into `self.ready`. `drain`: nothing runs and nothing is ready, so
+        release whatever waits (a partial batch) rather than idle."""
+        raise NotImplementedError
+
+    def queued(self) -> int:
+        """Requests waiting to be formed into batches."""
+        raise NotImplementedError
+
+    def unqueue(self, request: Request) -> bool:
+        raise NotImplementedError
+
+    # -- the policy interface -----------------------------------------------------------------
+
+    def candidates(self, view: SchedulerView) -> Iterable[Request]:
+        self.form_batches(view, drain=False)
+        if not self.batch:
+            if not self.ready:
+                self.form_batches(view, drain=True)
+            if not self.ready:
+                return []
+            members, self.batch_cap = self.ready.popleft()
+            self.batch, self.pending = list(members), list(members)
+            self.outcomes = {id(r): False for r in members}
+            self.batches_served += 1
+        return list(self.pending)
+
+    def admitted(self, request: Request) -> None:
+        self.pending.remove(request)
+
+    def preempted(self, request: Request) -> None:
+        if id(request) in self.outcomes:
+            self.pending.append(request)  # out of KV mid-batch: it rejoins its own batch
+        else:
+            self.add(request)
+
+    def finished(self, request: Request) -> None:
+        self._done(request)
+
+    def collected(self, request: Request) -> None:
+        self._done(request)
+        self.add_failed(request)
+
+    def add_failed(self, request: Request) -> None:
+        self.add(request)
+
+    def _done(self, request: Request) -> None:
+        if id(request) in self.outcomes:
+            self.outcomes[id(request)] = True
+            if request in self.pending:
+                self.pending.remove(request)
+            if all(self.outcomes.values()):
+                self.batch, self.pending, self.outcomes, self.batch_cap = [], [], {}, None
+
+    def cap(self, request: Request) -> int | None:
+        return self.batch_cap if id(request) in self.outcomes else None
+
+    def remove(self, request: Request) -> bool:
+        if request in self.pending:
+            self._done(request)
+            return True
+        for members, _ in self.ready:
+            if request in members:
+                members.remove(request)
+                return True
+        return self.unqueue(request)
+
+    def rows(self, num_running_seqs: int) -> int:
+        if not self.batch:
+            return num_running_seqs
+        return max(num_running_seqs, sum(r.params.n for r in self.batch))
+
+    def __len__(self) -> int:
+        return self.queued() + len(self.pending) + sum(len(m) for m, _ in self.ready)
+
+
+class StaticPolicy(BatchPolicy):
+    """The papers' vanilla static batching: FCFS batches of `batch_size` requests, each run until
+    its last row ends; nothing joins a running batch."""
+
+    name = "static"
+
+    def __init__(self, *, batch_size: int = 16) -> None:
+        super().__init__()
+        _positive("batch_size", batch_size)
+        self.batch_size = batch_size
+        self.queue: deque[Request] = deque()
+
+    def add(self, request: Request) -> None:
+        self.queue.append(request)
+
+    def queued(self) -> int:
+        return len(self.queue)
+
+    def unqueue(self, request: Request) -> bool:
+        try:
+            self.queue.remove(request)
+        except ValueError:
+            return False
+        return True
+
+    def form_batches(self, view: SchedulerView, drain: bool) -> None:
+        if self.queue and not self.ready:
+            take = min(self.batch_size, len(self.queue))
+            self.ready.append(([self.queue.popleft() for _ in range(take)], None))
+
+
+class SequencePolicy(BatchPolicy):
+    """The first paper's sequence scheduling.
+
+    Requests are taken in windows of `window` (or all that wait, if fewer) and sorted by predicted
+    length. With `vbs`, each `bucket`-token bucket of predicted length gets the batch size that
+    the KV cache can hold at that length (`batch_size` caps it; shorter buckets get bigger
+    batches); without, batches have `batch_size` rows. A bucket's leftover smaller than half its
+    batch size merges into the next bucket. With `fcr` ("recompute" or "continue") a batch's
+    length is capped at its largest bucket; rows that reach it are collected and, once the window
+    is served, run in failure batches with no cap. `fcr=None` runs every batch to `max_tokens`.
+    """
+
+    name = "sequence"
+
+    def __init__(self, *, window: int = 256, batch_size: int = 256, vbs: bool = True, fcr: str | None = "recompute",
+                 bucket: int = 50, vbs_fixed: int = 16) -> None:
+        super().__init__()
+        for name, value in (("window", window), ("batch_size", batch_size), ("bucket", bucket),
+                            ("vbs_fixed", vbs_fixed)):
+            _positive(name, value)
+        if fcr not in (None, "recompute", "continue"):
+            raise ValueError(f"fcr must be 'recompute', 'continue' or None, got {fcr!r}")
+        self.window, self.batch_size, self.vbs, self.fcr, self.bucket = window, batch_size, vbs, fcr, bucket
+        self.vbs_fixed = vbs_fixed  # batch size when vbs is off
+        self.queue: deque[Request] = deque()
+        self.failed: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.queue.append(request)
+
+    def add_failed(self, request: Request) -> None:
+        self.failed.append(request)
+
+    def queued(self) -> int:
+        return len(self.queue) + len(self.failed)
+
+    def unqueue(self, request: Request) -> bool:
+        for q in (self.queue, self.failed):
+            if request in q:
+                q.remove(request)
+                return True
+        return False
+
+    def bucket_of(self, request: Request) -> int:
+        return min(request.max_tokens, max(1, math.ceil(predicted(request) / self.bucket)) * self.bucket)
+
+    def rows_for(self, requests: Sequence[Request], length: int, view: SchedulerView) -> int:
+        """VBS: how many of these requests' rows the KV cache holds at `length` generated tokens."""
+        if not self.vbs:
+            return self.vbs_fixed
+        prompt = sum(r.prompt_len for r in requests) / len(requests)
+        n = sum(r.params.n for r in requests) / len(requests)
+        per_request = view.blocks_for(int(prompt) + 1) + n * view.blocks_for(length)
+        usable = view.num_blocks - max(1, view.num_blocks // 100)  # the scheduler's admission headroom
+        return max(1, min(self.batch_size, view.max_num_seqs, int(usable // per_request)))
+
+    def form_batches(self, view: SchedulerView, drain: bool) -> None:
+        if self.ready:
+            return
+        if self.queue:
+            window = [self.queue.popleft() for _ in range(min(self.window, len(self.queue)))]
+            window.sort(key=predicted)
+            self._cut(window, view, capped=self.fcr is not None)
+        elif self.failed:
+            failed, self.failed = self.failed, []
+            failed.sort(key=predicted)
+            self._cut(failed, view, capped=False)
+
+    def _cut(self, requests: list[Request], view: SchedulerView, capped: bool) -> None:
+        groups: list[tuple[int, list[Request]]] = []
+        for r in requests:  # sorted: buckets come in increasing order
+            b = self.bucket_of(r) if capped or self.vbs else max(r.max_tokens for r in requests)
+            if groups and groups[-1][0] == b:
+                groups[-1][1].append(r)
+            else:
+                groups.append((b, [r]))
+        carry: list[Request] = []
+        for i, (b, members) in enumerate(groups):
+            members = carry + members
+            carry = []
+            length = b if capped else max(r.max_tokens for r in members)
+            size = self.rows_for(members, length, view)
+            while members:
+                batch, members = members[:size], members[size:]
+                last_bucket = i == len(groups) - 1
+                if len(batch) < size and len(batch) < (size + 1) // 2 and not last_bucket and self.vbs:
+                    carry = batch  # a small leftover merges into the next (longer) bucket
+                    break
+                cap = max(self.bucket_of(r) for r in batch) if capped else None
+                self.ready.append((batch, cap))
+
+
+class MultiBinPolicy(BatchPolicy):
+    """The third paper's multi-bin batching, with a starvation bound.
+
+    Requests go into `bins` FCFS bins by predicted length. The inner edges are `edges` if given
+    (e.g. equal-mass quantiles of the predictor's training lengths), else equal-mass quantiles of
+    the last `edge_window` predictions, recomputed as they arrive. A bin releases a batch of
+    `batch_size` when it fills; it also releases what it has when its oldest request has waited
+    `max_wait` seconds, and when nothing else would run (work conserving). Released batches are
+    served in the order they were formed.
+    """
+
+    name = "multibin"
+
+    def __init__(self, *, bins: int = 4, batch_size: int = 16, max_wait: float | None = None,
+                 edges: Sequence[float] | None = None, edge_window: int = 1000) -> None:
+        super().__init__()
+        _positive("bins", bins)
+        _positive("batch_size", batch_size)
+        _positive("edge_window", edge_window)
+        if max_wait is not None and not max_wait > 0:
+            raise ValueError(f"max_wait must be > 0 seconds or None, got {max_wait}")
+        if edges is not None and (len(edges) != bins - 1 or list(edges) != sorted(edges)):
+            raise ValueError(f"edges must be {bins - 1} increasing inner edges for {bins} bins, got {edges}")
+        self.bins, self.batch_size, self.max_wait = bins, batch_size, max_wait
+        self.edges = None if edges is None else [float(e) for e in edges]
+        self.edge_window = edge_window
+        self.recent: deque[float] = deque(maxlen=edge_window)
+        self.queues: list[deque[Request]] = [deque() for _ in range(bins)]
+        self.enqueued_at: dict[int, float] = {}
+        self._seen: set[int] = set()
+
+    def current_edges(self) -> list[float]:
+        if self.edges is not None:
+            return self.edges
+        if not self.recent:
+            return []
+        values = sorted(self.recent)
+        edges = []
+        for i in range(1, self.bins):  # linear-interpolated quantiles, as numpy's default
+            pos = (len(values) - 1) * i / self.bins
+            lo = int(pos)
+            hi = min(lo + 1, len(values) - 1)
+            edges.append(values[lo] + (values[hi] - values[lo]) * (pos - lo))
+        return edges
+
+    def bin_of(self, request: Request) -> int:
+        """Bin i holds predictions in (edges[i-1], edges[i]]."""
+        return bisect.bisect_left(self.current_edges(), predicted(request))
+
+    def add(self, request: Request) -> None:
+        if id(request) not in self._seen:  # each request's prediction counts once for the edges
+            self._seen.add(id(request))
+            self.recent.append(predicted(request))
+        self.enqueued_at.setdefault(id(request), request.arrival_time)
+        b = self.bin_of(request)
+        self.queues[b].append(request)
+        if len(self.queues[b]) >= self.batch_size:  # a full bin releases at once: formation order
+            self._release(b)
+
+    def queued(self) -> int:
+        return sum(len(q) for q in self.queues)
+
+    def unqueue(self, request: Request) -> bool:
+        for q in self.queues:
+            if request in q:
+                q.remove(request)
+                self.enqueued_at.pop(id(request), None)
+                return True
+        return False
+
+    def _release(self, b: int) -> None:
+        q = self.queues[b]
+        batch = [q.popleft() for _ in range(min(self.batch_size, len(q)))]
+        for r in batch:
+            self.enqueued_at.pop(id(r), None)
+        self.ready.append((batch, None))
+
+    def form_batches(self, view: SchedulerView, drain: bool) -> None:
+        if self.max_wait is not None:
+            for b, q in enumerate(self.queues):
+                if q and view.now - self.enqueued_at[id(q[0])] >= self.max_wait:
+                    self._release(b)
+        if drain and not self.ready:
+            oldest = min((b for b, q in enumerate(self.queues) if q), default=None,
+                         key=lambda b: self.enqueued_at[id(self.queues[b][0])])
+            if oldest is not None:
+                self._release(oldest)

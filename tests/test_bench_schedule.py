@@ -1,0 +1,42 @@
+"""`lengthwise bench schedule` end to end on the built-in model and a small alpaca-style file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lengthwise.bench.schedule import KEYS, parse_policy
+from lengthwise.cli import main
+
+
+def test_parse_policy_specs():
+    spec = parse_policy("sequence:fcr=continue,vbs=false,bucket=25")
+    assert spec.name == "sequence" and spec.options == {"fcr": "continue", "vbs": False, "bucket": 25}
+    assert parse_policy("continuous").options == {}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_policy("static:16")
+
+
+def test_bench_schedule_reproduces_lengths_and_sorting_cuts_padding(default_model, tmp_path):
+    lengths = [3, 40, 5, 38, 4, 41, 6, 39]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "prompt": f"the sea {i}", "lengths": {"t0.0": n}})
+                            + "\n" for i, n in enumerate(lengths)))
+    out = tmp_path / "out"
+    assert main(["bench", "schedule", "--model", str(default_model), "--data", str(data), "--num-requests", "8",
+                 "--predictor", "oracle", "--policy", "static:batch_size=2",
+                 "--policy", "sequence:vbs=false,vbs_fixed=2", "--policy", "continuous",
+                 "--json", str(tmp_path / "r.json"), "--out-dir", str(out)]) == 0
+    records = {r["policy"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    for r in records.values():
+        assert set(KEYS) <= set(r)
+        assert r["output_tokens"] == sum(lengths)  # eos_after reproduces every true length
+    static, seq = records["static"], records["sequence"]
+    # FCFS pairs a short with a long request: each pair pads to ~40; sorted pairs do not.
+    assert static["padded_steps_per_request"] == pytest.approx(sum(2 * max(a, b) for a, b in
+                                                                   zip(lengths[::2], lengths[1::2], strict=True)) / 8)
+    assert seq["padded_steps_per_request"] < 0.7 * static["padded_steps_per_request"]
+    assert seq["failure_rate"] == 0.0  # oracle predictions never hit their bucket's cap
+    assert records["continuous"]["effective_token_ratio"] == pytest.approx(1.0)
+    assert (out / "schedule.png").is_file() and "| static" in (out / "schedule.md").read_text()

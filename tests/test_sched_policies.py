@@ -1,0 +1,264 @@
+"""Scheduling policies on fake clocks and fake lengths: a pure-Python model that emits token 7 and
+stops each request at its true length. No torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lengthwise.sampling_params import SamplingParams
+from lengthwise.sched import Scheduler, make_policy
+from lengthwise.sequence import Request
+
+
+@dataclass
+class FakeClock:
+    t: float = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class Run:
+    """What a drive observed: per step, the running request ids; per request, prefill tokens fed."""
+
+    steps: list[set[str]] = field(default_factory=list)
+    admitted_order: list[str] = field(default_factory=list)
+    prefill: dict[str, int] = field(default_factory=dict)
+    finished: dict[str, int] = field(default_factory=dict)  # id -> output length
+    finish_count: dict[str, int] = field(default_factory=dict)
+    row_steps: int = 0
+    restarted: list[str] = field(default_factory=list)
+
+
+def req(rid: str, prompt_len: int, true_len: int, predicted: float | None = None, max_tokens: int = 64,
+        arrival: float = 0.0) -> Request:
+    r = Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), arrival, max_tokens)
+    r.predicted_length = predicted
+    r.true_len = true_len  # type: ignore[attr-defined]  (the fake model's stopping point)
+    return r
+
+
+def drive(policy, requests: list[Request], *, num_blocks: int = 400, block_size: int = 4, max_num_seqs: int = 64,
+          budget: int = 256, clock: FakeClock | None = None, step_s: float = 1.0,
+          arrivals: dict[float, list[Request]] | None = None, prefix_caching: bool = False,
+          limit: int = 20_000) -> tuple[Run, Scheduler]:
+    clock = clock or FakeClock()
+    s = Scheduler(policy, num_blocks, block_size, max_num_seqs, budget, clock=clock,
+                  enable_prefix_caching=prefix_caching)
+    run = Run()
+    pending = sorted((arrivals or {0.0: requests}).items())
+    while pending or s.has_unfinished():
+        while pending and pending[0][0] <= clock.t:
+            for r in pending.pop(0)[1]:
+                s.add(r)
+        before = {r.request_id for r in s.running}
+        out = s.schedule()
+        run.restarted += [r.request_id for r in out.restarted]
+        run.row_steps += out.rows
+        for r in s.running:
+            if r.request_id not in before:
+                run.admitted_order.append(r.request_id)
+        run.steps.append({r.request_id for r in s.running})
+        for c in out.chunks:
+            if c.seq is None:
+                run.prefill[c.request.request_id] = run.prefill.get(c.request.request_id, 0) + c.num_tokens
+            if not c.sample:
+                continue
+            for seq in (c.request.active_seqs if c.seq is None else [c.seq]):
+                seq.output_ids.append(7)
+                r = seq.request
+                n = len(seq.output_ids)
+                if n >= r.true_len or n >= r.max_tokens:
+                    s.finish_sequence(seq, "stop" if n >= r.true_len else "length")
+                    if r.finished:
+                        run.finished[r.request_id] = n
+                        run.finish_count[r.request_id] = run.finish_count.get(r.request_id, 0) + 1
+                        s.policy.finished  # noqa: B018 (the scheduler calls the hook itself)
+        clock.t += step_s
+        assert len(run.steps) < limit, "no progress"
+    return run, s
+
+
+def expected(requests: list[Request]) -> dict[str, int]:
+    return {r.request_id: min(r.true_len, r.max_tokens) for r in requests}
+
+
+# -- static ---------------------------------------------------------------------------------------
+
+def test_static_runs_fcfs_batches_and_nothing_joins_a_running_batch():
+    rs = [req(str(i), 5, true_len=3 + (i * 7) % 20) for i in range(10)]
+    run, s = drive(make_policy("static", {"batch_size": 4}), rs)
+    assert run.finished == expected(rs)
+    assert run.admitted_order == [str(i) for i in range(10)]
+    batches = [{"0", "1", "2", "3"}, {"4", "5", "6", "7"}, {"8", "9"}]
+    for running in run.steps:
+        assert any(running <= b for b in batches), running  # never two batches at once
+    # Idle rows count: a batch keeps its 4 rows until its longest member ends.
+    lens = expected(rs)
+    assert run.row_steps == sum(len(b) * max(lens[i] for i in b) for b in batches)
+
+
+# -- sequence scheduling ----------------------------------------------------------------------------
+
+def test_sequence_sorts_each_window_by_prediction():
+    rs = [req(str(i), 4, true_len=t, predicted=t) for i, t in enumerate([40, 5, 30, 10, 20, 8, 35, 2])]
+    policy = make_policy("sequence", {"window": 4, "vbs": False, "vbs_fixed": 2, "fcr": None})
+    run, _ = drive(policy, rs)
+    assert run.finished == expected(rs)
+    # Window 1 = ids 0-3 sorted by prediction, then window 2 = ids 4-7 sorted.
+    assert run.admitted_order == ["1", "3", "2", "0", "7", "5", "4", "6"]
+
+
+def test_vbs_gives_short_buckets_bigger_batches_from_the_kv_budget():
+    rs = [req(f"s{i}", 4, true_len=8, predicted=8, max_tokens=200) for i in range(40)]
+    rs += [req(f"l{i}", 4, true_len=150, predicted=150, max_tokens=200) for i in range(40)]
+    policy = make_policy("sequence", {"bucket": 50, "fcr": "recompute"})
+    run, s = drive(policy, rs, num_blocks=400, block_size=4)
+    assert run.finished == expected(rs)
+    short_batch = max(len(x) for x in run.steps if any(i.startswith("s") for i in x))
+    long_batch = max(len(x) for x in run.steps if any(i.startswith("l") for i in x))
+    # 400 blocks of 4 tokens: a 50-token bucket row needs 2 + 13 blocks, a 150-token one 2 + 38.
+    assert short_batch == 26 and long_batch == 9, (short_batch, long_batch)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "continue"])
+def test_fcr_collects_exactly_the_rows_that_hit_the_cap_and_finishes_them(mode):
+    # Predictions of 10 (bucket 50) for all; the true lengths of 3 of them exceed 50.
+    true = [12, 70, 30, 55, 9, 48, 90, 20]
+    rs = [req(str(i), 6, true_len=t, predicted=10, max_tokens=128) for i, t in enumerate(true)]
+    policy = make_policy("sequence", {"bucket": 50, "fcr": mode, "vbs": False, "vbs_fixed": 8})
+    run, s = drive(policy, rs)
+    assert run.finished == expected(rs)
+    assert all(c == 1 for c in run.finish_count.values())
+    failed = {r.request_id for r in rs if r.num_collected}
+    assert failed == {"1", "3", "6"}
+    assert s.num_collected == 3
+    for r in rs:
+        # recompute feeds the prompt again; continue keeps the KV and never re-prefills it.
+        again = mode == "recompute" and r.request_id in failed
+        assert run.prefill[r.request_id] == (12 if again else 6), r.request_id
+    assert sorted(run.restarted) == (sorted(failed) if mode == "recompute" else [])
+    assert s.kv.num_free_blocks == s.kv.pool.num_blocks and not s.suspended
+
+
+def test_fcr_continue_spills_parked_kv_when_nothing_else_fits():
+    # Tiny cache: collected rows keep their blocks, so the failure batch must spill some of them.
+    rs = [req(str(i), 8, true_len=60, predicted=5, max_tokens=64) for i in range(6)]
+    policy = make_policy("sequence", {"bucket": 10, "fcr": "continue", "vbs": False, "vbs_fixed": 6})
+    run, s = drive(policy, rs, num_blocks=60, block_size=4)
+    assert run.finished == expected(rs)
+    assert s.kv.num_free_blocks == 60
+
+
+# -- multi-bin ------------------------------------------------------------------------------------
+
+def test_multibin_with_oracle_lengths_forms_single_bin_batches():
+    import random
+
+    rng = random.Random(0)
+    lens = [rng.randint(1, 100) for _ in range(64)]
+    rs = [req(str(i), 3, true_len=t, predicted=t, max_tokens=128) for i, t in enumerate(lens)]
+    edges = [25.0, 50.0, 75.0]
+    policy = make_policy("multibin", {"bins": 4, "batch_size": 4, "edges": edges})
+    run, _ = drive(policy, rs)
+    assert run.finished == expected(rs)
+    import bisect
+
+    bin_of = {r.request_id: bisect.bisect_left(edges, r.predicted_length) for r in rs}
+    for running in run.steps:
+        assert len({bin_of[i] for i in running}) <= 1, running
+
+
+def test_multibin_learns_edges_from_recent_predictions_and_releases_full_bins_in_order():
+    policy = make_policy("multibin", {"bins": 2, "batch_size": 2})
+    rs = [req(str(i), 3, true_len=p, predicted=p) for i, p in enumerate([10, 90, 12, 95, 11, 92])]
+    for r in rs:
+        policy.add(r)
+    assert policy.current_edges() == [51.0]  # the median of six predictions
+    formed = [[r.request_id for r in m] for m, _ in policy.ready]
+    assert formed[0] == ["0", "2"]  # bin 0 filled first (edges were still settling for "1")
+
+
+def test_multibin_max_wait_bounds_the_wait_of_a_lonely_bin():
+    clock = FakeClock()
+    long_one = req("long", 3, true_len=5, predicted=500)
+    shorts = {float(t): [req(f"s{t}", 3, true_len=2, predicted=5, arrival=float(t))] for t in range(1, 200)}
+    arrivals = {0.0: [long_one], **shorts}
+    policy = make_policy("multibin", {"bins": 2, "batch_size": 8, "max_wait": 20.0, "edges": [100.0]})
+    run, _ = drive(policy, [], arrivals=arrivals, clock=clock)
+    first = next(i for i, x in enumerate(run.steps) if "long" in x)
+    assert first <= 22  # released by max_wait, not after the short stream dries up
+    assert run.finished["long"] == 5
+
+
+# -- continuous -----------------------------------------------------------------------------------
+
+def test_sjf_admits_shortest_prediction_first():
+    rs = [req(str(i), 3, true_len=4, predicted=p) for i, p in enumerate([50, 5, 20, 1])]
+    run, _ = drive(make_policy("continuous-sjf"), rs, max_num_seqs=1)
+    assert run.admitted_order == ["3", "1", "2", "0"]
+
+
+def test_sjf_aging_lets_a_long_request_finish_under_a_stream_of_short_ones():
+    clock = FakeClock()
+    long_one = req("long", 3, true_len=10, predicted=400, max_tokens=400)
+    # A short request arrives every step: without aging the long one would wait forever.
+    arrivals = {0.0: [long_one], **{float(t): [req(f"s{t}", 3, true_len=1, predicted=1, arrival=float(t))]
+                                    for t in range(1, 400)}}
+    run, _ = drive(make_policy("continuous-sjf", {"aging": 20.0}), [], arrivals=arrivals, clock=clock,
+                   max_num_seqs=1)
+    first = next(i for i, x in enumerate(run.steps) if "long" in x)
+    assert first <= 25  # 400 tokens / 20 per second of waiting
+    assert run.finished["long"] == 10
+
+
+def test_predictive_admission_preempts_less_than_admit_then_preempt():
+    rs = [req(str(i), 4, true_len=40, predicted=40, max_tokens=64) for i in range(24)]
+    plain, s_plain = drive(make_policy("fcfs"), [req(r.request_id, 4, 40, 40, 64) for r in rs], num_blocks=90)
+    pred, s_pred = drive(make_policy("fcfs", {"predictive": True, "quantile": 0.9}), rs, num_blocks=90)
+    assert plain.finished == pred.finished == expected(rs)
+    assert s_plain.num_preemptions > 0 and s_pred.num_preemptions == 0
+
+
+def test_policy_options_are_validated_by_name():
+    with pytest.raises(ValueError, match="no option"):
+        make_policy("static", {"batchsize": 4})
+    with pytest.raises(ValueError, match="fcr"):
+        make_policy("sequence", {"fcr": "retry"})
+    with pytest.raises(ValueError, match="batch_size"):
+        make_policy("multibin", {"batch_size": 0})
+    with pytest.raises(ValueError, match="edges"):
+        make_policy("multibin", {"bins": 3, "edges": [5.0]})
+    with pytest.raises(ValueError, match="aging"):
+        make_policy("continuous-sjf", {"aging": 0})
+
+
+# -- every policy: nothing lost, nothing duplicated -------------------------------------------------
+
+POLICIES = [("fcfs", {}), ("fcfs", {"predictive": True}), ("continuous-sjf", {}), ("static", {"batch_size": 3}),
+            ("sequence", {"window": 5, "fcr": "recompute"}), ("sequence", {"window": 5, "fcr": "continue"}),
+            ("sequence", {"vbs": False, "fcr": None}), ("multibin", {"bins": 3, "batch_size": 3, "max_wait": 5.0})]
+
+
+@settings(max_examples=40, deadline=None)
+@given(policy=st.sampled_from(POLICIES),
+       reqs=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 40), st.integers(1, 60), st.integers(0, 30)),
+                     min_size=1, max_size=25),
+       num_blocks=st.integers(30, 120))
+def test_no_request_is_lost_or_duplicated_under_random_arrivals(policy, reqs, num_blocks):
+    arrivals: dict[float, list[Request]] = {}
+    rs = []
+    for i, (prompt, true_len, pred, at) in enumerate(reqs):
+        r = req(str(i), prompt, true_len=true_len, predicted=pred, max_tokens=48, arrival=float(at))
+        rs.append(r)
+        arrivals.setdefault(float(at), []).append(r)
+    run, s = drive(make_policy(*policy), [], arrivals=arrivals, num_blocks=num_blocks, block_size=4,
+                   max_num_seqs=8, budget=64)
+    assert run.finished == expected(rs)
+    assert all(c == 1 for c in run.finish_count.values())
+    assert s.kv.num_free_blocks == num_blocks and not s.running and len(s.policy) == 0
