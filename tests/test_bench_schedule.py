@@ -14,6 +14,8 @@ def test_parse_policy_specs():
     spec = parse_policy("sequence:fcr=continue,vbs=false,bucket=25")
     assert spec.name == "sequence" and spec.options == {"fcr": "continue", "vbs": False, "bucket": 25}
     assert parse_policy("continuous").options == {}
+    spec = parse_policy("sequence:bucket=10@oracle")
+    assert spec.options == {"bucket": 10} and spec.predictor == "oracle" and spec.label.endswith("@oracle")
     with pytest.raises(ValueError, match="key=value"):
         parse_policy("static:16")
 

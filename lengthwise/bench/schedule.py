@@ -42,15 +42,18 @@ KEYS = ["policy", "options", "requests_per_s", "output_tokens_per_s", "padded_st
 class PolicySpec:
     name: str
     options: dict[str, Any]
+    predictor: str | None = None  # overrides --predictor for this run
 
     @property
     def label(self) -> str:
         return self.name + (":" + ",".join(f"{k}={json.dumps(v)}" for k, v in self.options.items())
-                            if self.options else "")
+                            if self.options else "") + (f"@{self.predictor}" if self.predictor else "")
 
 
 def parse_policy(text: str) -> PolicySpec:
-    """`NAME` or `NAME:key=value,key=value` (values parsed as JSON where they can be)."""
+    """`NAME`, `NAME:key=value,key=value` (values parsed as JSON where they can be), and an optional
+    `@PREDICTOR` suffix (a directory or `oracle`) that replaces `--predictor` for this run."""
+    text, _, predictor = text.partition("@")
     name, _, rest = text.partition(":")
     options: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
@@ -61,7 +64,7 @@ def parse_policy(text: str) -> PolicySpec:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    return PolicySpec(name, options)
+    return PolicySpec(name, options, predictor or None)
 
 
 def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
@@ -71,7 +74,7 @@ def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="alpaca-lengths JSONL (e.g. dev.jsonl)")
     p.add_argument("--num-requests", type=int, default=1024)
     p.add_argument("--predictor", default=None, help="predictor directory or 'oracle' (default: none)")
-    p.add_argument("--policy", action="append", default=None, metavar="NAME[:k=v,...]",
+    p.add_argument("--policy", action="append", default=None, metavar="NAME[:k=v,...][@PREDICTOR]",
                    help=f"a policy run (repeat); default: {' '.join(DEFAULT_POLICIES)}")
     p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second (default: all at 0)")
     p.add_argument("--seed", type=int, default=0)
@@ -111,9 +114,11 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     results = []
     for spec in specs:
         config = EngineConfig(dtype=args.dtype, kv_cache_memory=kv_bytes, max_num_seqs=args.max_num_seqs,
-                              policy=spec.name, policy_options=spec.options, length_predictor=args.predictor)
+                              policy=spec.name, policy_options=spec.options,
+                              length_predictor=spec.predictor or args.predictor)
         rec = run_policy(model, tokenizer, config, [t for t, _ in records_in], lengths, arrivals, spec)
         rec["model"] = label
+        rec["predictor"] = spec.predictor or args.predictor
         results.append(rec)
         print(format_row(rec), file=sys.stderr)
         gc.collect()

@@ -16,7 +16,7 @@ import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -144,12 +144,12 @@ class LengthPredictor(ABC):
 
 @dataclass
 class PredictorStats:
-    """Running totals an engine keeps about its predictor (also reported by `self`'s fallbacks)."""
+    """Running totals an engine keeps about its predictor: requests predicted, seconds spent in
+    `predict`, and (for `self`) answers that fell back."""
 
     num_predicted: int = 0
     seconds: float = 0.0
     num_fallbacks: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def load_predictor(directory: str | Path, allow_benchmark_only: bool = True) -> LengthPredictor:

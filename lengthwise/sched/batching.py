@@ -213,16 +213,16 @@ class SequencePolicy(BatchPolicy):
         return max(1, min(self.batch_size, view.max_num_seqs, int(usable // per_request)))
 
     def form_batches(self, view: SchedulerView, drain: bool) -> None:
-        if self.ready:
+        if self.ready or self.batch:
             return
-        if self.queue:
-            window = [self.queue.popleft() for _ in range(min(self.window, len(self.queue)))]
-            window.sort(key=predicted)
-            self._cut(window, view, capped=self.fcr is not None)
-        elif self.failed:
+        if self.failed:  # the last window is served: finish its failures before the next window
             failed, self.failed = self.failed, []
             failed.sort(key=predicted)
             self._cut(failed, view, capped=False)
+        elif self.queue:
+            window = [self.queue.popleft() for _ in range(min(self.window, len(self.queue)))]
+            window.sort(key=predicted)
+            self._cut(window, view, capped=self.fcr is not None)
 
     def _cut(self, requests: list[Request], view: SchedulerView, capped: bool) -> None:
         groups: list[tuple[int, list[Request]]] = []

@@ -188,7 +188,7 @@ class Scheduler:
                 break
             if request.suspended:  # its blocks are still held: it resumes where it stopped
                 chunks = self._plan(request, budget)
-                if chunks is None and not self.running:
+                if chunks is None:
                     self._spill_suspended(keep=request)
                     chunks = self._plan(request, budget)
                 if chunks is None:
@@ -207,8 +207,10 @@ class Scheduler:
             need = (self.kv.blocks_for(request.prompt_len) - cached // self.kv.block_size
                     + sum(self.kv.blocks_for(len(s.output_ids) + 1) for s in seqs))
             headroom = self.watermark_blocks if self.running else 0
-            if self.kv.num_free_blocks - need < headroom and not self.running and self.suspended:
-                self._spill_suspended(keep=None, need=need)  # nothing runs: parked KV must make room
+            if self.kv.num_free_blocks - need < headroom and self.suspended:
+                # Parked KV yields to the batch being admitted: its owners keep their tokens and
+                # recompute them on resume, as a preempted request does.
+                self._spill_suspended(keep=None, need=need + headroom)
             chunks = None
             if self.kv.num_free_blocks - need >= headroom:
                 request.num_prompt_computed = request.num_cached_tokens = cached
@@ -229,8 +231,9 @@ class Scheduler:
         self._apply(chunks, out)
 
     def _spill_suspended(self, keep: Request | None, need: int = 0) -> None:
-        """Free the KV of suspended requests (newest first) until `need` blocks are free: they
-        keep their tokens and will recompute them, like a preempted request."""
+        """Free the KV of suspended requests other than `keep` (newest first) until `need` blocks
+        are free (`keep` given: all of them): they keep their tokens and will recompute them, like
+        a preempted request."""
         for request in reversed(list(self.suspended)):
             if request is keep or (keep is None and self.kv.num_free_blocks >= need):
                 continue
