@@ -113,13 +113,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from lengthwise.bench import predictors, schedule, throughput
+    from lengthwise.bench import kernels, predictors, schedule, throughput
 
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     throughput.add_subcommand(bench_sub)
     predictors.add_subcommand(bench_sub)
     schedule.add_subcommand(bench_sub)
+    kernels.add_subcommand(bench_sub)
 
 
 def _add_predictor(sub: argparse._SubParsersAction) -> None:

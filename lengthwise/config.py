@@ -24,6 +24,9 @@ class EngineConfig:
     `LengthPredictor`; every request gets a predicted length before it is scheduled.
     `record_lengths`: a JSONL file to which each finished request appends its prompt, the
     model's hidden state at the end of prefill and its real length (the probe's training data).
+    `enforce_eager`: on CUDA, run every step eagerly instead of replaying decode steps as CUDA
+    graphs (vLLM's name); graphs are captured at start-up for batches of up to
+    `min(max_num_seqs, 256)` rows and need the Triton kernels.
     """
 
     dtype: str = "auto"
@@ -38,6 +41,7 @@ class EngineConfig:
     policy_options: dict[str, Any] | None = None
     length_predictor: Any = None
     record_lengths: str | None = None
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -54,6 +58,8 @@ class EngineConfig:
                 raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {m}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"policy must be a policy name, got {self.policy!r}")
 

@@ -85,3 +85,44 @@ def default_model(tmp_path_factory):
     from lengthwise.model.default import default_model_dir
 
     return default_model_dir(seed=0, cache_dir=tmp_path_factory.mktemp("lw-cache"))
+
+
+def graphed_and_plain_decode(model, monkeypatch, graph_batch: int = 4):
+    """Run the same five requests through an engine whose decode steps of up to `graph_batch` rows
+    go through `DecodeGraphs` (CUDA graphs on a GPU, the same static buffers eagerly elsewhere) and
+    through a plain one. Returns (graphed outputs, plain outputs, graphed steps taken); the
+    requests' lengths differ so that the decode batch shrinks through every bucket, with padding
+    rows, and starts above `graph_batch` (the eager fallback)."""
+    from lengthwise import SamplingParams
+    from lengthwise.config import EngineConfig
+    from lengthwise.engine.cuda_graph import DecodeGraphs
+    from lengthwise.engine.llm import run_to_completion
+    from lengthwise.engine.llm_engine import LLMEngine
+
+    prompts = [[5, 17, 9, 3, 50], list(range(10, 40)), [7], [1, 2, 3], [8, 8, 8, 8, 8, 8, 8, 8, 9]]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=2, n=n)
+              for m, n in ((14, 1), (11, 1), (8, 1), (5, 1), (3, 2))]
+    calls = []
+    real_run = DecodeGraphs.run
+
+    def counting_run(self, rows):
+        calls.append(len(rows.token_ids))
+        return real_run(self, rows)
+
+    monkeypatch.setattr(DecodeGraphs, "run", counting_run)
+    outs = {}
+    for batch in (graph_batch, 0):
+        monkeypatch.setattr(LLMEngine, "_graph_batch", lambda self, b=batch: b)
+        engine = LLMEngine(model, None, EngineConfig(block_size=4, max_num_seqs=8))
+        outs[batch] = run_to_completion(engine, prompts, params)
+    return outs[graph_batch], outs[0], calls
+
+
+def assert_same_generations(got, want, logprob_tol: float) -> None:
+    """Same token ids for every sample; each token's logprob within `logprob_tol`."""
+    for g, w in zip(got, want, strict=True):
+        for gs, ws in zip(g.outputs, w.outputs, strict=True):
+            assert gs.token_ids == ws.token_ids
+            for a, b in zip(gs.logprobs, ws.logprobs, strict=True):
+                assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < logprob_tol
+                assert [t for t, _ in a.top] == [t for t, _ in b.top]

@@ -41,6 +41,10 @@ def test_presets_have_the_issue_shapes():
     big = PRESETS["llama-100m"]
     assert (big.hidden_size, big.num_hidden_layers, big.num_attention_heads, big.num_key_value_heads,
             big.intermediate_size, big.vocab_size, big.max_position_embeddings) == (768, 12, 12, 12, 2048, 32000, 2048)
+    one_b = PRESETS["llama-1b"]  # Llama-3.2-1B's shape, stored in bfloat16
+    assert (one_b.hidden_size, one_b.num_hidden_layers, one_b.num_attention_heads, one_b.num_key_value_heads,
+            one_b.intermediate_size, one_b.vocab_size, one_b.tie_word_embeddings, one_b.rope_theta,
+            one_b.dtype) == (2048, 16, 32, 8, 8192, 128256, True, 500000.0, "bfloat16")
 
 
 def test_preset_loads_with_lengthwise_and_transformers(tiny_dir, bench_cache):

@@ -30,7 +30,7 @@ CUDA = torch.cuda.is_available()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 DEVICE = "cuda" if CUDA else "cpu"
-KERNEL_MODULES = {"norm": ["_rms_norm_kernel"], "activation": ["_silu_and_mul_kernel"],
+KERNEL_MODULES = {"norm": ["_rms_norm_kernel"], "activation": ["_silu_and_mul_kernel"], "linear": ["_gemv_kernel"],
                   "rotary": ["_rotary_write_kernel"],
                   "attention": ["_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel"]}
 NAN = float("nan")
@@ -150,6 +150,25 @@ def test_silu_and_mul(dtype, shape):
     got = triton_ops.silu_and_mul(x, out=out)
     assert got is out
     torch.testing.assert_close(got, silu_and_mul(x), **ELEMENTWISE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, k, bias", [(7, 80, False), (100, 300, True), (1, 16, False)])
+def test_gemv(dtype, n, k, bias):
+    """The batch-1 linear: N and K not multiples of any tile, with and without bias."""
+    from lengthwise.ops.linear import linear
+
+    g = _gen(n * k)
+    x, w = _randn(1, k, g=g, dtype=dtype), _randn(n, k, g=g, dtype=dtype, scale=0.1)
+    b = _randn(n, g=g, dtype=dtype) if bias else None
+    got = triton_ops.gemv(x, w, b)
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    assert got.shape == (1, n) and got.dtype == dtype
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(got.float(), ref, **tol)
+    assert torch.equal(linear(x, w, b), torch.nn.functional.linear(x, w, b))  # dispatch: torch chosen here
+    with pytest.raises(ValueError, match="gemv takes"):
+        triton_ops.gemv(torch.cat([x, x]), w)
 
 
 @pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
@@ -343,12 +362,12 @@ def test_dispatch_choice(monkeypatch):
         use_triton(x)
 
 
-def _tiny_model(dtype):
+def _tiny_model(dtype, max_positions: int = 128):
     from lengthwise.model.config import ModelConfig
     from lengthwise.model.llama import CausalLM
 
     config = ModelConfig(model_type="qwen3", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
-                         num_heads=8, num_kv_heads=2, head_dim=16, max_position_embeddings=128, qk_norm=True,
+                         num_heads=8, num_kv_heads=2, head_dim=16, max_position_embeddings=max_positions, qk_norm=True,
                          sliding_windows=(None, 6), eos_token_ids=(95,))
     model = CausalLM(config, dtype, DEVICE)
     g = _gen(11)
@@ -378,6 +397,23 @@ def test_model_greedy_tokens_match_torch(monkeypatch, dtype):
     assert ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item() < tol
     if dtype == torch.float32:
         assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []))
+def test_decode_graphs_match_plain_steps(monkeypatch, dtype):
+    """Decode steps replayed from `DecodeGraphs` (captured CUDA graphs on a GPU; the same static
+    buffers run eagerly under the interpreter) through the Triton kernels: padding rows on the
+    scratch block, split-K partitions fixed from max_model_len (1024: a batch-1 step gets four
+    partitions, three of them empty), the fallback above the largest bucket."""
+    from conftest import assert_same_generations, graphed_and_plain_decode
+
+    monkeypatch.setenv(KERNELS_ENV, "auto" if CUDA else "triton")
+    got, want, calls = graphed_and_plain_decode(_tiny_model(dtype, max_positions=1024), monkeypatch)
+    assert sorted(set(calls)) == [1, 2, 3, 4]
+    if dtype == torch.float32:
+        assert_same_generations(got, want, logprob_tol=1e-4)
+    else:  # same kernels, but each bucket's own matmul shapes: bf16 rounding may differ
+        assert_same_generations(got, want, logprob_tol=5e-2)
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")

@@ -34,6 +34,8 @@ class LlamaPreset:
     vocab_size: int | None
     max_position_embeddings: int
     tie_word_embeddings: bool
+    rope_theta: float = 10000.0
+    dtype: str = "float32"  # the safetensors dtype on disk (bfloat16 halves a large preset's size)
 
 
 PRESETS: dict[str, LlamaPreset] = {
@@ -45,6 +47,11 @@ PRESETS: dict[str, LlamaPreset] = {
     "llama-100m": LlamaPreset(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                               num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048,
                               tie_word_embeddings=True),
+    # The shape of Llama-3.2-1B (1.24B parameters, tied 128256 x 2048 embedding), stored in bfloat16:
+    # the GPU benchmark model of the kernels issue.
+    "llama-1b": LlamaPreset(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                            tie_word_embeddings=True, rope_theta=500000.0, dtype="bfloat16"),
 }
 
 
@@ -88,9 +95,9 @@ def write_preset(out_dir: str | Path, preset: LlamaPreset, seed: int = 0) -> Non
         "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
         "max_position_embeddings": preset.max_position_embeddings, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
+        "rope_theta": preset.rope_theta, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
         "mlp_bias": False, "initializer_range": INIT_STD, "tie_word_embeddings": preset.tie_word_embeddings,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32",
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": preset.dtype,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(
@@ -121,4 +128,5 @@ def write_preset(out_dir: str | Path, preset: LlamaPreset, seed: int = 0) -> Non
             p + "mlp.up_proj.weight": normal(inter, hidden),
             p + "mlp.down_proj.weight": normal(hidden, inter),
         })
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    dtype = getattr(torch, preset.dtype)
+    save_file({k: v.to(dtype) for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})

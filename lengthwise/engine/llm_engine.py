@@ -27,12 +27,14 @@ from lengthwise.engine.sampler import make_generator, sample
 from lengthwise.kv.storage import KVCacheStorage
 from lengthwise.model import CausalLM, load_model
 from lengthwise.model.config import read_json
+from lengthwise.ops.dispatch import use_triton
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.sched import Scheduler, make_policy
 from lengthwise.sequence import Request, RequestStatus, Sequence
 from lengthwise.tokenizer import Tokenizer
 
 CPU_DEFAULT_KV_BYTES = 4 << 30
+MAX_GRAPH_BATCH = 256  # decode batches up to this many rows replay a CUDA graph
 
 
 @dataclass
@@ -62,7 +64,8 @@ class LLMEngine:
         self.scheduler = Scheduler(policy, self.num_blocks, config.block_size,
                                    config.max_num_seqs, config.max_num_batched_tokens,
                                    enable_prefix_caching=config.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size)
+        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.max_model_len,
+                                  graph_batch=self._graph_batch())
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.length = LengthPerception(self, config.length_predictor, config.record_lengths)
@@ -92,6 +95,14 @@ class LLMEngine:
                              f"fewer than the {blocks_per_seq} one {self.max_model_len}-token context needs; "
                              f"raise kv_cache_memory or lower max_model_len")
         return int(num_blocks)
+
+    def _graph_batch(self) -> int:
+        """Largest decode batch replayed as a CUDA graph; 0 for none (CPU, `enforce_eager`, or the
+        torch reference kernels, whose host-side metadata a graph would freeze)."""
+        probe = self.model.embed
+        if self.config.enforce_eager or not probe.is_cuda or not use_triton(probe):
+            return 0
+        return min(self.config.max_num_seqs, MAX_GRAPH_BATCH)
 
     def default_sampling_params(self) -> SamplingParams:
         """vLLM's behaviour: the checkpoint's generation_config.json sets the sampling defaults."""

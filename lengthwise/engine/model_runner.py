@@ -3,13 +3,15 @@
 Every chunk becomes one row-group of `AttentionMetadata`: a prompt chunk's context is its prompt
 segment; a sequence chunk's context is the request's prompt segment followed by the sequence's
 response segment. Prefill, chunked prefill, recomputation and decode share this one layout, so
-a step can mix them freely.
+a step can mix them freely. Decode-only steps of up to `graph_batch` rows go through
+`DecodeGraphs` instead (CUDA graphs on a GPU) when the runner was built with them.
 """
 
 from __future__ import annotations
 
 import torch
 
+from lengthwise.engine.cuda_graph import DecodeGraphs, DecodeRows
 from lengthwise.kv.block_manager import KVBlockManager
 from lengthwise.model.llama import CausalLM
 from lengthwise.ops import AttentionMetadata
@@ -17,18 +19,32 @@ from lengthwise.sched.scheduler import ScheduledChunk
 
 
 class ModelRunner:
-    """Owns the KV cache storage (allocated once) and runs the model on scheduled chunks."""
+    """Owns the KV cache storage (allocated once) and runs the model on scheduled chunks.
 
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int) -> None:
+    `graph_batch > 0` routes decode-only steps of up to that many rows through `DecodeGraphs`
+    (contexts up to `max_model_len`), captured as CUDA graphs unless `capture_graphs` is False
+    (then the same static buffers run eagerly: the CPU tests' way to check them). The cache then
+    holds one more block than `num_blocks`, the padding rows' scratch block.
+    """
+
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_model_len: int | None = None,
+                 graph_batch: int = 0, capture_graphs: bool | None = None) -> None:
         self.model = model
         self.block_size = block_size
-        self.cache = model.new_kv_cache(num_blocks, block_size)
+        self.cache = model.new_kv_cache(num_blocks + (1 if graph_batch else 0), block_size)
+        self.graphs: DecodeGraphs | None = None
+        if graph_batch:
+            max_len = max_model_len or model.config.max_position_embeddings
+            self.graphs = DecodeGraphs(model, self.cache, num_blocks, max_len, graph_batch, capture_graphs)
         # Final hidden states of the last step's sampling rows (the probe's features at prefill end).
         self.last_hidden: torch.Tensor | None = None
 
     def run(self, chunks: list[ScheduledChunk], kv: KVBlockManager) -> torch.Tensor:
         """Run one step; return float32 logits `[num_sampling_chunks, vocab]`, one row per chunk
         with `sample` set, in chunk order."""
+        if self.graphs is not None and 0 < len(chunks) <= self.graphs.max_batch and all(
+                c.seq is not None and c.sample and c.end - c.start == 1 for c in chunks):
+            return self._run_graphed(chunks, kv)
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -75,6 +91,25 @@ class ModelRunner:
             hidden = hidden[torch.tensor(sample_rows, device=device)]
         self.last_hidden = hidden
         return self.model.compute_logits(hidden)
+
+
+    def _run_graphed(self, chunks: list[ScheduledChunk], kv: KVBlockManager) -> torch.Tensor:
+        bs = self.block_size
+        rows = DecodeRows([], [], [], [], [], [], [])
+        for c in chunks:
+            req, seq = c.request, c.seq
+            assert seq is not None
+            blocks = kv.response_segment(seq.seq_id).blocks
+            rows.token_ids.append(seq.output_ids[c.start])
+            rows.positions.append(req.prompt_len + c.start)
+            rows.slots.append(blocks[c.start // bs] * bs + c.start % bs)
+            rows.prompt_tables.append(kv.prompt_segment(req.request_id).blocks)
+            rows.prompt_lens.append(req.prompt_len)
+            rows.response_tables.append(blocks)
+            rows.response_lens.append(c.end)
+        hidden, logits = self.graphs.run(rows)  # type: ignore[union-attr]
+        self.last_hidden = hidden
+        return logits
 
 
 def _table(rows: list[list[int]], device: torch.device) -> torch.Tensor:

@@ -17,6 +17,7 @@ from lengthwise.kv.storage import KVCacheStorage
 from lengthwise.model.config import ModelConfig
 from lengthwise.ops import (
     AttentionMetadata,
+    linear,
     paged_attention,
     rms_norm,
     rotary_cos_sin,
@@ -59,7 +60,7 @@ class DecoderLayer(nn.Module):
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         x, residual = rms_norm(x, self.input_norm, c.rms_norm_eps, residual)
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split((c.q_size, c.kv_size, c.kv_size), dim=-1)
         q = q.view(-1, c.num_heads, c.head_dim)
         k = k.view(-1, c.num_kv_heads, c.head_dim)
@@ -69,10 +70,10 @@ class DecoderLayer(nn.Module):
             k = rms_norm(k, self.k_norm, c.rms_norm_eps)[0]
         q = rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
         attn = paged_attention(q, k_cache, v_cache, positions, meta, self.scale, self.sliding_window)
-        x = F.linear(attn.reshape(-1, c.q_size), self.o_weight, self.o_bias)
+        x = linear(attn.reshape(-1, c.q_size), self.o_weight, self.o_bias)
         x, residual = rms_norm(x, self.post_attn_norm, c.rms_norm_eps, residual)
-        x = silu_and_mul(F.linear(x, self.gate_up_weight, self.gate_up_bias))
-        return F.linear(x, self.down_weight, self.down_bias), residual
+        x = silu_and_mul(linear(x, self.gate_up_weight, self.gate_up_bias))
+        return linear(x, self.down_weight, self.down_bias), residual
 
 
 class CausalLM(nn.Module):
@@ -117,4 +118,4 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[N, vocab]` in float32 for the hidden states of the rows to sample from."""
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()

@@ -95,6 +95,14 @@ class AttentionMetadata:
                 ctx, max(qlens, default=0), max(ctx, default=0), all(n == 1 for n in qlens))
         return self._kernel["tensors"]
 
+    def pin_kernel_tensors(self, tensors: KernelTensors) -> None:
+        """Use `tensors` as this step's kernel tensors instead of building them from the host lists.
+
+        A CUDA graph does this: its kernels must read the same device buffers at every replay, and
+        `max_context` is then the longest context the graph may ever see, which fixes the split-K
+        partitioning."""
+        self._kernel["tensors"] = tensors
+
     def query_tiles(self, block_m: int) -> torch.Tensor:
         """`[tiles, 2]` int32 device tensor of (row-group, first query row) for every tile of up to
         `block_m` query rows, the tiles with the most context first; built once per step and size."""

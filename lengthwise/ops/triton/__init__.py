@@ -35,6 +35,13 @@ def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
     return run(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, out)
 
 
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` for a single row `x [1, K]` (batch-1 decode)."""
+    from lengthwise.ops.triton.linear import gemv as run
+
+    return run(x, weight, bias)
+
+
 def paged_attention(q, k_cache, v_cache, positions, meta, scale, sliding_window=None, out=None):
     """Segment attention: the decode kernel when every row-group has one query, else the varlen one."""
     from lengthwise.ops.triton.attention import paged_attention as run
@@ -42,4 +49,4 @@ def paged_attention(q, k_cache, v_cache, positions, meta, scale, sliding_window=
     return run(q, k_cache, v_cache, positions, meta, scale, sliding_window, out)
 
 
-__all__ = ["fused_add_rms_norm", "paged_attention", "rotary_and_write_kv", "silu_and_mul"]
+__all__ = ["fused_add_rms_norm", "gemv", "paged_attention", "rotary_and_write_kv", "silu_and_mul"]

@@ -65,7 +65,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, p_table_ptr, r_tabl
                    out_ptr, part_out_ptr, part_lse_ptr,
                    q_st, q_sh, kc_ss, kc_sh, vc_ss, vc_sh, o_st, o_sh, p_table_st, r_table_st,
                    po_st, po_sh, po_ss, pl_st, pl_sh,
-                   block_size, scale_log2, window, chunk,
+                   block_size, scale_log2, window,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
                    DOT_F32: tl.constexpr):
@@ -80,8 +80,12 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, p_table_ptr, r_tabl
     if USE_WINDOW:
         lo = tl.maximum(lo, q_pos - window + 1)
     if SPLIT:
-        lo = tl.maximum(lo, split * chunk)
-        hi = tl.minimum(hi, (split + 1) * chunk)
+        # Each sequence cuts its own visible range into the launch's partitions (whole BLOCK_N
+        # tiles), so a short sequence beside a long one, or any sequence in a CUDA graph sized
+        # for the longest context, still spreads its keys over several programs.
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 1), tl.num_programs(2)), BLOCK_N) * BLOCK_N
+        lo = lo + split * chunk
+        hi = tl.minimum(hi, lo + chunk)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -306,8 +310,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         bn, warps = block_n or bn, num_warps or warps
         if num_splits is None:
             num_splits = choose_num_splits(b, kv_heads, kt.max_context, _num_sms(q.device))
-        chunk = triton.cdiv(triton.cdiv(max(kt.max_context, 1), num_splits), bn) * bn
-        num_splits = max(1, triton.cdiv(kt.max_context, chunk))
+        num_splits = max(1, min(num_splits, triton.cdiv(kt.max_context, bn)))  # at most one tile each
         split = num_splits > 1
         if split:
             part_out = torch.empty((b, heads, num_splits, dim), dtype=torch.float32, device=q.device)
@@ -321,7 +324,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             kt.response_lens, out, part_out, part_lse,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
             out.stride(0), out.stride(1), *common, *po[:3], *pl,
-            meta.block_size, scale_log2, window, chunk,
+            meta.block_size, scale_log2, window,
             G=group, D=dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=bn, USE_WINDOW=use_window, SPLIT=split,
             PREC=prec, DOT_F32=dot_f32, num_warps=warps, num_stages=num_stages or 2)
         if split:

@@ -1,0 +1,162 @@
+"""Decode steps replayed as CUDA graphs at bucketed batch sizes.
+
+A batch-1 decode step of a 1B model is about 0.8 ms of weight reads on an H100, but launching its
+~150 kernels from Python takes several milliseconds. So, as gpt-fast and nano-vllm do, every
+decode-only step of up to `max_batch` rows runs a graph captured once at start-up for the
+smallest bucket that holds it (1, 2, 4, 8, then multiples of 16). The graph reads its inputs
+from static buffers: token ids, positions, cache slots, both segments' block tables and lengths.
+The rows past the real batch are padding: they attend to one token of a scratch block that the
+block manager never hands out, and write their keys there, so they never touch a real sequence.
+
+The attention kernels normally size their split-K partitions from the step's longest context;
+a graph cannot, so each bucket fixes its split count from `max_model_len` (empty partitions
+cost one early exit). On the CPU (tests) the same buffers run eagerly, without capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lengthwise.kv.storage import KVCacheStorage
+from lengthwise.model.llama import CausalLM
+from lengthwise.ops import AttentionMetadata
+from lengthwise.ops.attention import KernelTensors
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """The bucket sizes captured for a largest batch of `max_batch` rows: 1, 2, 4, 8, 16, 32, ...
+    in steps of 16, always ending at `max_batch` itself."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be positive, got {max_batch}")
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch] + list(range(16, max_batch, 16))
+    return sorted(set(sizes) | {max_batch})
+
+
+@dataclass
+class DecodeRows:
+    """One decode step on the host: per row, its token, position, cache slot and both segments."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    prompt_tables: list[list[int]]
+    prompt_lens: list[int]
+    response_tables: list[list[int]]
+    response_lens: list[int]
+
+
+class _Bucket:
+    """One bucket's device inputs, in two flat buffers so that a step fills them with two copies:
+    int64 `[ids | positions | slots]` and int32 `[prompt lens | response lens | prompt tables |
+    response tables]` (tables `[size, width]`, row-major)."""
+
+    def __init__(self, size: int, width: int, device: torch.device) -> None:
+        self.size, self.width = size, width
+        self.longs = torch.zeros(3 * size, dtype=torch.long, device=device)
+        self.ints = torch.zeros(2 * size + 2 * size * width, dtype=torch.int32, device=device)
+        self.ids, self.positions, self.slots = self.longs.view(3, size)
+        self.prompt_lens, self.response_lens = self.ints[:2 * size].view(2, size)
+        self.prompt_tables, self.response_tables = self.ints[2 * size:].view(2, size, width)
+        self.query_start = torch.arange(size + 1, dtype=torch.int32, device=device)
+
+
+class DecodeGraphs:
+    """Static input buffers, one captured graph per bucket size, and the replay that fills them."""
+
+    def __init__(self, model: CausalLM, cache: KVCacheStorage, scratch_block: int, max_model_len: int,
+                 max_batch: int, capture: bool | None = None) -> None:
+        self.model, self.cache = model, cache
+        self.block_size = cache.block_size
+        self.scratch_block = scratch_block
+        self.max_model_len = max_model_len
+        self.sizes = graph_batch_sizes(max_batch)
+        self.max_batch = self.sizes[-1]
+        self.capture = model.device.type == "cuda" if capture is None else capture
+        self.width = -(-max_model_len // self.block_size)
+        dev, m = model.device, self.max_batch
+        self._buckets = {size: _Bucket(size, self.width, dev) for size in self.sizes}
+        # Host staging, pinned on CUDA so that the two copies per step are asynchronous. Reusing it
+        # is safe because the sampler reads the step's tokens back (a sync) before the next fill.
+        pin = dev.type == "cuda"
+        self._host_longs = torch.zeros(3 * m, dtype=torch.long, pin_memory=pin)
+        self._host_ints = torch.zeros(2 * m + 2 * m * self.width, dtype=torch.int32, pin_memory=pin)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for size in self.sizes:
+            self._fill(DecodeRows([], [], [], [], [], [], []), size)
+        if self.capture:
+            self._capture_all()
+
+    def run(self, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one decode step; returns (final hidden states, float32 logits) for the real rows.
+
+        Both are views of static buffers, valid until the next call."""
+        n = len(rows.token_ids)
+        if not 0 < n <= self.max_batch:
+            raise ValueError(f"a graphed decode step takes 1 to {self.max_batch} rows, got {n}")
+        size = next(s for s in self.sizes if s >= n)
+        self._fill(rows, size)
+        if self.capture:
+            self._graphs[size].replay()
+            hidden, logits = self._outputs[size]
+        else:
+            hidden, logits = self._forward(size, rows)
+        return hidden[:n], logits[:n]
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _fill(self, rows: DecodeRows, size: int) -> None:
+        """Write the real rows, then padding up to `size`, in the bucket's layout, and copy them over."""
+        n, bs, w = len(rows.token_ids), self.block_size, self.width
+        longs = self._host_longs[:3 * size].numpy().reshape(3, size)
+        ints = self._host_ints[:2 * size + 2 * size * w].numpy()
+        lens, tables = ints[:2 * size].reshape(2, size), ints[2 * size:].reshape(2, size, w)
+        longs[0, :n], longs[1, :n], longs[2, :n] = rows.token_ids, rows.positions, rows.slots
+        longs[:2, n:] = 0
+        longs[2, n:] = self.scratch_block * bs
+        lens[0, :n], lens[1, :n] = rows.prompt_lens, rows.response_lens
+        lens[0, n:], lens[1, n:] = 1, 0  # padding: one key, the scratch block's first slot
+        # Kernels read a table only up to its segment's length: only the columns in use are written.
+        used = max([1] + [len(t) for t in rows.prompt_tables + rows.response_tables])
+        tables[:, :, :used] = self.scratch_block
+        for i in range(n):
+            p, r = rows.prompt_tables[i], rows.response_tables[i]
+            tables[0, i, :len(p)] = p
+            tables[1, i, :len(r)] = r
+        bucket = self._buckets[size]
+        asynchronous = bucket.longs.is_cuda
+        bucket.longs.copy_(self._host_longs[:3 * size], non_blocking=asynchronous)
+        bucket.ints.copy_(self._host_ints[:bucket.ints.numel()], non_blocking=asynchronous)
+
+    def _metadata(self, size: int, rows: DecodeRows | None) -> AttentionMetadata:
+        """Metadata whose kernel tensors are the static buffers; the host-side lists (read only by
+        the torch reference, which never runs inside a graph) are the real rows' when given."""
+        n, b = (0 if rows is None else len(rows.token_ids)), self._buckets[size]
+        prompt_lens = ([] if rows is None else list(rows.prompt_lens)) + [1] * (size - n)
+        response_lens = ([] if rows is None else list(rows.response_lens)) + [0] * (size - n)
+        meta = AttentionMetadata(list(range(size + 1)), b.slots, self.block_size, b.prompt_tables, prompt_lens,
+                                 b.response_tables, response_lens)
+        meta.pin_kernel_tensors(KernelTensors(b.query_start, b.prompt_lens, b.response_lens, b.prompt_tables,
+                                              b.response_tables, [self.max_model_len] * size, 1,
+                                              self.max_model_len, True))
+        return meta
+
+    def _forward(self, size: int, rows: DecodeRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        meta, b = self._metadata(size, rows), self._buckets[size]
+        hidden = self.model(b.ids, b.positions, meta, self.cache)
+        return hidden, self.model.compute_logits(hidden)
+
+    def _capture_all(self) -> None:
+        pool = None
+        for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
+            self._forward(size)  # compiles the Triton kernels for this bucket's configuration
+            torch.cuda.synchronize(self.model.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._outputs[size] = self._forward(size)
+            pool = graph.pool()
+            self._graphs[size] = graph
+        torch.cuda.synchronize(self.model.device)
+

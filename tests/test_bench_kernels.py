@@ -1,0 +1,54 @@
+"""`lengthwise bench kernels` on the CPU: the JSON keys the issue names, sane numbers, the PNG,
+and the `--check` comparison against transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lengthwise.bench.kernels import step_flops_per_row
+from lengthwise.bench.presets import preset_dir
+from lengthwise.cli import main
+from lengthwise.model.config import ModelConfig
+
+KEYS = {"device", "decode_b1_ms", "roofline_b1_ms", "roofline_fraction_b1", "b64_gflops", "matmul_peak_gflops",
+        "copy_bandwidth_gbs", "kernels"}
+OPS = {"rms_norm+residual", "qkv_proj", "rotary+write_kv", "attention ctx 256", "o_proj", "gate_up_proj",
+       "silu_and_mul", "down_proj", "lm_head"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kernels")
+    tiny = preset_dir("llama-tiny", cache_dir=out / "cache")
+    assert main(["bench", "kernels", "--model", str(tiny), "--batch", "4", "--threads", "1", "--check",
+                 "--json", str(out / "k.json")]) == 0
+    return json.loads((out / "k.json").read_text()), out
+
+
+def test_report_has_the_issue_keys_and_sane_numbers(report):
+    r, out = report
+    assert KEYS <= r.keys()
+    assert (out / "k.png").stat().st_size > 0
+    assert {k["kernel"] for k in r["kernels"]} == OPS and {k["batch"] for k in r["kernels"]} == {1, 4}
+    for k in r["kernels"]:
+        assert k["ms"] > 0 and k["gb_s"] > 0 and k["fraction_of_roofline"] > 0
+    assert r["copy_bandwidth_gbs"] > 0.5 and r["matmul_peak_gflops"] > 1
+    assert r["decode_b1_ms"] > 0 and r["forward_b1_ms"] > 0 and r["b64_gflops"] > 0
+    assert r["roofline_fraction_b1"] == pytest.approx(r["roofline_b1_ms"] / r["decode_b1_ms"], rel=1e-2)
+    assert r["cuda_graphs"] is False and r["device"].startswith("cpu")
+
+
+def test_check_agrees_with_transformers_on_cpu(report):
+    c = report[0]["check"]
+    assert c["logits_max_rel_err_vs_transformers"] < 1e-4  # float32
+    assert c["greedy_equal_to_torch_reference"] == c["prompts"] == 4
+
+
+def test_step_flops_count_every_matrix():
+    c = ModelConfig(model_type="llama", vocab_size=10, hidden_size=4, intermediate_size=8, num_layers=2,
+                    num_heads=2, num_kv_heads=1, head_dim=2, max_position_embeddings=16)
+    per_layer = 4 * (4 + 2 * 2) + 4 * 4 + 3 * 4 * 8
+    assert step_flops_per_row(c, 0) == 2 * (2 * per_layer + 10 * 4)
+    assert step_flops_per_row(c, 3) == step_flops_per_row(c, 0) + 2 * 4 * 3 * 2 * 2
