@@ -1,11 +1,18 @@
 """`continuous-sjf`: continuous batching that admits the shortest predicted job first, with aging.
 
 Plain shortest-job-first starves a long request under a steady stream of short ones. Here a
-request's priority is its predicted length minus `aging` tokens for every second it has waited,
-so after `predicted_length / aging` seconds it outranks even a 1-token newcomer: every request's
-wait is bounded. When the KV cache runs out, the running request with the most predicted work
-left is preempted (it would hold its blocks longest). `predictive=True` adds predictive
-admission, as for `fcfs`. Pure Python: no torch.
+request's priority is its predicted remaining length minus `aging` tokens for every second it
+has waited, so after `predicted_length / aging` seconds it outranks even a 1-token newcomer:
+every request's wait is bounded. The default, 1 token per second, bounds a 512-token
+prediction's extra wait at about 8.5 minutes. A faster aging turns the policy into FCFS as soon
+as waits pass a few seconds: at 20 tokens/s (the first default), a queueing fake-clock workload's
+mean latency was only 3% below FCFS's, against 49% at 1 token/s (`tests/test_sched_policies.py`).
+
+When the KV cache runs out, the running request that this same priority ranks last is
+preempted: the one admission would have taken last. An aged long request is thereby protected;
+preempting by predicted work alone would make it the first victim of every shortage, to wait
+and recompute its context again. `predictive=True` adds predictive admission, as for `fcfs`.
+Pure Python: no torch.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from lengthwise.sequence import Request
 class ShortestJobFirstPolicy(SchedulingPolicy):
     name = "continuous-sjf"
 
-    def __init__(self, *, aging: float = 20.0, predictive: bool = False, quantile: float = 0.9) -> None:
+    def __init__(self, *, aging: float = 1.0, predictive: bool = False, quantile: float = 0.9) -> None:
         if not aging > 0:
             raise ValueError(f"aging must be > 0 tokens per second of waiting, got {aging}")
         check_quantile(quantile)
@@ -45,8 +52,8 @@ class ShortestJobFirstPolicy(SchedulingPolicy):
         order = order[:max(view.seq_slots, 0)]
         return predictive_admission(order, view, self.quantile) if self.predictive else order
 
-    def victim(self, running: list[Request]) -> Request:
-        return max(running, key=lambda r: (predicted(r) - max(len(s.output_ids) for s in r.seqs), r.arrival_time))
+    def victim(self, running: list[Request], now: float) -> Request:
+        return max(running, key=lambda r: (self.priority(r, now), r.arrival_time))
 
     def __len__(self) -> int:
         return len(self.waiting)

@@ -79,9 +79,9 @@ class SchedulingPolicy(ABC):
         """A running request lost its KV blocks and must wait again (to be recomputed)."""
         self.add(request)
 
-    def victim(self, running: list[Request]) -> Request:
-        """The running request to preempt when blocks run out: by default the newest arrival,
-        which has the least work to lose and the most time left to wait."""
+    def victim(self, running: list[Request], now: float) -> Request:
+        """The running request to preempt when blocks run out (`now`: the scheduler's clock): by
+        default the newest arrival, which has the least work to lose and the most time left to wait."""
         return max(running, key=lambda r: r.arrival_time)
 
     def finished(self, request: Request) -> None:  # noqa: B027 (optional hook)

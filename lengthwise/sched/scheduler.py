@@ -140,7 +140,7 @@ class Scheduler:
             request = self.running[i]
             chunks = self._plan(request, budget)
             while chunks is None:  # out of blocks: someone at or after `request` in priority yields
-                victim = self.policy.victim(self.running[i:])
+                victim = self.policy.victim(self.running[i:], self.clock())
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is request:
