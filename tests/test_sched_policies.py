@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.sched import Scheduler, make_policy
+from lengthwise.sched.policy import SchedulerView
 from lengthwise.sequence import Request
 
 
@@ -127,6 +128,39 @@ def test_vbs_gives_short_buckets_bigger_batches_from_the_kv_budget():
     long_batch = max(len(x) for x in run.steps if any(i.startswith("l") for i in x))
     # 400 blocks of 4 tokens: a 50-token bucket row needs 2 + 13 blocks, a 150-token one 2 + 38.
     assert short_batch == 26 and long_batch == 9, (short_batch, long_batch)
+
+
+def test_geometric_buckets_without_merging_keep_each_batch_within_the_growth_factor():
+    policy = make_policy("sequence", {"bucket": 8, "bucket_growth": 1.2, "merge": False})
+    tops = [policy.bucket_of(req("x", 2, 1, predicted=p, max_tokens=512)) for p in (1, 8, 8.5, 10, 10.5, 100, 600)]
+    assert tops == [8, 8, 10, 12, 12, 103, 512]  # tops 8, 9.6, 11.52, ..., 102.7 rounded up; max_tokens caps
+    lengths = [3, 5, 8, 9, 10, 11, 12, 20, 21, 24, 40, 45, 47, 100, 110, 120]
+    rs = [req(str(i), 4, true_len=n, predicted=n, max_tokens=200) for i, n in enumerate(lengths)]
+    run, _ = drive(policy, rs, num_blocks=400, block_size=4)
+    assert run.finished == expected(rs)
+    by_id = {r.request_id: r.true_len for r in rs}
+    for members in {frozenset(x) for x in run.steps if x}:
+        got = [by_id[i] for i in members]
+        assert max(got) <= 1.2 * max(8, min(got)) + 1, got  # never lengths 3 and 47 in one batch
+    merging = make_policy("sequence", {"bucket": 8, "bucket_growth": 1.2})
+    drive(merging, [req(str(i), 4, true_len=n, predicted=n, max_tokens=200) for i, n in enumerate(lengths)],
+          num_blocks=400, block_size=4)
+    assert merging.batches_served < policy.batches_served
+    for bad in ({"bucket_growth": 1.0}, {"bucket_growth": "2"}, {"merge": "no"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            make_policy("sequence", bad)
+
+
+def test_vbs_sizes_the_next_batch_from_the_blocks_free_now():
+    """Batches are cut one at a time: blocks that suspended (fcr=continue) rows still hold are
+    not counted, so the next batch fits instead of being admitted piecemeal."""
+    policy = make_policy("sequence", {"bucket": 50})
+    rs = [req(str(i), 4, true_len=40, predicted=40, max_tokens=200) for i in range(3)]
+    full = SchedulerView(now=0.0, num_running_requests=0, num_running_seqs=0, num_free_blocks=400,
+                         num_blocks=400, seq_slots=64, block_size=4, max_num_seqs=64)
+    half = SchedulerView(now=0.0, num_running_requests=0, num_running_seqs=0, num_free_blocks=200,
+                         num_blocks=400, seq_slots=64, block_size=4, max_num_seqs=64)
+    assert policy.rows_for(rs, 50, full) == 26 and policy.rows_for(rs, 50, half) == 13  # (400 - 4) // 15
 
 
 @pytest.mark.parametrize("mode", ["recompute", "continue"])

@@ -160,28 +160,41 @@ class SequencePolicy(BatchPolicy):
     """The first paper's sequence scheduling.
 
     Requests are taken in windows of `window` (or all that wait, if fewer) and sorted by predicted
-    length. With `vbs`, each `bucket`-token bucket of predicted length gets the batch size that
-    the KV cache can hold at that length (`batch_size` caps it; shorter buckets get bigger
-    batches); without, batches have `batch_size` rows. A bucket's leftover smaller than half its
-    batch size merges into the next bucket. With `fcr` ("recompute" or "continue") a batch's
-    length is capped at its largest bucket; rows that reach it are collected and, once the window
-    is served, run in failure batches with no cap. `fcr=None` runs every batch to `max_tokens`.
+    length, then grouped in buckets of predicted length: `bucket` tokens wide (the paper's 50), or,
+    with `bucket_growth=g > 1`, geometric buckets whose tops grow by the factor g from `bucket`
+    (each bucket's rows then differ by at most a fraction g - 1 of their length, where fixed-width
+    buckets put lengths 1 to 50 in one batch). With `vbs`, each bucket gets the batch size that
+    the KV cache can hold at its length (`batch_size` caps it; shorter buckets get bigger
+    batches); without, batches have `batch_size` rows. With `merge` (the paper's rule) a bucket's
+    leftover smaller than half its batch size merges into the next bucket. With `fcr` ("recompute"
+    or "continue") a batch's length is capped at its largest bucket; rows that reach it are
+    collected and, once the window is served, run in failure batches with no cap. `fcr=None` runs
+    every batch to `max_tokens`.
     """
 
     name = "sequence"
 
     def __init__(self, *, window: int = 256, batch_size: int = 256, vbs: bool = True, fcr: str | None = "recompute",
-                 bucket: int = 50, vbs_fixed: int = 16) -> None:
+                 bucket: int = 50, vbs_fixed: int = 16, bucket_growth: float | None = None,
+                 merge: bool = True) -> None:
         super().__init__()
         for name, value in (("window", window), ("batch_size", batch_size), ("bucket", bucket),
                             ("vbs_fixed", vbs_fixed)):
             _positive(name, value)
+        if bucket_growth is not None and not (isinstance(bucket_growth, (int, float)) and bucket_growth > 1):
+            raise ValueError(f"bucket_growth must be a number > 1 (or None for {bucket}-token buckets), "
+                             f"got {bucket_growth!r}")
+        if not isinstance(merge, bool):
+            raise ValueError(f"merge must be a bool, got {merge!r}")
         if fcr not in (None, "recompute", "continue"):
             raise ValueError(f"fcr must be 'recompute', 'continue' or None, got {fcr!r}")
         self.window, self.batch_size, self.vbs, self.fcr, self.bucket = window, batch_size, vbs, fcr, bucket
         self.vbs_fixed = vbs_fixed  # batch size when vbs is off
+        self.bucket_growth, self.merge = bucket_growth, merge
         self.queue: deque[Request] = deque()
         self.failed: list[Request] = []
+        self.rest: list[Request] = []  # the window (or failures) being cut into batches, sorted
+        self.capped = False            # whether `rest`'s batches are capped at their bucket (FCR)
 
     def add(self, request: Request) -> None:
         self.queue.append(request)
@@ -190,62 +203,75 @@ class SequencePolicy(BatchPolicy):
         self.failed.append(request)
 
     def queued(self) -> int:
-        return len(self.queue) + len(self.failed)
+        return len(self.queue) + len(self.failed) + len(self.rest)
 
     def unqueue(self, request: Request) -> bool:
-        for q in (self.queue, self.failed):
+        for q in (self.queue, self.failed, self.rest):
             if request in q:
                 q.remove(request)
                 return True
         return False
 
     def bucket_of(self, request: Request) -> int:
-        return min(request.max_tokens, max(1, math.ceil(predicted(request) / self.bucket)) * self.bucket)
+        """The top of the request's predicted-length bucket (at most its max_tokens)."""
+        p = predicted(request)
+        if self.bucket_growth is None:
+            top = max(1, math.ceil(p / self.bucket)) * self.bucket
+        else:  # tops bucket, bucket * g, bucket * g^2, ... rounded up
+            k = 0 if p <= self.bucket else math.ceil(math.log(p / self.bucket, self.bucket_growth) - 1e-9)
+            top = math.ceil(self.bucket * self.bucket_growth ** k)
+            while top < p:  # float rounding at a bucket's top
+                k += 1
+                top = math.ceil(self.bucket * self.bucket_growth ** k)
+        return min(request.max_tokens, top)
 
     def rows_for(self, requests: Sequence[Request], length: int, view: SchedulerView) -> int:
-        """VBS: how many of these requests' rows the KV cache holds at `length` generated tokens."""
+        """VBS: how many of these requests' rows the free KV cache holds at `length` generated tokens.
+
+        Batches are cut one at a time, when the previous one is done, so the free blocks are the
+        cache minus what suspended (`fcr=continue`) rows still hold."""
         if not self.vbs:
             return self.vbs_fixed
         prompt = sum(r.prompt_len for r in requests) / len(requests)
         n = sum(r.params.n for r in requests) / len(requests)
         per_request = view.blocks_for(int(prompt) + 1) + n * view.blocks_for(length)
-        usable = view.num_blocks - max(1, view.num_blocks // 100)  # the scheduler's admission headroom
+        usable = view.num_free_blocks - max(1, view.num_blocks // 100)  # the scheduler's admission headroom
         return max(1, min(self.batch_size, view.max_num_seqs, int(usable // per_request)))
 
     def form_batches(self, view: SchedulerView, drain: bool) -> None:
         if self.ready or self.batch:
             return
-        if self.failed:  # the last window is served: finish its failures before the next window
-            failed, self.failed = self.failed, []
-            failed.sort(key=predicted)
-            self._cut(failed, view, capped=False)
-        elif self.queue:
-            window = [self.queue.popleft() for _ in range(min(self.window, len(self.queue)))]
-            window.sort(key=predicted)
-            self._cut(window, view, capped=self.fcr is not None)
+        if not self.rest:
+            if self.failed:  # the last window is served: finish its failures before the next window
+                self.rest, self.failed, self.capped = sorted(self.failed, key=predicted), [], False
+            elif self.queue:
+                window = [self.queue.popleft() for _ in range(min(self.window, len(self.queue)))]
+                self.rest, self.capped = sorted(window, key=predicted), self.fcr is not None
+        if self.rest:
+            self.ready.append(self._next_batch(view))
 
-    def _cut(self, requests: list[Request], view: SchedulerView, capped: bool) -> None:
-        groups: list[tuple[int, list[Request]]] = []
-        for r in requests:  # sorted: buckets come in increasing order
-            b = self.bucket_of(r) if capped or self.vbs else max(r.max_tokens for r in requests)
-            if groups and groups[-1][0] == b:
-                groups[-1][1].append(r)
-            else:
-                groups.append((b, [r]))
-        carry: list[Request] = []
-        for i, (b, members) in enumerate(groups):
-            members = carry + members
-            carry = []
-            length = b if capped else max(r.max_tokens for r in members)
+    def _group_key(self, request: Request) -> int:
+        if self.capped or self.vbs:
+            return self.bucket_of(request)
+        return 0  # uncapped fixed-size batches: one group
+
+    def _next_batch(self, view: SchedulerView) -> tuple[list[Request], int | None]:
+        """Cut the next batch off the sorted `rest`: the first bucket's requests, as many as VBS
+        allows now; a leftover under half that size takes in the next bucket too (`merge`)."""
+        members: list[Request] = []
+        while self.rest:
+            key = self._group_key(self.rest[0])
+            n = next((i for i, r in enumerate(self.rest) if self._group_key(r) != key), len(self.rest))
+            members, self.rest = members + self.rest[:n], self.rest[n:]
+            length = key if self.capped else max(r.max_tokens for r in members)
             size = self.rows_for(members, length, view)
-            while members:
-                batch, members = members[:size], members[size:]
-                last_bucket = i == len(groups) - 1
-                if len(batch) < size and len(batch) < (size + 1) // 2 and not last_bucket and self.vbs:
-                    carry = batch  # a small leftover merges into the next (longer) bucket
-                    break
-                cap = max(self.bucket_of(r) for r in batch) if capped else None
-                self.ready.append((batch, cap))
+            if len(members) >= size:
+                members, self.rest = members[:size], members[size:] + self.rest
+                break
+            if not (self.merge and self.vbs and self.rest and len(members) < (size + 1) // 2):
+                break
+        cap = max(self.bucket_of(r) for r in members) if self.capped else None
+        return members, cap
 
 
 class MultiBinPolicy(BatchPolicy):
