@@ -8,9 +8,10 @@ from static buffers: token ids, positions, cache slots, both segments' block tab
 The rows past the real batch are padding: they attend to one token of a scratch block that the
 block manager never hands out, and write their keys there, so they never touch a real sequence.
 
-The attention kernels normally size their split-K partitions from the step's longest context;
-a graph cannot, so each bucket fixes its split count from `max_model_len` (empty partitions
-cost one early exit). On the CPU (tests) the same buffers run eagerly, without capture.
+The decode attention kernel normally chooses its split-K partition count from the step's longest
+context; a graph cannot, so each bucket fixes the count from `max_model_len`, and each sequence
+divides its own context among those partitions (a partition past its context exits at once).
+On the CPU (tests) the same buffers run eagerly, without capture.
 """
 
 from __future__ import annotations

@@ -92,7 +92,6 @@ class ModelRunner:
         self.last_hidden = hidden
         return self.model.compute_logits(hidden)
 
-
     def _run_graphed(self, chunks: list[ScheduledChunk], kv: KVBlockManager) -> torch.Tensor:
         bs = self.block_size
         rows = DecodeRows([], [], [], [], [], [], [])
