@@ -1,28 +1,41 @@
-"""Candidates for the CPU decode path, batch 1: one forward pass (LM head included) per variant.
+"""Candidates for the CPU decode path: one decode forward pass (LM head included) per variant and batch.
 
-    .venv/bin/python benchmarks/cpu_decode_candidates.py [--model llama-100m] [--threads 2]
+    .venv/bin/python benchmarks/cpu_decode_candidates.py [--model llama-100m] [--threads 2] [--rows 1,2,4,8,16]
+        [--compile]
 
-Variants: `eager` (the engine's path today: torch ops + the C++ segment attention kernel) and
-`compile-layers` (each decoder layer's forward through `torch.compile`, inductor's C++ backend;
-the C++ attention kernel is not a registered custom op, so each layer compiles as two graphs
-around it). Prints best-of-3 milliseconds per forward (5 forwards each) and compile time.
+Variants:
+- `mkl`: torch ops per layer + the C++ segment attention kernel, MKL's `F.linear` for every matmul
+  (`LENGTHWISE_CPU_FUSED=0 LENGTHWISE_GEMV=0 LENGTHWISE_CPU_PACKED=0`): the path before either of
+  the two below;
+- `packed`: the same, with weights prepacked for oneDNN (`lengthwise/ops/cpu/packed.py`), the
+  default for steps of more than `LENGTHWISE_CPU_FUSED_MAX_ROWS` rows;
+- `fused`: the default, `lengthwise/ops/cpu/decode_forward.cpp`: every layer in one C++ call, one
+  OpenMP region, and the C++ small-row linear for the LM head;
+- `compile-layers` (with `--compile`, batch 1 only): each decoder layer's forward through
+  `torch.compile` (inductor's C++ backend) on the op-by-op path; the C++ attention kernel is not a
+  registered custom op, so each layer compiles as two graphs around it.
+
+Each row decodes one token with `--context` tokens cached. Prints best-of-3 ms per forward (5
+forwards each), the weight-read bound and the fraction of it reached.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from collections.abc import Callable
 
 import torch
 
 from lengthwise import LLM
+from lengthwise.bench.engines import decode_weight_bytes
+from lengthwise.bench.kernels import copy_bandwidth_gbs
 from lengthwise.bench.presets import resolve_model
 from lengthwise.ops import AttentionMetadata
 
-CONTEXT = 64
 
-
-def forward_ms(fn) -> float:
+def forward_ms(fn: Callable[[], object]) -> float:
     for _ in range(3):
         fn()
     best = float("inf")
@@ -38,25 +51,56 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama-100m")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default="1,2,4,8,16", help="comma-separated decode batch sizes")
+    p.add_argument("--context", type=int, default=64, help="cached tokens per row")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile per layer (batch 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model_dir, _ = resolve_model(args.model)
-    engine = LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=4, max_model_len=1024).engine
+    rows_list = [int(r) for r in args.rows.split(",")]
+    engine = LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=max(rows_list),
+                 max_model_len=1024).engine
     model, cache, bs = engine.model, engine.runner.cache, engine.runner.block_size
-    blocks = list(range(-(-CONTEXT // bs)))
-    ids, pos = torch.tensor([5]), torch.tensor([CONTEXT - 1])
+    ctx = args.context
+    per_row = -(-ctx // bs)
+    bound = decode_weight_bytes(model_dir, 4) / copy_bandwidth_gbs(torch.device("cpu")) / 1e6
 
-    def step() -> torch.Tensor:
-        meta = AttentionMetadata([0, 1], torch.tensor([CONTEXT - 1]), bs, torch.tensor([blocks], dtype=torch.int32),
-                                 [CONTEXT])
-        return model.compute_logits(model(ids, pos, meta, cache))
+    def make_step(rows: int) -> Callable[[], torch.Tensor]:
+        tables = torch.tensor([list(range(r * per_row, (r + 1) * per_row)) for r in range(rows)], dtype=torch.int32)
+        ids, pos = torch.full((rows,), 5), torch.full((rows,), ctx - 1)
+        slots = tables[:, (ctx - 1) // bs].long() * bs + (ctx - 1) % bs
 
-    print(f"eager: {forward_ms(step):.1f} ms", flush=True)
-    for layer in model.layers:
-        layer.forward = torch.compile(layer.forward, dynamic=False)
-    t0 = time.perf_counter()
-    step()
-    print(f"compile-layers: compiled in {time.perf_counter() - t0:.0f} s, {forward_ms(step):.1f} ms", flush=True)
+        def step() -> torch.Tensor:
+            meta = AttentionMetadata(list(range(rows + 1)), slots, bs, tables, [ctx] * rows)
+            return model.compute_logits(model(ids, pos, meta, cache))
+        return step
+
+    print(f"weight-read bound {bound:.1f} ms per forward (context {ctx})")
+    print("| rows | mkl ms | packed ms | fused ms | best vs mkl | mkl / packed / fused % of bound |")
+    print("|---|---|---|---|---|---|")
+    variants = {"mkl": dict(LENGTHWISE_CPU_FUSED="0", LENGTHWISE_GEMV="0", LENGTHWISE_CPU_PACKED="0"),
+                "packed": dict(LENGTHWISE_CPU_FUSED="0", LENGTHWISE_GEMV="0", LENGTHWISE_CPU_PACKED="1"),
+                "fused": dict(LENGTHWISE_CPU_FUSED="1", LENGTHWISE_GEMV="1", LENGTHWISE_CPU_PACKED="1",
+                              LENGTHWISE_CPU_FUSED_MAX_ROWS=str(max(rows_list)))}
+    for rows in rows_list:
+        step = make_step(rows)
+        ms = {}
+        for name, env in variants.items():
+            os.environ.update(env)
+            ms[name] = forward_ms(step)
+        os.environ.pop("LENGTHWISE_CPU_FUSED_MAX_ROWS")
+        frac = " / ".join(f"{bound / v:.0%}" for v in ms.values())
+        print(f"| {rows} | {ms['mkl']:.1f} | {ms['packed']:.1f} | {ms['fused']:.1f} | "
+              f"{ms['mkl'] / min(ms.values()):.2f}x | {frac} |", flush=True)
+    if args.compile:
+        os.environ.update(variants["mkl"])
+        step = make_step(1)
+        for layer in model.layers:
+            layer.forward = torch.compile(layer.forward, dynamic=False)
+        t0 = time.perf_counter()
+        step()
+        print(f"compile-layers, batch 1: compiled in {time.perf_counter() - t0:.0f} s, {forward_ms(step):.1f} ms",
+              flush=True)
 
 
 if __name__ == "__main__":

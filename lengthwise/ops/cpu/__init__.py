@@ -1,14 +1,17 @@
-"""The CPU fast path for segment attention: a small C++ kernel, compiled on first use.
+"""The CPU fast paths: small C++ kernels, compiled on first use into one library.
 
-Why C++: the torch reference gathers every sequence's context into a fresh tensor and calls SDPA
-once per sequence; at decode batch 256 that is thousands of small calls per step plus a copy of
-the whole KV cache. The kernel (`segment_attention.cpp`) walks each row's block tables and reads
-keys and values in place, once, with one online softmax over the prompt and response segments.
+- `segment_attention.cpp`: attention over the segment KV cache. The torch reference gathers every
+  sequence's context into a fresh tensor and calls SDPA once per sequence; at decode batch 256
+  that is thousands of small calls per step plus a copy of the whole KV cache. The kernel walks
+  each row's block tables and reads keys and values in place, once, with one online softmax over
+  the prompt and response segments.
+- `decode_forward.cpp`: the fused decode forward for steps of a few rows (`lengthwise.ops.cpu.decode`)
+  and a small-row linear, for the LM head of those steps.
 
-It is built with the system C++ compiler (`$CXX`, else `c++`) for this CPU (`-march=native`) into
-the lengthwise cache directory, keyed by a hash of source, flags and CPU, and loaded with ctypes.
-If no compiler is found or the build fails, `segment_attention_kernel()` returns `None` (with one
-warning) and callers use the torch reference. float32 only.
+The library is built with the system C++ compiler (`$CXX`, else `c++`) for this CPU
+(`-march=native`) into the lengthwise cache directory, keyed by a hash of sources, flags and CPU,
+and loaded with ctypes. If no compiler is found or the build fails, `segment_attention_kernel()`
+returns `None` (with one warning) and callers use the torch reference. float32 only.
 """
 
 from __future__ import annotations
@@ -26,8 +29,13 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("segment_attention.cpp")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+_HERE = Path(__file__).parent
+SOURCES = [_HERE / "segment_attention.cpp", _HERE / "decode_forward.cpp"]
+HEADERS = [_HERE / "attention.h"]
+# -fopenmp links libgomp.so.1 by soname: inside a process that imported torch that is torch's own
+# copy, so the kernels' OpenMP threads are torch's intra-op pool, not a second pool competing for
+# the same cores.
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-pthread"]
 
 
 def _cache_dir() -> Path:
@@ -46,21 +54,24 @@ def _cpu_signature() -> str:
 @cache
 def segment_attention_kernel() -> ctypes.CDLL | None:
     """The compiled kernel library, or `None` where it cannot be built here."""
+    import torch  # noqa: F401  (loaded first, so the library binds to torch's libgomp)
+
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         warnings.warn("no C++ compiler found: CPU attention uses the slower torch reference", stacklevel=2)
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        texts = [f.read_text() for f in (*SOURCES, *HEADERS)]
         key = hashlib.sha256(b"\0".join(x.encode() for x in (
-            SOURCE.read_text(), " ".join(FLAGS), version, _cpu_signature(), platform.machine()))).hexdigest()[:16]
-        lib = _cache_dir() / f"segment_attention-{key}.so"
+            *texts, " ".join(FLAGS), version, _cpu_signature(), platform.machine()))).hexdigest()[:16]
+        lib = _cache_dir() / f"lengthwise-cpu-{key}.so"
         if not lib.is_file():
             lib.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
                 out = Path(tmp) / lib.name
-                subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True,
-                               text=True, timeout=300)
+                subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(out)], check=True,
+                               capture_output=True, text=True, timeout=300)
                 os.replace(out, lib)  # atomic: concurrent builders never load a half-written file
         so = ctypes.CDLL(str(lib))
     except (OSError, subprocess.SubprocessError) as e:
@@ -72,10 +83,21 @@ def segment_attention_kernel() -> ctypes.CDLL | None:
     so.lw_segment_attention.argtypes = (
         [ctypes.c_void_p] * 8 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int])
+    _declare_decode(so)
     max_heads, max_dim = ctypes.c_int(), ctypes.c_int()
     so.lw_limits(ctypes.byref(max_heads), ctypes.byref(max_dim))
     so.max_heads, so.max_head_dim = max_heads.value, max_dim.value
     return so
+
+
+def _declare_decode(so: ctypes.CDLL) -> None:
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    so.lw_decode_max_rows.restype = i
+    so.lw_linear.restype = None
+    so.lw_linear.argtypes = [p, i, i, p, p, i, p, i]
+    so.lw_decode_forward.restype = None
+    so.lw_decode_forward.argtypes = [p, p] + [i] * 6 + [f, f, p, p, p, i] + [p] * 5 + [i, p, p, p, i, p, i, i, i]
+    so.max_rows = so.lw_decode_max_rows()
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -104,3 +126,25 @@ def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         ptr(kt.response_block_tables.data_ptr()), kt.response_block_tables.shape[1], ptr(group_ids.data_ptr()),
         len(groups), q.shape[1], k_cache.shape[1], q.shape[2], meta.block_size, sliding_window or 0, scale,
         torch.get_num_threads())
+
+
+def linear_rows_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear(x, weight)` can take the C++ small-row linear: CPU float32, 2-D, few rows."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 2:
+        return False
+    lib = segment_attention_kernel()
+    return lib is not None and 0 < x.shape[0] <= lib.max_rows
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x [m, k] @ weight [n, k]^T + bias` for a few rows: one pass over `weight` by all threads."""
+    lib = segment_attention_kernel()
+    x, weight = x.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype)
+    ptr = ctypes.c_void_p
+    lib.lw_linear(ptr(x.data_ptr()), m, k, ptr(weight.data_ptr()), ptr(bias.data_ptr()) if bias is not None else None,
+                  n, ptr(y.data_ptr()), torch.get_num_threads())
+    return y

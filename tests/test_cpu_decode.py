@@ -1,0 +1,158 @@
+"""The fused CPU decode forward (`decode_forward.cpp`) against the op-by-op path it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAMILIES, assert_same_generations, make_hf_model, save_hf_model
+
+from lengthwise import SamplingParams, load_model
+from lengthwise.config import EngineConfig
+from lengthwise.engine.llm import run_to_completion
+from lengthwise.engine.llm_engine import LLMEngine
+from lengthwise.ops import AttentionMetadata
+from lengthwise.ops import cpu as cpu_kernels
+from lengthwise.ops.cpu import decode as cpu_decode
+from lengthwise.ops.cpu import packed as cpu_packed
+
+pytestmark = pytest.mark.skipif(cpu_kernels.segment_attention_kernel() is None,
+                                reason="the CPU kernels could not be built here (no C++ compiler?)")
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 64])
+@pytest.mark.parametrize("k, n", [(768, 64), (37, 5), (16, 1), (100, 13)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_small_row_linear_matches_f_linear(m, k, n, with_bias):
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if with_bias else None
+    torch.testing.assert_close(cpu_kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def _segments(model, g: torch.Generator, block_size: int = 4):
+    """A decode step over a cache holding random keys and values: six rows, two of which share one
+    prompt segment (samples of one request), with prompt and response segments of different,
+    non-block-multiple lengths, in scattered blocks. Returns (ids, positions, meta, cache)."""
+    cache = model.new_kv_cache(num_blocks=64, block_size=block_size)
+    for t in (*cache.k, *cache.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    free = torch.randperm(64, generator=g).tolist()
+
+    def blocks(n: int) -> list[int]:
+        return [free.pop() for _ in range(-(-n // block_size))]
+
+    shared = blocks(9)
+    # (prompt blocks, prompt len, response len): the last token of the response is the new one
+    rows = [(shared, 9, 3), (shared, 9, 6), (blocks(5), 5, 1), (blocks(17), 17, 12), (blocks(2), 2, 4),
+            (blocks(30), 30, 1)]
+    resp = [blocks(r) for _, _, r in rows]
+    width = max(len(b) for b in [*resp, *(p for p, _, _ in rows)])
+    pad = lambda b: b + [0] * (width - len(b))  # noqa: E731
+    slots = [rb[(r - 1) // block_size] * block_size + (r - 1) % block_size
+             for rb, (_, _, r) in zip(resp, rows, strict=True)]
+    meta = AttentionMetadata(list(range(len(rows) + 1)), torch.tensor(slots), block_size,
+                             torch.tensor([pad(p) for p, _, _ in rows]), [p for _, p, _ in rows],
+                             torch.tensor([pad(b) for b in resp]), [r for _, _, r in rows])
+    positions = torch.tensor([p + r - 1 for _, p, r in rows])
+    ids = torch.randint(3, model.config.vocab_size, (len(rows),), generator=g)
+    return ids, positions, meta, cache
+
+
+def _odd_checkpoint(tmp_path):
+    # Rows that are not multiples of 16 floats (the kernels' masked tails) and three query heads per KV head.
+    hf = make_hf_model("llama", hidden_size=72, intermediate_size=100, num_attention_heads=3,
+                       num_key_value_heads=1, head_dim=24)
+    return save_hf_model(hf, tmp_path / "odd")
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "odd-sizes"])
+def test_fused_step_matches_op_by_op(family, hf_checkpoint, tmp_path, monkeypatch):
+    path = _odd_checkpoint(tmp_path) if family == "odd-sizes" else hf_checkpoint(family)[1]
+    model = load_model(path, "float32", "cpu")
+    ids, positions, meta, cache = _segments(model, torch.Generator().manual_seed(3))
+    assert cpu_decode.eligible(model, ids.shape[0])
+    slots = meta.slot_mapping
+    results = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv(cpu_decode.FUSED_ENV, fused)
+        for t in (*cache.k, *cache.v):
+            t[slots] = float("nan")  # poisoned: each run must write every new key and value itself
+        hidden = model(ids, positions, AttentionMetadata(meta.query_start, slots, meta.block_size,
+                                                         meta.prompt_block_tables, meta.prompt_lens,
+                                                         meta.response_block_tables, meta.response_lens), cache)
+        results[fused] = (hidden, [t[slots].clone() for t in (*cache.k, *cache.v)])
+    (h1, kv1), (h0, kv0) = results["1"], results["0"]
+    assert torch.isfinite(h1).all()
+    torch.testing.assert_close(h1, h0, rtol=1e-4, atol=1e-4)
+    for a, b in zip(kv1, kv0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_not_eligible_where_the_kernel_does_not_apply(hf_checkpoint, monkeypatch):
+    model = load_model(hf_checkpoint("llama")[1], "float32", "cpu")
+    assert cpu_decode.eligible(model, 1)
+    assert not cpu_decode.eligible(model, cpu_decode.max_rows() + 1)  # large steps: MKL's GEMMs
+    monkeypatch.setenv(cpu_decode.MAX_ROWS_ENV, "2")
+    assert not cpu_decode.eligible(model, 3)
+    monkeypatch.setenv(cpu_decode.MAX_ROWS_ENV, "two")
+    with pytest.raises(ValueError, match=cpu_decode.MAX_ROWS_ENV):
+        cpu_decode.max_rows()
+    monkeypatch.delenv(cpu_decode.MAX_ROWS_ENV)
+    monkeypatch.setenv(cpu_decode.FUSED_ENV, "0")
+    assert not cpu_decode.eligible(model, 1)
+    monkeypatch.setenv(cpu_decode.FUSED_ENV, "1")
+    monkeypatch.setenv("LENGTHWISE_KERNELS", "torch")  # the reference path stays pure torch
+    assert not cpu_decode.eligible(model, 1)
+    monkeypatch.delenv("LENGTHWISE_KERNELS")
+    assert not cpu_decode.eligible(load_model(hf_checkpoint("llama")[1], "bfloat16", "cpu"), 1)
+
+
+def test_engine_generations_equal_with_and_without_the_fused_path(hf_checkpoint, monkeypatch):
+    """Whole requests through the engine (prefill op-by-op, decode fused), samples sharing a prompt."""
+    model = load_model(hf_checkpoint("qwen3")[1], "float32", "cpu")
+    prompts = [list(range(5, 75)), [7, 8, 9], list(range(20, 43))]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=2, n=n)
+              for m, n in ((20, 1), (9, 2), (14, 1))]
+    calls = []
+    real = cpu_decode.forward
+    monkeypatch.setattr(cpu_decode, "forward", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    outs = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv(cpu_decode.FUSED_ENV, fused)
+        outs[fused] = run_to_completion(LLMEngine(model, None, EngineConfig(block_size=4, max_num_seqs=8)),
+                                        prompts, params)
+        if fused == "1":
+            assert calls and max(calls) <= cpu_decode.max_rows()
+            n_calls = len(calls)
+    assert len(calls) == n_calls  # switched off, nothing took the fused path
+    assert_same_generations(outs["1"], outs["0"], logprob_tol=1e-4)
+
+
+@pytest.mark.skipif(not cpu_packed.enabled(), reason="this torch build has no oneDNN (mkldnn)")
+@pytest.mark.parametrize("m", [1, 30, 200])
+def test_prepacked_linear_matches_f_linear(m):
+    g = torch.Generator().manual_seed(m)
+    x, w, b = torch.randn(m, 96, generator=g), torch.randn(40, 96, generator=g), torch.randn(40, generator=g)
+    packed = cpu_packed.pack(w)
+    assert packed is not None
+    torch.testing.assert_close(cpu_packed.linear(x, packed, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cpu_packed.linear(x, packed), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert cpu_packed.pack(w.to(torch.bfloat16)) is None
+
+
+@pytest.mark.skipif(not cpu_packed.enabled(), reason="this torch build has no oneDNN (mkldnn)")
+def test_large_steps_on_prepacked_weights_match_plain_weights(hf_checkpoint, monkeypatch):
+    """A 40-token step (beyond the fused path) with every weight prepacked against F.linear."""
+    model = load_model(hf_checkpoint("qwen2")[1], "float32", "cpu")
+    cache = model.new_kv_cache(num_blocks=16, block_size=4)
+    ids = torch.randint(3, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    meta = AttentionMetadata([0, 40], torch.arange(40), 4, torch.arange(10, dtype=torch.int32)[None], [40])
+    calls, real = [], cpu_packed.linear
+    monkeypatch.setattr(cpu_packed, "linear", lambda *a: calls.append(1) or real(*a))
+    out = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv(cpu_packed.PACKED_ENV, flag)
+        out[flag] = model.compute_logits(model(ids, torch.arange(40), meta, cache))
+    assert len(calls) == 4 * model.config.num_layers + 1  # every projection and the LM head, once
+    torch.testing.assert_close(out["1"], out["0"], rtol=1e-4, atol=1e-4)
