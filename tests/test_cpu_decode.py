@@ -20,14 +20,23 @@ pytestmark = pytest.mark.skipif(cpu_kernels.segment_attention_kernel() is None,
                                 reason="the CPU kernels could not be built here (no C++ compiler?)")
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 64])
-@pytest.mark.parametrize("k, n", [(768, 64), (37, 5), (16, 1), (100, 13)])
+@pytest.mark.parametrize("m", [1, 5, 12, 13, 30, 64, 200])
+@pytest.mark.parametrize("k, n", [(768, 64), (37, 5), (16, 1), (300, 70)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_small_row_linear_matches_f_linear(m, k, n, with_bias):
+def test_panel_packed_linear_matches_f_linear(m, k, n, with_bias):
+    """The fused path's GEMM: row chunks of every size up to 12, k past one k-block, n past panels."""
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if with_bias else None
-    torch.testing.assert_close(cpu_kernels.linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    got = cpu_kernels.packed_linear(x, cpu_kernels.pack_panels(w), n, b)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_pack_panels_rejects_what_it_cannot_pack():
+    with pytest.raises(ValueError, match="pack_panels"):
+        cpu_kernels.pack_panels(torch.randn(4, 8).t())
+    with pytest.raises(ValueError, match="pack_panels"):
+        cpu_kernels.pack_panels(torch.randn(4, 8, dtype=torch.bfloat16))
 
 
 def _segments(model, g: torch.Generator, block_size: int = 4):
@@ -89,10 +98,37 @@ def test_fused_step_matches_op_by_op(family, hf_checkpoint, tmp_path, monkeypatc
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding", "qwen3"])
+def test_fused_chunked_prefill_matches_op_by_op(family, hf_checkpoint, monkeypatch):
+    """Several new tokens per sequence (short prefill chunks): causal within the chunk."""
+    model = load_model(hf_checkpoint(family)[1], "float32", "cpu")
+    bs, g = 4, torch.Generator().manual_seed(5)
+    cache = model.new_kv_cache(num_blocks=32, block_size=bs)
+    for t in (*cache.k, *cache.v):
+        t.copy_(torch.randn(t.shape, generator=g))
+    # (prompt blocks, prompt length, new tokens at its end): a chunk after 7 cached tokens, a decode
+    # row, a fresh 9-token prompt
+    seqs = [([3, 9, 0], 12, 5), ([5, 6], 6, 1), ([11, 2, 7], 9, 9)]
+    slots = [blk[i // bs] * bs + i % bs for blk, p, n in seqs for i in range(p - n, p)]
+    positions = torch.tensor([i for _, p, n in seqs for i in range(p - n, p)])
+    qs = [0, 5, 6, 15]
+    tables = torch.tensor([blk + [0] * (3 - len(blk)) for blk, _, _ in seqs])
+    ids = torch.randint(3, model.config.vocab_size, (15,), generator=g)
+    assert cpu_decode.eligible(model, 15, max_query_len=9)
+    out = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv(cpu_decode.FUSED_ENV, fused)
+        meta = AttentionMetadata(qs, torch.tensor(slots), bs, tables, [p for _, p, _ in seqs])
+        out[fused] = model(ids, positions, meta, cache)
+    torch.testing.assert_close(out["1"], out["0"], rtol=1e-4, atol=1e-4)
+
+
 def test_not_eligible_where_the_kernel_does_not_apply(hf_checkpoint, monkeypatch):
     model = load_model(hf_checkpoint("llama")[1], "float32", "cpu")
     assert cpu_decode.eligible(model, 1)
     assert not cpu_decode.eligible(model, cpu_decode.max_rows() + 1)  # large steps: MKL's GEMMs
+    assert cpu_decode.eligible(model, 20, max_query_len=cpu_decode.MAX_QUERY_LEN)
+    assert not cpu_decode.eligible(model, 20, max_query_len=cpu_decode.MAX_QUERY_LEN + 1)  # long prefill: SDPA
     monkeypatch.setenv(cpu_decode.MAX_ROWS_ENV, "2")
     assert not cpu_decode.eligible(model, 3)
     monkeypatch.setenv(cpu_decode.MAX_ROWS_ENV, "two")
@@ -143,16 +179,18 @@ def test_prepacked_linear_matches_f_linear(m):
 
 @pytest.mark.skipif(not cpu_packed.enabled(), reason="this torch build has no oneDNN (mkldnn)")
 def test_large_steps_on_prepacked_weights_match_plain_weights(hf_checkpoint, monkeypatch):
-    """A 40-token step (beyond the fused path) with every weight prepacked against F.linear."""
+    """A step beyond the fused path with every weight prepacked against F.linear."""
     model = load_model(hf_checkpoint("qwen2")[1], "float32", "cpu")
-    cache = model.new_kv_cache(num_blocks=16, block_size=4)
-    ids = torch.randint(3, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
-    meta = AttentionMetadata([0, 40], torch.arange(40), 4, torch.arange(10, dtype=torch.int32)[None], [40])
+    n = cpu_decode.max_rows() + 16
+    assert not cpu_decode.eligible(model, n)
+    cache = model.new_kv_cache(num_blocks=n // 4, block_size=4)
+    ids = torch.randint(3, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
+    meta = AttentionMetadata([0, n], torch.arange(n), 4, torch.arange(n // 4, dtype=torch.int32)[None], [n])
     calls, real = [], cpu_packed.linear
     monkeypatch.setattr(cpu_packed, "linear", lambda *a: calls.append(1) or real(*a))
     out = {}
     for flag in ("1", "0"):
         monkeypatch.setenv(cpu_packed.PACKED_ENV, flag)
-        out[flag] = model.compute_logits(model(ids, torch.arange(40), meta, cache))
+        out[flag] = model.compute_logits(model(ids, torch.arange(n), meta, cache))
     assert len(calls) == 4 * model.config.num_layers + 1  # every projection and the LM head, once
     torch.testing.assert_close(out["1"], out["0"], rtol=1e-4, atol=1e-4)

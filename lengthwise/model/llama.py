@@ -127,7 +127,8 @@ class CausalLM(nn.Module):
         Every new token's key and value is written into `kv_cache` at `meta.slot_mapping`. Steps of a
         few tokens on the CPU run all layers in one fused C++ call (`lengthwise.ops.cpu.decode`).
         """
-        if cpu_decode.eligible(self, input_ids.shape[0]):
+        qs = meta.query_start
+        if cpu_decode.eligible(self, input_ids.shape[0], max(b - a for a, b in zip(qs[:-1], qs[1:], strict=True))):
             return cpu_decode.forward(self, input_ids, positions, meta, kv_cache)
         x = F.embedding(input_ids, self.embed)
         cos, sin = rotary_cos_sin(positions, self.inv_freq, self.dtype)
@@ -139,4 +140,6 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[N, vocab]` in float32 for the hidden states of the rows to sample from."""
+        if cpu_decode.eligible(self, hidden.shape[0]) and getattr(self, "_cpu_decode_pointers", None) is not None:
+            return cpu_decode.logits(self, hidden)
         return linear(hidden, self.lm_head, packed=self._packed.get(self, "lm_head")).float()

@@ -91,13 +91,15 @@ def segment_attention_kernel() -> ctypes.CDLL | None:
 
 
 def _declare_decode(so: ctypes.CDLL) -> None:
-    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    so.lw_decode_max_rows.restype = i
-    so.lw_linear.restype = None
-    so.lw_linear.argtypes = [p, i, i, p, p, i, p, i]
+    p, i, f, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
+    so.lw_packed_size.restype = i64
+    so.lw_packed_size.argtypes = [i, i]
+    so.lw_pack_panels.restype = None
+    so.lw_pack_panels.argtypes = [p, i, i, i64, p, i]
+    so.lw_packed_linear.restype = None
+    so.lw_packed_linear.argtypes = [p, i, i, p, p, i, p, i]
     so.lw_decode_forward.restype = None
     so.lw_decode_forward.argtypes = [p, p] + [i] * 6 + [f, f, p, p, p, i] + [p] * 5 + [i, p, p, p, i, p, i, i, i]
-    so.max_rows = so.lw_decode_max_rows()
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -128,23 +130,27 @@ def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         torch.get_num_threads())
 
 
-def linear_rows_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear(x, weight)` can take the C++ small-row linear: CPU float32, 2-D, few rows."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 2:
-        return False
+
+def pack_panels(weight: torch.Tensor) -> torch.Tensor:
+    """`weight [n, k]` (float32, CPU) in the panel layout of `decode_forward.cpp`'s GEMM: a flat tensor."""
     lib = segment_attention_kernel()
-    return lib is not None and 0 < x.shape[0] <= lib.max_rows
+    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.stride(1) != 1:
+        raise ValueError("pack_panels needs a float32 [n, k] weight with unit stride along k")
+    n, k = weight.shape
+    out = torch.empty(lib.lw_packed_size(n, k), dtype=torch.float32)
+    lib.lw_pack_panels(ctypes.c_void_p(weight.data_ptr()), n, k, weight.stride(0), ctypes.c_void_p(out.data_ptr()),
+                       torch.get_num_threads())
+    return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x [m, k] @ weight [n, k]^T + bias` for a few rows: one pass over `weight` by all threads."""
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x [m, k] @ weight^T + bias` with `packed = pack_panels(weight)` and `n = weight.shape[0]`."""
     lib = segment_attention_kernel()
-    x, weight = x.contiguous(), weight.contiguous()
-    bias = bias.contiguous() if bias is not None else None
+    x = x.contiguous()
     m, k = x.shape
-    n = weight.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype)
+    y = torch.empty((m, n), dtype=torch.float32)
     ptr = ctypes.c_void_p
-    lib.lw_linear(ptr(x.data_ptr()), m, k, ptr(weight.data_ptr()), ptr(bias.data_ptr()) if bias is not None else None,
-                  n, ptr(y.data_ptr()), torch.get_num_threads())
+    lib.lw_packed_linear(ptr(x.data_ptr()), m, k, ptr(packed.data_ptr()),
+                         ptr(bias.contiguous().data_ptr()) if bias is not None else None, n, ptr(y.data_ptr()),
+                         torch.get_num_threads())
     return y

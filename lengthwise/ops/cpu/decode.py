@@ -18,19 +18,19 @@ import torch.nn.functional as F
 
 from lengthwise.kv.storage import KVCacheStorage
 from lengthwise.ops.attention import AttentionMetadata
-from lengthwise.ops.cpu import segment_attention_kernel
+from lengthwise.ops.cpu import pack_panels, packed_linear, segment_attention_kernel
 from lengthwise.ops.dispatch import kernel_choice
 from lengthwise.ops.rotary import rotary_cos_sin
 
 FUSED_ENV = "LENGTHWISE_CPU_FUSED"            # "0" keeps the op-by-op path (an A/B switch)
 MAX_ROWS_ENV = "LENGTHWISE_CPU_FUSED_MAX_ROWS"
-# Steps with at most this many tokens take the fused path. Beyond it the matmuls are large enough
-# that oneDNN's GEMMs on prepacked weights beat the fused path's row-streaming kernel (about even at
-# 32 rows: `benchmarks/cpu_decode_candidates.py`, docs/benchmarks.md).
-DEFAULT_MAX_ROWS = 24
+# Steps with at most this many tokens take the fused path (it beat MKL and oneDNN at every decode
+# batch up to 256 measured: `benchmarks/cpu_decode_candidates.py`, docs/benchmarks.md).
+DEFAULT_MAX_ROWS = 256
+# ... and only if no sequence brings more new tokens than this: its attention reads the context once
+# per query row, which for a long prefill chunk is far slower than SDPA's blocked matmuls.
+MAX_QUERY_LEN = 16
 
-_LAYER_FIELDS = ("input_norm", "qkv_weight", "qkv_bias", "q_norm", "k_norm", "o_weight", "o_bias",
-                 "post_attn_norm", "gate_up_weight", "gate_up_bias", "down_weight", "down_bias")
 
 
 def max_rows() -> int:
@@ -42,32 +42,71 @@ def max_rows() -> int:
         raise ValueError(f"{MAX_ROWS_ENV} must be an integer, got {raw!r}") from None
 
 
-def eligible(model: torch.nn.Module, num_tokens: int) -> bool:
-    """Whether a step of `num_tokens` tokens through `model` can take the fused path."""
+def eligible(model: torch.nn.Module, num_tokens: int, max_query_len: int = 1) -> bool:
+    """Whether a step of `num_tokens` tokens, at most `max_query_len` of them from any one sequence,
+    through `model` can take the fused path."""
     if model.device.type != "cpu" or model.dtype != torch.float32:
         return False
     if os.environ.get(FUSED_ENV, "1") == "0" or kernel_choice() == "torch":
         return False
     lib = segment_attention_kernel()
-    if lib is None or not 0 < num_tokens <= min(max_rows(), lib.max_rows):
+    if lib is None or not 0 < num_tokens <= max_rows() or max_query_len > MAX_QUERY_LEN:
         return False
     c = model.config
     return c.num_heads <= lib.max_heads and c.head_dim <= lib.max_head_dim and c.head_dim % 2 == 0
 
 
 class _Pointers:
-    """Every layer's weight and cache addresses as one C array, built once per (model, cache)."""
+    """Every layer's packed weights and cache addresses as one C array, built once per (model, cache).
+
+    The matmuls read weights in `decode_forward.cpp`'s panel layout, packed here from the model's
+    parameters: a second copy of the weights (the plain ones stay for the op-by-op path)."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCacheStorage) -> None:
-        tensors: list[torch.Tensor | None] = []
+        self.keep: list[torch.Tensor] = []  # the packed copies, alive as long as the pointers
+        ptrs: list[int | None] = []
         for i, layer in enumerate(model.layers):
-            tensors += [getattr(layer, f) for f in _LAYER_FIELDS] + [kv_cache.k[i], kv_cache.v[i]]
-        for t in tensors:
-            if t is not None and not t.is_contiguous():
-                raise ValueError("the fused CPU decode path needs contiguous weights and caches")
-        self.layers = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() if t is not None else None for t in tensors))
+            inter = model.config.intermediate_size
+            gate_up = layer.gate_up_weight
+            ptrs += [self._addr(layer.input_norm), self._pack(layer.qkv_weight), self._addr(layer.qkv_bias),
+                     self._addr(layer.q_norm), self._addr(layer.k_norm), self._pack(layer.o_weight),
+                     self._addr(layer.o_bias), self._addr(layer.post_attn_norm), self._pack(gate_up[:inter]),
+                     self._pack(gate_up[inter:]), self._addr(layer.gate_up_bias), self._pack(layer.down_weight),
+                     self._addr(layer.down_bias), self._addr(kv_cache.k[i]), self._addr(kv_cache.v[i])]
+        self.layers = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.windows = (ctypes.c_int32 * len(model.layers))(*(layer.sliding_window or 0 for layer in model.layers))
-        self.key = (id(kv_cache), kv_cache.k[0].data_ptr(), model.layers[0].qkv_weight.data_ptr())
+        self.lm_head = pack_panels(model.lm_head)
+        self.key = _key(model, kv_cache)
+
+    @staticmethod
+    def _addr(t: torch.Tensor | None) -> int | None:
+        if t is None:
+            return None
+        if not t.is_contiguous():
+            raise ValueError("the fused CPU decode path needs contiguous norms, biases and caches")
+        return t.data_ptr()
+
+    def _pack(self, w: torch.Tensor) -> int:
+        self.keep.append(pack_panels(w))
+        return self.keep[-1].data_ptr()
+
+
+def _key(model: torch.nn.Module, kv_cache: KVCacheStorage) -> tuple[int, ...]:
+    return id(kv_cache), kv_cache.k[0].data_ptr(), model.layers[0].qkv_weight.data_ptr()
+
+
+def _pointers(model: torch.nn.Module, kv_cache: KVCacheStorage) -> _Pointers:
+    ptrs = getattr(model, "_cpu_decode_pointers", None)
+    if ptrs is None or ptrs.key != _key(model, kv_cache):
+        model._cpu_decode_pointers = None  # free the old packed copies before making new ones
+        ptrs = model._cpu_decode_pointers = _Pointers(model, kv_cache)
+    return ptrs
+
+
+def logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`CausalLM.compute_logits` for a step that took `forward`: the LM head on its packed copy."""
+    ptrs = model._cpu_decode_pointers
+    return packed_linear(hidden, ptrs.lm_head, model.lm_head.shape[0])
 
 
 def forward(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -75,10 +114,7 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Te
     """The same result as `CausalLM.forward` (final-normed hidden states `[T, hidden]`, keys and values
     written into `kv_cache`), computed by `decode_forward.cpp`."""
     lib = segment_attention_kernel()
-    ptrs = getattr(model, "_cpu_decode_pointers", None)
-    if ptrs is None or ptrs.key != (id(kv_cache), kv_cache.k[0].data_ptr(), model.layers[0].qkv_weight.data_ptr()):
-        ptrs = _Pointers(model, kv_cache)
-        model._cpu_decode_pointers = ptrs
+    ptrs = _pointers(model, kv_cache)
     c = model.config
     x = F.embedding(input_ids, model.embed).contiguous()
     cos, sin = rotary_cos_sin(positions, model.inv_freq, model.dtype)

@@ -19,91 +19,94 @@
 
 namespace {
 
-// Per-layer weight and cache pointers, in this order (absent optional tensors are null).
+// Per-layer pointers, in this order (absent optional tensors are null). Weights come packed
+// (`lw_pack_panels`); the gate and up halves of the gate-up projection are packed separately.
 enum LayerPtr {
-  kInputNorm, kQkvW, kQkvB, kQNorm, kKNorm, kOW, kOB, kPostNorm, kGateUpW, kGateUpB, kDownW, kDownB,
+  kInputNorm, kQkvP, kQkvB, kQNorm, kKNorm, kOP, kOB, kPostNorm, kGateP, kUpP, kGateUpB, kDownP, kDownB,
   kKCache, kVCache, kNumLayerPtrs
 };
 
-inline __mmask16 tail_mask(int n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+// Packed weights: W [n, k] as panels of kPanel rows (output columns), each panel k-major:
+// panel p holds W[p * kPanel + j][kk] at [kk][j], rows past n zero. A panel's column of the
+// product is then two vector loads per kk, broadcast-multiplied by one scalar of each x row.
+constexpr int kPanel = 32;
+constexpr int kBlockK = 256;   // a panel's k-block (32 KB) stays in L1 across x's row chunks
+constexpr int kChunk = 12;     // x rows per micro-kernel call: 24 accumulators + 2 weight vectors
 
-// c[r][c] = dot(x[r], w[c]) for MR rows of x and 4 rows of w, all of length k.
+inline __mmask16 tail_mask(int n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+
+// y[r][0:nv] (+)= x[r][k0:k1] . panel[k0:k1][0:nv] for MR rows; `first` stores, else accumulates.
 template <int MR>
-inline void micro(const float* x, int64_t ldx, const float* w, int64_t ldw, int nw, int k, float c[4][4]) {
-  __m512 acc[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-  const float* wr[4];
-  for (int j = 0; j < 4; ++j) wr[j] = w + (j < nw ? j : 0) * ldw;  // short blocks repeat row 0
-  int i = 0;
-  for (; i + 16 <= k; i += 16) {
-    __m512 wv[4];
-    // The hardware prefetcher follows four streams poorly: ask for the next block's rows (the
-    // same thread's next iteration, 4 rows further on) while this one is summed.
-    for (int j = 0; j < 4; ++j) _mm_prefetch(reinterpret_cast<const char*>(wr[j] + i + 4 * ldw), _MM_HINT_T0);
-    for (int j = 0; j < 4; ++j) wv[j] = _mm512_loadu_ps(wr[j] + i);
+inline void micro(const float* x, int64_t ldx, const float* panel, int k0, int k1, float* y, int64_t ldy,
+                  bool first, int nv) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const float* pw = panel + int64_t(k0) * kPanel;
+  for (int kk = k0; kk < k1; ++kk, pw += kPanel) {
+    const __m512 w0 = _mm512_loadu_ps(pw), w1 = _mm512_loadu_ps(pw + 16);
     for (int r = 0; r < MR; ++r) {
-      const __m512 xv = _mm512_loadu_ps(x + r * ldx + i);
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+      const __m512 xb = _mm512_set1_ps(x[r * ldx + kk]);
+      acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
     }
   }
-  if (i < k) {  // the tail of a row that is not a multiple of 16 floats
-    const __mmask16 m = tail_mask(k - i);
-    __m512 wv[4];
-    for (int j = 0; j < 4; ++j) wv[j] = _mm512_maskz_loadu_ps(m, wr[j] + i);
-    for (int r = 0; r < MR; ++r) {
-      const __m512 xv = _mm512_maskz_loadu_ps(m, x + r * ldx + i);
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(xv, wv[j], acc[r][j]);
+  const __mmask16 m0 = tail_mask(nv), m1 = tail_mask(nv - 16);
+  for (int r = 0; r < MR; ++r) {
+    float* yr = y + r * ldy;
+    if (!first) {
+      acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_maskz_loadu_ps(m0, yr));
+      acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_maskz_loadu_ps(m1, yr + 16));
     }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) c[r][j] = _mm512_reduce_add_ps(acc[r][j]);
-}
-
-// Dot products of all m rows of x with w rows [j, j + nw), nw <= 4: c[r][jj].
-inline void block_dots(const float* x, int m, int k, const float* w, int j, int nw, float (*c)[4]) {
-  const float* wj = w + int64_t(j) * k;
-  for (int r = 0; r < m; r += 4) {
-    float tmp[4][4];
-    switch (std::min(4, m - r)) {
-      case 1: micro<1>(x + int64_t(r) * k, k, wj, k, nw, k, tmp); break;
-      case 2: micro<2>(x + int64_t(r) * k, k, wj, k, nw, k, tmp); break;
-      case 3: micro<3>(x + int64_t(r) * k, k, wj, k, nw, k, tmp); break;
-      default: micro<4>(x + int64_t(r) * k, k, wj, k, nw, k, tmp); break;
-    }
-    for (int rr = 0; rr < std::min(4, m - r); ++rr)
-      for (int jj = 0; jj < 4; ++jj) c[r + rr][jj] = tmp[rr][jj];
+    _mm512_mask_storeu_ps(yr, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(yr + 16, m1, acc[r][1]);
   }
 }
 
-constexpr int kMaxRows = 64;
+// y[0:m][0:nv] = x[0:m] @ one panel (all of k), written with row stride ldy.
+inline void panel_product(const float* x, int m, int k, const float* panel, int nv, float* y, int64_t ldy) {
+  using Fn = void (*)(const float*, int64_t, const float*, int, int, float*, int64_t, bool, int);
+  static constexpr Fn kernels[kChunk + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>,
+                                             micro<7>, micro<8>, micro<9>, micro<10>, micro<11>, micro<12>};
+  for (int k0 = 0; k0 < k; k0 += kBlockK) {
+    const int k1 = std::min(k, k0 + kBlockK);
+    for (int r = 0; r < m; r += kChunk)
+      kernels[std::min(kChunk, m - r)](x + int64_t(r) * k, k, panel, k0, k1, y + r * ldy, ldy, k0 == 0, nv);
+  }
+}
 
-// y[m, n] = x[m, k] @ w[n, k]^T + bias; must be called by every thread of a parallel region.
-// Each thread takes a contiguous run of w's rows, so its reads are one sequential stream.
-void linear_omp(const float* x, int m, int k, const float* w, const float* bias, int n, float* y) {
+inline int num_panels(int n) { return (n + kPanel - 1) / kPanel; }
+
+// y[m, n] = x[m, k] @ W^T + bias for packed W; called by every thread of a parallel region.
+// Threads take contiguous runs of panels, so each streams its share of the weights once.
+void linear_omp(const float* x, int m, int k, const float* packed, const float* bias, int n, float* y) {
 #pragma omp for schedule(static)
-  for (int j = 0; j < n; j += 4) {
-    const int nw = std::min(4, n - j);
-    float c[kMaxRows][4];
-    block_dots(x, m, k, w, j, nw, c);
-    for (int r = 0; r < m; ++r)
-      for (int jj = 0; jj < nw; ++jj) y[int64_t(r) * n + j + jj] = c[r][jj] + (bias ? bias[j + jj] : 0.f);
+  for (int p = 0; p < num_panels(n); ++p) {
+    const int j0 = p * kPanel, nv = std::min(kPanel, n - j0);
+    panel_product(x, m, k, packed + int64_t(p) * k * kPanel, nv, y + j0, n);
+    if (bias)
+      for (int r = 0; r < m; ++r)
+        for (int j = 0; j < nv; ++j) y[int64_t(r) * n + j0 + j] += bias[j0 + j];
   }
 }
 
-// act[m, inter] = silu(x @ gate^T + bg) * (x @ up^T + bu), gate = w rows [0, inter), up = the rest.
-void gate_up_silu_omp(const float* x, int m, int k, const float* w, const float* bias, int inter, float* act) {
+// act[m, inter] = silu(x @ gate^T + bg) * (x @ up^T + bu): the gate and up panels of the same
+// columns are computed back to back into per-thread scratch `gu` [2][m][kPanel], then combined.
+void gate_up_silu_omp(const float* x, int m, int k, const float* gate, const float* up, const float* bias,
+                      int inter, float* act, float* gu) {
 #pragma omp for schedule(static)
-  for (int j = 0; j < inter; j += 4) {
-    const int nw = std::min(4, inter - j);
-    float g[kMaxRows][4], u[kMaxRows][4];
-    block_dots(x, m, k, w, j, nw, g);
-    block_dots(x, m, k, w, inter + j, nw, u);
+  for (int p = 0; p < num_panels(inter); ++p) {
+    const int j0 = p * kPanel, nv = std::min(kPanel, inter - j0);
+    float* g = gu;
+    float* u = gu + int64_t(m) * kPanel;
+    panel_product(x, m, k, gate + int64_t(p) * k * kPanel, nv, g, kPanel);
+    panel_product(x, m, k, up + int64_t(p) * k * kPanel, nv, u, kPanel);
     for (int r = 0; r < m; ++r)
-      for (int jj = 0; jj < nw; ++jj) {
-        const float gv = g[r][jj] + (bias ? bias[j + jj] : 0.f);
-        const float uv = u[r][jj] + (bias ? bias[inter + j + jj] : 0.f);
-        act[int64_t(r) * inter + j + jj] = gv / (1.f + std::exp(-gv)) * uv;
+      for (int j = 0; j < nv; ++j) {
+        const float gv = g[r * kPanel + j] + (bias ? bias[j0 + j] : 0.f);
+        const float uv = u[r * kPanel + j] + (bias ? bias[inter + j0 + j] : 0.f);
+        act[int64_t(r) * inter + j0 + j] = gv / (1.f + std::exp(-gv)) * uv;
       }
   }
 }
@@ -127,16 +130,28 @@ inline void rope(float* x, const float* cos, const float* sin, int d) {
 
 }  // namespace
 
-extern "C" int lw_decode_max_rows() { return kMaxRows; }
+// Floats `lw_pack_panels` writes for a [n, k] weight.
+extern "C" int64_t lw_packed_size(int n, int k) { return int64_t(num_panels(n)) * kPanel * k; }
 
-// y[m, n] = x[m, k] @ w[n, k]^T + bias (bias may be null), m <= lw_decode_max_rows().
-extern "C" void lw_linear(const float* x, int m, int k, const float* w, const float* bias, int n, float* y,
-                          int num_threads) {
-#pragma omp parallel num_threads(num_threads)
-  linear_omp(x, m, k, w, bias, n, y);
+// Packs w [n, k] (row stride ldw) into `out` (lw_packed_size floats); threads split the panels.
+extern "C" void lw_pack_panels(const float* w, int n, int k, int64_t ldw, float* out, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int p = 0; p < num_panels(n); ++p)
+    for (int kk = 0; kk < k; ++kk)
+      for (int j = 0; j < kPanel; ++j) {
+        const int row = p * kPanel + j;
+        out[(int64_t(p) * k + kk) * kPanel + j] = row < n ? w[int64_t(row) * ldw + kk] : 0.f;
+      }
 }
 
-// One forward pass over all layers for T <= lw_decode_max_rows() new tokens.
+// y[m, n] = x[m, k] @ W^T + bias (bias may be null) for W packed by lw_pack_panels.
+extern "C" void lw_packed_linear(const float* x, int m, int k, const float* packed, const float* bias, int n,
+                                 float* y, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+  linear_omp(x, m, k, packed, bias, n, y);
+}
+
+// One forward pass over all layers for T new tokens.
 //   x [T, hidden]: the embedded tokens; out [T, hidden]: the final-normed hidden states.
 //   layers [L * kNumLayerPtrs]: see LayerPtr; windows [L]: sliding window per layer, 0 for none.
 //   cos/sin [T, head_dim]; slots [T]: where each token's key and value go; the rest is the
@@ -152,10 +167,15 @@ extern "C" void lw_decode_forward(
   std::vector<float> residual(int64_t(T) * hidden), h(int64_t(T) * hidden), y(int64_t(T) * hidden);
   std::vector<float> qkv(int64_t(T) * qkv_size), q(int64_t(T) * q_size), attn(int64_t(T) * q_size);
   std::vector<float> act(int64_t(T) * inter);
+  std::vector<float> gu(int64_t(num_threads) * 2 * T * kPanel);  // gate_up_silu_omp's per-thread scratch
   std::vector<std::pair<int, int>> rows;  // (token, row-group)
   for (int b = 0; b < B; ++b)
     for (int t = query_start[b]; t < query_start[b + 1]; ++t) rows.emplace_back(t, b);
-  const int tasks = int(rows.size()) * kv_heads;
+  // Attention tasks: a row's KV heads are split among tasks only when rows are too few to keep
+  // every thread busy; a whole row reads each key's heads as one contiguous run of memory.
+  const int splits = std::max(1, std::min(kv_heads, 4 * num_threads / std::max(1, int(rows.size()))));
+  const int per_split = (kv_heads + splits - 1) / splits;
+  const int tasks = int(rows.size()) * splits;
   const int64_t row_stride = int64_t(kv_heads) * D;
 
 #pragma omp parallel num_threads(num_threads)
@@ -170,7 +190,7 @@ extern "C" void lw_decode_forward(
       for (int i = 0; i < hidden; ++i) res[i] = l == 0 ? src[i] : res[i] + src[i];
       rms_norm_row(res, p[kInputNorm], hidden, eps, h.data() + int64_t(t) * hidden);
     }
-    linear_omp(h.data(), T, hidden, p[kQkvW], p[kQkvB], qkv_size, qkv.data());
+    linear_omp(h.data(), T, hidden, p[kQkvP], p[kQkvB], qkv_size, qkv.data());
     // q/k norm, RoPE, and the new keys and values into the cache (a few KB: one thread).
 #pragma omp single
     for (int t = 0; t < T; ++t) {
@@ -198,10 +218,11 @@ extern "C" void lw_decode_forward(
                      block_size, windows[l], scale};
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < tasks; ++i) {
-      const auto& [t, b] = rows[i / kv_heads];
-      lw::attend(a, t, b, i % kv_heads, i % kv_heads + 1);
+      const auto& [t, b] = rows[i / splits];
+      const int h0 = (i % splits) * per_split;
+      if (h0 < kv_heads) lw::attend(a, t, b, h0, std::min(kv_heads, h0 + per_split));
     }
-    linear_omp(attn.data(), T, q_size, p[kOW], p[kOB], hidden, y.data());
+    linear_omp(attn.data(), T, q_size, p[kOP], p[kOB], hidden, y.data());
 #pragma omp single
     for (int t = 0; t < T; ++t) {
       float* res = residual.data() + int64_t(t) * hidden;
@@ -209,8 +230,9 @@ extern "C" void lw_decode_forward(
       for (int i = 0; i < hidden; ++i) res[i] += src[i];
       rms_norm_row(res, p[kPostNorm], hidden, eps, h.data() + int64_t(t) * hidden);
     }
-    gate_up_silu_omp(h.data(), T, hidden, p[kGateUpW], p[kGateUpB], inter, act.data());
-    linear_omp(act.data(), T, inter, p[kDownW], p[kDownB], hidden, y.data());
+    gate_up_silu_omp(h.data(), T, hidden, p[kGateP], p[kUpP], p[kGateUpB], inter, act.data(),
+                     gu.data() + int64_t(omp_get_thread_num()) * 2 * T * kPanel);
+    linear_omp(act.data(), T, inter, p[kDownP], p[kDownB], hidden, y.data());
   }
   for (int t = 0; t < T; ++t) {
     float* res = residual.data() + int64_t(t) * hidden;
