@@ -5,12 +5,11 @@
 
 Variants:
 - `mkl`: torch ops per layer + the C++ segment attention kernel, MKL's `F.linear` for every matmul
-  (`LENGTHWISE_CPU_FUSED=0 LENGTHWISE_GEMV=0 LENGTHWISE_CPU_PACKED=0`): the path before either of
-  the two below;
-- `packed`: the same, with weights prepacked for oneDNN (`lengthwise/ops/cpu/packed.py`), the
-  default for steps of more than `LENGTHWISE_CPU_FUSED_MAX_ROWS` rows;
+  (`LENGTHWISE_CPU_FUSED=0`): the path before the fused one, and still the path of long prefill
+  chunks. (A third variant, the same with weights prepacked for oneDNN, was measured and removed:
+  docs/benchmarks.md);
 - `fused`: the default, `lengthwise/ops/cpu/decode_forward.cpp`: every layer in one C++ call, one
-  OpenMP region, and the C++ small-row linear for the LM head;
+  OpenMP region, matmuls on panel-packed weights, the LM head included;
 - `compile-layers` (with `--compile`, batch 1 only): each decoder layer's forward through
   `torch.compile` (inductor's C++ backend) on the op-by-op path; the C++ attention kernel is not a
   registered custom op, so each layer compiles as two graphs around it.
@@ -76,12 +75,10 @@ def main() -> None:
         return step
 
     print(f"weight-read bound {bound:.1f} ms per forward (context {ctx})")
-    print("| rows | mkl ms | packed ms | fused ms | best vs mkl | mkl / packed / fused % of bound |")
-    print("|---|---|---|---|---|---|")
-    variants = {"mkl": dict(LENGTHWISE_CPU_FUSED="0", LENGTHWISE_GEMV="0", LENGTHWISE_CPU_PACKED="0"),
-                "packed": dict(LENGTHWISE_CPU_FUSED="0", LENGTHWISE_GEMV="0", LENGTHWISE_CPU_PACKED="1"),
-                "fused": dict(LENGTHWISE_CPU_FUSED="1", LENGTHWISE_GEMV="1", LENGTHWISE_CPU_PACKED="1",
-                              LENGTHWISE_CPU_FUSED_MAX_ROWS=str(max(rows_list)))}
+    print("| rows | mkl ms | fused ms | fused vs mkl | mkl / fused % of bound |")
+    print("|---|---|---|---|---|")
+    variants = {"mkl": dict(LENGTHWISE_CPU_FUSED="0"),
+                "fused": dict(LENGTHWISE_CPU_FUSED="1", LENGTHWISE_CPU_FUSED_MAX_ROWS=str(max(rows_list)))}
     for rows in rows_list:
         step = make_step(rows)
         ms = {}
@@ -90,11 +87,11 @@ def main() -> None:
             ms[name] = forward_ms(step)
         os.environ.pop("LENGTHWISE_CPU_FUSED_MAX_ROWS")
         frac = " / ".join(f"{bound / v:.0%}" for v in ms.values())
-        print(f"| {rows} | {ms['mkl']:.1f} | {ms['packed']:.1f} | {ms['fused']:.1f} | "
-              f"{ms['mkl'] / min(ms.values()):.2f}x | {frac} |", flush=True)
+        print(f"| {rows} | {ms['mkl']:.1f} | {ms['fused']:.1f} | {ms['mkl'] / ms['fused']:.2f}x | {frac} |",
+              flush=True)
     if args.compile:
         os.environ.update(variants["mkl"])
-        step = make_step(1)
+        step = make_step(1)  # compile-layers runs on the op-by-op path
         for layer in model.layers:
             layer.forward = torch.compile(layer.forward, dynamic=False)
         t0 = time.perf_counter()

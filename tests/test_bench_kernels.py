@@ -17,9 +17,8 @@ KEYS = {"device", "decode_b1_ms", "roofline_b1_ms", "roofline_fraction_b1", "b64
 OPS = {"rms_norm+residual", "qkv_proj", "rotary+write_kv", "attention ctx 256", "o_proj", "gate_up_proj",
        "silu_and_mul", "down_proj", "lm_head"}
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
-# On a float32 CPU every projection is also timed on oneDNN's prepacked weights and on the fused
-# path's panel GEMM.
-CPU_OPS = OPS | {f"{p} ({alt})" for p in PROJECTIONS for alt in ("oneDNN packed", "fused-path GEMM")}
+# On a float32 CPU every projection is also timed on the fused path's panel GEMM.
+CPU_OPS = OPS | {f"{p} (fused-path GEMM)" for p in PROJECTIONS}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from lengthwise.engine.llm_engine import LLMEngine
 from lengthwise.ops import AttentionMetadata
 from lengthwise.ops import cpu as cpu_kernels
 from lengthwise.ops.cpu import decode as cpu_decode
-from lengthwise.ops.cpu import packed as cpu_packed
 
 pytestmark = pytest.mark.skipif(cpu_kernels.segment_attention_kernel() is None,
                                 reason="the CPU kernels could not be built here (no C++ compiler?)")
@@ -163,34 +162,3 @@ def test_engine_generations_equal_with_and_without_the_fused_path(hf_checkpoint,
             n_calls = len(calls)
     assert len(calls) == n_calls  # switched off, nothing took the fused path
     assert_same_generations(outs["1"], outs["0"], logprob_tol=1e-4)
-
-
-@pytest.mark.skipif(not cpu_packed.enabled(), reason="this torch build has no oneDNN (mkldnn)")
-@pytest.mark.parametrize("m", [1, 30, 200])
-def test_prepacked_linear_matches_f_linear(m):
-    g = torch.Generator().manual_seed(m)
-    x, w, b = torch.randn(m, 96, generator=g), torch.randn(40, 96, generator=g), torch.randn(40, generator=g)
-    packed = cpu_packed.pack(w)
-    assert packed is not None
-    torch.testing.assert_close(cpu_packed.linear(x, packed, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(cpu_packed.linear(x, packed), F.linear(x, w), rtol=1e-5, atol=1e-4)
-    assert cpu_packed.pack(w.to(torch.bfloat16)) is None
-
-
-@pytest.mark.skipif(not cpu_packed.enabled(), reason="this torch build has no oneDNN (mkldnn)")
-def test_large_steps_on_prepacked_weights_match_plain_weights(hf_checkpoint, monkeypatch):
-    """A step beyond the fused path with every weight prepacked against F.linear."""
-    model = load_model(hf_checkpoint("qwen2")[1], "float32", "cpu")
-    n = cpu_decode.max_rows() + 16
-    assert not cpu_decode.eligible(model, n)
-    cache = model.new_kv_cache(num_blocks=n // 4, block_size=4)
-    ids = torch.randint(3, model.config.vocab_size, (n,), generator=torch.Generator().manual_seed(0))
-    meta = AttentionMetadata([0, n], torch.arange(n), 4, torch.arange(n // 4, dtype=torch.int32)[None], [n])
-    calls, real = [], cpu_packed.linear
-    monkeypatch.setattr(cpu_packed, "linear", lambda *a: calls.append(1) or real(*a))
-    out = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv(cpu_packed.PACKED_ENV, flag)
-        out[flag] = model.compute_logits(model(ids, torch.arange(n), meta, cache))
-    assert len(calls) == 4 * model.config.num_layers + 1  # every projection and the LM head, once
-    torch.testing.assert_close(out["1"], out["0"], rtol=1e-4, atol=1e-4)

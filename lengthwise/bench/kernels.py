@@ -160,7 +160,6 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
     from lengthwise.ops import AttentionMetadata, paged_attention, rms_norm, rotary_cos_sin, silu_and_mul
     from lengthwise.ops import cpu as cpu_kernels
     from lengthwise.ops import linear as dispatched_linear
-    from lengthwise.ops.cpu import packed as cpu_packed
     from lengthwise.ops.dispatch import use_triton
     from lengthwise.ops.rotary import rotary_and_write_kv
 
@@ -199,11 +198,8 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
         if batch == 1 and use_triton(inp):
             rows.append((f"{name} (F.linear)", lambda: F.linear(inp, w), *cost))
         if dev.type == "cpu" and dt == torch.float32 and cpu_kernels.segment_attention_kernel() is not None:
-            # The two CPU alternatives to MKL: oneDNN on prepacked weights (steps beyond the fused
-            # path) and the fused path's own GEMM on panel-packed weights.
-            onednn, panels = cpu_packed.pack(w), cpu_kernels.pack_panels(w)
-            if onednn is not None:
-                rows.append((f"{name} (oneDNN packed)", lambda: cpu_packed.linear(inp, onednn), *cost))
+            # What CPU decode steps really run: the fused path's GEMM on panel-packed weights.
+            panels = cpu_kernels.pack_panels(w)
             rows.append((f"{name} (fused-path GEMM)", lambda: cpu_kernels.packed_linear(inp, panels, n), *cost))
         return rows
 

@@ -25,21 +25,7 @@ from lengthwise.ops import (
     silu_and_mul,
 )
 from lengthwise.ops.cpu import decode as cpu_decode
-from lengthwise.ops.cpu import packed as cpu_packed
 from lengthwise.ops.rotary import rotary_and_write_kv
-
-
-class _Packed:
-    """Lazily prepacked copies of a module's CPU float32 linear weights (`lengthwise.ops.cpu.packed`),
-    made on first use, after loading has filled the weights."""
-
-    def __init__(self) -> None:
-        self._cache: dict[str, torch.Tensor | None] = {}
-
-    def get(self, module: nn.Module, name: str) -> torch.Tensor | None:
-        if name not in self._cache:
-            self._cache[name] = cpu_packed.pack(getattr(module, name))
-        return self._cache[name]
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -69,15 +55,13 @@ class DecoderLayer(nn.Module):
         self.gate_up_bias = _param((2 * c.intermediate_size,), dtype, device) if c.mlp_bias else None
         self.down_weight = _param((h, c.intermediate_size), dtype, device)
         self.down_bias = _param((h,), dtype, device) if c.mlp_bias else None
-        self._packed = _Packed()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         x, residual = rms_norm(x, self.input_norm, c.rms_norm_eps, residual)
-        pk = self._packed.get
-        qkv = linear(x, self.qkv_weight, self.qkv_bias, pk(self, "qkv_weight"))
+        qkv = linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split((c.q_size, c.kv_size, c.kv_size), dim=-1)
         q = q.view(-1, c.num_heads, c.head_dim)
         k = k.view(-1, c.num_kv_heads, c.head_dim)
@@ -87,10 +71,10 @@ class DecoderLayer(nn.Module):
             k = rms_norm(k, self.k_norm, c.rms_norm_eps)[0]
         q = rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
         attn = paged_attention(q, k_cache, v_cache, positions, meta, self.scale, self.sliding_window)
-        x = linear(attn.reshape(-1, c.q_size), self.o_weight, self.o_bias, pk(self, "o_weight"))
+        x = linear(attn.reshape(-1, c.q_size), self.o_weight, self.o_bias)
         x, residual = rms_norm(x, self.post_attn_norm, c.rms_norm_eps, residual)
-        x = silu_and_mul(linear(x, self.gate_up_weight, self.gate_up_bias, pk(self, "gate_up_weight")))
-        return linear(x, self.down_weight, self.down_bias, pk(self, "down_weight")), residual
+        x = silu_and_mul(linear(x, self.gate_up_weight, self.gate_up_bias))
+        return linear(x, self.down_weight, self.down_bias), residual
 
 
 class CausalLM(nn.Module):
@@ -107,7 +91,6 @@ class CausalLM(nn.Module):
         self.final_norm = _param((config.hidden_size,), dtype, device)
         self.lm_head = (self.embed if config.tie_word_embeddings
                         else _param((config.vocab_size, config.hidden_size), dtype, device))
-        self._packed = _Packed()
         r = config.rope
         self.register_buffer("inv_freq", rotary_inv_freq(
             config.head_dim, r.theta, r.type, r.factor, r.low_freq_factor, r.high_freq_factor,
@@ -142,4 +125,4 @@ class CausalLM(nn.Module):
         """Logits `[N, vocab]` in float32 for the hidden states of the rows to sample from."""
         if cpu_decode.eligible(self, hidden.shape[0]) and getattr(self, "_cpu_decode_pointers", None) is not None:
             return cpu_decode.logits(self, hidden)
-        return linear(hidden, self.lm_head, packed=self._packed.get(self, "lm_head")).float()
+        return linear(hidden, self.lm_head).float()
