@@ -121,6 +121,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         rec["predictor"] = spec.predictor or args.predictor
         results.append(rec)
         print(format_row(rec), file=sys.stderr)
+        if args.json is not None:  # after every policy, so a long run that is cut keeps what it measured
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
         gc.collect()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
