@@ -1,4 +1,4 @@
-"""The `lengthwise` command line: `lengthwise generate | bench | predictor ...`."""
+"""The `lengthwise` command line: `lengthwise generate | bench | predictor | simulate ...`."""
 
 from __future__ import annotations
 
@@ -129,12 +129,27 @@ def _add_predictor(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    from lengthwise.bench import calibrate, simulate
+
+    p = sub.add_parser("simulate", help="the scheduling policies on a simulated clock, at any scale",
+                       description=simulate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    simulate.add_run_arguments(p)
+    p.set_defaults(func=simulate.main)
+    sim_sub = p.add_subparsers(dest="simulate_command")
+    c = sim_sub.add_parser("calibrate", help="fit the step-time model to the real engine's steps",
+                           description=calibrate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    calibrate.add_arguments(c)
+    c.set_defaults(func=calibrate.main)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lengthwise", description="Length-aware LLM inference engine.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)
     _add_predictor(sub)
+    _add_simulate(sub)
     return parser
 
 

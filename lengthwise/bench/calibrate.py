@@ -1,0 +1,118 @@
+"""`lengthwise simulate calibrate`: fit the simulator's step-time model to the real engine.
+
+    lengthwise simulate calibrate --model llama-100m --data dev.jsonl --num-requests 64 --out steps.json
+
+Serves the first `--num-requests` alpaca-lengths prompts (each generating its true length, as
+`bench schedule` does) through the engine under each `--policy`, times every `engine.step()`, and
+fits `StepModel` (base + rows + prefill tokens + context tokens) to the measured steps. The
+policies are chosen to cover the batch sizes and prefill mixes the simulated policies produce:
+continuous batching ramps from many rows down to one, static batches of 8 hold few rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from lengthwise.bench.schedule import HARD_CAP, parse_policy
+from lengthwise.bench.step_model import StepFeatures, StepModel, step_features
+from lengthwise.bench.workloads import read_alpaca_lengths
+
+WARMUP_STEPS = 3  # per policy: the first steps pay one-off costs (kernel build, packing, allocation)
+
+
+def measure_steps(engine: Any, prompts: list[str], lengths: list[int]) -> tuple[list[StepFeatures], list[float]]:
+    """Serve `prompts` (all at once) on `engine`; (features, seconds) of every step after the warm-up."""
+    from lengthwise.sampling_params import SamplingParams
+
+    planned: list[StepFeatures] = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():  # noqa: ANN202
+        out = schedule()
+        planned.append(step_features(out.chunks))
+        return out
+
+    engine.scheduler.schedule = recording_schedule
+    params = SamplingParams(max_tokens=HARD_CAP, temperature=0.0, ignore_eos=True)
+    for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+        engine.add_request(p, params, request_id=str(i), eos_after=n)
+    features, seconds = [], []
+    try:
+        while engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            engine.step()
+            dt = time.perf_counter() - t0
+            if len(planned) > WARMUP_STEPS and planned[-1].rows + planned[-1].prefill_tokens > 0:
+                features.append(planned[-1])
+                seconds.append(dt)
+    finally:
+        engine.scheduler.schedule = schedule
+    for rid in list(engine.requests):
+        engine.requests.pop(rid)
+    return features, seconds
+
+
+def calibrate(args: argparse.Namespace) -> StepModel:
+    import torch
+
+    from lengthwise.bench.presets import resolve_model
+    from lengthwise.config import EngineConfig
+    from lengthwise.engine.llm_engine import LLMEngine
+    from lengthwise.model import load_model
+    from lengthwise.tokenizer import Tokenizer
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model_dir, label = resolve_model(args.model)
+    model = load_model(model_dir, args.dtype, "auto")
+    records = read_alpaca_lengths(args.data, args.num_requests)
+    prompts, lengths = [t for t, _ in records], [min(n, HARD_CAP) for _, n in records]
+    kv_bytes = None
+    if args.kv_cache_tokens is not None:
+        from lengthwise.kv.storage import KVCacheStorage
+
+        mc = model.config
+        kv_bytes = KVCacheStorage.bytes_per_block(mc.num_layers, 16, mc.num_kv_heads, mc.head_dim, model.dtype) * (
+            -(-args.kv_cache_tokens // 16))
+    features: list[StepFeatures] = []
+    seconds: list[float] = []
+    for text in args.policy or ["continuous", "static:batch_size=8"]:
+        spec = parse_policy(text)
+        config = EngineConfig(dtype=args.dtype, kv_cache_memory=kv_bytes, max_num_seqs=args.max_num_seqs,
+                              policy=spec.name, policy_options=spec.options)
+        engine = LLMEngine(model, Tokenizer(model_dir), config)
+        f, s = measure_steps(engine, prompts, lengths)
+        print(f"[calibrate] {spec.label}: {len(s)} steps, {sum(s):.1f} s", flush=True)
+        features += f
+        seconds += s
+    return StepModel.fit(features, seconds, source={
+        "kind": "calibrated", "model": label, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "data": str(args.data), "num_requests": args.num_requests, "policies": args.policy or
+        ["continuous", "static:batch_size=8"], "kv_cache_tokens": args.kv_cache_tokens})
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama-100m", help="checkpoint directory or preset (default llama-100m)")
+    p.add_argument("--data", required=True, type=Path, help="alpaca-lengths JSONL (e.g. dev.jsonl)")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--policy", action="append", help="policies to measure under (default: continuous and "
+                   "static:batch_size=8)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (as bench schedule)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--out", required=True, type=Path, help="JSON file to write the step model to")
+
+
+def main(args: argparse.Namespace) -> int:
+    model = calibrate(args)
+    model.save(args.out)
+    src = model.source
+    print(f"[calibrate] base {model.base_s * 1e3:.2f} ms + {model.per_row_s * 1e3:.3f} ms/row + "
+          f"{model.per_prefill_token_s * 1e3:.4f} ms/prefill token + {model.per_context_token_s * 1e6:.3f} us/context "
+          f"token; mean abs error {src['mean_abs_error_s'] * 1e3:.2f} ms of a {src['mean_step_s'] * 1e3:.2f} ms "
+          f"mean step, total {src['total_error']:+.1%}; wrote {args.out}")
+    return 0
