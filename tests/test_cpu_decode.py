@@ -139,6 +139,8 @@ def test_not_eligible_where_the_kernel_does_not_apply(hf_checkpoint, monkeypatch
     monkeypatch.setenv(cpu_decode.FUSED_ENV, "1")
     monkeypatch.setenv("LENGTHWISE_KERNELS", "torch")  # the reference path stays pure torch
     assert not cpu_decode.eligible(model, 1)
+    monkeypatch.setenv("LENGTHWISE_KERNELS", "triton")  # and a request for Triton gets Triton
+    assert not cpu_decode.eligible(model, 1)
     monkeypatch.delenv("LENGTHWISE_KERNELS")
     assert not cpu_decode.eligible(load_model(hf_checkpoint("llama")[1], "bfloat16", "cpu"), 1)
 
