@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from lengthwise.bench.schedule import HARD_CAP, PolicySpec, format_table, parse_policy
 from lengthwise.bench.step_model import StepModel, step_features
+from lengthwise.bench.workloads import read_alpaca_records
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.sched import Scheduler, make_policy
 from lengthwise.sequence import Request
@@ -75,29 +76,6 @@ def _parts(spec: str, flag: str, kinds: dict[str, int]) -> tuple[str, list[float
     except ValueError:
         raise ValueError(f"{flag} {spec!r}: parameters must be numbers") from None
     return kind, values
-
-
-def read_alpaca(path: Path, n: int, length_key: str = "t0.0") -> tuple[list[str], list[str], list[int]]:
-    """(ids, prompts, lengths) of the first `n` records of an alpaca-lengths JSONL file."""
-    if not path.is_file():
-        raise ValueError(f"--data {str(path)!r}: no such file")
-    ids, prompts, lengths = [], [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if len(ids) >= n:
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                ids.append(str(rec.get("id", lineno)))
-                prompts.append(rec["prompt"])
-                lengths.append(int(rec["lengths"][length_key]))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: not an alpaca-lengths record ({e})") from e
-    if len(ids) < n:
-        raise ValueError(f"--data {str(path)!r} has {len(ids)} records, fewer than --num-requests {n}")
-    return ids, prompts, lengths
 
 
 def draw_lengths(spec: str, n: int, rng: np.random.Generator, scale: float) -> list[int]:
@@ -167,8 +145,8 @@ def make_workload(args: argparse.Namespace) -> Workload:
     if args.lengths == "file":
         if args.data is None:
             raise ValueError("--lengths file needs --data (an alpaca-lengths JSONL file)")
-        ids, prompts, lengths = read_alpaca(args.data, n, args.length_key)
-        lengths = [min(max(1, x), HARD_CAP) for x in lengths]  # `bench schedule`'s cap, the first paper's
+        ids, prompts, lengths = map(list, zip(*read_alpaca_records(args.data, n, args.length_key), strict=True))
+        lengths = [min(x, HARD_CAP) for x in lengths]  # `bench schedule`'s cap, the first paper's
         if args.prompt_tokens:
             prompt_lens = [args.prompt_tokens] * n
         elif args.model:  # the served model's own token counts, as the engine sees them
@@ -210,7 +188,6 @@ class Replica:
     free_at: float = 0.0   # when the step in flight ends
     steps: int = 0
     row_steps: int = 0
-    busy_s: float = 0.0
     unfinished: int = 0
     idle_polls: int = 0    # consecutive steps that scheduled nothing
 
@@ -235,7 +212,6 @@ class Replica:
         self.steps += 1
         if any(c.sample for c in out.chunks):  # as the engine counts them: steps that sampled
             self.row_steps += out.rows
-        self.busy_s += dt
         done = []
         for c in out.chunks:
             admitted_at.setdefault(c.request.request_id, now)

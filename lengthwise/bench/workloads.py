@@ -75,15 +75,17 @@ class Workload:
                 "output_len": stats(self.output_lens), **self.info}
 
 
-def read_alpaca_lengths(path: str | Path, num_requests: int | None = None) -> list[tuple[str, int]]:
-    """(prompt text, greedy response length) of the first `num_requests` records of an alpaca-lengths file."""
+def read_alpaca_records(path: str | Path, num_requests: int | None = None,
+                        length_key: str = ALPACA_LENGTH_KEY) -> list[tuple[str, str, int]]:
+    """(id, prompt text, response length under `length_key`) of the first `num_requests` records of an
+    alpaca-lengths file; a record without an id is named by its line number."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--data {str(path)!r}: no such file (the alpaca-lengths workload needs "
                          "../shared/data/alpaca-lengths/dev.jsonl or another file in that format)")
     if num_requests is not None and num_requests < 1:
         raise ValueError(f"num_requests must be >= 1, got {num_requests}")
-    records: list[tuple[str, int]] = []
+    records: list[tuple[str, str, int]] = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if num_requests is not None and len(records) >= num_requests:
@@ -92,18 +94,23 @@ def read_alpaca_lengths(path: str | Path, num_requests: int | None = None) -> li
                 continue
             try:
                 rec = json.loads(line)
-                prompt, length = rec["prompt"], rec["lengths"][ALPACA_LENGTH_KEY]
+                prompt, length = rec["prompt"], rec["lengths"][length_key]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{lineno}: not an alpaca-lengths record with 'prompt' and "
-                                 f"'lengths.{ALPACA_LENGTH_KEY}' ({e})") from e
+                                 f"'lengths.{length_key}' ({e})") from e
             if not isinstance(prompt, str) or isinstance(length, bool) or not isinstance(length, int) or length < 1:
-                raise ValueError(f"{path}:{lineno}: bad prompt or lengths.{ALPACA_LENGTH_KEY} {length!r}")
-            records.append((prompt, length))
+                raise ValueError(f"{path}:{lineno}: bad prompt or lengths.{length_key} {length!r}")
+            records.append((str(rec.get("id", lineno)), prompt, length))
     if num_requests is not None and len(records) < num_requests:
         raise ValueError(f"--num-requests {num_requests}: {path} has only {len(records)} records")
     if not records:
         raise ValueError(f"{path}: no records")
     return records
+
+
+def read_alpaca_lengths(path: str | Path, num_requests: int | None = None) -> list[tuple[str, int]]:
+    """(prompt text, greedy response length) of the first `num_requests` records of an alpaca-lengths file."""
+    return [(prompt, length) for _, prompt, length in read_alpaca_records(path, num_requests)]
 
 
 def alpaca_lengths(path: str | Path, tokenizer, num_requests: int | None = None) -> Workload:

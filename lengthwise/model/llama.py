@@ -107,8 +107,8 @@ class CausalLM(nn.Module):
                 kv_cache: KVCacheStorage) -> torch.Tensor:
         """Run `input_ids [T]` at `positions [T]`; return the final hidden states `[T, hidden]`.
 
-        Every new token's key and value is written into `kv_cache` at `meta.slot_mapping`. Steps of a
-        few tokens on the CPU run all layers in one fused C++ call (`lengthwise.ops.cpu.decode`).
+        Every new token's key and value is written into `kv_cache` at `meta.slot_mapping`. Decode
+        steps on the CPU run all layers in one fused C++ call (`lengthwise.ops.cpu.decode`).
         """
         qs = meta.query_start
         if cpu_decode.eligible(self, input_ids.shape[0], max(b - a for a, b in zip(qs[:-1], qs[1:], strict=True))):

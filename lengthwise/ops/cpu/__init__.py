@@ -5,8 +5,8 @@
   that is thousands of small calls per step plus a copy of the whole KV cache. The kernel walks
   each row's block tables and reads keys and values in place, once, with one online softmax over
   the prompt and response segments.
-- `decode_forward.cpp`: the fused decode forward for steps of a few rows (`lengthwise.ops.cpu.decode`)
-  and a small-row linear, for the LM head of those steps.
+- `decode_forward.cpp`: the fused decode forward (`lengthwise.ops.cpu.decode`) and its GEMM on
+  panel-packed weights (`pack_panels`, `packed_linear`), which the LM head of those steps uses too.
 
 The library is built with the system C++ compiler (`$CXX`, else `c++`) for this CPU
 (`-march=native`) into the lengthwise cache directory, keyed by a hash of sources, flags and CPU,
@@ -53,9 +53,8 @@ def _cpu_signature() -> str:
 
 @cache
 def segment_attention_kernel() -> ctypes.CDLL | None:
-    """The compiled kernel library, or `None` where it cannot be built here."""
-    import torch  # noqa: F401  (loaded first, so the library binds to torch's libgomp)
-
+    """The compiled kernel library, or `None` where it cannot be built here. (This module imports torch
+    first, so the library's libgomp.so.1 resolves to torch's.)"""
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         warnings.warn("no C++ compiler found: CPU attention uses the slower torch reference", stacklevel=2)
@@ -128,7 +127,6 @@ def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         ptr(kt.response_block_tables.data_ptr()), kt.response_block_tables.shape[1], ptr(group_ids.data_ptr()),
         len(groups), q.shape[1], k_cache.shape[1], q.shape[2], meta.block_size, sliding_window or 0, scale,
         torch.get_num_threads())
-
 
 
 def pack_panels(weight: torch.Tensor) -> torch.Tensor:

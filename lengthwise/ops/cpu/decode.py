@@ -1,11 +1,12 @@
-"""The fused decode forward on the CPU: a step of a few rows through every layer in one C++ call.
+"""The fused decode forward on the CPU: a decode step through every layer in one C++ call.
 
 The op-by-op torch path spends about half of a batch-1 decode step outside the matmuls (some 50
 small ops per layer, each with its dispatch and OpenMP fork/join); `decode_forward.cpp` runs the
 whole decoder with one parallel region, so a step costs about what reading the weights costs.
-`CausalLM.forward` takes this path when `eligible` says so; everything else (prefill, large
-batches, bfloat16, GPUs) keeps the op-by-op path, which is also the reference the tests compare
-this one against.
+`CausalLM.forward` takes this path when `eligible` says so (up to 256 tokens, at most 16 new ones
+per sequence); everything else (long prefill chunks, bfloat16, GPUs, an explicit
+`LENGTHWISE_KERNELS`) keeps the op-by-op path, which is also the reference the tests compare this
+one against.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ DEFAULT_MAX_ROWS = 256
 # ... and only if no sequence brings more new tokens than this: its attention reads the context once
 # per query row, which for a long prefill chunk is far slower than SDPA's blocked matmuls.
 MAX_QUERY_LEN = 16
-
 
 
 def max_rows() -> int:

@@ -1,4 +1,4 @@
-// The fused decode forward on the CPU: every decoder layer of a few-row step in one call.
+// The fused decode forward on the CPU: every decoder layer of a decode step in one call.
 //
 // Why: at batch 1 the weights are read once per token, so a step's floor is weight bytes /
 // memory bandwidth (about 21 ms for llama-100m here). The torch path reaches the matmuls' share
@@ -191,7 +191,7 @@ extern "C" void lw_decode_forward(
       rms_norm_row(res, p[kInputNorm], hidden, eps, h.data() + int64_t(t) * hidden);
     }
     linear_omp(h.data(), T, hidden, p[kQkvP], p[kQkvB], qkv_size, qkv.data());
-    // q/k norm, RoPE, and the new keys and values into the cache (a few KB: one thread).
+    // q/k norm, RoPE, and the new keys and values into the cache (small next to the matmuls: one thread).
 #pragma omp single
     for (int t = 0; t < T; ++t) {
       const float* row = qkv.data() + int64_t(t) * qkv_size;
