@@ -64,7 +64,12 @@ def test_the_formula_rises_with_bins_towards_its_limit():
 
 def test_calibrated_simulator_predicts_the_engine_throughput(default_model, tmp_path):
     """The built-in model: calibrate the step model on one workload, then serve another workload
-    under three policies in the engine (`bench schedule`) and in the simulator: within 15%."""
+    under three policies in the engine (`bench schedule`) and in the simulator: within 15%.
+
+    This host's speed drifts by up to a third between windows of a few seconds (measured: the same
+    calibration's mean step 2.4 to 3.9 ms in one process), so one calibration and one engine run
+    seconds apart can disagree by more than the simulator does. Five rounds, each calibrating and
+    then measuring the engine straight away; the median round's ratio is asserted."""
     words = ["the", "sea", "is", "blue", "and", "a", "ship", "sails", "far", "away", "in", "night"]
 
     def write(path, n, seed):
@@ -78,25 +83,30 @@ def test_calibrated_simulator_predicts_the_engine_throughput(default_model, tmp_
     calib, data = tmp_path / "calib.jsonl", tmp_path / "d.jsonl"
     write(calib, 48, 1)
     write(data, 48, 2)
-    steps = tmp_path / "steps.json"
     common = ["--model", str(default_model), "--max-num-seqs", "32"]
-    assert main(["simulate", "calibrate", *common, "--data", str(calib), "--num-requests", "48", "--threads", "1",
-                 "--out", str(steps)]) == 0
-    model = StepModel.load(steps)
-    assert model.source["kind"] == "calibrated" and model.source["steps"] > 50
     policies = ["static:batch_size=8", "continuous", "sequence:batch_size=16"]
-    engine_json = tmp_path / "engine.json"
     argv = [a for p in policies for a in ("--policy", p)]
-    assert main(["bench", "schedule", *common, "--data", str(data), "--num-requests", "48", "--predictor", "oracle",
-                 "--threads", "1", *argv, "--json", str(engine_json), "--out-dir", str(tmp_path / "e")]) == 0
-    engine = {r["policy"]: r for r in json.loads(engine_json.read_text())}
-    simulated = {r["policy"]: r for r in _run(*common, *argv, "--lengths", "file", "--data", str(data),
-                                              "--num-requests", "48", "--step-model", str(steps),
-                                              "--out-dir", str(tmp_path / "s"))}
-    for name in engine:
-        assert simulated[name]["output_tokens"] == engine[name]["output_tokens"]
-        ratio = simulated[name]["requests_per_s"] / engine[name]["requests_per_s"]
-        assert 0.85 <= ratio <= 1.15, (name, ratio)
+    ratios: dict[str, list[float]] = {}
+    for rnd in range(5):
+        steps, engine_json = tmp_path / f"steps{rnd}.json", tmp_path / f"engine{rnd}.json"
+        assert main(["simulate", "calibrate", *common, "--data", str(calib), "--num-requests", "48", "--threads",
+                     "1", "--repeats", "1", "--out", str(steps)]) == 0
+        model = StepModel.load(steps)
+        assert model.source["kind"] == "calibrated" and model.source["steps"] > 50
+        assert main(["bench", "schedule", *common, "--data", str(data), "--num-requests", "48", "--predictor",
+                     "oracle", "--threads", "1", *argv, "--json", str(engine_json), "--out-dir",
+                     str(tmp_path / "e")]) == 0
+        engine = {r["policy"]: r for r in json.loads(engine_json.read_text())}
+        simulated = {r["policy"]: r for r in _run(*common, *argv, "--lengths", "file", "--data", str(data),
+                                                  "--num-requests", "48", "--step-model", str(steps),
+                                                  "--out-dir", str(tmp_path / "s"))}
+        assert set(simulated) == set(engine) == {"static", "continuous", "sequence"}
+        for name in engine:
+            assert simulated[name]["output_tokens"] == engine[name]["output_tokens"]
+            ratios.setdefault(name, []).append(simulated[name]["requests_per_s"] / engine[name]["requests_per_s"])
+    print("simulated / engine throughput per round:", ratios)
+    for name, r in ratios.items():
+        assert 0.85 <= float(np.median(r)) <= 1.15, (name, ratios)
 
 
 # -- determinism, routing, workloads ----------------------------------------------------------------

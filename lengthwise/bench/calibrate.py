@@ -3,10 +3,11 @@
     lengthwise simulate calibrate --model llama-100m --data dev.jsonl --num-requests 64 --out steps.json
 
 Serves the first `--num-requests` alpaca-lengths prompts (each generating its true length, as
-`bench schedule` does) through the engine under each `--policy`, times every `engine.step()`, and
-fits `StepModel` (base + rows + prefill tokens + context tokens) to the measured steps. The
-policies are chosen to cover the batch sizes and prefill mixes the simulated policies produce:
-continuous batching ramps from many rows down to one, static batches of 8 hold few rows.
+`bench schedule` does) through the engine under each `--policy`, times every `engine.step()`
+(`--repeats` times over), and fits `StepModel` (base + rows + prefill tokens + context tokens)
+to the measured steps. The policies are chosen to cover the batch sizes and prefill mixes the
+simulated policies produce: continuous batching ramps from many rows down to one, static
+batches of 8 hold few rows.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def measure_steps(engine: Any, prompts: list[str], lengths: list[int]) -> tuple[
 def calibrate(args: argparse.Namespace) -> StepModel:
     import torch
 
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     from lengthwise.bench.presets import resolve_model
     from lengthwise.config import EngineConfig
     from lengthwise.engine.llm_engine import LLMEngine
@@ -83,14 +86,17 @@ def calibrate(args: argparse.Namespace) -> StepModel:
         spec = parse_policy(text)
         config = EngineConfig(dtype=args.dtype, kv_cache_memory=kv_bytes, max_num_seqs=args.max_num_seqs,
                               policy=spec.name, policy_options=spec.options)
-        engine = LLMEngine(model, Tokenizer(model_dir), config)
-        f, s = measure_steps(engine, prompts, lengths)
+        f: list[StepFeatures] = []
+        s: list[float] = []
+        for _ in range(args.repeats):  # a fresh engine each time: no prefix cache carried over
+            f2, s2 = measure_steps(LLMEngine(model, Tokenizer(model_dir), config), prompts, lengths)
+            f, s = f + f2, s + s2
         print(f"[calibrate] {spec.label}: {len(s)} steps, {sum(s):.1f} s", flush=True)
         features += f
         seconds += s
     return StepModel.fit(features, seconds, source={
         "kind": "calibrated", "model": label, "dtype": args.dtype, "threads": torch.get_num_threads(),
-        "data": str(args.data), "num_requests": args.num_requests, "policies": args.policy or
+        "data": str(args.data), "num_requests": args.num_requests, "repeats": args.repeats, "policies": args.policy or
         ["continuous", "static:batch_size=8"], "kv_cache_tokens": args.kv_cache_tokens})
 
 
@@ -100,6 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--policy", action="append", help="policies to measure under (default: continuous and "
                    "static:batch_size=8)")
+    p.add_argument("--repeats", type=int, default=2, help="serve the workload this many times per policy (default 2): "
+                   "more steps, over a longer window of a host's varying speed")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (as bench schedule)")

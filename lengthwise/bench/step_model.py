@@ -107,22 +107,31 @@ class StepModel:
     def fit(cls, features: Sequence[StepFeatures], seconds: Sequence[float],
             source: dict[str, Any] | None = None) -> StepModel:
         """Least squares with every coefficient kept >= 0 (a feature whose coefficient comes out
-        negative is dropped and the rest refitted). Records the fit's mean absolute error."""
+        negative is dropped and the rest refitted). Plain least squares on purpose: throughput is
+        total time, so slow steps (a GC pause, the host's other work) belong in the fit as they
+        belong in the engine's runs. Records the fit's mean absolute error."""
         if len(features) != len(seconds) or len(features) < 4:
             raise ValueError(f"need at least 4 measured steps to fit a step model, got {len(features)}")
         x = np.array([[1.0, f.rows, f.prefill_tokens, f.context_tokens] for f in features])
         y = np.asarray(seconds, dtype=float)
-        active = [0, 1, 2, 3]
-        while True:
-            coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
-            negative = [a for a, c in zip(active, coef, strict=True) if c < 0 and a != 0]
-            if not negative:
-                break
-            active.remove(min(negative, key=lambda a: coef[active.index(a)]))
-        full = np.zeros(4)
-        full[active] = coef
-        full[0] = max(full[0], 0.0)
+        full = _nonnegative_lstsq(x, y)
         pred = x @ full
         info = dict(source or {}, steps=len(y), mean_abs_error_s=float(np.mean(np.abs(pred - y))),
                     mean_step_s=float(y.mean()), total_error=float(pred.sum() / y.sum() - 1))
         return cls(*map(float, full), source=info)
+
+
+def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients of `x @ c = y` with c >= 0: the most negative one is dropped
+    (held at 0) and the rest refitted until none is negative."""
+    active = list(range(x.shape[1]))
+    while True:
+        coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        negative = [a for a, c in zip(active, coef, strict=True) if c < 0 and a != 0]
+        if not negative:
+            break
+        active.remove(min(negative, key=lambda a: coef[active.index(a)]))
+    full = np.zeros(x.shape[1])
+    full[active] = coef
+    full[0] = max(full[0], 0.0)
+    return full
