@@ -42,3 +42,52 @@ def test_bench_schedule_reproduces_lengths_and_sorting_cuts_padding(default_mode
     assert seq["failure_rate"] == 0.0  # oracle predictions never hit their bucket's cap
     assert records["continuous"]["effective_token_ratio"] == pytest.approx(1.0)
     assert (out / "schedule.png").is_file() and "| static" in (out / "schedule.md").read_text()
+
+
+def test_static_pad_computes_the_finished_rows_without_changing_any_output(default_model):
+    """`static:pad=true` is the papers' vanilla executor: a finished row keeps being computed until
+    its batch ends. The padding rows really run through the model (the forward sees them), yet
+    every real row's tokens are those of the unpadded run."""
+    from lengthwise import SamplingParams
+    from lengthwise.config import EngineConfig
+    from lengthwise.engine.llm_engine import LLMEngine
+    from lengthwise.model import load_model
+    from lengthwise.tokenizer import Tokenizer
+
+    model = load_model(default_model, "float32", "cpu")
+    prompts = ["the sea is", "a ship", "far away in the night", "blue"]
+    lengths = [3, 12, 6, 9]
+
+    def serve(pad: bool):
+        engine = LLMEngine(model, Tokenizer(default_model), EngineConfig(
+            policy="static", policy_options={"batch_size": 4, "pad": pad}))
+        fed: list[int] = []
+        forward = model.forward
+
+        def counting(ids, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+            fed.append(ids.shape[0])
+            return forward(ids, *a, **k)
+
+        model.forward = counting
+        try:
+            for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
+                engine.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True),
+                                   request_id=str(i))
+            outs = {}
+            while engine.has_unfinished_requests():
+                for r in engine.step():
+                    if r.finished:
+                        outs[r.request_id] = list(engine.requests.pop(r.request_id).seqs[0].output_ids)
+        finally:
+            del model.forward
+        return outs, engine.stats, sum(fed)
+
+    plain, plain_stats, plain_fed = serve(False)
+    padded, padded_stats, padded_fed = serve(True)
+    assert padded == plain and [len(plain[str(i)]) for i in range(4)] == lengths
+    assert plain_stats.padding_row_steps == 0
+    # Decode steps 2..12 of the batch: rows finish after 3, 6 and 9 tokens; every step keeps 4 rows.
+    idle = sum(4 - sum(n >= t for n in lengths) for t in range(2, 13))
+    assert padded_stats.padding_row_steps == idle > 0
+    assert padded_fed == plain_fed + idle
+    assert padded_stats.row_steps == plain_stats.row_steps

@@ -311,11 +311,14 @@ def test_policy_options_are_validated_by_name():
         make_policy("multibin", {"bins": 3, "edges": [5.0]})
     with pytest.raises(ValueError, match="aging"):
         make_policy("continuous-sjf", {"aging": 0})
+    with pytest.raises(ValueError, match="pad"):
+        make_policy("static", {"pad": "yes"})
 
 
 # -- every policy: nothing lost, nothing duplicated -------------------------------------------------
 
 POLICIES = [("fcfs", {}), ("fcfs", {"predictive": True}), ("continuous-sjf", {}), ("static", {"batch_size": 3}),
+            ("static", {"batch_size": 3, "pad": True}),
             ("sequence", {"window": 5, "fcr": "recompute"}), ("sequence", {"window": 5, "fcr": "continue"}),
             ("sequence", {"vbs": False, "fcr": None}), ("multibin", {"bins": 3, "batch_size": 3, "max_wait": 5.0})]
 

@@ -224,3 +224,62 @@ def test_step_model_round_trips_and_rejects_bad_files(tmp_path):
         StepModel.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="cannot be read"):
         StepModel.parse(str(tmp_path / "missing.json"))
+
+
+def test_step_model_fits_the_two_kinds_of_step_apart_and_round_trips(tmp_path):
+    """Steps with a long prefill chunk cost more per row than short steps (on the CPU they leave
+    the fused decode forward): `split` fits each kind its own coefficients and `__call__` picks."""
+    rng = np.random.default_rng(1)
+    short = StepModel(0.02, 0.001, 0.0002, 1e-6)
+    long = StepModel(0.03, 0.003, 0.0004, 2e-6)
+    feats, secs = [], []
+    for _ in range(300):
+        rows, prefill, context = int(rng.integers(1, 64)), int(rng.integers(0, 200)), int(rng.integers(0, 20000))
+        query = int(rng.integers(1, 64)) if prefill else 1
+        f = StepFeatures(rows, prefill, context, query, rows + prefill)
+        feats.append(f)
+        secs.append((long if query > 16 or f.tokens > 256 else short)(f))
+    fit = StepModel.fit(feats, secs, split=(16, 256))
+    assert fit.long is not None and (fit.long_query_tokens, fit.long_step_tokens) == (16, 256)
+    for part, true in ((fit, short), (fit.long, long)):
+        for name in ("base_s", "per_row_s", "per_prefill_token_s", "per_context_token_s"):
+            assert getattr(part, name) == pytest.approx(getattr(true, name), rel=1e-6)
+    assert fit(StepFeatures(8, 0, 800, 1, 8)) == pytest.approx(short(StepFeatures(8, 0, 800)))
+    assert fit(StepFeatures(8, 40, 800, 40, 48)) == pytest.approx(long(StepFeatures(8, 40, 800)))
+    assert fit(StepFeatures(300, 0, 800, 1, 300)) == pytest.approx(long(StepFeatures(300, 0, 800)))
+    assert fit.source["mean_abs_error_s"] < 1e-9
+    one = StepModel.fit(feats, secs)  # a single model cannot fit both
+    assert one.long is None and one.source["mean_abs_error_s"] > 1e-3
+    back = StepModel.load(fit.save(tmp_path / "split.json"))
+    assert back == fit and back.coefficients()["long"]["per_row_s"] == pytest.approx(0.003)
+    # Too few steps of one kind: one model for all, rather than a fit on a handful.
+    kinds = [fit.is_long(f) for f in feats]
+    pick = [i for i, k in enumerate(kinds) if not k][:40] + [i for i, k in enumerate(kinds) if k][:3]
+    few = StepModel.fit([feats[i] for i in pick], [secs[i] for i in pick], split=(16, 256))
+    assert few.long is None and few.long_query_tokens is None
+    (tmp_path / "half.json").write_text('{"base_s": 1, "long": {"base_s": 2}}')
+    with pytest.raises(ValueError, match="long_query_tokens"):
+        StepModel.load(tmp_path / "half.json")
+
+
+def test_prefix_caching_finds_the_shared_prompt_prefix_as_the_engine_does():
+    """Real prompt tokens that share a 48-token template: with prefix caching (the engine's
+    default) later requests feed only their own tokens; synthetic prompts never share a block."""
+    n = 24
+    prompts = [[5] * 48 + [100 + i] * 8 for i in range(n)]
+    w = sim.Workload([str(i) for i in range(n)], [len(p) for p in prompts], [4] * n, [4.0] * n, [0.0] * n,
+                     ("file",), prompts)
+    prefill_only = StepModel(1e-3, per_prefill_token_s=1e-3)
+
+    def elapsed(workload, caching):
+        return sim.simulate(workload, lambda: make_policy("static", {"batch_size": 1}), 1, "round-robin",
+                            prefill_only, 4096, 16, 8, 2048, 1 << 20, progress=False,
+                            prefix_caching=caching).elapsed_s
+
+    without, with_cache = elapsed(w, False), elapsed(w, True)
+    # 24 x 56 prompt tokens without; with, 48 of the first prompt's tokens once and 8 (+ the
+    # uncached remainder) for the others: about 60% less prefill time.
+    assert with_cache < 0.6 * without
+    synthetic = sim.Workload(w.ids, w.prompt_lens, w.lengths, w.predicted, w.arrivals, ("file",))
+    assert synthetic.prompt(3)[0] != synthetic.prompt(4)[0]
+    assert elapsed(synthetic, True) == pytest.approx(elapsed(synthetic, False))

@@ -33,7 +33,7 @@ def measure_steps(engine: Any, prompts: list[str], lengths: list[int]) -> tuple[
 
     def recording_schedule():  # noqa: ANN202
         out = schedule()
-        planned.append(step_features(out.chunks))
+        planned.append(step_features(out.chunks, out.padding_rows))
         return out
 
     engine.scheduler.schedule = recording_schedule
@@ -94,7 +94,13 @@ def calibrate(args: argparse.Namespace) -> StepModel:
         print(f"[calibrate] {spec.label}: {len(s)} steps, {sum(s):.1f} s", flush=True)
         features += f
         seconds += s
-    return StepModel.fit(features, seconds, source={
+    split = None
+    if not args.no_split:
+        from lengthwise.ops.cpu import decode as cpu_decode
+
+        if cpu_decode.eligible(model, 1):  # short steps run the fused CPU forward, long ones op by op
+            split = (cpu_decode.MAX_QUERY_LEN, cpu_decode.max_rows())
+    return StepModel.fit(features, seconds, split=split, source={
         "kind": "calibrated", "model": label, "dtype": args.dtype, "threads": torch.get_num_threads(),
         "data": str(args.data), "num_requests": args.num_requests, "repeats": args.repeats, "policies": args.policy or
         ["continuous", "static:batch_size=8"], "kv_cache_tokens": args.kv_cache_tokens})
@@ -108,6 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "static:batch_size=8)")
     p.add_argument("--repeats", type=int, default=2, help="serve the workload this many times per policy (default 2): "
                    "more steps, over a longer window of a host's varying speed")
+    p.add_argument("--no-split", action="store_true", help="one set of coefficients for every step (by default "
+                   "the steps that leave the fused CPU decode forward get their own)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (as bench schedule)")
@@ -119,8 +127,6 @@ def main(args: argparse.Namespace) -> int:
     model = calibrate(args)
     model.save(args.out)
     src = model.source
-    print(f"[calibrate] base {model.base_s * 1e3:.2f} ms + {model.per_row_s * 1e3:.3f} ms/row + "
-          f"{model.per_prefill_token_s * 1e3:.4f} ms/prefill token + {model.per_context_token_s * 1e6:.3f} us/context "
-          f"token; mean abs error {src['mean_abs_error_s'] * 1e3:.2f} ms of a {src['mean_step_s'] * 1e3:.2f} ms "
-          f"mean step, total {src['total_error']:+.1%}; wrote {args.out}")
+    print(f"[calibrate] {model.describe()}; mean abs error {src['mean_abs_error_s'] * 1e3:.2f} ms of a "
+          f"{src['mean_step_s'] * 1e3:.2f} ms mean step, total {src['total_error']:+.1%}; wrote {args.out}")
     return 0

@@ -178,7 +178,8 @@ def run_policy(model: Any, tokenizer: Any, config: Any, prompts: list[str], leng
             "latency_p99_s": float(np.percentile(lat, 99)), "ttft_mean_s": float(ttft.mean()),
             "ttft_p99_s": float(np.percentile(ttft, 99)), "tpot_mean_s": float(np.mean(tpot)) if tpot else 0.0,
             "elapsed_s": elapsed, "num_requests": len(done), "output_tokens": tokens,
-            "prediction_s": engine.length.stats.seconds, "steps": engine.stats.sampling_steps}
+            "prediction_s": engine.length.stats.seconds, "steps": engine.stats.sampling_steps,
+            "padding_row_steps": engine.stats.padding_row_steps}
 
 
 def format_row(r: dict[str, Any]) -> str:

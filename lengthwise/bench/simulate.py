@@ -63,6 +63,16 @@ class Workload:
     predicted: list[float]
     arrivals: list[float]
     distribution: tuple[str, ...] = ()  # the parsed `--lengths` spec (for the analytic model)
+    # The prompts' real token ids (with `--model`), so that prefix caching finds what the engine's
+    # finds (alpaca prompts share a template); None: synthetic prompts that share nothing.
+    prompt_ids: list[list[int]] | None = None
+
+    def prompt(self, i: int) -> list[int]:
+        """Request `i`'s prompt tokens: the real ones, or a synthetic prompt whose first token is
+        unique to it (prefix-cache keys chain from the first block, so no two share a block)."""
+        if self.prompt_ids is not None:
+            return self.prompt_ids[i]
+        return [2 + i, *[1] * (self.prompt_lens[i] - 1)]
 
 
 def _parts(spec: str, flag: str, kinds: dict[str, int]) -> tuple[str, list[float]]:
@@ -147,6 +157,7 @@ def make_workload(args: argparse.Namespace) -> Workload:
             raise ValueError("--lengths file needs --data (an alpaca-lengths JSONL file)")
         ids, prompts, lengths = map(list, zip(*read_alpaca_records(args.data, n, args.length_key), strict=True))
         lengths = [min(x, HARD_CAP) for x in lengths]  # `bench schedule`'s cap, the first paper's
+        prompt_ids = None
         if args.prompt_tokens:
             prompt_lens = [args.prompt_tokens] * n
         elif args.model:  # the served model's own token counts, as the engine sees them
@@ -154,17 +165,19 @@ def make_workload(args: argparse.Namespace) -> Workload:
             from lengthwise.tokenizer import Tokenizer
 
             tok = Tokenizer(resolve_model(args.model)[0])
-            prompt_lens = [len(tok.encode(p)) for p in prompts]
+            prompt_ids = [tok.encode(p) for p in prompts]
+            prompt_lens = [len(t) for t in prompt_ids]
         else:  # about 4 characters per token, as for English BPE vocabularies
             prompt_lens = [max(1, len(p) // 4) for p in prompts]
         dist: tuple[str, ...] = ("file",)
     else:
         ids = [str(i) for i in range(n)]
+        prompt_ids = None
         lengths = draw_lengths(args.lengths, n, rng, args.token_scale)
         prompt_lens = [args.prompt_tokens or 1] * n
         dist = tuple(args.lengths.split(":"))
     predicted = predict(args.predictions, ids, lengths, rng)
-    return Workload(ids, prompt_lens, lengths, predicted, draw_arrivals(args.arrival, n, rng), dist)
+    return Workload(ids, prompt_lens, lengths, predicted, draw_arrivals(args.arrival, n, rng), dist, prompt_ids)
 
 
 # -- the simulator -------------------------------------------------------------------------------
@@ -207,7 +220,7 @@ class Replica:
             self.idle_polls += 1
             return []
         self.idle_polls = 0
-        dt = self.step_model(step_features(out.chunks))
+        dt = self.step_model(step_features(out.chunks, out.padding_rows))
         end = self.free_at = now + dt
         self.steps += 1
         if any(c.sample for c in out.chunks):  # as the engine counts them: steps that sampled
@@ -256,8 +269,9 @@ class SimResult:
 
 def simulate(w: Workload, policy_factory: Callable[[], Any], servers: int, router: str, step_model: StepModel,
              num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-             max_tokens: int, desc: str = "", progress: bool = True) -> SimResult:
-    """Serve workload `w` on `servers` replicas, each with a fresh policy from `policy_factory`."""
+             max_tokens: int, desc: str = "", progress: bool = True, prefix_caching: bool = True) -> SimResult:
+    """Serve workload `w` on `servers` replicas, each with a fresh policy from `policy_factory`.
+    `prefix_caching` as the engine's (on by default there too)."""
     if servers < 1:
         raise ValueError(f"--servers must be >= 1, got {servers}")
     if router not in ROUTERS:
@@ -267,7 +281,8 @@ def simulate(w: Workload, policy_factory: Callable[[], Any], servers: int, route
     for _ in range(servers):
         clock = SimClock()
         replicas.append(Replica(Scheduler(policy_factory(), num_blocks, block_size, max_num_seqs,
-                                          max_num_batched_tokens, clock=clock), clock, step_model, poll))
+                                          max_num_batched_tokens, clock=clock, enable_prefix_caching=prefix_caching),
+                                clock, step_model, poll))
     for i, (p, n) in enumerate(zip(w.prompt_lens, w.lengths, strict=True)):
         if -(-p // block_size) + -(-min(n, max_tokens) // block_size) > num_blocks:
             raise ValueError(f"request {w.ids[i]} ({p} prompt + {n} output tokens) does not fit a replica's "
@@ -287,7 +302,7 @@ def simulate(w: Workload, policy_factory: Callable[[], Any], servers: int, route
         if nxt < len(order) and w.arrivals[order[nxt]] <= step_at:
             i = order[nxt]
             t = w.arrivals[i]
-            req = Request(w.ids[i], [1] * w.prompt_lens[i], params, t, max_tokens)
+            req = Request(w.ids[i], w.prompt(i), params, t, max_tokens)
             req.predicted_length = w.predicted[i]
             requests.append(req)
             j = replica_of[req.request_id] = route(router, replicas, nxt, w.predicted[i], edges)
@@ -363,7 +378,7 @@ def record(result: SimResult, w: Workload, spec: PolicySpec, args: argparse.Name
             "router": args.router, "bin_wait_mean_s": bin_wait, "wait_mean_s": float(np.mean(waits)),
             "analytic_requests_per_s": analytic_requests_per_s(w, spec, args, servers, step_model),
             "lengths": args.lengths, "arrival": args.arrival, "predictions": args.predictions,
-            "step_model": {k: v for k, v in vars(step_model).items() if k != "source"}, "seed": args.seed}
+            "step_model": step_model.coefficients(), "seed": args.seed}
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -406,7 +421,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             label = f"{spec.label} x{servers}" if servers > 1 else spec.label
             res = simulate(w, lambda s=spec: make_policy(s.name, s.options), servers, args.router, step_model,
                            args.num_blocks, args.block_size, args.max_num_seqs, args.max_num_batched_tokens,
-                           args.max_tokens, desc=label, progress=not args.quiet)
+                           args.max_tokens, desc=label, progress=not args.quiet,
+                           prefix_caching=not args.no_prefix_caching)
             rec = record(res, w, spec, args, servers, step_model)
             rec["label"] = label
             results.append(rec)
@@ -500,6 +516,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step (the "
                    "engine's default, 2048)")
     p.add_argument("--max-tokens", type=int, default=1 << 20, help="per-request cap (default: none)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn the replicas' prefix caching off (the "
+                   "engine's is on by default; with --model the prompts' real tokens find the same hits)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write one record per run here")
     p.add_argument("--out-dir", type=Path, default=Path("simulate-results"), help="table and PNG (default "

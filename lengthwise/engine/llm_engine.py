@@ -45,6 +45,7 @@ class EngineStats:
 
     sampling_steps: int = 0
     row_steps: int = 0
+    padding_row_steps: int = 0  # idle rows computed as padding (static:pad=true), summed over steps
 
 
 class LLMEngine:
@@ -226,7 +227,7 @@ class LLMEngine:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending")  # a bug, never expected
             return []
-        logits = self.runner.run(plan.chunks, self.scheduler.kv)
+        logits = self.runner.run(plan.chunks, self.scheduler.kv, plan.padding_rows)
         rows: list[int] = []
         seqs: list[Sequence] = []
         prefilled: list[int] = []
@@ -245,6 +246,7 @@ class LLMEngine:
             return []
         self.stats.sampling_steps += 1
         self.stats.row_steps += plan.rows
+        self.stats.padding_row_steps += plan.padding_rows
         if len(rows) != logits.shape[0]:
             logits = logits[torch.tensor(rows, device=logits.device)]
         out = sample(logits, [s.request.params for s in seqs], [s.state["generator"] for s in seqs],

@@ -5,6 +5,11 @@ segment; a sequence chunk's context is the request's prompt segment followed by 
 response segment. Prefill, chunked prefill, recomputation and decode share this one layout, so
 a step can mix them freely. Decode-only steps of up to `graph_batch` rows go through
 `DecodeGraphs` instead (CUDA graphs on a GPU) when the runner was built with them.
+
+Padding rows (`static:pad=true`: the finished rows a vanilla static batch keeps computing) are
+extra decode rows that copy a real decode row's token, position and context but write their K/V
+into a scratch block, and whose logits are computed and dropped: the same work as transformers'
+padded rows, without touching any real sequence.
 """
 
 from __future__ import annotations
@@ -23,15 +28,16 @@ class ModelRunner:
 
     `graph_batch > 0` routes decode-only steps of up to that many rows through `DecodeGraphs`
     (contexts up to `max_model_len`), captured as CUDA graphs unless `capture_graphs` is False
-    (then the same static buffers run eagerly: the CPU tests' way to check them). The cache then
-    holds one more block than `num_blocks`, the padding rows' scratch block.
+    (then the same static buffers run eagerly: the CPU tests' way to check them). The cache holds
+    one more block than `num_blocks`, the padding rows' scratch block.
     """
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_model_len: int | None = None,
                  graph_batch: int = 0, capture_graphs: bool | None = None) -> None:
         self.model = model
         self.block_size = block_size
-        self.cache = model.new_kv_cache(num_blocks + (1 if graph_batch else 0), block_size)
+        self.cache = model.new_kv_cache(num_blocks + 1, block_size)
+        self.scratch_slot = num_blocks * block_size  # block `num_blocks`: padding rows write here
         self.graphs: DecodeGraphs | None = None
         if graph_batch:
             max_len = max_model_len or model.config.max_position_embeddings
@@ -39,10 +45,11 @@ class ModelRunner:
         # Final hidden states of the last step's sampling rows (the probe's features at prefill end).
         self.last_hidden: torch.Tensor | None = None
 
-    def run(self, chunks: list[ScheduledChunk], kv: KVBlockManager) -> torch.Tensor:
+    def run(self, chunks: list[ScheduledChunk], kv: KVBlockManager, padding_rows: int = 0) -> torch.Tensor:
         """Run one step; return float32 logits `[num_sampling_chunks, vocab]`, one row per chunk
-        with `sample` set, in chunk order."""
-        if self.graphs is not None and 0 < len(chunks) <= self.graphs.max_batch and all(
+        with `sample` set, in chunk order. `padding_rows` more decode rows are computed (copies of
+        the step's decode rows, see the module docstring) and their logits dropped."""
+        if not padding_rows and self.graphs is not None and 0 < len(chunks) <= self.graphs.max_batch and all(
                 c.seq is not None and c.sample and c.end - c.start == 1 for c in chunks):
             return self._run_graphed(chunks, kv)
         bs = self.block_size
@@ -76,6 +83,20 @@ class ModelRunner:
             query_start.append(query_start[-1] + c.end - c.start)
             if c.sample:
                 sample_rows.append(query_start[-1] - 1)
+        num_real = len(sample_rows)
+        decode = [i for i, c in enumerate(chunks) if c.seq is not None and c.sample and c.end - c.start == 1]
+        for k in range(padding_rows if decode else 0):
+            i = decode[k % len(decode)]  # the real row this padding row copies (row group i)
+            row = query_start[i + 1] - 1
+            ids.append(ids[row])
+            positions.append(positions[row])
+            slots.append(self.scratch_slot)
+            prompt_tables.append(prompt_tables[i])
+            prompt_lens.append(prompt_lens[i])
+            resp_tables.append(resp_tables[i])
+            resp_lens.append(resp_lens[i])
+            query_start.append(query_start[-1] + 1)
+            sample_rows.append(query_start[-1] - 1)
 
         device = self.model.device
         has_response = any(resp_lens)
@@ -89,8 +110,9 @@ class ModelRunner:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden[torch.tensor(sample_rows, device=device)]
-        self.last_hidden = hidden
-        return self.model.compute_logits(hidden)
+        self.last_hidden = hidden[:num_real]
+        logits = self.model.compute_logits(hidden)
+        return logits[:num_real] if len(sample_rows) > num_real else logits
 
     def _run_graphed(self, chunks: list[ScheduledChunk], kv: KVBlockManager) -> torch.Tensor:
         bs = self.block_size

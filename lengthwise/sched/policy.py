@@ -101,6 +101,11 @@ class SchedulingPolicy(ABC):
         batch keeps its size until its last row ends. Continuous batching has no idle rows."""
         return num_running_seqs
 
+    def padding_rows(self, num_running_seqs: int) -> int:
+        """Idle rows the executor should compute anyway, as padding (`static:pad=true`, the papers'
+        vanilla executor); 0 for every policy that lets finished rows go."""
+        return 0
+
     @property
     def options(self) -> dict[str, Any]:
         """The settings this instance was built with (for reports)."""

@@ -50,6 +50,7 @@ class SchedulerOutput:
     # Collected with fcr="recompute": their outputs were discarded and they wait to start again.
     restarted: list[Request] = field(default_factory=list)
     rows: int = 0  # batch rows this step occupies, idle rows included (policy.rows)
+    padding_rows: int = 0  # idle rows the executor computes anyway (static:pad=true), in decode steps
 
     @property
     def num_tokens(self) -> int:
@@ -152,6 +153,8 @@ class Scheduler:
             i += 1
         self._admit(out, budget)
         out.rows = self.policy.rows(self.num_running_seqs)
+        if any(c.seq is not None and c.sample for c in out.chunks):  # padding rides along decode rows
+            out.padding_rows = self.policy.padding_rows(self.num_running_seqs)
         return out
 
     def _collect(self, request: Request, out: SchedulerOutput) -> None:
