@@ -1,4 +1,4 @@
-"""The `lengthwise` command line: `lengthwise generate | bench | predictor | simulate ...`."""
+"""The `lengthwise` command line: `lengthwise generate | serve | bench | predictor | simulate ...`."""
 
 from __future__ import annotations
 
@@ -143,10 +143,17 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=calibrate.main)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from lengthwise.server.cli import add_parser
+
+    add_parser(sub, add_policy_arguments, _kv_memory)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lengthwise", description="Length-aware LLM inference engine.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_serve(sub)
     _add_bench(sub)
     _add_predictor(sub)
     _add_simulate(sub)

@@ -1,0 +1,390 @@
+"""The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions` (both streaming
+with server-sent events), `/v1/models`, `/health` and `/metrics` (Prometheus).
+
+`build_app` wires a FastAPI app to an `AsyncEngine`; `lengthwise serve` (`server/cli.py`) runs it
+under uvicorn. Every response to a bad request is an OpenAI error body with the parameter at
+fault; a full waiting queue answers 429 with `Retry-After`, a server that is shutting down 503.
+A client that disconnects (mid-stream or while waiting for a whole response) aborts its request,
+which frees its KV blocks at once. Responses carry `usage` and, as an extra field,
+`predicted_length`: the length predictor's estimate made before decoding (null without one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from lengthwise.engine.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestStream, StreamDelta
+from lengthwise.sampling_params import SamplingParams
+from lengthwise.server.metrics import CONTENT_TYPE, ServerMetrics
+from lengthwise.server.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse_body,
+    sampling_params,
+)
+from lengthwise.tokenizer import Tokenizer
+
+RETRY_AFTER_S = 1
+DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    model_name: str
+    tokenizer: Tokenizer
+    max_model_len: int
+    defaults: SamplingParams
+    metrics: ServerMetrics
+    api_key: str | None = None
+    grace_s: float = 30.0
+    created: int = 0
+
+
+def build_app(state: ServerState) -> FastAPI:
+    """The FastAPI app serving `state.engine`; the engine thread starts and stops with the app."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.engine.start()
+        yield
+        await state.engine.shutdown(state.grace_s)
+
+    app = FastAPI(title="lengthwise", lifespan=lifespan)
+    state.created = int(time.time())
+    app.state.lw = state
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").body(),
+                            status_code=500)
+
+    def check_key(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {state.api_key}":
+            raise ApiError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                           type_="invalid_request_error", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not state.engine.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        check_key(request)
+        return JSONResponse({"object": "list", "data": [{
+            "id": state.model_name, "object": "model", "created": state.created, "owned_by": "lengthwise",
+            "max_model_len": state.max_model_len}]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        check_key(request)
+        req = parse_body(CompletionRequest, await request.body())
+        check_model(req.model)
+        prompts = _completion_prompts(req.prompt, state.tokenizer)
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
+        for ids in prompts:
+            check_length(len(ids), max_tokens, "prompt")
+        params = sampling_params(req, max_tokens, req.logprobs, state.defaults)
+        return await respond(request, req, prompts, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        check_key(request)
+        req = parse_body(ChatCompletionRequest, await request.body())
+        check_model(req.model)
+        messages = [_message(m.model_dump(exclude_none=True)) for m in req.messages]
+        try:
+            ids = state.tokenizer.encode_chat(messages)
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages") from None
+        if req.max_completion_tokens is not None and req.max_tokens is not None:
+            raise ApiError(400, "give max_completion_tokens or max_tokens, not both", "max_completion_tokens")
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        check_length(len(ids), asked, "messages", param)
+        max_tokens = asked if asked is not None else state.max_model_len - len(ids)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = sampling_params(req, max_tokens, logprobs, state.defaults)
+        return await respond(request, req, [ids], params, chat=True)
+
+    def check_model(name: str) -> None:
+        if name != state.model_name:
+            raise ApiError(400, f"the model {name!r} does not exist here; this server serves {state.model_name!r}",
+                           "model", code="model_not_found")
+
+    def check_length(prompt_len: int, max_tokens: int | None, what: str, param: str = "max_tokens") -> None:
+        if prompt_len >= state.max_model_len:
+            raise ApiError(400, f"this model's maximum context length is {state.max_model_len} tokens, and the "
+                           f"{what} alone is {prompt_len} tokens", what)
+        if max_tokens is not None and prompt_len + max_tokens > state.max_model_len:
+            raise ApiError(400, f"this model's maximum context length is {state.max_model_len} tokens; you "
+                           f"requested {prompt_len + max_tokens} ({prompt_len} in the {what}, {max_tokens} for "
+                           f"the completion): lower {param}", param)
+
+    async def respond(request: Request, req: Any, prompts: list[list[int]], params: SamplingParams,
+                      chat: bool) -> Response:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        streams: list[RequestStream] = []
+        try:
+            for k, ids in enumerate(prompts):
+                streams.append(await _accept(state.engine, ids, params, f"{rid}-{k}"))
+        except BaseException:
+            for stream in streams:  # the prompts accepted before the refusal: abort them
+                stream.close()
+            raise
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            body = _stream_events(state, rid, streams, params.n, chat, include_usage, params.logprobs)
+            return StreamingResponse(body, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        task = asyncio.ensure_future(_collect(streams))
+        while not task.done():
+            await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()  # the client went away: abort its requests (frees their blocks)
+                for stream in streams:
+                    stream.close()
+                return Response(status_code=499)
+        return JSONResponse(_full_response(state, rid, task.result(), params.n, chat, params.logprobs))
+
+    return app
+
+
+def _message(m: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI message for the chat template: content parts joined into text."""
+    content = m.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, "only text content parts are supported", "messages")
+            texts.append(part["text"])
+        m = dict(m, content="".join(texts))
+    return m
+
+
+def _completion_prompts(prompt: Any, tokenizer: Tokenizer) -> list[list[int]]:
+    """`prompt` as token id lists: a string, a list of token ids, or a list of either."""
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif prompt and all(isinstance(t, int) for t in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise ApiError(400, "prompt must not be empty", "prompt")
+    out = []
+    for item in items:
+        ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+        if not ids:
+            raise ApiError(400, "prompt must not be empty", "prompt")
+        if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+            raise ApiError(400, f"prompt has token ids outside the vocabulary [0, {tokenizer.vocab_size})", "prompt")
+        out.append(ids)
+    return out
+
+
+async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams, rid: str) -> RequestStream:
+    """Add a request; the engine's refusal becomes an `ApiError`."""
+    try:
+        return await engine.add(ids, params, rid)
+    except QueueFull as e:
+        raise ApiError(429, f"the server is busy: {e}; retry later", type_="rate_limit_error",
+                       code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EngineStopped as e:
+        raise ApiError(503, f"the server is not accepting requests: {e}", type_="server_error",
+                       code="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except ValueError as e:
+        raise ApiError(400, str(e), "prompt") from None
+
+
+async def _collect(streams: list[RequestStream]) -> list[dict[str, Any]]:
+    """Run every stream to its end; per prompt, the accumulated samples and the final delta."""
+    results = []
+    try:
+        for stream in streams:
+            acc = _Accumulator()
+            async for delta in stream:
+                acc.add(delta)
+            results.append({"samples": acc.samples, "final": acc.final})
+    finally:
+        for stream in streams:
+            stream.close()
+    return results
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.samples: dict[int, dict[str, Any]] = {}
+        self.final: StreamDelta | None = None
+
+    def add(self, delta: StreamDelta | None) -> None:
+        if delta is None:
+            return
+        for s in delta.samples:
+            acc = self.samples.setdefault(s.index, {"text": "", "token_ids": [], "logprobs": [], "finish": None,
+                                                    "prev": s.prev_token_id})
+            acc["text"] += s.text
+            acc["token_ids"] += s.token_ids
+            acc["logprobs"] += s.logprobs or []
+            acc["finish"] = s.finish_reason or acc["finish"]
+        if delta.finished:
+            self.final = delta
+
+
+def _usage(finals: list[StreamDelta | None]) -> dict[str, int]:
+    prompt = sum(f.prompt_tokens for f in finals if f)
+    completion = sum(f.completion_tokens for f in finals if f)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish(reason: str | None) -> str | None:
+    return "length" if reason == "length" else (None if reason is None else "stop")
+
+
+def _token_text(tokenizer: Tokenizer, prev: int, token_id: int) -> str:
+    """A token's text as it reads after `prev` (alone, SentencePiece would drop its leading space)."""
+    return tokenizer.decode([prev, token_id], skip_special_tokens=False)[
+        len(tokenizer.decode([prev], skip_special_tokens=False)):]
+
+
+def _completion_logprobs(tokenizer: Tokenizer, lps: list[Any], prev: int, offset: int) -> dict[str, Any]:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for lp in lps:
+        text = _token_text(tokenizer, prev, lp.token_id)
+        tokens.append(text)
+        token_lps.append(lp.logprob)
+        tops.append({_token_text(tokenizer, prev, t): v for t, v in lp.top} if lp.top else None)
+        offsets.append(offset)
+        offset += len(text)
+        prev = lp.token_id
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _chat_logprobs(tokenizer: Tokenizer, lps: list[Any], prev: int) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = _token_text(tokenizer, prev, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for lp in lps:
+        content.append(dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top]))
+        prev = lp.token_id
+    return {"content": content}
+
+
+def _full_response(state: ServerState, rid: str, results: list[dict[str, Any]], n: int, chat: bool,
+                   logprobs: int | None) -> dict[str, Any]:
+    choices = []
+    for k, res in enumerate(results):
+        for i in range(n):
+            s = res["samples"].get(i, {"text": "", "token_ids": [], "logprobs": [], "finish": None, "prev": 0})
+            index = k * n + i
+            if chat:
+                choice = {"index": index, "message": {"role": "assistant", "content": s["text"]},
+                          "logprobs": _chat_logprobs(state.tokenizer, s["logprobs"], s["prev"])
+                          if logprobs is not None else None,
+                          "finish_reason": _finish(s["finish"])}
+            else:
+                choice = {"index": index, "text": s["text"], "finish_reason": _finish(s["finish"]),
+                          "logprobs": _completion_logprobs(state.tokenizer, s["logprobs"], s["prev"], 0)
+                          if logprobs is not None else None}
+            choices.append(choice)
+    finals = [r["final"] for r in results]
+    predicted = [f.predicted_length for f in finals if f is not None]
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": state.model_name, "choices": choices, "usage": _usage(finals),
+            "predicted_length": predicted[0] if len(predicted) == 1 else (predicted or None)}
+
+
+async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, StreamDelta]]:
+    """(prompt index, delta) from every stream as they come."""
+    pending = {asyncio.ensure_future(stream.next()): k for k, stream in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for fut in done:
+                k = pending.pop(fut)
+                delta = fut.result()
+                yield k, delta
+                if not delta.finished:
+                    pending[asyncio.ensure_future(streams[k].next())] = k
+    finally:
+        for fut in pending:
+            fut.cancel()
+        for stream in streams:  # a client that went away mid-stream: abort what is unfinished
+            stream.close()
+
+
+async def _stream_events(state: ServerState, rid: str, streams: list[RequestStream], n: int,
+                         chat: bool, include_usage: bool, logprobs: int | None) -> AsyncIterator[bytes]:
+    """Server-sent events in OpenAI's chunk format, `data: [DONE]` last."""
+    created = int(time.time())
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    finals: list[StreamDelta | None] = [None] * len(streams)
+    offsets: dict[int, int] = {}
+    started: set[int] = set()
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        body = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": choices}
+        if include_usage:
+            body["usage"] = None
+        body.update(extra)
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+    async for k, delta in _merged(streams):
+        choices = []
+        for s in delta.samples:
+            index = k * n + s.index
+            if not (s.text or s.token_ids or s.finish_reason) and index in started:
+                continue
+            finish = _finish(s.finish_reason)
+            if chat:
+                d: dict[str, Any] = {"content": s.text}
+                if index not in started:
+                    d["role"] = "assistant"
+                choice = {"index": index, "delta": d, "finish_reason": finish,
+                          "logprobs": _chat_logprobs(state.tokenizer, s.logprobs or [], s.prev_token_id)
+                          if logprobs is not None else None}
+            else:
+                lp = None
+                if logprobs is not None:
+                    lp = _completion_logprobs(state.tokenizer, s.logprobs or [], s.prev_token_id,
+                                              offsets.get(index, 0))
+                choice = {"index": index, "text": s.text, "finish_reason": finish, "logprobs": lp}
+            offsets[index] = offsets.get(index, 0) + len(s.text)
+            started.add(index)
+            choices.append(choice)
+        if delta.finished:
+            finals[k] = delta
+        if choices:
+            yield event(choices, predicted_length=delta.predicted_length)
+    if include_usage:
+        body = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [],
+                "usage": _usage(finals)}
+        yield f"data: {json.dumps(body)}\n\n".encode()
+    yield b"data: [DONE]\n\n"

@@ -1,0 +1,103 @@
+"""`lengthwise serve MODEL_DIR`: the OpenAI-compatible server under uvicorn.
+
+    lengthwise serve ../shared/models/stories260k --port 8000 --policy continuous-sjf \\
+        --length-predictor /tmp/pred/proxy --max-waiting 64 --api-key secret
+
+Threads: the engine thread runs torch with `--threads` threads (default: all cores but one), so
+that the event loop, which parses requests and writes streams, keeps a core of its own: two
+busy threads on one core slow every step many times over. SIGTERM (or Ctrl-C) stops admitting at
+once (503), lets in-flight requests finish for up to `--grace-period` seconds, aborts the rest
+and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(sub: argparse._SubParsersAction, add_policy_arguments: Any, kv_memory: Any) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL_DIR", help="checkpoint directory (safetensors + tokenizer.json)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: "
+                   "the directory's name)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--kv-cache-memory", type=kv_memory, default=None,
+                   help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=None)
+    add_policy_arguments(p)
+    p.add_argument("--length-predictor", default=None,
+                   help="predict each response's length first: a predictor directory, 'self' or 'self:DIR'")
+    p.add_argument("--max-waiting", type=int, default=256, help="requests that may wait to be scheduled; "
+                   "beyond, 429 with Retry-After (default 256)")
+    p.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get to finish "
+                   "after SIGTERM (default 30)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the engine (default: cores - 1)")
+    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    p.set_defaults(func=run)
+
+
+def build_state(args: argparse.Namespace) -> Any:
+    """Load the model and build the server's state (engine, tokenizer, metrics) from `args`."""
+    import torch
+
+    from lengthwise.cli import parse_policy_options
+    from lengthwise.config import EngineConfig
+    from lengthwise.engine.async_engine import AsyncEngine
+    from lengthwise.engine.llm_engine import LLMEngine
+    from lengthwise.server.api_server import ServerState
+    from lengthwise.server.metrics import ServerMetrics
+
+    threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 2) - 1)
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    model_dir = Path(args.model)
+    config = EngineConfig(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+                          max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, policy=args.policy,
+                          policy_options=parse_policy_options(args.policy_option),
+                          length_predictor=args.length_predictor)
+    engine = LLMEngine.from_dir(model_dir, config)
+    if engine.tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer.json: the server needs one to encode prompts")
+    name = args.served_model_name or model_dir.resolve().name
+    metrics = ServerMetrics(name)
+    return ServerState(AsyncEngine(engine, max_waiting=args.max_waiting, observer=metrics), name, engine.tokenizer,
+                       engine.max_model_len, engine.default_sampling_params(), metrics, args.api_key,
+                       args.grace_period)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from lengthwise.server.api_server import build_app
+
+    state = build_state(args)
+    app = build_app(state)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM/SIGINT: refuse new requests at once
+            state.engine.stop_accepting()
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal once it has shut down, so the process would die of it
+            # (exit -15); a drained shutdown on SIGTERM is a clean exit, 0, as orchestrators expect.
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured[:] = [s for s in captured if s != signal.SIGTERM]
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=max(1, int(args.grace_period)))
+    print(f"[lengthwise] serving {state.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr,
+          flush=True)
+    Server(config).run()
+    return 0

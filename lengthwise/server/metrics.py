@@ -1,0 +1,86 @@
+"""Prometheus metrics of a serving engine, vLLM's names with a `lengthwise:` prefix.
+
+Gauges are set after every step, on the engine thread; counters advance by what the step did;
+histograms are observed when a request finishes. Each server has its own `CollectorRegistry`, so
+several servers (or tests) in one process do not share counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from lengthwise.sequence import Request
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+_ERROR_BUCKETS = (-512, -256, -128, -64, -32, -16, -8, 0, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ServerMetrics:
+    """The server's metrics; `on_step`/`on_finish` make it an `EngineObserver`."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(f"lengthwise:{name}", doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(f"lengthwise:{name}", doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(f"lengthwise:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled")
+        self.running = gauge("num_requests_running", "Requests holding KV blocks and taking part in steps")
+        self.kv_used = gauge("kv_cache_blocks_used", "KV cache blocks in use")
+        self.kv_free = gauge("kv_cache_blocks_free", "KV cache blocks free (cached prefix blocks count as free)")
+        self.preemptions = counter("num_preemptions", "Requests preempted for KV space")
+        self.fcr_failures = counter("num_fcr_failures", "Rows collected at their batch's cap (FCR)")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated")
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first token", _LATENCY_BUCKETS)
+        self.tpot = histogram("time_per_output_token_seconds", "(finish - first token) / (tokens - 1), per request",
+                              _TPOT_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to finish", _LATENCY_BUCKETS)
+        self.length_error = histogram("predicted_minus_actual_length_tokens",
+                                      "Predicted response length minus the longest sample's real length",
+                                      _ERROR_BUCKETS)
+        self._seen_preemptions = 0
+        self._seen_collected = 0
+        self._seen_tokens = 0
+
+    def on_step(self, engine: Any, seconds: float) -> None:
+        s = engine.scheduler
+        self.waiting.set(s.num_waiting + len(engine.length.pending))
+        self.running.set(len(s.running))
+        free = s.kv.num_free_blocks
+        self.kv_free.set(free)
+        self.kv_used.set(engine.num_blocks - free)
+        self.preemptions.inc(s.num_preemptions - self._seen_preemptions)
+        self._seen_preemptions = s.num_preemptions
+        self.fcr_failures.inc(s.num_collected - self._seen_collected)
+        self._seen_collected = s.num_collected
+
+    def on_finish(self, request: Request) -> None:
+        n_out = [len(s.output_ids) for s in request.seqs]
+        self.prompt_tokens.inc(len(request.prompt_ids))
+        self.generation_tokens.inc(sum(n_out))
+        end = request.finish_time
+        if request.first_token_time is not None:
+            self.ttft.observe(request.first_token_time - request.arrival_time)
+            if end is not None and max(n_out) > 1:
+                self.tpot.observe((end - request.first_token_time) / (max(n_out) - 1))
+        if end is not None:
+            self.e2e.observe(end - request.arrival_time)
+        if request.predicted_length is not None and any(s.finish_reason != "abort" for s in request.seqs):
+            self.length_error.observe(request.predicted_length - max(n_out))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,158 @@
+"""The OpenAI API's request bodies, validated strictly, and its error body.
+
+Types are strict (a string is not a number), unknown fields are refused rather than ignored (so
+nothing a client asked for is silently lost), and OpenAI fields we do not implement are refused
+when set. Ranges are checked by `SamplingParams`, whose errors name the field. Every refusal is an
+`ApiError` carrying the HTTP status and the offending parameter, rendered as OpenAI's
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lengthwise.sampling_params import SamplingParams
+
+
+class ApiError(Exception):
+    """An error response: HTTP `status`, OpenAI error `type`, the parameter at fault, a code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type_: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields shared by completions and chat completions (OpenAI's, then vLLM's extras)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    user: str | None = None
+    # Accepted only at their neutral values: we do not implement them.
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    # vLLM's extras.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def unsupported(self) -> None:
+        if self.logit_bias:
+            raise ApiError(400, "logit_bias is not supported by this server", "logit_bias")
+        if self.best_of not in (None, 1, self.n):
+            raise ApiError(400, "best_of other than n is not supported by this server", "best_of")
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.echo:
+            raise ApiError(400, "echo is not supported by this server", "echo")
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported by this server", "suffix")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # name, tool fields: passed to the template
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    # Accepted at their neutral values only.
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.tools:
+            raise ApiError(400, "tools are not supported by this server", "tools")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise ApiError(400, "response_format other than text is not supported by this server",
+                           "response_format")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+
+
+def parse_body(cls: type[_Common], raw: bytes) -> _Common:
+    """Validate a request body; malformed JSON, a wrong type, a missing or unknown field: 400."""
+    try:
+        req = cls.model_validate_json(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON: {err['msg']}") from None
+        if err["type"] == "extra_forbidden":
+            raise ApiError(400, f"unrecognized request argument supplied: {loc}", loc) from None
+        if err["type"] == "missing":
+            raise ApiError(400, f"{loc} is required", loc) from None
+        raise ApiError(400, f"{loc}: {err['msg']}", loc or None) from None
+    req.unsupported()
+    return req
+
+
+_PARAMS = {f for f in SamplingParams.__dataclass_fields__}
+
+
+def sampling_params(req: _Common, max_tokens: int, logprobs: int | None,
+                    defaults: SamplingParams) -> SamplingParams:
+    """The request's `SamplingParams` (`defaults`: the checkpoint's generation config for what the
+    request leaves out). A value out of range: 400 naming the field."""
+    values: dict[str, Any] = dict(
+        n=req.n, max_tokens=max_tokens, seed=req.seed, stop=req.stop, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, ignore_eos=req.ignore_eos, logprobs=logprobs,
+        include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
+        stop_token_ids=tuple(req.stop_token_ids or ()))
+    for name, default in (("temperature", defaults.temperature), ("top_p", defaults.top_p),
+                          ("top_k", defaults.top_k), ("min_p", defaults.min_p),
+                          ("repetition_penalty", defaults.repetition_penalty)):
+        value = getattr(req, name)
+        values[name] = default if value is None else value
+    try:
+        return SamplingParams(**values)
+    except ValueError as e:
+        word = str(e).split(" ", 1)[0]
+        param = word if word in _PARAMS else None
+        if param == "logprobs":
+            param = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
+        raise ApiError(400, str(e), param) from None

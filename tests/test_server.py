@@ -1,0 +1,273 @@
+"""`lengthwise serve` as a real process on 127.0.0.1, driven by the official `openai` client and by
+raw HTTP: completions and chat (plain and streaming), n, stop strings, seeds, logprobs, every
+error case, a client that disconnects mid-stream, overload, and SIGTERM.
+
+The model is the trained stories260k (it writes text and really stops), copied with a chat
+template added; skipped when ../shared is absent.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260k"
+KEY = "test-key"
+NAME = "stories"
+TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(model_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "lengthwise.cli", "serve", str(model_dir), "--port", str(port),
+                             "--served-model-name", NAME, "--threads", "1", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc, base
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("the server did not come up within 90 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    if not STORIES.is_dir():
+        pytest.skip(f"{STORIES} is absent (the ../shared checkout)")
+    d = tmp_path_factory.mktemp("model") / "stories260k"
+    shutil.copytree(STORIES, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = TEMPLATE
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    proc, base = _start(model_dir, "--api-key", KEY, "--max-waiting", "50", "--max-num-seqs", "8")
+    yield base
+    _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def _post(base: str, path: str, body: bytes | dict, key: str | None = KEY, timeout: float = 60) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(base + path, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(json.loads(e.read()), _headers={k.lower(): v for k, v in e.headers.items()})
+
+
+def _metrics(base: str) -> dict[str, float]:
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("lengthwise:") and "{" in line:
+            name, value = line.split("{", 1)[0], line.rsplit(" ", 1)[1]
+            out[name] = float(value)
+    return out
+
+
+# -- the happy paths, through the official client --------------------------------------------------
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    with urllib.request.urlopen(server + "/health") as r:
+        assert json.loads(r.read()) == {"status": "ok"}
+
+
+def test_completion_and_its_stream_agree(client):
+    kw = dict(model=NAME, prompt="Once upon a time", max_tokens=24, temperature=0)
+    full = client.completions.create(**kw)
+    text = full.choices[0].text
+    assert text and full.choices[0].finish_reason in ("stop", "length")
+    assert full.usage.completion_tokens > 0 and full.usage.total_tokens == (full.usage.prompt_tokens
+                                                                           + full.usage.completion_tokens)
+    assert "predicted_length" in full.model_extra  # null without a length predictor
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+
+
+def test_chat_and_its_stream_agree(client):
+    kw = dict(model=NAME, messages=[{"role": "user", "content": "Once upon a time, there was a cat"}],
+              max_tokens=24, temperature=0)
+    full = client.chat.completions.create(**kw)
+    msg = full.choices[0].message
+    assert msg.role == "assistant" and msg.content
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == msg.content
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_n_samples_seeds_and_stop_strings(client):
+    kw = dict(model=NAME, prompt="Once upon a time", max_tokens=30, temperature=1.0)
+    two = client.completions.create(**kw, n=2, seed=7)
+    assert sorted(c.index for c in two.choices) == [0, 1]
+    again = client.completions.create(**kw, n=2, seed=7)
+    assert [c.text for c in again.choices] == [c.text for c in two.choices]  # seeded: reproducible
+    other = client.completions.create(**kw, n=2, seed=8)
+    assert [c.text for c in other.choices] != [c.text for c in two.choices]
+    greedy = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=40, temperature=0,
+                                       extra_body={"ignore_eos": True}).choices[0].text
+    words = greedy.split()
+    stop = " " + words[len(words) // 2]
+    cut = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=40, temperature=0,
+                                    stop=[stop], extra_body={"ignore_eos": True}).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == greedy[:greedy.index(stop)]
+
+
+def test_logprobs(client):
+    r = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens
+    assert all(len(t) == 3 for t in lp.top_logprobs) and all(v <= 0 for v in lp.token_logprobs)
+    assert "".join(lp.tokens) == r.choices[0].text
+    c = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Once upon a time"}],
+                                       max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert all(t.top_logprobs[0].logprob >= t.logprob for t in content)  # greedy: the top token
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    ({"model": NAME, "prompt": "hi", "temperature": "hot"}, "temperature"),
+    ({"model": NAME, "prompt": "hi", "max_tokens": 2.5}, "max_tokens"),
+    ({"model": NAME, "prompt": "hi", "top_p": 2}, "top_p"),
+    ({"model": NAME, "prompt": "hi", "n": 0}, "n"),
+    ({"model": NAME, "prompt": "hi", "logprobs": 50}, "logprobs"),
+    ({"model": "gpt-4", "prompt": "hi"}, "model"),
+    ({"model": NAME, "prompt": "hi", "max_tokens": 600}, "max_tokens"),
+    ({"model": NAME, "prompt": "hi", "colour": "blue"}, "colour"),
+    ({"model": NAME}, "prompt"),
+    ({"model": NAME, "prompt": [99999]}, "prompt"),
+])
+def test_bad_completion_requests_get_400_naming_the_parameter(server, body, param):
+    status, err = _post(server, "/v1/completions", body)
+    assert status == 400, err
+    assert err["error"]["type"] == "invalid_request_error" and err["error"]["message"]
+    assert err["error"]["param"] == param
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": NAME, "messages": []}, "messages"),
+    ({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9999},
+     "max_completion_tokens"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+])
+def test_bad_chat_requests_get_400_naming_the_parameter(server, body, param):
+    status, err = _post(server, "/v1/chat/completions", body)
+    assert status == 400 and err["error"]["param"] == param, err
+
+
+def test_api_key_is_required(server):
+    for key in (None, "wrong"):
+        status, err = _post(server, "/v1/completions", {"model": NAME, "prompt": "hi"}, key=key)
+        assert status == 401 and err["error"]["code"] == "invalid_api_key"
+
+
+# -- faults and overload ---------------------------------------------------------------------------
+
+def test_a_disconnect_mid_stream_aborts_and_frees_the_blocks(server):
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json",
+                                                               "Authorization": f"Bearer {KEY}"})
+    before = _metrics(server).get("lengthwise:generation_tokens_total", 0.0)
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")  # streaming has begun
+    seen_running = _metrics(server)["lengthwise:num_requests_running"]
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = _metrics(server)
+        if m["lengthwise:num_requests_running"] == 0 and m["lengthwise:kv_cache_blocks_used"] == 0:
+            break
+        time.sleep(0.1)
+    assert seen_running >= 1
+    assert m["lengthwise:num_requests_running"] == 0 and m["lengthwise:kv_cache_blocks_used"] == 0, m
+    # It was aborted, not run to its 400 tokens: far fewer tokens generated than that.
+    assert m["lengthwise:generation_tokens_total"] - before < 400
+
+
+def test_overload_rejects_with_retry_after_and_loses_nothing(server):
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True}
+    with ThreadPoolExecutor(200) as pool:
+        results = list(pool.map(lambda _: _post(server, "/v1/completions", body, timeout=120), range(200)))
+    ok = [r for s, r in results if s == 200]
+    refused = [(s, r) for s, r in results if s in (429, 503)]
+    assert len(ok) + len(refused) == 200, [s for s, _ in results]
+    assert ok and refused
+    assert all(r["usage"]["completion_tokens"] == 16 and r["choices"][0]["finish_reason"] == "length" for r in ok)
+    assert all(r["_headers"].get("retry-after") for _, r in refused)
+    m = _metrics(server)
+    assert m["lengthwise:num_requests_waiting"] == 0 and m["lengthwise:num_requests_running"] == 0
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir):
+    proc, base = _start(model_dir, "--grace-period", "30")
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True}
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_post, base, "/v1/completions", body, None)
+        deadline = time.monotonic() + 20
+        while _metrics(base).get("lengthwise:num_requests_running", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        status, r = pending.result(60)
+    assert status == 200 and r["usage"]["completion_tokens"] == 300  # finished, not cut off
+    assert proc.wait(60) == 0
