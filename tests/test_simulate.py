@@ -231,7 +231,7 @@ def test_step_model_fits_the_two_kinds_of_step_apart_and_round_trips(tmp_path):
     the fused decode forward): `split` fits each kind its own coefficients and `__call__` picks."""
     rng = np.random.default_rng(1)
     short = StepModel(0.02, 0.001, 0.0002, 1e-6)
-    long = StepModel(0.03, 0.003, 0.0004, 2e-6)
+    long = StepModel(0.03, 0.003, 0.003, 2e-6)  # op by op: a decode row costs what a prompt token does
     feats, secs = [], []
     for _ in range(300):
         rows, prefill, context = int(rng.integers(1, 64)), int(rng.integers(0, 200)), int(rng.integers(0, 20000))
@@ -246,6 +246,7 @@ def test_step_model_fits_the_two_kinds_of_step_apart_and_round_trips(tmp_path):
             assert getattr(part, name) == pytest.approx(getattr(true, name), rel=1e-6)
     assert fit(StepFeatures(8, 0, 800, 1, 8)) == pytest.approx(short(StepFeatures(8, 0, 800)))
     assert fit(StepFeatures(8, 40, 800, 40, 48)) == pytest.approx(long(StepFeatures(8, 40, 800)))
+    assert fit.long.per_row_s == fit.long.per_prefill_token_s  # one cost per fed token
     assert fit(StepFeatures(300, 0, 800, 1, 300)) == pytest.approx(long(StepFeatures(300, 0, 800)))
     assert fit.source["mean_abs_error_s"] < 1e-9
     one = StepModel.fit(feats, secs)  # a single model cannot fit both

@@ -13,7 +13,9 @@ batches of 8 hold few rows.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,8 @@ def calibrate(args: argparse.Namespace) -> StepModel:
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.data is None:
+        raise ValueError("simulate calibrate needs --data (or --from-steps)")
     from lengthwise.bench.presets import resolve_model
     from lengthwise.config import EngineConfig
     from lengthwise.engine.llm_engine import LLMEngine
@@ -94,6 +98,9 @@ def calibrate(args: argparse.Namespace) -> StepModel:
         print(f"[calibrate] {spec.label}: {len(s)} steps, {sum(s):.1f} s", flush=True)
         features += f
         seconds += s
+    if args.save_steps is not None:  # the raw measurements, to refit offline (StepModel.fit)
+        args.save_steps.write_text("".join(json.dumps({**asdict(f), "seconds": t}) + "\n"
+                                           for f, t in zip(features, seconds, strict=True)))
     split = None
     if not args.no_split:
         from lengthwise.ops.cpu import decode as cpu_decode
@@ -108,7 +115,8 @@ def calibrate(args: argparse.Namespace) -> StepModel:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama-100m", help="checkpoint directory or preset (default llama-100m)")
-    p.add_argument("--data", required=True, type=Path, help="alpaca-lengths JSONL (e.g. dev.jsonl)")
+    p.add_argument("--data", type=Path, default=None, help="alpaca-lengths JSONL (e.g. dev.jsonl); required "
+                   "unless --from-steps")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--policy", action="append", help="policies to measure under (default: continuous and "
                    "static:batch_size=8)")
@@ -121,10 +129,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (as bench schedule)")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--out", required=True, type=Path, help="JSON file to write the step model to")
+    p.add_argument("--from-steps", type=Path, default=None, help="fit to the steps a --save-steps file holds "
+                   "instead of running the engine")
+    p.add_argument("--save-steps", type=Path, default=None, help="also write every measured step (features and "
+                   "seconds) to this JSONL file")
+
+
+def refit(path: Path, split: bool) -> StepModel:
+    """A step model fitted to steps saved by `--save-steps` (no engine run)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    features = [StepFeatures(**{k: v for k, v in r.items() if k != "seconds"}) for r in rows]
+    from lengthwise.ops.cpu.decode import MAX_QUERY_LEN, max_rows
+
+    return StepModel.fit(features, [r["seconds"] for r in rows], split=(MAX_QUERY_LEN, max_rows()) if split else None,
+                         source={"kind": "calibrated", "refit_of": str(path)})
 
 
 def main(args: argparse.Namespace) -> int:
-    model = calibrate(args)
+    model = refit(args.from_steps, not args.no_split) if args.from_steps is not None else calibrate(args)
     model.save(args.out)
     src = model.source
     print(f"[calibrate] {model.describe()}; mean abs error {src['mean_abs_error_s'] * 1e3:.2f} ms of a "

@@ -154,7 +154,8 @@ class StepModel:
         negative is dropped and the rest refitted). Plain least squares on purpose: throughput is
         total time, so slow steps (a GC pause, the host's other work) belong in the fit as they
         belong in the engine's runs. `split` = (long_query_tokens, long_step_tokens): the steps past
-        either limit get their own coefficients (`long`), when there are enough of both kinds.
+        either limit get their own coefficients (`long`: a base, one cost per fed token and one per
+        context token), when there are enough of both kinds.
         Records the fit's mean absolute error."""
         if len(features) != len(seconds) or len(features) < 4:
             raise ValueError(f"need at least 4 measured steps to fit a step model, got {len(features)}")
@@ -169,9 +170,12 @@ class StepModel:
         pred = x @ full
         long = None
         if split is not None:
-            coef = _nonnegative_lstsq(x[is_long], y[is_long])
-            pred[is_long] = x[is_long] @ coef
-            long = cls(*map(float, coef), source={"steps": int(is_long.sum())})
+            # Few steps of this kind (the prefills), so fewer coefficients: one per fed token,
+            # decode row or prompt token alike (op by op, both go through the same matmuls).
+            xl = np.stack([x[is_long, 0], x[is_long, 1] + x[is_long, 2], x[is_long, 3]], axis=1)
+            c0, c1, c2 = _nonnegative_lstsq(xl, y[is_long])
+            pred[is_long] = xl @ np.array([c0, c1, c2])
+            long = cls(float(c0), float(c1), float(c1), float(c2), source={"steps": int(is_long.sum())})
         info = dict(source or {}, steps=len(y), mean_abs_error_s=float(np.mean(np.abs(pred - y))),
                     mean_step_s=float(y.mean()), total_error=float(pred.sum() / y.sum() - 1))
         return cls(*map(float, full), source=info, long=long, long_query_tokens=split[0] if split else None,
@@ -199,13 +203,12 @@ def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Least-squares coefficients of `x @ c = y` with c >= 0: the most negative one is dropped
     (held at 0) and the rest refitted until none is negative."""
     active = list(range(x.shape[1]))
-    while True:
+    while True:  # the intercept too: clamping a negative one to 0 afterwards would bias every step up
         coef, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
-        negative = [a for a, c in zip(active, coef, strict=True) if c < 0 and a != 0]
-        if not negative:
+        negative = [a for a, c in zip(active, coef, strict=True) if c < 0]
+        if not negative or len(active) == 1:
             break
         active.remove(min(negative, key=lambda a: coef[active.index(a)]))
     full = np.zeros(x.shape[1])
-    full[active] = coef
-    full[0] = max(full[0], 0.0)
+    full[active] = np.maximum(coef, 0.0)
     return full
