@@ -1,4 +1,4 @@
-"""The `lengthwise` command line: `lengthwise generate | serve | bench | predictor | simulate ...`."""
+"""The `lengthwise` command line: `lengthwise generate | serve | bench | predictor | simulate | train-tiny`."""
 
 from __future__ import annotations
 
@@ -114,6 +114,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from lengthwise.bench import kernels, predictors, schedule, throughput
+    from lengthwise.bench import serve as serve_bench
 
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
@@ -121,6 +122,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     predictors.add_subcommand(bench_sub)
     schedule.add_subcommand(bench_sub)
     kernels.add_subcommand(bench_sub)
+    serve_bench.add_subcommand(bench_sub)
 
 
 def _add_predictor(sub: argparse._SubParsersAction) -> None:
@@ -149,6 +151,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     add_parser(sub, add_policy_arguments, _kv_memory)
 
 
+def _add_train_tiny(sub: argparse._SubParsersAction) -> None:
+    from lengthwise.tiny.train import add_parser
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lengthwise", description="Length-aware LLM inference engine.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_predictor(sub)
     _add_simulate(sub)
+    _add_train_tiny(sub)
     return parser
 
 

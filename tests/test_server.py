@@ -186,6 +186,7 @@ def test_logprobs(client):
     ({"model": NAME, "prompt": "hi", "max_tokens": 2.5}, "max_tokens"),
     ({"model": NAME, "prompt": "hi", "top_p": 2}, "top_p"),
     ({"model": NAME, "prompt": "hi", "n": 0}, "n"),
+    ({"model": NAME, "prompt": "hi", "n": 9}, "n"),  # more samples than --max-num-seqs 8 can run together
     ({"model": NAME, "prompt": "hi", "logprobs": 50}, "logprobs"),
     ({"model": "gpt-4", "prompt": "hi"}, "model"),
     ({"model": NAME, "prompt": "hi", "max_tokens": 600}, "max_tokens"),
@@ -271,3 +272,28 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir):
         status, r = pending.result(60)
     assert status == 200 and r["usage"]["completion_tokens"] == 300  # finished, not cut off
     assert proc.wait(60) == 0
+
+
+# -- the load generator ----------------------------------------------------------------------------
+
+def test_bench_serve_measures_every_request_against_the_server(server, tmp_path):
+    from lengthwise.cli import main
+
+    lengths = [5, 12, 3, 20, 8, 15, 6, 10, 4, 9, 11, 7]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "prompt": f"Once upon a time {i}", "lengths": {"t0.0": n}})
+                            + "\n" for i, n in enumerate(lengths)))
+    out, js = tmp_path / "out", tmp_path / "serve.json"
+    common = ["bench", "serve", "--base-url", server, "--api-key", KEY, "--data", str(data), "--quiet",
+              "--num-requests", "12", "--request-rate", "40", "--max-concurrency", "4", "--out-dir", str(out)]
+    assert main([*common, "--goodput", "ttft:60000", "e2el:60000", "--json", str(js)]) == 0
+    s = json.loads(js.read_text())
+    assert s["completed"] == len(lengths) and s["failed"] == 0 and s["model"] == NAME
+    assert [r["output_tokens"] for r in s["requests"]] == lengths  # ignore_eos: every recorded length
+    assert s["output_throughput"] == pytest.approx(sum(lengths) / s["duration_s"])
+    assert 0 < s["mean_ttft_ms"] <= s["mean_e2el_ms"] and s["mean_tpot_ms"] > 0 and s["p99_itl_ms"] > 0
+    assert s["request_goodput"] == pytest.approx(s["request_throughput"])  # generous SLOs: every request
+    assert (out / "serve.png").stat().st_size > 0 and "TTFT" in (out / "serve.md").read_text()
+    assert main([*common, "--goodput", "ttft:0.001", "--json", str(js)]) == 0
+    assert json.loads(js.read_text())["request_goodput"] == 0  # nobody's first token within 1 us
+    assert main([*common, "--goodput", "speed:5"]) == 2  # an unknown SLO: a clear error, not a silent skip

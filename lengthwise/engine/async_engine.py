@@ -151,11 +151,6 @@ class AsyncEngine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
-    @property
-    def num_in_flight(self) -> int:
-        """Accepted requests not finished yet (read from any thread; a snapshot)."""
-        return len(self._streams)
-
     def stop_accepting(self) -> None:
         """Refuse new requests from now on (`EngineStopped`); accepted ones carry on."""
         self._accepting = False

@@ -84,7 +84,8 @@ class ModelRunner:
             if c.sample:
                 sample_rows.append(query_start[-1] - 1)
         num_real = len(sample_rows)
-        decode = [i for i, c in enumerate(chunks) if c.seq is not None and c.sample and c.end - c.start == 1]
+        decode = [i for i, c in enumerate(chunks) if c.seq is not None and c.sample and c.end - c.start == 1
+                  ] if padding_rows else []
         for k in range(padding_rows if decode else 0):
             i = decode[k % len(decode)]  # the real row this padding row copies (row group i)
             row = query_start[i + 1] - 1

@@ -46,10 +46,11 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def warmup_cosine(steps: int, warmup: float) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up over `warmup` of the steps, then cosine decay to 0."""
+def warmup_cosine(steps: int, warmup: float, floor: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over `warmup` of the steps, then cosine decay to `floor`."""
     w = max(1, int(steps * warmup))
-    return lambda s: (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, steps - w)))
+    return lambda s: (s + 1) / w if s < w else floor + (1 - floor) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, (s - w) / max(1, steps - w))))
 
 
 def choose_readout(points: dict[str, np.ndarray], lengths: np.ndarray) -> tuple[str, dict[str, float]]:

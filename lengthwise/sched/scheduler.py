@@ -153,8 +153,9 @@ class Scheduler:
             i += 1
         self._admit(out, budget)
         out.rows = self.policy.rows(self.num_running_seqs)
-        if any(c.seq is not None and c.sample for c in out.chunks):  # padding rides along decode rows
-            out.padding_rows = self.policy.padding_rows(self.num_running_seqs)
+        padding = self.policy.padding_rows(self.num_running_seqs)
+        if padding and any(c.seq is not None and c.sample for c in out.chunks):  # it rides along decode rows
+            out.padding_rows = padding
         return out
 
     def _collect(self, request: Request, out: SchedulerOutput) -> None:

@@ -218,8 +218,10 @@ async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams, r
     except EngineStopped as e:
         raise ApiError(503, f"the server is not accepting requests: {e}", type_="server_error",
                        code="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-    except ValueError as e:
-        raise ApiError(400, str(e), "prompt") from None
+    except ValueError as e:  # the engine's own checks: name the request field that decides it
+        msg = str(e)
+        param = "n" if msg.startswith("n=") else "max_tokens" if "KV blocks" in msg else "prompt"
+        raise ApiError(400, msg, param) from None
 
 
 async def _collect(streams: list[RequestStream]) -> list[dict[str, Any]]:

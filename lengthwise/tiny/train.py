@@ -1,0 +1,367 @@
+"""`lengthwise train-tiny`: the built-in tiny instruction model, trained from scratch.
+
+    lengthwise train-tiny --out tiny-model            # about an hour on a 2-core CPU
+
+1. Data: `tasks.generate` (seeded) instructions with reference answers.
+2. Tokenizer: byte-level BPE on that data (`tokenizer.py`), with a chat template.
+3. Stage 1, instruction following: a Llama (GQA, about 4M parameters) trained on the chat-rendered
+   examples, loss on the answer tokens only; AdamW, linear warm-up, cosine decay.
+4. Stage 2, Perception in Advance (the first paper): the stage-1 model answers held-in
+   instructions greedily (through lengthwise's own engine), each answer's length in tokens is
+   rounded to the nearest 10, and the model learns to answer the instruction followed by the
+   `self` predictor's query with that number, mixed with stage-1 examples so it keeps answering.
+5. Saved in the Hugging Face layout (bfloat16 safetensors, config, generation config, tokenizer,
+   chat template), loadable by lengthwise and by transformers alike.
+
+The training module here names its parameters as transformers' `LlamaForCausalLM` does, so the
+state dict is the checkpoint; it is a plain dense-attention model for training only (serving uses
+`lengthwise.model`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lengthwise.predict.self_predict import QUERY
+from lengthwise.predict.training import warmup_cosine
+from lengthwise.tiny import tasks
+from lengthwise.tiny.tokenizer import ASSISTANT, BOS, EOS, PAD, USER, save_tokenizer, train_tokenizer
+
+
+@dataclass
+class TinyConfig:
+    """The model's shape and the training run's settings."""
+
+    vocab_size: int = 3072
+    hidden_size: int = 256
+    num_layers: int = 5
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    intermediate_size: int = 640
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    # training
+    seed: int = 0
+    num_examples: int = 60_000
+    stage1_steps: int = 3000
+    stage2_examples: int = 6000
+    stage2_steps: int = 600
+    tokens_per_batch: int = 8192
+    lr: float = 2e-3
+    stage2_lr: float = 5e-4
+    warmup_steps: int = 150
+    weight_decay: float = 0.05
+    min_lr_ratio: float = 0.05
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+QUICK = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+             num_examples=600, stage1_steps=30, stage2_examples=60, stage2_steps=10, tokens_per_batch=2048,
+             warmup_steps=5)
+
+
+# -- the training model ------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: TinyConfig) -> None:
+        super().__init__()
+        self.c = c
+        d = c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * d, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        c, d = self.c, self.c.head_dim
+        q = self.q_proj(x).view(b, t, c.num_heads, d).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, c.num_kv_heads, d).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, c.num_kv_heads, d).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        rep = c.num_heads // c.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # right padding: causal suffices
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: TinyConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, c: TinyConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TinyLlama(nn.Module):
+    """Llama with tied embeddings; parameter names as transformers' `LlamaForCausalLM`."""
+
+    def __init__(self, c: TinyConfig) -> None:
+        super().__init__()
+        self.c = c
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.model.layers = nn.ModuleList(Layer(c) for _ in range(c.num_layers))
+        self.model.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2).float() / c.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        for layer in self.model.layers:  # scaled residual projections (GPT-2's init)
+            for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
+                nn.init.normal_(w, std=0.02 / math.sqrt(2 * c.num_layers))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        freqs = torch.outer(torch.arange(t, dtype=torch.float32, device=ids.device), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        x = self.model.embed_tokens(ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.model.norm(x) @ self.model.embed_tokens.weight.T
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+def render(instruction: str) -> str:
+    """The chat template's text for one user turn and the assistant's cue (tokenizer.CHAT_TEMPLATE)."""
+    return f"{BOS}{USER}{instruction}{ASSISTANT}"
+
+
+def encode_pairs(tok: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """(token ids of prompt + answer + EOS, prompt length) per (instruction, answer)."""
+    eos = tok.token_to_id(EOS)
+    prompts = tok.encode_batch([render(i) for i, _ in pairs])
+    answers = tok.encode_batch([a for _, a in pairs])
+    return [(p.ids + a.ids + [eos], len(p.ids)) for p, a in zip(prompts, answers, strict=True)]
+
+
+def batches(data: list[tuple[list[int], int]], tokens_per_batch: int, rng: random.Random,
+            pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (ids, labels) batches of about `tokens_per_batch` padded tokens, similar lengths
+    together (chunks of the shuffled data sorted by length), labels -100 on prompts and padding."""
+    while True:
+        order = list(range(len(data)))
+        rng.shuffle(order)
+        groups = []
+        for s in range(0, len(order), 2048):
+            chunk = sorted(order[s:s + 2048], key=lambda i: len(data[i][0]))
+            group: list[int] = []
+            for i in chunk:  # ascending length: the newest member is the widest
+                if group and len(data[i][0]) * (len(group) + 1) > tokens_per_batch:
+                    groups.append(group)
+                    group = []
+                group.append(i)
+            if group:
+                groups.append(group)
+        rng.shuffle(groups)
+        for group in groups:
+            width = max(len(data[i][0]) for i in group)
+            ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+            labels = torch.full((len(group), width), -100, dtype=torch.long)
+            for row, i in enumerate(group):
+                seq, n_prompt = data[i]
+                ids[row, :len(seq)] = torch.tensor(seq)
+                labels[row, n_prompt - 1:len(seq) - 1] = torch.tensor(seq[n_prompt:])
+            yield ids, labels
+
+
+def train_steps(model: TinyLlama, data: list[tuple[list[int], int]], steps: int, peak_lr: float, c: TinyConfig,
+                pad_id: int, desc: str, device: torch.device) -> list[float]:
+    """AdamW for `steps` steps over `data`; returns the per-step losses."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=peak_lr, betas=(0.9, 0.95))
+    it = batches(data, c.tokens_per_batch, random.Random(c.seed + len(desc)), pad_id)
+    schedule = warmup_cosine(steps, min(c.warmup_steps, steps // 10 + 1) / steps, c.min_lr_ratio)
+    losses = []
+    model.train()
+    bar = tqdm(range(steps), desc=desc, dynamic_ncols=True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = peak_lr * schedule(step)
+        ids, labels = next(it)
+        ids, labels = ids.to(device), labels.to(device)
+        logits = model(ids)
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    model.eval()
+    return losses
+
+
+# -- the checkpoint ----------------------------------------------------------------------------------
+
+def save_checkpoint(model: TinyLlama, tok: Any, out: Path, info: dict[str, Any]) -> None:
+    """The Hugging Face layout: bfloat16 safetensors (tied head not stored), configs, tokenizer."""
+    from safetensors.torch import save_file
+
+    c = model.c
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    bos, eos, pad = tok.token_to_id(BOS), tok.token_to_id(EOS), tok.token_to_id(PAD)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.hidden_size,
+              "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
+              "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+              "vocab_size": c.vocab_size, "max_position_embeddings": c.max_position_embeddings,
+              "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_scaling": None,
+              "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": True,
+              "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "torch_dtype": "bfloat16"}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    save_tokenizer(tok, out, c.max_position_embeddings)
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def greedy_answers(model_dir: Path, instructions: list[str], max_tokens: int = 512) -> list[tuple[str, int]]:
+    """(text, generated token count) of the checkpoint's greedy answer to each instruction, served
+    by lengthwise's engine through the chat template."""
+    from lengthwise.engine import LLM
+    from lengthwise.sampling_params import SamplingParams
+
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=128)
+    outs = llm.chat([[{"role": "user", "content": i}] for i in instructions],
+                    SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=True)
+    return [(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
+
+
+def evaluate(model_dir: Path, per_family: int = 20, seed: int = 12345) -> dict[str, float]:
+    """Greedy accuracy per task family on `per_family` fresh instructions each (seed apart from
+    training's), judged by the families' checkers; "all" is the mean over families."""
+    held_out = [e for f in sorted(tasks.FAMILIES) for e in tasks.generate(per_family, seed=seed, families=[f])]
+    answers = greedy_answers(model_dir, [e.instruction for e in held_out])
+    acc: dict[str, float] = {}
+    for f in sorted(tasks.FAMILIES):
+        pairs = [(e, a) for e, (a, _) in zip(held_out, answers, strict=True) if e.family == f]
+        acc[f] = sum(tasks.check(e, a) for e, a in pairs) / len(pairs)
+    acc["all"] = sum(acc.values()) / len(acc)
+    return acc
+
+
+def round10(n: int) -> int:
+    """A length rounded to the nearest 10, as the first paper's length query asks (at least 10)."""
+    return max(10, int(math.floor(n / 10 + 0.5)) * 10)
+
+
+def train_tiny(out: Path, c: TinyConfig, device: str = "auto") -> dict[str, Any]:
+    """The whole recipe (module docstring); writes the checkpoint to `out`, returns the run's record."""
+    t0 = time.monotonic()
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    torch.manual_seed(c.seed)
+    examples = tasks.generate(c.num_examples, seed=c.seed)
+    texts = [t for e in examples for t in (e.instruction, e.answer)]
+    texts += [QUERY] * 100 + [str(10 * k) for k in range(1, 60)] * 20  # the length query and its answers
+    tok = train_tokenizer(texts, c.vocab_size)
+    c.vocab_size = tok.get_vocab_size()
+    pad = tok.token_to_id(PAD)
+    data = [d for d in encode_pairs(tok, [(e.instruction, e.answer) for e in examples])
+            if len(d[0]) <= c.max_position_embeddings]
+    model = TinyLlama(c).to(dev)
+    losses1 = train_steps(model, data, c.stage1_steps, c.lr, c, pad, "stage 1: instructions", dev)
+    # Stage 2: the model's own greedy lengths on fresh training instructions, as the saved
+    # (bfloat16) checkpoint answers them.
+    held_in = tasks.generate(c.stage2_examples, seed=c.seed + 1000)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(model, tok, Path(tmp), {"stage": 1})
+        answers = greedy_answers(Path(tmp), [e.instruction for e in held_in])
+    length_pairs = [(e.instruction + QUERY, str(round10(n))) for e, (_, n) in zip(held_in, answers, strict=True)]
+    replay = random.Random(c.seed).sample(data, min(len(data), len(length_pairs)))
+    mixed = encode_pairs(tok, length_pairs) + replay
+    losses2 = train_steps(model, mixed, c.stage2_steps, c.stage2_lr, c, pad, "stage 2: own lengths", dev)
+    info = {"config": asdict(c), "parameters": model.num_parameters(), "device": str(dev),
+            "stage1_final_loss": sum(losses1[-20:]) / len(losses1[-20:]),
+            "stage2_final_loss": sum(losses2[-20:]) / len(losses2[-20:]),
+            "stage1_correct_on_stage2_instructions": sum(tasks.check(e, a) for e, (a, _) in zip(
+                held_in, answers, strict=True)) / len(held_in),
+            "seconds": time.monotonic() - t0}
+    save_checkpoint(model, tok, out, info)
+    return info
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("train-tiny", help="train the built-in tiny instruction model from scratch",
+                       description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="checkpoint directory to write")
+    p.add_argument("--evaluate", type=Path, default=None, metavar="DIR",
+                   help="instead of training: greedy accuracy per task family of the checkpoint in DIR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="a minute-long smoke run of the recipe (a tiny model)")
+    p.set_defaults(func=_main)
+
+
+def _main(args: Any) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.evaluate is not None:
+        print(json.dumps(evaluate(args.evaluate), indent=2))
+        return 0
+    if args.out is None:
+        raise ValueError("train-tiny needs --out DIR (or --evaluate DIR)")
+    c = TinyConfig(seed=args.seed, **(QUICK if args.quick else {}))
+    info = train_tiny(args.out, c, args.device)
+    print(json.dumps({k: v for k, v in info.items() if k != "config"}, indent=2))
+    return 0

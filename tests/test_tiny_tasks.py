@@ -1,0 +1,68 @@
+"""The tiny model's synthetic instruction tasks: deterministic, checkable, lengths that follow the
+instruction."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lengthwise.tiny import tasks
+
+
+def _tokens(text: str) -> int:  # words and punctuation: a stand-in for BPE tokens
+    return len(re.findall(r"\w+|[^\w\s]", text))
+
+
+def test_at_least_twenty_families_and_deterministic_for_a_seed():
+    assert len(tasks.FAMILIES) >= 20
+    a = tasks.generate(500, seed=0)
+    assert a == tasks.generate(500, seed=0)
+    assert a != tasks.generate(500, seed=1)
+    assert {e.family for e in a} == set(tasks.FAMILIES)
+
+
+@pytest.mark.parametrize("family", sorted(tasks.FAMILIES))
+def test_checkers_accept_the_reference_and_reject_wrong_answers(family):
+    examples = tasks.generate(60, seed=3, families=[family])
+    for e in examples:
+        assert tasks.check(e, e.answer), e
+        assert tasks.check(e, "  " + e.answer.replace(" ", "  ") + "\n")  # whitespace is not an error
+        assert not tasks.check(e, e.answer + " and more"), e
+        assert not tasks.check(e, e.answer[:-1]), e
+        assert not tasks.check(e, ""), e
+
+
+def test_structural_checkers_accept_other_correct_answers():
+    e = tasks.Example("list_things", "List 3 colours.", "1. red\n2. blue\n3. green", {"n": 3, "kind": "colours"})
+    assert tasks.check(e, "1. gold\n2. pink\n3. red")
+    assert not tasks.check(e, "1. gold\n2. gold\n3. red")  # not distinct
+    assert not tasks.check(e, "1. gold\n2. cat\n3. red")   # not a colour
+    d = tasks.Example("describe", "Describe a fox in 2 sentences.", "", {"thing": "fox", "k": 2})
+    assert tasks.check(d, "The fox is quick. It sleeps under a tree.")
+    assert not tasks.check(d, "The cat is quick. It sleeps under a tree.")  # the wrong animal
+    assert not tasks.check(d, "The fox is quick.")                          # one sentence short
+
+
+def test_lengths_run_from_one_word_to_hundreds_and_follow_the_instruction():
+    examples = tasks.generate(3000, seed=0)
+    lengths = [_tokens(e.answer) for e in examples]
+    assert min(lengths) <= 2 and max(lengths) >= 200
+    counts = [e for e in examples if e.family == "count_up"]
+    for e in counts:  # the instruction says how long: b - a + 1 numbers
+        a, b = map(int, re.findall(r"\d+", e.instruction))
+        assert len(e.answer.split(",")) == b - a + 1
+
+
+@pytest.mark.parametrize("n, words", [(0, "zero"), (15, "fifteen"), (42, "forty-two"), (100, "one hundred"),
+                                      (342, "three hundred and forty-two"), (1005, "one thousand and five"),
+                                      (2300, "two thousand three hundred")])
+def test_number_words(n, words):
+    assert tasks.number_words(n) == words
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="unknown task families"):
+        tasks.generate(3, seed=0, families=["juggling"])
+    with pytest.raises(ValueError, match="n must be"):
+        tasks.generate(-1, seed=0)

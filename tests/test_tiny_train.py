@@ -1,0 +1,48 @@
+"""`lengthwise train-tiny --quick`: the whole recipe on a toy model, and the checkpoint it writes
+loads in lengthwise and in transformers with the same greedy output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lengthwise.predict.training import warmup_cosine
+from lengthwise.tiny import tasks
+from lengthwise.tiny.train import QUICK, TinyConfig, evaluate, render, round10, train_tiny
+
+
+def test_schedule_and_rounding():
+    lr = warmup_cosine(100, 0.1, floor=0.1)
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
+    assert lr(100) == pytest.approx(0.1) and lr(200) == pytest.approx(0.1)
+    assert lr(55) == pytest.approx(0.55)  # half-way down the cosine
+    assert warmup_cosine(100, 0.1)(100) == pytest.approx(0.0)  # the predictors' schedule: down to 0
+    assert [round10(n) for n in (1, 14, 15, 24, 96)] == [10, 10, 20, 20, 100]
+
+
+def test_quick_recipe_writes_a_checkpoint_transformers_and_lengthwise_agree_on(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lengthwise import LLM, SamplingParams
+
+    out = tmp_path / "tiny"
+    info = train_tiny(out, TinyConfig(**QUICK), device="cpu")
+    assert info["stage1_final_loss"] < 10 and info["parameters"] > 0
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    prompt = render(tasks.generate(1, seed=5)[0].instruction)
+    llm = LLM(out, dtype="float32", device="cpu")
+    ours = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    assert ids[0].tolist() == ours.prompt_token_ids
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
+    with torch.no_grad():  # plain greedy, never stopping (as ignore_eos)
+        for _ in range(12):
+            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert ids[0, -12:].tolist() == ours.outputs[0].token_ids
+    acc = evaluate(out, per_family=1)
+    assert set(acc) == set(tasks.FAMILIES) | {"all"} and all(0 <= v <= 1 for v in acc.values())
