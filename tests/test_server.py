@@ -261,7 +261,12 @@ def test_overload_rejects_with_retry_after_and_loses_nothing(server):
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir):
-    proc, base = _start(model_dir, "--grace-period", "30")
+    """Also serves with a length predictor (`self`: the model asked for its own length), whose
+    estimate every response carries and /metrics compares with the real length."""
+    proc, base = _start(model_dir, "--grace-period", "30", "--length-predictor", "self")
+    status, r = _post(base, "/v1/completions", {"model": NAME, "prompt": "Once upon a time", "max_tokens": 8}, None)
+    assert status == 200 and isinstance(r["predicted_length"], (int, float)) and r["predicted_length"] > 0
+    assert _metrics(base)["lengthwise:predicted_minus_actual_length_tokens_count"] == 1
     body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True}
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(_post, base, "/v1/completions", body, None)
@@ -271,6 +276,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir):
         proc.send_signal(signal.SIGTERM)
         status, r = pending.result(60)
     assert status == 200 and r["usage"]["completion_tokens"] == 300  # finished, not cut off
+    assert r["predicted_length"] > 0
     assert proc.wait(60) == 0
 
 
