@@ -248,10 +248,9 @@ class _Accumulator:
         if delta is None:
             return
         for s in delta.samples:
-            acc = self.samples.setdefault(s.index, {"text": "", "token_ids": [], "logprobs": [], "finish": None,
+            acc = self.samples.setdefault(s.index, {"text": "", "logprobs": [], "finish": None,
                                                     "prev": s.prev_token_id})
             acc["text"] += s.text
-            acc["token_ids"] += s.token_ids
             acc["logprobs"] += s.logprobs or []
             acc["finish"] = s.finish_reason or acc["finish"]
         if delta.finished:
@@ -304,7 +303,7 @@ def _full_response(state: ServerState, rid: str, results: list[dict[str, Any]], 
     choices = []
     for k, res in enumerate(results):
         for i in range(n):
-            s = res["samples"].get(i, {"text": "", "token_ids": [], "logprobs": [], "finish": None, "prev": 0})
+            s = res["samples"].get(i, {"text": "", "logprobs": [], "finish": None, "prev": 0})
             index = k * n + i
             if chat:
                 choice = {"index": index, "message": {"role": "assistant", "content": s["text"]},
