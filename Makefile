@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The showcase on the built-in model: length perception, then the schedulers side by side.
 demo: $(STAMP)
-	$(BIN)/lengthwise generate --prompt "Tell me a story about a river and a mountain." \
-		--max-tokens 48 --temperature 0.8 --seed 0
+	$(BIN)/lengthwise demo --out-dir demo-out
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,4 +1,4 @@
-"""The `lengthwise` command line: `lengthwise generate | serve | bench | predictor | simulate | train-tiny`."""
+"""The `lengthwise` command line: `lengthwise demo | generate | serve | bench | predictor | simulate | train-tiny`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from lengthwise.sampling_params import SamplingParams
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a completion for one or more prompts",
                        description="Generate text from a local Hugging Face checkpoint directory "
-                                   "(the built-in random default model when MODEL_DIR is omitted).")
+                                   "(the built-in tiny instruction model when MODEL_DIR is omitted).")
     p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="checkpoint directory (default: built-in)")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat the flag to generate for several prompts in one batch")
@@ -77,7 +77,7 @@ def _kv_memory(text: str) -> int | float:
 def _cmd_generate(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not args.model:
-        print(f"[lengthwise] no MODEL_DIR given: using the built-in random-initialised model at {model_dir}",
+        print(f"[lengthwise] no MODEL_DIR given: using the built-in tiny instruction model at {model_dir}",
               file=sys.stderr)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
               max_num_seqs=args.max_num_seqs, length_predictor=args.length_predictor, policy=args.policy,
@@ -157,9 +157,16 @@ def _add_train_tiny(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    from lengthwise.tiny.demo import add_parser
+
+    add_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lengthwise", description="Length-aware LLM inference engine.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
     _add_generate(sub)
     _add_serve(sub)
     _add_bench(sub)

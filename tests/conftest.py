@@ -80,11 +80,11 @@ def hf_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def default_model(tmp_path_factory):
-    """The built-in default model, built into a temporary cache."""
-    from lengthwise.model.default import default_model_dir
+def random_model(tmp_path_factory):
+    """A random-initialised Llama (word-salad text), built into a temporary cache."""
+    from lengthwise.model.random_model import random_model_dir
 
-    return default_model_dir(seed=0, cache_dir=tmp_path_factory.mktemp("lw-cache"))
+    return random_model_dir(seed=0, cache_dir=tmp_path_factory.mktemp("lw-cache"))
 
 
 def graphed_and_plain_decode(model, monkeypatch, graph_batch: int = 4):

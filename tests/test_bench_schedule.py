@@ -20,13 +20,13 @@ def test_parse_policy_specs():
         parse_policy("static:16")
 
 
-def test_bench_schedule_reproduces_lengths_and_sorting_cuts_padding(default_model, tmp_path):
+def test_bench_schedule_reproduces_lengths_and_sorting_cuts_padding(random_model, tmp_path):
     lengths = [3, 40, 5, 38, 4, 41, 6, 39]
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"id": str(i), "prompt": f"the sea {i}", "lengths": {"t0.0": n}})
                             + "\n" for i, n in enumerate(lengths)))
     out = tmp_path / "out"
-    assert main(["bench", "schedule", "--model", str(default_model), "--data", str(data), "--num-requests", "8",
+    assert main(["bench", "schedule", "--model", str(random_model), "--data", str(data), "--num-requests", "8",
                  "--predictor", "oracle", "--policy", "static:batch_size=2",
                  "--policy", "sequence:vbs=false,vbs_fixed=2", "--policy", "continuous",
                  "--json", str(tmp_path / "r.json"), "--out-dir", str(out)]) == 0
@@ -44,7 +44,7 @@ def test_bench_schedule_reproduces_lengths_and_sorting_cuts_padding(default_mode
     assert (out / "schedule.png").is_file() and "| static" in (out / "schedule.md").read_text()
 
 
-def test_static_pad_computes_the_finished_rows_without_changing_any_output(default_model):
+def test_static_pad_computes_the_finished_rows_without_changing_any_output(random_model):
     """`static:pad=true` is the papers' vanilla executor: a finished row keeps being computed until
     its batch ends. The padding rows really run through the model (the forward sees them), yet
     every real row's tokens are those of the unpadded run."""
@@ -54,12 +54,12 @@ def test_static_pad_computes_the_finished_rows_without_changing_any_output(defau
     from lengthwise.model import load_model
     from lengthwise.tokenizer import Tokenizer
 
-    model = load_model(default_model, "float32", "cpu")
+    model = load_model(random_model, "float32", "cpu")
     prompts = ["the sea is", "a ship", "far away in the night", "blue"]
     lengths = [3, 12, 6, 9]
 
     def serve(pad: bool):
-        engine = LLMEngine(model, Tokenizer(default_model), EngineConfig(
+        engine = LLMEngine(model, Tokenizer(random_model), EngineConfig(
             policy="static", policy_options={"batch_size": 4, "pad": pad}))
         fed: list[int] = []
         forward = model.forward

@@ -35,14 +35,13 @@ def test_generate_several_prompts_sampled_with_seed(capsys):
     assert capsys.readouterr().out != first
 
 
-def test_generate_chat_on_default_model(capsys, default_model, monkeypatch):
+def test_generate_chat_with_a_system_prompt(capsys, random_model):
     from lengthwise import SamplingParams, Tokenizer, generate, load_model
 
-    monkeypatch.setenv("LENGTHWISE_CACHE", str(default_model.parent))
-    assert main(["generate", "--prompt", "hello", "--chat", "--system", "be kind", "--max-tokens", "8"]) == 0
+    assert main(["generate", str(random_model), "--prompt", "hello", "--chat", "--system", "be kind",
+                 "--max-tokens", "8"]) == 0
     captured = capsys.readouterr()
-    assert str(default_model) in captured.err
-    tok, model = Tokenizer(default_model), load_model(default_model, "float32", "cpu")
+    tok, model = Tokenizer(random_model), load_model(random_model, "float32", "cpu")
     messages = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello"}]
     [expected] = generate(model, [tok.encode_chat(messages)], SamplingParams(max_tokens=8, temperature=0.0))
     assert captured.out == tok.decode(expected.token_ids) + "\n"
@@ -70,8 +69,8 @@ def test_generation_config_defaults(tmp_path):
     (["generate", "--prompt", "x", "--max-tokens", "0"], "max_tokens"),
     (["generate", "--prompt", "x", "--top-p", "7"], "top_p"),
 ])
-def test_errors_exit_2_with_message(capsys, argv, message, default_model, monkeypatch):
-    monkeypatch.setenv("LENGTHWISE_CACHE", str(default_model.parent))
+def test_errors_exit_2_with_message(capsys, argv, message, random_model, monkeypatch):
+    monkeypatch.setenv("LENGTHWISE_CACHE", str(random_model.parent))
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 

@@ -41,12 +41,12 @@ def bpe_dir(tmp_path_factory):
 
 
 @pytest.fixture(params=["stories260k", "byte-level-bpe", "default-model"])
-def tok(request, bpe_dir, default_model) -> Tokenizer:
+def tok(request, bpe_dir, random_model) -> Tokenizer:
     if request.param == "stories260k":
         if not STORIES.is_dir():
             pytest.skip(f"{STORIES} is absent")
         return Tokenizer(STORIES)
-    return Tokenizer(bpe_dir if request.param == "byte-level-bpe" else default_model)
+    return Tokenizer(bpe_dir if request.param == "byte-level-bpe" else random_model)
 
 
 def stream(tokenizer, ids, prompt=None, skip=True) -> tuple[list[str], str]:

@@ -168,8 +168,8 @@ def test_engine_validation_names_the_problem(llama):
             EngineConfig(**bad)
 
 
-def test_llm_api_text_prompts_chat_and_outputs(default_model):
-    llm = LLM(default_model, dtype="float32", device="cpu", max_num_seqs=8)
+def test_llm_api_text_prompts_chat_and_outputs(random_model):
+    llm = LLM(random_model, dtype="float32", device="cpu", max_num_seqs=8)
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     outs = llm.generate(["the sun and the sea", "a word"], params, use_tqdm=False)
     assert [o.prompt for o in outs] == ["the sun and the sea", "a word"]
@@ -185,14 +185,14 @@ def test_llm_api_text_prompts_chat_and_outputs(default_model):
     chat = llm.chat([{"role": "user", "content": "hello there"}], params, use_tqdm=False)
     assert chat[0].prompt_token_ids == llm.tokenizer.encode_chat([{"role": "user", "content": "hello there"}])
     with pytest.raises(ValueError, match="unknown LLM argument"):
-        LLM(default_model, max_num_sequences=3)
+        LLM(random_model, max_num_sequences=3)
     with pytest.raises(ValueError, match="2 entries for 1 prompts"):
         llm.generate(["x"], [params, params], use_tqdm=False)
     assert not llm.engine.requests  # nothing left queued after the failed call
 
 
-def test_logprobs_and_stop_strings_through_the_engine(default_model):
-    llm = LLM(default_model, dtype="float32", device="cpu")
+def test_logprobs_and_stop_strings_through_the_engine(random_model):
+    llm = LLM(random_model, dtype="float32", device="cpu")
     base = llm.generate(["the sun and the sea"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
                         use_tqdm=False)[0].outputs[0]
     words = base.text.split()

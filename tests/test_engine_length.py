@@ -16,8 +16,8 @@ from lengthwise.predict.self_predict import parse_length
 PARAMS = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
 
 
-def test_oracle_predictions_reach_requests_before_scheduling(default_model):
-    llm = LLM(default_model, dtype="float32", device="cpu", length_predictor="oracle")
+def test_oracle_predictions_reach_requests_before_scheduling(random_model):
+    llm = LLM(random_model, dtype="float32", device="cpu", length_predictor="oracle")
     outs = llm.generate([{"prompt": "a b c", "true_length": 17}, {"prompt": "d e", "true_length": 3}], PARAMS,
                         use_tqdm=False)
     assert [o.predicted_length for o in outs] == [17.0, 3.0]
@@ -28,21 +28,21 @@ def test_oracle_predictions_reach_requests_before_scheduling(default_model):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_a_saved_predictor_directory_is_used_and_an_abort_before_prediction_is_clean(default_model, tmp_path):
+def test_a_saved_predictor_directory_is_used_and_an_abort_before_prediction_is_clean(random_model, tmp_path):
     d = ConstantPredictor(42.0, edges=[0.0, 100.0], probs=[1.0]).save(tmp_path / "const")
-    llm = LLM(default_model, dtype="float32", device="cpu", length_predictor=str(d))
+    llm = LLM(random_model, dtype="float32", device="cpu", length_predictor=str(d))
     assert all(o.predicted_length == 42.0 for o in llm.generate(["x y", "z"], PARAMS, use_tqdm=False))
     engine = llm.engine
     req = engine.add_request("pending one", PARAMS)
     assert engine.has_unfinished_requests() and engine.abort_request(req.request_id)
     assert not engine.has_unfinished_requests() and req.seqs[0].finish_reason == "abort"
     with pytest.raises(ValueError, match="must be trained first"):
-        LLM(default_model, dtype="float32", device="cpu", length_predictor="proxy")
+        LLM(random_model, dtype="float32", device="cpu", length_predictor="proxy")
 
 
-def test_recorded_lengths_train_a_probe_the_engine_then_uses(default_model, tmp_path):
+def test_recorded_lengths_train_a_probe_the_engine_then_uses(random_model, tmp_path):
     record = tmp_path / "rec.jsonl"
-    llm = LLM(default_model, dtype="float32", device="cpu", record_lengths=str(record))
+    llm = LLM(random_model, dtype="float32", device="cpu", record_lengths=str(record))
     prompts = [" ".join(["w"] * (1 + i % 7)) + f" {i}" for i in range(48)]
     params = [SamplingParams(max_tokens=2 + (i % 7) * 3, temperature=0.0, ignore_eos=True, n=1 + i % 2)
               for i in range(48)]
@@ -57,7 +57,7 @@ def test_recorded_lengths_train_a_probe_the_engine_then_uses(default_model, tmp_
         assert row["length"] == max(len(c.token_ids) for c in out.outputs)
     probe_dir = train_probe(load_length_data(record, "length", need_features=True),
                             TrainConfig(epochs=20, batch_size=16, progress=False)).save(tmp_path / "probe")
-    served = LLM(default_model, dtype="float32", device="cpu", length_predictor=str(probe_dir))
+    served = LLM(random_model, dtype="float32", device="cpu", length_predictor=str(probe_dir))
     res = served.generate(prompts[:4], PARAMS, use_tqdm=False)
     assert all(o.predicted_length is not None and o.predicted_length >= 1 for o in res)
     assert served.engine.length.stats.num_predicted == 4
@@ -71,8 +71,8 @@ def _self_check(llm: LLM, n: int) -> None:
     assert llm.engine.length.stats.num_fallbacks == unparsable
 
 
-def test_self_predictor_asks_the_model_and_counts_fallbacks(default_model):
-    llm = LLM(default_model, dtype="float32", device="cpu", length_predictor="self")
+def test_self_predictor_asks_the_model_and_counts_fallbacks(random_model):
+    llm = LLM(random_model, dtype="float32", device="cpu", length_predictor="self")
     outs = llm.generate(["tell me about rivers", "count to ten", "hi"], PARAMS, use_tqdm=False)
     _self_check(llm, 3)
     predictor = llm.engine.length.predictor
@@ -91,13 +91,13 @@ def test_self_predictor_on_a_real_model_falls_back_and_counts():
     assert all(o.predicted_length is not None for o in outs)
 
 
-def test_cli_record_writes_one_probe_row_per_prompt(default_model, tmp_path, capsys):
+def test_cli_record_writes_one_probe_row_per_prompt(random_model, tmp_path, capsys):
     from lengthwise.cli import main
 
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"id": str(i), "prompt": f"the sea {i}", "L_max": 3}) + "\n" for i in range(5)))
     out = tmp_path / "rec.jsonl"
-    assert main(["predictor", "record", "--model", str(default_model), "--data", str(data), "--out", str(out),
+    assert main(["predictor", "record", "--model", str(random_model), "--data", str(data), "--out", str(out),
                  "--max-tokens", "4", "--limit", "3", "--offset", "1"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["prompt"] for r in rows) == ["the sea 1", "the sea 2", "the sea 3"]
@@ -113,13 +113,13 @@ def test_cli_record_writes_one_probe_row_per_prompt(default_model, tmp_path, cap
     ("continuous-sjf", {}),
     ("fcfs", {"predictive": True}),
 ])
-def test_every_policy_gives_the_same_greedy_outputs_through_the_engine(default_model, tmp_path, policy, options):
+def test_every_policy_gives_the_same_greedy_outputs_through_the_engine(random_model, tmp_path, policy, options):
     prompts = [f"the river {i} " + "and the sea " * (i % 4) for i in range(8)]
     params = [SamplingParams(max_tokens=3 + 2 * (i % 5), temperature=0.0, ignore_eos=True) for i in range(8)]
-    reference = LLM(default_model, dtype="float32", device="cpu").generate(prompts, params, use_tqdm=False)
+    reference = LLM(random_model, dtype="float32", device="cpu").generate(prompts, params, use_tqdm=False)
     # A constant prediction of 3 tokens: with bucket 4, every longer request hits the FCR cap.
     const = ConstantPredictor(3.0, edges=[0.0, 10.0], probs=[1.0]).save(tmp_path / "c")
-    llm = LLM(default_model, dtype="float32", device="cpu", policy=policy, policy_options=options,
+    llm = LLM(random_model, dtype="float32", device="cpu", policy=policy, policy_options=options,
               length_predictor=str(const))
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in reference]

@@ -62,7 +62,7 @@ def test_the_formula_rises_with_bins_towards_its_limit():
 
 # -- the engine against the simulator ------------------------------------------------------------
 
-def test_calibrated_simulator_predicts_the_engine_throughput(default_model, tmp_path):
+def test_calibrated_simulator_predicts_the_engine_throughput(random_model, tmp_path):
     """The built-in model: calibrate the step model on one workload, then serve another workload
     under three policies in the engine (`bench schedule`) and in the simulator: within 15%.
 
@@ -83,7 +83,7 @@ def test_calibrated_simulator_predicts_the_engine_throughput(default_model, tmp_
     calib, data = tmp_path / "calib.jsonl", tmp_path / "d.jsonl"
     write(calib, 48, 1)
     write(data, 48, 2)
-    common = ["--model", str(default_model), "--max-num-seqs", "32"]
+    common = ["--model", str(random_model), "--max-num-seqs", "32"]
     policies = ["static:batch_size=8", "continuous", "sequence:batch_size=16"]
     argv = [a for p in policies for a in ("--policy", p)]
     ratios: dict[str, list[float]] = {}

@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
+from lengthwise.predict import load_predictor
 from lengthwise.predict.training import warmup_cosine
 from lengthwise.tiny import tasks
-from lengthwise.tiny.train import QUICK, TinyConfig, evaluate, render, round10, train_tiny
+from lengthwise.tiny.train import QUICK, TinyConfig, evaluate, format_evaluation, render, round10, train_tiny
 
 
 def test_schedule_and_rounding():
@@ -19,7 +20,7 @@ def test_schedule_and_rounding():
     assert lr(100) == pytest.approx(0.1) and lr(200) == pytest.approx(0.1)
     assert lr(55) == pytest.approx(0.55)  # half-way down the cosine
     assert warmup_cosine(100, 0.1)(100) == pytest.approx(0.0)  # the predictors' schedule: down to 0
-    assert [round10(n) for n in (1, 14, 15, 24, 96)] == [10, 10, 20, 20, 100]
+    assert [round10(n) for n in (1, 4, 5, 14, 15, 24, 96)] == [0, 0, 10, 10, 20, 20, 100]
 
 
 def test_quick_recipe_writes_a_checkpoint_transformers_and_lengthwise_agree_on(tmp_path):
@@ -33,6 +34,8 @@ def test_quick_recipe_writes_a_checkpoint_transformers_and_lengthwise_agree_on(t
                  "tokenizer_config.json"):
         assert (out / name).is_file(), name
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    probe = load_predictor(out / "probe")  # the length probe ships beside the weights
+    assert probe.kind == "probe" and "heldout_mae" in info["probe_metrics"]
     prompt = render(tasks.generate(1, seed=5)[0].instruction)
     llm = LLM(out, dtype="float32", device="cpu")
     ours = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0]
@@ -44,5 +47,7 @@ def test_quick_recipe_writes_a_checkpoint_transformers_and_lengthwise_agree_on(t
         for _ in range(12):
             ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert ids[0, -12:].tolist() == ours.outputs[0].token_ids
-    acc = evaluate(out, per_family=1)
-    assert set(acc) == set(tasks.FAMILIES) | {"all"} and all(0 <= v <= 1 for v in acc.values())
+    report = evaluate(out, per_family=1)
+    assert set(report) == set(tasks.FAMILIES) | {"all"}
+    assert all(0 <= v["accuracy"] <= 1 and v["mean_length"] >= 1 for v in report.values())
+    assert "| **all** |" in format_evaluation(report)

@@ -59,10 +59,10 @@ def test_explicit_add_bos_and_eos_flags(tmp_path):
     assert eos_only.encode("hello there") == [1, *plain, 2]  # the post-processor's BOS is kept
 
 
-def test_added_special_token_from_config(default_model, tmp_path):
+def test_added_special_token_from_config(random_model, tmp_path):
     from transformers import AutoTokenizer
 
-    d = _with_config(default_model, tmp_path, chat_template=QWEN_STYLE_TEMPLATE, added_tokens_decoder={
+    d = _with_config(random_model, tmp_path, chat_template=QWEN_STYLE_TEMPLATE, added_tokens_decoder={
         "9000": {"content": "<|im_start|>", "special": True}, "9001": {"content": "<|im_end|>", "special": True}})
     ours, ref = Tokenizer(d), AutoTokenizer.from_pretrained(d)
     text = "<|im_start|>user\nhi there<|im_end|>"
@@ -74,10 +74,10 @@ def test_added_special_token_from_config(default_model, tmp_path):
 
 
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_chat_template_equals_transformers(default_model, tmp_path, add_generation_prompt):
+def test_chat_template_equals_transformers(random_model, tmp_path, add_generation_prompt):
     from transformers import AutoTokenizer
 
-    d = _with_config(default_model, tmp_path, chat_template=QWEN_STYLE_TEMPLATE)
+    d = _with_config(random_model, tmp_path, chat_template=QWEN_STYLE_TEMPLATE)
     ours, ref = Tokenizer(d), AutoTokenizer.from_pretrained(d)
     for messages in (MESSAGES, MESSAGES[1:2]):
         text = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
@@ -89,16 +89,16 @@ def test_chat_template_equals_transformers(default_model, tmp_path, add_generati
     assert "You are a helpful assistant." in ours.apply_chat_template(MESSAGES[1:2])
 
 
-def test_default_model_template_places_bos_once(default_model):
-    tok = Tokenizer(default_model)
+def test_default_model_template_places_bos_once(random_model):
+    tok = Tokenizer(random_model)
     ids = tok.encode_chat([{"role": "user", "content": "hi"}])
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]).endswith("<|assistant|>\n")
 
 
-def test_chat_template_from_jinja_file(default_model, tmp_path):
+def test_chat_template_from_jinja_file(random_model, tmp_path):
     d = tmp_path / "tok"
-    shutil.copytree(default_model, d)
+    shutil.copytree(random_model, d)
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     del cfg["chat_template"]
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
@@ -106,16 +106,16 @@ def test_chat_template_from_jinja_file(default_model, tmp_path):
     assert Tokenizer(d).apply_chat_template([{"role": "user", "content": "x"}]) == "[x]"
 
 
-def test_template_errors_are_clear(default_model, tmp_path):
-    tok = Tokenizer(default_model)
+def test_template_errors_are_clear(random_model, tmp_path):
+    tok = Tokenizer(random_model)
     with pytest.raises(ValueError, match="messages must be a list of dicts"):
         tok.apply_chat_template(["hello"])
-    no_template = _with_config(default_model, tmp_path, chat_template=None)
+    no_template = _with_config(random_model, tmp_path, chat_template=None)
     with pytest.raises(ValueError, match="no chat_template"):
         Tokenizer(no_template).apply_chat_template(MESSAGES)
     with pytest.raises(ValueError, match="prompt must be a string"):
         tok.encode(123)
-    strict = _with_config(default_model, tmp_path / "strict", chat_template=(
+    strict = _with_config(random_model, tmp_path / "strict", chat_template=(
         "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"))
     with pytest.raises(ValueError, match="chat template: System role not supported"):
         Tokenizer(strict).apply_chat_template(MESSAGES)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lengthwise.model.default import CHAT_TEMPLATE, build_once, build_tokenizer, default_cache_dir
+from lengthwise.model.random_model import CHAT_TEMPLATE, build_once, build_tokenizer, default_cache_dir
 
 PRESET_FORMAT_VERSION = 1
 INIT_STD = 0.02

@@ -134,15 +134,19 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_policy(model: Any, tokenizer: Any, config: Any, prompts: list[str], lengths: list[int],
-               arrivals: list[float], spec: PolicySpec) -> dict[str, Any]:
-    """Serve the workload under one policy on a fresh engine (same model weights); return its record."""
+def run_policy(model: Any, tokenizer: Any, config: Any, prompts: list[str] | list[list[int]],
+               lengths: list[int] | None, arrivals: list[float], spec: PolicySpec) -> dict[str, Any]:
+    """Serve the workload under one policy on a fresh engine (same model weights); return its record.
+    With `lengths`, each request generates exactly its recorded length (hidden from the policy);
+    with None, greedy decoding runs to the model's own end of sequence (at most HARD_CAP tokens)."""
     from lengthwise.engine.llm_engine import LLMEngine
     from lengthwise.sampling_params import SamplingParams
 
     engine = LLMEngine(model, tokenizer, config)
-    params = SamplingParams(max_tokens=HARD_CAP, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=HARD_CAP, temperature=0.0, ignore_eos=lengths is not None)
     oracle = config.length_predictor == "oracle"
+    if oracle and lengths is None:
+        raise ValueError("the oracle predictor needs the workload's lengths")
     order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
     nxt = 0
     done: list[Any] = []
@@ -153,7 +157,8 @@ def run_policy(model: Any, tokenizer: Any, config: Any, prompts: list[str], leng
         while nxt < len(order) and arrivals[order[nxt]] <= now:
             i = order[nxt]
             engine.add_request(prompts[i], params, request_id=str(i), arrival_time=start + arrivals[i],
-                               true_length=lengths[i] if oracle else None, eos_after=lengths[i])
+                               true_length=lengths[i] if oracle and lengths else None,
+                               eos_after=lengths[i] if lengths is not None else None)
             nxt += 1
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, min(0.05, arrivals[order[nxt]] - now)))

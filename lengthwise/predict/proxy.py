@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lengthwise.model.default import default_cache_dir
+from lengthwise.model.random_model import default_cache_dir
 from lengthwise.predict.base import LengthPrediction, LengthQuery
 from lengthwise.predict.data import LengthDataset
 from lengthwise.predict.encoder import DEFAULT_ENCODER, TextEncoder

@@ -194,21 +194,21 @@ def _num_list(r: random.Random, n: int, hi: int = 99) -> list[int]:
 
 @_family()
 def _sort_numbers(r: random.Random) -> Example:
-    xs = _num_list(r, r.randint(2, 25))
+    xs = _num_list(r, r.randint(2, 10))
     return _ex(_sort_numbers, f"Sort these numbers from smallest to largest: {', '.join(map(str, xs))}.",
                ", ".join(map(str, sorted(xs))) + ".")
 
 
 @_family()
 def _reverse_list(r: random.Random) -> Example:
-    ws = [r.choice(WORDS) for _ in range(r.randint(2, 20))]
+    ws = [r.choice(WORDS) for _ in range(r.randint(2, 10))]
     return _ex(_reverse_list, f"Reverse this list: {', '.join(ws)}.", ", ".join(reversed(ws)) + ".")
 
 
 @_family()
 def _deduplicate(r: random.Random) -> Example:
-    pool = r.sample(WORDS, r.randint(2, 8))
-    ws = [r.choice(pool) for _ in range(r.randint(3, 20))]
+    pool = r.sample(WORDS, r.randint(2, 6))
+    ws = [r.choice(pool) for _ in range(r.randint(3, 10))]
     seen = list(dict.fromkeys(ws))
     return _ex(_deduplicate, f"Remove the repeated words from this list, keeping the first of each: {', '.join(ws)}.",
                ", ".join(seen) + ".")
@@ -216,7 +216,7 @@ def _deduplicate(r: random.Random) -> Example:
 
 @_family()
 def _largest(r: random.Random) -> Example:
-    xs = _num_list(r, r.randint(2, 15), 999)
+    xs = _num_list(r, r.randint(2, 8), 999)
     return _ex(_largest, f"What is the largest number in this list: {', '.join(map(str, xs))}?",
                f"The largest number is {max(xs)}.")
 
@@ -276,14 +276,14 @@ def _fizzbuzz(r: random.Random) -> Example:
 
 @_family()
 def _uppercase(r: random.Random) -> Example:
-    ws = [r.choice(WORDS) for _ in range(r.randint(1, 12))]
+    ws = [r.choice(WORDS) for _ in range(r.randint(1, 6))]
     text = " ".join(ws)
     return _ex(_uppercase, f'Write "{text}" in capital letters.', text.upper())
 
 
 @_family()
 def _first_letters(r: random.Random) -> Example:
-    ws = [r.choice(WORDS) for _ in range(r.randint(2, 15))]
+    ws = [r.choice(WORDS) for _ in range(r.randint(2, 8))]
     return _ex(_first_letters, f"Write the first letter of each word: {' '.join(ws)}.",
                " ".join(w[0] for w in ws))
 
