@@ -1,0 +1,113 @@
+"""The shipped built-in model (lengthwise/tiny/checkpoint): it follows held-out instructions, stops
+by itself, perceives its own response length, and transformers generates exactly what we do."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lengthwise import LLM, SamplingParams
+from lengthwise.cli import main
+from lengthwise.model.default import default_model_dir
+from lengthwise.tiny import tasks
+from lengthwise.tiny.demo import WORKLOAD_SEED, held_out_instructions, perception, run_demo
+
+MODEL = default_model_dir()
+HELD_OUT_SEED = 777  # not a training seed (0, 1000, 2000) nor the demo's
+# One held-out instruction from each of ten families, short answers to long ones; fixed up front.
+TEN_FAMILIES = ["count_up", "repeat_phrase", "spell_word", "times_table", "sort_numbers", "reverse_list",
+                "is_even", "number_in_words", "list_things", "story"]
+
+
+def _greedy(instructions: list[str], **kw) -> list:
+    llm = LLM(MODEL, dtype="float32", device="cpu", **kw)
+    return llm.chat([[{"role": "user", "content": i}] for i in instructions],
+                    SamplingParams(max_tokens=512, temperature=0.0), use_tqdm=False)
+
+
+def test_checkpoint_is_complete_and_at_most_ten_megabytes():
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "training.json", "probe/manifest.json"):
+        assert (MODEL / name).is_file(), name
+    assert "chat_template" in json.loads((MODEL / "tokenizer_config.json").read_text())
+    size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
+    assert size <= 10 * 2**20, size
+    config = json.loads((MODEL / "config.json").read_text())
+    assert config["num_key_value_heads"] < config["num_attention_heads"]  # GQA
+    params = json.loads((MODEL / "training.json").read_text())["parameters"]
+    assert 1e6 <= params <= 10e6
+
+
+# Issue 9 is open: the shipped model has not learned these four yet (docs/benchmarks.md, "The built-in
+# model"). Counting does not stop at its end point (its stop probability grows with length instead of
+# matching the number), sorting copies wrong numbers, lists repeat items, stories miscount their
+# steps. Strict: when a retrained model gets one right, its test fails until the mark is removed.
+NOT_YET_LEARNED = {
+    "count_up": "does not stop at the end number (issue 9)",
+    "sort_numbers": "copies wrong numbers when sorting 9 of them (issue 9)",
+    "list_things": "repeats items in a list of 8 (issue 9)",
+    "story": "tells 5 steps for 6 (issue 9)",
+}
+
+
+@pytest.mark.parametrize("family", [
+    pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=NOT_YET_LEARNED[f])) if f in NOT_YET_LEARNED else f
+    for f in TEN_FAMILIES])
+def test_answers_a_fixed_held_out_instruction_correctly_and_stops(family):
+    # Drawn from a seed training never used; families with few distinct instructions (30 words to
+    # spell) necessarily repeat training's, the others (count from a to b, a list of 9 numbers) do not.
+    e = tasks.generate(1, seed=HELD_OUT_SEED, families=[family])[0]
+    [o] = _greedy([e.instruction])
+    assert o.outputs[0].finish_reason == "stop", (e.instruction, o.outputs[0].text)
+    assert tasks.check(e, o.outputs[0].text), (e.instruction, o.outputs[0].text, e.answer)
+
+
+def _self_metrics() -> dict:
+    instructions = [e.instruction for e in tasks.generate(200, seed=HELD_OUT_SEED + 1)]
+    return perception(MODEL, instructions, kinds=("self",))["self"]["metrics"]
+
+
+def test_self_predictor_orders_its_own_lengths_on_200_held_out_instructions():
+    assert _self_metrics()["kendall_tau"] >= 0.8
+
+
+@pytest.mark.xfail(strict=True, reason="MAE is 30% of the mean length: the runaway counting answers (512 tokens) "
+                                       "are predicted at 380, the cap stage 2 generated under (issue 9)")
+def test_self_predictor_mae_within_15_percent_of_the_mean_length():
+    assert _self_metrics()["mae_share"] <= 0.15
+
+
+def test_transformers_greedy_output_equals_ours():
+    transformers = pytest.importorskip("transformers")
+    instructions = [e.instruction for e in tasks.generate(6, seed=HELD_OUT_SEED + 2)]
+    ours = _greedy(instructions)
+    tok = transformers.AutoTokenizer.from_pretrained(MODEL)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(MODEL, torch_dtype=torch.float32)
+    for instruction, o in zip(instructions, ours, strict=True):
+        ids = tok.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        assert ids[0].tolist() == o.prompt_token_ids
+        out = hf.generate(ids, max_new_tokens=512, do_sample=False, attention_mask=torch.ones_like(ids))
+        assert out[0, ids.shape[1]:].tolist() == o.outputs[0].token_ids, instruction
+
+
+def test_generate_command_uses_the_builtin_model(capsys):
+    e = tasks.generate(1, seed=HELD_OUT_SEED, families=["times_table"])[0]
+    assert main(["generate", "--prompt", e.instruction, "--chat", "--max-tokens", "512"]) == 0
+    captured = capsys.readouterr()
+    assert str(MODEL) in captured.err
+    assert tasks.check(e, captured.out)
+
+
+def test_demo_reports_perception_and_policies(tmp_path, capsys):
+    summary = run_demo(MODEL, 24, tmp_path, ["static:batch_size=8", "sequence"])
+    assert {"self", "probe"} <= set(summary["perception"])
+    assert [r["policy"] for r in summary["policies"]] == ["static", "sequence"]
+    assert all(r["num_requests"] == 24 for r in summary["policies"])
+    for name in ("demo.json", "schedule.md", "schedule.png"):
+        assert (tmp_path / name).is_file(), name
+    out = capsys.readouterr().out
+    assert "| self |" in out and "| probe |" in out and "| static" in out
+    assert held_out_instructions(3) == tasks.generate(3, seed=WORKLOAD_SEED)
