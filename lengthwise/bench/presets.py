@@ -2,7 +2,7 @@
 
 A preset is a Llama checkpoint in the real Hugging Face layout (config.json, generation_config.json,
 model.safetensors, tokenizer.json, tokenizer_config.json), made deterministically from a seed
-(normal init, std 0.02, norms at 1) with the built-in default model's byte-level BPE tokenizer.
+(normal init, std 0.02, norms at 1) with the random test model's byte-level BPE tokenizer (`model/random_model.py`).
 transformers is not needed to build one. The weights are random, so the text is word salad, but
 the shapes, and so the cost of every forward pass, are those of a real model of that size.
 """
