@@ -157,7 +157,7 @@ def run_policy(model: Any, tokenizer: Any, config: Any, prompts: list[str] | lis
         while nxt < len(order) and arrivals[order[nxt]] <= now:
             i = order[nxt]
             engine.add_request(prompts[i], params, request_id=str(i), arrival_time=start + arrivals[i],
-                               true_length=lengths[i] if oracle and lengths else None,
+                               true_length=lengths[i] if oracle else None,
                                eos_after=lengths[i] if lengths is not None else None)
             nxt += 1
         if not engine.has_unfinished_requests():
