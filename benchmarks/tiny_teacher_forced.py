@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from lengthwise.model.default import default_model_dir
+from lengthwise.model.loader import weight_files
 from lengthwise.tiny.train import TinyConfig, TinyLlama, encode_pairs
 
 
@@ -29,7 +30,7 @@ def load(model_dir: Path) -> tuple[TinyLlama, Tokenizer]:
                    num_heads=cfg["num_attention_heads"], num_kv_heads=cfg["num_key_value_heads"],
                    intermediate_size=cfg["intermediate_size"], rope_theta=cfg["rope_theta"])
     model = TinyLlama(c)
-    state = {k: v.float() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
+    state = {k: v.float() for f in weight_files(model_dir) for k, v in load_file(str(f)).items()}
     model.load_state_dict(state, strict=True)
     return model.eval(), Tokenizer.from_file(str(model_dir / "tokenizer.json"))
 

@@ -28,12 +28,13 @@ def _greedy(instructions: list[str], **kw) -> list:
 
 
 def test_checkpoint_is_complete_and_at_most_ten_megabytes():
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+    for name in ("model.safetensors.index.json", "config.json", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json", "training.json", "probe/manifest.json"):
         assert (MODEL / name).is_file(), name
     assert "chat_template" in json.loads((MODEL / "tokenizer_config.json").read_text())
-    size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
-    assert size <= 10 * 2**20, size
+    files = [f for f in MODEL.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 10 * 2**20
+    assert all(f.stat().st_size <= 2 * 2**20 for f in files)  # the repository keeps no file over 2 MB
     config = json.loads((MODEL / "config.json").read_text())
     assert config["num_key_value_heads"] < config["num_attention_heads"]  # GQA
     params = json.loads((MODEL / "training.json").read_text())["parameters"]

@@ -7,11 +7,22 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from lengthwise.model.loader import weight_files
 from lengthwise.predict import load_predictor
 from lengthwise.predict.training import warmup_cosine
 from lengthwise.tiny import tasks
-from lengthwise.tiny.train import QUICK, TinyConfig, evaluate, format_evaluation, render, round10, train_tiny
+from lengthwise.tiny.train import (
+    QUICK,
+    TinyConfig,
+    evaluate,
+    format_evaluation,
+    render,
+    round10,
+    save_weights,
+    train_tiny,
+)
 
 
 def test_schedule_and_rounding():
@@ -35,6 +46,14 @@ def test_quick_recipe_writes_a_checkpoint_transformers_and_lengthwise_agree_on(t
         assert (out / name).is_file(), name
     assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
     probe = load_predictor(out / "probe")  # the length probe ships beside the weights
+    sharded = tmp_path / "sharded"  # the shipped model's layout: shards under 2 MB and their index
+    sharded.mkdir()
+    state = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}
+    save_weights(state, sharded, max_shard_bytes=900)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    loaded = {k: v for f in weight_files(sharded) for k, v in load_file(str(f)).items()}
+    assert all(torch.equal(loaded[k], v) for k, v in state.items()) and loaded.keys() == state.keys()
     assert probe.kind == "probe" and "heldout_mae" in info["probe_metrics"]
     prompt = render(tasks.generate(1, seed=5)[0].instruction)
     llm = LLM(out, dtype="float32", device="cpu")

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lengthwise.model.loader import CheckpointError, weight_files
+
 BUILTIN_MODEL_DIR = Path(__file__).resolve().parent.parent / "tiny" / "checkpoint"
 
 
 def default_model_dir() -> Path:
     """The built-in model's checkpoint directory (inside the installed package)."""
-    if not (BUILTIN_MODEL_DIR / "model.safetensors").is_file():
+    try:
+        weight_files(BUILTIN_MODEL_DIR)
+    except CheckpointError:
         raise ValueError(f"the built-in model is missing from {BUILTIN_MODEL_DIR}: reinstall lengthwise, or "
-                         f"rebuild it with `lengthwise train-tiny --out {BUILTIN_MODEL_DIR}`")
+                         f"rebuild it with `lengthwise train-tiny --out {BUILTIN_MODEL_DIR}`") from None
     return BUILTIN_MODEL_DIR

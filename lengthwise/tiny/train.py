@@ -13,7 +13,7 @@
    (each example weighted equally, so a two-token length answer is not drowned out).
 5. The `probe` predictor, fitted on the final model's hidden states and its own answer lengths,
    saved in the checkpoint's `probe/`.
-6. Saved in the Hugging Face layout (bfloat16 safetensors, config, generation config, tokenizer,
+6. Saved in the Hugging Face layout (bfloat16 safetensors, sharded under 1.5 MB, config, generation config, tokenizer,
    chat template), loadable by lengthwise and by transformers alike.
 
 The training module here names its parameters as transformers' `LlamaForCausalLM` does, so the
@@ -274,14 +274,45 @@ def train_steps(model: TinyLlama, data: list[tuple[list[int], int]], steps: int,
 
 # -- the checkpoint ----------------------------------------------------------------------------------
 
-def save_checkpoint(model: TinyLlama, tok: Any, out: Path, info: dict[str, Any]) -> None:
-    """The Hugging Face layout: bfloat16 safetensors (tied head not stored), configs, tokenizer."""
+# The repository keeps no file over 2 MB, so the shipped weights (3.9 MB) are stored as shards
+# with the standard index, which lengthwise's loader and transformers both read.
+MAX_SHARD_BYTES = 1_500_000
+
+
+def save_weights(state: dict[str, torch.Tensor], out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """`state` as `model.safetensors`, or, when larger than `max_shard_bytes`, as shards of at most
+    that size (one tensor may exceed it alone) listed in `model.safetensors.index.json`."""
     from safetensors.torch import save_file
 
+    for old in [out / "model.safetensors", out / "model.safetensors.index.json", *out.glob("model-*-of-*.safetensors")]:
+        old.unlink(missing_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def save_checkpoint(model: TinyLlama, tok: Any, out: Path, info: dict[str, Any]) -> None:
+    """The Hugging Face layout: bfloat16 safetensors (tied head not stored), configs, tokenizer."""
     c = model.c
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_weights({k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}, out)
     bos, eos, pad = tok.token_to_id(BOS), tok.token_to_id(EOS), tok.token_to_id(PAD)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": c.hidden_size,
               "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_layers,
