@@ -33,6 +33,17 @@ def test_checkers_accept_the_reference_and_reject_wrong_answers(family):
         assert not tasks.check(e, ""), e
 
 
+def test_the_fixed_held_out_instructions_are_well_formed():
+    assert len({e.family for e in tasks.FIXED_HELD_OUT}) == 10
+    for e in tasks.FIXED_HELD_OUT:
+        assert e.family in tasks.FAMILIES
+        if e.answer:  # the two structural families carry their parameters instead
+            assert tasks.check(e, e.answer), e
+    story = tasks.FIXED_HELD_OUT[-1]
+    assert tasks.check(story, "Once there was Pia.\n" + "Then Pia sings slowly.\n" * 6 + "The end.")
+    assert not tasks.check(story, "Once there was Pia.\n" + "Then Pia sings slowly.\n" * 5 + "The end.")
+
+
 def test_structural_checkers_accept_other_correct_answers():
     e = tasks.Example("list_things", "List 3 colours.", "1. red\n2. blue\n3. green", {"n": 3, "kind": "colours"})
     assert tasks.check(e, "1. gold\n2. pink\n3. red")

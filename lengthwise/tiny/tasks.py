@@ -364,6 +364,32 @@ def _story(r: random.Random) -> Example:
                "\n".join([f"Once there was {name}.", *body, "The end."]), name=name, k=k)
 
 
+# Ten instructions, one per family, short answers to long ones, that the built-in model's acceptance
+# test asks (tests/test_builtin_model.py): drawn from seed 777, a seed training never uses, and
+# pinned, so that retuning the generator cannot change them. "Held out" means a seed apart: the
+# families with small instruction spaces (30 words to spell, 1,000 numbers to call even or odd)
+# do draw 8 of the 10 somewhere in the 300,000 training examples; only the sort and reverse
+# instructions are new to the model.
+FIXED_HELD_OUT = [
+    Example("count_up", "Count from 28 to 40.", "28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40."),
+    Example("repeat_phrase", 'Repeat the phrase "the end" 12 times.', "\n".join(["the end"] * 12)),
+    Example("spell_word", 'Spell the word "button".', "B-U-T-T-O-N"),
+    Example("times_table", "Write the 9 times table up to 9 x 10.",
+            "9 x 1 = 9\n9 x 2 = 18\n9 x 3 = 27\n9 x 4 = 36\n9 x 5 = 45\n9 x 6 = 54\n9 x 7 = 63\n9 x 8 = 72\n"
+            "9 x 9 = 81\n9 x 10 = 90"),
+    Example("sort_numbers", "Sort these numbers from smallest to largest: 57, 47, 73, 34, 43, 68, 96, 5, 57.",
+            "5, 34, 43, 47, 57, 57, 68, 73, 96."),
+    Example("reverse_list",
+            "Reverse this list: button, garden, dragon, green, gentle, little, castle, silver, dog.",
+            "dog, silver, castle, little, gentle, green, dragon, garden, button."),
+    Example("is_even", "Is 456 an even number? Answer yes or no.", "Yes."),
+    Example("number_in_words", "Write the number 7039 in words.", "Seven thousand and thirty-nine."),
+    # structural checkers: any 8 distinct fruits, any 6 steps of the grammar about Pia
+    Example("list_things", "List 8 fruits.", "", {"n": 8, "kind": "fruits"}),
+    Example("story", "Tell a story about Pia in 6 steps.", "", {"name": "Pia", "k": 6}),
+]
+
+
 # -- the dataset -----------------------------------------------------------------------------------
 
 def check(example: Example, answer: str) -> bool:
