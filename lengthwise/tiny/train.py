@@ -70,7 +70,10 @@ class TinyConfig:
     lr: float = 3e-3
     stage2_lr: float = 1e-3
     warmup_steps: int = 150
-    max_answer_tokens: int = 384  # generation cap when the model answers for stage 2 and the probe
+    # Generation cap when the model answers for stage 2 and the probe: the serving cap, so that an
+    # answer that runs away is learned as the 512 tokens it will really take (at 384, run 2's model
+    # predicted 380 for its 512-token runaways).
+    max_answer_tokens: int = 512
     weight_decay: float = 0.05
     min_lr_ratio: float = 0.05
 
