@@ -369,7 +369,7 @@ def _story(r: random.Random) -> Example:
 # pinned, so that retuning the generator cannot change them. "Held out" means a seed apart: the
 # families with small instruction spaces (30 words to spell, 1,000 numbers to call even or odd)
 # do draw 8 of the 10 somewhere in the 300,000 training examples; only the sort and reverse
-# instructions are new to the model.
+# instructions are new to the model (`benchmarks/tiny_acceptance.py --training-overlap`).
 FIXED_HELD_OUT = [
     Example("count_up", "Count from 28 to 40.", "28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40."),
     Example("repeat_phrase", 'Repeat the phrase "the end" 12 times.', "\n".join(["the end"] * 12)),

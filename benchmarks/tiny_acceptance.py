@@ -1,0 +1,63 @@
+"""Issue 9's acceptance numbers for any checkpoint of the tiny model (the shipped one by default):
+the ten fixed held-out instructions, the `self` predictor on the test's 200 instructions, and the
+error floor that rounding lengths to the nearest 10 puts under that MAE.
+
+    .venv/bin/python benchmarks/tiny_acceptance.py [--model DIR] [--training-overlap]
+
+`tests/test_builtin_model.py` asserts the same on the shipped model; this script measures other
+checkpoints (a `train-tiny` run before it is shipped) the same way. `--training-overlap` also
+says which of the ten the seed-0 training data draws (300,000 examples, about 20 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lengthwise import LLM, SamplingParams
+from lengthwise.model.default import default_model_dir
+from lengthwise.tiny import tasks
+from lengthwise.tiny.demo import perception
+from lengthwise.tiny.train import TinyConfig, round10
+from lengthwise.tokenizer import Tokenizer
+
+PERCEPTION_SEED = 778  # the acceptance test's 200 instructions (HELD_OUT_SEED + 1 there)
+
+
+def rounding_floor(tok: Tokenizer, examples: list[tasks.Example]) -> tuple[float, float]:
+    """(mean reference length with EOS, mean error of a perfect predictor that rounds to 10)."""
+    lengths = [len(tok.encode(e.answer, add_special_tokens=False)) + 1 for e in examples]
+    return sum(lengths) / len(lengths), sum(abs(n - round10(n)) for n in lengths) / len(lengths)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the built-in model)")
+    p.add_argument("--training-overlap", action="store_true", help="which of the ten the training data draws")
+    args = p.parse_args()
+    model = args.model or default_model_dir()
+    llm = LLM(model, dtype="float32", device="cpu")
+    outs = llm.chat([[{"role": "user", "content": e.instruction}] for e in tasks.FIXED_HELD_OUT],
+                    SamplingParams(max_tokens=512, temperature=0.0), use_tqdm=False)
+    passed = 0
+    for e, o in zip(tasks.FIXED_HELD_OUT, outs, strict=True):
+        ok = o.outputs[0].finish_reason == "stop" and tasks.check(e, o.outputs[0].text)
+        passed += ok
+        print(f"{e.family:>16}: {'pass' if ok else 'FAIL'}  {o.outputs[0].text[:70]!r}")
+    print(f"fixed held-out instructions: {passed} of {len(tasks.FIXED_HELD_OUT)}")
+    held = tasks.generate(200, seed=PERCEPTION_SEED)
+    m = perception(model, [e.instruction for e in held], kinds=("self",))["self"]["metrics"]
+    print(f"self on the 200: MAE {m['mae']:.1f} tokens = {m['mae_share']:.1%} of the mean {m['mean_length']:.1f}, "
+          f"Kendall tau {m['kendall_tau']:.3f}")
+    tok = Tokenizer(model)
+    for name, examples in (("the 200", held), ("5,000 training draws", tasks.generate(5000, seed=0))):
+        mean, floor = rounding_floor(tok, examples)
+        print(f"rounding floor, reference answers of {name}: {floor:.2f} tokens on a mean of {mean:.1f} "
+              f"({floor / mean:.1%})")
+    if args.training_overlap:
+        seen = {e.instruction for e in tasks.generate(TinyConfig().num_examples, seed=0)}
+        print("in the training data:", [e.family for e in tasks.FIXED_HELD_OUT if e.instruction in seen])
+
+
+if __name__ == "__main__":
+    main()
