@@ -1,6 +1,6 @@
 """Decode attention on the CPU: the C++ segment kernel against the torch reference, same inputs.
 
-    .venv/bin/python benchmarks/cpu_attention.py [--batch 256] [--threads 2]
+    .venv/bin/python benchmarks/cpu_attention.py [--batch 256] [--threads 2] [--in-cache 8]
 
 A decode step of `--batch` rows (llama-100m's attention shape: 12 heads of 64, no GQA), each with
 a prompt segment and a response segment of random lengths in scattered 16-token blocks. Prints the
@@ -19,13 +19,18 @@ import torch
 from lengthwise.ops import AttentionMetadata, paged_attention
 
 
-def _case(batch: int, heads: int, kv_heads: int, dim: int, bs: int, max_prompt: int, max_resp: int, seed: int):
+def _case(batch: int, heads: int, kv_heads: int, dim: int, bs: int, max_prompt: int, max_resp: int, seed: int,
+          pool: int = 0):
     g = torch.Generator().manual_seed(seed)
     lens = [(int(torch.randint(1, max_prompt, (1,), generator=g)), int(torch.randint(0, max_resp, (1,), generator=g)))
             for _ in range(batch)]
     need = sum(-(-p // bs) + -(-r // bs) for p, r in lens)
-    k, v = torch.randn(2, need * bs, kv_heads, dim, generator=g)
-    blocks = torch.randperm(need, generator=g).tolist()
+    if pool:  # every table entry one of `pool` blocks: K/V stay in cache, the kernel's compute shows
+        k, v = torch.randn(2, pool * bs, kv_heads, dim, generator=g)
+        blocks = torch.randint(0, pool, (need,), generator=g).tolist()
+    else:
+        k, v = torch.randn(2, need * bs, kv_heads, dim, generator=g)
+        blocks = torch.randperm(need, generator=g).tolist()
     p_tab = [[blocks.pop() for _ in range(-(-p // bs))] for p, _ in lens]
     r_tab = [[blocks.pop() for _ in range(-(-r // bs))] for _, r in lens]
 
@@ -58,11 +63,17 @@ def main() -> None:
     ap.add_argument("--max-prompt", type=int, default=300)
     ap.add_argument("--max-response", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--in-cache", type=int, default=0, metavar="BLOCKS",
+                    help="draw every block from a pool of BLOCKS blocks (8: 768 KB of K/V, in L2), so the "
+                         "kernel's compute rate shows instead of the memory's")
     args = ap.parse_args()
+    if args.in_cache < 0:
+        ap.error("--in-cache must be a block count >= 0")
     torch.set_num_threads(args.threads)
-    q, k, v, pos, meta, kv_bytes = _case(args.batch, 12, 12, 64, 16, args.max_prompt, args.max_response, 0)
+    q, k, v, pos, meta, kv_bytes = _case(args.batch, 12, 12, 64, 16, args.max_prompt, args.max_response, 0,
+                                           args.in_cache)
     print(f"decode attention, batch {args.batch}, 12 heads x 64, {kv_bytes / 1e6:.0f} MB of K/V, "
-          f"{args.threads} threads")
+          f"{args.threads} threads" + (f", all in {args.in_cache} cached blocks" if args.in_cache else ""))
     print(f"{'backend':<12} {'ms/layer':>9} {'GB/s':>7}")
     results = {}
     for backend in ("torch", "auto"):

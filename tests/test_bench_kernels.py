@@ -43,6 +43,20 @@ def test_report_has_the_issue_keys_and_sane_numbers(report):
     assert r["decode_b1_ms"] > 0 and r["forward_b1_ms"] > 0 and r["b64_gflops"] > 0
     assert r["roofline_fraction_b1"] == pytest.approx(r["roofline_b1_ms"] / r["decode_b1_ms"], rel=1e-2)
     assert r["cuda_graphs"] is False and r["device"].startswith("cpu")
+    # the batch-4 step in three rounds, each against the matmul rate beside it; the median reported
+    rounds = r["b64_rounds"]
+    assert len(rounds) == 3
+    for x in rounds:
+        assert x["fraction"] == pytest.approx(x["gflops"] / x["matmul_gflops"], rel=1e-2)
+        assert x["matmul_gflops"] in r["matmul_peak_gflops_samples"]
+    assert r["b64_fraction_of_matmul_peak"] == sorted(x["fraction"] for x in rounds)[1]
+    assert r["b64_gflops"] == next(x["gflops"] for x in rounds if x["fraction"] == r["b64_fraction_of_matmul_peak"])
+
+
+def test_rounds_must_be_positive(tmp_path, capsys):
+    assert main(["bench", "kernels", "--model", "llama-tiny", "--rounds", "0", "--json", str(tmp_path / "k.json")]) != 0
+    assert "--rounds" in capsys.readouterr().err
+    assert not (tmp_path / "k.json").exists()
 
 
 def test_check_agrees_with_transformers_on_cpu(report):

@@ -87,3 +87,37 @@ def test_cpu_kernel_at_model_scale_matches_reference(monkeypatch):
     monkeypatch.setenv("LENGTHWISE_KERNELS", "torch")
     ref = paged_attention(q, k_cache, v_cache, positions, meta, D ** -0.5)
     torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head_dim, heads, kv_heads, bs, window", [
+    (64, 12, 12, 16, None),   # llama-100m's shape (the AVX-512 path's 16-key tiles, several 512-key chunks)
+    (128, 8, 2, 32, None),    # blocks longer than a tile: a block is read as two tiles
+    (32, 8, 1, 16, 300),      # a sliding window that starts inside a chunk
+    (16, 4, 4, 8, None),      # the smallest head the vector path takes
+    (24, 4, 2, 16, None),     # not a multiple of 16: the portable path
+])
+def test_cpu_kernel_long_contexts_match_dense_reference(head_dim, heads, kv_heads, bs, window):
+    """Decode rows whose contexts cross the kernel's 512-key softmax chunks, against float64."""
+    if segment_attention_kernel() is None:
+        pytest.skip("the CPU attention kernel could not be built here (no C++ compiler?)")
+    g = torch.Generator().manual_seed(head_dim + bs)
+    lens = [(700, 613), (5, 1), (1, 0), (511, 1), (33, 1100), (512, 513)]
+    need = sum(-(-p // bs) + -(-r // bs) for p, r in lens)
+    k_cache, v_cache = 2 * torch.randn(2, need * bs, kv_heads, head_dim, generator=g)
+    blocks = torch.randperm(need, generator=g).tolist()
+    p_tab, r_tab, ctx_slots = [], [], []
+    for p, r in lens:
+        pb = [blocks.pop() for _ in range(-(-p // bs))]
+        rb = [blocks.pop() for _ in range(-(-r // bs))]
+        p_tab.append(pb)
+        r_tab.append(rb)
+        ctx_slots.append([pb[i // bs] * bs + i % bs for i in range(p)] + [rb[i // bs] * bs + i % bs for i in range(r)])
+    pad = lambda t: torch.tensor([x + [0] * (max(map(len, t)) - len(x)) for x in t])  # noqa: E731
+    meta = AttentionMetadata(list(range(len(lens) + 1)), torch.zeros(0, dtype=torch.long), bs, pad(p_tab),
+                             [p for p, _ in lens], pad(r_tab), [r for _, r in lens])
+    q = torch.randn(len(lens), heads, head_dim, generator=g)
+    positions = torch.tensor([p + r - 1 for p, r in lens])
+    out = paged_attention(q, k_cache, v_cache, positions, meta, head_dim ** -0.5, window)
+    for b, slots in enumerate(ctx_slots):
+        ref = _dense(q[b:b + 1], k_cache[slots], v_cache[slots], positions[b:b + 1], window)
+        torch.testing.assert_close(out[b:b + 1].double(), ref, atol=2e-5, rtol=1e-4)

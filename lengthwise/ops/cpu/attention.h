@@ -4,6 +4,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace lw {
 
@@ -28,55 +32,81 @@ inline float dot(const float* a, const float* b, int n) {
   return s;
 }
 
-// Query row `t` of row-group `b`, KV heads [h0, h1) and their query heads. Keys are visited a
-// block-tile at a time; a tile of all heads is one contiguous run of memory, which the hardware
-// prefetcher streams.
-inline void attend(const Args& a, int t, int b, int h0, int h1) {
-  const int D = a.head_dim, G = a.heads / a.kv_heads, bs = a.block_size, nh = (h1 - h0) * G;
-  const int64_t row_stride = int64_t(a.kv_heads) * D;
-  const int plen = a.prompt_lens[b], rlen = a.response_lens[b];
-  const int64_t pos = a.positions[t];
-  const int hi = int(std::min<int64_t>(pos, plen + rlen - 1));
-  const int lo = a.window > 0 ? int(std::max<int64_t>(0, pos - a.window + 1)) : 0;
-
+// One query row's working state for KV heads [h0, h1) and their nh query heads: the scaled
+// queries, the output accumulators and the online-softmax statistics, and the key positions
+// [lo, hi] the row attends to (its causal limit and sliding window).
+struct Row {
   alignas(64) float q[kMaxHeads][kMaxHeadDim];
   alignas(64) float acc[kMaxHeads][kMaxHeadDim];
-  alignas(64) float s[kMaxHeads][kMaxTile];
   float m[kMaxHeads], l[kMaxHeads];
-  for (int h = 0; h < nh; ++h) {
-    const float* src = a.q + (int64_t(t) * a.heads + h0 * G + h) * D;
-    for (int d = 0; d < D; ++d) { q[h][d] = src[d] * a.scale; acc[h][d] = 0.f; }
-    m[h] = -1e30f;
-    l[h] = 0.f;
+  int t, b, h0, nh, lo, hi, plen;
+
+  Row(const Args& a, int t_, int b_, int h0_, int h1) : t(t_), b(b_), h0(h0_) {
+    const int D = a.head_dim, G = a.heads / a.kv_heads;
+    nh = (h1 - h0) * G;
+    plen = a.prompt_lens[b];
+    const int64_t pos = a.positions[t];
+    hi = int(std::min<int64_t>(pos, plen + a.response_lens[b] - 1));
+    lo = a.window > 0 ? int(std::max<int64_t>(0, pos - a.window + 1)) : 0;
+    for (int h = 0; h < nh; ++h) {
+      const float* src = a.q + (int64_t(t) * a.heads + h0 * G + h) * D;
+      for (int d = 0; d < D; ++d) { q[h][d] = src[d] * a.scale; acc[h][d] = 0.f; }
+      m[h] = -1e30f;
+      l[h] = 0.f;
+    }
   }
-  for (int p = lo; p <= hi;) {
-    // The tile: consecutive keys inside one block of one segment.
+
+  // The tile from key position p: consecutive keys inside one block of one segment, at most
+  // `max_keys` and none at or past `end`. Returns the key count; `*slot` is the first key's slot.
+  int tile(const Args& a, int p, int end, int max_keys, int64_t* slot) const {
     const bool in_prompt = p < plen;
     const int off = in_prompt ? p : p - plen;
-    const int seg_end = in_prompt ? std::min(plen, hi + 1) : hi + 1 - plen;
+    const int seg_end = in_prompt ? std::min(plen, end) : end - plen;
     const int32_t* table = in_prompt ? a.prompt_tables + int64_t(b) * a.prompt_width
                                      : a.response_tables + int64_t(b) * a.response_width;
-    const int within = off % bs;
-    const int n = std::min({bs - within, seg_end - off, kMaxTile});
-    const int64_t slot = int64_t(table[off / bs]) * bs + within;
+    const int bs = a.block_size, within = off % bs;
+    *slot = int64_t(table[off / bs]) * bs + within;
+    return std::min({bs - within, seg_end - off, max_keys});
+  }
+
+  // The normalized outputs into a.out.
+  void write(const Args& a) const {
+    const int D = a.head_dim, G = a.heads / a.kv_heads;
+    for (int h = 0; h < nh; ++h) {
+      float* dst = a.out + (int64_t(t) * a.heads + h0 * G + h) * D;
+      const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+      for (int d = 0; d < D; ++d) dst[d] = acc[h][d] * inv;
+    }
+  }
+};
+
+// The portable path (any head size). Keys are visited a block-tile at a time; a tile of all heads
+// is one contiguous run of memory, which the hardware prefetcher streams.
+inline void attend_generic(Row& r, const Args& a) {
+  const int D = a.head_dim, G = a.heads / a.kv_heads, nh = r.nh;
+  const int64_t row_stride = int64_t(a.kv_heads) * D;
+  alignas(64) float s[kMaxHeads][kMaxTile];
+  int64_t slot;
+  for (int p = r.lo, n; p <= r.hi; p += n) {
+    n = r.tile(a, p, r.hi + 1, kMaxTile, &slot);
     // Scores for the whole tile, key by key: each key's heads are one contiguous row of the cache.
-    const float* kt = a.k + slot * row_stride + int64_t(h0) * D;
-    const float* vt = a.v + slot * row_stride + int64_t(h0) * D;
+    const float* kt = a.k + slot * row_stride + int64_t(r.h0) * D;
+    const float* vt = a.v + slot * row_stride + int64_t(r.h0) * D;
     for (int i = 0; i < n; ++i) {
       const float* ki = kt + i * row_stride;
-      for (int h = 0; h < nh; ++h) s[h][i] = dot(q[h], ki + (h / G) * D, D);
+      for (int h = 0; h < nh; ++h) s[h][i] = dot(r.q[h], ki + (h / G) * D, D);
     }
     for (int h = 0; h < nh; ++h) {
       float tile_max = -1e30f;
       for (int i = 0; i < n; ++i) tile_max = std::max(tile_max, s[h][i]);
-      const float new_m = std::max(m[h], tile_max);
-      const float correction = std::exp(m[h] - new_m);
+      const float new_m = std::max(r.m[h], tile_max);
+      const float correction = std::exp(r.m[h] - new_m);
       float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
       for (int i = 0; i < n; ++i) { s[h][i] = std::exp(s[h][i] - new_m); sum += s[h][i]; }
-      l[h] = l[h] * correction + sum;
-      m[h] = new_m;
-      float* acch = acc[h];
+      r.l[h] = r.l[h] * correction + sum;
+      r.m[h] = new_m;
+      float* acch = r.acc[h];
 #pragma omp simd
       for (int d = 0; d < D; ++d) acch[d] *= correction;
     }
@@ -86,17 +116,132 @@ inline void attend(const Args& a, int t, int b, int h0, int h1) {
       for (int h = 0; h < nh; ++h) {
         const float w = s[h][i];
         const float* vh = vi + (h / G) * D;
-        float* acch = acc[h];
+        float* acch = r.acc[h];
 #pragma omp simd
         for (int d = 0; d < D; ++d) acch[d] += w * vh[d];
       }
     }
-    p += n;
   }
-  for (int h = 0; h < nh; ++h) {
-    float* dst = a.out + (int64_t(t) * a.heads + h0 * G + h) * D;
-    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
-    for (int d = 0; d < D; ++d) dst[d] = acc[h][d] * inv;
+}
+
+#if defined(__AVX512F__)
+// exp on 16 lanes: 2^(x log2 e) as 2^i * 2^f with f in [-0.5, 0.5] and a degree-7 Taylor polynomial
+// of e^(f ln 2) (relative error about 2e-7, below float32's rounding of the scores).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, i), _mm512_set1_ps(0.693147180559945f));
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, i);
+}
+
+// Lane i of the result is the sum of the 16 lanes of p[i]: a 16x16 transpose-add in four levels
+// (two permutes and an add per pair), instead of a horizontal reduction per key.
+inline __m512 sum16(__m512* p) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int w = 8; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j)
+      p[j] = _mm512_add_ps(_mm512_permutex2var_ps(p[2 * j], even, p[2 * j + 1]),
+                           _mm512_permutex2var_ps(p[2 * j], odd, p[2 * j + 1]));
+  return p[0];
+}
+
+constexpr int kChunkKeys = 512;  // keys per softmax update of the AVX-512 path
+
+// The same result as `attend_generic` for head sizes that are a multiple of 16, 1.6x as fast when
+// the keys are in cache (no faster when they stream from memory: both read at the same rate).
+// Compilers vectorize the generic loops with 256-bit vectors and one dependent accumulator per dot
+// product. Here, per chunk of up to kChunkKeys keys: every score first (a head's 16 keys of a tile
+// reduced together by sum16), one softmax update, then the values a head at a time with its
+// accumulator in registers.
+inline void attend_avx512(Row& r, const Args& a) {
+  const int D = a.head_dim, G = a.heads / a.kv_heads, nh = r.nh, nc = D / 16;
+  const int64_t row_stride = int64_t(a.kv_heads) * D;
+  thread_local std::vector<float> scores;  // [nh][kChunkKeys]
+  if (scores.size() < size_t(nh) * kChunkKeys) scores.resize(size_t(nh) * kChunkKeys);
+  int64_t slot;
+  for (int c0 = r.lo; c0 <= r.hi; c0 += kChunkKeys) {
+    const int c1 = std::min(r.hi + 1, c0 + kChunkKeys), nk = c1 - c0;
+    for (int p = c0, n; p < c1; p += n) {
+      n = r.tile(a, p, c1, 16, &slot);
+      const float* kt = a.k + slot * row_stride + int64_t(r.h0) * D;
+      for (int h = 0; h < nh; ++h) {
+        const float* kh = kt + (h / G) * D;
+        __m512 part[16];
+        for (int i = 0; i < 16; ++i) {
+          if (i >= n) { part[i] = _mm512_setzero_ps(); continue; }
+          const float* ki = kh + i * row_stride;
+          __m512 s = _mm512_mul_ps(_mm512_load_ps(r.q[h]), _mm512_loadu_ps(ki));
+          for (int c = 1; c < nc; ++c)
+            s = _mm512_fmadd_ps(_mm512_load_ps(r.q[h] + 16 * c), _mm512_loadu_ps(ki + 16 * c), s);
+          part[i] = s;
+        }
+        _mm512_mask_storeu_ps(scores.data() + h * kChunkKeys + (p - c0), __mmask16((1u << n) - 1), sum16(part));
+      }
+    }
+    for (int h = 0; h < nh; ++h) {
+      float* sh = scores.data() + h * kChunkKeys;
+      __m512 mx = _mm512_set1_ps(-1e30f);
+      for (int j = 0; j < nk; j += 16) {
+        const __mmask16 mk = nk - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nk - j)) - 1);
+        mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, sh + j));
+      }
+      const float new_m = std::max(r.m[h], _mm512_reduce_max_ps(mx));
+      const float correction = std::exp(r.m[h] - new_m);
+      const __m512 nm = _mm512_set1_ps(new_m);
+      __m512 sum = _mm512_setzero_ps();
+      for (int j = 0; j < nk; j += 16) {
+        const __mmask16 mk = nk - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nk - j)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sh + j), nm)));
+        _mm512_mask_storeu_ps(sh + j, mk, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      r.l[h] = r.l[h] * correction + _mm512_reduce_add_ps(sum);
+      r.m[h] = new_m;
+      const __m512 cv = _mm512_set1_ps(correction);
+      for (int c = 0; c < nc; ++c) _mm512_store_ps(r.acc[h] + 16 * c, _mm512_mul_ps(_mm512_load_ps(r.acc[h] + 16 * c), cv));
+    }
+    for (int p = c0, n; p < c1; p += n) {
+      n = r.tile(a, p, c1, 16, &slot);
+      const float* vt = a.v + slot * row_stride + int64_t(r.h0) * D;
+      for (int h = 0; h < nh; ++h) {
+        const float* vh = vt + (h / G) * D;
+        const float* w = scores.data() + h * kChunkKeys + (p - c0);
+        for (int c = 0; c < nc; c += 4) {  // up to four vectors of the head's accumulator in registers
+          const int nv = std::min(4, nc - c);
+          __m512 x[4];
+          for (int j = 0; j < nv; ++j) x[j] = _mm512_load_ps(r.acc[h] + 16 * (c + j));
+          for (int i = 0; i < n; ++i) {
+            const __m512 wi = _mm512_set1_ps(w[i]);
+            const float* vi = vh + i * row_stride + 16 * c;
+            for (int j = 0; j < nv; ++j) x[j] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(vi + 16 * j), x[j]);
+          }
+          for (int j = 0; j < nv; ++j) _mm512_store_ps(r.acc[h] + 16 * (c + j), x[j]);
+        }
+      }
+    }
   }
+}
+#endif
+
+// Query row `t` of row-group `b`, KV heads [h0, h1) and their query heads: the AVX-512 path where
+// the build has it and the head size is a multiple of 16, else the portable one.
+inline void attend(const Args& a, int t, int b, int h0, int h1) {
+  Row r(a, t, b, h0, h1);
+#if defined(__AVX512F__)
+  if (a.head_dim % 16 == 0) attend_avx512(r, a);
+  else
+#endif
+    attend_generic(r, a);
+  r.write(a);
 }
 }  // namespace lw

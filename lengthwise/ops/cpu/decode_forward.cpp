@@ -102,12 +102,19 @@ void gate_up_silu_omp(const float* x, int m, int k, const float* gate, const flo
     float* u = gu + int64_t(m) * kPanel;
     panel_product(x, m, k, gate + int64_t(p) * k * kPanel, nv, g, kPanel);
     panel_product(x, m, k, up + int64_t(p) * k * kPanel, nv, u, kPanel);
-    for (int r = 0; r < m; ++r)
-      for (int j = 0; j < nv; ++j) {
-        const float gv = g[r * kPanel + j] + (bias ? bias[j0 + j] : 0.f);
-        const float uv = u[r * kPanel + j] + (bias ? bias[inter + j0 + j] : 0.f);
-        act[int64_t(r) * inter + j0 + j] = gv / (1.f + std::exp(-gv)) * uv;
+    // SiLU-and-mul, 16 columns at a time (a scalar exp per element cost ~5% of a batch-64 step).
+    for (int j = 0; j < nv; j += 16) {
+      const __mmask16 mk = tail_mask(nv - j);
+      const __m512 bg = bias ? _mm512_maskz_loadu_ps(mk, bias + j0 + j) : _mm512_setzero_ps();
+      const __m512 bu = bias ? _mm512_maskz_loadu_ps(mk, bias + inter + j0 + j) : _mm512_setzero_ps();
+      for (int r = 0; r < m; ++r) {
+        const __m512 gv = _mm512_add_ps(_mm512_loadu_ps(g + r * kPanel + j), bg);
+        const __m512 uv = _mm512_add_ps(_mm512_loadu_ps(u + r * kPanel + j), bu);
+        const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f),
+                                         _mm512_add_ps(_mm512_set1_ps(1.f), lw::exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        _mm512_mask_storeu_ps(act + int64_t(r) * inter + j0 + j, mk, _mm512_mul_ps(_mm512_mul_ps(gv, sig), uv));
       }
+    }
   }
 }
 

@@ -1,0 +1,88 @@
+"""Can the built-in model's architecture learn to stop counting at "b"? A pilot on counting alone.
+
+    .venv/bin/python benchmarks/tiny_counting_pilot.py --steps 500 --out /tmp/pilot [--copy] \
+        [--set rope_theta=1000000] [--set num_layers=6]
+
+Trains a fresh model of `TinyConfig`'s shape (with `--set` overrides) for `--steps` steps on
+short counting only ("Count from a to b." / "Count down from b to a.", a in 0-150, at most 31
+numbers), with the built-in tokenizer and the training module's loop, then answers 100 held-out
+counting instructions greedily and prints the share answered exactly and the share that stopped
+after the right count. `--copy` mixes in as many "Copy these numbers: ..." examples, which reward
+the copy-what-followed-this-token (induction) circuit that would also find the "." after b in
+the prompt. This is the experiment behind "Counting pilots" in docs/benchmarks.md: the loss
+settles at about 0.1 per token, which is the stop decision alone, and greedy answers overrun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from lengthwise.model.default import default_model_dir
+from lengthwise.tiny import tasks
+from lengthwise.tiny.tokenizer import PAD
+from lengthwise.tiny.train import TinyConfig, TinyLlama, encode_pairs, greedy_answers, save_checkpoint, train_steps
+
+
+def counting(n: int, seed: int, copy: bool) -> list[tasks.Example]:
+    """`n` short counting examples; with `copy`, half of them number-copying examples instead."""
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        if copy and r.random() < 0.5:
+            nums = ", ".join(str(r.randint(0, 200)) for _ in range(r.randint(3, 20)))
+            out.append(tasks.Example("copy", f"Copy these numbers: {nums}.", f"{nums}."))
+            continue
+        a = r.randint(0, 150)
+        b = a + r.randint(1, 30)
+        if r.random() < 0.5:
+            out.append(tasks.Example("count_up", f"Count from {a} to {b}.", ", ".join(map(str, range(a, b + 1))) + "."))
+        else:
+            out.append(tasks.Example("count_down", f"Count down from {b} to {a}.",
+                                     ", ".join(map(str, range(b, a - 1, -1))) + "."))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--out", type=Path, required=True, help="where the pilot's checkpoint goes")
+    p.add_argument("--copy", action="store_true", help="half the examples copy a list of numbers")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a TinyConfig override")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    fields = {f.name: f.type for f in dataclasses.fields(TinyConfig)}
+    overrides = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in fields or not value:
+            p.error(f"--set takes FIELD=VALUE with a TinyConfig field, got {item!r}")
+        overrides[name] = float(value) if fields[name] in (float, "float") else int(value)
+    tok = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
+    c = TinyConfig(**{**overrides, "vocab_size": tok.get_vocab_size()})
+    torch.manual_seed(0)
+    data = encode_pairs(tok, [(e.instruction, e.answer) for e in counting(40_000, 7, args.copy)])
+    t0 = time.monotonic()
+    model = TinyLlama(c)
+    losses = train_steps(model, data, args.steps, c.lr, c, tok.token_to_id(PAD), "pilot", torch.device("cpu"))
+    print(f"trained {args.steps} steps in {time.monotonic() - t0:.0f} s; loss (last 20) {sum(losses[-20:]) / 20:.3f}")
+    save_checkpoint(model, tok, args.out, {"pilot": "counting", "steps": args.steps, **overrides})
+    held = counting(100, 12345, copy=False)
+    answers = greedy_answers(args.out, [e.instruction for e in held], 200)
+    exact = sum(a == e.answer for e, (a, _) in zip(held, answers, strict=True)) / len(held)
+    stopped = sum(a.count(",") == e.answer.count(",") and a.endswith(".")
+                  for e, (a, _) in zip(held, answers, strict=True)) / len(held)
+    print(f"held-out counting: exact {exact:.0%}, stopped after the right count {stopped:.0%}")
+    for e, (a, _) in list(zip(held, answers, strict=True))[:3]:
+        print(f"  {e.instruction!r} -> ...{a[-40:]!r}")
+
+
+if __name__ == "__main__":
+    main()
