@@ -1,16 +1,17 @@
 """Can the built-in model's architecture learn to stop counting at "b"? A pilot on counting alone.
 
-    .venv/bin/python benchmarks/tiny_counting_pilot.py --steps 500 --out /tmp/pilot [--copy] \
+    .venv/bin/python benchmarks/tiny_counting_pilot.py --steps 500 --out /tmp/pilot [--copy [--copy-share 0.9]] \
         [--set rope_theta=1000000] [--set num_layers=6]
 
 Trains a fresh model of `TinyConfig`'s shape (with `--set` overrides) for `--steps` steps on
 short counting only ("Count from a to b." / "Count down from b to a.", a in 0-150, at most 31
 numbers), with the built-in tokenizer and the training module's loop, then answers 100 held-out
 counting instructions greedily and prints the share answered exactly and the share that stopped
-after the right count. `--copy` mixes in as many "Copy these numbers: ..." examples, which reward
-the copy-what-followed-this-token (induction) circuit that would also find the "." after b in
-the prompt. This is the experiment behind "Counting pilots" in docs/benchmarks.md: the loss
-settles at about 0.1 per token, which is the stop decision alone, and greedy answers overrun.
+after the right count. `--copy` makes a share of the examples (`--copy-share`, default half)
+"Copy these numbers: ..." instead, which reward the copy-what-followed-this-token (induction)
+circuit that would also find the "." after b in the prompt, and also reports held-out copies.
+This is the experiment behind "Counting pilots" in docs/benchmarks.md: the loss settles at about
+0.1 per token, which is the stop decision alone, and greedy answers overrun.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from lengthwise.tiny.tokenizer import PAD
 from lengthwise.tiny.train import TinyConfig, TinyLlama, encode_pairs, greedy_answers, save_checkpoint, train_steps
 
 
-def counting(n: int, seed: int, copy: bool) -> list[tasks.Example]:
-    """`n` short counting examples; with `copy`, half of them number-copying examples instead."""
+def counting(n: int, seed: int, copy_share: float = 0.0) -> list[tasks.Example]:
+    """`n` short counting examples, a `copy_share` of them number-copying examples instead."""
     r = random.Random(seed)
     out = []
     for _ in range(n):
-        if copy and r.random() < 0.5:
+        if r.random() < copy_share:
             nums = ", ".join(str(r.randint(0, 200)) for _ in range(r.randint(3, 20)))
             out.append(tasks.Example("copy", f"Copy these numbers: {nums}.", f"{nums}."))
             continue
@@ -54,9 +55,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--out", type=Path, required=True, help="where the pilot's checkpoint goes")
     p.add_argument("--copy", action="store_true", help="half the examples copy a list of numbers")
+    p.add_argument("--copy-share", type=float, default=0.5, help="with --copy: the share of copy examples")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a TinyConfig override")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if not 0.0 <= args.copy_share <= 1.0:
+        p.error("--copy-share must be between 0 and 1")
     torch.set_num_threads(args.threads)
     fields = {f.name: f.type for f in dataclasses.fields(TinyConfig)}
     overrides = {}
@@ -68,13 +72,18 @@ def main() -> None:
     tok = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
     c = TinyConfig(**{**overrides, "vocab_size": tok.get_vocab_size()})
     torch.manual_seed(0)
-    data = encode_pairs(tok, [(e.instruction, e.answer) for e in counting(40_000, 7, args.copy)])
+    train = counting(40_000, 7, args.copy_share if args.copy else 0.0)
+    data = encode_pairs(tok, [(e.instruction, e.answer) for e in train])
     t0 = time.monotonic()
     model = TinyLlama(c)
     losses = train_steps(model, data, args.steps, c.lr, c, tok.token_to_id(PAD), "pilot", torch.device("cpu"))
     print(f"trained {args.steps} steps in {time.monotonic() - t0:.0f} s; loss (last 20) {sum(losses[-20:]) / 20:.3f}")
     save_checkpoint(model, tok, args.out, {"pilot": "counting", "steps": args.steps, **overrides})
-    held = counting(100, 12345, copy=False)
+    held = counting(100, 12345)
+    if args.copy:
+        copies = counting(200, 54321, copy_share=1.0)[:50]
+        got = greedy_answers(args.out, [e.instruction for e in copies], 200)
+        print(f"held-out copies: exact {sum(a == e.answer for e, (a, _) in zip(copies, got, strict=True)) / 50:.0%}")
     answers = greedy_answers(args.out, [e.instruction for e in held], 200)
     exact = sum(a == e.answer for e, (a, _) in zip(held, answers, strict=True)) / len(held)
     stopped = sum(a.count(",") == e.answer.count(",") and a.endswith(".")
