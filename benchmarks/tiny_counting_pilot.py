@@ -27,17 +27,18 @@ from tokenizers import Tokenizer
 
 from lengthwise.model.default import default_model_dir
 from lengthwise.tiny import tasks
-from lengthwise.tiny.tokenizer import PAD
+from lengthwise.tiny.tokenizer import PAD, train_tokenizer
 from lengthwise.tiny.train import TinyConfig, TinyLlama, encode_pairs, greedy_answers, save_checkpoint, train_steps
 
 
-def counting(n: int, seed: int, copy_share: float = 0.0) -> list[tasks.Example]:
-    """`n` short counting examples, a `copy_share` of them number-copying examples instead."""
+def counting(n: int, seed: int, copy_share: float = 0.0, sep: str = ", ") -> list[tasks.Example]:
+    """`n` short counting examples, a `copy_share` of them number-copying examples instead, the
+    numbers separated by `sep`."""
     r = random.Random(seed)
     out = []
     for _ in range(n):
         if r.random() < copy_share:
-            nums = ", ".join(str(r.randint(0, 200)) for _ in range(r.randint(3, 20)))
+            nums = sep.join(str(r.randint(0, 200)) for _ in range(r.randint(3, 20)))
             out.append(tasks.Example("copy", f"Copy these numbers: {nums}.", f"{nums}."))
             continue
         a = r.randint(0, 150)
@@ -56,6 +57,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="where the pilot's checkpoint goes")
     p.add_argument("--copy", action="store_true", help="half the examples copy a list of numbers")
     p.add_argument("--copy-share", type=float, default=0.5, help="with --copy: the share of copy examples")
+    p.add_argument("--copy-sep", choices=["comma", "space"], default="comma",
+                   help="with --copy: numbers separated by ', ' (the next number follows a comma, which "
+                        "a plain induction head cannot place) or by ' ' (each number predicts the next)")
+    p.add_argument("--split-digits", action="store_true",
+                   help="train a digit-splitting tokenizer (every digit its own token) on 20,000 generator "
+                        "examples instead of using the built-in model's")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a TinyConfig override")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -69,19 +76,27 @@ def main() -> None:
         if name not in fields or not value:
             p.error(f"--set takes FIELD=VALUE with a TinyConfig field, got {item!r}")
         overrides[name] = float(value) if fields[name] in (float, "float") else int(value)
-    tok = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
+    sep = ", " if args.copy_sep == "comma" else " "
+    train = counting(40_000, 7, args.copy_share if args.copy else 0.0, sep)
+    if args.split_digits:
+        texts = [t for e in tasks.generate(20_000, seed=0) + train[:5000] for t in (e.instruction, e.answer)]
+        tok = train_tokenizer(texts, TinyConfig.vocab_size, split_digits=True)
+    else:
+        tok = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
+    print("tokens of 'Count from 28 to 40.':", tok.encode("Count from 28 to 40.").tokens)
     c = TinyConfig(**{**overrides, "vocab_size": tok.get_vocab_size()})
     torch.manual_seed(0)
-    train = counting(40_000, 7, args.copy_share if args.copy else 0.0)
     data = encode_pairs(tok, [(e.instruction, e.answer) for e in train])
     t0 = time.monotonic()
     model = TinyLlama(c)
     losses = train_steps(model, data, args.steps, c.lr, c, tok.token_to_id(PAD), "pilot", torch.device("cpu"))
+    print("loss every 100 steps:", " ".join(f"{sum(losses[i:i + 100]) / len(losses[i:i + 100]):.2f}"
+                                             for i in range(0, len(losses), 100)))
     print(f"trained {args.steps} steps in {time.monotonic() - t0:.0f} s; loss (last 20) {sum(losses[-20:]) / 20:.3f}")
     save_checkpoint(model, tok, args.out, {"pilot": "counting", "steps": args.steps, **overrides})
     held = counting(100, 12345)
     if args.copy:
-        copies = counting(200, 54321, copy_share=1.0)[:50]
+        copies = counting(50, 54321, copy_share=1.0, sep=sep)
         got = greedy_answers(args.out, [e.instruction for e in copies], 200)
         print(f"held-out copies: exact {sum(a == e.answer for e, (a, _) in zip(copies, got, strict=True)) / 50:.0%}")
     answers = greedy_answers(args.out, [e.instruction for e in held], 200)

@@ -70,3 +70,22 @@ def test_quick_recipe_writes_a_checkpoint_transformers_and_lengthwise_agree_on(t
     assert set(report) == set(tasks.FAMILIES) | {"all"}
     assert all(0 <= v["accuracy"] <= 1 and v["mean_length"] >= 1 for v in report.values())
     assert "| **all** |" in format_evaluation(report)
+
+
+def test_digit_splitting_tokenizer_gives_every_digit_its_own_token(tmp_path):
+    from lengthwise.tiny.tokenizer import save_tokenizer, train_tokenizer
+
+    texts = [t for e in tasks.generate(400, seed=3) for t in (e.instruction, e.answer)]
+    tok = train_tokenizer(texts, 600, split_digits=True)
+    text = "Count from 28 to 140. 28, 29, 30."
+    enc = tok.encode(text)
+    assert tok.decode(enc.ids) == text
+    numbers = [t for t in enc.tokens if any(ch.isdigit() for ch in t)]
+    assert numbers and all(len(t) == 1 for t in numbers)  # "28" is "2" "8", in the prompt and the answer
+    assert [enc.tokens.count(d) for d in "0123489"] == [2, 1, 3, 1, 1, 2, 1]
+    merged = train_tokenizer(texts, 600)  # the default keeps BPE's whole-number tokens
+    assert any(len(t.lstrip("Ġ")) > 1 and t.lstrip("Ġ").isdigit() for t in merged.encode(text).tokens)
+    transformers = pytest.importorskip("transformers")
+    save_tokenizer(tok, tmp_path, 1024)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf(text, add_special_tokens=False)["input_ids"] == enc.ids

@@ -30,10 +30,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 3072) -> Tokenizer:
-    """Byte-level BPE over `texts` with the special tokens first (ids 0 to 4)."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 3072, split_digits: bool = False) -> Tokenizer:
+    """Byte-level BPE over `texts` with the special tokens first (ids 0 to 4). With `split_digits`
+    every digit is its own token (as Llama 2 and Mistral tokenize numbers), so "40" is "4" "0"
+    wherever it appears instead of one of two unrelated whole-number tokens ("40", " 40")."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                         if split_digits else byte_level)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)  # adds nothing: the template places BOS
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2,
