@@ -28,7 +28,7 @@ import numpy as np
 
 from lengthwise.tiny import tasks
 
-WORKLOAD_SEED = 4242  # training uses seeds 0 (stage 1), 1000 (stage 2) and 2000 (probe)
+WORKLOAD_SEED = 4242  # training uses seeds 0 (stage 1), 1000 and 1001 (stage 2's rounds) and 2000 (probe)
 DEMO_POLICIES = ["static:batch_size=16", "sequence", "multibin:bins=4,batch_size=16", "continuous",
                  "continuous-sjf"]
 
