@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lengthwise.bench.kernels import step_flops_per_row
 from lengthwise.bench.presets import preset_dir
@@ -71,3 +72,27 @@ def test_step_flops_count_every_matrix():
     per_layer = 4 * (4 + 2 * 2) + 4 * 4 + 3 * 4 * 8
     assert step_flops_per_row(c, 0) == 2 * (2 * per_layer + 10 * 4)
     assert step_flops_per_row(c, 3) == step_flops_per_row(c, 0) + 2 * 4 * 3 * 2 * 2
+
+
+def test_cpu_matmul_ceiling_is_the_faster_of_torch_and_the_panel_gemm(monkeypatch):
+    # On some hosts torch's BLAS is slower than the fused path's own GEMM; the ceiling must be the
+    # best rate anything here reaches, or the step's fraction of it overstates (above 100%).
+    from lengthwise.bench import kernels
+    from lengthwise.ops import cpu as cpu_kernels
+
+    if cpu_kernels.segment_attention_kernel() is None:
+        pytest.skip("no C++ compiler: the CPU kernels are not built here")
+    timed = []
+
+    def fake_time_ms(fn, device, **kw):
+        fn()
+        timed.append(fn)
+        return 10.0 if len(timed) == 1 else 4.0  # torch's product first, then the panel GEMM
+    monkeypatch.setattr(kernels, "time_ms", fake_time_ms)
+    n = 2048
+    assert kernels.matmul_peak_gflops(torch.device("cpu"), torch.float32) == pytest.approx(2 * n ** 3 / 4.0 / 1e6)
+    assert len(timed) == 2
+    timed.clear()
+    # bfloat16 has no panel GEMM: torch's product alone
+    assert kernels.matmul_peak_gflops(torch.device("cpu"), torch.bfloat16) == pytest.approx(2 * n ** 3 / 10.0 / 1e6)
+    assert len(timed) == 1

@@ -7,7 +7,8 @@ Measures, in one process:
 
 - the ceilings, at the start and again at the end (the higher of each counts for the whole steps):
   device copy bandwidth (read + write bytes, median of 5) and the dense matmul rate
-  (square products in the model's dtype, best of several);
+  (square products in the model's dtype, best of several; on a CPU in float32 the faster of torch's
+  BLAS and the fused path's own GEMM);
 - every op of one decoder layer (QKV, RoPE + KV write, segment attention, O, norm + residual,
   gate-up, SiLU-and-mul, down) and the LM head, at batch 1 and batch 64 decode, each as time,
   achieved GB/s and GFLOP/s and the fraction of its roofline time max(bytes / bandwidth,
@@ -147,10 +148,23 @@ def copy_bandwidth_gbs(device: torch.device) -> float:
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
+    """The device's dense matmul rate: the faster of torch's square product and, on a CPU in
+    float32, the fused decode path's own panel GEMM on the same shape. The best rate anything here
+    reaches is the ceiling; torch's BLAS alone understates it on some hosts (on an AMD EPYC host
+    MKL's square product ran at 210-220 GFLOP/s while the panel GEMM ran the model's projections
+    at 460)."""
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = time_ms(lambda: a @ b, device, min_time_s=0.5 if device.type == "cuda" else 1.0, graph=False)
+    min_time_s = 0.5 if device.type == "cuda" else 1.0
+    ms = time_ms(lambda: a @ b, device, min_time_s=min_time_s, graph=False)
+    if device.type == "cpu" and dtype == torch.float32:
+        from lengthwise.ops import cpu as cpu_kernels
+
+        if cpu_kernels.segment_attention_kernel() is not None:
+            panels = cpu_kernels.pack_panels(b.t().contiguous())
+            ms = min(ms, time_ms(lambda: cpu_kernels.packed_linear(a, panels, n), device, min_time_s=min_time_s,
+                                 graph=False))
     return 2 * n ** 3 / ms / 1e6
 
 
