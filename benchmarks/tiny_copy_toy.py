@@ -21,6 +21,9 @@ examples add to the plain task:
 before each copied one is then always the same, so an induction head must key on the copied
 token two back.
 
+`--numbered` puts a distinct index token before each copied token instead (as in "1. 57" lines):
+each item then follows its own key.
+
 `--alphabet K` draws the copied tokens from K ids instead of 201 (fewer identities, each seen more
 often: the easiest setting for a token-matching head to form).
 
@@ -39,10 +42,11 @@ from lengthwise.tiny.train import TinyConfig, TinyLlama, train_steps
 LAYOUTS = ("plain", "plain-first-differs", "template", "template-first-differs", "filler-template")
 
 
-def sequences(layout: str, n: int, seed: int, alphabet: int = 201, comma: bool = False) -> list[tuple[list[int], int]]:
+def sequences(layout: str, n: int, seed: int, alphabet: int = 201, comma: bool = False,
+              numbered: bool = False) -> list[tuple[list[int], int]]:
     """`n` (token ids, prompt length) copy examples in `layout`. Ids: 0 pad, 1 BOS, 2 separator /
     EOS, 3 end, 4 assistant, 5-16 template words and ".", 300-500 the tokens to copy (800-1000 their
-    other ids), 600-700 filler, 17 the `comma` separator."""
+    other ids), 600-700 filler, 17 the `comma` separator, 20-39 the `numbered` indices."""
     r = random.Random(seed)
     out = []
     for _ in range(n):
@@ -50,6 +54,8 @@ def sequences(layout: str, n: int, seed: int, alphabet: int = 201, comma: bool =
         answer = ([x[0] + 500] + x[1:]) if layout.endswith("first-differs") else list(x)
         if comma:  # id 17 between the items, in the prompt and in the answer
             x, answer = ([t for v in seq for t in (v, 17)][:-1] for seq in (x, answer))
+        if numbered:  # ids 20-39 name the items' places, in the prompt and in the answer
+            x, answer = ([t for i, v in enumerate(seq) for t in (20 + i, v)] for seq in (x, answer))
         if "template" in layout:
             filler = [r.randint(600, 700) for _ in range(r.randint(0, 12))] if layout.startswith("filler") else []
             prompt, answer = [1, *filler, 5, 10, 11, 12, 13, 14, 15] + x + [16, 4], answer + [16, 2]
@@ -65,16 +71,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--comma", action="store_true", help="a separator token between the copied tokens")
+    p.add_argument("--numbered", action="store_true", help="an index token before each copied token")
     p.add_argument("--alphabet", type=int, default=201, help="how many token ids the copied tokens come from")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     c = TinyConfig()
     model = TinyLlama(c)
-    data = sequences(args.layout, 40_000, 0, args.alphabet, args.comma)
+    data = sequences(args.layout, 40_000, 0, args.alphabet, args.comma, args.numbered)
     losses = train_steps(model, data, args.steps, c.lr, c, 0, "toy2", torch.device("cpu"))
     per100 = [sum(losses[i:i + 100]) / len(losses[i:i + 100]) for i in range(0, len(losses), 100)]
-    name = f"{args.layout} (alphabet {args.alphabet}{', comma' if args.comma else ''})"
+    extras = "".join(f", {flag}" for flag in ("comma", "numbered") if getattr(args, flag))
+    name = f"{args.layout} (alphabet {args.alphabet}{extras})"
     print(f"{name}: loss per 100 steps", " ".join(f"{v:.2f}" for v in per100))
 
 
