@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--training-overlap", action="store_true", help="which of the ten the training data draws")
     p.add_argument("--also", type=int, action="append", default=[], metavar="SEED",
                    help="also score self on 1,000 instructions of this seed (repeat)")
+    p.add_argument("--worst", type=int, default=0, metavar="N",
+                   help="list the N instructions of the 200 with the largest self error")
     args = p.parse_args()
     model = args.model or default_model_dir()
     llm = LLM(model, dtype="float32", device="cpu")
@@ -52,9 +54,16 @@ def main() -> None:
     held = tasks.generate(200, seed=PERCEPTION_SEED)
     sets = [("the 200", held)] + [(f"1,000 of seed {seed}", tasks.generate(1000, seed=seed)) for seed in args.also]
     for name, examples in sets:
-        m = perception(model, [e.instruction for e in examples], kinds=("self",))["self"]["metrics"]
+        report = perception(model, [e.instruction for e in examples], kinds=("self",))["self"]
+        m = report["metrics"]
         print(f"self on {name}: MAE {m['mae']:.1f} tokens = {m['mae_share']:.1%} of the mean "
               f"{m['mean_length']:.1f}, Kendall tau {m['kendall_tau']:.3f}")
+        if examples is held and args.worst > 0:
+            rows = sorted(zip(examples, report["predicted"], report["actual"], report["answers"], strict=True),
+                          key=lambda row: -abs(row[1] - row[2]))
+            for e, pred, actual, answer in rows[:args.worst]:
+                print(f"  {e.family:>16}: predicted {pred:4.0f}, answered in {actual:3d} "
+                      f"({'right' if tasks.check(e, answer) else 'wrong'})  {e.instruction[:60]!r}")
     tok = Tokenizer(model)
     for name, examples in (("the 200", held), ("5,000 training draws", tasks.generate(5000, seed=0))):
         mean, floor = rounding_floor(tok, examples)

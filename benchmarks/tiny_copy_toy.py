@@ -37,7 +37,7 @@ import random
 
 import torch
 
-from lengthwise.tiny.train import TinyConfig, TinyLlama, train_steps
+from lengthwise.tiny.train import TinyConfig, TinyLlama, config_overrides, train_steps
 
 LAYOUTS = ("plain", "plain-first-differs", "template", "template-first-differs", "filler-template")
 
@@ -65,6 +65,23 @@ def sequences(layout: str, n: int, seed: int, alphabet: int = 201, comma: bool =
     return out
 
 
+@torch.no_grad()
+def copy_accuracy(model: TinyLlama, examples: list[tuple[list[int], int]]) -> tuple[float, float]:
+    """Teacher-forced argmax accuracy on the answers of `examples`: the share of copied tokens
+    (ids 300 and up; separators, indices and the end are easy) predicted right, and the share of
+    answers with every token right."""
+    right = total = whole = 0
+    for seq, n_prompt in examples:
+        ids = torch.tensor([seq])
+        where = torch.zeros_like(ids, dtype=torch.bool)
+        where[0, n_prompt - 1:len(seq) - 1] = True
+        target = ids[0, n_prompt:]
+        hits = model(ids, where).argmax(-1) == target
+        copied = hits[target >= 300]
+        right, total, whole = right + int(copied.sum()), total + copied.numel(), whole + bool(hits.all())
+    return right / total, whole / len(examples)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", choices=LAYOUTS, default="plain")
@@ -73,17 +90,28 @@ def main() -> None:
     p.add_argument("--comma", action="store_true", help="a separator token between the copied tokens")
     p.add_argument("--numbered", action="store_true", help="an index token before each copied token")
     p.add_argument("--alphabet", type=int, default=201, help="how many token ids the copied tokens come from")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a TinyConfig override (model shape, lr, warmup_steps, ...)")
     args = p.parse_args()
+    try:
+        overrides = config_overrides(args.set)
+    except ValueError as e:
+        p.error(f"--set: {e}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    c = TinyConfig()
+    c = TinyConfig(**overrides)
     model = TinyLlama(c)
     data = sequences(args.layout, 40_000, 0, args.alphabet, args.comma, args.numbered)
     losses = train_steps(model, data, args.steps, c.lr, c, 0, "toy2", torch.device("cpu"))
+    held_out = sequences(args.layout, 500, 1, args.alphabet, args.comma, args.numbered)
+    token_acc, exact = copy_accuracy(model, held_out)
     per100 = [sum(losses[i:i + 100]) / len(losses[i:i + 100]) for i in range(0, len(losses), 100)]
     extras = "".join(f", {flag}" for flag in ("comma", "numbered") if getattr(args, flag))
+    extras += "".join(f", {item}" for item in args.set)
     name = f"{args.layout} (alphabet {args.alphabet}{extras})"
     print(f"{name}: loss per 100 steps", " ".join(f"{v:.2f}" for v in per100))
+    print(f"{name}: held-out answers, teacher-forced: {token_acc:.1%} of copied tokens right, {exact:.1%} of answers "
+          "entirely right")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ This is the experiment behind "Counting pilots" in docs/benchmarks.md: the loss 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import time
 from pathlib import Path
@@ -28,7 +27,15 @@ from tokenizers import Tokenizer
 from lengthwise.model.default import default_model_dir
 from lengthwise.tiny import tasks
 from lengthwise.tiny.tokenizer import PAD, train_tokenizer
-from lengthwise.tiny.train import TinyConfig, TinyLlama, encode_pairs, greedy_answers, save_checkpoint, train_steps
+from lengthwise.tiny.train import (
+    TinyConfig,
+    TinyLlama,
+    config_overrides,
+    encode_pairs,
+    greedy_answers,
+    save_checkpoint,
+    train_steps,
+)
 
 
 def counting(n: int, seed: int, copy_share: float = 0.0, sep: str = ", ") -> list[tasks.Example]:
@@ -69,13 +76,10 @@ def main() -> None:
     if not 0.0 <= args.copy_share <= 1.0:
         p.error("--copy-share must be between 0 and 1")
     torch.set_num_threads(args.threads)
-    fields = {f.name: f.type for f in dataclasses.fields(TinyConfig)}
-    overrides = {}
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in fields or not value:
-            p.error(f"--set takes FIELD=VALUE with a TinyConfig field, got {item!r}")
-        overrides[name] = float(value) if fields[name] in (float, "float") else int(value)
+    try:
+        overrides = config_overrides(args.set)
+    except ValueError as e:
+        p.error(f"--set: {e}")
     sep = ", " if args.copy_sep == "comma" else " "
     train = counting(40_000, 7, args.copy_share if args.copy else 0.0, sep)
     if args.split_digits:

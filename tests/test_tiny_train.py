@@ -16,6 +16,7 @@ from lengthwise.tiny import tasks
 from lengthwise.tiny.train import (
     QUICK,
     TinyConfig,
+    config_overrides,
     evaluate,
     format_evaluation,
     render,
@@ -32,6 +33,27 @@ def test_schedule_and_rounding():
     assert lr(55) == pytest.approx(0.55)  # half-way down the cosine
     assert warmup_cosine(100, 0.1)(100) == pytest.approx(0.0)  # the predictors' schedule: down to 0
     assert [round10(n) for n in (1, 4, 5, 14, 15, 24, 96)] == [0, 0, 10, 10, 20, 20, 100]
+
+
+def test_recipe_overrides_are_typed_by_the_field_and_bad_ones_are_named():
+    assert config_overrides(["lr=0.002", "num_layers=6"]) == {"lr": 0.002, "num_layers": 6}
+    assert isinstance(config_overrides(["lr=1"])["lr"], float)
+    assert config_overrides(["stage2_replay=reference"]) == {"stage2_replay": "reference"}
+    with pytest.raises(ValueError, match="stage2_replay"):
+        TinyConfig(stage2_replay="everything")
+    assert TinyConfig(**config_overrides(["stage1_steps=10"])).stage1_steps == 10
+    for bad in ("learning_rate=0.1", "lr=", "lr"):
+        with pytest.raises(ValueError, match="TinyConfig field"):
+            config_overrides([bad])
+
+
+def test_list_answers_name_distinct_members_in_the_kinds_order():
+    # the generator lists a random n of a kind in the kind's own order (no repeats to learn)
+    for e in tasks.generate(400, seed=3, families=["list_things"]):
+        items = [line.split(". ", 1)[1] for line in e.answer.splitlines()]
+        order = [tasks.KINDS[e.params["kind"]].index(x) for x in items]
+        assert order == sorted(set(order)) and len(items) == e.params["n"], e
+        assert tasks.check(e, e.answer)
 
 
 def test_quick_recipe_writes_a_checkpoint_transformers_and_lengthwise_agree_on(tmp_path):
@@ -70,6 +92,15 @@ def test_quick_recipe_writes_a_checkpoint_transformers_and_lengthwise_agree_on(t
     assert set(report) == set(tasks.FAMILIES) | {"all"}
     assert all(0 <= v["accuracy"] <= 1 and v["mean_length"] >= 1 for v in report.values())
     assert "| **all** |" in format_evaluation(report)
+
+
+def test_stage2_from_saved_stage1_weights_reproduces_the_full_run(tmp_path):
+    c = dict(QUICK, stage1_steps=8, stage2_rounds=1, stage2_steps=4, stage2_examples=16, probe_examples=24)
+    full = train_tiny(tmp_path / "full", TinyConfig(**c), device="cpu", save_stage1=tmp_path / "s1.pt")
+    resumed = train_tiny(tmp_path / "resumed", TinyConfig(**c), device="cpu", stage1=tmp_path / "s1.pt")
+    assert resumed["stage1_final_loss"] == full["stage1_final_loss"] and "stage1_from" in resumed
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_digit_splitting_tokenizer_gives_every_digit_its_own_token(tmp_path):

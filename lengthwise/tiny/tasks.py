@@ -307,7 +307,11 @@ def _check_list_kind(example: Example, answer: str) -> bool:
 def _list_things(r: random.Random) -> Example:
     kind = r.choice(sorted(KINDS))
     n = r.randint(1, min(12, len(KINDS[kind])))
-    items = r.sample(KINDS[kind], n)
+    # A random n of the kind, in the kind's own order: any n distinct members are correct, and
+    # keeping that order gives a model that has not learned "not one I already said" a way to
+    # list without repeats (always name a member further along the list).
+    chosen = set(r.sample(KINDS[kind], n))
+    items = [x for x in KINDS[kind] if x in chosen]
     return _ex(_list_things, f"List {n} {kind}.", "\n".join(f"{i}. {x}" for i, x in enumerate(items, 1)),
                n=n, kind=kind)
 
