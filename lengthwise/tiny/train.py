@@ -13,7 +13,8 @@
    (each example weighted equally, so a two-token length answer is not drowned out). Learning the
    lengths moves some answers (a count-down that stopped now runs to the cap), so a second round
    re-labels: the model as it is after round 1 answers fresh instructions and trains on those
-   lengths at a lower learning rate (`stage2_rounds`).
+   lengths at a lower learning rate (`stage2_rounds`). Both rounds run well below stage 1's peak,
+   or they undo what stage 1 learned (`stage2_lr`).
 5. The `probe` predictor, fitted on the final model's hidden states and its own answer lengths,
    saved in the checkpoint's `probe/`.
 6. Saved in the Hugging Face layout (bfloat16 safetensors, sharded under 1.5 MB, config, generation config, tokenizer,
@@ -63,7 +64,7 @@ class TinyConfig:
     # training
     seed: int = 0
     num_examples: int = 300_000
-    stage1_steps: int = 3400
+    stage1_steps: int = 5000
     stage2_examples: int = 12_000
     stage2_steps: int = 500
     # Perception rounds: each answers fresh instructions with the model as it is now and trains on
