@@ -101,6 +101,8 @@ def test_stage2_from_saved_stage1_weights_reproduces_the_full_run(tmp_path):
     assert resumed["stage1_final_loss"] == full["stage1_final_loss"] and "stage1_from" in resumed
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="num_layers"):  # another shape than the saved stage 1
+        train_tiny(tmp_path / "other", TinyConfig(**{**c, "num_layers": 3}), device="cpu", stage1=tmp_path / "s1.pt")
 
 
 def test_digit_splitting_tokenizer_gives_every_digit_its_own_token(tmp_path):

@@ -111,10 +111,10 @@ QUICK = dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, num_kv_h
              warmup_steps=5)
 
 
-def config_overrides(items: Sequence[str]) -> dict[str, int | float]:
+def config_overrides(items: Sequence[str]) -> dict[str, int | float | str]:
     """`FIELD=VALUE` strings as `TinyConfig` overrides (the scripts' `--set`), typed by the field."""
     types = {f.name: f.type for f in fields(TinyConfig)}
-    out: dict[str, int | float] = {}
+    out: dict[str, int | float | str] = {}
     for item in items:
         name, _, value = item.partition("=")
         if name not in types or not value:
@@ -486,6 +486,12 @@ def train_tiny(out: Path, c: TinyConfig, device: str = "auto", save_stage1: Path
     info: dict[str, Any] = {"config": asdict(c), "parameters": model.num_parameters(), "device": str(dev)}
     if stage1 is not None:
         saved = torch.load(stage1, map_location=dev)
+        # the data and tokenizer are rebuilt here, so they must be the ones stage 1 was trained on
+        for field in ("seed", "num_examples", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                      "num_kv_heads", "intermediate_size"):
+            if saved["config"][field] != getattr(c, field):
+                raise ValueError(f"{stage1} was trained with {field}={saved['config'][field]}, "
+                                 f"this run has {field}={getattr(c, field)}")
         model.load_state_dict(saved["state"])
         info["stage1_from"], info["stage1_final_loss"] = str(stage1), saved["final_loss"]
     else:
