@@ -82,8 +82,8 @@ class TinyConfig:
     # and a model this small learns more from twice the updates.
     tokens_per_batch: int = 4096
     # Peak learning rate. At 3e-3 the copy toy (benchmarks/tiny_copy_toy.py --layout template
-    # --comma) sat on the guessing plateau for 2,000 steps (loss 2.7 -> 1.9); at 1e-3 the
-    # content-matching attention that copies a ", "-separated list formed within 900 steps.
+    # --comma) sat near the guessing plateau for 2,000 steps (loss 2.7 -> 1.9); at 1e-3 it copied a
+    # ", "-separated list without error from step 1,600 (100% of 500 held-out copies).
     lr: float = 1e-3
     # Stage 2's rates. A model trained at 1e-3 loses its new matching circuits when stage 2 runs at
     # 1e-3 (its answers fell from 71% to 54% correct); at 3e-4 and 1.5e-4 they stay (67%).
