@@ -77,3 +77,29 @@ def test_bad_arguments_name_the_problem():
         tasks.generate(3, seed=0, families=["juggling"])
     with pytest.raises(ValueError, match="n must be"):
         tasks.generate(-1, seed=0)
+
+
+def test_family_weights_shift_the_mix_deterministically():
+    from collections import Counter
+
+    uniform = Counter(e.family for e in tasks.generate(6000, seed=4))
+    weighted = tasks.generate(6000, seed=4, weights={"count_down": 5.0, "is_even": 0.0})
+    assert weighted == tasks.generate(6000, seed=4, weights={"count_down": 5.0, "is_even": 0.0})
+    mix = Counter(e.family for e in weighted)
+    assert mix["is_even"] == 0 and uniform["is_even"] > 0
+    # 5 of 5 + 24 weight units against 1 of 26: about four times the uniform share
+    assert mix["count_down"] > 3 * uniform["count_down"]
+    assert tasks.generate(50, seed=4, weights={}) == tasks.generate(50, seed=4)  # no weights: the old draw
+    assert tasks.parse_weights(" count_down:3, story:2.5 ") == {"count_down": 3.0, "story": 2.5}
+    assert tasks.parse_weights("") == {}
+
+
+@pytest.mark.parametrize("spec, match", [("count_down=3", "FAMILY:WEIGHT"), ("count_down:many", "FAMILY:WEIGHT"),
+                                         ("juggling:2", "unknown task families")])
+def test_bad_family_weights_name_the_problem(spec, match):
+    with pytest.raises(ValueError, match=match):
+        tasks.parse_weights(spec)
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        tasks.generate(3, seed=0, weights={"story": -1.0})
+    with pytest.raises(ValueError, match="unknown task families"):
+        tasks.generate(3, seed=0, weights={"juggling": 1.0})

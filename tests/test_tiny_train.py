@@ -19,6 +19,7 @@ from lengthwise.tiny.train import (
     config_overrides,
     evaluate,
     format_evaluation,
+    reference_length_pairs,
     render,
     round10,
     save_weights,
@@ -45,6 +46,24 @@ def test_recipe_overrides_are_typed_by_the_field_and_bad_ones_are_named():
     for bad in ("learning_rate=0.1", "lr=", "lr"):
         with pytest.raises(ValueError, match="TinyConfig field"):
             config_overrides([bad])
+
+
+def test_stage1_length_warm_start_answers_the_query_with_the_reference_length():
+    from lengthwise.predict.self_predict import QUERY
+    from lengthwise.tiny.tokenizer import train_tokenizer
+
+    examples = tasks.generate(200, seed=7)
+    tok = train_tokenizer([t for e in examples for t in (e.instruction, e.answer)] + [QUERY] * 5, 600)
+    assert reference_length_pairs(tok, examples, 0, seed=1) == []
+    pairs = reference_length_pairs(tok, examples, 50, seed=1)
+    assert len(pairs) == 50 and pairs == reference_length_pairs(tok, examples, 50, seed=1)
+    by_prompt = {render(e.instruction + QUERY): e for e in examples}
+    for ids, prompt_len in pairs:
+        e = by_prompt[tok.decode(ids[:prompt_len], skip_special_tokens=False)]
+        generated = len(tok.encode(e.answer).ids) + 1  # the answer's tokens and EOS, as the engine counts
+        assert tok.decode(ids[prompt_len:]) == str(round10(generated))
+    with pytest.raises(ValueError, match="stage1_length_share"):
+        TinyConfig(stage1_length_share=1.5)
 
 
 def test_list_answers_name_distinct_members_in_the_kinds_order():
@@ -103,6 +122,16 @@ def test_stage2_from_saved_stage1_weights_reproduces_the_full_run(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="num_layers"):  # another shape than the saved stage 1
         train_tiny(tmp_path / "other", TinyConfig(**{**c, "num_layers": 3}), device="cpu", stage1=tmp_path / "s1.pt")
+    warm = train_tiny(tmp_path / "warm", TinyConfig(**c, perception_warmup_examples=30), device="cpu",
+                      stage1=tmp_path / "s1.pt")  # a reference-lengths round before the Perception round
+    w = load_file(str(tmp_path / "warm" / "model.safetensors"))
+    assert "perception_warmup_final_loss" in warm and "perception_warmup_final_loss" not in resumed
+    assert not all(torch.equal(w[k], b[k]) for k in w)
+    with pytest.raises(ValueError, match="family_weights"):  # other data than the saved stage 1's
+        train_tiny(tmp_path / "other", TinyConfig(**{**c, "family_weights": "story:2"}), device="cpu",
+                   stage1=tmp_path / "s1.pt")
+    with pytest.raises(ValueError, match="unknown task families"):
+        TinyConfig(stage2_family_weights="juggling:2")
 
 
 def test_digit_splitting_tokenizer_gives_every_digit_its_own_token(tmp_path):

@@ -401,13 +401,41 @@ def check(example: Example, answer: str) -> bool:
     return FAMILIES[example.family].check(example, answer)
 
 
-def generate(n: int, seed: int, families: list[str] | None = None) -> list[Example]:
-    """`n` examples, families drawn uniformly; the same `seed` gives the same examples."""
+def generate(n: int, seed: int, families: list[str] | None = None,
+             weights: dict[str, float] | None = None) -> list[Example]:
+    """`n` examples; the same `seed` gives the same examples. Families are drawn uniformly, or in
+    proportion to `weights` (family -> relative weight, 1 for a family it does not name)."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     names = sorted(FAMILIES) if families is None else list(families)
-    unknown = [f for f in names if f not in FAMILIES]
+    unknown = [f for f in [*names, *(weights or {})] if f not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown task families {unknown}; known: {sorted(FAMILIES)}")
     r = random.Random(seed)
-    return [FAMILIES[r.choice(names)].make(r) for _ in range(n)]
+    if not weights:  # the uniform draw, kept as it was so that seeds give the data they always gave
+        return [FAMILIES[r.choice(names)].make(r) for _ in range(n)]
+    bad = {f: w for f, w in weights.items() if not w >= 0}
+    if bad:
+        raise ValueError(f"weights must be >= 0, got {bad}")
+    w = [weights.get(f, 1.0) for f in names]
+    if sum(w) <= 0:
+        raise ValueError("weights leave no family to draw")
+    return [FAMILIES[r.choices(names, w)[0]].make(r) for _ in range(n)]
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """`"count_down:3,story:2"` as `{"count_down": 3.0, "story": 2.0}` (`generate`'s `weights`);
+    the empty string is no weights."""
+    out: dict[str, float] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, value = item.partition(":")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"family_weights takes FAMILY:WEIGHT items separated by commas, got {item!r}")
+    unknown = [f for f in out if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"family_weights names unknown task families {unknown}; known: {sorted(FAMILIES)}")
+    return out

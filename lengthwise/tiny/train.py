@@ -64,7 +64,21 @@ class TinyConfig:
     # training
     seed: int = 0
     num_examples: int = 300_000
+    # Stage 1's mix of task families, "FAMILY:WEIGHT,..." (unnamed families weigh 1; "" draws
+    # uniformly). Weight goes to the families whose answers run long and fail by not stopping: their
+    # failures are what the self predictor cannot foresee.
+    family_weights: str = ""
     stage1_steps: int = 5000
+    # A warm start for Perception: this share of stage 1's instructions also appear followed by the
+    # length query, answered with the reference answer's length (tokens, EOS included, rounded to
+    # 10). A range's length needs subtraction ("Count down from 77 to 37." is 41 numbers), which
+    # stage 2's 12,000 examples of the model's own lengths are too few to teach; the Perception
+    # rounds then move these labels to the model's own lengths.
+    stage1_length_share: float = 0.0
+    # The same warm start as a round of its own after stage 1 (before the Perception rounds): this
+    # many stage-1 instructions with the query and their reference lengths, mixed one to one with
+    # stage-1 replay, `stage2_steps` at `stage2_lr`. 0 skips it.
+    perception_warmup_examples: int = 0
     stage2_examples: int = 12_000
     stage2_steps: int = 500
     # Perception rounds: each answers fresh instructions with the model as it is now and trains on
@@ -77,6 +91,9 @@ class TinyConfig:
     # answers the lengths were measured on stay as labelled. Measured in the eighth session: "own"
     # kept accuracy (70.5% against 69.0%) but did not lower the self MAE (25-34% of the mean both).
     stage2_replay: str = "reference"
+    # The mix of the instructions the Perception rounds label with the model's own lengths (same
+    # form as `family_weights`).
+    stage2_family_weights: str = ""
     probe_examples: int = 3000
     # Small batches: on two cores 4,096 tokens run as fast per token as 8,192 (faster, in cache),
     # and a model this small learns more from twice the updates.
@@ -97,8 +114,12 @@ class TinyConfig:
     min_lr_ratio: float = 0.05
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.stage1_length_share <= 1.0:
+            raise ValueError(f"stage1_length_share must be in [0, 1], got {self.stage1_length_share}")
         if self.stage2_replay not in ("own", "reference"):
             raise ValueError(f"stage2_replay must be 'own' or 'reference', got {self.stage2_replay!r}")
+        tasks.parse_weights(self.family_weights)  # a bad spec fails here, naming the field
+        tasks.parse_weights(self.stage2_family_weights)
 
     @property
     def head_dim(self) -> int:
@@ -438,13 +459,26 @@ def train_length_probe(model_dir: Path, c: TinyConfig) -> dict[str, Any]:
     return probe.metrics
 
 
+def reference_length_pairs(tok: Any, examples: Sequence[tasks.Example], n: int,
+                           seed: int) -> list[tuple[list[int], int]]:
+    """Length-query examples on reference answers (`TinyConfig.stage1_length_share` and
+    `perception_warmup_examples`): a seeded sample of `n` of the instructions followed by the query,
+    answered with the reference answer's length as the model would generate it (its tokens and
+    EOS), rounded to 10."""
+    picked = random.Random(seed).sample(range(len(examples)), min(n, len(examples)))
+    answers = tok.encode_batch([examples[i].answer for i in picked])
+    return encode_pairs(tok, [(examples[i].instruction + QUERY, str(round10(len(a.ids) + 1)))
+                              for i, a in zip(picked, answers, strict=True)])
+
+
 def perception_round(model: TinyLlama, tok: Any, data: list[tuple[list[int], int]], c: TinyConfig, r: int,
                      device: torch.device) -> dict[str, float]:
     """Stage 2, round `r` (from 0): the model, as its saved bfloat16 checkpoint, answers fresh
     training instructions greedily; it then learns to answer each instruction followed by the length
     query with its own answer's length rounded to 10, mixed one to one with stage-1 replay. Returns
     the round's final loss and the share of those answers that were correct."""
-    held_in = tasks.generate(c.stage2_examples, seed=c.seed + 1000 + r)
+    held_in = tasks.generate(c.stage2_examples, seed=c.seed + 1000 + r,
+                             weights=tasks.parse_weights(c.stage2_family_weights))
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(model, tok, Path(tmp), {"stage": 1 if r == 0 else f"2, round {r}"})
         answers = greedy_answers(Path(tmp), [e.instruction for e in held_in], c.max_answer_tokens)
@@ -474,7 +508,7 @@ def train_tiny(out: Path, c: TinyConfig, device: str = "auto", save_stage1: Path
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     torch.manual_seed(c.seed)
-    examples = tasks.generate(c.num_examples, seed=c.seed)
+    examples = tasks.generate(c.num_examples, seed=c.seed, weights=tasks.parse_weights(c.family_weights))
     texts = [t for e in examples for t in (e.instruction, e.answer)]
     texts += [QUERY] * 100 + [str(10 * k) for k in range(1, 60)] * 20  # the length query and its answers
     tok = train_tokenizer(texts, c.vocab_size)
@@ -482,24 +516,32 @@ def train_tiny(out: Path, c: TinyConfig, device: str = "auto", save_stage1: Path
     pad = tok.token_to_id(PAD)
     data = [d for d in encode_pairs(tok, [(e.instruction, e.answer) for e in examples])
             if len(d[0]) <= c.max_position_embeddings]
+    length_data = reference_length_pairs(tok, examples, int(c.stage1_length_share * len(examples)), c.seed + 3000)
     model = TinyLlama(c).to(dev)
     info: dict[str, Any] = {"config": asdict(c), "parameters": model.num_parameters(), "device": str(dev)}
     if stage1 is not None:
         saved = torch.load(stage1, map_location=dev)
         # the data and tokenizer are rebuilt here, so they must be the ones stage 1 was trained on
-        for field in ("seed", "num_examples", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                      "num_kv_heads", "intermediate_size"):
-            if saved["config"][field] != getattr(c, field):
-                raise ValueError(f"{stage1} was trained with {field}={saved['config'][field]}, "
-                                 f"this run has {field}={getattr(c, field)}")
+        for field in ("seed", "num_examples", "family_weights", "vocab_size", "hidden_size", "num_layers",
+                      "num_heads", "num_kv_heads", "intermediate_size"):
+            if saved["config"].get(field, "") != getattr(c, field):  # files before family_weights: ""
+                raise ValueError(f"{stage1} was trained with {field}={saved['config'].get(field, '')!r}, "
+                                 f"this run has {field}={getattr(c, field)!r}")
         model.load_state_dict(saved["state"])
         info["stage1_from"], info["stage1_final_loss"] = str(stage1), saved["final_loss"]
     else:
-        losses1 = train_steps(model, data, c.stage1_steps, c.lr, c, pad, "stage 1: instructions", dev)
+        # stage 2 replays `data` only: the reference lengths would contradict the model's own
+        losses1 = train_steps(model, data + length_data, c.stage1_steps, c.lr, c, pad, "stage 1: instructions", dev)
         info["stage1_final_loss"] = sum(losses1[-20:]) / len(losses1[-20:])
         if save_stage1 is not None:
             torch.save({"state": model.state_dict(), "final_loss": info["stage1_final_loss"],
                         "config": asdict(c)}, save_stage1)
+    if c.perception_warmup_examples > 0:
+        warm = reference_length_pairs(tok, examples, c.perception_warmup_examples, c.seed + 3001)
+        warm += random.Random(c.seed + 3002).sample(data, min(len(data), len(warm)))
+        losses = train_steps(model, warm, c.stage2_steps, c.stage2_lr, c, pad, "stage 2: reference lengths", dev,
+                             per_example=True)
+        info["perception_warmup_final_loss"] = sum(losses[-20:]) / len(losses[-20:])
     for r in range(c.stage2_rounds):
         info.update(perception_round(model, tok, data, c, r, dev))
     info["seconds"] = time.monotonic() - t0
