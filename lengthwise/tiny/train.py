@@ -516,21 +516,24 @@ def train_tiny(out: Path, c: TinyConfig, device: str = "auto", save_stage1: Path
     pad = tok.token_to_id(PAD)
     data = [d for d in encode_pairs(tok, [(e.instruction, e.answer) for e in examples])
             if len(d[0]) <= c.max_position_embeddings]
-    length_data = reference_length_pairs(tok, examples, int(c.stage1_length_share * len(examples)), c.seed + 3000)
     model = TinyLlama(c).to(dev)
     info: dict[str, Any] = {"config": asdict(c), "parameters": model.num_parameters(), "device": str(dev)}
     if stage1 is not None:
         saved = torch.load(stage1, map_location=dev)
         # the data and tokenizer are rebuilt here, so they must be the ones stage 1 was trained on
-        for field in ("seed", "num_examples", "family_weights", "vocab_size", "hidden_size", "num_layers",
-                      "num_heads", "num_kv_heads", "intermediate_size"):
-            if saved["config"].get(field, "") != getattr(c, field):  # files before family_weights: ""
-                raise ValueError(f"{stage1} was trained with {field}={saved['config'].get(field, '')!r}, "
+        # (and the record must say how it was trained); a file older than a field has its default
+        defaults = {f.name: f.default for f in fields(TinyConfig)}
+        for field in ("seed", "num_examples", "family_weights", "stage1_length_share", "vocab_size",
+                      "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            was = saved["config"].get(field, defaults[field])
+            if was != getattr(c, field):
+                raise ValueError(f"{stage1} was trained with {field}={was!r}, "
                                  f"this run has {field}={getattr(c, field)!r}")
         model.load_state_dict(saved["state"])
         info["stage1_from"], info["stage1_final_loss"] = str(stage1), saved["final_loss"]
     else:
         # stage 2 replays `data` only: the reference lengths would contradict the model's own
+        length_data = reference_length_pairs(tok, examples, int(c.stage1_length_share * len(examples)), c.seed + 3000)
         losses1 = train_steps(model, data + length_data, c.stage1_steps, c.lr, c, pad, "stage 1: instructions", dev)
         info["stage1_final_loss"] = sum(losses1[-20:]) / len(losses1[-20:])
         if save_stage1 is not None:
