@@ -428,13 +428,11 @@ def parse_weights(spec: str) -> dict[str, float]:
     the empty string is no weights."""
     out: dict[str, float] = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, sep, value = item.partition(":")
+        name, _, value = item.partition(":")
         try:
-            out[name.strip()] = float(value)
+            out[name.strip()] = float(value)  # no ":" leaves value "", which float refuses too
         except ValueError:
-            sep = ""
-        if not sep:
-            raise ValueError(f"family_weights takes FAMILY:WEIGHT items separated by commas, got {item!r}")
+            raise ValueError(f"family_weights takes FAMILY:WEIGHT items separated by commas, got {item!r}") from None
     unknown = [f for f in out if f not in FAMILIES]
     if unknown:
         raise ValueError(f"family_weights names unknown task families {unknown}; known: {sorted(FAMILIES)}")
