@@ -128,8 +128,14 @@ def test_stage2_from_saved_stage1_weights_reproduces_the_full_run(tmp_path):
     assert "perception_warmup_final_loss" in warm and "perception_warmup_final_loss" not in resumed
     assert not all(torch.equal(w[k], b[k]) for k in w)
     with pytest.raises(ValueError, match="stage1_length_share"):  # trained otherwise than the saved one
-        train_tiny(tmp_path / "other", TinyConfig(**{**c, "stage1_length_share": 0.1}), device="cpu",
+        train_tiny(tmp_path / "other", TinyConfig(**{**c, "stage1_length_share": 0.3}), device="cpu",
                    stage1=tmp_path / "s1.pt")
+    # a file from before stage1_length_share existed was trained without it, whatever the default is now
+    saved = torch.load(tmp_path / "s1.pt")
+    del saved["config"]["stage1_length_share"]
+    torch.save(saved, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="stage1_length_share=0.0"):
+        train_tiny(tmp_path / "other", TinyConfig(**c), device="cpu", stage1=tmp_path / "old.pt")
     with pytest.raises(ValueError, match="family_weights"):  # other data than the saved stage 1's
         train_tiny(tmp_path / "other", TinyConfig(**{**c, "family_weights": "story:2"}), device="cpu",
                    stage1=tmp_path / "s1.pt")
