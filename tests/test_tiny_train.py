@@ -23,6 +23,7 @@ from lengthwise.tiny.train import (
     render,
     round10,
     save_weights,
+    train_steps,
     train_tiny,
 )
 
@@ -64,6 +65,32 @@ def test_stage1_length_warm_start_answers_the_query_with_the_reference_length():
         assert tok.decode(ids[prompt_len:]) == str(round10(generated))
     with pytest.raises(ValueError, match="stage1_length_share"):
         TinyConfig(stage1_length_share=1.5)
+
+
+def test_example_weights_scale_each_examples_tokens_in_the_loss():
+    from lengthwise.tiny.train import TinyLlama
+
+    c = TinyConfig(**QUICK)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(1, c.vocab_size, (n,), generator=g).tolist(), n // 2) for n in (9, 12, 15, 18) * 6]
+
+    def trained(weights):
+        torch.manual_seed(0)
+        model = TinyLlama(c)
+        losses = train_steps(model, data, 3, 1e-3, c, 0, "w", torch.device("cpu"), weights=weights)
+        return losses, [p.detach().clone() for p in model.parameters()]
+
+    plain, plain_params = trained(None)
+    ones, ones_params = trained([1.0] * len(data))  # a weighted mean with equal weights is the token mean
+    assert ones == pytest.approx(plain, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_params, ones_params, strict=True))
+    tilted, tilted_params = trained([1.0, 1.0, 1.0, 8.0] * 6)  # the longest examples weigh 8 times as much
+    assert tilted[0] != pytest.approx(plain[0], rel=1e-4)
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain_params, tilted_params, strict=True))
+    with pytest.raises(ValueError, match="weights"):
+        train_steps(TinyLlama(c), data, 1, 1e-3, c, 0, "w", torch.device("cpu"), weights=[1.0])
+    with pytest.raises(ValueError, match="stage1_length_weight"):
+        TinyConfig(stage1_length_weight=0)
 
 
 def test_list_answers_name_distinct_members_in_the_kinds_order():
@@ -136,6 +163,11 @@ def test_stage2_from_saved_stage1_weights_reproduces_the_full_run(tmp_path):
     torch.save(saved, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="stage1_length_share=0.0"):
         train_tiny(tmp_path / "other", TinyConfig(**c), device="cpu", stage1=tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="stage1_length_weight"):
+        train_tiny(tmp_path / "other", TinyConfig(**{**c, "stage1_length_weight": 0.5}), device="cpu",
+                   stage1=tmp_path / "s1.pt")
+    lighter = train_tiny(tmp_path / "lighter", TinyConfig(**{**c, "stage1_length_weight": 0.5}), device="cpu")
+    assert lighter["stage1_final_loss"] != pytest.approx(full["stage1_final_loss"], rel=1e-4)
     with pytest.raises(ValueError, match="family_weights"):  # other data than the saved stage 1's
         train_tiny(tmp_path / "other", TinyConfig(**{**c, "family_weights": "story:2"}), device="cpu",
                    stage1=tmp_path / "s1.pt")

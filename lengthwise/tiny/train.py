@@ -77,6 +77,11 @@ class TinyConfig:
     # shipped) the stage-1 model answers as well as without it (83.5% against 82.9%) and stage 2
     # hardly moves the answers; at 0.2 with 5,000 steps it answered only 70.5% right.
     stage1_length_share: float = 0.1
+    # How much each of those length examples' answer tokens weighs in stage 1's loss against an
+    # instruction answer's token (1.0: the plain token mean, the shipped run). Untested guess from
+    # run 19 (share 0.2: 74% right against 84%): the length tokens' loss stays high while the
+    # answers' falls near 0.1, so they may take most of the gradient; a weight below 1 tests that.
+    stage1_length_weight: float = 1.0
     # The same warm start as a round of its own after stage 1 (before the Perception rounds): this
     # many stage-1 instructions with the query and their reference lengths, mixed one to one with
     # stage-1 replay, `stage2_steps` at `stage2_lr`. 0 skips it.
@@ -118,6 +123,8 @@ class TinyConfig:
     min_lr_ratio: float = 0.05
 
     def __post_init__(self) -> None:
+        if self.stage1_length_weight <= 0:
+            raise ValueError(f"stage1_length_weight must be positive, got {self.stage1_length_weight}")
         if not 0.0 <= self.stage1_length_share <= 1.0:
             raise ValueError(f"stage1_length_share must be in [0, 1], got {self.stage1_length_share}")
         if self.stage2_replay not in ("own", "reference"):
@@ -267,9 +274,10 @@ def encode_pairs(tok: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[
 
 
 def batches(data: list[tuple[list[int], int]], tokens_per_batch: int, rng: random.Random,
-            pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (ids, labels) batches of about `tokens_per_batch` padded tokens, similar lengths
-    together (chunks of the shuffled data sorted by length), labels -100 on prompts and padding."""
+            pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+    """Endless (ids, labels, rows) batches of about `tokens_per_batch` padded tokens, similar
+    lengths together (chunks of the shuffled data sorted by length), labels -100 on prompts and
+    padding; `rows` are the examples' indices in `data`."""
     while True:
         order = list(range(len(data)))
         rng.shuffle(order)
@@ -293,14 +301,18 @@ def batches(data: list[tuple[list[int], int]], tokens_per_batch: int, rng: rando
                 seq, n_prompt = data[i]
                 ids[row, :len(seq)] = torch.tensor(seq)
                 labels[row, n_prompt - 1:len(seq) - 1] = torch.tensor(seq[n_prompt:])
-            yield ids, labels
+            yield ids, labels, group
 
 
 def train_steps(model: TinyLlama, data: list[tuple[list[int], int]], steps: int, peak_lr: float, c: TinyConfig,
-                pad_id: int, desc: str, device: torch.device, per_example: bool = False) -> list[float]:
+                pad_id: int, desc: str, device: torch.device, per_example: bool = False,
+                weights: Sequence[float] | None = None) -> list[float]:
     """AdamW for `steps` steps over `data`; returns the per-step losses. The loss is the mean over
     answer tokens, or with `per_example` the mean over examples of each one's token mean, so that a
-    two-token answer (a length) weighs as much as a long one."""
+    two-token answer (a length) weighs as much as a long one, or with `weights` (one per example)
+    the token mean with each example's tokens weighted by its weight."""
+    if weights is not None and (per_example or len(weights) != len(data)):
+        raise ValueError("weights: one per example, and not together with per_example")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
@@ -313,16 +325,19 @@ def train_steps(model: TinyLlama, data: list[tuple[list[int], int]], steps: int,
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = peak_lr * schedule(step)
-        ids, labels = next(it)
+        ids, labels, rows = next(it)
         ids, labels = ids.to(device), labels.to(device)
         where = labels != -100
         logits = model(ids, where)
         token_loss = F.cross_entropy(logits, labels[where], reduction="none")
-        if per_example:
+        if weights is not None:
+            w = torch.tensor([weights[i] for i in rows], device=device)[where.nonzero()[:, 0]]
+            loss = (token_loss * w).sum() / w.sum()
+        elif per_example:
             row = where.nonzero()[:, 0]
             counts = where.sum(1)
-            weights = 1.0 / (counts[row] * int((counts > 0).sum()))
-            loss = (token_loss * weights).sum()
+            share = 1.0 / (counts[row] * int((counts > 0).sum()))
+            loss = (token_loss * share).sum()
         else:
             loss = token_loss.mean()
         opt.zero_grad(set_to_none=True)
@@ -503,7 +518,7 @@ def perception_round(model: TinyLlama, tok: Any, data: list[tuple[list[int], int
 
 
 # What a saved stage 1 from before these fields existed was trained with.
-SAVED_BEFORE_FIELD: dict[str, Any] = {"family_weights": "", "stage1_length_share": 0.0}
+SAVED_BEFORE_FIELD: dict[str, Any] = {"family_weights": "", "stage1_length_share": 0.0, "stage1_length_weight": 1.0}
 
 
 def train_tiny(out: Path, c: TinyConfig, device: str = "auto", save_stage1: Path | None = None,
@@ -532,8 +547,8 @@ def train_tiny(out: Path, c: TinyConfig, device: str = "auto", save_stage1: Path
         # (and the record must say how it was trained); a file older than a field was trained
         # without it (the field's value before it existed), others have the field's default
         defaults = {f.name: f.default for f in fields(TinyConfig)} | SAVED_BEFORE_FIELD
-        for field in ("seed", "num_examples", "family_weights", "stage1_length_share", "vocab_size",
-                      "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        for field in ("seed", "num_examples", "family_weights", "stage1_length_share", "stage1_length_weight",
+                      "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
             was = saved["config"].get(field, defaults[field])
             if was != getattr(c, field):
                 raise ValueError(f"{stage1} was trained with {field}={was!r}, "
@@ -543,7 +558,10 @@ def train_tiny(out: Path, c: TinyConfig, device: str = "auto", save_stage1: Path
     else:
         # stage 2 replays `data` only: the reference lengths would contradict the model's own
         length_data = reference_length_pairs(tok, examples, int(c.stage1_length_share * len(examples)), c.seed + 3000)
-        losses1 = train_steps(model, data + length_data, c.stage1_steps, c.lr, c, pad, "stage 1: instructions", dev)
+        weights = (None if c.stage1_length_weight == 1.0 else  # None: the exact token mean of the shipped run
+                   [1.0] * len(data) + [c.stage1_length_weight] * len(length_data))
+        losses1 = train_steps(model, data + length_data, c.stage1_steps, c.lr, c, pad, "stage 1: instructions", dev,
+                              weights=weights)
         info["stage1_final_loss"] = sum(losses1[-20:]) / len(losses1[-20:])
         if save_stage1 is not None:
             torch.save({"state": model.state_dict(), "final_loss": info["stage1_final_loss"],
