@@ -78,9 +78,9 @@ class TinyConfig:
     # hardly moves the answers; at 0.2 with 5,000 steps it answered only 70.5% right.
     stage1_length_share: float = 0.1
     # How much each of those length examples' answer tokens weighs in stage 1's loss against an
-    # instruction answer's token (1.0: the plain token mean, the shipped run). Untested guess from
-    # run 19 (share 0.2: 74% right against 84%): the length tokens' loss stays high while the
-    # answers' falls near 0.1, so they may take most of the gradient; a weight below 1 tests that.
+    # instruction answer's token (1.0: the plain token mean, the shipped run). An untested guess
+    # from run 19 (share 0.2: 74% right against 84%): if the length tokens' loss stays high while
+    # the answers' falls, they take a large share of the gradient; a weight below 1 tests that.
     stage1_length_weight: float = 1.0
     # The same warm start as a round of its own after stage 1 (before the Perception rounds): this
     # many stage-1 instructions with the query and their reference lengths, mixed one to one with
