@@ -141,12 +141,22 @@ def test_quick_recipe_writes_a_checkpoint_transformers_and_lengthwise_agree_on(t
 
 
 def test_stage2_from_saved_stage1_weights_reproduces_the_full_run(tmp_path):
-    c = dict(QUICK, stage1_steps=8, stage2_rounds=1, stage2_steps=4, stage2_examples=16, probe_examples=24)
+    c = dict(QUICK, stage1_steps=8, stage1_restart_steps=0, stage2_rounds=1, stage2_steps=4, stage2_examples=16,
+             probe_examples=24)
     full = train_tiny(tmp_path / "full", TinyConfig(**c), device="cpu", save_stage1=tmp_path / "s1.pt")
     resumed = train_tiny(tmp_path / "resumed", TinyConfig(**c), device="cpu", stage1=tmp_path / "s1.pt")
     assert resumed["stage1_final_loss"] == full["stage1_final_loss"] and "stage1_from" in resumed
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the warm restart runs after the saved point: a saved stage 1 goes through it as a fresh one does
+    restart = TinyConfig(**{**c, "stage1_restart_steps": 3})
+    fresh = train_tiny(tmp_path / "r_fresh", restart, device="cpu")
+    again = train_tiny(tmp_path / "r_saved", TinyConfig(**{**c, "stage1_restart_steps": 3}), device="cpu",
+                       stage1=tmp_path / "s1.pt")
+    assert "stage1_restart_final_loss" not in full
+    assert again["stage1_restart_final_loss"] == fresh["stage1_restart_final_loss"]
+    r, s = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("r_fresh", "r_saved"))
+    assert all(torch.equal(r[k], s[k]) for k in r) and not all(torch.equal(r[k], a[k]) for k in r)
     with pytest.raises(ValueError, match="num_layers"):  # another shape than the saved stage 1
         train_tiny(tmp_path / "other", TinyConfig(**{**c, "num_layers": 3}), device="cpu", stage1=tmp_path / "s1.pt")
     warm = train_tiny(tmp_path / "warm", TinyConfig(**c, perception_warmup_examples=30), device="cpu",
