@@ -75,7 +75,7 @@ class TinyConfig:
     # 10). A range's length needs subtraction ("Count down from 77 to 37." is 41 numbers), which
     # stage 2's 12,000 examples of the model's own lengths are too few to teach; the Perception
     # rounds then move these labels to the model's own lengths. At 0.1 with 6,000 steps (run 16;
-    # the shipped run 27 keeps it) the stage-1 model answers as well as without it (83.5% against
+    # the shipped run 28 keeps it) the stage-1 model answers as well as without it (83.5% against
     # 82.9%); at 0.2 with 5,000 steps it answered only 70.5% right.
     stage1_length_share: float = 0.1
     # How much each of those length examples' answer tokens weighs in stage 1's loss against an
@@ -87,7 +87,7 @@ class TinyConfig:
     # lower peak. Measured (eleventh session, from the shipped 6,000-step stage 1): 1,500 more
     # steps at 3e-4 took the stage-1 model from 83.5% to 88.4% right on 2,500 held-out
     # instructions (numbers written out in words from 43% to 72%); 3,000 steps (run 28, shipped)
-    # to 90.0% before the Perception rounds and 89.5% after. It runs after the point that
+    # to 90.0% before the Perception rounds (89.5% of the 2,500 after them). It runs after the point that
     # `--save-stage1` saves, so a saved stage 1 goes through it as a fresh one does. 0 skips it.
     stage1_restart_steps: int = 3000
     stage1_restart_lr: float = 3e-4
