@@ -1,6 +1,7 @@
 """Issue 9's acceptance numbers for any checkpoint of the tiny model (the shipped one by default):
-the ten fixed held-out instructions, the `self` predictor on the test's 200 instructions, and the
-error floor that rounding lengths to the nearest 10 puts under that MAE.
+the ten fixed held-out instructions, the `self` predictor on the test's 200 instructions (its error
+split between the answers the model gets right and those it gets wrong), and the error floor that
+rounding lengths to the nearest 10 puts under that MAE.
 
     .venv/bin/python benchmarks/tiny_acceptance.py [--model DIR] [--training-overlap] [--also SEED ...]
 
@@ -58,6 +59,14 @@ def main() -> None:
         m = report["metrics"]
         print(f"self on {name}: MAE {m['mae']:.1f} tokens = {m['mae_share']:.1%} of the mean "
               f"{m['mean_length']:.1f}, Kendall tau {m['kendall_tau']:.3f}")
+        # Where the error comes from: lengths the model mispredicts for answers it gets right (what
+        # Perception teaches), or answers that fail (mostly runaways it does not foresee).
+        right = [tasks.check(e, a) for e, a in zip(examples, report["answers"], strict=True)]
+        err = [abs(pred - a) for pred, a in zip(report["predicted"], report["actual"], strict=True)]
+        for ok, label in ((True, "right"), (False, "wrong")):
+            part = sum(x for x, r in zip(err, right, strict=True) if r == ok)
+            print(f"  the {right.count(ok)} {label} answers: {part:.0f} tokens of error, "
+                  f"{part / len(examples):.2f} per instruction of the set")
         if examples is held and args.worst > 0:
             rows = sorted(zip(examples, report["predicted"], report["actual"], report["answers"], strict=True),
                           key=lambda row: -abs(row[1] - row[2]))

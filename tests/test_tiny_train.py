@@ -4,6 +4,7 @@ loads in lengthwise and in transformers with the same greedy output."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -21,8 +22,10 @@ from lengthwise.tiny.train import (
     format_evaluation,
     reference_length_pairs,
     render,
+    restart_length_pairs,
     round10,
     save_weights,
+    stage1_data,
     train_steps,
     train_tiny,
 )
@@ -202,3 +205,29 @@ def test_digit_splitting_tokenizer_gives_every_digit_its_own_token(tmp_path):
     save_tokenizer(tok, tmp_path, 1024)
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert hf(text, add_special_tokens=False)["input_ids"] == enc.ids
+
+
+def test_restart_length_examples_are_fresh_instructions_of_their_mix_with_reference_lengths():
+    from lengthwise.predict.self_predict import QUERY
+    from lengthwise.tiny.tokenizer import ASSISTANT, BOS, USER
+
+    c = TinyConfig(**dict(QUICK, stage1_restart_length_examples=60, stage1_restart_length_weights="count_down:1000"))
+    _, tok, _, _ = stage1_data(c)
+    pairs = restart_length_pairs(tok, c)
+    assert len(pairs) == 60
+    down = 0
+    for ids, n_prompt in pairs:
+        prompt, answer = tok.decode(ids[:n_prompt], skip_special_tokens=False), tok.decode(ids[n_prompt:])
+        assert prompt.startswith(BOS + USER) and prompt.endswith(QUERY + ASSISTANT)
+        m = re.fullmatch(r"Count down from (\d+) to (\d+)\.", prompt[len(BOS + USER):-len(QUERY + ASSISTANT)])
+        if m:  # the answer is the reference count-down's length (its tokens and EOS) rounded to 10
+            b, a = int(m[1]), int(m[2])
+            reference = ", ".join(map(str, range(b, a - 1, -1))) + "."
+            assert answer == str(round10(len(tok.encode(reference).ids) + 1))
+            down += 1
+    assert down >= 55  # the mix: count_down weighs 1,000 against 1 for each other family
+    assert restart_length_pairs(tok, TinyConfig(**QUICK)) == []
+    with pytest.raises(ValueError, match="stage1_restart_length_examples"):
+        TinyConfig(stage1_restart_length_examples=-1)
+    with pytest.raises(ValueError, match="unknown task families"):
+        TinyConfig(stage1_restart_length_weights="juggling:2")
