@@ -158,6 +158,10 @@ def test_stage2_from_saved_stage1_weights_reproduces_the_full_run(tmp_path):
                        stage1=tmp_path / "s1.pt")
     assert "stage1_restart_final_loss" not in full
     assert again["stage1_restart_final_loss"] == fresh["stage1_restart_final_loss"]
+    more = train_tiny(tmp_path / "r_more", TinyConfig(**{**c, "stage1_restart_steps": 3,
+                                                         "stage1_restart_length_examples": 200}),
+                      device="cpu", stage1=tmp_path / "s1.pt")  # the restart's extra length examples
+    assert more["stage1_restart_final_loss"] != pytest.approx(fresh["stage1_restart_final_loss"], rel=1e-3)
     r, s = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("r_fresh", "r_saved"))
     assert all(torch.equal(r[k], s[k]) for k in r) and not all(torch.equal(r[k], a[k]) for k in r)
     with pytest.raises(ValueError, match="num_layers"):  # another shape than the saved stage 1

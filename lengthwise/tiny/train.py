@@ -95,9 +95,9 @@ class TinyConfig:
     # drawn with `stage1_restart_length_weights` (same form as `family_weights`). Run 28 answers the
     # range families all right, yet errs most on their lengths (count_down 15.4 tokens, numbers in
     # words 16.2 on the per-family set): a range's length needs a subtraction, and stage 1's share
-    # holds about 1,200 of each family. Run 30 (twelfth session: 40,000, range families weighted
-    # up to 8) answered fewer right (87.8% before the rounds against 90.0%) and erred as much on
-    # lengths (4.9 tokens on the test's 200 against 4.6). 0 adds none (the shipped run).
+    # holds about 1,200 of each family. Runs 30 and 32 (twelfth session: 40,000, range families
+    # weighted up to 8) cut the error on right answers by 10-30%, but answered about 2 points fewer
+    # right, and the new failures' error gave most of it back. 0 adds none (the shipped run).
     stage1_restart_length_examples: int = 0
     stage1_restart_length_weights: str = ""
     # The same warm start as a round of its own after stage 1 (before the Perception rounds): this
