@@ -97,7 +97,9 @@ class TinyConfig:
     # words 16.2 on the per-family set): a range's length needs a subtraction, and stage 1's share
     # holds about 1,200 of each family. Runs 30 and 32 (twelfth session: 40,000, range families
     # weighted up to 8) cut the error on right answers by 10-30%, but answered about 2 points fewer
-    # right, and the new failures' error gave most of it back. 0 adds none (the shipped run).
+    # right, and the new failures' error gave most of it back. Run 33 (20,000, restart at 5e-4)
+    # kept the accuracy and lowered the `self` error on every set: the next default to ship and
+    # time (docs, twelfth session). 0 adds none (the shipped run 28).
     stage1_restart_length_examples: int = 0
     stage1_restart_length_weights: str = ""
     # The same warm start as a round of its own after stage 1 (before the Perception rounds): this
