@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/tiny_length_decoding.py [--model DIR] [--seed 778] [--num 200]
 
-For each instruction, every rounded length the Perception rounds teach (10, 20, ..., 510) is scored
-by the log-probability of its tokens and EOS after the length query (transformers, float32); the
-scores are normalised over those candidates and read four ways: greedy decoding (the `self`
-predictor as shipped), the most likely candidate, the median and the mean. Each is scored by its
-MAE against the lengths the model then really answers in (seed 778, 200 instructions: the
-acceptance test's set).
+Two families of reads, each scored by its MAE (and Kendall tau) against the lengths the model then
+really answers in (seed 778, 200 instructions: the acceptance test's set):
+
+- through the engine: `self-greedy` (the paper's greedy answer) and `self` (the default: the
+  likely first tokens completed greedily, their numbers' binned median; see
+  lengthwise/predict/self_predict.py);
+- exact candidate scoring with transformers (float32): every rounded length the Perception rounds
+  teach (0, 10, ..., 510) scored by the log-probability of its tokens and EOS after the length
+  query, normalised over those candidates, and read as the most likely candidate, the median, the
+  mean, and the binned median (each candidate spread over the lengths that round to it).
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from pathlib import Path
 import torch
 
 from lengthwise.model.default import default_model_dir
-from lengthwise.predict.self_predict import QUERY
+from lengthwise.predict.metrics import kendall_tau
+from lengthwise.predict.self_predict import QUERY, binned_median
 from lengthwise.tiny import tasks
 from lengthwise.tiny.demo import perception
 from lengthwise.tokenizer import Tokenizer
 
-CANDIDATES = list(range(10, 520, 10))
+CANDIDATES = list(range(0, 520, 10))
 
 
 def candidate_distribution(model: torch.nn.Module, tok: Tokenizer, instruction: str, eos: int) -> torch.Tensor:
@@ -51,21 +56,28 @@ def main() -> None:
     args = p.parse_args()
     model_dir = args.model or default_model_dir()
     examples = tasks.generate(args.num, seed=args.seed)
-    report = perception(model_dir, [e.instruction for e in examples], kinds=("self",))["self"]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    instructions = [e.instruction for e in examples]
+    report = perception(model_dir, instructions, kinds=("self-greedy", "self"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = Tokenizer(model_dir)
     values = torch.tensor(CANDIDATES, dtype=torch.float)
-    reads: dict[str, list[float]] = {"greedy": list(report["predicted"]), "most likely": [], "median": [], "mean": []}
+    reads: dict[str, list[float]] = {"engine, self-greedy": list(report["self-greedy"]["predicted"]),
+                                     "engine, self (default)": list(report["self"]["predicted"]),
+                                     "scored, most likely": [], "scored, median": [], "scored, mean": [],
+                                     "scored, binned median": []}
     for e in examples:
         w = candidate_distribution(model, tok, e.instruction, model.config.eos_token_id)
-        reads["most likely"].append(CANDIDATES[int(w.argmax())])
-        reads["median"].append(CANDIDATES[int((torch.cumsum(w, 0) < 0.5).sum())])
-        reads["mean"].append(float((w * values).sum()))
-    actual = report["actual"]
+        reads["scored, most likely"].append(max(CANDIDATES[int(w.argmax())], 1))
+        reads["scored, median"].append(max(CANDIDATES[int((torch.cumsum(w, 0) < 0.5).sum())], 1))
+        reads["scored, mean"].append(max(float((w * values).sum()), 1.0))
+        reads["scored, binned median"].append(max(binned_median(CANDIDATES, w.tolist(), 10.0), 1.0))
+    actual = report["self"]["actual"]
+    assert actual == report["self-greedy"]["actual"]  # the same greedy answers, whichever read
     mean = sum(actual) / len(actual)
     for name, predicted in reads.items():
         mae = sum(abs(a - b) for a, b in zip(predicted, actual, strict=True)) / len(actual)
-        print(f"{name:>11}: MAE {mae:.2f} tokens = {mae / mean:.1%} of the mean {mean:.1f}")
+        print(f"{name:>22}: MAE {mae:.2f} tokens = {mae / mean:.1%} of the mean {mean:.1f}, "
+              f"Kendall tau {kendall_tau(predicted, actual):.3f}")
 
 
 if __name__ == "__main__":

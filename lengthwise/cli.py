@@ -38,7 +38,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together at most (default 256)")
     add_policy_arguments(p)
     p.add_argument("--length-predictor", default=None,
-                   help="predict each response's length first: a predictor directory, 'self' or 'self:DIR'")
+                   help="predict each response's length first: a predictor directory, 'self', "
+                   "'self-greedy' or either with ':DIR'")
     p.set_defaults(func=_cmd_generate)
 
 

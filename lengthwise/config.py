@@ -20,8 +20,9 @@ class EngineConfig:
     by later requests whose prompts start with the same tokens, as vLLM's automatic prefix caching.
     `policy`/`policy_options`: the scheduling policy by name (`fcfs`/`continuous`,
     `continuous-sjf`, `static`, `sequence`, `multibin`) and its keyword options.
-    `length_predictor`: a saved predictor directory, `"oracle"`, `"self"` or `"self:DIR"`, or a
-    `LengthPredictor`; every request gets a predicted length before it is scheduled.
+    `length_predictor`: a saved predictor directory, `"oracle"`, `"self"`, `"self-greedy"`
+    (either with `":DIR"`, a fallback predictor), or a `LengthPredictor`; every request gets a
+    predicted length before it is scheduled.
     `record_lengths`: a JSONL file to which each finished request appends its prompt, the
     model's hidden state at the end of prefill and its real length (the probe's training data).
     `enforce_eager`: on CUDA, run every step eagerly instead of replaying decode steps as CUDA

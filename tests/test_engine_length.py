@@ -72,7 +72,8 @@ def _self_check(llm: LLM, n: int) -> None:
 
 
 def test_self_predictor_asks_the_model_and_counts_fallbacks(random_model):
-    llm = LLM(random_model, dtype="float32", device="cpu", length_predictor="self")
+    llm = LLM(random_model, dtype="float32", device="cpu", length_predictor="self-greedy")
+    assert llm.engine.length.predictor.read == "greedy"
     outs = llm.generate(["tell me about rivers", "count to ten", "hi"], PARAMS, use_tqdm=False)
     _self_check(llm, 3)
     predictor = llm.engine.length.predictor
@@ -85,7 +86,7 @@ def test_self_predictor_asks_the_model_and_counts_fallbacks(random_model):
 @requires_stories
 def test_self_predictor_on_a_real_model_falls_back_and_counts():
     # stories260k writes stories, not numbers: every answer is unparsable and falls back.
-    llm = LLM(STORIES, dtype="float32", device="cpu", length_predictor="self")
+    llm = LLM(STORIES, dtype="float32", device="cpu", length_predictor="self-greedy")
     outs = llm.generate(["Once upon a time", "The cat"], PARAMS, use_tqdm=False)
     _self_check(llm, 2)
     assert all(o.predicted_length is not None for o in outs)

@@ -28,7 +28,7 @@ from lengthwise.predict.base import LengthPrediction
 from lengthwise.predict.heads import LengthHead, default_edges, head_loss, readout_all
 from lengthwise.predict.metrics import bin_accuracy
 from lengthwise.predict.proxy import query_text
-from lengthwise.predict.self_predict import parse_length
+from lengthwise.predict.self_predict import binned_median, parse_length
 
 # A synthetic task family with a known length rule: the adjective decides the length, the topic
 # is noise. A predictor that learns the rule gets within a few tokens; the median is ~100 off.
@@ -257,6 +257,24 @@ def test_prediction_quantiles_and_probabilities():
     assert LengthPrediction(7.0).quantile(0.9) == 7.0
     with pytest.raises(ValueError, match="q must be"):
         p.quantile(1.5)
+
+
+def test_binned_median_spreads_each_number_over_what_rounds_to_it():
+    assert binned_median([20], [1.0], 10) == 20
+    assert binned_median([20, 30], [1.0, 1.0], 10) == pytest.approx(25)  # torn between two: halfway
+    # CDF: 0.25 over [15, 25), then 0.25 + 0.75 (x - 25) / 10 reaches 0.5 at 25 + 10/3
+    assert binned_median([30, 20], [3.0, 1.0], 10) == pytest.approx(25 + 10 / 3)
+    assert binned_median([20, 40, 400], [0.3, 0.3, 0.4], 10) == pytest.approx(35 + 10 * (0.2 / 0.3))
+    # overlapping intervals: two uniforms on [10, 20) and [14, 24), equal weight; F(x) = 0.5 at 17
+    assert binned_median([15, 19], [1.0, 1.0], 10) == pytest.approx(17)
+    assert binned_median([20, 40], [1.0, 1.0], 10) == pytest.approx(30)  # even split, gap between: the middle
+    assert binned_median([10, 20, 30], [1.0, 1.0, 3.0], 0) == 30  # width 0: the plain weighted median
+    assert binned_median([10, 20, 30], [1.0, 1.0, 2.0], 0) == 25
+    assert binned_median([10, 20, 30], [1.0, 0.0, 0.5], 0) == 10  # zero weights take no part
+    with pytest.raises(ValueError, match="positive weight"):
+        binned_median([10], [0.0], 10)
+    with pytest.raises(ValueError, match="width"):
+        binned_median([10], [1.0], -1)
 
 
 def test_parse_length_reads_the_first_integer():

@@ -48,7 +48,7 @@ def _named(spec: str) -> tuple[str, str]:
 def cmd_predictors(args: argparse.Namespace) -> int:
     import torch
 
-    from lengthwise.predict import load_length_data, make_predictor
+    from lengthwise.predict import is_self_spec, load_length_data, make_predictor
     from lengthwise.predict.evaluate import evaluate
     from lengthwise.predict.head_predictor import HeadPredictor
     from lengthwise.predict.heads import READOUTS
@@ -61,7 +61,7 @@ def cmd_predictors(args: argparse.Namespace) -> int:
     for spec in args.predictor:
         name, path = _named(spec)
         engine = None
-        if path == "self" or path.startswith("self:"):
+        if is_self_spec(path):
             if args.model is None:
                 raise ValueError("--predictor self asks a model: pass --model MODEL_DIR")
             from lengthwise.engine.llm_engine import LLMEngine

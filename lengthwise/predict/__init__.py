@@ -37,15 +37,23 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ConstantPredictor", "LengthDataset", "LengthPrediction", "LengthPredictor", "LengthQuery", "LengthRecord",
-    "OraclePredictor", "ProbePredictor", "ProxyPredictor", "SelfPredictor", "TrainConfig", "kendall_tau",
-    "length_metrics", "load_length_data", "load_predictor", "make_predictor", "train_probe", "train_proxy",
+    "OraclePredictor", "ProbePredictor", "ProxyPredictor", "SelfPredictor", "TrainConfig", "is_self_spec",
+    "kendall_tau", "length_metrics", "load_length_data", "load_predictor", "make_predictor", "train_probe",
+    "train_proxy",
 ]
+
+
+def is_self_spec(spec: str | Path | LengthPredictor) -> bool:
+    """Whether `spec` names the `self` predictor (`self`, `self-greedy`, either with `:DIR`)."""
+    return isinstance(spec, str) and spec.partition(":")[0] in ("self", "self-greedy")
 
 
 def make_predictor(spec: str | Path | LengthPredictor, engine: LLMEngine | None = None,
                    allow_benchmark_only: bool = True) -> LengthPredictor:
     """A predictor from a spec: a saved predictor directory, `"oracle"`, `"self"`, or
-    `"self:DIR"` (self with the predictor in DIR as the fallback for unparsable answers)."""
+    `"self:DIR"` (self with the predictor in DIR as the fallback for unparsable answers);
+    `"self-greedy"` and `"self-greedy:DIR"` read the model's greedy answer instead of its
+    answer distribution's median (see `SelfPredictor`)."""
     if isinstance(spec, LengthPredictor):
         check_allowed(type(spec), allow_benchmark_only)
         return spec
@@ -53,14 +61,16 @@ def make_predictor(spec: str | Path | LengthPredictor, engine: LLMEngine | None 
     if text == "oracle":
         check_allowed(OraclePredictor, allow_benchmark_only)
         return OraclePredictor()
-    if text == "self" or text.startswith("self:"):
+    if is_self_spec(text):
         if engine is None:
-            raise ValueError("length_predictor 'self' asks the served model, so it needs an engine")
-        fallback = load_predictor(text[5:], allow_benchmark_only) if text.startswith("self:") else None
-        return SelfPredictor(engine, fallback)
+            raise ValueError(f"length_predictor {text!r} asks the served model, so it needs an engine")
+        name, _, fallback_dir = text.partition(":")
+        fallback = load_predictor(fallback_dir, allow_benchmark_only) if fallback_dir else None
+        return SelfPredictor(engine, fallback, read="greedy" if name == "self-greedy" else "median")
     if text in registered_kinds():
         raise ValueError(f"length_predictor {text!r} must be trained first: `lengthwise predictor train --kind "
                          f"{text} ... --out DIR`, then pass DIR")
     if not Path(text).is_dir():
-        raise ValueError(f"length_predictor {text!r} is neither a predictor directory nor one of 'oracle', 'self'")
+        raise ValueError(f"length_predictor {text!r} is neither a predictor directory nor one of 'oracle', "
+                     "'self', 'self-greedy'")
     return load_predictor(text, allow_benchmark_only)

@@ -112,11 +112,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from lengthwise.predict import make_predictor
+    from lengthwise.predict import is_self_spec, make_predictor
 
     _threads(args.threads)
     engine = None
-    if args.predictor == "self" or args.predictor.startswith("self:"):
+    if is_self_spec(args.predictor):
         if args.model is None:
             raise ValueError("--predictor self asks a model: pass --model MODEL_DIR")
         from lengthwise.engine.llm_engine import LLMEngine

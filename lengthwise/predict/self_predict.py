@@ -2,14 +2,28 @@
 
 The first paper appends a query to the user's instruction and lets the model answer with a
 number. We send the request's prompt followed by the paper's query, through the model's chat
-template when it has one, decode greedily for at most 8 tokens, and parse the first integer.
-An answer without one falls back to another predictor (default: a constant) and is counted.
-The paper LoRA-tunes the model to answer well; that step is out of scope, so an untuned model's
-answers are only as good as its instruction following.
+template when it has one, and read the answer one of two ways:
+
+- `"median"` (the default, spec `"self"`): the model's distribution over its answers. The most
+  likely first tokens (up to `TOP_FIRST_TOKENS`, each at least `MIN_FIRST_TOKEN_PROB` likely) are
+  each completed greedily and parsed; the prediction is the median of those numbers weighted by
+  their first token's probability, each number spread evenly over the lengths that round to it
+  (`rounding`, 10 as the paper trains). The median is the point estimate with the least expected
+  absolute error, and a model torn between "20" and "30" is best read as about 25, which greedy
+  decoding cannot say. On the built-in model (run 33) it errs 13.4%, 13.4% and 15.3% of the mean
+  length on three held-out sets against greedy's 16.3%, 14.2% and 16.8% (docs/benchmarks.md).
+- `"greedy"` (spec `"self-greedy"`): the paper's reading, greedy decoding for at most 8 tokens
+  and the first integer in the answer.
+
+An answer without a number falls back to another predictor (default: a constant) and is counted.
+The paper LoRA-tunes the model to answer well; that step is out of scope for served checkpoints
+(the built-in model is trained for it by `lengthwise train-tiny`), so an untuned model's answers
+are only as good as its instruction following.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,6 +36,9 @@ if TYPE_CHECKING:
 QUERY = ("\nDon't output the response for the above instruction. Instead, you need to predict the number "
          "of tokens in your response. Output one number only.")
 MAX_ANSWER_TOKENS = 8
+READS = ("median", "greedy")
+TOP_FIRST_TOKENS = 10
+MIN_FIRST_TOKEN_PROB = 0.01
 _NUMBER = re.compile(r"\d+")
 
 
@@ -31,14 +48,58 @@ def parse_length(text: str) -> int | None:
     return int(m.group()) if m else None
 
 
+def binned_median(values: Sequence[float], weights: Sequence[float], width: float) -> float:
+    """The median of a distribution over `values` (`weights`, any positive scale) where each value's
+    mass is spread evenly over `[value - width/2, value + width/2]`; `width=0` is the plain
+    weighted median. Exact where the intervals overlap too: the mixture's CDF is piecewise linear.
+    Where the CDF stays at one half over a stretch (mass split evenly, a gap between), the middle
+    of that stretch is returned."""
+    pairs = sorted((float(v), float(w)) for v, w in zip(values, weights, strict=True) if w > 0)
+    if not pairs:
+        raise ValueError("binned_median needs at least one positive weight")
+    if width < 0:
+        raise ValueError(f"width must be >= 0, got {width}")
+    total = sum(w for _, w in pairs)
+    half = width / 2
+
+    def cdf(x: float) -> float:
+        if width == 0:
+            return sum(w for v, w in pairs if v <= x) / total
+        return sum(w * min(max((x - v + half) / width, 0.0), 1.0) for v, w in pairs) / total
+
+    points = sorted({v + d for v, _ in pairs for d in (-half, half)})
+    at_half = [x for x in points if math.isclose(cdf(x), 0.5, abs_tol=1e-12)]
+    if width == 0:  # a step CDF: at one half from one value up to the next
+        if at_half:
+            return (at_half[0] + next(x for x in points if x > at_half[0])) / 2
+        return next(x for x in points if cdf(x) > 0.5)
+    if at_half:  # a flat stretch at one half (or a single touching point)
+        return (at_half[0] + at_half[-1]) / 2
+    lo = points[0]
+    for hi in points[1:]:
+        f_lo, f_hi = cdf(lo), cdf(hi)
+        if f_hi > 0.5:  # the CDF is linear between consecutive breakpoints
+            return lo + (hi - lo) * (0.5 - f_lo) / (f_hi - f_lo)
+        lo = hi
+    return points[-1]
+
+
 class SelfPredictor(LengthPredictor):
-    """Asks `engine`'s model (through a private small engine sharing its weights) for lengths."""
+    """Asks `engine`'s model (through a private small engine sharing its weights) for lengths.
+    `read` is `"median"` (the answer distribution's median, numbers spread over `rounding`) or
+    `"greedy"` (the paper's greedy answer); see the module docstring."""
 
     kind = "self"
 
     def __init__(self, engine: LLMEngine, fallback: LengthPredictor | None = None, fallback_length: float = 128.0,
-                 **kwargs: Any) -> None:
+                 read: str = "median", rounding: float = 10.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if read not in READS:
+            raise ValueError(f"read must be one of {READS}, got {read!r}")
+        if rounding < 0:
+            raise ValueError(f"rounding must be >= 0, got {rounding}")
+        self.read = read
+        self.rounding = float(rounding)
         if engine.tokenizer is None:
             raise ValueError("the self predictor needs a tokenizer to ask the model in text")
         from lengthwise.config import EngineConfig
@@ -73,25 +134,60 @@ class SelfPredictor(LengthPredictor):
             return []
         limit = self.asker.max_model_len - MAX_ANSWER_TOKENS
         prompts = [self._fit(self.query_prompt(q), limit) for q in queries]
-        params = SamplingParams(max_tokens=MAX_ANSWER_TOKENS, temperature=0.0)
+        top = TOP_FIRST_TOKENS if self.read == "median" else None
+        params = SamplingParams(max_tokens=MAX_ANSWER_TOKENS, temperature=0.0, logprobs=top)
         outs = run_to_completion(self.asker, prompts, [params] * len(prompts))
         answers = [o.outputs[0].text for o in outs]
         self.last_answers = answers
         self.num_queries += len(queries)
+        if self.read == "median":
+            lengths = self._median_reads(prompts, [o.outputs[0] for o in outs])
+        else:
+            lengths = [None if (n := parse_length(a)) is None else float(n) for a in answers]
         out: list[LengthPrediction | None] = []
         fallback_idx = []
-        for i, a in enumerate(answers):
-            n = parse_length(a)
+        for i, n in enumerate(lengths):
             if n is None:
                 fallback_idx.append(i)
                 out.append(None)
             else:
-                out.append(LengthPrediction(float(min(max(n, 1), self.max_length)), source=self.kind))
+                out.append(LengthPrediction(float(min(max(n, 1.0), self.max_length)), source=self.kind))
         if fallback_idx:
             self.num_fallbacks += len(fallback_idx)
             for i, p in zip(fallback_idx, self.fallback.predict([queries[i] for i in fallback_idx]), strict=True):
                 out[i] = p
         return out  # type: ignore[return-value]
+
+    def _median_reads(self, prompts: list[list[int]], greedy: list[Any]) -> list[float | None]:
+        """Per query, the binned median of the numbers its likely first tokens lead to (None when
+        none of them leads to a number). The greedy answer already completes its own first token;
+        every other likely first token is completed greedily in one more batch, which shares the
+        query's cached prompt blocks."""
+        from lengthwise.engine.llm import run_to_completion
+        from lengthwise.sampling_params import SamplingParams
+
+        tok = self.asker.tokenizer
+        candidates: list[list[tuple[float | None, float]]] = []  # per query: (number, first-token prob)
+        forced: list[tuple[int, int, float]] = []                # (query, first token, its prob)
+        for i, g in enumerate(greedy):
+            first = g.logprobs[0]
+            n = parse_length(g.text)
+            candidates.append([(None if n is None else float(n), math.exp(first.logprob))])
+            for token, lp in first.top:
+                if token != first.token_id and math.exp(lp) >= MIN_FIRST_TOKEN_PROB:
+                    forced.append((i, token, math.exp(lp)))
+        if forced:
+            params = SamplingParams(max_tokens=MAX_ANSWER_TOKENS - 1, temperature=0.0)
+            outs = run_to_completion(self.asker, [prompts[i] + [t] for i, t, _ in forced], [params] * len(forced))
+            for (i, t, p), o in zip(forced, outs, strict=True):
+                n = parse_length(tok.decode([t, *o.outputs[0].token_ids], skip_special_tokens=True))
+                candidates[i].append((None if n is None else float(n), p))
+        reads: list[float | None] = []
+        for mine in candidates:
+            numbers = [(n, p) for n, p in mine if n is not None]
+            reads.append(binned_median([n for n, _ in numbers], [p for _, p in numbers], self.rounding)
+                         if numbers else None)
+        return reads
 
     def _fit(self, prompt: str | list[int], limit: int) -> list[int]:
         ids = self.asker.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -37,7 +37,8 @@ def add_parser(sub: argparse._SubParsersAction, add_policy_arguments: Any, kv_me
     p.add_argument("--max-model-len", type=int, default=None)
     add_policy_arguments(p)
     p.add_argument("--length-predictor", default=None,
-                   help="predict each response's length first: a predictor directory, 'self' or 'self:DIR'")
+                   help="predict each response's length first: a predictor directory, 'self', "
+                   "'self-greedy' or either with ':DIR'")
     p.add_argument("--max-waiting", type=int, default=256, help="requests that may wait to be scheduled; "
                    "beyond, 429 with Retry-After (default 256)")
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get to finish "
