@@ -76,7 +76,7 @@ def main() -> None:
     tok = Tokenizer(model)
     for name, examples in (("the 200", held), ("5,000 training draws", tasks.generate(5000, seed=0))):
         mean, floor = rounding_floor(tok, examples)
-        print(f"rounding floor, reference answers of {name}: {floor:.2f} tokens on a mean of {mean:.1f} "
+        print(f"greedy read's rounding floor, reference answers of {name}: {floor:.2f} tokens on a mean of {mean:.1f} "
               f"({floor / mean:.1%})")
     if args.training_overlap:
         seen = {e.instruction for e in tasks.generate(TinyConfig().num_examples, seed=0)}

@@ -3,6 +3,7 @@ by itself, perceives its own response length, and transformers generates exactly
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from lengthwise import LLM, SamplingParams
 from lengthwise.cli import main
 from lengthwise.model.default import default_model_dir
+from lengthwise.predict.self_predict import MIN_FIRST_TOKEN_PROB, QUERY, TOP_FIRST_TOKENS, binned_median, parse_length
 from lengthwise.tiny import tasks
 from lengthwise.tiny.demo import WORKLOAD_SEED, held_out_instructions, perception, run_demo
 
@@ -38,11 +40,11 @@ def test_checkpoint_is_complete_and_at_most_ten_megabytes():
     assert 1e6 <= params <= 10e6
 
 
-# Issue 9 is open: the shipped model (run 28) gets 9 of the ten; sorting nine numbers with a repeat
+# Issue 9 is open: the shipped model (run 33) gets 9 of the ten; sorting nine numbers with a repeat
 # still copies wrong items (docs/benchmarks.md, "The built-in model"). Strict: when a retrained
 # model gets it right, this test fails until the mark is removed.
 NOT_YET_LEARNED = {
-    "sort_numbers": "invents 43 and drops one of the two 96s when sorting 9 numbers (issue 9)",
+    "sort_numbers": "drops one of the two 57s and writes 96 twice when sorting 9 numbers (issue 9)",
 }
 
 
@@ -57,6 +59,7 @@ def test_answers_a_fixed_held_out_instruction_correctly_and_stops(e):
     assert tasks.check(e, o.outputs[0].text), (e.instruction, o.outputs[0].text, e.answer)
 
 
+@functools.cache
 def _self_metrics() -> dict:
     instructions = [e.instruction for e in tasks.generate(200, seed=HELD_OUT_SEED + 1)]
     return perception(MODEL, instructions, kinds=("self",))["self"]["metrics"]
@@ -66,9 +69,6 @@ def test_self_predictor_orders_its_own_lengths_on_200_held_out_instructions():
     assert _self_metrics()["kendall_tau"] >= 0.8
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9: run 28 answers 89-92% right but does not foresee some of "
-                   "its failures (numbers in words past 100 running on, a count-down past its end): "
-                   "MAE 4.6 tokens = 18.6% of the short mean (24.8) on these 200 (5.6-6.0 tokens on other sets)")
 def test_self_predictor_mae_within_15_percent_of_the_mean_length():
     assert _self_metrics()["mae_share"] <= 0.15
 
@@ -85,6 +85,39 @@ def test_transformers_greedy_output_equals_ours():
         assert ids[0].tolist() == o.prompt_token_ids
         out = hf.generate(ids, max_new_tokens=512, do_sample=False, attention_mask=torch.ones_like(ids))
         assert out[0, ids.shape[1]:].tolist() == o.outputs[0].token_ids, instruction
+
+
+def test_self_reads_the_median_of_the_answer_distribution_transformers_gives():
+    # The default `self` read, recomputed independently with transformers: the query's likely first
+    # tokens, each completed greedily, their numbers weighted by the first token's probability.
+    transformers = pytest.importorskip("transformers")
+    instructions = [e.instruction for e in tasks.generate(8, seed=HELD_OUT_SEED + 3)]
+    llm = LLM(MODEL, dtype="float32", device="cpu", length_predictor="self")
+    outs = llm.chat([[{"role": "user", "content": i}] for i in instructions],
+                    SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
+    tok = transformers.AutoTokenizer.from_pretrained(MODEL)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(MODEL, torch_dtype=torch.float32)
+    torn = 0
+    for instruction, o in zip(instructions, outs, strict=True):
+        ids = tok.apply_chat_template([{"role": "user", "content": instruction + QUERY}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            probs = torch.softmax(hf(ids).logits[0, -1].float(), -1)
+        top = probs.topk(TOP_FIRST_TOKENS)
+        numbers, weights = [], []
+        for rank, (p, t) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True)):
+            if rank and p < MIN_FIRST_TOKEN_PROB:
+                continue
+            forced = torch.cat([ids, torch.tensor([[t]])], 1)
+            out = hf.generate(forced, max_new_tokens=7, do_sample=False, attention_mask=torch.ones_like(forced))
+            n = parse_length(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            if n is not None:
+                numbers.append(n)
+                weights.append(p)
+        torn += len(set(numbers)) > 1
+        expected = min(max(binned_median(numbers, weights, 10.0), 1.0), llm.engine.max_model_len)
+        assert o.predicted_length == pytest.approx(expected, rel=1e-4, abs=1e-3), instruction
+    assert torn > 0  # the distribution, not only the greedy answer, was read somewhere
 
 
 def test_generate_command_uses_the_builtin_model(capsys):
