@@ -22,6 +22,7 @@ from lengthwise.tiny.train import (
     format_evaluation,
     reference_length_pairs,
     render,
+    restart_answer_pairs,
     restart_length_pairs,
     round10,
     save_weights,
@@ -235,3 +236,31 @@ def test_restart_length_examples_are_fresh_instructions_of_their_mix_with_refere
         TinyConfig(stage1_restart_length_examples=-1)
     with pytest.raises(ValueError, match="unknown task families"):
         TinyConfig(stage1_restart_length_weights="juggling:2")
+
+
+def test_restart_answer_examples_are_fresh_reference_answers_of_their_mix_never_a_fixed_instruction(monkeypatch):
+    from lengthwise.tiny.tokenizer import ASSISTANT, BOS, USER
+
+    c = TinyConfig(**dict(QUICK, stage1_restart_answer_examples=40, stage1_restart_answer_weights="sort_numbers:1000"))
+    _, tok, _, _ = stage1_data(c)
+    pairs = restart_answer_pairs(tok, c)
+    assert len(pairs) == 40
+    sorts = 0
+    for ids, n_prompt in pairs:
+        prompt, answer = tok.decode(ids[:n_prompt], skip_special_tokens=False), tok.decode(ids[n_prompt:])
+        assert prompt.startswith(BOS + USER) and prompt.endswith(ASSISTANT)
+        m = re.fullmatch(r"Sort these numbers from smallest to largest: ([\d, ]+)\.",
+                         prompt[len(BOS + USER):-len(ASSISTANT)])
+        if m:  # the reference answer: the numbers sorted
+            assert answer == ", ".join(map(str, sorted(int(x) for x in m[1].split(", ")))) + "."
+            sorts += 1
+    assert sorts >= 36
+    assert restart_answer_pairs(tok, TinyConfig(**QUICK)) == []
+    fixed, other = tasks.FIXED_HELD_OUT[0], tasks.generate(1, seed=3)[0]
+    monkeypatch.setattr(tasks, "generate", lambda n, seed, weights=None: [fixed, other])
+    [(ids, n_prompt)] = restart_answer_pairs(tok, c)
+    assert other.instruction in tok.decode(ids[:n_prompt], skip_special_tokens=False)
+    with pytest.raises(ValueError, match="stage1_restart_answer_examples"):
+        TinyConfig(stage1_restart_answer_examples=-1)
+    with pytest.raises(ValueError, match="unknown task families"):
+        TinyConfig(stage1_restart_answer_weights="juggling:2")
