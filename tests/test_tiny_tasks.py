@@ -94,6 +94,23 @@ def test_family_weights_shift_the_mix_deterministically():
     assert tasks.parse_weights("") == {}
 
 
+def test_sorts_with_repeats_always_repeat_a_number_and_are_sort_numbers_examples():
+    import random
+
+    r = random.Random(5)
+    examples = [tasks.sort_numbers_with_repeats(r) for _ in range(300)]
+    sizes = set()
+    for e in examples:
+        xs = [int(x) for x in e.instruction.split(": ")[1].rstrip(".").split(", ")]
+        assert e.family == "sort_numbers" and len(set(xs)) < len(xs)
+        assert e.answer == ", ".join(map(str, sorted(xs))) + "." and tasks.check(e, e.answer)
+        assert not tasks.check(e, ", ".join(map(str, sorted(set(xs)))) + ".")  # a repeat dropped is wrong
+        sizes.add(len(xs))
+    assert sizes == set(range(3, 11))
+    r2 = random.Random(5)
+    assert [tasks.sort_numbers_with_repeats(r2) for _ in range(300)] == examples
+
+
 @pytest.mark.parametrize("spec, match", [("count_down=3", "FAMILY:WEIGHT"), ("count_down:many", "FAMILY:WEIGHT"),
                                          ("juggling:2", "unknown task families")])
 def test_bad_family_weights_name_the_problem(spec, match):

@@ -241,7 +241,8 @@ def test_restart_length_examples_are_fresh_instructions_of_their_mix_with_refere
 def test_restart_answer_examples_are_fresh_reference_answers_of_their_mix_never_a_fixed_instruction(monkeypatch):
     from lengthwise.tiny.tokenizer import ASSISTANT, BOS, USER
 
-    c = TinyConfig(**dict(QUICK, stage1_restart_answer_examples=40, stage1_restart_answer_weights="sort_numbers:1000"))
+    c = TinyConfig(**dict(QUICK, stage1_restart_answer_examples=40, stage1_restart_answer_weights="sort_numbers:1000",
+                          stage1_restart_repeat_sorts=0))
     _, tok, _, _ = stage1_data(c)
     pairs = restart_answer_pairs(tok, c)
     assert len(pairs) == 40
@@ -255,12 +256,22 @@ def test_restart_answer_examples_are_fresh_reference_answers_of_their_mix_never_
             assert answer == ", ".join(map(str, sorted(int(x) for x in m[1].split(", ")))) + "."
             sorts += 1
     assert sorts >= 36
-    assert restart_answer_pairs(tok, TinyConfig(**QUICK)) == []
+    assert restart_answer_pairs(tok, TinyConfig(**dict(QUICK, stage1_restart_answer_examples=0,
+                                                       stage1_restart_repeat_sorts=0))) == []
     fixed, other = tasks.FIXED_HELD_OUT[0], tasks.generate(1, seed=3)[0]
+    repeats = restart_answer_pairs(tok, TinyConfig(**dict(QUICK, stage1_restart_answer_examples=0,
+                                                          stage1_restart_repeat_sorts=12)))
+    assert len(repeats) == 12  # each a sort whose list repeats a number, with its sorted answer
+    for ids, n_prompt in repeats:
+        m = re.search(r"smallest to largest: ([\d, ]+)\.", tok.decode(ids[:n_prompt], skip_special_tokens=False))
+        xs = [int(x) for x in m[1].split(", ")]
+        assert len(set(xs)) < len(xs) and tok.decode(ids[n_prompt:]) == ", ".join(map(str, sorted(xs))) + "."
     monkeypatch.setattr(tasks, "generate", lambda n, seed, weights=None: [fixed, other])
     [(ids, n_prompt)] = restart_answer_pairs(tok, c)
     assert other.instruction in tok.decode(ids[:n_prompt], skip_special_tokens=False)
     with pytest.raises(ValueError, match="stage1_restart_answer_examples"):
         TinyConfig(stage1_restart_answer_examples=-1)
+    with pytest.raises(ValueError, match="stage1_restart_repeat_sorts"):
+        TinyConfig(stage1_restart_repeat_sorts=-1)
     with pytest.raises(ValueError, match="unknown task families"):
         TinyConfig(stage1_restart_answer_weights="juggling:2")
