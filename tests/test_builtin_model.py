@@ -40,17 +40,7 @@ def test_checkpoint_is_complete_and_at_most_ten_megabytes():
     assert 1e6 <= params <= 10e6
 
 
-# Issue 9 is open: the shipped model (run 33) gets 9 of the ten; sorting nine numbers with a repeat
-# still copies wrong items (docs/benchmarks.md, "The built-in model"). Strict: when a retrained
-# model gets it right, this test fails until the mark is removed.
-NOT_YET_LEARNED = {
-    "sort_numbers": "drops one of the two 57s and writes 96 twice when sorting 9 numbers (issue 9)",
-}
-
-
-@pytest.mark.parametrize("e", [
-    pytest.param(e, id=e.family, marks=pytest.mark.xfail(strict=True, reason=NOT_YET_LEARNED[e.family]))
-    if e.family in NOT_YET_LEARNED else pytest.param(e, id=e.family) for e in tasks.FIXED_HELD_OUT])
+@pytest.mark.parametrize("e", tasks.FIXED_HELD_OUT, ids=lambda e: e.family)
 def test_answers_a_fixed_held_out_instruction_correctly_and_stops(e):
     # tasks.FIXED_HELD_OUT: drawn from a seed training never used (see there for which of the ten
     # the training data happens to contain anyway).

@@ -275,3 +275,29 @@ def test_restart_answer_examples_are_fresh_reference_answers_of_their_mix_never_
         TinyConfig(stage1_restart_repeat_sorts=-1)
     with pytest.raises(ValueError, match="unknown task families"):
         TinyConfig(stage1_restart_answer_weights="juggling:2")
+
+
+def test_perception_rounds_from_weights_saved_after_the_warm_restart_reproduce_the_full_run(tmp_path):
+    c = dict(QUICK, stage1_steps=8, stage1_restart_steps=3, stage2_rounds=1, stage2_steps=4, stage2_examples=16,
+             probe_examples=24)
+    full = train_tiny(tmp_path / "full", TinyConfig(**c), device="cpu", save_restart=tmp_path / "r.pt")
+    resumed = train_tiny(tmp_path / "resumed", TinyConfig(**c), device="cpu", stage1=tmp_path / "r.pt")
+    assert resumed["stage1_restart_final_loss"] == full["stage1_restart_final_loss"]
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # other Perception settings start from the same restarted weights
+    other = train_tiny(tmp_path / "other", TinyConfig(**{**c, "stage2_family_weights": "count_down:4"}),
+                       device="cpu", stage1=tmp_path / "r.pt")
+    assert other["stage1_restart_final_loss"] == full["stage1_restart_final_loss"]
+    o = load_file(str(tmp_path / "other" / "model.safetensors"))
+    assert not all(torch.equal(a[k], o[k]) for k in a)
+    # the file holds a restart's result: a run with another restart cannot start from it
+    with pytest.raises(ValueError, match="stage1_restart_steps"):
+        train_tiny(tmp_path / "x", TinyConfig(**{**c, "stage1_restart_steps": 5}), device="cpu",
+                   stage1=tmp_path / "r.pt")
+    with pytest.raises(ValueError, match="stage1_restart_repeat_sorts"):
+        train_tiny(tmp_path / "x", TinyConfig(**{**c, "stage1_restart_repeat_sorts": 10}), device="cpu",
+                   stage1=tmp_path / "r.pt")
+    with pytest.raises(ValueError, match="save_restart"):  # nothing to save without a restart
+        train_tiny(tmp_path / "x", TinyConfig(**{**c, "stage1_restart_steps": 0}), device="cpu",
+                   save_restart=tmp_path / "r2.pt")

@@ -10,8 +10,9 @@ template when it has one, and read the answer one of two ways:
   their first token's probability, each number spread evenly over the lengths that round to it
   (`rounding`, 10 as the paper trains). The median is the point estimate with the least expected
   absolute error, and a model torn between "20" and "30" is best read as about 25, which greedy
-  decoding cannot say. On the built-in model (run 33) it errs 13.4%, 13.4% and 15.3% of the mean
-  length on three held-out sets against greedy's 16.3%, 14.2% and 16.8% (docs/benchmarks.md).
+  decoding cannot say. On the built-in model (run 38) it errs 13.8%, 12.6% and 14.2% of the mean
+  length on three held-out sets against greedy's 14.9%, 13.4% and 14.3% (run 33: 13.4%, 13.4%,
+  15.3% against 16.3%, 14.2%, 16.8%; docs/benchmarks.md).
 - `"greedy"` (spec `"self-greedy"`): the paper's reading, greedy decoding for at most 8 tokens
   and the first integer in the answer.
 
