@@ -96,3 +96,11 @@ def test_cpu_matmul_ceiling_is_the_faster_of_torch_and_the_panel_gemm(monkeypatc
     # bfloat16 has no panel GEMM: torch's product alone
     assert kernels.matmul_peak_gflops(torch.device("cpu"), torch.bfloat16) == pytest.approx(2 * n ** 3 / 10.0 / 1e6)
     assert len(timed) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without a CUDA GPU gives")
+def test_cuda_without_a_gpu_is_a_clear_error_before_any_preset_is_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LENGTHWISE_CACHE", str(tmp_path / "cache"))
+    assert main(["bench", "kernels", "--model", "llama-tiny", "--device", "cuda"]) == 2
+    assert "device 'cuda' was requested but torch sees no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # failed before writing the preset's weights

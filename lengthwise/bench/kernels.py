@@ -419,13 +419,14 @@ def _reference_generate(llm: Any, prompts: list[list[int]], params: Any) -> list
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from lengthwise.bench.presets import resolve_model
     from lengthwise.engine.llm import LLM
+    from lengthwise.model.loader import resolve_device
 
     if args.rounds < 1:
         raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    dev = resolve_device(args.device)  # a clear error before the preset is written when there is no GPU
     model_dir, label = resolve_model(args.model)
-    dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     bandwidth = copy_bandwidth_gbs(dev)
     peak = matmul_peak_gflops(dev, dtype)

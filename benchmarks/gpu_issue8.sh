@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 8's GPU measurements in one command, for a lent GPU machine (its own python3 with torch +
+# CUDA + Triton; the repo run with PYTHONPATH=., not .venv). Each step has its own time limit so a
+# hang in one cannot eat the session's device time, and every log and JSON lands in $OUT
+# (default ./gpu-out), which the device tool brings back:
+#
+#     bash benchmarks/gpu_issue8.sh            # about 6-8 minutes on an H100
+#
+# Steps: the CUDA/Triton correctness tests; `bench kernels` on the Llama-3.2-1B shape with the
+# Triton GEMV (the batch-1 roofline, against transformers, logits checked) and without it
+# (LENGTHWISE_GEMV=0, the cuBLAS A/B); `bench throughput` on a synthetic workload against
+# transformers' static batching (alpaca-lengths lives in ../shared, which the device may not have;
+# pass its dev.jsonl as $ALPACA to use it). Record what it measures in docs/benchmarks.md, "CUDA".
+set -u
+OUT="${OUT:-gpu-out}"
+mkdir -p "$OUT"
+export PYTHONPATH=. LENGTHWISE_CACHE="${LENGTHWISE_CACHE:-/tmp/lwcache}"
+PY="${PYTHON:-python3}"
+
+step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, log to $OUT/NAME.log, go on on failure
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name: exit $rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+    tail -n 3 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$OUT/summary.txt"
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+step tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider \
+    tests/test_cuda_graph.py tests/test_ops_triton.py tests/test_dtypes_devices.py
+step kernels 200 "$PY" -m lengthwise.cli bench kernels --model llama-1b --device cuda --dtype bfloat16 \
+    --compare-transformers --check --json "$OUT/k1b.json"
+LENGTHWISE_GEMV=0 step kernels_cublas 120 "$PY" -m lengthwise.cli bench kernels --model llama-1b \
+    --device cuda --dtype bfloat16 --json "$OUT/k1b_cublas.json"
+if [ -n "${ALPACA:-}" ]; then
+    WORKLOAD=(--workload alpaca-lengths --data "$ALPACA")
+else
+    WORKLOAD=(--workload synthetic --seed 0)
+fi
+step throughput 240 "$PY" -m lengthwise.cli bench throughput --model llama-1b --device cuda \
+    --dtype bfloat16 --engines lengthwise,transformers "${WORKLOAD[@]}" --num-requests 128 \
+    --json "$OUT/tp1b.json"
