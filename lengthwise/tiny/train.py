@@ -112,7 +112,7 @@ class TinyConfig:
     # `stage1_restart_answer_weights`, for the families the model still gets wrong most (sorting,
     # deduplicating, the largest number: 23-69% right for run 33). Alone (run 34) they lifted
     # sorting from 64% to 72% of held-out sorts; with the repeat sorts below and 4,000 restart steps
-    # (runs 36-38) to 95-96%, and the whole of the 2,500 from 89.8% to 92.4%. 0 adds none (run 33).
+    # (runs 36-38) to 95-96%, and the whole of the 2,500 from 89.8% to 92.3-92.6%. 0 adds none (run 33).
     stage1_restart_answer_examples: int = 30_000
     stage1_restart_answer_weights: str = ("sort_numbers:8,deduplicate:8,largest:6,first_letters:4,add_with_working:4,"
                                           "uppercase:2,is_greater:2,number_in_words:2")
