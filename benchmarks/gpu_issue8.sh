@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Issue 8's GPU measurements in one command, for a lent GPU machine (its own python3 with torch +
-# CUDA + Triton; the repo run with PYTHONPATH=., not .venv). Each step has its own time limit so a
-# hang in one cannot eat the session's device time, and every log and JSON lands in $OUT
-# (default ./gpu-out), which the device tool brings back:
+# Issue 8's GPU measurements, for a lent GPU machine (its own python3 with torch + CUDA + Triton;
+# the repo run with PYTHONPATH=., not .venv). Each step has its own time limit so a hang in one
+# cannot eat the session's device time, and every log and JSON lands in $OUT (default ./gpu-out),
+# which the device tool brings back. The steps, about 10-12 minutes in all on an H100, so run them
+# in two device calls (each call is capped at 10 minutes):
 #
-#     bash benchmarks/gpu_issue8.sh            # about 6-8 minutes on an H100
+#     bash benchmarks/gpu_issue8.sh tests kernels                 # correctness, the b1 roofline
+#     bash benchmarks/gpu_issue8.sh unfused cublas throughput     # the A/Bs, throughput
 #
-# Steps: the CUDA/Triton correctness tests; `bench kernels` on the Llama-3.2-1B shape with the
-# Triton GEMV (the batch-1 roofline, against transformers, logits checked) and without it
-# (LENGTHWISE_GEMV=0, the cuBLAS A/B); `bench throughput` on a synthetic workload against
-# transformers' static batching (alpaca-lengths lives in ../shared, which the device may not have;
-# pass its dev.jsonl as $ALPACA to use it). Record what it measures in docs/benchmarks.md, "CUDA".
+# (no argument runs every step). tests: the CUDA/Triton correctness tests. kernels: `bench
+# kernels` on the Llama-3.2-1B shape with the fused single-row kernels and the Triton GEMV (the
+# batch-1 roofline, against transformers, logits checked). unfused: the same with
+# LENGTHWISE_FUSED=0 (Triton GEMVs, elementwise kernels separate: the fusion's A/B). cublas: with
+# LENGTHWISE_GEMV=0 (cuBLAS for single rows, nothing fused). throughput: `bench throughput` on a
+# synthetic workload against transformers' static batching (alpaca-lengths lives in ../shared,
+# which the device may not have; pass its dev.jsonl as $ALPACA to use it). Record what it measures
+# in docs/benchmarks.md, "CUDA".
 set -u
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
@@ -32,17 +37,25 @@ step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, log to $OUT/NAM
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt"
 
-step tests 240 "$PY" -m pytest -q -rs -p no:cacheprovider \
-    tests/test_cuda_graph.py tests/test_ops_triton.py tests/test_dtypes_devices.py
-step kernels 200 "$PY" -m lengthwise.cli bench kernels --model llama-1b --device cuda --dtype bfloat16 \
-    --compare-transformers --check --json "$OUT/k1b.json"
-LENGTHWISE_GEMV=0 step kernels_cublas 120 "$PY" -m lengthwise.cli bench kernels --model llama-1b \
-    --device cuda --dtype bfloat16 --json "$OUT/k1b_cublas.json"
-if [ -n "${ALPACA:-}" ]; then
-    WORKLOAD=(--workload alpaca-lengths --data "$ALPACA")
-else
-    WORKLOAD=(--workload synthetic --seed 0)
-fi
-step throughput 240 "$PY" -m lengthwise.cli bench throughput --model llama-1b --device cuda \
-    --dtype bfloat16 --engines lengthwise,transformers "${WORKLOAD[@]}" --num-requests 128 \
-    --json "$OUT/tp1b.json"
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels unfused cublas throughput)
+KERNELS=(-m lengthwise.cli bench kernels --model llama-1b --device cuda --dtype bfloat16)
+for s in "${STEPS[@]}"; do
+    case "$s" in
+    tests) step tests 300 "$PY" -m pytest -q -rs -p no:cacheprovider \
+        tests/test_cuda_graph.py tests/test_ops_triton.py tests/test_dtypes_devices.py ;;
+    kernels) step kernels 200 "$PY" "${KERNELS[@]}" --compare-transformers --check --json "$OUT/k1b.json" ;;
+    unfused) LENGTHWISE_FUSED=0 step kernels_unfused 120 "$PY" "${KERNELS[@]}" --json "$OUT/k1b_unfused.json" ;;
+    cublas) LENGTHWISE_GEMV=0 step kernels_cublas 120 "$PY" "${KERNELS[@]}" --json "$OUT/k1b_cublas.json" ;;
+    throughput)
+        if [ -n "${ALPACA:-}" ]; then
+            WORKLOAD=(--workload alpaca-lengths --data "$ALPACA")
+        else
+            WORKLOAD=(--workload synthetic --seed 0)
+        fi
+        step throughput 240 "$PY" -m lengthwise.cli bench throughput --model llama-1b --device cuda \
+            --dtype bfloat16 --engines lengthwise,transformers "${WORKLOAD[@]}" --num-requests 128 \
+            --json "$OUT/tp1b.json" ;;
+    *) echo "unknown step $s (tests, kernels, unfused, cublas, throughput)" >&2; exit 2 ;;
+    esac
+done

@@ -31,7 +31,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 DEVICE = "cuda" if CUDA else "cpu"
 KERNEL_MODULES = {"norm": ["_rms_norm_kernel"], "activation": ["_silu_and_mul_kernel"], "linear": ["_gemv_kernel"],
-                  "rotary": ["_rotary_write_kernel"],
+                  "rotary": ["_rotary_write_kernel"],  # before "fused", which calls its helper
+                  "fused": ["_norm_qkv_rotary_kernel", "_norm_gate_up_silu_kernel"],
                   "attention": ["_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel"]}
 NAN = float("nan")
 DTYPES = [torch.float32, torch.bfloat16]
@@ -202,12 +203,90 @@ def test_rotary_and_write_kv(dtype, heads, kv_heads, head_dim):
     assert k_cache.isnan().sum() == (slots_total - t + 1) * kv_heads * head_dim
 
 
-@pytest.fixture
-def interpreter_rounds_to_nearest(monkeypatch):
+# Fixed small tiles for the fused single-row kernels: several programs and K tiles on these small
+# shapes, and on a GPU one compile per case instead of autotuning each.
+SMALL_TILE = {name: {name: 4, "BLOCK_K": 64} for name in ("BLOCK_P", "BLOCK_N")}
+
+
+def _one_token_inputs(dtype, hidden, n, residual, bias, seed):
+    """x, residual, norm weight, weight [n, hidden], bias for a single-row fused GEMV."""
+    g = _gen(seed)
+    x = _randn(1, hidden, g=g, dtype=dtype)
+    res = _randn(1, hidden, g=g, dtype=dtype) if residual else None
+    norm_w = _randn(hidden, g=g, dtype=dtype, scale=0.2) + 1
+    w = _randn(n, hidden, g=g, dtype=dtype, scale=hidden ** -0.5)
+    b = _randn(n, g=g, dtype=dtype, scale=0.5) if bias else None
+    return x, res, norm_w, w, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim, hidden", [(4, 4, 16, 80), (8, 2, 20, 100), (8, 1, 16, 64)])
+@pytest.mark.parametrize("bias, residual", [(False, True), (True, False), (True, True)])
+def test_norm_qkv_rotary_write(nearest_casts, dtype, heads, kv_heads, head_dim, hidden, bias, residual):
+    """Residual add + RMSNorm + QKV GEMV + RoPE + KV write for one token against the ops one by one:
+    GQA 1/4/8, hidden sizes and half head dims (10) that are not tile multiples, with and without
+    bias and residual; only the token's slot is written; a negative slot writes nothing."""
+    from lengthwise.ops import fused
+
+    n = (heads + 2 * kv_heads) * head_dim
+    x, res, norm_w, w, b = _one_token_inputs(dtype, hidden, n, residual, bias, seed=n + hidden + 2 * bias + residual)
+    cos, sin = rotary_cos_sin(torch.tensor([37], device=DEVICE), rotary_inv_freq(head_dim, 1e4).to(DEVICE), dtype)
+    slots, slot = 12, torch.tensor([5], device=DEVICE)
+    shape = (slots, kv_heads, head_dim)
+    ref_k, ref_v = _poisoned(shape, dtype), _poisoned(shape, dtype)
+    # The reference: the dispatching op, which runs the torch ops one by one here (KERNELS=torch).
+    ref_q, ref_sum = fused.norm_qkv_rotary_write(x, res, norm_w, 1e-6, w, b, cos, sin, ref_k, ref_v, slot)
+    k_cache, v_cache, out = _poisoned(shape, dtype), _poisoned(shape, dtype), _poisoned((1, heads, head_dim), dtype)
+    q, total = triton_ops.norm_qkv_rotary_write(x, res, norm_w, 1e-6, w, b, cos, sin, k_cache, v_cache, slot, out=out,
+                                                tile=SMALL_TILE["BLOCK_P"])
+    assert q is out
+    tol = ELEMENTWISE_TOL[dtype]
+    torch.testing.assert_close(q, ref_q, **tol)
+    torch.testing.assert_close(k_cache, ref_k, equal_nan=True, **tol)
+    torch.testing.assert_close(v_cache, ref_v, equal_nan=True, **tol)
+    assert int(k_cache.isnan().sum()) == int(v_cache.isnan().sum()) == (slots - 1) * kv_heads * head_dim
+    torch.testing.assert_close(total, ref_sum, **tol)
+    k_cache.fill_(NAN)
+    v_cache.fill_(NAN)
+    q2, _ = triton_ops.norm_qkv_rotary_write(x, res, norm_w, 1e-6, w, b, cos, sin, k_cache, v_cache,
+                                             torch.tensor([-1], device=DEVICE), tile=SMALL_TILE["BLOCK_P"])
+    assert torch.equal(q2, q) and bool(k_cache.isnan().all()) and bool(v_cache.isnan().all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter, hidden", [(40, 80), (96, 100), (16, 64)])
+@pytest.mark.parametrize("bias, residual", [(False, True), (True, False), (True, True)])
+def test_norm_gate_up_silu(nearest_casts, dtype, inter, hidden, bias, residual):
+    """Residual add + RMSNorm + gate-up GEMV + SiLU-and-mul for one token against the ops one by one."""
+    from lengthwise.ops import fused
+
+    x, res, norm_w, w, b = _one_token_inputs(dtype, hidden, 2 * inter, residual, bias,
+                                             seed=inter + hidden + 2 * bias + residual)
+    w[:inter] *= 3  # gates spread over silu's curved range
+    ref, ref_sum = fused.norm_gate_up_silu(x, res, norm_w, 1e-6, w, b)
+    out = _poisoned((1, inter), dtype)
+    act, total = triton_ops.norm_gate_up_silu(x, res, norm_w, 1e-6, w, b, out=out, tile=SMALL_TILE["BLOCK_N"])
+    assert act is out
+    torch.testing.assert_close(act, ref, **ELEMENTWISE_TOL[dtype])
+    torch.testing.assert_close(total, ref_sum, **ELEMENTWISE_TOL[dtype])
+
+
+def test_fused_single_row_input_errors():
+    x, res, norm_w, w, _ = _one_token_inputs(torch.float32, 32, 64, True, False, seed=5)
+    with pytest.raises(ValueError, match=r"x must be \[1, 32\]"):
+        triton_ops.norm_gate_up_silu(torch.cat([x, x]), None, norm_w, 1e-6, w, None)
+    with pytest.raises(ValueError, match="pass norm_weight"):
+        triton_ops.norm_gate_up_silu(x, res, None, 1e-6, w, None)
+    cache = torch.zeros(4, 2, 16, device=DEVICE)
+    cos = sin = torch.ones(1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="not q, k and v heads"):
+        triton_ops.norm_qkv_rotary_write(x, res, norm_w, 1e-6, w, None, cos, sin, cache, cache,
+                                         torch.zeros(1, dtype=torch.long, device=DEVICE))
+
+
+def _interpreter_casts_to_nearest(monkeypatch) -> bool:
     """Make the interpreter cast float32 to bf16 by rounding to nearest even, as compiled kernels
-    do (the 3.9 interpreter truncates), so bf16 results can be compared bit for bit."""
-    if CUDA:
-        pytest.skip("compiled kernels: their rounding needs no correction")
+    do (the 3.9 interpreter truncates); False where this triton's interpreter cannot be patched."""
     try:
         import numpy as np
         import triton.language as tl
@@ -215,7 +294,7 @@ def interpreter_rounds_to_nearest(monkeypatch):
 
         original = interpreter.InterpreterBuilder.cast_impl
     except (ImportError, AttributeError):
-        pytest.skip("this triton's interpreter has no InterpreterBuilder.cast_impl to correct")
+        return False
 
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
@@ -224,6 +303,23 @@ def interpreter_rounds_to_nearest(monkeypatch):
         return original(self, src, dst_type)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
+    return True
+
+
+@pytest.fixture
+def interpreter_rounds_to_nearest(monkeypatch):
+    """bf16 casts round to nearest even, so bf16 results can be compared bit for bit; interpreter only."""
+    if CUDA:
+        pytest.skip("compiled kernels: their rounding needs no correction")
+    if not _interpreter_casts_to_nearest(monkeypatch):
+        pytest.skip("this triton's interpreter has no InterpreterBuilder.cast_impl to correct")
+
+
+@pytest.fixture
+def nearest_casts(monkeypatch):
+    """bf16 casts round to nearest even, compiled (always) or interpreted (patched where possible)."""
+    if not CUDA:
+        _interpreter_casts_to_nearest(monkeypatch)
 
 
 def test_bf16_elementwise_kernels_are_bit_exact(interpreter_rounds_to_nearest):
@@ -362,13 +458,14 @@ def test_dispatch_choice(monkeypatch):
         use_triton(x)
 
 
-def _tiny_model(dtype, max_positions: int = 128):
+def _tiny_model(dtype, max_positions: int = 128, qk_norm: bool = True, bias: bool = False):
     from lengthwise.model.config import ModelConfig
     from lengthwise.model.llama import CausalLM
 
-    config = ModelConfig(model_type="qwen3", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
-                         num_heads=8, num_kv_heads=2, head_dim=16, max_position_embeddings=max_positions, qk_norm=True,
-                         sliding_windows=(None, 6), eos_token_ids=(95,))
+    config = ModelConfig(model_type="qwen3" if qk_norm else "llama", vocab_size=96, hidden_size=64,
+                         intermediate_size=96, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16,
+                         max_position_embeddings=max_positions, qk_norm=qk_norm, qkv_bias=bias, o_bias=bias,
+                         mlp_bias=bias, sliding_windows=(None, 6), eos_token_ids=(95,))
     model = CausalLM(config, dtype, DEVICE)
     g = _gen(11)
     with torch.no_grad():
@@ -400,20 +497,60 @@ def test_model_greedy_tokens_match_torch(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []))
-def test_decode_graphs_match_plain_steps(monkeypatch, dtype):
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_decode_graphs_match_plain_steps(monkeypatch, dtype, qk_norm):
     """Decode steps replayed from `DecodeGraphs` (captured CUDA graphs on a GPU; the same static
     buffers run eagerly under the interpreter) through the Triton kernels: padding rows on the
     scratch block, split-K partitions fixed from max_model_len (1024: a batch-1 step gets four
-    partitions, three of them empty), the fallback above the largest bucket."""
+    partitions, three of them empty), the fallback above the largest bucket. Without q/k norms the
+    batch-1 graph runs the fused single-row kernels."""
     from conftest import assert_same_generations, graphed_and_plain_decode
 
     monkeypatch.setenv(KERNELS_ENV, "auto" if CUDA else "triton")
-    got, want, calls = graphed_and_plain_decode(_tiny_model(dtype, max_positions=1024), monkeypatch)
+    got, want, calls = graphed_and_plain_decode(_tiny_model(dtype, max_positions=1024, qk_norm=qk_norm),
+                                                monkeypatch)
     assert sorted(set(calls)) == [1, 2, 3, 4]
     if dtype == torch.float32:
         assert_same_generations(got, want, logprob_tol=1e-4)
     else:  # same kernels, but each bucket's own matmul shapes: bf16 rounding may differ
         assert_same_generations(got, want, logprob_tol=5e-2)
+
+
+def test_fused_single_row_decode_matches_unfused(monkeypatch):
+    """Batch-1 decode through the fused single-row kernels (a model with biases and no q/k norm, so
+    both fused blocks apply), through the same Triton kernels unfused (`LENGTHWISE_FUSED=0`), and
+    through the torch reference: the same greedy tokens, logprobs within tolerance. (float32: in
+    bf16 a different summation order may flip a near tie; the kernel tests cover bf16.)"""
+    from conftest import assert_same_generations
+
+    from lengthwise import SamplingParams
+    from lengthwise.config import EngineConfig
+    from lengthwise.engine.llm import run_to_completion
+    from lengthwise.engine.llm_engine import LLMEngine
+    from lengthwise.ops.fused import FUSED_ENV
+
+    model = _tiny_model(torch.float32, qk_norm=False, bias=True)
+    calls = []
+    for name in ("norm_qkv_rotary_write", "norm_gate_up_silu"):
+        real = getattr(triton_ops, name)
+        monkeypatch.setattr(triton_ops, name, lambda *a, _real=real, _name=name, **kw: (calls.append(_name),
+                                                                                          _real(*a, **kw))[1])
+
+    def run():
+        engine = LLMEngine(model, None, EngineConfig(block_size=4, max_num_seqs=1))
+        params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True, logprobs=2)
+        return run_to_completion(engine, [[5, 17, 9, 3, 50], [7]], [params, params])
+
+    want = run()  # torch reference (KERNELS=torch)
+    monkeypatch.setenv(KERNELS_ENV, "auto" if CUDA else "triton")
+    fused = run()
+    assert calls.count("norm_qkv_rotary_write") == calls.count("norm_gate_up_silu") > 0  # (graphs replay on CUDA)
+    calls.clear()
+    monkeypatch.setenv(FUSED_ENV, "0")
+    unfused = run()
+    assert not calls
+    assert_same_generations(fused, unfused, logprob_tol=1e-4)
+    assert_same_generations(fused, want, logprob_tol=1e-4)
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")

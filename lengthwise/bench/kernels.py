@@ -179,6 +179,7 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
     from lengthwise.ops import cpu as cpu_kernels
     from lengthwise.ops import linear as dispatched_linear
     from lengthwise.ops.dispatch import use_triton
+    from lengthwise.ops.fused import fused_single_row, norm_gate_up_silu, norm_qkv_rotary_write
     from lengthwise.ops.rotary import rotary_and_write_kv
 
     c, dev, dt = model.config, model.device, model.dtype
@@ -237,6 +238,17 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
         *linear("down_proj", layer.down_weight, act),
         *linear("lm_head", model.lm_head, x),
     ]
+    if fused_single_row(x):
+        # What a batch-1 layer really runs in place of the norm, QKV, RoPE, gate-up and SiLU rows above.
+        qkv_n, inter = c.q_size + 2 * c.kv_size, c.intermediate_size
+        ops += [
+            ("norm+qkv_proj+rotary+write_kv (fused)", lambda: norm_qkv_rotary_write(
+                x, res, layer.input_norm, c.rms_norm_eps, layer.qkv_weight, layer.qkv_bias, cos, sin, k_cache,
+                v_cache, meta.slot_mapping), (qkv_n * h + 4 * h + qkv_n) * isz, 2 * qkv_n * h),
+            ("norm+gate_up_proj+silu (fused)", lambda: norm_gate_up_silu(
+                x, res, layer.post_attn_norm, c.rms_norm_eps, layer.gate_up_weight, layer.gate_up_bias),
+             (2 * inter * h + 4 * h + inter) * isz, 4 * inter * h),
+        ]
     rows = []
     with torch.inference_mode():
         for name, fn, nbytes, flops in ops:

@@ -22,10 +22,9 @@ from lengthwise.ops import (
     rms_norm,
     rotary_cos_sin,
     rotary_inv_freq,
-    silu_and_mul,
 )
 from lengthwise.ops.cpu import decode as cpu_decode
-from lengthwise.ops.rotary import rotary_and_write_kv
+from lengthwise.ops.fused import norm_gate_up_silu, norm_qkv_rotary_write
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -60,20 +59,14 @@ class DecoderLayer(nn.Module):
                 sin: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        x, residual = rms_norm(x, self.input_norm, c.rms_norm_eps, residual)
-        qkv = linear(x, self.qkv_weight, self.qkv_bias)
-        q, k, v = qkv.split((c.q_size, c.kv_size, c.kv_size), dim=-1)
-        q = q.view(-1, c.num_heads, c.head_dim)
-        k = k.view(-1, c.num_kv_heads, c.head_dim)
-        v = v.view(-1, c.num_kv_heads, c.head_dim)
-        if self.q_norm is not None:
-            q = rms_norm(q, self.q_norm, c.rms_norm_eps)[0]
-            k = rms_norm(k, self.k_norm, c.rms_norm_eps)[0]
-        q = rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping)
+        # Norm, QKV, RoPE and the KV write; one kernel for a single row on the Triton path.
+        q, residual = norm_qkv_rotary_write(x, residual, self.input_norm, c.rms_norm_eps, self.qkv_weight,
+                                            self.qkv_bias, cos, sin, k_cache, v_cache, meta.slot_mapping,
+                                            self.q_norm, self.k_norm)
         attn = paged_attention(q, k_cache, v_cache, positions, meta, self.scale, self.sliding_window)
         x = linear(attn.reshape(-1, c.q_size), self.o_weight, self.o_bias)
-        x, residual = rms_norm(x, self.post_attn_norm, c.rms_norm_eps, residual)
-        x = silu_and_mul(linear(x, self.gate_up_weight, self.gate_up_bias))
+        x, residual = norm_gate_up_silu(x, residual, self.post_attn_norm, c.rms_norm_eps, self.gate_up_weight,
+                                        self.gate_up_bias)
         return linear(x, self.down_weight, self.down_bias), residual
 
 

@@ -42,6 +42,21 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return run(x, weight, bias)
 
 
+def norm_qkv_rotary_write(x, residual, norm_weight, eps, weight, bias, cos, sin, k_cache, v_cache, slot_mapping,
+                          out=None, **knobs):
+    """One token: residual add + RMSNorm + QKV GEMV + RoPE + KV write in one kernel; returns (q, residual)."""
+    from lengthwise.ops.triton.fused import norm_qkv_rotary_write as run
+
+    return run(x, residual, norm_weight, eps, weight, bias, cos, sin, k_cache, v_cache, slot_mapping, out, **knobs)
+
+
+def norm_gate_up_silu(x, residual, norm_weight, eps, weight, bias, out=None, **knobs):
+    """One token: residual add + RMSNorm + gate-up GEMV + SiLU-and-mul in one kernel; returns (act, residual)."""
+    from lengthwise.ops.triton.fused import norm_gate_up_silu as run
+
+    return run(x, residual, norm_weight, eps, weight, bias, out, **knobs)
+
+
 def paged_attention(q, k_cache, v_cache, positions, meta, scale, sliding_window=None, out=None):
     """Segment attention: the decode kernel when every row-group has one query, else the varlen one."""
     from lengthwise.ops.triton.attention import paged_attention as run
@@ -49,4 +64,5 @@ def paged_attention(q, k_cache, v_cache, positions, meta, scale, sliding_window=
     return run(q, k_cache, v_cache, positions, meta, scale, sliding_window, out)
 
 
-__all__ = ["fused_add_rms_norm", "gemv", "paged_attention", "rotary_and_write_kv", "silu_and_mul"]
+__all__ = ["fused_add_rms_norm", "gemv", "norm_gate_up_silu", "norm_qkv_rotary_write", "paged_attention",
+           "rotary_and_write_kv", "silu_and_mul"]

@@ -1,0 +1,69 @@
+"""The decoder layer's two fusable blocks as ops: what comes between the residual stream and the
+attention, and between the residual stream and the down projection.
+
+- `norm_qkv_rotary_write`: residual add + RMSNorm, QKV projection, (q/k norm,) RoPE, KV write;
+- `norm_gate_up_silu`: residual add + RMSNorm, gate-up projection, SiLU-and-mul.
+
+A single row (batch-1 decode) on the Triton path runs each as one kernel
+(`lengthwise.ops.triton.fused`), which saves the launches of the elementwise ops between the
+GEMVs; everything else, and models with q/k norms (whose per-head norm needs the whole head before
+RoPE), runs the same ops one by one. `LENGTHWISE_FUSED=0` keeps single rows unfused (an A/B
+switch; `LENGTHWISE_GEMV=0` turns off every Triton GEMV, these included).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lengthwise.ops import triton as triton_ops
+from lengthwise.ops.activation import silu_and_mul
+from lengthwise.ops.dispatch import use_triton
+from lengthwise.ops.linear import gemv_enabled, linear
+from lengthwise.ops.norm import rms_norm
+from lengthwise.ops.rotary import rotary_and_write_kv
+
+FUSED_ENV = "LENGTHWISE_FUSED"
+
+
+def fused_single_row(x: torch.Tensor) -> bool:
+    """Whether `x` is one row that takes the fused single-row kernels."""
+    return (x.dim() == 2 and x.shape[0] == 1 and os.environ.get(FUSED_ENV, "1") != "0" and gemv_enabled()
+            and use_triton(x))
+
+
+def norm_qkv_rotary_write(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                          qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, cos: torch.Tensor,
+                          sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
+                          k_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x [T, hidden]` (+ `residual`) -> RMSNorm -> QKV -> (q/k RMSNorm) -> RoPE; k and v are
+    stored into the flat caches `[slots, kv_heads, head_dim]` at `slot_mapping [T]`.
+    Returns `(q [T, heads, head_dim], x + residual)`."""
+    if q_norm is None and k_norm is None and fused_single_row(x):
+        return triton_ops.norm_qkv_rotary_write(x, residual, norm_weight, eps, qkv_weight, qkv_bias, cos, sin,
+                                                k_cache, v_cache, slot_mapping)
+    kv_heads, dim = k_cache.shape[1:]
+    x, residual = rms_norm(x, norm_weight, eps, residual)
+    qkv = linear(x, qkv_weight, qkv_bias)
+    q, k, v = qkv.split((qkv.shape[-1] - 2 * kv_heads * dim, kv_heads * dim, kv_heads * dim), dim=-1)
+    q = q.view(q.shape[0], -1, dim)
+    k = k.view(-1, kv_heads, dim)
+    v = v.view(-1, kv_heads, dim)
+    if q_norm is not None:
+        q = rms_norm(q, q_norm, eps)[0]
+    if k_norm is not None:
+        k = rms_norm(k, k_norm, eps)[0]
+    return rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping), residual
+
+
+def norm_gate_up_silu(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                      gate_up_weight: torch.Tensor,
+                      gate_up_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x [T, hidden]` (+ `residual`) -> RMSNorm -> gate-up -> `silu(gate) * up`.
+    Returns `(activation [T, intermediate], x + residual)`."""
+    if fused_single_row(x):
+        return triton_ops.norm_gate_up_silu(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias)
+    x, residual = rms_norm(x, norm_weight, eps, residual)
+    return silu_and_mul(linear(x, gate_up_weight, gate_up_bias)), residual
