@@ -28,6 +28,9 @@ class EngineConfig:
     `enforce_eager`: on CUDA, run every step eagerly instead of replaying decode steps as CUDA
     graphs (vLLM's name); graphs are captured at start-up for batches of up to
     `min(max_num_seqs, 256)` rows and need the Triton kernels.
+    `async_decode`: with those graphs, launch the next decode step before reading this step's
+    tokens back, so the host's per-step work overlaps the GPU's (vLLM's async scheduling, for
+    steps whose rows are predictable; `False` for the A/B).
     """
 
     dtype: str = "auto"
@@ -43,6 +46,7 @@ class EngineConfig:
     length_predictor: Any = None
     record_lengths: str | None = None
     enforce_eager: bool = False
+    async_decode: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -59,8 +63,9 @@ class EngineConfig:
                 raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {m}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
-        if not isinstance(self.enforce_eager, bool):
-            raise ValueError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        for name in ("enforce_eager", "async_decode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"policy must be a policy name, got {self.policy!r}")
 

@@ -553,6 +553,30 @@ def test_fused_single_row_decode_matches_unfused(monkeypatch):
     assert_same_generations(fused, want, logprob_tol=1e-4)
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA streams and graphs: tests/test_cuda_graph.py checks the logic on the CPU")
+def test_cuda_async_decode_matches_sync():
+    """Steps launched ahead on a real stream (pinned token read-back behind an event, the next
+    graph replayed before it): the same greedy and seeded-sampled tokens as synchronous steps."""
+    from conftest import step_to_completion
+
+    from lengthwise import SamplingParams
+    from lengthwise.config import EngineConfig
+    from lengthwise.engine.llm_engine import LLMEngine
+
+    model = _tiny_model(torch.float32, max_positions=512, qk_norm=False, bias=True)
+    prompts = [[5, 17, 9, 3, 50], list(range(10, 40)), [7]]
+    params = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=25, temperature=0.8, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)]
+    runs = {}
+    for flag in (False, True):
+        engine = LLMEngine(model, None, EngineConfig(block_size=16, max_num_seqs=4, async_decode=flag))
+        assert engine.runner.graphs is not None
+        runs[flag] = step_to_completion(engine, prompts, params)[0], engine.runner.graphs.used_ahead
+    assert runs[True][0] == runs[False][0]
+    assert runs[False][1] == 0 and runs[True][1] > 40
+
+
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
 @pytest.mark.parametrize("family", ["llama", "mistral-sliding", "qwen3"])
 def test_cuda_triton_model_matches_transformers(monkeypatch, family):

@@ -108,6 +108,19 @@ def test_greedy_is_argmax_and_uses_no_generator():
     assert tiny.token_ids == out.token_ids
 
 
+def test_before_read_sees_the_tokens_before_the_host_does():
+    """The engine's async-decode hook: called once, with the chosen tokens as a tensor, mixed
+    greedy and sampled rows alike; what it returns is ignored."""
+    torch.manual_seed(5)
+    logits = torch.randn(4, 300)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.9, seed=2)] * 2
+    gens = [None if p.greedy else make_generator(2, torch.device("cpu")) for p in params]
+    seen = []
+    out = sample(logits, params, gens, [[]] * 4, [[]] * 4, before_read=lambda t: seen.append(t.clone()) or 7)
+    assert len(seen) == 1 and seen[0].tolist() == out.token_ids
+    assert out.token_ids[0] == logits[0].argmax().item() and out.token_ids[2] == logits[2].argmax().item()
+
+
 def test_top_k_1_equals_greedy():
     torch.manual_seed(2)
     logits = torch.randn(64, 3000) * 4

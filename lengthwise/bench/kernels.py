@@ -17,7 +17,10 @@ Measures, in one process:
   `LLM.generate`: scheduler, CUDA graph replay, sampler and all) against the weight-read bound
   (`roofline_b1_ms`), and 64 requests decoding together (`b64_gflops` = the model's matmul FLOPs
   per step / step time), in `--rounds` rounds, each divided by the matmul rate measured just before
-  and after it (the higher), the median round reported (`b64_rounds` lists them all);
+  and after it (the higher), the median round reported (`b64_rounds` lists them all); with CUDA
+  graphs, `decode_b1_sync_ms` is the same batch-1 decode without async decode (the A/B), and
+  `forward_b1_ms` the batch-1 graph replayed alone;
+- at batch 1 on the Triton path, the fused single-row kernels beside the ops they replace;
 - with `--compare-transformers`, transformers' eager `generate` at batch 1 in the same process;
 - with `--check`, the logits after a few prompts against transformers' and the greedy tokens of
   the default kernels against the torch reference path.
@@ -30,6 +33,7 @@ and a PNG of each kernel's fraction of its roofline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -452,7 +456,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lengthwise.bench.engines import decode_weight_bytes
 
     weight_bytes = decode_weight_bytes(model_dir, torch.empty((), dtype=dtype).element_size())
+    graphs = llm.engine.runner.graphs
+    launched, used = (graphs.launched_ahead, graphs.used_ahead) if graphs is not None else (0, 0)
     b1 = decode_b1_ms(llm)
+    ahead: dict[str, Any] = {}
+    if graphs is not None:  # the A/B: the same decode with every step launched after the last one's read-back
+        ahead = {"b1_steps_launched_ahead": graphs.launched_ahead - launched,
+                 "b1_steps_used_as_launched": graphs.used_ahead - used}
+        config = llm.engine.config
+        llm.engine.config = dataclasses.replace(config, async_decode=False)
+        ahead["decode_b1_sync_ms"] = round(decode_b1_ms(llm), 4)
+        llm.engine.config = config
     forward = forward_b1_ms(llm)
     # The large batch in rounds, each paired with the matmul rate measured just before and just
     # after it (the higher counts): on a shared host that rate moves by 1.5x within a minute, so a
@@ -479,7 +493,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({args.threads} threads)",
         "model": label, "dtype": args.dtype, "cuda_graphs": llm.engine.runner.graphs is not None,
         "decode_b1_ms": round(b1, 4), "roofline_b1_ms": round(roof, 4), "roofline_fraction_b1": round(roof / b1, 4),
-        "forward_b1_ms": round(forward, 4), "roofline_fraction_forward_b1": round(roof / forward, 4),
+        "forward_b1_ms": round(forward, 4), "roofline_fraction_forward_b1": round(roof / forward, 4), **ahead,
         "weight_bytes": weight_bytes, "b64_batch": args.batch, "b64_step_ms": median["step_ms"],
         "b64_gflops": median["gflops"], "b64_fraction_of_matmul_peak": median["fraction"], "b64_rounds": rounds,
         "matmul_peak_gflops": round(peak, 1), "copy_bandwidth_gbs": round(bandwidth, 1),
@@ -505,6 +519,9 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{k['bound']:>8} {k['fraction_of_roofline']:>10.1%}")
     lines += ["", f"decode batch 1 (engine, per token): {r['decode_b1_ms']:.3f} ms; weight-read bound "
               f"{r['roofline_b1_ms']:.3f} ms = {r['roofline_fraction_b1']:.1%} of the roofline",
+              *([f"decode batch 1 without async decode: {r['decode_b1_sync_ms']:.3f} ms; with it, "
+                 f"{r['b1_steps_used_as_launched']} of {r['b1_steps_launched_ahead']} steps launched ahead were used"]
+                if "decode_b1_sync_ms" in r else []),
               f"decode batch 1 forward alone (graph replay on a GPU): {r['forward_b1_ms']:.3f} ms = "
               f"{r['roofline_fraction_forward_b1']:.1%} of the roofline",
               f"decode batch {r['b64_batch']} (engine, per step): {r['b64_step_ms']:.2f} ms = {r['b64_gflops']:.0f} "

@@ -12,6 +12,14 @@ The decode attention kernel normally chooses its split-K partition count from th
 context; a graph cannot, so each bucket fixes the count from `max_model_len`, and each sequence
 divides its own context among those partitions (a partition past its context exits at once).
 On the CPU (tests) the same buffers run eagerly, without capture.
+
+A step can also be launched ahead (`prelaunch`): the engine queues the next decode step of the
+same rows, its input tokens copied on the device from this step's sampler output, before the host
+reads those tokens back; the host's bookkeeping (stop checks, detokenizing, scheduling) then runs
+while the GPU computes. The next `run` uses that step's outputs when its rows turn out to be
+exactly the ones launched (same positions, slots, tables), and otherwise runs as usual; the
+keys and values the unused step wrote sit past the end of their sequences (or in blocks freed
+after it, which any later write reaches only after it in stream order), where nothing reads them.
 """
 
 from __future__ import annotations
@@ -47,6 +55,22 @@ class DecodeRows:
     response_tables: list[list[int]]
     response_lens: list[int]
 
+    def same_context(self, other: DecodeRows) -> bool:
+        """Whether both are the same rows at the same positions, slots and contexts (tokens aside)."""
+        return (self.positions == other.positions and self.slots == other.slots
+                and self.prompt_lens == other.prompt_lens and self.response_lens == other.response_lens
+                and self.prompt_tables == other.prompt_tables and self.response_tables == other.response_tables)
+
+
+@dataclass
+class _Staging:
+    """Host copies of a bucket's two input buffers (pinned on CUDA) and the event after their last
+    upload: a step launched ahead fills one while the previous step's upload may be in flight."""
+
+    longs: torch.Tensor
+    ints: torch.Tensor
+    uploaded: torch.cuda.Event | None = None
+
 
 class _Bucket:
     """One bucket's device inputs, in two flat buffers so that a step fills them with two copies:
@@ -78,13 +102,18 @@ class DecodeGraphs:
         self.width = -(-max_model_len // self.block_size)
         dev, m = model.device, self.max_batch
         self._buckets = {size: _Bucket(size, self.width, dev) for size in self.sizes}
-        # Host staging, pinned on CUDA so that the two copies per step are asynchronous. Reusing it
-        # is safe because the sampler reads the step's tokens back (a sync) before the next fill.
+        # Host staging, pinned on CUDA so that the two copies per step are asynchronous; two sets,
+        # used in turn, each reused only after its last upload is done.
         pin = dev.type == "cuda"
-        self._host_longs = torch.zeros(3 * m, dtype=torch.long, pin_memory=pin)
-        self._host_ints = torch.zeros(2 * m + 2 * m * self.width, dtype=torch.int32, pin_memory=pin)
+        self._staging = [_Staging(torch.zeros(3 * m, dtype=torch.long, pin_memory=pin),
+                                  torch.zeros(2 * m + 2 * m * self.width, dtype=torch.int32, pin_memory=pin))
+                         for _ in range(2)]
+        self._turn = 0
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # The step launched ahead: its rows (tokens aside) and outputs; how many were, and were used.
+        self._ahead: tuple[DecodeRows, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.launched_ahead = self.used_ahead = 0
         for size in self.sizes:
             self._fill(DecodeRows([], [], [], [], [], [], []), size)
         if self.capture:
@@ -97,24 +126,54 @@ class DecodeGraphs:
         n = len(rows.token_ids)
         if not 0 < n <= self.max_batch:
             raise ValueError(f"a graphed decode step takes 1 to {self.max_batch} rows, got {n}")
-        size = next(s for s in self.sizes if s >= n)
-        self._fill(rows, size)
-        if self.capture:
-            self._graphs[size].replay()
-            hidden, logits = self._outputs[size]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0].same_context(rows):
+            hidden, logits = ahead[1]  # launched ahead with the tokens `rows` carries
+            self.used_ahead += 1
         else:
-            hidden, logits = self._forward(size, rows)
+            hidden, logits = self._launch(rows)
         return hidden[:n], logits[:n]
+
+    def prelaunch(self, rows: DecodeRows, token_ids: torch.Tensor) -> None:
+        """Queue a decode step of `rows` whose input tokens are `token_ids [len(rows)]`, on the
+        device (`rows.token_ids` is not read); the next `run` uses its outputs if its rows match."""
+        n = len(rows.positions)
+        if not 0 < n <= self.max_batch or token_ids.shape != (n,):
+            raise ValueError(f"a step launched ahead takes 1 to {self.max_batch} rows and one token per row, "
+                             f"got {n} rows and tokens {list(token_ids.shape)}")
+        self._ahead = (rows, self._launch(rows, token_ids))
+        self.launched_ahead += 1
+
+    def drop_ahead(self) -> None:
+        """Forget the step launched ahead (the engine ran something else)."""
+        self._ahead = None
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _launch(self, rows: DecodeRows, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(rows.positions)
+        size = next(s for s in self.sizes if s >= n)
+        self._fill(rows, size)
+        if token_ids is not None:
+            self._buckets[size].ids[:n].copy_(token_ids)  # device to device, after the upload
+        if self.capture:
+            self._graphs[size].replay()
+            return self._outputs[size]
+        return self._forward(size, rows)
+
     def _fill(self, rows: DecodeRows, size: int) -> None:
-        """Write the real rows, then padding up to `size`, in the bucket's layout, and copy them over."""
-        n, bs, w = len(rows.token_ids), self.block_size, self.width
-        longs = self._host_longs[:3 * size].numpy().reshape(3, size)
-        ints = self._host_ints[:2 * size + 2 * size * w].numpy()
+        """Write the real rows, then padding up to `size`, in the bucket's layout, and copy them over.
+        (Token ids past the list `rows.token_ids` holds are left as they are: `prelaunch` copies them.)"""
+        n, bs, w = len(rows.positions), self.block_size, self.width
+        staging = self._staging[self._turn]
+        self._turn ^= 1
+        if staging.uploaded is not None:
+            staging.uploaded.synchronize()  # its last upload has left (long done, except just after a prelaunch)
+        longs = staging.longs[:3 * size].numpy().reshape(3, size)
+        ints = staging.ints[:2 * size + 2 * size * w].numpy()
         lens, tables = ints[:2 * size].reshape(2, size), ints[2 * size:].reshape(2, size, w)
-        longs[0, :n], longs[1, :n], longs[2, :n] = rows.token_ids, rows.positions, rows.slots
+        longs[0, :len(rows.token_ids)] = rows.token_ids
+        longs[1, :n], longs[2, :n] = rows.positions, rows.slots
         longs[:2, n:] = 0
         longs[2, n:] = self.scratch_block * bs
         lens[0, :n], lens[1, :n] = rows.prompt_lens, rows.response_lens
@@ -128,8 +187,11 @@ class DecodeGraphs:
             tables[1, i, :len(r)] = r
         bucket = self._buckets[size]
         asynchronous = bucket.longs.is_cuda
-        bucket.longs.copy_(self._host_longs[:3 * size], non_blocking=asynchronous)
-        bucket.ints.copy_(self._host_ints[:bucket.ints.numel()], non_blocking=asynchronous)
+        bucket.longs.copy_(staging.longs[:3 * size], non_blocking=asynchronous)
+        bucket.ints.copy_(staging.ints[:bucket.ints.numel()], non_blocking=asynchronous)
+        if asynchronous:
+            staging.uploaded = torch.cuda.Event()
+            staging.uploaded.record()
 
     def _metadata(self, size: int, rows: DecodeRows | None) -> AttentionMetadata:
         """Metadata whose kernel tensors are the static buffers; the host-side lists (read only by

@@ -249,8 +249,13 @@ class LLMEngine:
         self.stats.padding_row_steps += plan.padding_rows
         if len(rows) != logits.shape[0]:
             logits = logits[torch.tensor(rows, device=logits.device)]
+        ahead = None
+        if self.config.async_decode and self.runner.graphs is not None and not plan.padding_rows:
+            # Queue the next decode step before reading this one's tokens back (see DecodeGraphs).
+            def ahead(tokens: torch.Tensor) -> bool:
+                return self.runner.prelaunch_next(plan.chunks, self.scheduler.kv, tokens)
         out = sample(logits, [s.request.params for s in seqs], [s.state["generator"] for s in seqs],
-                     [s.request.prompt_ids for s in seqs], [s.output_ids for s in seqs])
+                     [s.request.prompt_ids for s in seqs], [s.output_ids for s in seqs], before_read=ahead)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for seq, token, lp in zip(seqs, out.token_ids, out.logprobs, strict=True):

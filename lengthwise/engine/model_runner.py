@@ -49,9 +49,10 @@ class ModelRunner:
         """Run one step; return float32 logits `[num_sampling_chunks, vocab]`, one row per chunk
         with `sample` set, in chunk order. `padding_rows` more decode rows are computed (copies of
         the step's decode rows, see the module docstring) and their logits dropped."""
-        if not padding_rows and self.graphs is not None and 0 < len(chunks) <= self.graphs.max_batch and all(
-                c.seq is not None and c.sample and c.end - c.start == 1 for c in chunks):
+        if not padding_rows and self._graphed(chunks):
             return self._run_graphed(chunks, kv)
+        if self.graphs is not None:
+            self.graphs.drop_ahead()
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -114,6 +115,42 @@ class ModelRunner:
         self.last_hidden = hidden[:num_real]
         logits = self.model.compute_logits(hidden)
         return logits[:num_real] if len(sample_rows) > num_real else logits
+
+    def prelaunch_next(self, chunks: list[ScheduledChunk], kv: KVBlockManager, tokens: torch.Tensor) -> bool:
+        """Launch the step after this graphed decode step of `chunks` ahead, on `tokens` (the tokens
+        just sampled for them, still on the device), if it is predictable: every row goes on (not
+        at its token limit) and asks for no logprobs (whose reading of this step's logits the
+        launch would overtake). A row whose next token starts a block gets that block now, as the
+        scheduler would at the next step; if none is free, nothing is launched. Returns whether it was."""
+        if self.graphs is None or not self._graphed(chunks):
+            return False
+        for c in chunks:
+            req = c.request
+            limit = min(req.max_tokens, req.eos_after or req.max_tokens)
+            if req.params.logprobs is not None or c.start + 2 >= limit:  # its next token is its last
+                return False
+        bs = self.block_size
+        rows = DecodeRows([], [], [], [], [], [], [])
+        for c in chunks:
+            req, seq = c.request, c.seq
+            assert seq is not None
+            nxt = c.start + 1  # the response index of the token sampled now: the next step's input
+            if not kv.grow_response(seq.seq_id, nxt + 1):
+                return False
+            blocks = kv.response_segment(seq.seq_id).blocks
+            rows.positions.append(req.prompt_len + nxt)
+            rows.slots.append(blocks[nxt // bs] * bs + nxt % bs)
+            rows.prompt_tables.append(list(kv.prompt_segment(req.request_id).blocks))
+            rows.prompt_lens.append(req.prompt_len)
+            rows.response_tables.append(list(blocks))
+            rows.response_lens.append(nxt + 1)
+        self.graphs.prelaunch(rows, tokens)
+        return True
+
+    def _graphed(self, chunks: list[ScheduledChunk]) -> bool:
+        """Whether this step is decode only and small enough for the graphs."""
+        return self.graphs is not None and 0 < len(chunks) <= self.graphs.max_batch and all(
+            c.seq is not None and c.sample and c.end - c.start == 1 for c in chunks)
 
     def _run_graphed(self, chunks: list[ScheduledChunk], kv: KVBlockManager) -> torch.Tensor:
         bs = self.block_size

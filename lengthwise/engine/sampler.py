@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +65,8 @@ class SampleOutput:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]]) -> SampleOutput:
+           prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]],
+           before_read: Callable[[torch.Tensor], object] | None = None) -> SampleOutput:
     """Pick one token for each row of `logits` (`[R, V]`, float32; not modified).
 
     Row `i` samples with `params[i]` and draws from `generators[i]` (None: torch's default RNG;
@@ -87,7 +88,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         x = _penalised(logits, sampled, params, prompt_ids, output_ids)
         tokens = _put(tokens, sampled, _sample_rows(x, [params[i] for i in sampled],
                                                     [generators[i] for i in sampled], owned=x is not logits))
-    token_list = tokens.tolist()
+    if before_read is not None and tokens.is_cuda:
+        host = torch.empty(num_rows, dtype=torch.long, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        before_read(tokens)
+        copied.synchronize()  # waits for the copy, not for what `before_read` queued after it
+        token_list = host.tolist()
+    else:
+        if before_read is not None:
+            before_read(tokens)
+        token_list = tokens.tolist()
     return SampleOutput(token_list, _logprobs(logits, params, tokens))
 
 
