@@ -118,17 +118,17 @@ def graphed_and_plain_decode(model, monkeypatch, graph_batch: int = 4):
     return outs[graph_batch], outs[0], calls
 
 
-def step_to_completion(engine, prompts, params, abort: tuple[int, str] | None = None):
-    """Add `prompts` (request ids "0", "1", ...) and step `engine` until all finish, aborting
-    request `abort[1]` after step `abort[0]`. Returns ({request_id: each sample's token ids}, steps)."""
+def step_to_completion(engine, prompts, params, events=None):
+    """Add `prompts` (request ids "0", "1", ...) and step `engine` until all finish, calling
+    `events[k](engine)` after step k. Returns ({request_id: each sample's token ids}, steps)."""
     for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
         engine.add_request(p, sp, request_id=str(i))
     steps, outs = 0, {}
     while engine.has_unfinished_requests():
         engine.step()
         steps += 1
-        if abort is not None and steps == abort[0]:
-            assert engine.abort_request(abort[1])
+        if events and steps in events:
+            events[steps](engine)
         for rid, req in list(engine.requests.items()):
             if req.finished:
                 outs[rid] = [list(s.output_ids) for s in req.seqs]

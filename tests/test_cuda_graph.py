@@ -68,21 +68,24 @@ def test_graph_rejects_an_empty_or_oversized_step(monkeypatch):
         graphs.run(DecodeRows(*(x * 3 for x in row)))
 
 
-def _async_run(monkeypatch, async_decode: bool, prompts, params, abort: tuple[int, str] | None = None):
+def _async_run(monkeypatch, async_decode: bool, prompts, params, events=None, max_num_seqs: int = 8):
     """Run `prompts` through an engine whose decode steps of up to 8 rows go through `DecodeGraphs`
-    (eager here), launching steps ahead or not; `abort=(step, request_id)` aborts mid-way.
+    (eager here), launching steps ahead or not, with `step_to_completion`'s `events`.
     Returns ({request_id: token ids of each sample}, the graphs, steps taken)."""
     monkeypatch.setattr(LLMEngine, "_graph_batch", lambda self: 8)
-    engine = LLMEngine(_model(), None, EngineConfig(block_size=4, max_num_seqs=8, async_decode=async_decode))
-    outs, steps = step_to_completion(engine, prompts, params, abort)
+    engine = LLMEngine(_model(), None, EngineConfig(block_size=4, max_num_seqs=max_num_seqs,
+                                                    async_decode=async_decode))
+    outs, steps = step_to_completion(engine, prompts, params, events)
     return outs, engine.runner.graphs, steps
 
 
 def test_steps_launched_ahead_change_nothing(monkeypatch):
     """Async decode (the next graphed step launched on the device's tokens before the host reads
     them) gives the tokens of synchronous steps, through a stop token, samples drawn from seeded
-    generators, n=2, an abort, rows reaching their limits, block boundaries (block_size 4) and a
-    batch shrinking through the buckets; most steps are used as launched, the rest rerun."""
+    generators, n=2, rows reaching their limits, block boundaries (block_size 4), a batch shrinking
+    through the buckets, an abort and a request arriving mid-way. A step launched ahead is used
+    when the next step's rows are its rows or some of them (rows that stopped or were aborted
+    drop out); only the arrival, whose prefill comes first, wastes one."""
     from lengthwise import SamplingParams
 
     prompts = [[5, 17, 9, 3, 50], list(range(10, 40)), [7], [1, 2, 3], [8, 8, 8, 9]]
@@ -94,14 +97,61 @@ def test_steps_launched_ahead_change_nothing(monkeypatch):
               SamplingParams(max_tokens=9, **greedy),
               SamplingParams(max_tokens=22, temperature=0.7, top_p=0.9, seed=1, ignore_eos=True),
               SamplingParams(max_tokens=13, n=2, temperature=1.0, seed=7, ignore_eos=True)]
-    for abort in (None, (6, "3")):
-        want, sync_graphs, _ = _async_run(monkeypatch, False, prompts, params, abort)
-        got, graphs, steps = _async_run(monkeypatch, True, prompts, params, abort)
-        assert got == want
+    late = SamplingParams(max_tokens=6, **greedy)
+
+    def arrive(engine):
+        assert engine.runner.graphs._ahead is not None or not engine.config.async_decode  # one is in flight
+        engine.add_request([3, 3, 4], late, request_id="late")
+
+    cases = {"stop": {}, "abort": {6: lambda e: e.abort_request("3")}, "arrival": {11: arrive}}
+    for name, events in cases.items():
+        want, sync_graphs, _ = _async_run(monkeypatch, False, prompts, params, events)
+        got, graphs, steps = _async_run(monkeypatch, True, prompts, params, events)
+        assert got == want, name
         assert sync_graphs.launched_ahead == 0
         assert len(got["0"][0]) <= 7 and got["0"][0][-1] == stop
-        assert 0 < graphs.used_ahead < graphs.launched_ahead < steps
-        assert graphs.used_ahead >= steps // 2
+        assert graphs.used_ahead >= steps // 2, name
+        assert graphs.launched_ahead - graphs.used_ahead == (name == "arrival"), name
+
+
+def test_no_step_is_launched_ahead_while_a_stop_would_admit(monkeypatch):
+    """With requests waiting, a row that stops on a stop token frees room and the next step admits
+    (a prefill): steps are launched ahead only once nothing waits, so none is wasted."""
+    from lengthwise import SamplingParams
+
+    prompts = [[5, 17, 9], [30, 2], [7, 7], [1, 2, 3, 4]]
+    free = SamplingParams(max_tokens=12, temperature=0.0)
+    plain, _, _ = _async_run(monkeypatch, False, prompts, [free] * 4, max_num_seqs=2)
+    params = [SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[plain["0"][0][3]])] + [free] * 3
+    want, _, _ = _async_run(monkeypatch, False, prompts, params, max_num_seqs=2)
+    got, graphs, steps = _async_run(monkeypatch, True, prompts, params, max_num_seqs=2)
+    assert got == want and len(got["0"][0]) <= 4
+    assert 0 < graphs.used_ahead == graphs.launched_ahead < steps // 2
+
+
+@pytest.mark.parametrize("fcr", ["recompute", "continue"])
+def test_async_decode_keeps_fcr_scheduling(monkeypatch, fcr):
+    """Sequence scheduling with failure collection: rows collected at their batch's cap (no step is
+    launched past it) and their reruns; the same tokens, collections and batch rows as synchronous."""
+    from lengthwise import SamplingParams
+    from lengthwise.predict import ConstantPredictor
+
+    monkeypatch.setattr(LLMEngine, "_graph_batch", lambda self: 8)
+    const = ConstantPredictor(5.0, edges=[0.0, 12.0], probs=[1.0])
+    prompts = [[5 + i, 17, 9][: 1 + i % 3] for i in range(6)]
+    params = [SamplingParams(max_tokens=4 + 3 * (i % 4), temperature=0.0, ignore_eos=True) for i in range(6)]
+    results = {}
+    for flag in (False, True):
+        engine = LLMEngine(_model(), None, EngineConfig(
+            block_size=4, max_num_seqs=8, async_decode=flag, policy="sequence", length_predictor=const,
+            policy_options={"bucket": 6, "fcr": fcr, "vbs": False, "vbs_fixed": 4}))
+        outs, steps = step_to_completion(engine, prompts, params)
+        g = engine.runner.graphs
+        results[flag] = (outs, steps, engine.scheduler.num_collected, engine.stats.row_steps, g.launched_ahead,
+                         g.used_ahead)
+    assert results[True][:4] == results[False][:4]
+    assert results[True][2] > 0  # some rows were collected
+    assert 0 < results[True][5] == results[True][4]
 
 
 def test_no_step_is_launched_ahead_of_logprobs(monkeypatch):

@@ -16,10 +16,11 @@ On the CPU (tests) the same buffers run eagerly, without capture.
 A step can also be launched ahead (`prelaunch`): the engine queues the next decode step of the
 same rows, its input tokens copied on the device from this step's sampler output, before the host
 reads those tokens back; the host's bookkeeping (stop checks, detokenizing, scheduling) then runs
-while the GPU computes. The next `run` uses that step's outputs when its rows turn out to be
-exactly the ones launched (same positions, slots, tables), and otherwise runs as usual; the
-keys and values the unused step wrote sit past the end of their sequences (or in blocks freed
-after it, which any later write reaches only after it in stream order), where nothing reads them.
+while the GPU computes. The next `run` uses that step's outputs when its rows are the rows
+launched, or some of them in the same order (the others stopped or were aborted: their rows are
+gathered out), at the same positions, slots and tables; otherwise it runs as usual. The keys and
+values an unused row wrote sit past the end of its sequence, or in blocks freed after it, which
+any later write reaches only after it in stream order, so nothing reads them.
 """
 
 from __future__ import annotations
@@ -55,11 +56,24 @@ class DecodeRows:
     response_tables: list[list[int]]
     response_lens: list[int]
 
-    def same_context(self, other: DecodeRows) -> bool:
-        """Whether both are the same rows at the same positions, slots and contexts (tokens aside)."""
-        return (self.positions == other.positions and self.slots == other.slots
-                and self.prompt_lens == other.prompt_lens and self.response_lens == other.response_lens
-                and self.prompt_tables == other.prompt_tables and self.response_tables == other.response_tables)
+    def _context(self, i: int) -> tuple:
+        return (self.positions[i], self.slots[i], self.prompt_lens[i], self.response_lens[i], self.prompt_tables[i],
+                self.response_tables[i])
+
+    def rows_within(self, launched: DecodeRows) -> list[int] | None:
+        """Where each of these rows is among `launched` (same position, slot and contexts; tokens
+        aside), in order, when these are `launched` or a subsequence of it (rows that finished
+        dropped out); None otherwise."""
+        where, j = [], 0
+        for i in range(len(self.positions)):
+            row = self._context(i)
+            while j < len(launched.positions) and launched._context(j) != row:
+                j += 1
+            if j == len(launched.positions):
+                return None
+            where.append(j)
+            j += 1
+        return where
 
 
 @dataclass
@@ -69,7 +83,7 @@ class _Staging:
 
     longs: torch.Tensor
     ints: torch.Tensor
-    uploaded: torch.cuda.Event | None = None
+    uploaded: torch.cuda.Event | None = None  # created on the first upload, re-recorded after each
 
 
 class _Bucket:
@@ -122,17 +136,25 @@ class DecodeGraphs:
     def run(self, rows: DecodeRows) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one decode step; returns (final hidden states, float32 logits) for the real rows.
 
-        Both are views of static buffers, valid until the next call."""
+        Both are views of static buffers, valid until the next call (or gathered from them, when
+        the step launched ahead had more rows)."""
         n = len(rows.token_ids)
         if not 0 < n <= self.max_batch:
             raise ValueError(f"a graphed decode step takes 1 to {self.max_batch} rows, got {n}")
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0].same_context(rows):
-            hidden, logits = ahead[1]  # launched ahead with the tokens `rows` carries
-            self.used_ahead += 1
-        else:
+        where = None if ahead is None else rows.rows_within(ahead[0])
+        if where is None:
             hidden, logits = self._launch(rows)
-        return hidden[:n], logits[:n]
+            return hidden[:n], logits[:n]
+        # Launched ahead with the tokens `rows` carries (the sampler's, copied on the device).
+        self.used_ahead += 1
+        hidden, logits = ahead[1]
+        if where == list(range(n)):
+            return hidden[:n], logits[:n]
+        index = torch.tensor(where, dtype=torch.long)
+        if hidden.is_cuda:  # from pinned memory, so the copy does not wait for the step in flight
+            index = index.pin_memory().to(hidden.device, non_blocking=True)
+        return hidden.index_select(0, index), logits.index_select(0, index)
 
     def prelaunch(self, rows: DecodeRows, token_ids: torch.Tensor) -> None:
         """Queue a decode step of `rows` whose input tokens are `token_ids [len(rows)]`, on the
@@ -190,13 +212,14 @@ class DecodeGraphs:
         bucket.longs.copy_(staging.longs[:3 * size], non_blocking=asynchronous)
         bucket.ints.copy_(staging.ints[:bucket.ints.numel()], non_blocking=asynchronous)
         if asynchronous:
-            staging.uploaded = torch.cuda.Event()
-            staging.uploaded.record()
+            if staging.uploaded is None:
+                staging.uploaded = torch.cuda.Event()
+            staging.uploaded.record(torch.cuda.current_stream(bucket.longs.device))
 
     def _metadata(self, size: int, rows: DecodeRows | None) -> AttentionMetadata:
         """Metadata whose kernel tensors are the static buffers; the host-side lists (read only by
         the torch reference, which never runs inside a graph) are the real rows' when given."""
-        n, b = (0 if rows is None else len(rows.token_ids)), self._buckets[size]
+        n, b = (0 if rows is None else len(rows.positions)), self._buckets[size]
         prompt_lens = ([] if rows is None else list(rows.prompt_lens)) + [1] * (size - n)
         response_lens = ([] if rows is None else list(rows.response_lens)) + [0] * (size - n)
         meta = AttentionMetadata(list(range(size + 1)), b.slots, self.block_size, b.prompt_tables, prompt_lens,

@@ -250,7 +250,8 @@ class LLMEngine:
         if len(rows) != logits.shape[0]:
             logits = logits[torch.tensor(rows, device=logits.device)]
         ahead = None
-        if self.config.async_decode and self.runner.graphs is not None and not plan.padding_rows:
+        if (self.config.async_decode and self.runner.graphs is not None and not plan.padding_rows
+                and self._next_step_predictable(plan.chunks)):
             # Queue the next decode step before reading this one's tokens back (see DecodeGraphs).
             def ahead(tokens: torch.Tensor) -> bool:
                 return self.runner.prelaunch_next(plan.chunks, self.scheduler.kv, tokens)
@@ -262,6 +263,21 @@ class LLMEngine:
             self._append(seq, token, lp, now)
             touched[seq.request.request_id] = seq.request
         return list(touched.values())
+
+    def _next_step_predictable(self, chunks: list[Any]) -> bool:
+        """Whether the next step will most likely decode these rows again, or those of them that do
+        not stop (the runner checks the rest: token limits, logprobs, free blocks). Not when a row
+        reaches its FCR cap (it leaves the batch), nor when requests wait and a row may stop on
+        its own (a stop frees room: the next step would admit, and prefill)."""
+        quiet = self.scheduler.num_waiting == 0 and not self.length.pending
+        for c in chunks:
+            p = c.request.params
+            if not quiet and not (p.ignore_eos and not p.stop_token_ids and not p.stop):
+                return False
+            cap = self.scheduler.policy.cap(c.request)
+            if cap is not None and c.start + 2 >= cap:  # this step's token fills the cap
+                return False
+        return True
 
     def _append(self, seq: Sequence, token: int, logprobs: Any, now: float) -> None:
         request, p = seq.request, seq.request.params

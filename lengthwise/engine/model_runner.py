@@ -167,6 +167,8 @@ class ModelRunner:
             rows.response_tables.append(blocks)
             rows.response_lens.append(c.end)
         hidden, logits = self.graphs.run(rows)  # type: ignore[union-attr]
+        # (A view of the graph's output until a step launched ahead overwrites it; only prefill
+        # rows, which never run here, are read from `last_hidden`.)
         self.last_hidden = hidden
         return logits
 

@@ -92,7 +92,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         host = torch.empty(num_rows, dtype=torch.long, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(tokens.device))
         before_read(tokens)
         copied.synchronize()  # waits for the copy, not for what `before_read` queued after it
         token_list = host.tolist()
