@@ -83,12 +83,13 @@ def main() -> None:
 
     from lengthwise.ops import AttentionMetadata
     from lengthwise.ops import triton as triton_ops
-    from lengthwise.ops.triton import activation, attention, norm, rotary
+    from lengthwise.ops.triton import activation, attention, fused, linear, norm, rotary
 
     target = GPUTarget("cuda", args.arch, 32)
     results: list = []
     mods = {norm: ["_rms_norm_kernel"], activation: ["_silu_and_mul_kernel"], rotary: ["_rotary_write_kernel"],
-            attention: ["_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel"]}
+            attention: ["_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel"], linear: ["_gemv_kernel"],
+            fused: ["_norm_qkv_rotary_kernel", "_norm_gate_up_silu_kernel"]}
     originals = {(mod, k): getattr(mod, k) for mod, names in mods.items() for k in names}
     h, hkv, d, bs = args.heads, args.kv_heads, args.head_dim, 16
     for dtype in [getattr(torch, n) for n in args.dtypes.split(",")]:
@@ -107,6 +108,20 @@ def main() -> None:
         cache = torch.zeros(4096 * bs, hkv, d, dtype=dtype)
         triton_ops.rotary_and_write_kv(q, k, v, torch.randn(t, d, dtype=dtype), torch.randn(t, d, dtype=dtype),
                                        cache, cache, torch.arange(t))
+        # The batch-1 GEMVs (plain and split-K) and the fused single-row kernels, every autotuned config.
+        x1, res1, g1 = x[:1], r[:1], w
+        for c in linear._CONFIGS + linear._SPLIT_CONFIGS:
+            for n_out, k_in in ((args.hidden, args.hidden), (args.hidden, args.inter)):  # o_proj, down_proj
+                triton_ops.gemv(torch.randn(1, k_in, dtype=dtype), torch.randn(n_out, k_in, dtype=dtype),
+                                tile={**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
+        qkv_w = torch.randn((h + 2 * hkv) * d, args.hidden, dtype=dtype)
+        gate_up_w = torch.randn(2 * args.inter, args.hidden, dtype=dtype)
+        for cp, cn in zip(fused._CONFIGS["BLOCK_P"], fused._CONFIGS["BLOCK_N"], strict=True):
+            opts = {"num_warps": cp.num_warps, "num_stages": cp.num_stages}
+            cos1, sin1 = torch.randn(1, d, dtype=dtype), torch.randn(1, d, dtype=dtype)
+            triton_ops.norm_qkv_rotary_write(x1, res1, g1, 1e-5, qkv_w, None, cos1, sin1, cache, cache,
+                                             torch.zeros(1, dtype=torch.long), tile={**cp.kwargs, **opts})
+            triton_ops.norm_gate_up_silu(x1, res1, g1, 1e-5, gate_up_w, None, tile={**cn.kwargs, **opts})
         for window in (None, 256):
             # decode, split off and on
             b = 4

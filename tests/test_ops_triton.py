@@ -172,6 +172,30 @@ def test_gemv(dtype, n, k, bias):
         triton_ops.gemv(torch.cat([x, x]), w)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, k, split, bias", [(7, 300, 2, True), (100, 300, 3, False), (33, 1000, 8, True),
+                                               (40, 70, 4, False)])
+def test_gemv_split_k(dtype, n, k, split, bias):
+    """Split-K: slices of K (the last one short, or empty when K has fewer tiles than splits) whose
+    partials the last program of each row block adds in split order; the counters are back at zero
+    after every launch, so a second launch gives the same bits."""
+    linear_mod = importlib.import_module("lengthwise.ops.triton.linear")
+    g = _gen(n * k + split)
+    x, w = _randn(1, k, g=g, dtype=dtype), _randn(n, k, g=g, dtype=dtype, scale=0.1)
+    b = _randn(n, g=g, dtype=dtype) if bias else None
+    tile = {"BLOCK_N": 8, "BLOCK_K": 32, "SPLIT": split}
+    part, count = linear_mod._splitk_workspace(x.device, n)
+    part.fill_(NAN)  # stale partials must never be read
+    got = triton_ops.gemv(x, w, b, tile=tile)
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(got.float(), ref, **tol)
+    assert not bool(count.any())
+    assert torch.equal(triton_ops.gemv(x, w, b, tile=tile), got)
+    with pytest.raises(ValueError, match="SPLIT"):
+        triton_ops.gemv(x, w, b, tile={"BLOCK_N": 8, "BLOCK_K": 32, "SPLIT": 99})
+
+
 @pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (8, 2, 24), (8, 1, 16)])
 def test_rotary_and_write_kv(dtype, heads, kv_heads, head_dim):
@@ -556,6 +580,7 @@ def test_fused_single_row_decode_matches_unfused(monkeypatch):
     from lengthwise.engine.llm import run_to_completion
     from lengthwise.engine.llm_engine import LLMEngine
     from lengthwise.ops.fused import FUSED_ENV
+    from lengthwise.ops.triton.linear import SPLITK_ENV
 
     model = _tiny_model(torch.float32, qk_norm=False, bias=True)
     calls = []
@@ -577,8 +602,11 @@ def test_fused_single_row_decode_matches_unfused(monkeypatch):
     monkeypatch.setenv(FUSED_ENV, "0")
     unfused = run()
     assert not calls
+    monkeypatch.setenv(SPLITK_ENV, "1")  # and the o and down GEMVs split over K
+    split = run()
     assert_same_generations(fused, unfused, logprob_tol=1e-4)
     assert_same_generations(fused, want, logprob_tol=1e-4)
+    assert_same_generations(split, want, logprob_tol=1e-4)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA streams and graphs: tests/test_cuda_graph.py checks the logic on the CPU")

@@ -35,11 +35,11 @@ def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
     return run(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, out)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **knobs) -> torch.Tensor:
     """`F.linear` for a single row `x [1, K]` (batch-1 decode)."""
     from lengthwise.ops.triton.linear import gemv as run
 
-    return run(x, weight, bias)
+    return run(x, weight, bias, **knobs)
 
 
 def norm_qkv_rotary_write(x, residual, norm_weight, eps, weight, bias, cos, sin, k_cache, v_cache, slot_mapping,
