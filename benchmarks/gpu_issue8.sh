@@ -2,18 +2,21 @@
 # Issue 8's GPU measurements, for a lent GPU machine (its own python3 with torch + CUDA + Triton;
 # the repo run with PYTHONPATH=., not .venv). Each step has its own time limit so a hang in one
 # cannot eat the session's device time, and every log and JSON lands in $OUT (default ./gpu-out),
-# which the device tool brings back. The steps, about 12-14 minutes in all on an H100, so run them
-# in two device calls (each call is capped at 10 minutes):
+# which the device tool brings back. The steps take about 12-15 minutes in all on an H100 (each
+# is capped; a device call is capped at 10 minutes), so run them in three calls:
 #
-#     bash benchmarks/gpu_issue8.sh tests kernels splitk          # correctness, the b1 roofline
-#     bash benchmarks/gpu_issue8.sh unfused cublas throughput     # the A/Bs, throughput
+#     bash benchmarks/gpu_issue8.sh tests kernels           # correctness, the b1 roofline (<= 500 s)
+#     bash benchmarks/gpu_issue8.sh experimental unfused    # the opt-in kernels, the fusion's A/B
+#     bash benchmarks/gpu_issue8.sh cublas throughput       # cuBLAS A/B, throughput vs transformers
 #
 # (no argument runs every step). tests: the CUDA/Triton correctness tests. kernels: `bench
 # kernels` on the Llama-3.2-1B shape with the fused single-row kernels and the Triton GEMV (the
 # batch-1 roofline, against transformers, logits checked). unfused: the same with
-# LENGTHWISE_FUSED=0 (Triton GEMVs, elementwise kernels separate: the fusion's A/B). splitk: with
-# LENGTHWISE_GEMV_SPLITK=1 (split-K configurations autotuned beside the others; off by default until
-# this measures it: turn it on in lengthwise/ops/triton/linear.py if it wins). cublas: with
+# LENGTHWISE_FUSED=0 (Triton GEMVs, elementwise kernels separate: the fusion's A/B). experimental:
+# the two opt-in kernels, their GPU tests then `bench kernels`: LENGTHWISE_GEMV_SPLITK=1 (split-K
+# GEMV configurations autotuned beside the others: see the o_proj/down_proj rows) and
+# LENGTHWISE_ATTN_FUSED_REDUCE=1 (split decode attention combined in one launch: the attention
+# row); off by default until this measures them: make each the default if it wins. cublas: with
 # LENGTHWISE_GEMV=0 (cuBLAS for single rows, nothing fused). throughput: `bench throughput` on a
 # synthetic workload against transformers' static batching (alpaca-lengths lives in ../shared,
 # which the device may not have; pass its dev.jsonl as $ALPACA to use it). Record what it measures
@@ -40,17 +43,19 @@ step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, log to $OUT/NAM
 cat "$OUT/device.txt"
 
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels splitk unfused cublas throughput)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels experimental unfused cublas throughput)
 KERNELS=(-m lengthwise.cli bench kernels --model llama-1b --device cuda --dtype bfloat16)
 for s in "${STEPS[@]}"; do
     case "$s" in
     tests) step tests 300 "$PY" -m pytest -q -rs -p no:cacheprovider \
         tests/test_cuda_graph.py tests/test_ops_triton.py tests/test_dtypes_devices.py ;;
     kernels) step kernels 200 "$PY" "${KERNELS[@]}" --compare-transformers --check --json "$OUT/k1b.json" ;;
-    splitk)  # its correctness tests first (the GEMVs, batch-1 decode and graphs with split-K on)
-        LENGTHWISE_GEMV_SPLITK=1 step splitk_tests 150 "$PY" -m pytest -q -p no:cacheprovider \
-            tests/test_ops_triton.py -k "gemv or single_row or async or graphs"
-        LENGTHWISE_GEMV_SPLITK=1 step kernels_splitk 150 "$PY" "${KERNELS[@]}" --json "$OUT/k1b_splitk.json" ;;
+    experimental)  # their correctness tests first (GEMVs, attention, batch-1 decode, graphs)
+        export LENGTHWISE_GEMV_SPLITK=1 LENGTHWISE_ATTN_FUSED_REDUCE=1
+        step experimental_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_triton.py \
+            -k "gemv or attention or single_row or async or graphs"
+        step kernels_experimental 150 "$PY" "${KERNELS[@]}" --json "$OUT/k1b_experimental.json"
+        unset LENGTHWISE_GEMV_SPLITK LENGTHWISE_ATTN_FUSED_REDUCE ;;
     unfused) LENGTHWISE_FUSED=0 step kernels_unfused 120 "$PY" "${KERNELS[@]}" --json "$OUT/k1b_unfused.json" ;;
     cublas) LENGTHWISE_GEMV=0 step kernels_cublas 120 "$PY" "${KERNELS[@]}" --json "$OUT/k1b_cublas.json" ;;
     throughput)
@@ -62,6 +67,6 @@ for s in "${STEPS[@]}"; do
         step throughput 240 "$PY" -m lengthwise.cli bench throughput --model llama-1b --device cuda \
             --dtype bfloat16 --engines lengthwise,transformers "${WORKLOAD[@]}" --num-requests 128 \
             --json "$OUT/tp1b.json" ;;
-    *) echo "unknown step $s (tests, kernels, splitk, unfused, cublas, throughput)" >&2; exit 2 ;;
+    *) echo "unknown step $s (tests, kernels, experimental, unfused, cublas, throughput)" >&2; exit 2 ;;
     esac
 done

@@ -131,6 +131,7 @@ def main() -> None:
             qd, pos = torch.randn(b, h, d, dtype=dtype), torch.full((b,), 999)
             for splits in (1, 4):
                 attention.paged_attention(qd, cache, cache, pos, meta, d ** -0.5, window, num_splits=splits)
+            attention.paged_attention(qd, cache, cache, pos, meta, d ** -0.5, window, num_splits=4, fused_reduce=True)
             # prefill
             meta = AttentionMetadata([0, 300, 600], torch.zeros(0, dtype=torch.long), bs,
                                      torch.randint(0, 4096, (2, 64)), [300, 500], None, None)

@@ -456,6 +456,15 @@ def test_decode_attention(dtype, heads, kv_heads, window):
         out = _poisoned(q.shape, dtype)
         got = triton_attention(q, k_cache, v_cache, positions, meta, 0.3, window, out, num_splits=splits, block_n=16)
         torch.testing.assert_close(got, ref, **ATTENTION_TOL[dtype], msg=lambda m, s=splits: f"splits={s}: {m}")
+    # The partitions combined by the last of each group instead of a second kernel: the same
+    # result, and the ticket counters back at zero for the next launch.
+    attention_mod = importlib.import_module("lengthwise.ops.triton.attention")
+    for splits in (2, 3):
+        out = _poisoned(q.shape, dtype)
+        got = triton_attention(q, k_cache, v_cache, positions, meta, 0.3, window, out, num_splits=splits, block_n=16,
+                               fused_reduce=True)
+        torch.testing.assert_close(got, ref, **ATTENTION_TOL[dtype], msg=lambda m, s=splits: f"fused, {s}: {m}")
+        assert not bool(attention_mod._group_counters(q.device, 1).any())
 
 
 @pytest.mark.parametrize("dtype, heads, kv_heads, window", ATTENTION_CASES)
@@ -549,16 +558,20 @@ def test_model_greedy_tokens_match_torch(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if CUDA else []))
-@pytest.mark.parametrize("qk_norm", [True, False])
-def test_decode_graphs_match_plain_steps(monkeypatch, dtype, qk_norm):
+@pytest.mark.parametrize("qk_norm, experimental", [(True, False), (False, False), (False, True)])
+def test_decode_graphs_match_plain_steps(monkeypatch, dtype, qk_norm, experimental):
     """Decode steps replayed from `DecodeGraphs` (captured CUDA graphs on a GPU; the same static
     buffers run eagerly under the interpreter) through the Triton kernels: padding rows on the
     scratch block, split-K partitions fixed from max_model_len (1024: a batch-1 step gets four
     partitions, three of them empty), the fallback above the largest bucket. Without q/k norms the
-    batch-1 graph runs the fused single-row kernels."""
+    batch-1 graph runs the fused single-row kernels; `experimental` turns on the opt-in split-K
+    GEMVs and the decode partitions combined in one launch."""
     from conftest import assert_same_generations, graphed_and_plain_decode
 
     monkeypatch.setenv(KERNELS_ENV, "auto" if CUDA else "triton")
+    if experimental:
+        monkeypatch.setenv("LENGTHWISE_GEMV_SPLITK", "1")
+        monkeypatch.setenv("LENGTHWISE_ATTN_FUSED_REDUCE", "1")
     got, want, calls = graphed_and_plain_decode(_tiny_model(dtype, max_positions=1024, qk_norm=qk_norm),
                                                 monkeypatch)
     assert sorted(set(calls)) == [1, 2, 3, 4]

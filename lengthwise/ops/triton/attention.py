@@ -8,7 +8,9 @@ Scores are kept in the log2 domain (`scale * log2(e)` folded in) so the softmax 
 - Decode (every row-group has exactly one query): one program per (sequence, KV head, split)
   holds all the query heads of its KV head (GQA), so each K/V tile is read once per group. When
   `batch * kv_heads` cannot fill the GPU, the context is cut into partitions handled by separate
-  programs (flash-decoding), whose partial outputs and log-sum-exps a second kernel combines.
+  programs (flash-decoding), whose partial outputs and log-sum-exps a second kernel combines
+  (or, with `LENGTHWISE_ATTN_FUSED_REDUCE=1`, the last partition of each group to finish: one
+  launch instead of two; opt-in until a GPU measures it).
 - Prefill, chunked prefill, mixed batches: one program per (query head, tile of up to BLOCK_M
   query rows of one row-group), causal by position, optional sliding window. The tiles come from
   `AttentionMetadata.query_tiles` (built once per step), those with the most context first.
@@ -17,6 +19,7 @@ Scores are kept in the log2 domain (`scale * log2(e)` folded in) so the softmax 
 from __future__ import annotations
 
 import math
+import os
 from functools import cache
 
 import torch
@@ -62,13 +65,13 @@ def _decode_segment(q, m_i, l_i, acc, k_ptr, v_ptr, table_ptr, start, end, block
 
 @triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, p_table_ptr, r_table_ptr, p_len_ptr, r_len_ptr,
-                   out_ptr, part_out_ptr, part_lse_ptr,
+                   out_ptr, part_out_ptr, part_lse_ptr, count_ptr,
                    q_st, q_sh, kc_ss, kc_sh, vc_ss, vc_sh, o_st, o_sh, p_table_st, r_table_st,
                    po_st, po_sh, po_ss, pl_st, pl_sh,
                    block_size, scale_log2, window,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-                   DOT_F32: tl.constexpr):
+                   DOT_F32: tl.constexpr, FUSED_REDUCE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -115,9 +118,40 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, p_table_ptr, r_tabl
         lse = tl.where(has, m_i + tl.math.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(part_out_ptr + b * po_st + heads[:, None] * po_sh + split * po_ss + d[None, :], o, mask=qmask)
         tl.store(part_lse_ptr + b * pl_st + heads * pl_sh + split, lse, mask=gmask)
+        if FUSED_REDUCE:
+            # The last partition of this (sequence, KV head) to finish combines all of them: a ticket
+            # from a per-group counter (one thread's atomic after a barrier of the whole program; its
+            # release publishes the partials above), then the counter goes back to zero.
+            ticket = tl.atomic_add(count_ptr + b * tl.num_programs(1) + kvh, 1, sem="acq_rel")
+            if ticket == tl.num_programs(2) - 1:
+                _combine_partitions(part_out_ptr + b * po_st, part_lse_ptr + b * pl_st, out_ptr + b * o_st,
+                                    heads, gmask, d, qmask, po_sh, po_ss, pl_sh, o_sh, tl.num_programs(2),
+                                    BLOCK_G, BLOCK_D)
+                tl.atomic_xchg(count_ptr + b * tl.num_programs(1) + kvh, 0)
     else:
         o = acc / l_i[:, None]
         tl.store(out_ptr + b * o_st + heads[:, None] * o_sh + d[None, :], o, mask=qmask)
+
+
+@triton.jit
+def _combine_partitions(po_ptr, pl_ptr, o_ptr, heads, gmask, d, qmask, po_sh, po_ss, pl_sh, o_sh, num_splits,
+                        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Combine the partitions of the heads `heads` of one sequence: weights exp2(lse - max lse),
+    partitions added in order. The partials are read past L1 (`.cg`): other programs wrote them."""
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for s in range(num_splits):
+        m = tl.maximum(m, tl.load(pl_ptr + heads * pl_sh + s, mask=gmask, other=float("-inf"), cache_modifier=".cg"))
+    m = tl.where(gmask, m, 0.0)  # padding heads: no -inf - -inf
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s in range(num_splits):
+        w = tl.math.exp2(tl.load(pl_ptr + heads * pl_sh + s, mask=gmask, other=float("-inf"),
+                                 cache_modifier=".cg") - m)
+        o = tl.load(po_ptr + heads[:, None] * po_sh + s * po_ss + d[None, :], mask=qmask, other=0.0,
+                    cache_modifier=".cg")
+        total += w
+        acc += o * w[:, None]
+    tl.store(o_ptr + heads[:, None] * o_sh + d[None, :], acc / tl.where(gmask, total, 1.0)[:, None], mask=qmask)
 
 
 @triton.jit
@@ -225,6 +259,19 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: a token count, so that tests see the split path chosen
 
 
+FUSED_REDUCE_ENV = "LENGTHWISE_ATTN_FUSED_REDUCE"
+# Zeroed ticket counters per device, one per (sequence, KV head) of a split decode launch; each
+# launch leaves them at zero. Grown outside graph capture (the engine warms every bucket first,
+# the largest first).
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _group_counters(device: torch.device, n: int) -> torch.Tensor:
+    if device not in _counters or _counters[device].numel() < n:
+        _counters[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return _counters[device]
+
+
 def _decode_config(dtype: torch.dtype, block_d: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) of the decode kernel. float32 runs its dots without tensor cores
     (input_precision="ieee"); these tiles compile without register spills for sm_90 with triton
@@ -271,13 +318,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     meta: AttentionMetadata, scale: float, sliding_window: int | None = None,
                     out: torch.Tensor | None = None, *, decode: bool | None = None, num_splits: int | None = None,
                     block_n: int | None = None, block_m: int | None = None, num_warps: int | None = None,
-                    num_stages: int | None = None) -> torch.Tensor:
+                    num_stages: int | None = None, fused_reduce: bool | None = None) -> torch.Tensor:
     """Same semantics as `lengthwise.ops.attention.paged_attention`.
 
     The keyword-only knobs are for tests and benchmarks: `decode` forces the kernel (None: decode
     when every row-group has exactly one query), `num_splits` the split-K partitions (None: chosen
     from the batch, the KV heads, the longest context and the multiprocessor count), and the
-    tile sizes and launch options.
+    tile sizes and launch options; `fused_reduce` has the last partition of each group combine
+    them in the decode kernel instead of a second launch (None: `LENGTHWISE_ATTN_FUSED_REDUCE=1`).
     """
     _check(q, k_cache, v_cache, positions, meta)
     if q.stride(-1) != 1:
@@ -319,15 +367,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             part_out, part_lse = out, out  # unused
         po = part_out.stride() if split else (0, 0, 0)
         pl = part_lse.stride()[:2] if split else (0, 0)
+        if fused_reduce is None:
+            fused_reduce = os.environ.get(FUSED_REDUCE_ENV, "0") == "1"
+        fused_reduce = split and fused_reduce
+        counters = _group_counters(q.device, b * kv_heads) if fused_reduce else out  # unused without
         _decode_kernel[(b, kv_heads, num_splits)](
             q, k_cache, v_cache, positions, kt.prompt_block_tables, kt.response_block_tables, kt.prompt_lens,
-            kt.response_lens, out, part_out, part_lse,
+            kt.response_lens, out, part_out, part_lse, counters,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
             out.stride(0), out.stride(1), *common, *po[:3], *pl,
             meta.block_size, scale_log2, window,
             G=group, D=dim, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_N=bn, USE_WINDOW=use_window, SPLIT=split,
-            PREC=prec, DOT_F32=dot_f32, num_warps=warps, num_stages=num_stages or 2)
-        if split:
+            PREC=prec, DOT_F32=dot_f32, FUSED_REDUCE=fused_reduce, num_warps=warps, num_stages=num_stages or 2)
+        if split and not fused_reduce:
             _decode_reduce_kernel[(b, heads)](
                 part_out, part_lse, out, *po[:3], *pl, out.stride(0), out.stride(1), num_splits,
                 D=dim, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=1 if dim <= 64 else 2)
