@@ -262,14 +262,16 @@ def _num_sms(device: torch.device) -> int:
 FUSED_REDUCE_ENV = "LENGTHWISE_ATTN_FUSED_REDUCE"
 # Zeroed ticket counters per device, one per (sequence, KV head) of a split decode launch; each
 # launch leaves them at zero. Grown outside graph capture (the engine warms every bucket first,
-# the largest first).
-_counters: dict[torch.device, torch.Tensor] = {}
+# the largest first); a grown set replaces the last, which stays allocated: captured graphs keep
+# its address.
+_counters: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _group_counters(device: torch.device, n: int) -> torch.Tensor:
-    if device not in _counters or _counters[device].numel() < n:
-        _counters[device] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
-    return _counters[device]
+    held = _counters.setdefault(device, [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(max(n, 256), dtype=torch.int32, device=device))
+    return held[-1]
 
 
 def _decode_config(dtype: torch.dtype, block_d: int) -> tuple[int, int]:
