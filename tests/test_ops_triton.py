@@ -634,17 +634,23 @@ def test_cuda_async_decode_matches_sync(monkeypatch):
 
     monkeypatch.setenv(KERNELS_ENV, "auto")  # graphs need the Triton kernels (the module default is torch)
     model = _tiny_model(torch.float32, max_positions=512, qk_norm=False, bias=True)
-    prompts = [[5, 17, 9, 3, 50], list(range(10, 40)), [7]]
-    params = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+    prompts = [[5, 17, 9, 3, 50], list(range(10, 40)), [7], [8, 1, 8]]
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=40, **greedy),
               SamplingParams(max_tokens=25, temperature=0.8, seed=3, ignore_eos=True),
-              SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)]
-    runs = {}
-    for flag in (False, True):
+              SamplingParams(max_tokens=60, **greedy), SamplingParams(max_tokens=30, **greedy)]
+
+    def run(flag, params):
         engine = LLMEngine(model, None, EngineConfig(block_size=16, max_num_seqs=4, async_decode=flag))
         assert engine.runner.graphs is not None
-        runs[flag] = step_to_completion(engine, prompts, params)[0], engine.runner.graphs.used_ahead
-    assert runs[True][0] == runs[False][0]
-    assert runs[False][1] == 0 and runs[True][1] > 40
+        return step_to_completion(engine, prompts, params)[0], engine.runner.graphs
+
+    # Request 3 stops on a token it writes at index 8 (or before), in a batch of 4: the others
+    # go on from the step launched for all four (a subset in the same bucket).
+    params[3] = SamplingParams(max_tokens=30, stop_token_ids=[run(False, params)[0]["3"][0][8]], **greedy)
+    (want, sync), (got, graphs) = run(False, params), run(True, params)
+    assert got == want
+    assert sync.launched_ahead == 0 and graphs.used_ahead > 40 and graphs.used_ahead_in_part >= 1
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")

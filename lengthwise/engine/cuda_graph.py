@@ -17,8 +17,9 @@ A step can also be launched ahead (`prelaunch`): the engine queues the next deco
 same rows, its input tokens copied on the device from this step's sampler output, before the host
 reads those tokens back; the host's bookkeeping (stop checks, detokenizing, scheduling) then runs
 while the GPU computes. The next `run` uses that step's outputs when its rows are the rows
-launched, or some of them in the same order (the others stopped or were aborted: their rows are
-gathered out), at the same positions, slots and tables; otherwise it runs as usual. The keys and
+launched, or some of them in the same order and the same bucket (the others stopped or were
+aborted: their rows are gathered out), at the same positions, slots and tables; otherwise it runs
+as usual. Either way each row's result is bit for bit what a synchronous step computes. The keys and
 values an unused row wrote sit past the end of its sequence, or in blocks freed after it, which
 any later write reaches only after it in stream order, so nothing reads them.
 """
@@ -125,9 +126,10 @@ class DecodeGraphs:
         self._turn = 0
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        # The step launched ahead: its rows (tokens aside) and outputs; how many were, and were used.
+        # The step launched ahead: its rows (tokens aside) and outputs; how many were, were used, and
+        # were used for some of their rows only.
         self._ahead: tuple[DecodeRows, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.launched_ahead = self.used_ahead = 0
+        self.launched_ahead = self.used_ahead = self.used_ahead_in_part = 0
         for size in self.sizes:
             self._fill(DecodeRows([], [], [], [], [], [], []), size)
         if self.capture:
@@ -142,7 +144,11 @@ class DecodeGraphs:
         if not 0 < n <= self.max_batch:
             raise ValueError(f"a graphed decode step takes 1 to {self.max_batch} rows, got {n}")
         ahead, self._ahead = self._ahead, None
-        where = None if ahead is None else rows.rows_within(ahead[0])
+        where = None
+        # Only within the same bucket: another bucket runs other kernels (split counts, GEMM shapes,
+        # the single-row path), so its rows would not be bit for bit what this step computes.
+        if ahead is not None and self._bucket(len(ahead[0].positions)) == self._bucket(n):
+            where = rows.rows_within(ahead[0])
         if where is None:
             hidden, logits = self._launch(rows)
             return hidden[:n], logits[:n]
@@ -151,6 +157,7 @@ class DecodeGraphs:
         hidden, logits = ahead[1]
         if where == list(range(n)):
             return hidden[:n], logits[:n]
+        self.used_ahead_in_part += 1
         index = torch.tensor(where, dtype=torch.long)
         if hidden.is_cuda:  # from pinned memory, so the copy does not wait for the step in flight
             index = index.pin_memory().to(hidden.device, non_blocking=True)
@@ -172,9 +179,12 @@ class DecodeGraphs:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _bucket(self, n: int) -> int:
+        return next(s for s in self.sizes if s >= n)
+
     def _launch(self, rows: DecodeRows, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(rows.positions)
-        size = next(s for s in self.sizes if s >= n)
+        size = self._bucket(n)
         self._fill(rows, size)
         if token_ids is not None:
             self._buckets[size].ids[:n].copy_(token_ids)  # device to device, after the upload

@@ -120,8 +120,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, p_table_ptr, r_tabl
         tl.store(part_lse_ptr + b * pl_st + heads * pl_sh + split, lse, mask=gmask)
         if FUSED_REDUCE:
             # The last partition of this (sequence, KV head) to finish combines all of them: a ticket
-            # from a per-group counter (one thread's atomic after a barrier of the whole program; its
-            # release publishes the partials above), then the counter goes back to zero.
+            # from a per-group counter, taken after a barrier so that one thread's release publishes
+            # every thread's partials (as in linear.py), then the counter goes back to zero.
+            tl.debug_barrier()
             ticket = tl.atomic_add(count_ptr + b * tl.num_programs(1) + kvh, 1, sem="acq_rel")
             if ticket == tl.num_programs(2) - 1:
                 _combine_partitions(part_out_ptr + b * po_st, part_lse_ptr + b * pl_st, out_ptr + b * o_st,

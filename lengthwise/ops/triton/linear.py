@@ -48,8 +48,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, N, K, stride_w
         acc += tl.sum(w.to(tl.float32) * x[None, :], 1)
     if SPLIT > 1:
         tl.store(part_ptr + tl.program_id(1) * N + n, acc, mask=nmask)
-        # A scalar atomic runs on one thread after a barrier of the whole program, and its release
-        # publishes the partials just stored; its result reaches every thread.
+        # Every thread's partials are stored before one thread's release publishes them (CUTLASS's
+        # semaphore pattern: a barrier, then the atomic; triton 3.6 inserts no barrier of its own
+        # before a release atomic). The ticket is broadcast to every thread.
+        tl.debug_barrier()
         ticket = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
         if ticket == SPLIT - 1:  # every other slice of this row block is stored: add them in order
             acc = tl.zeros([BLOCK_N], tl.float32)
@@ -114,7 +116,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         tile = {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT": 2 if splitk_enabled() else 1}
     if tile is not None:
         tile = {"SPLIT": 1, **tile}
-        if not 1 <= tile["SPLIT"] <= MAX_SPLIT or tile["BLOCK_N"] < MIN_BLOCK_N:
+        if not 1 <= tile["SPLIT"] <= MAX_SPLIT or tile["SPLIT"] > 1 and tile["BLOCK_N"] < MIN_BLOCK_N:
             raise ValueError(f"tile needs 1 <= SPLIT <= {MAX_SPLIT} and BLOCK_N >= {MIN_BLOCK_N}, got {tile}")
     split = tile is not None and tile["SPLIT"] > 1 or tile is None and splitk_enabled()
     part, count = _splitk_workspace(x.device, n) if split else (y, y)  # unused without a split
