@@ -103,13 +103,13 @@ def test_a_step_launched_ahead_is_used_only_for_its_rows_in_its_bucket(monkeypat
     assert graphs.used_ahead == 2 and graphs.used_ahead_in_part == 1
 
 
-def _async_run(monkeypatch, async_decode: bool, prompts, params, events=None, max_num_seqs: int = 8):
+def _async_run(monkeypatch, async_decode: bool, prompts, params, events=None, max_num_seqs: int = 8, **config):
     """Run `prompts` through an engine whose decode steps of up to 8 rows go through `DecodeGraphs`
     (eager here), launching steps ahead or not, with `step_to_completion`'s `events`.
     Returns ({request_id: token ids of each sample}, the graphs, steps taken)."""
     monkeypatch.setattr(LLMEngine, "_graph_batch", lambda self: 8)
     engine = LLMEngine(_model(), None, EngineConfig(block_size=4, max_num_seqs=max_num_seqs,
-                                                    async_decode=async_decode))
+                                                    async_decode=async_decode, **config))
     outs, steps = step_to_completion(engine, prompts, params, events)
     return outs, engine.runner.graphs, steps
 
@@ -166,6 +166,23 @@ def test_no_step_is_launched_ahead_while_a_stop_would_admit(monkeypatch):
     got, graphs, steps = _async_run(monkeypatch, True, prompts, params, max_num_seqs=2)
     assert got == want and len(got["0"][0]) <= 4
     assert 0 < graphs.used_ahead == graphs.launched_ahead < steps // 2
+
+
+def test_batch_policies_launch_ahead_while_later_batches_wait(monkeypatch):
+    """Static batches: the waiting requests join only when the batch ends, so rows that may stop
+    are launched ahead mid-batch (not when one member is left); the same tokens as synchronous."""
+    from lengthwise import SamplingParams
+
+    prompts = [[5, 17, 9], [30, 2], [7, 7], [1, 2, 3, 4], [6], [9, 9, 9]]
+    free = [SamplingParams(max_tokens=8 + 3 * i, temperature=0.0) for i in range(6)]
+    plain, _, _ = _async_run(monkeypatch, False, prompts, free)
+    params = [SamplingParams(max_tokens=8 + 3 * i, temperature=0.0, stop_token_ids=[plain[str(i)][0][4]])
+              for i in range(6)]
+    opts = dict(policy="static", policy_options={"batch_size": 3})
+    want, _, _ = _async_run(monkeypatch, False, prompts, params, **opts)
+    got, graphs, steps = _async_run(monkeypatch, True, prompts, params, **opts)
+    assert got == want
+    assert graphs.used_ahead >= 1 and graphs.launched_ahead - graphs.used_ahead <= 4
 
 
 @pytest.mark.parametrize("fcr", ["recompute", "continue"])

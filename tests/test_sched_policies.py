@@ -340,3 +340,37 @@ def test_no_request_is_lost_or_duplicated_under_random_arrivals(policy, reqs, nu
     assert run.finished == expected(rs)
     assert all(c == 1 for c in run.finish_count.values())
     assert s.kv.num_free_blocks == num_blocks and not s.running and len(s.policy) == 0
+
+
+@pytest.mark.parametrize("name, options", [("static", {"batch_size": 4}), ("fcfs", {}),
+                                           ("sequence", {"bucket": 4, "fcr": "continue"}),
+                                           ("multibin", {"bins": 2, "batch_size": 3})])
+def test_stop_may_admit_whenever_a_stop_lets_a_request_in(name, options):
+    """The engine launches no decode step ahead when `stop_may_admit()`: so it must be true before
+    every step after which a stop let a request in, and (for batch policies) false mid-batch."""
+    rs = [req(str(i), 5, true_len=3 + (i * 7) % 13, predicted=3 + (i * 5) % 11) for i in range(12)]
+    policy = make_policy(name, options)
+    s = Scheduler(policy, 40, 4, 6, 256, clock=FakeClock())
+    for r in rs:
+        s.add(r)
+    said, stopped_then_admitted, quiet_steps = [], 0, 0
+    while s.has_unfinished():
+        before = {r.request_id for r in s.running}
+        out = s.schedule()
+        if said and said[-1][1] and {r.request_id for r in s.running} - before:
+            stopped_then_admitted += 1
+            assert said[-1][0], "a stop let a request in although stop_may_admit() was false"
+        flag, stopped = policy.stop_may_admit(), False
+        quiet_steps += not flag
+        for c in out.chunks:
+            if c.sample:
+                for seq in (c.request.active_seqs if c.seq is None else [c.seq]):
+                    seq.output_ids.append(7)
+                    if len(seq.output_ids) >= min(seq.request.true_len, seq.request.max_tokens):
+                        s.finish_sequence(seq, "stop")
+                        stopped = True
+        said.append((flag, stopped))
+        assert len(said) < 5000
+    assert stopped_then_admitted > 0
+    if name != "fcfs":
+        assert quiet_steps > 0  # mid-batch, with requests waiting, steps may be launched ahead

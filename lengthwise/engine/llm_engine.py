@@ -267,9 +267,9 @@ class LLMEngine:
     def _next_step_predictable(self, chunks: list[Any]) -> bool:
         """Whether the next step will most likely decode these rows again, or those of them that do
         not stop (the runner checks the rest: token limits, logprobs, free blocks). Not when a row
-        reaches its FCR cap (it leaves the batch), nor when requests wait and a row may stop on
-        its own (a stop frees room: the next step would admit, and prefill)."""
-        quiet = self.scheduler.num_waiting == 0 and not self.length.pending
+        reaches its FCR cap (it leaves the batch), nor when a row may stop on its own and its stop
+        could admit a waiting request (the next step would prefill it)."""
+        quiet = not self.scheduler.policy.stop_may_admit() and not self.length.pending
         for c in chunks:
             p = c.request.params
             if not quiet and not (p.ignore_eos and not p.stop_token_ids and not p.stop):

@@ -106,6 +106,12 @@ class BatchPolicy(SchedulingPolicy):
     def cap(self, request: Request) -> int | None:
         return self.batch_cap if id(request) in self.outcomes else None
 
+    def stop_may_admit(self) -> bool:
+        # Only the batch's own members join mid-batch (those a full KV cache held back); the
+        # others wait for the batch to end, which one stop can do only to its last member.
+        unfinished = sum(not done for done in self.outcomes.values())
+        return bool(self.pending) or (unfinished <= 1 and len(self) > 0)
+
     def remove(self, request: Request) -> bool:
         if request in self.pending:
             self._done(request)

@@ -75,6 +75,11 @@ class SchedulingPolicy(ABC):
     def __len__(self) -> int:
         """Number of waiting requests."""
 
+    def stop_may_admit(self) -> bool:
+        """Whether a running sequence that stops could let a waiting request in at the next step
+        (the engine launches no decode step ahead then: it would be wasted). Here: anything waits."""
+        return len(self) > 0
+
     def preempted(self, request: Request) -> None:
         """A running request lost its KV blocks and must wait again (to be recomputed)."""
         self.add(request)
