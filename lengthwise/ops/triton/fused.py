@@ -45,6 +45,31 @@ def _input_tile(x_ptr, r_ptr, g_ptr, sum_ptr, k, kmask, is_first, HAS_RESIDUAL: 
 
 
 @triton.jit
+def _two_row_sets(x_ptr, r_ptr, g_ptr, sum_ptr, w_ptr, rows_a, rows_b, rmask, K, stride_wn, eps, is_first,
+                  HAS_RESIDUAL: tl.constexpr, NORM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """`W[rows_a] @ h'` and `W[rows_b] @ h'` in float32, with `h' = norm(x + residual) * g` (or x),
+    in one pass over K: every product is summed with `h * g`, and 1/rms(h) scales both at the end."""
+    ss = tl.zeros([BLOCK_K], tl.float32)
+    acc_a = tl.zeros([BLOCK_R], tl.float32)
+    acc_b = tl.zeros([BLOCK_R], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < K
+        h, x = _input_tile(x_ptr, r_ptr, g_ptr, sum_ptr, k, kmask, is_first, HAS_RESIDUAL, NORM)
+        ss += h * h
+        m = rmask[:, None] & kmask[None, :]
+        w_a = tl.load(w_ptr + rows_a[:, None].to(tl.int64) * stride_wn + k[None, :], mask=m, other=0.0)
+        w_b = tl.load(w_ptr + rows_b[:, None].to(tl.int64) * stride_wn + k[None, :], mask=m, other=0.0)
+        acc_a += tl.sum(w_a.to(tl.float32) * x[None, :], 1)
+        acc_b += tl.sum(w_b.to(tl.float32) * x[None, :], 1)
+    if NORM:  # 1 / rms is one factor of every product: applied once, after the pass over K
+        rstd = tl.math.rsqrt(tl.sum(ss, 0) / K + eps)
+        acc_a *= rstd
+        acc_b *= rstd
+    return acc_a, acc_b
+
+
+@triton.jit
 def _norm_qkv_rotary_kernel(x_ptr, r_ptr, g_ptr, sum_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, q_ptr,
                             k_cache_ptr, v_cache_ptr, slot_ptr, K, stride_wn, kc_ss, kc_sh, vc_ss, vc_sh, eps,
                             HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
@@ -55,24 +80,8 @@ def _norm_qkv_rotary_kernel(x_ptr, r_ptr, g_ptr, sum_ptr, w_ptr, b_ptr, cos_ptr,
     jmask = j < HALF
     lo = head * (2 * HALF) + j  # the two rows RoPE rotates together
     hi = lo + HALF
-    is_first = (head == 0) & (tl.program_id(1) == 0)
-    ss = tl.zeros([BLOCK_K], tl.float32)
-    acc_lo = tl.zeros([BLOCK_P], tl.float32)
-    acc_hi = tl.zeros([BLOCK_P], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < K
-        h, x = _input_tile(x_ptr, r_ptr, g_ptr, sum_ptr, k, kmask, is_first, HAS_RESIDUAL, NORM)
-        ss += h * h
-        m = jmask[:, None] & kmask[None, :]
-        w_lo = tl.load(w_ptr + lo[:, None].to(tl.int64) * stride_wn + k[None, :], mask=m, other=0.0)
-        w_hi = tl.load(w_ptr + hi[:, None].to(tl.int64) * stride_wn + k[None, :], mask=m, other=0.0)
-        acc_lo += tl.sum(w_lo.to(tl.float32) * x[None, :], 1)
-        acc_hi += tl.sum(w_hi.to(tl.float32) * x[None, :], 1)
-    if NORM:  # 1 / rms is one factor of every product: applied once, after the pass over K
-        rstd = tl.math.rsqrt(tl.sum(ss, 0) / K + eps)
-        acc_lo *= rstd
-        acc_hi *= rstd
+    acc_lo, acc_hi = _two_row_sets(x_ptr, r_ptr, g_ptr, sum_ptr, w_ptr, lo, hi, jmask, K, stride_wn, eps,
+                                   (head == 0) & (tl.program_id(1) == 0), HAS_RESIDUAL, NORM, BLOCK_P, BLOCK_K)
     if HAS_BIAS:
         acc_lo += tl.load(b_ptr + lo, mask=jmask, other=0.0).to(tl.float32)
         acc_hi += tl.load(b_ptr + hi, mask=jmask, other=0.0).to(tl.float32)
@@ -107,23 +116,8 @@ def _norm_gate_up_silu_kernel(x_ptr, r_ptr, g_ptr, sum_ptr, w_ptr, b_ptr, out_pt
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)  # gate rows n, up rows N + n
     nmask = n < N
-    ss = tl.zeros([BLOCK_K], tl.float32)
-    acc_g = tl.zeros([BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        kmask = k < K
-        h, x = _input_tile(x_ptr, r_ptr, g_ptr, sum_ptr, k, kmask, pid == 0, HAS_RESIDUAL, NORM)
-        ss += h * h
-        m = nmask[:, None] & kmask[None, :]
-        w_g = tl.load(w_ptr + n[:, None].to(tl.int64) * stride_wn + k[None, :], mask=m, other=0.0)
-        w_u = tl.load(w_ptr + (N + n)[:, None].to(tl.int64) * stride_wn + k[None, :], mask=m, other=0.0)
-        acc_g += tl.sum(w_g.to(tl.float32) * x[None, :], 1)
-        acc_u += tl.sum(w_u.to(tl.float32) * x[None, :], 1)
-    if NORM:
-        rstd = tl.math.rsqrt(tl.sum(ss, 0) / K + eps)
-        acc_g *= rstd
-        acc_u *= rstd
+    acc_g, acc_u = _two_row_sets(x_ptr, r_ptr, g_ptr, sum_ptr, w_ptr, n, N + n, nmask, K, stride_wn, eps, pid == 0,
+                                 HAS_RESIDUAL, NORM, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)
         acc_u += tl.load(b_ptr + N + n, mask=nmask, other=0.0).to(tl.float32)
