@@ -129,21 +129,9 @@ class ModelRunner:
             limit = min(req.max_tokens, req.eos_after or req.max_tokens)
             if req.params.logprobs is not None or c.start + 2 >= limit:  # its next token is its last
                 return False
-        bs = self.block_size
-        rows = DecodeRows([], [], [], [], [], [], [])
-        for c in chunks:
-            req, seq = c.request, c.seq
-            assert seq is not None
-            nxt = c.start + 1  # the response index of the token sampled now: the next step's input
-            if not kv.grow_response(seq.seq_id, nxt + 1):
-                return False
-            blocks = kv.response_segment(seq.seq_id).blocks
-            rows.positions.append(req.prompt_len + nxt)
-            rows.slots.append(blocks[nxt // bs] * bs + nxt % bs)
-            rows.prompt_tables.append(list(kv.prompt_segment(req.request_id).blocks))
-            rows.prompt_lens.append(req.prompt_len)
-            rows.response_tables.append(list(blocks))
-            rows.response_lens.append(nxt + 1)
+        rows = self._decode_rows(chunks, kv, next_step=True)
+        if rows is None:
+            return False
         self.graphs.prelaunch(rows, tokens)
         return True
 
@@ -152,20 +140,36 @@ class ModelRunner:
         return self.graphs is not None and 0 < len(chunks) <= self.graphs.max_batch and all(
             c.seq is not None and c.sample and c.end - c.start == 1 for c in chunks)
 
-    def _run_graphed(self, chunks: list[ScheduledChunk], kv: KVBlockManager) -> torch.Tensor:
+    def _decode_rows(self, chunks: list[ScheduledChunk], kv: KVBlockManager, next_step: bool = False
+                     ) -> DecodeRows | None:
+        """The graphed decode step of `chunks`, or (`next_step`) the one after it, whose input tokens
+        are not known yet: its rows' next blocks are taken now (None if out of blocks) and their
+        tables copied, since the next `run` compares them with its own."""
         bs = self.block_size
         rows = DecodeRows([], [], [], [], [], [], [])
         for c in chunks:
             req, seq = c.request, c.seq
             assert seq is not None
+            i = c.start + next_step  # the response index of the step's input token
+            if next_step and not kv.grow_response(seq.seq_id, i + 1):
+                return None
             blocks = kv.response_segment(seq.seq_id).blocks
-            rows.token_ids.append(seq.output_ids[c.start])
-            rows.positions.append(req.prompt_len + c.start)
-            rows.slots.append(blocks[c.start // bs] * bs + c.start % bs)
-            rows.prompt_tables.append(kv.prompt_segment(req.request_id).blocks)
+            prompt = kv.prompt_segment(req.request_id).blocks
+            if next_step:
+                blocks, prompt = list(blocks), list(prompt)
+            else:
+                rows.token_ids.append(seq.output_ids[i])
+            rows.positions.append(req.prompt_len + i)
+            rows.slots.append(blocks[i // bs] * bs + i % bs)
+            rows.prompt_tables.append(prompt)
             rows.prompt_lens.append(req.prompt_len)
             rows.response_tables.append(blocks)
-            rows.response_lens.append(c.end)
+            rows.response_lens.append(i + 1)
+        return rows
+
+    def _run_graphed(self, chunks: list[ScheduledChunk], kv: KVBlockManager) -> torch.Tensor:
+        rows = self._decode_rows(chunks, kv)
+        assert rows is not None
         hidden, logits = self.graphs.run(rows)  # type: ignore[union-attr]
         # (A view of the graph's output until a step launched ahead overwrites it; only prefill
         # rows, which never run here, are read from `last_hidden`.)
