@@ -89,7 +89,11 @@ class Request:
 
     @property
     def active_seqs(self) -> list[Sequence]:
-        return [s for s in self.seqs if not s.finished]
+        """The samples still generating, in index order (a new list)."""
+        if len(self.seqs) == 1:  # the common case, several times per row and step: no comprehension
+            seq = self.seqs[0]
+            return [] if seq.finish_reason is not None else [seq]
+        return [s for s in self.seqs if s.finish_reason is None]
 
     @property
     def finished(self) -> bool:

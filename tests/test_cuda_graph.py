@@ -70,10 +70,13 @@ def test_graph_rejects_an_empty_or_oversized_step(monkeypatch):
 
 def test_a_step_launched_ahead_is_used_only_for_its_rows_in_its_bucket(monkeypatch):
     """`run` takes the launched step's outputs for the same rows, or an in-order subset of them in
-    the same bucket (gathered); another bucket, other positions or a changed order rerun."""
+    the same bucket (gathered); another bucket, other positions, a changed order or another table
+    list (a segment freed and made again, even with the same blocks) rerun."""
     monkeypatch.setattr(LLMEngine, "_graph_batch", lambda self: 4)
     graphs = LLMEngine(_model(), None, EngineConfig(block_size=4, max_num_seqs=4)).runner.graphs
     assert graphs is not None and graphs.sizes == [1, 2, 4]
+    # Each sequence's segments, as the block manager holds them: rows carry these very lists.
+    tables = {i: ([i], [10 + i]) for i in range(4)}
 
     def rows(picks, pos=5):  # rows of sequences `picks` (own prompt and response blocks) at `pos`
         r = DecodeRows([], [], [], [], [], [], [])
@@ -81,9 +84,9 @@ def test_a_step_launched_ahead_is_used_only_for_its_rows_in_its_bucket(monkeypat
             r.token_ids.append(7 + i)
             r.positions.append(pos)
             r.slots.append((10 + i) * 4 + 1)
-            r.prompt_tables.append([i])
+            r.prompt_tables.append(tables[i][0])
             r.prompt_lens.append(4)
-            r.response_tables.append([10 + i])
+            r.response_tables.append(tables[i][1])
             r.response_lens.append(pos - 3)
         return r
 
@@ -101,6 +104,10 @@ def test_a_step_launched_ahead_is_used_only_for_its_rows_in_its_bucket(monkeypat
     graphs.prelaunch(rows([0, 1]), tokens[:2])
     graphs.run(rows([0, 1], pos=6))  # other positions: rerun
     assert graphs.used_ahead == 2 and graphs.used_ahead_in_part == 1
+    graphs.prelaunch(rows([0, 1]), tokens[:2])
+    tables[1] = ([1], [11])  # sequence 1's segments made again: equal blocks, other lists
+    graphs.run(rows([0, 1]))
+    assert graphs.used_ahead == 2
 
 
 def _async_run(monkeypatch, async_decode: bool, prompts, params, events=None, max_num_seqs: int = 8, **config):
@@ -151,6 +158,29 @@ def test_steps_launched_ahead_change_nothing(monkeypatch):
         assert (name == "arrival") <= graphs.launched_ahead - graphs.used_ahead <= 2, name
         if name == "stop":  # request 0 stopped with 5 rows left in the bucket of 8: the rest used
             assert graphs.used_ahead_in_part >= 1
+
+
+def test_rows_at_their_token_limit_launch_ahead_unless_it_would_be_wasted(monkeypatch):
+    """A row whose next token is its last does not hold the others back: the step after it is
+    launched, the ended row gathered out, when the rows left stay in the bucket and nothing waits
+    for the room it frees. Launched only when it gets used; the tokens of synchronous steps."""
+    from lengthwise import SamplingParams
+
+    prompts = [[5, 17, 9], [30, 2], [7, 7], [1, 2, 3, 4], [6, 1]]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (6, 9, 12, 20, 20)]
+    want, _, _ = _async_run(monkeypatch, False, prompts, params)
+    got, graphs, steps = _async_run(monkeypatch, True, prompts, params)
+    assert got == want
+    # Every step launched the next but the prefill and three ends into smaller buckets (1, 2, 4, 8):
+    # 5 -> 4 rows, 3 -> 2 and 2 -> 0. The end 4 -> 3 stays in bucket 4: launched, gathered out.
+    assert graphs.launched_ahead == graphs.used_ahead == steps - 4
+    assert graphs.used_ahead_in_part == 1
+    # Two rows at a time with the rest waiting: an end admits the next request, so nothing is
+    # launched ahead of a step in which a row takes its last token.
+    want, _, _ = _async_run(monkeypatch, False, prompts, params, max_num_seqs=2)
+    got, graphs, steps = _async_run(monkeypatch, True, prompts, params, max_num_seqs=2)
+    assert got == want and graphs.launched_ahead == graphs.used_ahead > 0
+    assert graphs.used_ahead_in_part == 0
 
 
 def test_no_step_is_launched_ahead_while_a_stop_would_admit(monkeypatch):

@@ -47,7 +47,12 @@ def graph_batch_sizes(max_batch: int) -> list[int]:
 
 @dataclass
 class DecodeRows:
-    """One decode step on the host: per row, its token, position, cache slot and both segments."""
+    """One decode step on the host: per row, its token, position, cache slot and both segments.
+
+    The tables are the block manager's own lists (`Segment.blocks`), not copies: a live segment
+    only ever gains blocks at its end, so while this holds a list, the same list at the same
+    lengths is the same table, which is how `rows_within` compares them in O(1).
+    """
 
     token_ids: list[int]
     positions: list[int]
@@ -57,20 +62,20 @@ class DecodeRows:
     response_tables: list[list[int]]
     response_lens: list[int]
 
-    def _context(self, i: int) -> tuple:
-        return (self.positions[i], self.slots[i], self.prompt_lens[i], self.response_lens[i], self.prompt_tables[i],
-                self.response_tables[i])
-
     def rows_within(self, launched: DecodeRows) -> list[int] | None:
-        """Where each of these rows is among `launched` (same position, slot and contexts; tokens
-        aside), in order, when these are `launched` or a subsequence of it (rows that finished
-        dropped out); None otherwise."""
-        where, j = [], 0
+        """Where each of these rows is among `launched` (same position, slot, lengths and table
+        lists; tokens aside), in order, when these are `launched` or a subsequence of it (rows
+        that finished dropped out); None otherwise."""
+        where, j, m = [], 0, len(launched.positions)
+        pos, slots, p_lens, r_lens = launched.positions, launched.slots, launched.prompt_lens, launched.response_lens
+        p_tabs, r_tabs = launched.prompt_tables, launched.response_tables
         for i in range(len(self.positions)):
-            row = self._context(i)
-            while j < len(launched.positions) and launched._context(j) != row:
+            row = (self.positions[i], self.slots[i], self.prompt_lens[i], self.response_lens[i])
+            p_tab, r_tab = self.prompt_tables[i], self.response_tables[i]
+            while j < m and ((pos[j], slots[j], p_lens[j], r_lens[j]) != row
+                             or p_tabs[j] is not p_tab or r_tabs[j] is not r_tab):
                 j += 1
-            if j == len(launched.positions):
+            if j == m:
                 return None
             where.append(j)
             j += 1
@@ -147,7 +152,7 @@ class DecodeGraphs:
         where = None
         # Only within the same bucket: another bucket runs other kernels (split counts, GEMM shapes,
         # the single-row path), so its rows would not be bit for bit what this step computes.
-        if ahead is not None and self._bucket(len(ahead[0].positions)) == self._bucket(n):
+        if ahead is not None and self.bucket(len(ahead[0].positions)) == self.bucket(n):
             where = rows.rows_within(ahead[0])
         if where is None:
             hidden, logits = self._launch(rows)
@@ -177,14 +182,15 @@ class DecodeGraphs:
         """Forget the step launched ahead (the engine ran something else)."""
         self._ahead = None
 
-    # -- internals -----------------------------------------------------------------------------
-
-    def _bucket(self, n: int) -> int:
+    def bucket(self, n: int) -> int:
+        """The graph (batch size) a step of `n` rows runs in."""
         return next(s for s in self.sizes if s >= n)
+
+    # -- internals -----------------------------------------------------------------------------
 
     def _launch(self, rows: DecodeRows, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(rows.positions)
-        size = self._bucket(n)
+        size = self.bucket(n)
         self._fill(rows, size)
         if token_ids is not None:
             self._buckets[size].ids[:n].copy_(token_ids)  # device to device, after the upload

@@ -265,16 +265,20 @@ class LLMEngine:
         return list(touched.values())
 
     def _next_step_predictable(self, chunks: list[Any]) -> bool:
-        """Whether the next step will most likely decode these rows again, or those of them that do
-        not stop (the runner checks the rest: token limits, logprobs, free blocks). Not when a row
-        reaches its FCR cap (it leaves the batch), nor when a row may stop on its own and its stop
-        could admit a waiting request (the next step would prefill it)."""
+        """Whether the next step will most likely decode these rows again, or those of them that go
+        on (the runner checks the rest: logprobs, free blocks). A row that ends (its token limit, a
+        stop) only leaves a gap the next step gathers out, unless its end could admit a waiting
+        request: then the next step would prefill it and the launch would be wasted. Not either
+        when a row reaches its FCR cap (collected, it may let its batch's waiting members in)."""
         quiet = not self.scheduler.policy.stop_may_admit() and not self.length.pending
         for c in chunks:
-            p = c.request.params
-            if not quiet and not (p.ignore_eos and not p.stop_token_ids and not p.stop):
-                return False
-            cap = self.scheduler.policy.cap(c.request)
+            req = c.request
+            if not quiet:
+                p = req.params
+                limit = min(req.max_tokens, req.eos_after or req.max_tokens)
+                if c.start + 2 >= limit or not (p.ignore_eos and not p.stop_token_ids and not p.stop):
+                    return False
+            cap = self.scheduler.policy.cap(req)
             if cap is not None and c.start + 2 >= cap:  # this step's token fills the cap
                 return False
         return True

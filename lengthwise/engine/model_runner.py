@@ -118,17 +118,25 @@ class ModelRunner:
 
     def prelaunch_next(self, chunks: list[ScheduledChunk], kv: KVBlockManager, tokens: torch.Tensor) -> bool:
         """Launch the step after this graphed decode step of `chunks` ahead, on `tokens` (the tokens
-        just sampled for them, still on the device), if it is predictable: every row goes on (not
-        at its token limit) and asks for no logprobs (whose reading of this step's logits the
-        launch would overtake). A row whose next token starts a block gets that block now, as the
-        scheduler would at the next step; if none is free, nothing is launched. Returns whether it was."""
+        just sampled for them, still on the device), unless a row asks for logprobs (whose reading
+        of this step's logits the launch would overtake). A row whose next token starts a block gets
+        that block now, as the scheduler would at the next step; if none is free, nothing is
+        launched. Rows that end with this step's token are launched too, their slots wasted (the
+        next `run` gathers the others out; the engine launches only when no one waits to take
+        their place), unless the rows left fall into a smaller bucket, which would rerun.
+        Returns whether a step was launched."""
         if self.graphs is None or not self._graphed(chunks):
             return False
+        ending = 0
         for c in chunks:
             req = c.request
-            limit = min(req.max_tokens, req.eos_after or req.max_tokens)
-            if req.params.logprobs is not None or c.start + 2 >= limit:  # its next token is its last
+            if req.params.logprobs is not None:
                 return False
+            ending += c.start + 2 >= min(req.max_tokens, req.eos_after or req.max_tokens)
+        # The next step's rows are these less those ending now: in another bucket it must rerun.
+        n, bucket = len(chunks), self.graphs.bucket
+        if ending and (ending == n or bucket(n - ending) != bucket(n)):
+            return False
         rows = self._decode_rows(chunks, kv, next_step=True)
         if rows is None:
             return False
@@ -143,10 +151,12 @@ class ModelRunner:
     def _decode_rows(self, chunks: list[ScheduledChunk], kv: KVBlockManager, next_step: bool = False
                      ) -> DecodeRows | None:
         """The graphed decode step of `chunks`, or (`next_step`) the one after it, whose input tokens
-        are not known yet: its rows' next blocks are taken now (None if out of blocks) and their
-        tables copied, since the next `run` compares them with its own."""
+        are not known yet: its rows' next blocks are taken now (None if out of blocks). The tables
+        are the block manager's lists themselves (see `DecodeRows`)."""
         bs = self.block_size
         rows = DecodeRows([], [], [], [], [], [], [])
+        positions, slots, prompt_tables, prompt_lens = rows.positions, rows.slots, rows.prompt_tables, rows.prompt_lens
+        response_tables, response_lens = rows.response_tables, rows.response_lens
         for c in chunks:
             req, seq = c.request, c.seq
             assert seq is not None
@@ -154,17 +164,15 @@ class ModelRunner:
             if next_step and not kv.grow_response(seq.seq_id, i + 1):
                 return None
             blocks = kv.response_segment(seq.seq_id).blocks
-            prompt = kv.prompt_segment(req.request_id).blocks
-            if next_step:
-                blocks, prompt = list(blocks), list(prompt)
-            else:
-                rows.token_ids.append(seq.output_ids[i])
-            rows.positions.append(req.prompt_len + i)
-            rows.slots.append(blocks[i // bs] * bs + i % bs)
-            rows.prompt_tables.append(prompt)
-            rows.prompt_lens.append(req.prompt_len)
-            rows.response_tables.append(blocks)
-            rows.response_lens.append(i + 1)
+            prompt_len = len(req.prompt_ids)
+            positions.append(prompt_len + i)
+            slots.append(blocks[i // bs] * bs + i % bs)
+            prompt_tables.append(kv.prompt_segment(req.request_id).blocks)
+            prompt_lens.append(prompt_len)
+            response_tables.append(blocks)
+            response_lens.append(i + 1)
+        if not next_step:
+            rows.token_ids.extend(c.seq.output_ids[c.start] for c in chunks)  # type: ignore[union-attr]
         return rows
 
     def _run_graphed(self, chunks: list[ScheduledChunk], kv: KVBlockManager) -> torch.Tensor:

@@ -220,6 +220,10 @@ class KVBlockManager:
             del self._prompts[request_id], self._users[request_id]
 
     def _grow(self, seg: Segment, num_tokens: int) -> bool:
+        if num_tokens <= len(seg.blocks) * self.block_size:  # most decode steps: the last block has room
+            if num_tokens > seg.num_tokens:
+                seg.num_tokens = num_tokens
+            return True
         need = self.blocks_for(num_tokens) - len(seg.blocks)
         if need > 0:
             new = self.pool.allocate(need)

@@ -151,9 +151,9 @@ class Scheduler:
                 continue  # `request` itself was preempted; `i` now points at the next one
             budget -= self._apply(chunks, out)
             i += 1
-        self._admit(out, budget)
-        out.rows = self.policy.rows(self.num_running_seqs)
-        padding = self.policy.padding_rows(self.num_running_seqs)
+        num_seqs = self._admit(out, budget)
+        out.rows = self.policy.rows(num_seqs)
+        padding = self.policy.padding_rows(num_seqs)
         if padding and any(c.seq is not None and c.sample for c in out.chunks):  # it rides along decode rows
             out.padding_rows = padding
         return out
@@ -178,7 +178,8 @@ class Scheduler:
             out.restarted.append(request)
         self.policy.collected(request)
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit(self, out: SchedulerOutput, budget: int) -> int:
+        """Admit waiting requests in the policy's order while they fit; returns the running sequences."""
         num_seqs = self.num_running_seqs
         view = SchedulerView(now=self.clock(), num_running_requests=len(self.running), num_running_seqs=num_seqs,
                              num_free_blocks=self.kv.num_free_blocks, num_blocks=self.kv.pool.num_blocks,
@@ -227,6 +228,7 @@ class Scheduler:
             self._start(request, chunks, out)
             num_seqs += len(seqs)
             budget -= sum(c.num_tokens for c in chunks)
+        return num_seqs
 
     def _start(self, request: Request, chunks: list[ScheduledChunk], out: SchedulerOutput) -> None:
         self.policy.admitted(request)
@@ -266,13 +268,14 @@ class Scheduler:
         for seq in request.active_seqs:
             if budget <= 0:
                 break
-            if seq.num_pending == 0:
+            computed, generated = seq.num_computed, len(seq.output_ids)
+            if computed == generated:  # nothing pending
                 continue
-            end = seq.num_computed + min(budget, seq.num_pending)
+            end = computed + min(budget, generated - computed)
             if not self.kv.grow_response(seq.seq_id, end):
                 return None
-            chunks.append(ScheduledChunk(request, seq, seq.num_computed, end, sample=end == len(seq.output_ids)))
-            budget -= end - seq.num_computed
+            chunks.append(ScheduledChunk(request, seq, computed, end, sample=end == generated))
+            budget -= end - computed
         return chunks
 
     def _apply(self, chunks: list[ScheduledChunk], out: SchedulerOutput) -> int:
