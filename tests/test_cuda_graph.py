@@ -110,6 +110,53 @@ def test_a_step_launched_ahead_is_used_only_for_its_rows_in_its_bucket(monkeypat
     assert graphs.used_ahead == 2
 
 
+def test_graph_inputs_hold_every_rows_tables_as_they_grow_shift_and_change(monkeypatch):
+    """The staging buffers rewrite only the blocks a row's tables gained since they last held it;
+    rows that moved, lists made anew (same length, other blocks), another bucket's layout and the
+    two staging sets taking turns must still leave every real row's tables, up to their length,
+    in the graph's input buffers, and the padding rows' first prompt block the scratch block."""
+    monkeypatch.setattr(LLMEngine, "_graph_batch", lambda self: 4)
+    graphs = LLMEngine(_model(), None, EngineConfig(block_size=4, max_num_seqs=4)).runner.graphs
+    assert graphs is not None
+    seqs = {i: ([20 + i], [30 + i]) for i in range(4)}  # prompt and response tables, as the manager holds them
+
+    def fill(picks):
+        r = DecodeRows([], [], [], [], [], [], [])
+        for i in picks:
+            p, t = seqs[i]
+            r.token_ids.append(1)
+            r.positions.append(4 * len(p) + 4 * len(t) - 1)
+            r.slots.append(t[-1] * 4 + 3)
+            r.prompt_tables.append(p)
+            r.prompt_lens.append(4 * len(p))
+            r.response_tables.append(t)
+            r.response_lens.append(4 * len(t))
+        size = graphs.bucket(len(picks))
+        graphs._fill(r, size)
+        b = graphs._buckets[size]
+        for row, i in enumerate(picks):
+            assert b.prompt_tables[row, :len(seqs[i][0])].tolist() == seqs[i][0], (picks, row)
+            assert b.response_tables[row, :len(seqs[i][1])].tolist() == seqs[i][1], (picks, row)
+        assert b.prompt_tables[len(picks):, 0].tolist() == [graphs.scratch_block] * (size - len(picks))
+
+    for step in range(3):  # both staging sets, then one again: tables grow a block each time
+        fill([0, 1, 2])
+        for i in range(3):
+            seqs[i][1].append(40 + 10 * step + i)
+    fill([0, 1])                      # bucket 2: the same rows in place, in another layout
+    fill([0, 1])
+    fill([1, 2])                      # row 0 left: the others moved up
+    fill([0, 1, 2])                   # back in bucket 4, where this staging set last wrote other rows
+    seqs[1] = ([21], [50, 51, 52, 53])  # sequence 1's segments made anew: same lengths, other blocks
+    fill([0, 1, 2, 3])
+    fill([0, 1, 2, 3])
+    fill([0, 1, 2])                   # row 3 padding in both staging sets, then back
+    fill([0, 1, 2])
+    fill([0, 1, 2, 3])
+    fill([0, 1, 2, 3])
+    fill([3])
+
+
 def _async_run(monkeypatch, async_decode: bool, prompts, params, events=None, max_num_seqs: int = 8, **config):
     """Run `prompts` through an engine whose decode steps of up to 8 rows go through `DecodeGraphs`
     (eager here), launching steps ahead or not, with `step_to_completion`'s `events`.

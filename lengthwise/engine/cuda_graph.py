@@ -26,8 +26,9 @@ any later write reaches only after it in stream order, so nothing reads them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from lengthwise.kv.storage import KVCacheStorage
@@ -85,11 +86,16 @@ class DecodeRows:
 @dataclass
 class _Staging:
     """Host copies of a bucket's two input buffers (pinned on CUDA) and the event after their last
-    upload: a step launched ahead fills one while the previous step's upload may be in flight."""
+    upload: a step launched ahead fills one while the previous step's upload may be in flight.
+
+    `tables` remembers, per row, which table lists it holds and how many of their blocks (in the
+    layout of bucket `size`), so the next fill writes only the blocks added since, usually none."""
 
     longs: torch.Tensor
     ints: torch.Tensor
     uploaded: torch.cuda.Event | None = None  # created on the first upload, re-recorded after each
+    size: int = 0
+    tables: list[tuple[list[int], int, list[int], int]] = field(default_factory=list)
 
 
 class _Bucket:
@@ -216,13 +222,7 @@ class DecodeGraphs:
         longs[2, n:] = self.scratch_block * bs
         lens[0, :n], lens[1, :n] = rows.prompt_lens, rows.response_lens
         lens[0, n:], lens[1, n:] = 1, 0  # padding: one key, the scratch block's first slot
-        # Kernels read a table only up to its segment's length: only the columns in use are written.
-        used = max([1] + [len(t) for t in rows.prompt_tables + rows.response_tables])
-        tables[:, :, :used] = self.scratch_block
-        for i in range(n):
-            p, r = rows.prompt_tables[i], rows.response_tables[i]
-            tables[0, i, :len(p)] = p
-            tables[1, i, :len(r)] = r
+        self._write_tables(staging, tables, rows, size)
         bucket = self._buckets[size]
         asynchronous = bucket.longs.is_cuda
         bucket.longs.copy_(staging.longs[:3 * size], non_blocking=asynchronous)
@@ -231,6 +231,33 @@ class DecodeGraphs:
             if staging.uploaded is None:
                 staging.uploaded = torch.cuda.Event()
             staging.uploaded.record(torch.cuda.current_stream(bucket.longs.device))
+
+    def _write_tables(self, staging: _Staging, tables: np.ndarray, rows: DecodeRows, size: int) -> None:
+        """Fill `tables [2, size, width]` (staging's, bucket `size`'s layout) with the rows' block
+        tables. Kernels read a table only up to its segment's length, so entries past it may hold
+        anything earlier written (valid block ids all): a row that holds the same lists as when
+        this staging last wrote it (they only grow, see `DecodeRows`) gets only its new blocks."""
+        if staging.size != size:  # another layout: nothing written is where this bucket reads it
+            staging.size, staging.tables = size, []
+        written, n = staging.tables, len(rows.positions)
+        for i in range(n):
+            p, r = rows.prompt_tables[i], rows.response_tables[i]
+            if i < len(written):
+                old_p, done_p, old_r, done_r = written[i]
+                if old_p is p and old_r is r and len(p) >= done_p and len(r) >= done_r:
+                    if len(p) > done_p:
+                        tables[0, i, done_p:len(p)] = p[done_p:]
+                    if len(r) > done_r:
+                        tables[1, i, done_r:len(r)] = r[done_r:]
+                    written[i] = (p, len(p), r, len(r))
+                    continue
+                written[i] = (p, len(p), r, len(r))
+            else:
+                written.append((p, len(p), r, len(r)))
+            tables[0, i, :len(p)] = p
+            tables[1, i, :len(r)] = r
+        del written[n:]
+        tables[0, n:, 0] = self.scratch_block  # padding rows: one key, the scratch block's first slot
 
     def _metadata(self, size: int, rows: DecodeRows | None) -> AttentionMetadata:
         """Metadata whose kernel tensors are the static buffers; the host-side lists (read only by
