@@ -100,6 +100,14 @@ def run_lengthwise(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["warmup_prompts"]:
         llm.generate(spec["warmup_prompts"], _sampling_params(spec["warmup_tokens"]), use_tqdm=False)
     params = [_sampling_params(n) for n in lens]
+    engine = llm.engine
+    graphs = engine.runner.graphs
+
+    def counters() -> tuple[int, int, int]:
+        ahead = (graphs.launched_ahead, graphs.used_ahead) if graphs is not None else (0, 0)
+        return engine.stats.sampling_steps, *ahead
+
+    before = counters()
     _sync(torch, spec["device"])
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=spec["progress"])
@@ -109,9 +117,13 @@ def run_lengthwise(spec: dict[str, Any]) -> dict[str, Any]:
     counted, short = _count(got, lens)
     digests = output_digests([o.outputs[0].token_ids for o in outs], lens)
     preemptions = sum(o.metrics.num_preemptions for o in outs)
+    steps, launched, used = (after - b for after, b in zip(counters(), before, strict=True))
+    details = {"kv_cache_memory_bytes": kv_bytes, "policy": spec["policy"], "num_preemptions": preemptions,
+               "steps": steps}
+    if graphs is not None:  # async decode: steps launched before the previous step's tokens were read
+        details |= {"steps_launched_ahead": launched, "steps_used_as_launched": used}
     return {"elapsed_s": elapsed, "output_tokens": counted, "generated_tokens": sum(got), "short_requests": short,
-            "output_digests": digests,
-            "details": {"kv_cache_memory_bytes": kv_bytes, "policy": spec["policy"], "num_preemptions": preemptions}}
+            "output_digests": digests, "details": details}
 
 
 def _load_hf(spec: dict[str, Any]):

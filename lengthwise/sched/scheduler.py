@@ -22,7 +22,7 @@ from lengthwise.sched.policy import SchedulerView, SchedulingPolicy
 from lengthwise.sequence import Request, RequestStatus, Sequence
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledChunk:
     """Tokens `start:end` of one segment, fed in this step.
 
@@ -253,7 +253,7 @@ class Scheduler:
         """The request's chunks for this step, with their blocks allocated; `None` if blocks ran out.
         Counters are not touched, so a failed plan can simply be retried after a preemption."""
         chunks: list[ScheduledChunk] = []
-        if not request.prompt_done:
+        if request.num_prompt_computed < len(request.prompt_ids):  # not request.prompt_done, inlined
             start = request.num_prompt_computed
             end = start + min(budget, request.prompt_len - start)
             if not self.kv.grow_prompt(request.request_id, end):
@@ -286,7 +286,7 @@ class Scheduler:
                 self.kv.cache_prompt(c.request.request_id, c.request.prompt_ids, c.end)
             else:
                 c.seq.num_computed = c.end
-            used += c.num_tokens
+            used += c.end - c.start
         out.chunks.extend(chunks)
         return used
 
