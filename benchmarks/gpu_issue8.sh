@@ -7,7 +7,7 @@
 #
 #     bash benchmarks/gpu_issue8.sh tests kernels           # correctness, the b1 roofline (<= 500 s)
 #     bash benchmarks/gpu_issue8.sh experimental unfused    # the opt-in kernels, the fusion's A/B
-#     bash benchmarks/gpu_issue8.sh cublas throughput       # cuBLAS A/B, throughput vs transformers
+#     bash benchmarks/gpu_issue8.sh cublas throughput host  # cuBLAS A/B, throughput vs transformers
 #
 # (no argument runs every step). tests: the CUDA/Triton correctness tests. kernels: `bench
 # kernels` on the Llama-3.2-1B shape with the fused single-row kernels and the Triton GEMV (the
@@ -19,7 +19,9 @@
 # row); off by default until this measures them: make each the default if it wins. cublas: with
 # LENGTHWISE_GEMV=0 (cuBLAS for single rows, nothing fused). throughput: `bench throughput` on a
 # synthetic workload against transformers' static batching (alpaca-lengths lives in ../shared,
-# which the device may not have; pass its dev.jsonl as $ALPACA to use it). Record what it measures
+# which the device may not have; pass its dev.jsonl as $ALPACA to use it). host: the engine's host
+# work per decode step on this machine's CPU (benchmarks/host_overhead.py, the replay stubbed), to
+# set beside the GPU's step times. Record what it measures
 # in docs/benchmarks.md, "CUDA".
 set -u
 OUT="${OUT:-gpu-out}"
@@ -43,7 +45,7 @@ step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, log to $OUT/NAM
 cat "$OUT/device.txt"
 
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels experimental unfused cublas throughput)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels experimental unfused cublas throughput host)
 KERNELS=(-m lengthwise.cli bench kernels --model llama-1b --device cuda --dtype bfloat16)
 for s in "${STEPS[@]}"; do
     case "$s" in
@@ -67,6 +69,7 @@ for s in "${STEPS[@]}"; do
         step throughput 240 "$PY" -m lengthwise.cli bench throughput --model llama-1b --device cuda \
             --dtype bfloat16 --engines lengthwise,transformers "${WORKLOAD[@]}" --num-requests 128 \
             --json "$OUT/tp1b.json" ;;
-    *) echo "unknown step $s (tests, kernels, experimental, unfused, cublas, throughput)" >&2; exit 2 ;;
+    host) step host 120 "$PY" benchmarks/host_overhead.py --rows 1,64,128,256 --repeats 1 --out "$OUT/host" ;;
+    *) echo "unknown step $s (tests, kernels, experimental, unfused, cublas, throughput, host)" >&2; exit 2 ;;
     esac
 done
