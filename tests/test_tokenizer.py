@@ -106,6 +106,22 @@ def test_chat_template_from_jinja_file(random_model, tmp_path):
     assert Tokenizer(d).apply_chat_template([{"role": "user", "content": "x"}]) == "[x]"
 
 
+def test_chat_template_is_compiled_once_per_template(random_model, tmp_path):
+    """Compiling a template costs milliseconds, more than a tiny model's request: every chat after
+    the first renders the template compiled before, and another template gets its own."""
+    from lengthwise.tokenizer import _compile_template
+
+    _compile_template.cache_clear()
+    tok = Tokenizer(random_model)
+    first = [tok.apply_chat_template([{"role": "user", "content": f"hi {i}"}]) for i in range(3)]
+    assert len(set(first)) == 3
+    assert _compile_template.cache_info().misses == 1 and _compile_template.cache_info().hits == 2
+    angled = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    other = _with_config(random_model, tmp_path, chat_template=angled)
+    assert Tokenizer(other).apply_chat_template([{"role": "user", "content": "x"}]) == "<x>"
+    assert _compile_template.cache_info().misses == 2
+
+
 def test_template_errors_are_clear(random_model, tmp_path):
     tok = Tokenizer(random_model)
     with pytest.raises(ValueError, match="messages must be a list of dicts"):
