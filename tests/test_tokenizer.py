@@ -107,7 +107,7 @@ def test_chat_template_from_jinja_file(random_model, tmp_path):
 
 
 def test_chat_template_is_compiled_once_per_template(random_model, tmp_path):
-    """Compiling a template costs milliseconds, more than a tiny model's request: every chat after
+    """Compiling a template costs milliseconds, as much as a tiny model's request: every chat after
     the first renders the template compiled before, and another template gets its own."""
     from lengthwise.tokenizer import _compile_template
 
