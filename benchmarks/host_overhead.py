@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 VOCAB = 512
 HIDDEN = 32
 MAX_LEN = 2048
+MAX_STEPS = (MAX_LEN - 69 - 16) // 5  # a request's prompt and its 6 + 5 * steps + 10 tokens fit
 
 
 def _engine(async_decode: bool):  # noqa: ANN202 (an LLMEngine, imported late: the child's lengthwise)
@@ -190,9 +191,11 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     if any(not 1 <= r <= 256 for r in rows):
         raise ValueError(f"--rows must be between 1 and 256, got {args.rows!r}")
-    if args.steps < 1 or args.repeats < 1:
-        raise ValueError(f"--steps and --repeats must be positive, got {args.steps} and {args.repeats}")
-    if not 1 <= args.num_requests <= 256:
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be positive, got {args.repeats}")
+    if not 1 <= args.steps <= MAX_STEPS:  # more, and the requests would end inside the timed steps
+        raise ValueError(f"--steps must be between 1 and {MAX_STEPS}, got {args.steps}")
+    if args.data is not None and not 1 <= args.num_requests <= 256:
         raise ValueError(f"--num-requests must be between 1 and 256 (one decode batch), got {args.num_requests}")
     if args.data is not None and not Path(args.data).is_file():
         raise ValueError(f"--data {args.data!r} is not a file")

@@ -144,7 +144,7 @@ def test_end_to_end_all_engines(tmp_path, bench_cache, tiny_dir, monkeypatch, ca
     assert [r["output_tokens"] for r in report["results"]] == [wanted] * 3
     # Four requests of at most 6 tokens, all at once: one prefill step, then at most 5 decode steps.
     details = report["results"][0]["details"]
-    assert 1 < details["steps"] <= 6 and "steps_launched_ahead" not in details  # no graphs on the CPU
+    assert 1 < details["sampling_steps"] <= 6 and "steps_launched_ahead" not in details  # no graphs on the CPU
     for key in ("speedup_vs_transformers", "speedup_vs_transformers_cb"):
         assert isinstance(report[key], float) and math.isfinite(report[key])
     assert report["config"]["outputs_compared"]["num_requests"] == 4

@@ -230,6 +230,40 @@ def test_rows_at_their_token_limit_launch_ahead_unless_it_would_be_wasted(monkey
     assert graphs.used_ahead_in_part == 0
 
 
+def test_rows_launched_past_their_end_take_no_block_from_the_prefix_cache(monkeypatch):
+    """A static batch's rows end at their limits while the next batch waits (a batch policy: their
+    ends admit no one, so the step after is launched). The ended rows take no block for the
+    token they will never have: a block taken for them could be a cached prompt block of the next
+    batch, which would then find less of its prompts cached than in synchronous steps, and
+    compute other bits. Prompts sharing prefixes, 2-token blocks, a pool that evicts."""
+    from lengthwise import SamplingParams
+
+    a = [26, 34, 33, 10, 40, 12, 2, 0, 19, 67, 37, 38, 47, 79, 74, 3, 40, 63, 13, 31, 63, 69, 47, 65, 6]
+    b = [50, 69, 53, 47, 46, 68, 51, 47, 3, 70, 49, 28, 79, 6, 49, 30, 21, 67, 72]
+    prompts = [a + [1, 64], a[:17], b[:14], a[:19] + [0], b + [16], a[:16], a[:20] + [18, 12], b + [1, 64],
+               a + [57, 70, 59], b + [1, 18, 57, 79, 43, 55], a[:16] + [37], a[:20]]
+    limits = [(2, None), (12, None), (2, None), (10, None), (9, None), (5, None), (3, 1), (7, 1), (5, 1), (10, 1),
+              (7, 1), (5, 1)]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=lp) for m, lp in limits]
+    monkeypatch.setattr(LLMEngine, "_graph_batch", lambda self: 8)
+    results = {}
+    for flag in (False, True):
+        engine = LLMEngine(_model(), None, EngineConfig(
+            block_size=2, max_num_seqs=8, max_model_len=48, kv_cache_memory=24576, async_decode=flag,
+            policy="static", policy_options={"batch_size": 6}, max_num_batched_tokens=64))
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+            engine.add_request(p, sp, request_id=str(i))
+        while engine.has_unfinished_requests():
+            engine.step()
+        outs = [engine.pop_finished(str(i)) for i in range(len(prompts))]
+        results[flag] = [(o.num_cached_tokens, o.outputs[0].token_ids, [x.logprob for x in o.outputs[0].logprobs or []])
+                         for o in outs]
+        if flag:
+            assert engine.runner.graphs.used_ahead == engine.runner.graphs.launched_ahead > 0
+    assert sum(cached for cached, _, _ in results[False]) > 0  # the second batch found prefixes cached
+    assert results[True] == results[False]
+
+
 def test_no_step_is_launched_ahead_while_a_stop_would_admit(monkeypatch):
     """With requests waiting, a row that stops on a stop token frees room and the next step admits
     (a prefill): steps are launched ahead only once nothing waits, so none is wasted."""

@@ -119,7 +119,7 @@ def run_lengthwise(spec: dict[str, Any]) -> dict[str, Any]:
     preemptions = sum(o.metrics.num_preemptions for o in outs)
     steps, launched, used = (after - b for after, b in zip(counters(), before, strict=True))
     details = {"kv_cache_memory_bytes": kv_bytes, "policy": spec["policy"], "num_preemptions": preemptions,
-               "steps": steps}
+               "sampling_steps": steps}
     if graphs is not None:  # async decode: steps launched before the previous step's tokens were read
         details |= {"steps_launched_ahead": launched, "steps_used_as_launched": used}
     return {"elapsed_s": elapsed, "output_tokens": counted, "generated_tokens": sum(got), "short_requests": short,

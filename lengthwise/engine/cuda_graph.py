@@ -21,7 +21,8 @@ launched, or some of them in the same order and the same bucket (the others stop
 aborted: their rows are gathered out), at the same positions, slots and tables; otherwise it runs
 as usual. Either way each row's result is bit for bit what a synchronous step computes. The keys and
 values an unused row wrote sit past the end of its sequence, or in blocks freed after it, which
-any later write reaches only after it in stream order, so nothing reads them.
+any later write reaches only after it in stream order, or (rows launched past their last token,
+`ModelRunner.prelaunch_next`) in the scratch block, so nothing reads them.
 """
 
 from __future__ import annotations

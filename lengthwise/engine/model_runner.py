@@ -121,23 +121,25 @@ class ModelRunner:
         just sampled for them, still on the device), unless a row asks for logprobs (whose reading
         of this step's logits the launch would overtake). A row whose next token starts a block gets
         that block now, as the scheduler would at the next step; if none is free, nothing is
-        launched. Rows that end with this step's token are launched too, their slots wasted (the
-        next `run` gathers the others out; the engine launches only when no one waits to take
-        their place), unless the rows left fall into a smaller bucket, which would rerun.
-        Returns whether a step was launched."""
+        launched. Rows that end with this step's token (their limit) ride along as padding whose
+        output the next `run` gathers out: they take no block (a block taken for them could be a
+        cached prefix's, which a synchronous step would have kept) and write their key into the
+        scratch block. Not when the rows left fall into a smaller bucket, which would rerun; the
+        engine decides whether their ends could admit someone instead. Returns whether a step was
+        launched."""
         if self.graphs is None or not self._graphed(chunks):
             return False
-        ending = 0
+        ending: list[bool] = []
         for c in chunks:
             req = c.request
             if req.params.logprobs is not None:
                 return False
-            ending += c.start + 2 >= min(req.max_tokens, req.eos_after or req.max_tokens)
+            ending.append(c.start + 2 >= min(req.max_tokens, req.eos_after or req.max_tokens))
         # The next step's rows are these less those ending now: in another bucket it must rerun.
-        n, bucket = len(chunks), self.graphs.bucket
-        if ending and (ending == n or bucket(n - ending) != bucket(n)):
+        n, left, bucket = len(chunks), len(chunks) - sum(ending), self.graphs.bucket
+        if left < n and (left == 0 or bucket(left) != bucket(n)):
             return False
-        rows = self._decode_rows(chunks, kv, next_step=True)
+        rows = self._decode_rows(chunks, kv, next_step=True, ending=ending)
         if rows is None:
             return False
         self.graphs.prelaunch(rows, tokens)
@@ -148,29 +150,31 @@ class ModelRunner:
         return self.graphs is not None and 0 < len(chunks) <= self.graphs.max_batch and all(
             c.seq is not None and c.sample and c.end - c.start == 1 for c in chunks)
 
-    def _decode_rows(self, chunks: list[ScheduledChunk], kv: KVBlockManager, next_step: bool = False
-                     ) -> DecodeRows | None:
+    def _decode_rows(self, chunks: list[ScheduledChunk], kv: KVBlockManager, next_step: bool = False,
+                     ending: list[bool] | None = None) -> DecodeRows | None:
         """The graphed decode step of `chunks`, or (`next_step`) the one after it, whose input tokens
-        are not known yet: its rows' next blocks are taken now (None if out of blocks). The tables
-        are the block manager's lists themselves (see `DecodeRows`)."""
+        are not known yet: its rows' next blocks are taken now (None if out of blocks), except
+        for rows `ending` marks, which write their key into the scratch block and attend to the
+        keys they have. The tables are the block manager's lists themselves (see `DecodeRows`)."""
         bs = self.block_size
         rows = DecodeRows([], [], [], [], [], [], [])
         positions, slots, prompt_tables, prompt_lens = rows.positions, rows.slots, rows.prompt_tables, rows.prompt_lens
         response_tables, response_lens = rows.response_tables, rows.response_lens
-        for c in chunks:
+        for k, c in enumerate(chunks):
             req, seq = c.request, c.seq
             assert seq is not None
             i = c.start + next_step  # the response index of the step's input token
-            if next_step and not kv.grow_response(seq.seq_id, i + 1):
+            discard = ending is not None and ending[k]
+            if next_step and not discard and not kv.grow_response(seq.seq_id, i + 1):
                 return None
             blocks = kv.response_segment(seq.seq_id).blocks
             prompt_len = len(req.prompt_ids)
             positions.append(prompt_len + i)
-            slots.append(blocks[i // bs] * bs + i % bs)
+            slots.append(self.scratch_slot if discard else blocks[i // bs] * bs + i % bs)
             prompt_tables.append(kv.prompt_segment(req.request_id).blocks)
             prompt_lens.append(prompt_len)
             response_tables.append(blocks)
-            response_lens.append(i + 1)
+            response_lens.append(i if discard else i + 1)
         if not next_step:
             rows.token_ids.extend(c.seq.output_ids[c.start] for c in chunks)  # type: ignore[union-attr]
         return rows
