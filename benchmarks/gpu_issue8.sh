@@ -19,7 +19,8 @@
 # row); off by default until this measures them: make each the default if it wins. cublas: with
 # LENGTHWISE_GEMV=0 (cuBLAS for single rows, nothing fused). throughput: `bench throughput` on a
 # synthetic workload against transformers' static batching (alpaca-lengths lives in ../shared,
-# which the device may not have; pass its dev.jsonl as $ALPACA to use it). host: the engine's host
+# which the device machine does not get: copy dev.jsonl into the ignored gpu-data/, carry that
+# folder with the call and set ALPACA=gpu-data/dev.jsonl; never commit it). host: the engine's host
 # work per decode step on this machine's CPU (benchmarks/host_overhead.py, the replay stubbed), to
 # set beside the GPU's step times. Record what it measures
 # in docs/benchmarks.md, "CUDA".
@@ -69,7 +70,10 @@ for s in "${STEPS[@]}"; do
         step throughput 240 "$PY" -m lengthwise.cli bench throughput --model llama-1b --device cuda \
             --dtype bfloat16 --engines lengthwise,transformers "${WORKLOAD[@]}" --num-requests 128 \
             --json "$OUT/tp1b.json" ;;
-    host) step host 120 "$PY" benchmarks/host_overhead.py --rows 1,64,128,256 --repeats 1 --out "$OUT/host" ;;
+    host)
+        DATA=()
+        [ -n "${ALPACA:-}" ] && DATA=(--data "$ALPACA")
+        step host 120 "$PY" benchmarks/host_overhead.py --rows 1,64,128,256 --repeats 1 ${DATA[@]+"${DATA[@]}"} --out "$OUT/host" ;;
     *) echo "unknown step $s (tests, kernels, experimental, unfused, cublas, throughput, host)" >&2; exit 2 ;;
     esac
 done
