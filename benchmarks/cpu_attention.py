@@ -1,8 +1,9 @@
 """Decode attention on the CPU: the C++ segment kernel against the torch reference, same inputs.
 
     .venv/bin/python benchmarks/cpu_attention.py [--batch 256] [--threads 2] [--in-cache 8]
+        [--heads 12 --kv-heads 12 --head-dim 64]
 
-A decode step of `--batch` rows (llama-100m's attention shape: 12 heads of 64, no GQA), each with
+A decode step of `--batch` rows (by default llama-100m's attention shape: 12 heads of 64, no GQA), each with
 a prompt segment and a response segment of random lengths in scattered 16-token blocks. Prints the
 time per layer call of each backend and the K/V bytes read per second (each context's keys and
 values read once, the minimum any exact kernel must read).
@@ -59,6 +60,9 @@ def _time(fn, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=12, help="query heads (default: llama-100m's 12)")
+    ap.add_argument("--kv-heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--max-prompt", type=int, default=300)
     ap.add_argument("--max-response", type=int, default=300)
@@ -69,16 +73,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.in_cache < 0:
         ap.error("--in-cache must be a block count >= 0")
+    if min(args.heads, args.kv_heads, args.head_dim) < 1 or args.heads % args.kv_heads:
+        ap.error("--heads, --kv-heads and --head-dim must be positive, --heads a multiple of --kv-heads")
     torch.set_num_threads(args.threads)
-    q, k, v, pos, meta, kv_bytes = _case(args.batch, 12, 12, 64, 16, args.max_prompt, args.max_response, 0,
-                                           args.in_cache)
-    print(f"decode attention, batch {args.batch}, 12 heads x 64, {kv_bytes / 1e6:.0f} MB of K/V, "
-          f"{args.threads} threads" + (f", all in {args.in_cache} cached blocks" if args.in_cache else ""))
+    q, k, v, pos, meta, kv_bytes = _case(args.batch, args.heads, args.kv_heads, args.head_dim, 16,
+                                         args.max_prompt, args.max_response, 0, args.in_cache)
+    print(f"decode attention, batch {args.batch}, {args.heads} heads x {args.head_dim} ({args.kv_heads} KV heads), "
+          f"{kv_bytes / 1e6:.0f} MB of K/V, {args.threads} threads"
+          + (f", all in {args.in_cache} cached blocks" if args.in_cache else ""))
     print(f"{'backend':<12} {'ms/layer':>9} {'GB/s':>7}")
     results = {}
     for backend in ("torch", "auto"):
         os.environ["LENGTHWISE_KERNELS"] = backend
-        dt = _time(lambda: paged_attention(q, k, v, pos, meta, 0.125), args.repeats)
+        dt = _time(lambda: paged_attention(q, k, v, pos, meta, args.head_dim ** -0.5), args.repeats)
         results[backend] = dt
         name = "reference" if backend == "torch" else "cpu-kernel"
         print(f"{name:<12} {dt * 1e3:>9.2f} {kv_bytes / dt / 1e9:>7.1f}")
