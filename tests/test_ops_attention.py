@@ -94,8 +94,9 @@ def test_cpu_kernel_at_model_scale_matches_reference(monkeypatch):
     (128, 8, 2, 32, None),    # blocks longer than a tile: a block is read as two tiles
     (32, 8, 1, 16, 300),      # a sliding window that starts inside a chunk
     (16, 4, 4, 8, None),      # the smallest head the vector path takes
-    (24, 4, 2, 16, None),     # not a multiple of 16: the portable path
+    (24, 4, 2, 16, None),     # not a multiple of 16: the portable path, keys transposed
     (8, 8, 2, 32, 40),        # stories260k's head size, GQA 4, full 32-key tiles, a window
+    (40, 4, 2, 16, None),     # the portable path's dot product per key (heads of 32 and more)
 ])
 def test_cpu_kernel_long_contexts_match_dense_reference(head_dim, heads, kv_heads, bs, window):
     """Decode rows whose contexts cross the kernel's 512-key softmax chunks, against float64."""
