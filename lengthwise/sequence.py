@@ -84,6 +84,11 @@ class Request:
         return len(self.prompt_ids)
 
     @property
+    def token_limit(self) -> int:
+        """The most tokens a sample can generate: `max_tokens`, or `eos_after` where that is lower."""
+        return min(self.max_tokens, self.eos_after or self.max_tokens)
+
+    @property
     def prompt_done(self) -> bool:
         return self.num_prompt_computed == len(self.prompt_ids)
 

@@ -275,8 +275,7 @@ class LLMEngine:
             req = c.request
             if not quiet:
                 p = req.params
-                limit = min(req.max_tokens, req.eos_after or req.max_tokens)
-                if c.start + 2 >= limit or not (p.ignore_eos and not p.stop_token_ids and not p.stop):
+                if c.start + 2 >= req.token_limit or not (p.ignore_eos and not p.stop_token_ids and not p.stop):
                     return False
             cap = self.scheduler.policy.cap(req)
             if cap is not None and c.start + 2 >= cap:  # this step's token fills the cap

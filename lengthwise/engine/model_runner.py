@@ -134,7 +134,7 @@ class ModelRunner:
             req = c.request
             if req.params.logprobs is not None:
                 return False
-            ending.append(c.start + 2 >= min(req.max_tokens, req.eos_after or req.max_tokens))
+            ending.append(c.start + 2 >= req.token_limit)  # the token sampled now is its last
         # The next step's rows are these less those ending now: in another bucket it must rerun.
         n, left, bucket = len(chunks), len(chunks) - sum(ending), self.graphs.bucket
         if left < n and (left == 0 or bucket(left) != bucket(n)):

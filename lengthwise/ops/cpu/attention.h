@@ -119,9 +119,9 @@ inline void scores_transposed(const Row& r, const float* kt, int n, int64_t row_
 }
 
 // The portable path (any head size). Keys are visited a block-tile at a time; a tile of all heads
-// is one contiguous run of memory, which the hardware prefetcher streams. Measured on this
-// project's AVX-512 host with that path switched off, heads of 8: 3.4 ms by key, 1.2 ms
-// transposed; 24: 3.6 and 2.7; 16, 32 and 48: 1.2-2.5 by key, 2.5-4.7 transposed.
+// is one contiguous run of memory, which the hardware prefetcher streams. Scores transposed only
+// for heads under 32 that are not a multiple of 16: the others are faster by key (measured with
+// the AVX-512 path switched off: docs/benchmarks.md, "CPU attention kernel").
 inline void attend_generic(Row& r, const Args& a) {
   const int D = a.head_dim, G = a.heads / a.kv_heads, nh = r.nh;
   const int64_t row_stride = int64_t(a.kv_heads) * D;
