@@ -148,6 +148,26 @@ def test_chat_and_its_stream_agree(client):
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
 
 
+def test_streamed_samples_finish_once_each(client):
+    """n samples of one request end at different steps (each at its first full stop); each choice
+    gets exactly one chunk with a finish_reason, its last (OpenAI and vLLM do the same; clients
+    count finished choices by it)."""
+    for create, kw in ((client.completions.create, dict(prompt="Once upon a time")),
+                       (client.chat.completions.create,
+                        dict(messages=[{"role": "user", "content": "Once upon a time"}]))):
+        chunks = list(create(model=NAME, max_tokens=60, temperature=1.0, seed=5, n=4, stop=["."], stream=True,
+                             **kw))
+        finishes: dict[int, list[int]] = {}
+        for i, c in enumerate(chunks):
+            for choice in c.choices:
+                if choice.finish_reason is not None:
+                    finishes.setdefault(choice.index, []).append(i)
+        assert sorted(finishes) == [0, 1, 2, 3] and all(len(v) == 1 for v in finishes.values()), finishes
+        for index, (at,) in finishes.items():  # nothing for a choice after its finish
+            assert all(ch.index != index for c in chunks[at + 1:] for ch in c.choices)
+        assert len({at for (at,) in finishes.values()}) > 1  # they did end at different steps
+
+
 def test_n_samples_seeds_and_stop_strings(client):
     kw = dict(model=NAME, prompt="Once upon a time", max_tokens=30, temperature=1.0)
     two = client.completions.create(**kw, n=2, seed=7)
@@ -171,6 +191,15 @@ def test_logprobs(client):
     assert len(lp.tokens) == len(lp.token_logprobs) == r.usage.completion_tokens
     assert all(len(t) == 3 for t in lp.top_logprobs) and all(v <= 0 for v in lp.token_logprobs)
     assert "".join(lp.tokens) == r.choices[0].text
+    # Sampled: the sampled token is always among top_logprobs (OpenAI: up to logprobs + 1 entries),
+    # with logprobs=0 too (only it).
+    for k in (0, 1):
+        r = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=20, temperature=1.5,
+                                      seed=3, logprobs=k)
+        lp = r.choices[0].logprobs
+        assert all(t in top and top[t] == v and len(top) <= k + 1
+                   for t, v, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True)), lp
+    assert any(len(top) == 2 for top in lp.top_logprobs)  # some sampled token was not the top one
     c = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Once upon a time"}],
                                        max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
     content = c.choices[0].logprobs.content
@@ -188,17 +217,27 @@ def test_logprobs(client):
     ({"model": NAME, "prompt": "hi", "n": 0}, "n"),
     ({"model": NAME, "prompt": "hi", "n": 9}, "n"),  # more samples than --max-num-seqs 8 can run together
     ({"model": NAME, "prompt": "hi", "logprobs": 50}, "logprobs"),
-    ({"model": "gpt-4", "prompt": "hi"}, "model"),
     ({"model": NAME, "prompt": "hi", "max_tokens": 600}, "max_tokens"),
     ({"model": NAME, "prompt": "hi", "colour": "blue"}, "colour"),
     ({"model": NAME}, "prompt"),
     ({"model": NAME, "prompt": [99999]}, "prompt"),
+    ({"model": NAME, "prompt": ["hi"] * 51}, "prompt"),  # more prompts than --max-waiting 50 could ever queue
 ])
 def test_bad_completion_requests_get_400_naming_the_parameter(server, body, param):
     status, err = _post(server, "/v1/completions", body)
     assert status == 400, err
     assert err["error"]["type"] == "invalid_request_error" and err["error"]["message"]
     assert err["error"]["param"] == param
+
+
+def test_an_unknown_model_is_404_model_not_found(server, client):
+    """As OpenAI and vLLM answer: the official client raises NotFoundError."""
+    for path, body in (("/v1/completions", {"model": "gpt-4", "prompt": "hi"}),
+                       ("/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]})):
+        status, err = _post(server, path, body)
+        assert status == 404 and err["error"]["code"] == "model_not_found" and err["error"]["param"] == "model", err
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-3.5-turbo-instruct", prompt="hi", max_tokens=2)
 
 
 @pytest.mark.parametrize("body, param", [

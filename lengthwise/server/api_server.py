@@ -105,6 +105,10 @@ def build_app(state: ServerState) -> FastAPI:
         req = parse_body(CompletionRequest, await request.body())
         check_model(req.model)
         prompts = _completion_prompts(req.prompt, state.tokenizer)
+        bound = state.engine.max_waiting
+        if bound is not None and len(prompts) > bound:  # each prompt waits as a request: it could never fit
+            raise ApiError(400, f"{len(prompts)} prompts in one request; this server queues at most {bound} "
+                           f"requests (--max-waiting): send them in smaller batches", "prompt")
         max_tokens = req.max_tokens if req.max_tokens is not None else 16  # OpenAI's default
         for ids in prompts:
             check_length(len(ids), max_tokens, "prompt")
@@ -132,8 +136,8 @@ def build_app(state: ServerState) -> FastAPI:
         return await respond(request, req, [ids], params, chat=True)
 
     def check_model(name: str) -> None:
-        if name != state.model_name:
-            raise ApiError(400, f"the model {name!r} does not exist here; this server serves {state.model_name!r}",
+        if name != state.model_name:  # 404, as OpenAI and vLLM answer (the client raises NotFoundError)
+            raise ApiError(404, f"the model {name!r} does not exist here; this server serves {state.model_name!r}",
                            "model", code="model_not_found")
 
     def check_length(prompt_len: int, max_tokens: int | None, what: str, param: str = "max_tokens") -> None:
@@ -279,7 +283,10 @@ def _completion_logprobs(tokenizer: Tokenizer, lps: list[Any], prev: int, offset
         text = _token_text(tokenizer, prev, lp.token_id)
         tokens.append(text)
         token_lps.append(lp.logprob)
-        tops.append({_token_text(tokenizer, prev, t): v for t, v in lp.top} if lp.top else None)
+        # OpenAI: "the logprob of the sampled token" always, so up to logprobs + 1 entries.
+        top = {_token_text(tokenizer, prev, t): v for t, v in lp.top}
+        top.setdefault(text, lp.logprob)
+        tops.append(top)
         offsets.append(offset)
         offset += len(text)
         prev = lp.token_id
@@ -349,6 +356,7 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
     finals: list[StreamDelta | None] = [None] * len(streams)
     offsets: dict[int, int] = {}
     started: set[int] = set()
+    ended: set[int] = set()  # choices whose finish_reason went out: nothing more is sent for them
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         body = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": choices}
@@ -361,8 +369,8 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
         choices = []
         for s in delta.samples:
             index = k * n + s.index
-            if not (s.text or s.token_ids or s.finish_reason) and index in started:
-                continue
+            if index in ended or (not (s.text or s.token_ids or s.finish_reason) and index in started):
+                continue  # (the engine reports every sample of a request each step, finished ones too)
             finish = _finish(s.finish_reason)
             if chat:
                 d: dict[str, Any] = {"content": s.text}
@@ -379,6 +387,8 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
                 choice = {"index": index, "text": s.text, "finish_reason": finish, "logprobs": lp}
             offsets[index] = offsets.get(index, 0) + len(s.text)
             started.add(index)
+            if finish is not None:
+                ended.add(index)
             choices.append(choice)
         if delta.finished:
             finals[k] = delta
