@@ -118,6 +118,12 @@ def _metrics(base: str) -> dict[str, float]:
 
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    status, err = _post(server, "/v1/nowhere", {"model": NAME})  # routing's refusals: OpenAI's body too
+    assert status == 404 and err["error"]["type"] == "invalid_request_error"
+    assert "/v1/nowhere" in err["error"]["message"]
     with urllib.request.urlopen(server + "/health") as r:
         assert json.loads(r.read()) == {"status": "ok"}
 

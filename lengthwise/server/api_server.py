@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions` (both streaming
-with server-sent events), `/v1/models`, `/health` and `/metrics` (Prometheus).
+with server-sent events), `/v1/models` (and `/v1/models/{id}`), `/health` and `/metrics` (Prometheus).
 
 `build_app` wires a FastAPI app to an `AsyncEngine`; `lengthwise serve` (`server/cli.py`) runs it
 under uvicorn. Every response to a bad request is an OpenAI error body with the parameter at
@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lengthwise.engine.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestStream, StreamDelta
 from lengthwise.sampling_params import SamplingParams
@@ -69,6 +70,13 @@ def build_app(state: ServerState) -> FastAPI:
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # Routing's own refusals (no such path, a wrong method) in OpenAI's shape too.
+        what = "no such route" if e.status_code == 404 else str(e.detail)
+        return JSONResponse(ApiError(e.status_code, f"{what}: {request.method} {request.url.path}").body(),
+                            status_code=e.status_code, headers=getattr(e, "headers", None))
+
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> JSONResponse:
         return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").body(),
@@ -92,12 +100,20 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lengthwise",
+                "max_model_len": state.max_model_len}
+
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         check_key(request)
-        return JSONResponse({"object": "list", "data": [{
-            "id": state.model_name, "object": "model", "created": state.created, "owned_by": "lengthwise",
-            "max_model_len": state.max_model_len}]})
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model:path}")
+    async def model(request: Request, model: str) -> Response:  # the openai client's models.retrieve
+        check_key(request)
+        check_model(model)
+        return JSONResponse(model_card())
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
