@@ -249,6 +249,8 @@ def test_an_unknown_model_is_404_model_not_found(server, client):
 @pytest.mark.parametrize("body, param", [
     ({"model": NAME, "messages": []}, "messages"),
     ({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"model": NAME, "messages": [{"role": "system", "content": "be brief"}, {"role": "user"}]}, "messages.1.content"),
+    ({"model": NAME, "messages": [{"role": "user", "content": None}]}, "messages.0.content"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9999},
      "max_completion_tokens"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),

@@ -111,6 +111,9 @@ class ChatCompletionRequest(_Common):
                            "response_format")
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        for i, m in enumerate(self.messages):  # only an assistant turn may come without content (OpenAI)
+            if m.content is None and m.role != "assistant":
+                raise ApiError(400, f"a {m.role} message needs content", f"messages.{i}.content")
 
 
 def parse_body(cls: type[_Common], raw: bytes) -> _Common:
