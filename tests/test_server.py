@@ -254,10 +254,20 @@ def test_an_unknown_model_is_404_model_not_found(server, client):
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9999},
      "max_completion_tokens"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "max_tokens": 5},
+     "max_completion_tokens"),
 ])
 def test_bad_chat_requests_get_400_naming_the_parameter(server, body, param):
     status, err = _post(server, "/v1/chat/completions", body)
     assert status == 400 and err["error"]["param"] == param, err
+
+
+def test_max_tokens_and_max_completion_tokens_together_when_they_agree(server):
+    """Some clients send the deprecated alias beside the new name; one value is no ambiguity."""
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Once"}], "max_completion_tokens": 3,
+            "max_tokens": 3, "ignore_eos": True}
+    status, r = _post(server, "/v1/chat/completions", body)
+    assert status == 200 and r["usage"]["completion_tokens"] == 3 and r["choices"][0]["finish_reason"] == "length"
 
 
 def test_api_key_is_required(server):
@@ -307,6 +317,17 @@ def test_overload_rejects_with_retry_after_and_loses_nothing(server):
     assert m["lengthwise:num_requests_waiting"] == 0 and m["lengthwise:num_requests_running"] == 0
 
 
+def _sigterm_while_posting(proc: subprocess.Popen, base: str, body: dict, running: int) -> tuple[int, dict]:
+    """POST `body`, send SIGTERM once `running` requests run, and return the POST's answer."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_post, base, "/v1/completions", body, None)
+        deadline = time.monotonic() + 20
+        while _metrics(base).get("lengthwise:num_requests_running", 0) < running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        return pending.result(60)
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir):
     """Also serves with a length predictor (`self`: the model asked for its own length), whose
     estimate every response carries and /metrics compares with the real length."""
@@ -315,15 +336,31 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(model_dir):
     assert status == 200 and isinstance(r["predicted_length"], (int, float)) and r["predicted_length"] > 0
     assert _metrics(base)["lengthwise:predicted_minus_actual_length_tokens_count"] == 1
     body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True}
-    with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(_post, base, "/v1/completions", body, None)
-        deadline = time.monotonic() + 20
-        while _metrics(base).get("lengthwise:num_requests_running", 0) < 1 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        status, r = pending.result(60)
+    status, r = _sigterm_while_posting(proc, base, body, running=1)
     assert status == 200 and r["usage"]["completion_tokens"] == 300  # finished, not cut off
     assert r["predicted_length"] > 0
+    assert proc.wait(60) == 0
+
+
+def test_sigterm_past_the_grace_period_ends_open_responses_with_abort(model_dir):
+    """At the grace's end (here at once) the unfinished requests are aborted, and each response
+    still ends as the API says: a 200 whose finish_reason is "abort", a stream's last chunk and
+    `data: [DONE]`; not a cut connection or a 500."""
+    proc, base = _start(model_dir, "--grace-period", "0")
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 450, "ignore_eos": True}
+    conn.request("POST", "/v1/completions", json.dumps(dict(body, stream=True)),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.readline().startswith(b"data: ")  # streaming has begun
+    status, r = _sigterm_while_posting(proc, base, body, running=2)  # the stream and this request
+    events = [line for line in resp.read().decode().splitlines() if line.startswith("data: ")]
+    assert status == 200 and r["choices"][0]["finish_reason"] == "abort", r
+    assert 0 < r["usage"]["completion_tokens"] < 450
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "abort", last
     assert proc.wait(60) == 0
 
 

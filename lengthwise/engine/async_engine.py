@@ -155,16 +155,19 @@ class AsyncEngine:
         """Refuse new requests from now on (`EngineStopped`); accepted ones carry on."""
         self._accepting = False
 
-    async def shutdown(self, grace_s: float = 30.0) -> None:
-        """Stop accepting, let in-flight requests finish for up to `grace_s` seconds, abort the
-        rest (their streams end with finish_reason "abort"), then stop the thread."""
+    async def drain(self, grace_s: float = 30.0) -> None:
+        """Stop accepting, let in-flight requests finish for up to `grace_s` seconds, then abort
+        the rest: their streams end with finish_reason "abort", so every response completes."""
         self._accepting = False
         deadline = time.monotonic() + grace_s
         while self._streams and time.monotonic() < deadline and self.alive:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         if self._streams and self.alive:
-            done = self._call(self._abort_all)
-            await asyncio.wrap_future(done)
+            await asyncio.wrap_future(self._call(self._abort_all))
+
+    async def shutdown(self, grace_s: float = 30.0) -> None:
+        """`drain` for up to `grace_s` seconds, then stop the engine thread."""
+        await self.drain(grace_s)
         self._stop.set()
         self._wake.set()
         if self._thread is not None:

@@ -141,8 +141,11 @@ def build_app(state: ServerState) -> FastAPI:
             ids = state.tokenizer.encode_chat(messages)
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
-        if req.max_completion_tokens is not None and req.max_tokens is not None:
-            raise ApiError(400, "give max_completion_tokens or max_tokens, not both", "max_completion_tokens")
+        # max_tokens is the deprecated name; clients that send both with one value are fine, two
+        # different limits are ambiguous (vLLM would silently take max_completion_tokens).
+        if None not in (req.max_completion_tokens, req.max_tokens) and req.max_completion_tokens != req.max_tokens:
+            raise ApiError(400, f"max_completion_tokens ({req.max_completion_tokens}) and its deprecated alias "
+                           f"max_tokens ({req.max_tokens}) differ: give one", "max_completion_tokens")
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         check_length(len(ids), asked, "messages", param)
@@ -284,7 +287,9 @@ def _usage(finals: list[StreamDelta | None]) -> dict[str, int]:
 
 
 def _finish(reason: str | None) -> str | None:
-    return "length" if reason == "length" else (None if reason is None else "stop")
+    """The engine's reason as the API says it: "stop" also covers stop strings and tokens;
+    "abort" (cut off by the server's shutdown) is vLLM's word, so a client can tell a cut-off answer."""
+    return reason
 
 
 def _token_text(tokenizer: Tokenizer, prev: int, token_id: int) -> str:

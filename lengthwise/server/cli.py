@@ -7,17 +7,20 @@ Threads: the engine thread runs torch with `--threads` threads (default: all cor
 that the event loop, which parses requests and writes streams, keeps a core of its own: two
 busy threads on one core slow every step many times over. SIGTERM (or Ctrl-C) stops admitting at
 once (503), lets in-flight requests finish for up to `--grace-period` seconds, aborts the rest
-and exits 0.
+(their responses end normally, with finish_reason "abort") and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import sys
 from pathlib import Path
 from typing import Any
+
+FLUSH_S = 5.0  # after the grace period, how long aborted responses get to be written
 
 
 def add_parser(sub: argparse._SubParsersAction, add_policy_arguments: Any, kv_memory: Any) -> None:
@@ -83,8 +86,12 @@ def run(args: argparse.Namespace) -> int:
 
     from lengthwise.server.api_server import build_app
 
+    if args.grace_period < 0:
+        raise ValueError(f"--grace-period must be >= 0 seconds, got {args.grace_period}")
     state = build_state(args)
     app = build_app(state)
+
+    grace = args.grace_period
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:  # SIGTERM/SIGINT: refuse new requests at once
@@ -96,8 +103,18 @@ def run(args: argparse.Namespace) -> int:
             if isinstance(captured, list):
                 captured[:] = [s for s in captured if s != signal.SIGTERM]
 
+        async def shutdown(self, sockets: Any = None) -> None:
+            # The grace runs on our clock: at its end the engine aborts what is left, so each open
+            # response still ends properly (finish_reason "abort", `data: [DONE]`); uvicorn's own
+            # timeout, later by FLUSH_S, only cancels handlers that could not write in that time.
+            drain = asyncio.ensure_future(state.engine.drain(grace))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                drain.cancel()
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=max(1, int(args.grace_period)))
+                            timeout_graceful_shutdown=grace + FLUSH_S)  # type: ignore[arg-type]
     print(f"[lengthwise] serving {state.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
     Server(config).run()
