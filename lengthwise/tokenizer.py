@@ -42,6 +42,7 @@ class Tokenizer:
                     "file tokenizer.json)" if (model_dir / "tokenizer.model").is_file() else "")
             raise CheckpointError(f"{model_dir}: tokenizer.json is missing{hint}")
         self._tok = _HFTokenizer.from_file(str(path))
+        self._path = path
         cfg_path = model_dir / "tokenizer_config.json"
         cfg: dict[str, Any] = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self._add_added_tokens(cfg.get("added_tokens_decoder", {}))
@@ -107,6 +108,44 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The raw bytes a byte token stands for, from the vocabulary: a byte-level BPE token
+        ('Ġð' -> b' \\xf0') or a byte-fallback token ('<0xF0>' -> b'\\xf0'). These can hold part of
+        a character, which `decode` can only show as U+FFFD. None for any other token (its text is
+        whole characters; decode it) and for ids out of range."""
+        token = self._tok.id_to_token(token_id)
+        if token is None:
+            return None
+        byte_level, byte_fallback = self._byte_decoders
+        if byte_fallback and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            try:
+                return bytes([int(token[3:5], 16)])
+            except ValueError:
+                return None
+        if byte_level and token_id not in self._added_ids:
+            table = _byte_level_inverse()
+            if all(c in table for c in token):
+                return bytes(table[c] for c in token)
+        return None
+
+    @functools.cached_property
+    def _byte_decoders(self) -> tuple[bool, bool]:
+        """(has a ByteLevel decoder, has a ByteFallback decoder), read once from tokenizer.json."""
+        kinds: set[str] = set()
+
+        def walk(spec: Any) -> None:
+            if isinstance(spec, dict):
+                kinds.add(spec.get("type", ""))
+                for sub in spec.get("decoders") or []:
+                    walk(sub)
+
+        walk(json.loads(self._path.read_text()).get("decoder"))
+        return "ByteLevel" in kinds, "ByteFallback" in kinds
+
+    @functools.cached_property
+    def _added_ids(self) -> frozenset[int]:
+        return frozenset(self._tok.get_added_tokens_decoder())
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
         """Render `messages` (OpenAI-style dicts with `role` and `content`) to the prompt text."""
@@ -124,6 +163,20 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered chat; the template places BOS itself, so none is added here."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_inverse() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
+    other 68 are shifted to U+0100 and up (so a space is 'Ġ', a newline 'Ċ')."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {chr(b): b for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
 
 
 def _load_chat_template(model_dir: Path, cfg: dict[str, Any]) -> str | None:

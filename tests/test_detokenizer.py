@@ -229,3 +229,38 @@ def test_stop_matcher_validates():
         StopStringMatcher("STOP", False)
     with pytest.raises(ValueError, match="^include_in_output"):
         StopStringMatcher(("a",), 1)
+
+
+# -- the server's logprobs: a character split over tokens -------------------------------------------
+
+def test_logprob_bytes_join_into_the_text_when_a_character_is_split(tok):
+    """OpenAI's `bytes` field exists so that a character split over tokens can be put back
+    together: each token's bytes must be its raw bytes (not U+FFFD's), the bytes of a choice join
+    into its text, a partial token's text shows its bytes escaped, and text offsets index the
+    text: a character's pieces all point at its start."""
+    from lengthwise.engine.sampler import TokenLogprobs
+    from lengthwise.server.api_server import _chat_logprobs, _completion_logprobs, _TokenPieces
+
+    prompt = tok.encode("Once upon a time")
+    ids = tok.encode(TEXT, add_special_tokens=False)
+    text = tok.decode(prompt + ids)[len(tok.decode(prompt)):]
+    lps = [TokenLogprobs(t, -0.5, 1, [(t, -0.5), (ids[0], -2.0)]) for t in ids]
+    for split in (len(ids), 7):  # one response, or a stream's deltas of 7 tokens
+        chat, completion = _TokenPieces(tok, prompt[-1]), _TokenPieces(tok, prompt[-1])
+        content, tokens, offsets = [], [], []
+        for start in range(0, len(ids), split):
+            content += _chat_logprobs(chat, lps[start:start + split])["content"]
+            part = _completion_logprobs(completion, lps[start:start + split])
+            tokens += part["tokens"]
+            offsets += part["text_offset"]
+        raws = [bytes(c["bytes"]) for c in content]
+        assert b"".join(raws) == text.encode("utf-8")
+        assert [c["token"] for c in content] == tokens
+        assert all(bytes(c["top_logprobs"][0]["bytes"]) == raw for c, raw in zip(content, raws, strict=True))
+        broken = [c["token"] for c, raw in zip(content, raws, strict=True)
+                  if raw.decode("utf-8", "replace") != raw.decode("utf-8", "ignore")]
+        assert broken and all("\\x" in t and FFFD not in t for t in broken)  # partial pieces, escaped
+        assert all(FFFD not in t for t in tokens)
+        for k, offset in enumerate(offsets):
+            before = b"".join(raws[:k]).decode("utf-8", "ignore")  # the characters complete before token k
+            assert offset == len(before) and text.startswith(before), k

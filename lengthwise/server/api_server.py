@@ -12,6 +12,7 @@ which frees its KV blocks at once. Responses carry `usage` and, as an extra fiel
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import time
 import uuid
@@ -298,31 +299,65 @@ def _token_text(tokenizer: Tokenizer, prev: int, token_id: int) -> str:
         len(tokenizer.decode([prev], skip_special_tokens=False)):]
 
 
-def _completion_logprobs(tokenizer: Tokenizer, lps: list[Any], prev: int, offset: int) -> dict[str, Any]:
+class _TokenPieces:
+    """The sampled tokens of one choice as its logprobs show them, in order, across a stream's deltas.
+
+    A token that holds part of a character (a byte-fallback `<0xF0>`, a byte-level 'Ġð') has no
+    text of its own: it is shown by its raw bytes, as text with the broken bytes escaped
+    (' \\xf0'), as OpenAI writes them, and the `bytes` of consecutive tokens join into the
+    character. Text offsets count the characters before a token in the choice's text, so a
+    character's pieces all point at its start.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prev: int) -> None:
+        self._tokenizer = tokenizer
+        self._prev = prev  # the token before the next one: context for its leading space
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # as the response text decodes
+        self.offset = 0
+
+    def piece(self, token_id: int) -> tuple[str, bytes]:
+        """(text, bytes) of `token_id` at the current position (the sampled token or an alternative)."""
+        raw = self._tokenizer.token_bytes(token_id)
+        if raw is not None:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return raw.decode("utf-8", "backslashreplace"), raw
+        text = _token_text(self._tokenizer, self._prev, token_id)
+        return text, text.encode("utf-8")
+
+    def take(self, token_id: int) -> tuple[str, bytes, int]:
+        """(text, bytes, text offset) of the sampled `token_id`; moves past it."""
+        text, raw = self.piece(token_id)
+        offset = self.offset
+        self.offset += len(self._utf8.decode(raw))
+        self._prev = token_id
+        return text, raw, offset
+
+
+def _completion_logprobs(pieces: _TokenPieces, lps: list[Any]) -> dict[str, Any]:
     tokens, token_lps, tops, offsets = [], [], [], []
     for lp in lps:
-        text = _token_text(tokenizer, prev, lp.token_id)
+        # OpenAI: "the logprob of the sampled token" always, so up to logprobs + 1 entries.
+        top = {pieces.piece(t)[0]: v for t, v in lp.top}
+        text, _, offset = pieces.take(lp.token_id)
+        top.setdefault(text, lp.logprob)
         tokens.append(text)
         token_lps.append(lp.logprob)
-        # OpenAI: "the logprob of the sampled token" always, so up to logprobs + 1 entries.
-        top = {_token_text(tokenizer, prev, t): v for t, v in lp.top}
-        top.setdefault(text, lp.logprob)
         tops.append(top)
         offsets.append(offset)
-        offset += len(text)
-        prev = lp.token_id
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _chat_logprobs(tokenizer: Tokenizer, lps: list[Any], prev: int) -> dict[str, Any]:
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = _token_text(tokenizer, prev, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+def _chat_logprobs(pieces: _TokenPieces, lps: list[Any]) -> dict[str, Any]:
+    def entry(text: str, raw: bytes, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
     content = []
     for lp in lps:
-        content.append(dict(entry(lp.token_id, lp.logprob), top_logprobs=[entry(t, v) for t, v in lp.top]))
-        prev = lp.token_id
+        top = [entry(*pieces.piece(t), v) for t, v in lp.top]
+        text, raw, _ = pieces.take(lp.token_id)
+        content.append(dict(entry(text, raw, lp.logprob), top_logprobs=top))
     return {"content": content}
 
 
@@ -335,12 +370,13 @@ def _full_response(state: ServerState, rid: str, results: list[dict[str, Any]], 
             index = k * n + i
             if chat:
                 choice = {"index": index, "message": {"role": "assistant", "content": s["text"]},
-                          "logprobs": _chat_logprobs(state.tokenizer, s["logprobs"], s["prev"])
+                          "logprobs": _chat_logprobs(_TokenPieces(state.tokenizer, s["prev"]), s["logprobs"])
                           if logprobs is not None else None,
                           "finish_reason": _finish(s["finish"])}
             else:
                 choice = {"index": index, "text": s["text"], "finish_reason": _finish(s["finish"]),
-                          "logprobs": _completion_logprobs(state.tokenizer, s["logprobs"], s["prev"], 0)
+                          "logprobs": _completion_logprobs(_TokenPieces(state.tokenizer, s["prev"]),
+                                                           s["logprobs"])
                           if logprobs is not None else None}
             choices.append(choice)
     finals = [r["final"] for r in results]
@@ -375,7 +411,7 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
     finals: list[StreamDelta | None] = [None] * len(streams)
-    offsets: dict[int, int] = {}
+    pieces: dict[int, _TokenPieces] = {}  # per choice, with logprobs: where its tokens are
     started: set[int] = set()
     ended: set[int] = set()  # choices whose finish_reason went out: nothing more is sent for them
 
@@ -393,20 +429,18 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
             if index in ended or (not (s.text or s.token_ids or s.finish_reason) and index in started):
                 continue  # (the engine reports every sample of a request each step, finished ones too)
             finish = _finish(s.finish_reason)
+            if logprobs is not None and index not in pieces:
+                pieces[index] = _TokenPieces(state.tokenizer, s.prev_token_id)
             if chat:
                 d: dict[str, Any] = {"content": s.text}
                 if index not in started:
                     d["role"] = "assistant"
                 choice = {"index": index, "delta": d, "finish_reason": finish,
-                          "logprobs": _chat_logprobs(state.tokenizer, s.logprobs or [], s.prev_token_id)
+                          "logprobs": _chat_logprobs(pieces[index], s.logprobs or [])
                           if logprobs is not None else None}
             else:
-                lp = None
-                if logprobs is not None:
-                    lp = _completion_logprobs(state.tokenizer, s.logprobs or [], s.prev_token_id,
-                                              offsets.get(index, 0))
+                lp = _completion_logprobs(pieces[index], s.logprobs or []) if logprobs is not None else None
                 choice = {"index": index, "text": s.text, "finish_reason": finish, "logprobs": lp}
-            offsets[index] = offsets.get(index, 0) + len(s.text)
             started.add(index)
             if finish is not None:
                 ended.add(index)
