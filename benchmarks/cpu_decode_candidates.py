@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from lengthwise import LLM
+from lengthwise import LLM, ModelConfig
 from lengthwise.bench.engines import decode_weight_bytes
 from lengthwise.bench.kernels import copy_bandwidth_gbs
 from lengthwise.bench.presets import resolve_model
@@ -58,7 +58,7 @@ def main() -> None:
     model_dir, _ = resolve_model(args.model)
     rows_list = [int(r) for r in args.rows.split(",")]
     engine = LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=max(rows_list),
-                 max_model_len=1024).engine
+                 max_model_len=min(1024, ModelConfig.from_dir(model_dir).max_position_embeddings)).engine
     model, cache, bs = engine.model, engine.runner.cache, engine.runner.block_size
     ctx = args.context
     per_row = -(-ctx // bs)

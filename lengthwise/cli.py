@@ -13,6 +13,8 @@ from lengthwise.model import CheckpointError
 from lengthwise.model.default import default_model_dir
 from lengthwise.sampling_params import SamplingParams
 
+DEFAULT_MAX_TOKENS = 64  # `lengthwise generate`, when neither --max-tokens nor the checkpoint says
+
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a completion for one or more prompts",
@@ -21,7 +23,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="checkpoint directory (default: built-in)")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat the flag to generate for several prompts in one batch")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens to generate at most (default: "
+                   f"generation_config.json's max_new_tokens, else {DEFAULT_MAX_TOKENS})")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 is greedy (default: the checkpoint's generation_config, else greedy)")
     p.add_argument("--top-p", type=float, default=None)
@@ -90,7 +93,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for name in ("temperature", "top_p", "top_k"):
         if getattr(args, name) is not None:
             sampling[name] = getattr(args, name)
-    params = SamplingParams(max_tokens=args.max_tokens, seed=args.seed, n=args.n, stop=args.stop, **sampling)
+    max_tokens = sampling.pop("max_tokens", DEFAULT_MAX_TOKENS)  # generation_config's max_new_tokens
+    params = SamplingParams(max_tokens=max_tokens if args.max_tokens is None else args.max_tokens, seed=args.seed,
+                            n=args.n, stop=args.stop, **sampling)
     if params.greedy and (args.top_p is not None or args.top_k is not None or args.seed is not None):
         print("[lengthwise] warning: decoding is greedy (temperature 0), so --top-p/--top-k/--seed have no "
               "effect; pass --temperature to sample", file=sys.stderr)

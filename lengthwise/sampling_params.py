@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -12,7 +13,8 @@ MAX_LOGPROBS = 20
 class SamplingParams:
     """Decoding parameters, with vLLM's names and meanings. Keyword-only; validated on construction.
 
-    - `n`: completions per prompt. `max_tokens`: the most tokens generated per completion.
+    - `n`: completions per prompt. `max_tokens`: the most tokens generated per completion (None:
+      as many as the model's context leaves after the prompt).
     - `temperature` below 1e-5 means greedy (then top-k/top-p/min-p play no part). `top_k` 0 or -1
       and `top_p == 1` and `min_p == 0` switch those filters off.
     - `seed` makes a sampled output reproducible, independent of other requests in the batch.
@@ -29,7 +31,7 @@ class SamplingParams:
     """
 
     n: int = 1
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -48,7 +50,8 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, minimum=1)
-        _check_int("max_tokens", self.max_tokens, minimum=1)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_number("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
@@ -86,6 +89,10 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def clone(self) -> SamplingParams:
+        """A copy (vLLM's spelling; the params are immutable, so `dataclasses.replace` also works)."""
+        return dataclasses.replace(self)
 
     @property
     def greedy(self) -> bool:

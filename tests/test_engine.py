@@ -236,3 +236,124 @@ def test_prefix_caching_reuses_a_shared_prompt_prefix_without_changing_outputs(l
     assert first[0].num_cached_tokens == 0
     assert [r.num_cached_tokens for r in rest] == [32, 32]
     assert engine.scheduler.kv.num_free_blocks == engine.num_blocks
+
+
+# -- the offline API as vLLM users call it ---------------------------------------------------------
+
+def test_llm_inputs_are_read_as_vllm_reads_them_or_refused_by_name(random_model):
+    llm = LLM(model=random_model, dtype="float32", device="cpu", max_num_seqs=8, max_model_len=40)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    ids = llm.tokenizer.encode("the sun")
+    both = llm.generate([{"prompt": "the sun", "prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    assert both.prompt == "the sun" and both.prompt_token_ids == ids
+    for bad, match in ((b"the sun", "bytes"), ({"prompt": 5}, "'prompt' must be a string"),
+                       ({"prompt_token_ids": None}, "prompt_token_ids"), ({"prompt": "x", "images": 1}, "images"),
+                       ({"prompt": "x", "true_length": "abc"}, "true_length")):
+        with pytest.raises(ValueError, match=match):
+            llm.generate(["the sea", bad] if not isinstance(bad, bytes) else bad, params, use_tqdm=False)
+        assert not llm.engine.requests  # the good prompt before it is not left queued
+    with pytest.raises(ValueError, match="sampling_params must be"):
+        llm.generate(["x"], {"max_tokens": 3}, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"sampling_params\[1\]"):
+        llm.generate(["x", "y"], [params, "greedy"], use_tqdm=False)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate(["x"], SamplingParams(stop_token_ids=[10**6]), use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(random_model, dtype="float32", device="cpu", max_model_len=10**6)
+    with pytest.raises(ValueError, match="not both"):
+        LLM(random_model, model=random_model)
+    rest = llm.generate(["the sun"], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True),
+                        use_tqdm=False)[0]
+    assert len(rest.outputs[0].token_ids) == 40 - len(rest.prompt_token_ids)  # None: up to the context
+    bars = []
+
+    class Bar:  # vLLM's use_tqdm may be a tqdm-like class
+        def __init__(self, **kwargs):
+            bars.append(kwargs["total"])
+
+        def update(self, n):
+            bars.append(n)
+
+        def set_postfix(self, **_):
+            pass
+
+        def close(self):
+            pass
+
+        format_dict = {"elapsed": 1.0}
+
+    llm.generate(["a", "b"], params, use_tqdm=Bar)
+    assert bars == [2, 1, 1]
+
+
+def test_llm_chat_joins_text_parts_and_keeps_the_rendered_prompt(random_model):
+    llm = LLM(random_model, dtype="float32", device="cpu")
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    plain = llm.chat([{"role": "user", "content": "hello there"}], params, use_tqdm=False)[0]
+    parts = llm.chat([{"role": "user", "content": [{"type": "text", "text": "hello "},
+                                                   {"type": "text", "text": "there"}]}], params, use_tqdm=False)[0]
+    assert parts.prompt_token_ids == plain.prompt_token_ids and parts.outputs[0].text == plain.outputs[0].text
+    assert plain.prompt == llm.tokenizer.apply_chat_template([{"role": "user", "content": "hello there"}])
+    with pytest.raises(ValueError, match=r"messages\[1\].content"):
+        llm.chat([{"role": "system", "content": "x"}, {"role": "user", "content": None}], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="only text parts"):
+        llm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], params, use_tqdm=False)
+
+
+def test_outputs_carry_vllms_fields_and_stop_tokens_leave_no_text(random_model):
+    llm = LLM(random_model, dtype="float32", device="cpu")
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+    base = llm.generate(["the sun and the sea"], greedy, use_tqdm=False)[0].outputs[0]
+    assert base.finished() and base.stop_reason is None
+    assert base.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in base.logprobs))
+    first = base.logprobs[0]
+    assert first[base.token_ids[0]].logprob == first.logprob and first[first.top[1][0]].rank == 2
+    assert set(first) == {base.token_ids[0], *(t for t, _ in first.top)}
+    assert SamplingParams(max_tokens=3).clone() == SamplingParams(max_tokens=3)
+    stop_id = base.token_ids[3]
+    k = base.token_ids.index(stop_id)
+    for include in (False, True):
+        p = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_id],
+                           include_stop_str_in_output=include)
+        out = llm.generate(["the sun and the sea"], p, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == base.token_ids[:k + 1] and out.finish_reason == "stop" and out.stop_reason == stop_id
+        prompt = llm.tokenizer.encode("the sun and the sea")
+        want = llm.tokenizer.decode(prompt + out.token_ids[:k + include])[len(llm.tokenizer.decode(prompt)):]
+        assert out.text == want  # vLLM: the stop token's text only with include_stop_str_in_output
+    stop = " " + base.text.split()[2]
+    cut = llm.generate(["the sun and the sea"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                                                                stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert cut.stop_reason == stop and cut.cumulative_logprob is None
+
+
+@requires_stories
+def test_a_stop_string_in_text_flushed_at_the_end_is_still_cut(monkeypatch):
+    """A byte-fallback run is held back until it is complete; when the sample ends right after it
+    (its token limit, or the end token), the flushed text is checked for stop strings too."""
+    import lengthwise.engine.llm_engine as engine_module
+    from lengthwise.engine.sampler import SampleOutput
+
+    llm = LLM(STORIES, dtype="float32", device="cpu")
+    tok = llm.tokenizer
+    euro = [tok.token_to_id(f"<0x{b:02X}>") for b in "€".encode()]
+    forced = [tok.encode(" c", add_special_tokens=False)[-1], *euro, tok.eos_token_id]
+    monkeypatch.setattr(engine_module, "sample", lambda logits, params, gens, prompts, outputs, before_read=None:
+                        SampleOutput([forced[len(o)] for o in outputs], [None] * len(outputs)))
+    for max_tokens in (4, 10):  # the run ends at the limit, or the end token follows it
+        out = llm.generate(["Once"], SamplingParams(max_tokens=max_tokens, stop=["€"]), use_tqdm=False)[0].outputs[0]
+        assert out.text == " c" and out.finish_reason == "stop" and out.stop_reason == "€", (max_tokens, out)
+
+
+def test_generation_config_repetition_penalty_and_max_new_tokens_are_defaults(random_model, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(random_model, d)
+    (d / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.3, "max_new_tokens": 7}))
+    llm = LLM(d, dtype="float32", device="cpu")
+    defaults = llm.get_default_sampling_params()
+    assert defaults.repetition_penalty == 1.3 and defaults.max_tokens == 7 and defaults.greedy
+    explicit = SamplingParams(max_tokens=7, temperature=0.0, repetition_penalty=1.3)
+    got = llm.generate(["the sun and the sea"], use_tqdm=False)[0].outputs[0]
+    assert got.token_ids == llm.generate(["the sun and the sea"], explicit, use_tqdm=False)[0].outputs[0].token_ids

@@ -435,6 +435,7 @@ def _reference_generate(llm: Any, prompts: list[list[int]], params: Any) -> list
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from lengthwise.bench.presets import resolve_model
     from lengthwise.engine.llm import LLM
+    from lengthwise.model.config import ModelConfig
     from lengthwise.model.loader import resolve_device
 
     if args.rounds < 1:
@@ -449,7 +450,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[kernels] copy {bandwidth:.1f} GB/s, {args.dtype} matmul {peak:.0f} GFLOP/s", flush=True)
     # Contexts here stay under 400 tokens; a short max_model_len keeps the cache (and, on a GPU,
     # room for transformers beside it) small.
-    llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_num_seqs=max(args.batch, 4), max_model_len=1024,
+    context = min(1024, ModelConfig.from_dir(model_dir).max_position_embeddings)
+    llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_num_seqs=max(args.batch, 4), max_model_len=context,
               kv_cache_memory=0.25 if dev.type == "cuda" else None, enforce_eager=args.enforce_eager)
     model = llm.engine.model
     kernels = kernel_rows(model, 1, bandwidth, peak) + kernel_rows(model, args.batch, bandwidth, peak)

@@ -10,6 +10,7 @@ order of the prompts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,10 @@ class LLM:
     """
 
     def __init__(self, model_dir: str | Path | None = None, **engine_args: Any) -> None:
+        if "model" in engine_args:  # vLLM's keyword: LLM(model="path")
+            if model_dir is not None:
+                raise ValueError("give the checkpoint once: as model_dir or as model, not both")
+            model_dir = engine_args.pop("model")
         unknown = set(engine_args) - set(EngineConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown LLM argument(s) {sorted(unknown)}; "
@@ -52,23 +57,35 @@ class LLM:
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt: text, a list of token ids, or a dict with `"prompt"` or
-        `"prompt_token_ids"` (and, for benchmarks with the `oracle` predictor, `"true_length"`).
+                 use_tqdm: bool | Callable[..., Any] = True) -> list[RequestOutput]:
+        """Generate for every prompt: text, a list of token ids, or a dict with `"prompt"` and/or
+        `"prompt_token_ids"` (both: the ids are used, the text is the output's `prompt`) and,
+        for benchmarks with the `oracle` predictor, `"true_length"`.
 
         `sampling_params` is one `SamplingParams` for all prompts or a list with one per prompt
-        (default: the checkpoint's generation defaults). Returns outputs in prompt order.
+        (default: the checkpoint's generation defaults). `use_tqdm`: a progress bar, or (as vLLM)
+        a tqdm-like class to draw it with. Returns outputs in prompt order.
         """
         prompts = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
-        else:
+        elif isinstance(sampling_params, (list, tuple)):
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+            for i, sp in enumerate(params):
+                if not isinstance(sp, SamplingParams):
+                    raise ValueError(f"sampling_params[{i}] must be a SamplingParams, got {type(sp).__name__}")
+        else:
+            raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got "
+                             f"{type(sampling_params).__name__}")
+        inputs = [_prompt_input(p, i) for i, p in enumerate(prompts)]
         true_lengths = [p.get("true_length") if isinstance(p, dict) else None for p in prompts]
-        return run_to_completion(self.engine, [_prompt_input(p, i) for i, p in enumerate(prompts)], params, use_tqdm,
-                                 true_lengths)
+        outputs = run_to_completion(self.engine, [ids for ids, _ in inputs], params, use_tqdm, true_lengths)
+        for out, (_, text) in zip(outputs, inputs, strict=True):
+            if out.prompt is None:
+                out.prompt = text
+        return outputs
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
@@ -80,7 +97,12 @@ class LLM:
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of messages or of conversations")
         conversations = messages if isinstance(messages[0], list) else [messages]
-        prompts = [{"prompt_token_ids": self.tokenizer.encode_chat(c, add_generation_prompt)} for c in conversations]
+        prompts = []
+        for c in conversations:
+            text = self.tokenizer.apply_chat_template(chat_messages(c), add_generation_prompt)
+            # The template places BOS itself: encoded without special tokens, as encode_chat does.
+            prompts.append({"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False),
+                            "prompt": text})
         return self.generate(prompts, sampling_params, use_tqdm)
 
 def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params: list[SamplingParams],
@@ -92,14 +114,15 @@ def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params:
         for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
             hint = None if true_lengths is None else true_lengths[i]
             ids.append(engine.add_request(prompt, sp, true_length=hint).request_id)
-    except ValueError:
+    except BaseException:
         for rid in ids:  # nothing half-submitted stays queued
             engine.abort_request(rid)
             engine.requests.pop(rid, None)
         raise
     pending = set(ids)
     results: dict[str, RequestOutput] = {}
-    bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+    progress = use_tqdm if callable(use_tqdm) else tqdm
+    bar = progress(total=len(ids), desc="generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
     tokens = 0
     try:
         while pending:
@@ -123,21 +146,64 @@ def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params:
 def _as_prompt_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if isinstance(prompts, (bytes, bytearray)):  # would read as token ids
+        raise ValueError("prompts must be text, token ids or dicts, got bytes: decode them to a str first")
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
         return [prompts]  # one prompt given as token ids
     return prompts
 
 
-def _prompt_input(prompt: PromptType, index: int) -> str | list[int]:
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "true_length"}
+
+
+def _prompt_input(prompt: PromptType, index: int) -> tuple[str | list[int], str | None]:
+    """(what the engine takes, the prompt's text if known) for one prompt of `generate`."""
     if isinstance(prompt, str):
-        return prompt
+        return prompt, prompt
     if isinstance(prompt, dict):
+        unknown = set(prompt) - _PROMPT_KEYS
+        if unknown:
+            raise ValueError(f"prompt {index} has unknown key(s) {sorted(unknown)}; expected some of "
+                             f"{sorted(_PROMPT_KEYS)}")
+        text = prompt.get("prompt")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"prompt {index}: 'prompt' must be a string, got {type(text).__name__}")
         if "prompt_token_ids" in prompt:
-            return list(prompt["prompt_token_ids"])
-        if "prompt" in prompt:
-            return prompt["prompt"]
+            ids = prompt["prompt_token_ids"]
+            if not isinstance(ids, (list, tuple)):
+                raise ValueError(f"prompt {index}: 'prompt_token_ids' must be a list of token ids, "
+                                 f"got {type(ids).__name__}")
+            return list(ids), text
+        if text is not None:
+            return text, text
         raise ValueError(f"prompt {index} is a dict without 'prompt' or 'prompt_token_ids'")
     if isinstance(prompt, (list, tuple)):
-        return list(prompt)
+        return list(prompt), None
     raise ValueError(f"prompt {index} must be text, a list of token ids or a dict, got {type(prompt).__name__}")
+
+
+def chat_messages(conversation: Any) -> list[dict[str, Any]]:
+    """OpenAI-style messages for a chat template: text content parts joined into one string; a
+    message without content is refused (`ValueError` naming it), except an assistant turn."""
+    if not isinstance(conversation, list):
+        raise ValueError(f"a conversation must be a list of messages, got {type(conversation).__name__}")
+    out = []
+    for i, m in enumerate(conversation):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] must be a dict with a 'role' and 'content'")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(f"messages[{i}].content: only text parts are supported, got {part!r}")
+                texts.append(part["text"])
+            m = dict(m, content="".join(texts))
+        elif content is None and m["role"] != "assistant":
+            raise ValueError(f"messages[{i}].content is missing")
+        elif content is not None and not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string or a list of text parts, "
+                             f"got {type(content).__name__}")
+        out.append(m)
+    return out

@@ -57,7 +57,10 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         self.model_dir = None if model_dir is None else Path(model_dir)
         mc = self.model.config
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={config.max_model_len} is beyond the model's context of "
+                             f"{mc.max_position_embeddings} tokens (max_position_embeddings in config.json)")
+        self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.eos_token_ids = frozenset(mc.eos_token_ids or (
             () if self.tokenizer is None or self.tokenizer.eos_token_id is None else (self.tokenizer.eos_token_id,)))
         self.num_blocks = self._plan_num_blocks()
@@ -132,13 +135,26 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError(f"prompt is text but {self.model_dir} has no tokenizer.json; pass token ids")
             text, prompt_ids = prompt, self.tokenizer.encode(prompt)
-        else:
+        elif isinstance(prompt, (list, tuple)):
             prompt_ids = list(prompt)
+        else:  # bytes would read as a list of ints: refuse every non-list rather than guess
+            raise ValueError(f"prompt of request {request_id!r} must be text or a list of token ids, "
+                             f"got {type(prompt).__name__}")
         self._check_prompt(prompt_ids, request_id)
+        vocab = self.model.config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids has ids outside the vocabulary [0, {vocab}): "
+                             f"{[t for t in params.stop_token_ids if t >= vocab]}")
+        if eos_after is not None and (isinstance(eos_after, bool) or not isinstance(eos_after, int) or eos_after < 1):
+            raise ValueError(f"eos_after must be a positive number of tokens, got {eos_after!r}")
+        if true_length is not None and (isinstance(true_length, bool) or not isinstance(true_length, (int, float))
+                                        or not true_length >= 0):
+            raise ValueError(f"true_length must be a number of tokens >= 0, got {true_length!r}")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} samples cannot run together under max_num_seqs="
                              f"{self.config.max_num_seqs}; raise max_num_seqs or lower n")
-        max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         kv = self.scheduler.kv
         need = kv.blocks_for(len(prompt_ids)) + params.n * kv.blocks_for(max_tokens)
         if need > self.num_blocks:
@@ -151,8 +167,6 @@ class LLMEngine:
             self._init_sequence(seq)
         self.requests[request_id] = request
         if eos_after is not None:
-            if isinstance(eos_after, bool) or not isinstance(eos_after, int) or eos_after < 1:
-                raise ValueError(f"eos_after must be a positive number of tokens, got {eos_after!r}")
             request.eos_after = eos_after
         if true_length is not None:
             self.length.true_lengths[request_id] = float(true_length)
@@ -161,6 +175,19 @@ class LLMEngine:
         else:
             self.scheduler.add(request)
         return request
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, new: str) -> bool:
+        """Append `new` to the sample's text, cut at the first stop string it completes (if any);
+        whether one did (the stop string is then `seq.state["stop_reason"]`)."""
+        text = seq.state["text"] + new
+        matcher = seq.state.get("stop")
+        hit = matcher.check(text, len(new)) if matcher is not None and new else None
+        if hit is not None:
+            text = text[:hit]
+            seq.state["stop_reason"] = matcher.matched
+        seq.state["text"] = text
+        return hit is not None
 
     def _check_prompt(self, ids: list[int], request_id: str) -> None:
         if not ids:
@@ -290,25 +317,26 @@ class LLMEngine:
         if logprobs is not None:
             seq.state["logprobs"].append(logprobs)
         reason = None
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
+        stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
+        if stop_token:
             reason = "stop"
+            if token in p.stop_token_ids:
+                seq.state["stop_reason"] = token  # vLLM: the stop token's id; None for an end token
         elif len(seq.output_ids) == request.eos_after:
             reason = "stop"
         detok = seq.state.get("detok")
-        cut = False  # a stop string ended the text: nothing after it belongs to the output
         if detok is not None:
-            new = detok.add(token)  # a special stop token adds no text when skip_special_tokens
-            text = seq.state["text"] + new
-            matcher = seq.state.get("stop")
-            if matcher is not None and new:
-                hit = matcher.check(text, len(new))
-                if hit is not None:
-                    text, reason, cut = text[:hit], "stop", True
-            seq.state["text"] = text
+            # As vLLM: the token that stopped the sample adds no text unless include_stop_str_in_output.
+            new = detok.add(token) if not stop_token or p.include_stop_str_in_output else ""
+            if reason is None and len(seq.output_ids) >= request.max_tokens:
+                reason = "length"
+            if reason is not None:
+                new += detok.flush()  # text held back for an unfinished character
+            cut = self._check_stop_strings(seq, new)
+            if cut:
+                reason = "stop"
         if reason is None and len(seq.output_ids) >= request.max_tokens:
             reason = "length"
-        if reason is not None and detok is not None and not cut:
-            seq.state["text"] += detok.flush()  # text held back for an unfinished character
         if reason is not None:
             self.scheduler.finish_sequence(seq, reason)
             if request.finished:
@@ -330,13 +358,20 @@ def _kv_budget_bytes(memory: int | float | None, device: torch.device) -> int:
 
 def generation_defaults(model_dir: Path) -> dict[str, float | int]:
     """Sampling defaults from generation_config.json, as transformers' generate() applies them:
-    greedy unless `do_sample`; when sampling, temperature 1.0, top_p 1.0 and top_k 50 unless set."""
+    greedy unless `do_sample`; when sampling, temperature 1.0, top_p 1.0 and top_k 50 unless set.
+    `repetition_penalty` applies either way, and `max_new_tokens` becomes `max_tokens` (as vLLM
+    reads them: Qwen2.5's instruct checkpoints ship a repetition penalty of 1.05)."""
     path = Path(model_dir) / "generation_config.json"
     gen = read_json(path) if path.is_file() else {}
-    if not gen.get("do_sample"):
-        return {"temperature": 0.0}
-    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": 0.0}
     out: dict[str, float | int] = {}
+    if gen.get("repetition_penalty") is not None:
+        out["repetition_penalty"] = float(gen["repetition_penalty"])
+    if gen.get("max_new_tokens") is not None:
+        out["max_tokens"] = int(gen["max_new_tokens"])
+    if not gen.get("do_sample"):
+        out["temperature"] = 0.0
+        return out
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 50, "min_p": 0.0}
     for key, default in defaults.items():
         value = gen.get(key)
         out[key] = type(default)(default if value is None else value)

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from lengthwise.engine.sampler import TokenLogprobs
 from lengthwise.sequence import Request
 
 
 @dataclass
 class CompletionOutput:
-    """One sample: its text (stop string removed unless asked for), token ids, why it ended
-    ("stop", "length" or "abort") and, if requested, per-token logprobs."""
+    """One sample, with vLLM's fields: its text (the stop string, or the stop token's text,
+    removed unless `include_stop_str_in_output`), token ids, why it ended (`finish_reason`:
+    "stop", "length" or "abort"; `stop_reason`: the stop string or stop token id that ended it,
+    None for the model's end token or a length), and, if requested, per-token logprobs with
+    their sum, `cumulative_logprob`."""
 
     index: int
     text: str
     token_ids: list[int]
     finish_reason: str | None
-    logprobs: list[Any] | None = None  # list of `TokenLogprobs`, one per generated token
+    logprobs: list[TokenLogprobs] | None = None  # one per generated token; each also a dict id -> Logprob
+    stop_reason: str | int | None = None
 
     @property
+    def cumulative_logprob(self) -> float | None:
+        """The sampled tokens' summed log-probability (None without `logprobs`)."""
+        return None if self.logprobs is None else float(sum(lp.logprob for lp in self.logprobs))
+
     def finished(self) -> bool:
         return self.finish_reason is not None
 
@@ -44,11 +52,12 @@ class RequestOutput:
     metrics: RequestMetrics
     predicted_length: float | None = None
     num_cached_tokens: int = 0  # prompt tokens reused from the prefix cache instead of computed
+    prompt_logprobs: None = None  # vLLM's field; prompt logprobs are not computed (nor accepted)
 
     @classmethod
     def from_request(cls, request: Request) -> RequestOutput:
         outputs = [CompletionOutput(s.index, s.state.get("text", ""), list(s.output_ids), s.finish_reason,
-                                    s.state.get("logprobs")) for s in request.seqs]
+                                    s.state.get("logprobs"), s.state.get("stop_reason")) for s in request.seqs]
         metrics = RequestMetrics(request.arrival_time, request.first_token_time, request.finish_time,
                                  request.num_preemptions)
         return cls(request.request_id, request.prompt, list(request.prompt_ids), outputs, request.finished,

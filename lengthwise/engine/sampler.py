@@ -1,7 +1,10 @@
 """The one sampler: penalties, temperature, top-k, top-p, min-p and logprobs for a batch of rows.
 
-Order, as vLLM: log-probabilities of the raw logits (if asked) → repetition, frequency and presence
-penalties → temperature → top-k, top-p, min-p → one draw from the row's own generator.
+Order: log-probabilities of the raw logits (if asked) → repetition, frequency and presence
+penalties → temperature → top-k, top-p, min-p → one draw from the row's own generator. The
+filters run in transformers' order (top-p's nucleus over the whole distribution, then min-p's cut);
+vLLM V1 cuts min-p first and takes the nucleus of what is left, which keeps fewer tokens when
+both top-p and min-p are set. Each alone gives the same set either way.
 
 Batch independence is a hard rule: a row's token and logprobs depend only on its own logits,
 params, history and generator, never on which other rows share the batch. So every operation
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,19 +44,47 @@ _CANDIDATE_GROWTH = 8
 _DRAW_BLOCK = 256
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One entry of `TokenLogprobs` read as vLLM's `dict[token_id, Logprob]`. `decoded_token` is
+    None here: decode ids with the tokenizer (the server's logprobs carry each token's text)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
 @dataclass
-class TokenLogprobs:
+class TokenLogprobs(Mapping[int, Logprob]):
     """Log-probabilities for one generated token, under the model's raw distribution.
 
     `logprob` is the sampled token's, `rank` its rank (1 = most likely; as vLLM, tokens with an
     equal logprob count as ahead), `top` the `SamplingParams.logprobs` most likely
     `(token_id, logprob)` pairs, most likely first (empty when `logprobs=0`).
+
+    It is also vLLM's shape: a mapping from token id to `Logprob`, holding the sampled token and
+    the top ones (`out.logprobs[i][token_id].logprob`).
     """
 
     token_id: int
     logprob: float
     rank: int
     top: list[tuple[int, float]]
+
+    def _entries(self) -> dict[int, Logprob]:
+        entries = {self.token_id: Logprob(self.logprob, self.rank)}
+        for k, (t, lp) in enumerate(self.top):
+            entries.setdefault(t, Logprob(lp, k + 1))
+        return entries
+
+    def __getitem__(self, token_id: int) -> Logprob:
+        return self._entries()[token_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._entries())
+
+    def __len__(self) -> int:
+        return len(self._entries())
 
 
 @dataclass

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lengthwise.engine.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestStream, StreamDelta
+from lengthwise.engine.llm import chat_messages
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.server.metrics import CONTENT_TYPE, ServerMetrics
 from lengthwise.server.protocol import (
@@ -137,7 +138,10 @@ def build_app(state: ServerState) -> FastAPI:
         check_key(request)
         req = parse_body(ChatCompletionRequest, await request.body())
         check_model(req.model)
-        messages = [_message(m.model_dump(exclude_none=True)) for m in req.messages]
+        try:
+            messages = chat_messages([m.model_dump(exclude_none=True) for m in req.messages])
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages") from None
         try:
             ids = state.tokenizer.encode_chat(messages)
         except ValueError as e:
@@ -196,19 +200,6 @@ def build_app(state: ServerState) -> FastAPI:
         return JSONResponse(_full_response(state, rid, task.result(), params.n, chat, params.logprobs))
 
     return app
-
-
-def _message(m: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAI message for the chat template: content parts joined into text."""
-    content = m.get("content")
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, "only text content parts are supported", "messages")
-            texts.append(part["text"])
-        m = dict(m, content="".join(texts))
-    return m
 
 
 def _completion_prompts(prompt: Any, tokenizer: Tokenizer) -> list[list[int]]:
