@@ -122,3 +122,66 @@ def test_generation_stops_at_context_end(llama_dir):
     ctx = model.config.max_position_embeddings
     [out] = generate(model, [[5] * (ctx - 3)], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
     assert len(out.token_ids) == 3 and out.finish_reason == "length"
+
+
+def _edit_config(d, **changes):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(quantization_config={"quant_method": "fp8"}), "quantized checkpoints are not supported.*'fp8'"),
+    (dict(architectures=["LlamaForSequenceClassification"]), "no \\*ForCausalLM"),
+    (dict(rms_norm_eps=None), "rms_norm_eps is null"),
+    (dict(rope_theta=None), "rope_theta is null"),
+])
+def test_configs_it_cannot_serve_are_refused_naming_why(llama_dir, tmp_path, changes, match):
+    d = _copy(llama_dir, tmp_path)
+    _edit_config(d, **changes)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(d, "float32", "cpu")
+
+
+def test_tied_checkpoints_storing_the_head_alone_or_a_different_head(tmp_path):
+    tied = save_hf_model(make_hf_model("llama-tied-mqa", seed=5), tmp_path / "tied")
+    want = prompt_logits(load_model(tied, "float32", "cpu"), PROMPTS)
+    tensors = load_file(str(tied / "model.safetensors"))
+    assert "lm_head.weight" not in tensors
+    only_head = _copy(tied, tmp_path / "a")  # some exporters keep the head and drop the embedding
+    save_file({("lm_head.weight" if k == "model.embed_tokens.weight" else k): v for k, v in tensors.items()},
+              str(only_head / "model.safetensors"))
+    assert torch.equal(prompt_logits(load_model(only_head, "float32", "cpu"), PROMPTS), want)
+    other_head = _copy(tied, tmp_path / "b")  # tied config, a different head stored: used tied, said aloud
+    save_file(dict(tensors, **{"lm_head.weight": torch.randn_like(tensors["model.embed_tokens.weight"])}),
+              str(other_head / "model.safetensors"))
+    with pytest.warns(UserWarning, match="differs from model.embed_tokens.weight"):
+        model = load_model(other_head, "float32", "cpu")
+    assert torch.equal(prompt_logits(model, PROMPTS), want)
+
+
+def test_precomputed_rotary_tables_in_a_checkpoint_are_skipped(llama_dir, tmp_path):
+    d = _copy(llama_dir, tmp_path)
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors["model.layers.0.self_attn.rotary_emb.cos_cached"] = torch.zeros(256, 16)
+    tensors["model.layers.0.self_attn.rotary_emb.sin_cached"] = torch.zeros(256, 16)
+    save_file(tensors, str(d / "model.safetensors"))
+    assert torch.equal(prompt_logits(load_model(d, "float32", "cpu"), PROMPTS),
+                       prompt_logits(load_model(llama_dir, "float32", "cpu"), PROMPTS))
+
+
+def test_linear_rope_scaling_stretches_the_context(tmp_path):
+    """As vLLM derives it: max_position_embeddings x the linear factor; logits there equal transformers'."""
+    from lengthwise import LLM
+
+    hf = make_hf_model("llama-rope-linear", seed=2, max_position_embeddings=32)
+    d = save_hf_model(hf, tmp_path / "linear")
+    llm = LLM(d, dtype="float32", device="cpu")
+    assert llm.engine.max_model_len == 128
+    prompt = [(7 * i) % 300 + 3 for i in range(100)]  # beyond 32 positions, within 128
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0, -1]
+    got = prompt_logits(llm.engine.model, [prompt])[0]
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
+    with pytest.raises(ValueError, match="times its linear rope factor"):
+        LLM(d, dtype="float32", device="cpu", max_model_len=129)

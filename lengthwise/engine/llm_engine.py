@@ -57,10 +57,11 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         self.model_dir = None if model_dir is None else Path(model_dir)
         mc = self.model.config
-        if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
+        if config.max_model_len is not None and config.max_model_len > mc.max_context:
+            scaled = ", times its linear rope factor" if mc.max_context != mc.max_position_embeddings else ""
             raise ValueError(f"max_model_len={config.max_model_len} is beyond the model's context of "
-                             f"{mc.max_position_embeddings} tokens (max_position_embeddings in config.json)")
-        self.max_model_len = config.max_model_len or mc.max_position_embeddings
+                             f"{mc.max_context} tokens (config.json's max_position_embeddings{scaled})")
+        self.max_model_len = config.max_model_len or mc.max_context
         self.eos_token_ids = frozenset(mc.eos_token_ids or (
             () if self.tokenizer is None or self.tokenizer.eos_token_id is None else (self.tokenizer.eos_token_id,)))
         self.num_blocks = self._plan_num_blocks()

@@ -40,7 +40,7 @@ class ModelRunner:
         self.scratch_slot = num_blocks * block_size  # block `num_blocks`: padding rows write here
         self.graphs: DecodeGraphs | None = None
         if graph_batch:
-            max_len = max_model_len or model.config.max_position_embeddings
+            max_len = max_model_len or model.config.max_context
             self.graphs = DecodeGraphs(model, self.cache, num_blocks, max_len, graph_batch, capture_graphs)
         # Final hidden states of the last step's sampling rows (the probe's features at prefill end).
         self.last_hidden: torch.Tensor | None = None

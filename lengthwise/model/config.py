@@ -74,6 +74,15 @@ class ModelConfig:
             object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
 
     @property
+    def max_context(self) -> int:
+        """The longest context the model is meant for: `max_position_embeddings`, times the factor
+        of linear RoPE scaling, which stretches positions by it (vLLM derives its limit so too;
+        llama3's scaling is already in max_position_embeddings)."""
+        if self.rope.type == "linear":
+            return int(self.max_position_embeddings * self.rope.factor)
+        return self.max_position_embeddings
+
+    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 
@@ -102,6 +111,18 @@ class ModelConfig:
             raise CheckpointError(
                 f"config.json: model_type {model_type!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        quant = raw.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+            raise CheckpointError(f"config.json: quantized checkpoints are not supported (quantization_config "
+                                  f"quant_method {method!r}); use a bfloat16, float16 or float32 checkpoint")
+        architectures = raw.get("architectures") or []
+        if architectures and not any(str(a).endswith("ForCausalLM") for a in architectures):
+            raise CheckpointError(f"config.json: architectures {architectures} has no *ForCausalLM: lengthwise "
+                                  f"serves causal language models, not classifiers or headless models")
+        for key in ("rms_norm_eps", "rope_theta", "max_position_embeddings", "max_window_layers"):
+            if key in raw and raw[key] is None:  # (transformers refuses these too)
+                raise CheckpointError(f"config.json: {key} is null; give a number or leave the field out")
         act = raw.get("hidden_act", "silu")
         if act != "silu":
             raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (only 'silu')")

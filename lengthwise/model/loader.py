@@ -7,6 +7,7 @@ name rather than deep inside a matmul.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,7 +18,8 @@ from lengthwise.model.llama import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Tensors some exporters leave in checkpoints that carry nothing the model needs.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
@@ -107,14 +109,13 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 def read_checkpoint(model_dir: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Every expected tensor, shape-checked, as stored (no dtype conversion yet)."""
     shapes = expected_shapes(config)
+    if config.tie_word_embeddings:  # a tied checkpoint may also carry (or carry only) the LM head
+        shapes[_HEAD] = shapes[_EMBED]
     tensors: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if name.endswith(_IGNORED_SUFFIXES):
-                    continue
-                # A tied checkpoint may still carry a copy of the LM head; the embedding is used.
-                if name == "lm_head.weight" and config.tie_word_embeddings:
                     continue
                 if name not in shapes:
                     raise CheckpointError(f"{path.name}: unexpected tensor {name!r} for this config")
@@ -124,11 +125,30 @@ def read_checkpoint(model_dir: Path, config: ModelConfig) -> dict[str, torch.Ten
                         f"{path.name}: tensor {name!r} has shape {tuple(t.shape)}, "
                         f"expected {shapes[name]} from config.json")
                 tensors[name] = t
+    if config.tie_word_embeddings:
+        _tie(tensors, model_dir)
+        shapes.pop(_HEAD)
     missing = [n for n in shapes if n not in tensors]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{model_dir}: checkpoint is missing tensors {missing[:5]}{more}")
     return tensors
+
+
+def _tie(tensors: dict[str, torch.Tensor], model_dir: Path) -> None:
+    """Tied embeddings: one matrix for both. As transformers 4.x and vLLM, the embedding is used;
+    a stored LM head that differs from it is said aloud (transformers 5 would use the head), and a
+    checkpoint that stores only the head gets it as the embedding."""
+    head = tensors.pop(_HEAD, None)
+    if head is None:
+        return
+    embed = tensors.get(_EMBED)
+    if embed is None:
+        tensors[_EMBED] = head
+    elif not torch.equal(head, embed):
+        warnings.warn(f"{model_dir}: config.json ties the word embeddings, but the stored lm_head.weight "
+                      f"differs from model.embed_tokens.weight; the embedding is used for both (as vLLM)",
+                      stacklevel=3)
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
