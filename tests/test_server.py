@@ -189,6 +189,11 @@ def test_n_samples_seeds_and_stop_strings(client):
     cut = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=40, temperature=0,
                                     stop=[stop], extra_body={"ignore_eos": True}).choices[0]
     assert cut.finish_reason == "stop" and cut.text == greedy[:greedy.index(stop)]
+    assert cut.model_extra["stop_reason"] == stop  # vLLM's field: which stop string ended it
+    streamed = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=40, temperature=0,
+                                         stop=[stop], extra_body={"ignore_eos": True}, stream=True)
+    last = [c for c in streamed if c.choices][-1].choices[0]
+    assert last.finish_reason == "stop" and last.model_extra["stop_reason"] == stop
 
 
 def test_logprobs(client):

@@ -53,6 +53,7 @@ class SampleDelta:
     logprobs: list[Any] | None     # new `TokenLogprobs`, when asked for
     finish_reason: str | None      # "stop", "length" or "abort" once the sample has ended
     prev_token_id: int = 0         # the token before `token_ids` (to render a token's text in context)
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's field)
 
 
 @dataclass
@@ -289,7 +290,8 @@ class AsyncEngine:
             sent = stream.sent_tokens[i]
             prev = seq.output_ids[sent - 1] if sent else request.prompt_ids[-1]
             samples.append(SampleDelta(i, text[stream.sent_text[i]:], seq.output_ids[sent:],
-                                       None if lps is None else lps[sent:], seq.finish_reason, prev))
+                                       None if lps is None else lps[sent:], seq.finish_reason, prev,
+                                       seq.state.get("stop_reason")))
             stream.sent_text[i], stream.sent_tokens[i] = len(text), len(seq.output_ids)
         delta = StreamDelta(rid, samples, request.finished, len(request.prompt_ids),
                             sum(len(s.output_ids) for s in request.seqs), request.predicted_length,

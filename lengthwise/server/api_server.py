@@ -264,10 +264,11 @@ class _Accumulator:
             return
         for s in delta.samples:
             acc = self.samples.setdefault(s.index, {"text": "", "logprobs": [], "finish": None,
-                                                    "prev": s.prev_token_id})
+                                                    "prev": s.prev_token_id, "stop_reason": None})
             acc["text"] += s.text
             acc["logprobs"] += s.logprobs or []
             acc["finish"] = s.finish_reason or acc["finish"]
+            acc["stop_reason"] = s.stop_reason if s.stop_reason is not None else acc["stop_reason"]
         if delta.finished:
             self.final = delta
 
@@ -357,18 +358,18 @@ def _full_response(state: ServerState, rid: str, results: list[dict[str, Any]], 
     choices = []
     for k, res in enumerate(results):
         for i in range(n):
-            s = res["samples"].get(i, {"text": "", "logprobs": [], "finish": None, "prev": 0})
+            s = res["samples"].get(i, {"text": "", "logprobs": [], "finish": None, "prev": 0, "stop_reason": None})
             index = k * n + i
             if chat:
                 choice = {"index": index, "message": {"role": "assistant", "content": s["text"]},
                           "logprobs": _chat_logprobs(_TokenPieces(state.tokenizer, s["prev"]), s["logprobs"])
                           if logprobs is not None else None,
-                          "finish_reason": _finish(s["finish"])}
+                          "finish_reason": _finish(s["finish"]), "stop_reason": s["stop_reason"]}
             else:
                 choice = {"index": index, "text": s["text"], "finish_reason": _finish(s["finish"]),
                           "logprobs": _completion_logprobs(_TokenPieces(state.tokenizer, s["prev"]),
                                                            s["logprobs"])
-                          if logprobs is not None else None}
+                          if logprobs is not None else None, "stop_reason": s["stop_reason"]}
             choices.append(choice)
     finals = [r["final"] for r in results]
     predicted = [f.predicted_length for f in finals if f is not None]
@@ -428,10 +429,11 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
                     d["role"] = "assistant"
                 choice = {"index": index, "delta": d, "finish_reason": finish,
                           "logprobs": _chat_logprobs(pieces[index], s.logprobs or [])
-                          if logprobs is not None else None}
+                          if logprobs is not None else None, "stop_reason": s.stop_reason}
             else:
                 lp = _completion_logprobs(pieces[index], s.logprobs or []) if logprobs is not None else None
-                choice = {"index": index, "text": s.text, "finish_reason": finish, "logprobs": lp}
+                choice = {"index": index, "text": s.text, "finish_reason": finish, "logprobs": lp,
+                          "stop_reason": s.stop_reason}
             started.add(index)
             if finish is not None:
                 ended.add(index)
