@@ -262,6 +262,9 @@ def test_llm_inputs_are_read_as_vllm_reads_them_or_refused_by_name(random_model)
         LLM(random_model, dtype="float32", device="cpu", max_model_len=10**6)
     with pytest.raises(ValueError, match="not both"):
         LLM(random_model, model=random_model)
+    with pytest.raises(ValueError, match="policy_options must be a dict"):
+        LLM(random_model, device="cpu", policy_options=[1])
+    assert LLM(random_model, dtype="half", device="cpu").engine.model.embed.dtype == torch.float16  # vLLM's alias
     rest = llm.generate(["the sun"], SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True),
                         use_tqdm=False)[0]
     assert len(rest.outputs[0].token_ids) == 40 - len(rest.prompt_token_ids)  # None: up to the context

@@ -17,6 +17,7 @@ from lengthwise.model.config import CheckpointError, ModelConfig, read_json
 from lengthwise.model.llama import CausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other spellings
 # Tensors some exporters leave in checkpoints that carry nothing the model needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -28,6 +29,7 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.d
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
         return dtype
+    dtype = _DTYPE_ALIASES.get(dtype, dtype)
     if dtype == "auto":
         if device.type == "cpu" or config.torch_dtype not in DTYPES:
             return torch.float32

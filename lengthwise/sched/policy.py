@@ -213,6 +213,8 @@ def make_policy(name: str, options: dict[str, Any] | None = None) -> SchedulingP
     cls = SchedulingPolicy.registry.get(name)
     if cls is None:
         raise ValueError(f"policy {name!r} is unknown; available: {sorted(SchedulingPolicy.registry)}")
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"policy_options must be a dict of option -> value, got {type(options).__name__}")
     options = dict(options or {})
     unknown = set(options) - set(_option_names(cls))
     if unknown:
