@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from lengthwise.argtypes import kv_memory
 from lengthwise.engine import LLM
 from lengthwise.engine.llm_engine import generation_defaults
 from lengthwise.model import CheckpointError
@@ -31,12 +32,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible output")
     p.add_argument("--n", type=int, default=1, help="samples per prompt, sharing one prompt KV segment (default 1)")
-    p.add_argument("--stop", action="append", default=None, help="stop string; repeat for several")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop string; repeat for several (a newline from a shell: $'\\n')")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message, with --chat")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    p.add_argument("--kv-cache-memory", type=_kv_memory, default=None,
+    p.add_argument("--kv-cache-memory", type=kv_memory, default=None,
                    help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together at most (default 256)")
     add_policy_arguments(p)
@@ -67,18 +69,9 @@ def parse_policy_options(items: list[str]) -> dict[str, object]:
     return options
 
 
-def _kv_memory(text: str) -> int | float:
-    """`--kv-cache-memory`: bytes (`4000000000`, `4GiB`, `512MiB`) or a fraction of free memory (`0.5`)."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-    t = text.strip().lower()
-    for suffix, scale in units.items():
-        if t.endswith(suffix):
-            return int(float(t[: -len(suffix)]) * scale)
-    value = float(t)
-    return value if "." in t else int(value)
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.system and not args.chat:
+        raise ValueError("--system is a chat message: give --chat too")
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not args.model:
         print(f"[lengthwise] no MODEL_DIR given: using the built-in tiny instruction model at {model_dir}",
@@ -154,7 +147,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from lengthwise.server.cli import add_parser
 
-    add_parser(sub, add_policy_arguments, _kv_memory)
+    add_parser(sub, add_policy_arguments)
 
 
 def _add_train_tiny(sub: argparse._SubParsersAction) -> None:

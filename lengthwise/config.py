@@ -22,7 +22,8 @@ class EngineConfig:
     `continuous-sjf`, `static`, `sequence`, `multibin`) and its keyword options.
     `length_predictor`: a saved predictor directory, `"oracle"`, `"self"`, `"self-greedy"`
     (either with `":DIR"`, a fallback predictor), or a `LengthPredictor`; every request gets a
-    predicted length before it is scheduled.
+    predicted length before it is scheduled. `allow_benchmark_predictors=False` (the server)
+    refuses predictors that only benchmarks can feed, such as the oracle, at start-up.
     `record_lengths`: a JSONL file to which each finished request appends its prompt, the
     model's hidden state at the end of prefill and its real length (the probe's training data).
     `enforce_eager`: on CUDA, run every step eagerly instead of replaying decode steps as CUDA
@@ -47,6 +48,7 @@ class EngineConfig:
     record_lengths: str | None = None
     enforce_eager: bool = False
     async_decode: bool = True
+    allow_benchmark_predictors: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -63,7 +65,7 @@ class EngineConfig:
                 raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {m}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
-        for name in ("enforce_eager", "async_decode"):
+        for name in ("enforce_eager", "async_decode", "allow_benchmark_predictors"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.policy, str) or not self.policy:

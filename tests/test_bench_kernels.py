@@ -55,8 +55,9 @@ def test_report_has_the_issue_keys_and_sane_numbers(report):
 
 
 def test_rounds_must_be_positive(tmp_path, capsys):
-    assert main(["bench", "kernels", "--model", "llama-tiny", "--rounds", "0", "--json", str(tmp_path / "k.json")]) != 0
-    assert "--rounds" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's error, before any work
+        main(["bench", "kernels", "--model", "llama-tiny", "--rounds", "0", "--json", str(tmp_path / "k.json")])
+    assert e.value.code == 2 and "--rounds" in capsys.readouterr().err
     assert not (tmp_path / "k.json").exists()
 
 

@@ -79,3 +79,38 @@ def test_console_script_entry_point():
     script = Path(sys.executable).parent / "lengthwise"  # installed by [project.scripts]
     result = subprocess.run([str(script), "generate", "--help"], capture_output=True, text=True, check=True)
     assert "--max-tokens" in result.stdout and "--chat" in result.stdout
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["demo", "--threads", "0"], "--threads"),
+    (["bench", "schedule", "--data", "x.jsonl", "--threads", "-1"], "--threads"),
+    (["bench", "schedule", "--data", "x.jsonl", "--request-rate", "0"], "--request-rate"),
+    (["bench", "kernels", "--dtype", "bogus"], "--dtype"),
+    (["bench", "kernels", "--batch", "0"], "--batch"),
+    (["bench", "serve", "--data", "x.jsonl", "--max-output-tokens", "0"], "--max-output-tokens"),
+    (["generate", "--prompt", "x", "--kv-cache-memory", "inf"], "--kv-cache-memory"),
+    (["serve", "m", "--port", "99999"], "--port"),
+    (["serve", "m", "--log-level", "bogus"], "--log-level"),
+    (["predictor", "train", "--kind", "probe", "--data", "x", "--out", "y", "--epochs", "0"], "--epochs"),
+    (["predictor", "record", "--data", "/no/such.jsonl", "--out", "y"], "--data"),
+    (["simulate", "calibrate", "--out", "y.json", "--from-steps", "/no/such.json"], "--from-steps"),
+])
+def test_bad_flag_values_are_argparse_errors_naming_the_flag(capsys, argv, flag):
+    """Before any work, one line naming the flag and exit status 2: not a traceback minutes in."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}" in err and "Traceback" not in err, err
+
+
+def test_output_folders_are_made_before_the_work(tmp_path):
+    from lengthwise.argtypes import output_file
+
+    path = output_file(str(tmp_path / "a" / "b" / "out.json"))
+    assert path.parent.is_dir() and not path.exists()
+
+
+def test_generate_refuses_a_system_message_without_chat(capsys, random_model, monkeypatch):
+    monkeypatch.setenv("LENGTHWISE_CACHE", str(random_model.parent))
+    assert main(["generate", "--prompt", "x", "--system", "be brief"]) == 2
+    assert "--chat" in capsys.readouterr().err

@@ -322,6 +322,15 @@ def test_overload_rejects_with_retry_after_and_loses_nothing(server):
     assert m["lengthwise:num_requests_waiting"] == 0 and m["lengthwise:num_requests_running"] == 0
 
 
+def test_the_oracle_predictor_is_refused_at_start_up(model_dir):
+    """Real traffic carries no true lengths: serving with the oracle must fail before it listens,
+    not stop the engine at its first request."""
+    proc = subprocess.run([sys.executable, "-m", "lengthwise.cli", "serve", str(model_dir), "--port",
+                           str(_free_port()), "--threads", "1", "--length-predictor", "oracle"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "oracle" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def _sigterm_while_posting(proc: subprocess.Popen, base: str, body: dict, running: int) -> tuple[int, dict]:
     """POST `body`, send SIGTERM once `running` requests run, and return the POST's answer."""
     with ThreadPoolExecutor(1) as pool:

@@ -19,6 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from lengthwise.argtypes import input_file, output_file, positive_int
 from lengthwise.bench.schedule import HARD_CAP, parse_policy
 from lengthwise.bench.step_model import StepFeatures, StepModel, step_features
 from lengthwise.bench.workloads import read_alpaca_lengths
@@ -43,16 +46,19 @@ def measure_steps(engine: Any, prompts: list[str], lengths: list[int]) -> tuple[
     for i, (p, n) in enumerate(zip(prompts, lengths, strict=True)):
         engine.add_request(p, params, request_id=str(i), eos_after=n)
     features, seconds = [], []
+    bar = tqdm(total=len(prompts), desc="calibrating", unit="req", dynamic_ncols=True)
     try:
         while engine.has_unfinished_requests():
             t0 = time.perf_counter()
-            engine.step()
+            finished = sum(r.finished for r in engine.step())
             dt = time.perf_counter() - t0
+            bar.update(finished)
             if len(planned) > WARMUP_STEPS and planned[-1].rows + planned[-1].prefill_tokens > 0:
                 features.append(planned[-1])
                 seconds.append(dt)
     finally:
         engine.scheduler.schedule = schedule
+        bar.close()
     for rid in list(engine.requests):
         engine.requests.pop(rid)
     return features, seconds
@@ -117,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama-100m", help="checkpoint directory or preset (default llama-100m)")
     p.add_argument("--data", type=Path, default=None, help="alpaca-lengths JSONL (e.g. dev.jsonl); required "
                    "unless --from-steps")
-    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--num-requests", type=positive_int, default=64)
     p.add_argument("--policy", action="append", help="policies to measure under (default: continuous and "
                    "static:batch_size=8)")
     p.add_argument("--repeats", type=int, default=2, help="serve the workload this many times per policy (default 2): "
@@ -125,11 +131,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-split", action="store_true", help="one set of coefficients for every step (by default "
                    "the steps that leave the fused CPU decode forward get their own)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens (as bench schedule)")
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--out", required=True, type=Path, help="JSON file to write the step model to")
-    p.add_argument("--from-steps", type=Path, default=None, help="fit to the steps a --save-steps file holds "
+    p.add_argument("--out", required=True, type=output_file, help="JSON file to write the step model to")
+    p.add_argument("--from-steps", type=input_file, default=None, help="fit to the steps a --save-steps file holds "
                    "instead of running the engine")
     p.add_argument("--save-steps", type=Path, default=None, help="also write every measured step (features and "
                    "seconds) to this JSONL file")

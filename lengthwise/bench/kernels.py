@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from lengthwise.argtypes import output_file, positive_int
+
 B1_CONTEXT = 256      # cached tokens per row in the per-kernel attention timings
 DECODE_TOKENS = 128   # tokens the engine decodes per request in the whole-step timings
 PROMPT_TOKENS = 64
@@ -53,18 +55,19 @@ def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-100m", help="checkpoint directory or preset (default llama-100m)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default float32)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on the CPU")
-    p.add_argument("--batch", type=int, default=64, help="the large decode batch (default 64)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="float32 or bfloat16 (default float32)")
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="torch threads on the CPU")
+    p.add_argument("--batch", type=positive_int, default=64, help="the large decode batch (default 64)")
     p.add_argument("--compare-transformers", action="store_true",
                    help="also time transformers' eager generate at batch 1")
     p.add_argument("--check", action="store_true",
                    help="logits vs transformers and greedy tokens vs the torch reference kernels")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--rounds", type=positive_int, default=3,
                    help="large-batch rounds, each against the matmul rate measured beside it; the median "
                         "round is reported (default 3)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (an A/B run)")
-    p.add_argument("--json", default="kernels.json", help="JSON report path (default kernels.json)")
+    p.add_argument("--json", type=output_file, default="kernels.json", help="JSON report path (default kernels.json)")
     p.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     p.set_defaults(func=main)
 
@@ -524,7 +527,8 @@ def format_report(r: dict[str, Any]) -> str:
               *([f"decode batch 1 without async decode: {r['decode_b1_sync_ms']:.3f} ms; with it, "
                  f"{r['b1_steps_used_as_launched']} of {r['b1_steps_launched_ahead']} steps launched ahead were used"]
                 if "decode_b1_sync_ms" in r else []),
-              f"decode batch 1 forward alone (graph replay on a GPU): {r['forward_b1_ms']:.3f} ms = "
+              f"decode batch 1 forward alone{'' if str(r['device']).startswith('cpu') else ' (graph replay)'}: "
+              f"{r['forward_b1_ms']:.3f} ms = "
               f"{r['roofline_fraction_forward_b1']:.1%} of the roofline",
               f"decode batch {r['b64_batch']} (engine, per step): {r['b64_step_ms']:.2f} ms = {r['b64_gflops']:.0f} "
               f"GFLOP/s = {r['b64_fraction_of_matmul_peak']:.1%} of the matmul rate (median round; rounds: "

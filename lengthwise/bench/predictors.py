@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from lengthwise.argtypes import positive_int
 from lengthwise.bench.report import pyplot
 
 COLUMNS = [("mae", "MAE", "{:.1f}"), ("acc50", "Acc-50", "{:.1%}"), ("acc100", "Acc-100", "{:.1%}"),
@@ -35,7 +36,7 @@ def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tau-target", default=None, help="also report Kendall tau against this field (e.g. t0.0)")
     p.add_argument("--readouts", action="store_true", help="also evaluate each readout of proxy/probe heads")
     p.add_argument("--out-dir", type=Path, default=Path("bench-predictors"))
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--no-latency", action="store_true")
     p.set_defaults(func=cmd_predictors)
 

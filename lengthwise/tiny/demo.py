@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from lengthwise.argtypes import positive_int
 from lengthwise.tiny import tasks
 
 WORKLOAD_SEED = 4242  # training uses seeds 0 (stage 1), 1000 and 1001 (stage 2's rounds) and 2000 (probe)
@@ -54,7 +55,7 @@ def perception(model_dir: Path, instructions: list[str], kinds: tuple[str, ...] 
         if kind == "probe" and not (model_dir / "probe").is_dir():
             raise ValueError(f"{model_dir} has no probe/ directory: train-tiny writes one beside the weights")
         llm = LLM(model_dir, dtype="float32", device="cpu", length_predictor=spec)
-        outs = llm.chat([[{"role": "user", "content": i}] for i in instructions], params, use_tqdm=False)
+        outs = llm.chat([[{"role": "user", "content": i}] for i in instructions], params, use_tqdm=True)
         actual = [len(o.outputs[0].token_ids) for o in outs]
         predicted = [float(o.predicted_length) for o in outs]
         m = length_metrics(predicted, actual)
@@ -81,8 +82,15 @@ def run_demo(model_dir: Path, num_requests: int, out_dir: Path, policies: list[s
     from lengthwise.bench.schedule import format_row, format_table, parse_policy, plot, run_policy
     from lengthwise.config import EngineConfig
     from lengthwise.model import load_model
+    from lengthwise.predict import is_self_spec, make_predictor
+    from lengthwise.sched import make_policy
     from lengthwise.tokenizer import Tokenizer
 
+    specs = [parse_policy(text) for text in policies]
+    for spec in specs:  # a typo fails now, not after the minutes of the perception part
+        make_policy(spec.name, spec.options)
+        if not is_self_spec(spec.predictor or predictor):
+            make_predictor(spec.predictor or predictor)
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = held_out_instructions(num_requests)
     instructions = [e.instruction for e in examples]
@@ -101,8 +109,7 @@ def run_demo(model_dir: Path, num_requests: int, out_dir: Path, policies: list[s
     tokenizer = Tokenizer(model_dir)
     prompts = [tokenizer.encode_chat([{"role": "user", "content": i}]) for i in instructions]
     results = []
-    for text in policies:
-        spec = parse_policy(text)
+    for spec in specs:
         config = EngineConfig(dtype="float32", device="cpu", policy=spec.name, policy_options=spec.options,
                               length_predictor=spec.predictor or predictor)
         rec = run_policy(model, tokenizer, config, prompts, None, [0.0] * len(prompts), spec)
@@ -126,12 +133,12 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="the showcase: length perception and scheduling on the built-in model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="checkpoint directory (default: the built-in model)")
-    p.add_argument("--num-requests", type=int, default=512)
+    p.add_argument("--num-requests", type=positive_int, default=512)
     p.add_argument("--policy", action="append", default=None,
                    help=f"a policy run (repeat); default: {' '.join(DEMO_POLICIES)}")
     p.add_argument("--predictor", default="self", help="the predictor the policies schedule on (default: self)")
     p.add_argument("--out-dir", type=Path, default=Path("demo-out"))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.set_defaults(func=_main)
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lengthwise.argtypes import positive_int
 from lengthwise.predict.self_predict import QUERY
 from lengthwise.predict.training import warmup_cosine
 from lengthwise.tiny import tasks
@@ -707,7 +708,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", type=Path, default=None, help="--evaluate: also write the report as JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="a minute-long smoke run of the recipe (a tiny model)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field of the recipe (TinyConfig), e.g. --set lr=0.002; repeatable")

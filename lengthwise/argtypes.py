@@ -1,0 +1,78 @@
+"""argparse value types shared by the CLI's commands: a bad value becomes argparse's one-line
+error naming the flag (exit status 2), never a traceback from deep inside the work."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def _checked(text: str, cast: Callable[[str], T], what: str, ok: Callable[[T], bool]) -> T:
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (thread counts, batch sizes, request counts)."""
+    return _checked(text, int, "a positive integer", lambda v: v >= 1)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (rates, learning rates, epochs)."""
+    return _checked(text, float, "a positive number", lambda v: math.isfinite(v) and v > 0)
+
+
+def port(text: str) -> int:
+    """A TCP port, 1 to 65535."""
+    return _checked(text, int, "a port number (1-65535)", lambda v: 1 <= v <= 65535)
+
+
+def kv_memory(text: str) -> int | float:
+    """`--kv-cache-memory`: bytes (`4000000000`, `4GiB`, `512MiB`) or a fraction of free memory (`0.5`)."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    t = text.strip().lower()
+    scale = 1
+    for suffix, unit in units.items():
+        if t.endswith(suffix):
+            t, scale = t[: -len(suffix)], unit
+            break
+    try:
+        value = float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be bytes (e.g. 4GiB) or a fraction of free memory (e.g. 0.5), "
+                                         f"got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite size, got {text!r}")
+    if scale > 1:
+        return int(value * scale)
+    return value if "." in t else int(value)
+
+
+def input_file(text: str) -> Path:
+    """A file that must exist now, not be found missing after minutes of work."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+def output_file(text: str) -> Path:
+    """A file to write at the end: its folder is made now, so a long run cannot fail at its last line."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot create the folder of {text}: {e}") from None
+    return path
