@@ -98,6 +98,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                            use_tqdm=len(args.prompt) > 1)
     else:
         outputs = llm.generate(args.prompt, params, use_tqdm=len(args.prompt) > 1)
+    fallbacks = llm.engine.length.stats.num_fallbacks
+    if fallbacks:  # `self` on a model never taught the length question: say that the number is a stand-in
+        print(f"[lengthwise] the model gave no usable length for {fallbacks} of its length queries; those "
+              f"predictions are the fallback predictor's", file=sys.stderr)
     for i, out in enumerate(outputs):
         if out.predicted_length is not None:
             actual = max(len(c.token_ids) for c in out.outputs)

@@ -114,3 +114,11 @@ def test_generate_refuses_a_system_message_without_chat(capsys, random_model, mo
     monkeypatch.setenv("LENGTHWISE_CACHE", str(random_model.parent))
     assert main(["generate", "--prompt", "x", "--system", "be brief"]) == 2
     assert "--chat" in capsys.readouterr().err
+
+
+@requires_stories
+def test_generate_says_when_self_prediction_fell_back(capsys):
+    """stories260k was never taught the length question: its 'prediction' is the fallback's constant."""
+    assert main(["generate", str(STORIES), "--prompt", "Once", "--length-predictor", "self", "--max-tokens", "4",
+                 "--device", "cpu"]) == 0
+    assert "no usable length for 1 of its length queries" in capsys.readouterr().err
