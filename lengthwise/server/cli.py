@@ -108,6 +108,12 @@ def run(args: argparse.Namespace) -> int:
             if isinstance(captured, list):
                 captured[:] = [s for s in captured if s != signal.SIGTERM]
 
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # listening now (a port in use never gets here)
+                print(f"[lengthwise] serving {state.model_name!r} on http://{args.host}:{args.port}/v1",
+                      file=sys.stderr, flush=True)
+
         async def shutdown(self, sockets: Any = None) -> None:
             # The grace runs on our clock: at its end the engine aborts what is left, so each open
             # response still ends properly (finish_reason "abort", `data: [DONE]`); uvicorn's own
@@ -120,7 +126,5 @@ def run(args: argparse.Namespace) -> int:
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=grace + FLUSH_S)  # type: ignore[arg-type]
-    print(f"[lengthwise] serving {state.model_name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr,
-          flush=True)
     Server(config).run()
     return 0
