@@ -62,6 +62,7 @@ class Request:
     arrival_time: float
     max_tokens: int                      # params.max_tokens clipped to the model's context
     prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None  # the conversation, when a chat template rendered the prompt
     predicted_length: float | None = None  # filled by a length predictor, read by policies
     prediction: Any = None               # the full LengthPrediction (distribution, quantiles), if any
     status: RequestStatus = RequestStatus.WAITING

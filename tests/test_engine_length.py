@@ -83,6 +83,34 @@ def test_self_predictor_asks_the_model_and_counts_fallbacks(random_model):
         assert o.predicted_length == expected
 
 
+def test_self_predictor_asks_a_chat_request_inside_its_own_conversation(random_model, tmp_path):
+    """The paper puts its question in the user's turn. A chat request's prompt is already a
+    template rendering; with role markers in plain text (Vicuna's "USER:"), wrapping that text in
+    the template again would ask "USER: USER: ...". The question is appended to the last user
+    message instead, for LLM.chat and the server alike."""
+    import shutil
+
+    from lengthwise.predict.self_predict import QUERY
+
+    d = tmp_path / "vicuna"
+    shutil.copytree(random_model, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} "
+                            "{% else %}ASSISTANT: {{ m['content'] }} {% endif %}{% endfor %}ASSISTANT:")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    llm = LLM(d, dtype="float32", device="cpu", length_predictor="self-greedy")
+    predictor = llm.engine.length.predictor
+    asked = []
+    original = predictor.query_prompt
+    predictor.query_prompt = lambda q: asked.append(llm.tokenizer.decode(original(q))) or original(q)
+    conversation = [{"role": "user", "content": "name a river"}, {"role": "assistant", "content": "the Nile"},
+                    {"role": "user", "content": "and another"}]
+    llm.chat(conversation, PARAMS, use_tqdm=False)
+    want = llm.tokenizer.apply_chat_template([*conversation[:2], {"role": "user", "content": "and another" + QUERY}])
+    assert asked == [llm.tokenizer.decode(llm.tokenizer.encode(want, add_special_tokens=False))]
+    assert asked[0].count("USER:") == 2  # the conversation's two turns, not a third around them
+
+
 @requires_stories
 def test_self_predictor_on_a_real_model_falls_back_and_counts():
     # stories260k writes stories, not numbers: every answer is unparsable and falls back.

@@ -177,12 +177,12 @@ class AsyncEngine:
     # -- requests ----------------------------------------------------------------------------------
 
     async def add(self, prompt: str | Sequence[int], params: SamplingParams,
-                  request_id: str | None = None) -> RequestStream:
+                  request_id: str | None = None, messages: list[dict[str, Any]] | None = None) -> RequestStream:
         """Add a request; returns its `RequestStream` once the engine has accepted it. Raises
         `ValueError` (a bad request), `QueueFull` or `EngineStopped` if it is not accepted."""
         rid = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        await asyncio.wrap_future(self._call(lambda: self._add(rid, prompt, params, stream)))
+        await asyncio.wrap_future(self._call(lambda: self._add(rid, prompt, params, stream, messages)))
         return RequestStream(self, rid, stream.queue)
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
@@ -220,13 +220,15 @@ class AsyncEngine:
         self._wake.set()
         return fut
 
-    def _add(self, rid: str, prompt: str | Sequence[int], params: SamplingParams, stream: _Stream) -> None:
+    def _add(self, rid: str, prompt: str | Sequence[int], params: SamplingParams, stream: _Stream,
+             messages: list[dict[str, Any]] | None = None) -> None:
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
         waiting = len(self.engine.length.pending) + self.engine.scheduler.num_waiting
         if self.max_waiting is not None and waiting >= self.max_waiting:
             raise QueueFull(f"{waiting} requests are waiting (the bound is {self.max_waiting})")
-        self.engine.add_request(prompt if isinstance(prompt, str) else list(prompt), params, request_id=rid)
+        self.engine.add_request(prompt if isinstance(prompt, str) else list(prompt), params, request_id=rid,
+                                messages=messages)
         stream.sent_text = [0] * params.n
         stream.sent_tokens = [0] * params.n
         self._streams[rid] = stream

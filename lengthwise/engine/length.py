@@ -51,7 +51,8 @@ class LengthPerception:
         if text is None and self.engine.tokenizer is not None:
             text = self.engine.tokenizer.decode(request.prompt_ids, skip_special_tokens=True)
         return LengthQuery(prompt=text or "", prompt_ids=request.prompt_ids, features=features,
-                           true_length=self.true_lengths.get(request.request_id), request_id=request.request_id)
+                           true_length=self.true_lengths.get(request.request_id), request_id=request.request_id,
+                           messages=request.messages)
 
     def predict_pending(self) -> list[Request]:
         """Predict every queued request in one batch; returns them, ready for the scheduler."""

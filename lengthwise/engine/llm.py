@@ -81,7 +81,8 @@ class LLM:
                              f"{type(sampling_params).__name__}")
         inputs = [_prompt_input(p, i) for i, p in enumerate(prompts)]
         true_lengths = [p.get("true_length") if isinstance(p, dict) else None for p in prompts]
-        outputs = run_to_completion(self.engine, [ids for ids, _ in inputs], params, use_tqdm, true_lengths)
+        outputs = run_to_completion(self.engine, [ids for ids, _ in inputs], params, use_tqdm, true_lengths,
+                                    [p.get("messages") if isinstance(p, dict) else None for p in prompts])
         for out, (_, text) in zip(outputs, inputs, strict=True):
             if out.prompt is None:
                 out.prompt = text
@@ -99,21 +100,24 @@ class LLM:
         conversations = messages if isinstance(messages[0], list) else [messages]
         prompts = []
         for c in conversations:
-            text = self.tokenizer.apply_chat_template(chat_messages(c), add_generation_prompt)
+            messages = chat_messages(c)
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
             # The template places BOS itself: encoded without special tokens, as encode_chat does.
             prompts.append({"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False),
-                            "prompt": text})
+                            "prompt": text, "messages": messages})
         return self.generate(prompts, sampling_params, use_tqdm)
 
 def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params: list[SamplingParams],
-                      use_tqdm: bool = False, true_lengths: list[float | None] | None = None) -> list[RequestOutput]:
+                      use_tqdm: bool | Callable[..., Any] = False, true_lengths: list[float | None] | None = None,
+                      messages: list[list[dict[str, Any]] | None] | None = None) -> list[RequestOutput]:
     """Queue every prompt on `engine`, step until all are finished, return their outputs in order.
     If anything fails midway (a bad prompt, an interrupt), the requests already queued are aborted."""
     ids: list[str] = []
     try:
         for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
             hint = None if true_lengths is None else true_lengths[i]
-            ids.append(engine.add_request(prompt, sp, true_length=hint).request_id)
+            ids.append(engine.add_request(prompt, sp, true_length=hint,
+                                          messages=None if messages is None else messages[i]).request_id)
     except BaseException:
         for rid in ids:  # nothing half-submitted stays queued
             engine.abort_request(rid)
@@ -154,7 +158,7 @@ def _as_prompt_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:
     return prompts
 
 
-_PROMPT_KEYS = {"prompt", "prompt_token_ids", "true_length"}
+_PROMPT_KEYS = {"prompt", "prompt_token_ids", "true_length", "messages"}
 
 
 def _prompt_input(prompt: PromptType, index: int) -> tuple[str | list[int], str | None]:

@@ -117,13 +117,15 @@ class LLMEngine:
 
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None,
-                    true_length: float | None = None, eos_after: int | None = None) -> Request:
+                    true_length: float | None = None, eos_after: int | None = None,
+                    messages: list[dict[str, Any]] | None = None) -> Request:
         """Tokenize (if text), validate and queue a request; returns its state.
 
         For benchmarks only: `true_length` is what the `oracle` predictor returns; `eos_after`
         ends each sample after exactly that many tokens, as if the model had emitted its end
         token there, so a workload's recorded lengths are reproduced without the scheduler or
-        the policy seeing them (unlike `max_tokens`, which they read).
+        the policy seeing them (unlike `max_tokens`, which they read). `messages`: the conversation
+        a chat template rendered into `prompt` (the `self` predictor asks inside it).
         """
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
@@ -163,7 +165,7 @@ class LLMEngine:
                              f"n={params.n} x max_tokens={max_tokens}) but the cache has {self.num_blocks}; "
                              f"raise kv_cache_memory or lower max_tokens or n")
         request = Request(request_id, prompt_ids, params, time.monotonic() if arrival_time is None else arrival_time,
-                          max_tokens, prompt=text)
+                          max_tokens, prompt=text, messages=messages)
         for seq in request.seqs:
             self._init_sequence(seq)
         self.requests[request_id] = request

@@ -32,6 +32,7 @@ class LengthQuery:
     caller knows the bare `instruction` and `input` (dataset records do), text predictors embed
     those instead of the fixed template. `features` is the served model's hidden state at the end
     of prefill (the probe's input); `true_length` is known only to benchmarks (the oracle).
+`messages` is the conversation a chat template rendered into `prompt` (chat requests only).
     """
 
     prompt: str = ""
@@ -40,6 +41,7 @@ class LengthQuery:
     prompt_ids: Sequence[int] | None = None
     features: Sequence[float] | None = None
     true_length: float | None = None
+    messages: Sequence[dict[str, Any]] | None = None  # the conversation, for chat requests
     request_id: str | None = None
 
 

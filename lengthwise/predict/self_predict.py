@@ -1,14 +1,16 @@
 """`self`: Perception in Advance. The served model is asked for its own response length.
 
 The first paper appends a query to the user's instruction and lets the model answer with a
-number. We send the request's prompt followed by the paper's query, through the model's chat
-template when it has one, and read the answer one of two ways:
+number. We send the request's prompt followed by the paper's query in the user's turn (a chat
+request's last user message; a plain prompt through the model's chat template when it has one),
+and read the answer one of two ways:
 
 - `"median"` (the default, spec `"self"`): the model's distribution over its answers. The most
   likely first tokens (up to `TOP_FIRST_TOKENS`, each at least `MIN_FIRST_TOKEN_PROB` likely) are
   each completed greedily and parsed; the prediction is the median of those numbers weighted by
   their first token's probability, each number spread evenly over the lengths that round to it
-  (`rounding`, 10 as the paper trains). The median is the point estimate with the least expected
+  (`rounding`, 10: the built-in model answers its length rounded to 10; the paper
+  trained on L_max rounded up to 50). The median is the point estimate with the least expected
   absolute error, and a model torn between "20" and "30" is best read as about 25, which greedy
   decoding cannot say. On the built-in model (run 38) it errs 13.8%, 12.6% and 14.2% of the mean
   length on three held-out sets against greedy's 14.9%, 13.4% and 14.3% (run 33: 13.4%, 13.4%,
@@ -121,7 +123,17 @@ class SelfPredictor(LengthPredictor):
         self.last_answers: list[str] = []
 
     def query_prompt(self, q: LengthQuery) -> str | list[int]:
+        """The paper's question after the request's instruction, in the user's turn: for a chat
+        request, appended to its last user message and rendered by the template (never a chat
+        rendering wrapped in a second one); otherwise the prompt text, in one user turn when the
+        model has a template."""
         tok = self.asker.tokenizer
+        if q.messages and tok is not None and tok.chat_template:
+            messages = [dict(m) for m in q.messages]
+            last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+            if last is not None:
+                messages[last]["content"] = str(messages[last].get("content") or "") + QUERY
+                return tok.encode_chat(messages, add_generation_prompt=True)
         text = q.prompt or (tok.decode(list(q.prompt_ids or []), skip_special_tokens=True) if tok else "")
         if tok is not None and tok.chat_template:
             return tok.encode_chat([{"role": "user", "content": text + QUERY}], add_generation_prompt=True)

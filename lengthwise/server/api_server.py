@@ -157,7 +157,7 @@ def build_app(state: ServerState) -> FastAPI:
         max_tokens = asked if asked is not None else state.max_model_len - len(ids)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, max_tokens, logprobs, state.defaults)
-        return await respond(request, req, [ids], params, chat=True)
+        return await respond(request, req, [ids], params, chat=True, messages=messages)
 
     def check_model(name: str) -> None:
         if name != state.model_name:  # 404, as OpenAI and vLLM answer (the client raises NotFoundError)
@@ -174,12 +174,12 @@ def build_app(state: ServerState) -> FastAPI:
                            f"the completion): lower {param}", param)
 
     async def respond(request: Request, req: Any, prompts: list[list[int]], params: SamplingParams,
-                      chat: bool) -> Response:
+                      chat: bool, messages: list[dict[str, Any]] | None = None) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
         try:
             for k, ids in enumerate(prompts):
-                streams.append(await _accept(state.engine, ids, params, f"{rid}-{k}"))
+                streams.append(await _accept(state.engine, ids, params, f"{rid}-{k}", messages))
         except BaseException:
             for stream in streams:  # the prompts accepted before the refusal: abort them
                 stream.close()
@@ -223,10 +223,11 @@ def _completion_prompts(prompt: Any, tokenizer: Tokenizer) -> list[list[int]]:
     return out
 
 
-async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams, rid: str) -> RequestStream:
+async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams, rid: str,
+                  messages: list[dict[str, Any]] | None = None) -> RequestStream:
     """Add a request; the engine's refusal becomes an `ApiError`."""
     try:
-        return await engine.add(ids, params, rid)
+        return await engine.add(ids, params, rid, messages)
     except QueueFull as e:
         raise ApiError(429, f"the server is busy: {e}; retry later", type_="rate_limit_error",
                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
