@@ -44,10 +44,16 @@ def test_bench_schedule_reproduces_lengths_and_sorting_cuts_padding(random_model
     assert (out / "schedule.png").is_file() and "| static" in (out / "schedule.md").read_text()
 
 
-def test_static_pad_computes_the_finished_rows_without_changing_any_output(random_model):
-    """`static:pad=true` is the papers' vanilla executor: a finished row keeps being computed until
-    its batch ends. The padding rows really run through the model (the forward sees them), yet
-    every real row's tokens are those of the unpadded run."""
+@pytest.mark.parametrize("policy, options", [
+    ("static", {"batch_size": 4}),
+    ("sequence", {"vbs": False, "vbs_fixed": 4, "fcr": None}),  # one batch of the four, run to its end
+    ("multibin", {"bins": 1, "batch_size": 4}),
+])
+def test_pad_computes_the_finished_rows_without_changing_any_output(random_model, policy, options):
+    """`pad=true` is the papers' executor: a finished row keeps being computed until its batch
+    ends (the paper's 1.86x compares sequence and static both so). The padding rows really run
+    through the model (the forward sees them), yet every real row's tokens are those of the
+    unpadded run."""
     from lengthwise import SamplingParams
     from lengthwise.config import EngineConfig
     from lengthwise.engine.llm_engine import LLMEngine
@@ -60,7 +66,7 @@ def test_static_pad_computes_the_finished_rows_without_changing_any_output(rando
 
     def serve(pad: bool):
         engine = LLMEngine(model, Tokenizer(random_model), EngineConfig(
-            policy="static", policy_options={"batch_size": 4, "pad": pad}))
+            policy=policy, policy_options={**options, "pad": pad}))
         fed: list[int] = []
         forward = model.forward
 

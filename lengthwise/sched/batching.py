@@ -37,9 +37,17 @@ def predicted(request: Request) -> float:
 
 
 class BatchPolicy(SchedulingPolicy):
-    """Serves formed batches one after another. Subclasses fill `self.ready` via `form_batches`."""
+    """Serves formed batches one after another. Subclasses fill `self.ready` via `form_batches`.
 
-    def __init__(self) -> None:
+    By default a finished row stops costing compute (its place in the batch is only counted, in
+    `rows`). With `pad=True` the executor keeps computing it as a padding row until the batch
+    ends, as transformers' `generate` and the papers' executors do: the first paper's 1.86x is
+    sequence scheduling against static batching, both on such an executor."""
+
+    def __init__(self, pad: bool = False) -> None:
+        if not isinstance(pad, bool):
+            raise ValueError(f"pad must be true or false, got {pad!r}")
+        self.pad = pad
         self.ready: deque[tuple[list[Request], int | None]] = deque()  # (members, cap) in release order
         self.batch: list[Request] = []        # the batch being served
         self.batch_cap: int | None = None
@@ -127,32 +135,24 @@ class BatchPolicy(SchedulingPolicy):
             return num_running_seqs
         return max(num_running_seqs, sum(r.params.n for r in self.batch))
 
+    def padding_rows(self, num_running_seqs: int) -> int:
+        return self.rows(num_running_seqs) - num_running_seqs if self.pad else 0
+
     def __len__(self) -> int:
         return self.queued() + len(self.pending) + sum(len(m) for m, _ in self.ready)
 
 
 class StaticPolicy(BatchPolicy):
     """The papers' vanilla static batching: FCFS batches of `batch_size` requests, each run until
-    its last row ends; nothing joins a running batch.
-
-    By default a finished row stops costing compute (its place in the batch is only counted, in
-    `rows`). With `pad=True` the executor keeps computing it as a padding row until the batch
-    ends, as transformers' `generate` and the papers' vanilla executors do: the baseline the first
-    paper's 1.86x was measured against."""
+    its last row ends; nothing joins a running batch. `pad`: see `BatchPolicy`."""
 
     name = "static"
 
     def __init__(self, *, batch_size: int = 16, pad: bool = False) -> None:
-        super().__init__()
+        super().__init__(pad)
         _positive("batch_size", batch_size)
-        if not isinstance(pad, bool):
-            raise ValueError(f"pad must be true or false, got {pad!r}")
         self.batch_size = batch_size
-        self.pad = pad
         self.queue: deque[Request] = deque()
-
-    def padding_rows(self, num_running_seqs: int) -> int:
-        return self.rows(num_running_seqs) - num_running_seqs if self.pad else 0
 
     def add(self, request: Request) -> None:
         self.queue.append(request)
@@ -186,15 +186,16 @@ class SequencePolicy(BatchPolicy):
     leftover smaller than half its batch size merges into the next bucket. With `fcr` ("recompute"
     or "continue") a batch's length is capped at its largest bucket; rows that reach it are
     collected and, once the window is served, run in failure batches with no cap. `fcr=None` runs
-    every batch to `max_tokens`.
+    every batch to `max_tokens`. `pad`: see `BatchPolicy` (the paper's executor, for a like-for-like
+    comparison with `static:pad=true`).
     """
 
     name = "sequence"
 
     def __init__(self, *, window: int = 256, batch_size: int = 256, vbs: bool = True, fcr: str | None = "recompute",
                  bucket: int = 50, vbs_fixed: int = 16, bucket_growth: float | None = None,
-                 merge: bool = True) -> None:
-        super().__init__()
+                 merge: bool = True, pad: bool = False) -> None:
+        super().__init__(pad)
         for name, value in (("window", window), ("batch_size", batch_size), ("bucket", bucket),
                             ("vbs_fixed", vbs_fixed)):
             _positive(name, value)
@@ -299,14 +300,14 @@ class MultiBinPolicy(BatchPolicy):
     the last `edge_window` predictions, recomputed as they arrive. A bin releases a batch of
     `batch_size` when it fills; it also releases what it has when its oldest request has waited
     `max_wait` seconds, and when nothing else would run (work conserving). Released batches are
-    served in the order they were formed.
+    served in the order they were formed. `pad`: see `BatchPolicy`.
     """
 
     name = "multibin"
 
     def __init__(self, *, bins: int = 4, batch_size: int = 16, max_wait: float | None = None,
-                 edges: Sequence[float] | None = None, edge_window: int = 1000) -> None:
-        super().__init__()
+                 edges: Sequence[float] | None = None, edge_window: int = 1000, pad: bool = False) -> None:
+        super().__init__(pad)
         _positive("bins", bins)
         _positive("batch_size", batch_size)
         _positive("edge_window", edge_window)
