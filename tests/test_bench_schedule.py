@@ -18,6 +18,9 @@ def test_parse_policy_specs():
     assert spec.options == {"bucket": 10} and spec.predictor == "oracle" and spec.label.endswith("@oracle")
     with pytest.raises(ValueError, match="key=value"):
         parse_policy("static:16")
+    # A JSON list keeps its commas: the paper's fixed multi-bin edges can be given.
+    spec = parse_policy("multibin:bins=4,edges=[30,93,168],batch_size=16")
+    assert spec.options == {"bins": 4, "edges": [30, 93, 168], "batch_size": 16}
 
 
 def test_bench_schedule_reproduces_lengths_and_sorting_cuts_padding(random_model, tmp_path):

@@ -159,3 +159,10 @@ def test_every_policy_gives_the_same_greedy_outputs_through_the_engine(random_mo
     else:
         assert collected == 0
     assert llm.engine.stats.row_steps >= sum(len(o.outputs[0].token_ids) for o in outs)
+
+
+def test_parse_length_reads_the_number_of_tokens():
+    """An untuned model's answer may carry other numbers; the one that counts tokens wins."""
+    assert parse_length("120") == 120 and parse_length("about 1,200 Tokens.") == 1200
+    assert parse_length("2 sentences, ~40 tokens") == 40 and parse_length("1. 50 tokens") == 50
+    assert parse_length("no idea") is None

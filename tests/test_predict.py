@@ -231,6 +231,8 @@ def test_metrics_match_brute_force_definitions():
     assert m["acc50"] == pytest.approx((err <= 50).mean()) and m["acc100"] == pytest.approx((err <= 100).mean())
     assert bin_accuracy(true, true, 8) == 1.0
     assert bin_accuracy([1.0, 100.0], [100.0, 1.0], 2) == 0.0
+    # On an edge (15, the median of the truths): the lower bin, as the multibin policy bins it.
+    assert bin_accuracy([15.0, 10.0, 20.0, 20.0], [10.0, 10.0, 20.0, 20.0], 2) == 1.0
 
 
 def test_head_readouts_find_the_median_of_a_point_mass():

@@ -57,7 +57,7 @@ def parse_policy(text: str) -> PolicySpec:
     text, _, predictor = text.partition("@")
     name, _, rest = text.partition(":")
     options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, _split_options(rest)):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--policy {text!r}: option {item!r} is not key=value")
@@ -66,6 +66,19 @@ def parse_policy(text: str) -> PolicySpec:
         except json.JSONDecodeError:
             options[key] = value
     return PolicySpec(name, options, predictor or None)
+
+
+def _split_options(text: str) -> list[str]:
+    """`a=1,b=[2,3]` -> `["a=1", "b=[2,3]"]`: commas inside brackets belong to a JSON value."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
 
 
 def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:

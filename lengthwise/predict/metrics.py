@@ -41,10 +41,11 @@ def equal_mass_edges(lengths: Sequence[float], k: int) -> list[float]:
 
 
 def bin_accuracy(predicted: Sequence[float], true: Sequence[float], k: int) -> float:
-    """Share of requests whose prediction falls in the same of k equal-mass bins as the truth."""
+    """Share of requests whose prediction falls in the same of k equal-mass bins as the truth.
+    Bins are `(lo, hi]`, as the multibin policy bins requests (a value on an edge is in the lower bin)."""
     edges = equal_mass_edges(true, k)
-    return float(np.mean(np.searchsorted(edges, predicted, side="right")
-                         == np.searchsorted(edges, true, side="right")))
+    return float(np.mean(np.searchsorted(edges, predicted, side="left")
+                         == np.searchsorted(edges, true, side="left")))
 
 
 def length_metrics(predicted: Sequence[float], true: Sequence[float]) -> dict[str, float]:

@@ -16,7 +16,7 @@ and read the answer one of two ways:
   length on three held-out sets against greedy's 14.9%, 13.4% and 14.3% (run 33: 13.4%, 13.4%,
   15.3% against 16.3%, 14.2%, 16.8%; docs/benchmarks.md).
 - `"greedy"` (spec `"self-greedy"`): the paper's reading, greedy decoding for at most 8 tokens
-  and the first integer in the answer.
+  and the number in the answer (`parse_length`: the one followed by "tokens", else the first).
 
 An answer without a number falls back to another predictor (default: a constant) and is counted.
 The paper LoRA-tunes the model to answer well; that step is out of scope for served checkpoints
@@ -43,12 +43,15 @@ READS = ("median", "greedy")
 TOP_FIRST_TOKENS = 10
 MIN_FIRST_TOKEN_PROB = 0.01
 _NUMBER = re.compile(r"\d+")
+_TOKENS = re.compile(r"(\d+)\s*tokens?\b", re.IGNORECASE)
 
 
 def parse_length(text: str) -> int | None:
-    """The first integer in the model's answer, or None."""
-    m = _NUMBER.search(text.replace(",", ""))
-    return int(m.group()) if m else None
+    """The number of tokens in the model's answer: the number that says "tokens" if one does
+    ("2 sentences, about 40 tokens" is 40, not 2), else the first integer; None without one."""
+    text = text.replace(",", "")
+    m = _TOKENS.search(text) or _NUMBER.search(text)
+    return int(m.group(1) if m.re is _TOKENS else m.group()) if m else None
 
 
 def binned_median(values: Sequence[float], weights: Sequence[float], width: float) -> float:
