@@ -322,6 +322,23 @@ def test_overload_rejects_with_retry_after_and_loses_nothing(server):
     assert m["lengthwise:num_requests_waiting"] == 0 and m["lengthwise:num_requests_running"] == 0
 
 
+def test_generation_config_caps_the_default_chat_length(model_dir, tmp_path):
+    """As vLLM: without max_tokens a chat may use the rest of the context, but no more than the
+    checkpoint's max_new_tokens (and its repetition_penalty is the default too)."""
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    path = d / "generation_config.json"
+    gen = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**gen, "max_new_tokens": 5}))
+    proc, base = _start(d)
+    try:
+        body = {"model": NAME, "messages": [{"role": "user", "content": "Once upon a time"}], "ignore_eos": True}
+        status, r = _post(base, "/v1/chat/completions", body, None)
+        assert status == 200 and r["usage"]["completion_tokens"] == 5, r
+    finally:
+        _stop(proc)
+
+
 def test_the_oracle_predictor_is_refused_at_start_up(model_dir):
     """Real traffic carries no true lengths: serving with the oracle must fail before it listens,
     not stop the engine at its first request."""

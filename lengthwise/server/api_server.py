@@ -52,6 +52,7 @@ class ServerState:
     metrics: ServerMetrics
     api_key: str | None = None
     grace_s: float = 30.0
+    default_max_tokens: int | None = None  # generation_config.json's max_new_tokens: caps chat's default
     created: int = 0
 
 
@@ -154,7 +155,8 @@ def build_app(state: ServerState) -> FastAPI:
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         check_length(len(ids), asked, "messages", param)
-        max_tokens = asked if asked is not None else state.max_model_len - len(ids)
+        rest = state.max_model_len - len(ids)  # chat's default, as vLLM: the context left, capped by the config's
+        max_tokens = asked if asked is not None else min(rest, state.default_max_tokens or rest)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, max_tokens, logprobs, state.defaults)
         return await respond(request, req, [ids], params, chat=True, messages=messages)

@@ -62,7 +62,7 @@ def build_state(args: argparse.Namespace) -> Any:
     from lengthwise.cli import parse_policy_options
     from lengthwise.config import EngineConfig
     from lengthwise.engine.async_engine import AsyncEngine
-    from lengthwise.engine.llm_engine import LLMEngine
+    from lengthwise.engine.llm_engine import LLMEngine, generation_defaults
     from lengthwise.server.api_server import ServerState
     from lengthwise.server.metrics import ServerMetrics
 
@@ -83,7 +83,7 @@ def build_state(args: argparse.Namespace) -> Any:
     metrics = ServerMetrics(name)
     return ServerState(AsyncEngine(engine, max_waiting=args.max_waiting, observer=metrics), name, engine.tokenizer,
                        engine.max_model_len, engine.default_sampling_params(), metrics, args.api_key,
-                       args.grace_period)
+                       args.grace_period, generation_defaults(model_dir).get("max_tokens"))
 
 
 def run(args: argparse.Namespace) -> int:
