@@ -320,7 +320,8 @@ def test_policy_options_are_validated_by_name():
 POLICIES = [("fcfs", {}), ("fcfs", {"predictive": True}), ("continuous-sjf", {}), ("static", {"batch_size": 3}),
             ("static", {"batch_size": 3, "pad": True}),
             ("sequence", {"window": 5, "fcr": "recompute"}), ("sequence", {"window": 5, "fcr": "continue"}),
-            ("sequence", {"vbs": False, "fcr": None}), ("multibin", {"bins": 3, "batch_size": 3, "max_wait": 5.0})]
+            ("sequence", {"vbs": False, "fcr": None}), ("sequence", {"window": 5, "vbs": "paper", "pad": True}),
+            ("multibin", {"bins": 3, "batch_size": 3, "max_wait": 5.0})]
 
 
 @settings(max_examples=40, deadline=None)
@@ -374,3 +375,19 @@ def test_stop_may_admit_whenever_a_stop_lets_a_request_in(name, options):
     assert stopped_then_admitted > 0
     if name != "fcfs":
         assert quiet_steps > 0  # mid-batch, with requests waiting, steps may be launched ahead
+
+
+def test_sequence_vbs_paper_uses_the_papers_batch_size_table():
+    """vbs="paper": 256 rows up to 50 predicted tokens, 128, 64, 32 up to 200, then 16; failure
+    batches (uncapped) 16; a leftover merges only below max(half, 16)."""
+    from types import SimpleNamespace
+
+    policy = make_policy("sequence", {"vbs": "paper"})
+    view = SimpleNamespace(max_num_seqs=1000)
+    policy.capped = True
+    assert [policy.rows_for([], n, view) for n in (50, 100, 150, 200, 250, 512)] == [256, 128, 64, 32, 16, 16]
+    policy.capped = False
+    assert policy.rows_for([], 50, view) == 16
+    assert make_policy("sequence", {"vbs": "paper"}).rows_for([], 50, SimpleNamespace(max_num_seqs=8)) == 8
+    with pytest.raises(ValueError, match="vbs"):
+        make_policy("sequence", {"vbs": "table"})

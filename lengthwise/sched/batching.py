@@ -173,6 +173,12 @@ class StaticPolicy(BatchPolicy):
             self.ready.append(([self.queue.popleft() for _ in range(take)], None))
 
 
+# The first paper's batch sizes by bucket top (its `len_bs_dict`); longer buckets and failure
+# batches get PAPER_VBS_REST rows.
+PAPER_VBS = ((50, 256), (100, 128), (150, 64), (200, 32))
+PAPER_VBS_REST = 16
+
+
 class SequencePolicy(BatchPolicy):
     """The first paper's sequence scheduling.
 
@@ -182,7 +188,9 @@ class SequencePolicy(BatchPolicy):
     (each bucket's rows then differ by at most a fraction g - 1 of their length, where fixed-width
     buckets put lengths 1 to 50 in one batch). With `vbs`, each bucket gets the batch size that
     the KV cache can hold at its length (`batch_size` caps it; shorter buckets get bigger
-    batches); without, batches have `batch_size` rows. With `merge` (the paper's rule) a bucket's
+    batches); `vbs="paper"` uses the paper's fixed table instead (`PAPER_VBS`: 256 rows up to 50
+    tokens, 128, 64, 32 up to 200, then 16; failure batches of 16; a leftover merges below
+    max(half, 16)); without, batches have `vbs_fixed` rows. With `merge` (the paper's rule) a bucket's
     leftover smaller than half its batch size merges into the next bucket. With `fcr` ("recompute"
     or "continue") a batch's length is capped at its largest bucket; rows that reach it are
     collected and, once the window is served, run in failure batches with no cap. `fcr=None` runs
@@ -192,9 +200,9 @@ class SequencePolicy(BatchPolicy):
 
     name = "sequence"
 
-    def __init__(self, *, window: int = 256, batch_size: int = 256, vbs: bool = True, fcr: str | None = "recompute",
-                 bucket: int = 50, vbs_fixed: int = 16, bucket_growth: float | None = None,
-                 merge: bool = True, pad: bool = False) -> None:
+    def __init__(self, *, window: int = 256, batch_size: int = 256, vbs: bool | str = True,
+                 fcr: str | None = "recompute", bucket: int = 50, vbs_fixed: int = 16,
+                 bucket_growth: float | None = None, merge: bool = True, pad: bool = False) -> None:
         super().__init__(pad)
         for name, value in (("window", window), ("batch_size", batch_size), ("bucket", bucket),
                             ("vbs_fixed", vbs_fixed)):
@@ -204,6 +212,8 @@ class SequencePolicy(BatchPolicy):
                              f"got {bucket_growth!r}")
         if not isinstance(merge, bool):
             raise ValueError(f"merge must be a bool, got {merge!r}")
+        if not (isinstance(vbs, bool) or vbs == "paper"):
+            raise ValueError(f"vbs must be true, false or 'paper', got {vbs!r}")
         if fcr not in (None, "recompute", "continue"):
             raise ValueError(f"fcr must be 'recompute', 'continue' or None, got {fcr!r}")
         self.window, self.batch_size, self.vbs, self.fcr, self.bucket = window, batch_size, vbs, fcr, bucket
@@ -250,6 +260,9 @@ class SequencePolicy(BatchPolicy):
         cache minus what suspended (`fcr=continue`) rows still hold."""
         if not self.vbs:
             return self.vbs_fixed
+        if self.vbs == "paper":
+            size = next((rows for top, rows in PAPER_VBS if length <= top), PAPER_VBS_REST)
+            return min(size if self.capped else PAPER_VBS_REST, view.max_num_seqs)
         prompt = sum(r.prompt_len for r in requests) / len(requests)
         n = sum(r.params.n for r in requests) / len(requests)
         per_request = view.blocks_for(int(prompt) + 1) + n * view.blocks_for(length)
@@ -286,7 +299,8 @@ class SequencePolicy(BatchPolicy):
             if len(members) >= size:
                 members, self.rest = members[:size], members[size:] + self.rest
                 break
-            if not (self.merge and self.vbs and self.rest and len(members) < (size + 1) // 2):
+            threshold = max(size // 2, PAPER_VBS_REST) if self.vbs == "paper" else (size + 1) // 2
+            if not (self.merge and self.vbs and self.rest and len(members) < threshold):
                 break
         cap = max(self.bucket_of(r) for r in members) if self.capped else None
         return members, cap
