@@ -3,11 +3,12 @@
 # the repo run with PYTHONPATH=., not .venv). Each step has its own time limit so a hang in one
 # cannot eat the session's device time, and every log and JSON lands in $OUT (default ./gpu-out),
 # which the device tool brings back. The steps take about 12-15 minutes in all on an H100 (each
-# is capped; a device call is capped at 10 minutes), so run them in three calls:
+# is capped; a device call is capped at 10 minutes), so run them in four calls:
 #
 #     bash benchmarks/gpu_issue8.sh tests kernels           # correctness, the b1 roofline (<= 500 s)
 #     bash benchmarks/gpu_issue8.sh experimental unfused    # the opt-in kernels, the fusion's A/B
-#     bash benchmarks/gpu_issue8.sh cublas throughput host  # cuBLAS A/B, throughput vs transformers
+#     bash benchmarks/gpu_issue8.sh cublas throughput       # cuBLAS A/B, throughput vs transformers
+#     bash benchmarks/gpu_issue8.sh host                    # the engine's host work per step
 #
 # (no argument runs every step). tests: the CUDA/Triton correctness tests. kernels: `bench
 # kernels` on the Llama-3.2-1B shape with the fused single-row kernels and the Triton GEMV (the
@@ -18,7 +19,8 @@
 # LENGTHWISE_ATTN_FUSED_REDUCE=1 (split decode attention combined in one launch: the attention
 # row); off by default until this measures them: make each the default if it wins. cublas: with
 # LENGTHWISE_GEMV=0 (cuBLAS for single rows, nothing fused). throughput: `bench throughput` on a
-# synthetic workload against transformers' static batching (alpaca-lengths lives in ../shared,
+# synthetic workload against transformers' static batching at its best of batch 32, 64 and 128
+# (a sweep in the same run, so the ratio is not against a batch size we chose) (alpaca-lengths lives in ../shared,
 # which the device machine does not get: copy dev.jsonl into the ignored gpu-data/, carry that
 # folder with the call and set ALPACA=gpu-data/dev.jsonl; never commit it). host: the engine's host
 # work per decode step on this machine's CPU (benchmarks/host_overhead.py, the replay stubbed), to
@@ -67,9 +69,9 @@ for s in "${STEPS[@]}"; do
         else
             WORKLOAD=(--workload synthetic --seed 0)
         fi
-        step throughput 240 "$PY" -m lengthwise.cli bench throughput --model llama-1b --device cuda \
-            --dtype bfloat16 --engines lengthwise,transformers "${WORKLOAD[@]}" --num-requests 128 \
-            --json "$OUT/tp1b.json" ;;
+        step throughput 420 "$PY" -m lengthwise.cli bench throughput --model llama-1b --device cuda \
+            --dtype bfloat16 --engines lengthwise,transformers --batch-size 32,64,128 "${WORKLOAD[@]}" \
+            --num-requests 128 --json "$OUT/tp1b.json" ;;
     host)
         DATA=()
         [ -n "${ALPACA:-}" ] && DATA=(--data "$ALPACA")

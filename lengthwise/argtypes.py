@@ -37,6 +37,11 @@ def port(text: str) -> int:
     return _checked(text, int, "a port number (1-65535)", lambda v: 1 <= v <= 65535)
 
 
+def positive_int_list(text: str) -> list[int]:
+    """A comma list of integers >= 1 (a sweep: `16,32,64`)."""
+    return [positive_int(t.strip()) for t in text.split(",")]
+
+
 def kv_memory(text: str) -> int | float:
     """`--kv-cache-memory`: bytes (`4000000000`, `4GiB`, `512MiB`) or a fraction of free memory (`0.5`)."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9}

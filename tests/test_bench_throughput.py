@@ -151,6 +151,26 @@ def test_end_to_end_all_engines(tmp_path, bench_cache, tiny_dir, monkeypatch, ca
     assert "transformers-cb" in capsys.readouterr().out
 
 
+def test_a_batch_size_sweep_takes_the_ratio_against_the_fastest_static_baseline(tmp_path, bench_cache, monkeypatch):
+    """The static baseline at its best batch size, not at one we chose; prefix caching (which it
+    cannot do) can be switched off for the ratio without that advantage."""
+    monkeypatch.setenv("LENGTHWISE_CACHE", str(bench_cache))
+    assert main(_bench_args(tmp_path, "--engines", "lengthwise,transformers", "--batch-size", "1,4",
+                            "--num-requests", "4", "--max-output-len", "4", "--warmup-requests", "1",
+                            "--warmup-tokens", "2", "--kv-cache-tokens", "2048", "--no-prefix-caching")) == 0
+    report = json.loads((tmp_path / "out.json").read_text())
+    rows = {r["engine"]: r for r in report["results"]}
+    assert sorted(rows) == sorted(["lengthwise", "transformers", "transformers-b1" if "transformers-b4" not in rows
+                                   else "transformers-b4"])
+    other = next(r for e, r in rows.items() if e.startswith("transformers-b"))
+    best = rows["transformers"]
+    assert {best["details"]["batch_size"], other["details"]["batch_size"]} == {1, 4}
+    assert best["output_tokens_per_s"] >= other["output_tokens_per_s"]
+    assert report["speedup_vs_transformers"] == pytest.approx(
+        rows["lengthwise"]["output_tokens_per_s"] / best["output_tokens_per_s"], rel=1e-3)
+    assert report["config"]["prefix_caching"] is False and report["config"]["batch_size"] == [1, 4]
+
+
 def test_roofline_measures_one_request_against_copy_bandwidth(tiny_dir):
     spec = {"model_dir": str(tiny_dir), "dtype": "float32", "device": "cpu", "threads": 1,
             "max_num_batched_tokens": 256, "block_size": 16, "policy": "fcfs", "prompts": [list(range(1, 50))],

@@ -95,7 +95,8 @@ def run_lengthwise(spec: dict[str, Any]) -> dict[str, Any]:
     kv_bytes = spec["kv_cache_tokens"] * kv_bytes_per_token(spec["model_dir"], itemsize)
     llm = LLM(spec["model_dir"], dtype=spec["dtype"], device=spec["device"], kv_cache_memory=kv_bytes,
               max_num_seqs=spec["max_num_seqs"], max_num_batched_tokens=spec["max_num_batched_tokens"],
-              block_size=spec["block_size"], policy=spec["policy"])
+              block_size=spec["block_size"], policy=spec["policy"],
+              enable_prefix_caching=spec.get("prefix_caching", True))
     prompts, lens = spec["prompts"], spec["output_lens"]
     if spec["warmup_prompts"]:
         llm.generate(spec["warmup_prompts"], _sampling_params(spec["warmup_tokens"]), use_tqdm=False)

@@ -48,6 +48,7 @@ from lengthwise.argtypes import output_file, positive_int
 B1_CONTEXT = 256      # cached tokens per row in the per-kernel attention timings
 DECODE_TOKENS = 128   # tokens the engine decodes per request in the whole-step timings
 PROMPT_TOKENS = 64
+B1_REPEATS = 3        # batch-1 timings, both sides: the best of this many runs after a warm-up
 
 
 def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
@@ -314,10 +315,11 @@ def decode_b1_ms(llm: Any) -> float:
     from lengthwise import SamplingParams
 
     prompt = _prompts(1, llm.engine.model.config.vocab_size, PROMPT_TOKENS)
-    params = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True)
+    # No text: transformers' side is timed without decoding text either.
+    params = SamplingParams(max_tokens=DECODE_TOKENS, temperature=0.0, ignore_eos=True, detokenize=False)
     llm.generate(prompt, params, use_tqdm=False)  # warm-up
     best = float("inf")
-    for _ in range(3):
+    for _ in range(B1_REPEATS):
         out = llm.generate(prompt, params, use_tqdm=False)[0]
         m = out.metrics
         best = min(best, (m.finish_time - m.first_token_time) / (len(out.outputs[0].token_ids) - 1) * 1e3)
@@ -361,6 +363,9 @@ def transformers_b1_ms(model_dir: Path, device: str, dtype: str) -> float:
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    # No end token, as on our side (ignore_eos) and in `bench throughput`'s baseline: with one,
+    # generate() checks every step for it, and min_new_tokens masks it out of the logits.
+    hf.generation_config.eos_token_id = None
     ids = torch.tensor(_prompts(1, hf.config.vocab_size, PROMPT_TOKENS), device=device)
     dev = torch.device(device)
 
@@ -368,13 +373,13 @@ def transformers_b1_ms(model_dir: Path, device: str, dtype: str) -> float:
         _sync(dev)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                        do_sample=False, pad_token_id=0)
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                        eos_token_id=None, pad_token_id=0)
         _sync(dev)
         return time.perf_counter() - t0
 
     run(8)  # warm-up
-    best = min(run(DECODE_TOKENS + 1) - run(1) for _ in range(2))
+    best = min(run(DECODE_TOKENS + 1) - run(1) for _ in range(B1_REPEATS))
     return best / DECODE_TOKENS * 1e3
 
 

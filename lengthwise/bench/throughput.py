@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lengthwise.argtypes import output_file, positive_int
+from lengthwise.argtypes import output_file, positive_int, positive_int_list
 from lengthwise.bench import report as rep
 from lengthwise.bench.engines import TRANSFORMERS_ENGINES
 from lengthwise.bench.presets import PRESETS, resolve_model
@@ -50,8 +50,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--threads", type=positive_int, default=os.cpu_count(),
                    help=f"torch.set_num_threads in every engine (default os.cpu_count() = {os.cpu_count()})")
-    p.add_argument("--batch-size", type=positive_int, default=32,
-                   help="static batch size of the transformers baseline (default 32)")
+    p.add_argument("--batch-size", type=positive_int_list, default=[32],
+                   help="static batch size of the transformers baseline, or a comma list to sweep (e.g. "
+                   "16,32,64,128): each runs, the fastest is the 'transformers' the ratio is taken against "
+                   "(default 32)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="lengthwise without prefix caching (which the static baseline cannot do): the ratio "
+                   "without that advantage")
     p.add_argument("--max-num-seqs", type=int, default=256,
                    help="most sequences in one step (lengthwise max_num_seqs, transformers-cb max_requests_per_batch)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -85,7 +90,11 @@ def parse_engines(text: str) -> list[str]:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for name in ("num_requests", "max_output_len", "threads", "batch_size", "max_num_seqs", "max_num_batched_tokens",
+    if isinstance(args.batch_size, int):  # (a Namespace built in code)
+        args.batch_size = [args.batch_size]
+    if not args.batch_size or min(args.batch_size) < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for name in ("num_requests", "max_output_len", "threads", "max_num_seqs", "max_num_batched_tokens",
                  "block_size", "kv_cache_tokens", "warmup_tokens"):
         value = getattr(args, name)
         if name == "max_output_len" and value is None:
@@ -139,9 +148,19 @@ def build_workload(args: argparse.Namespace, model_dir: Path) -> tuple[Workload,
     return workload, warmup
 
 
-def run_engine(engine: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
+def best_static(raws: list[dict[str, Any]]) -> None:
+    """Of a batch-size sweep of the static baseline (`transformers-bN` rows), name the fastest
+    `transformers`: the ratio is taken against the baseline at its best, not at a size we chose."""
+    sweep = [r for r in raws if r["engine"].startswith("transformers-b")]
+    if sweep:
+        best = max(sweep, key=lambda r: r["output_tokens"] / r["elapsed_s"])
+        best["engine"] = "transformers"
+
+
+def run_engine(engine: str, spec: dict[str, Any], workdir: Path, label: str | None = None) -> dict[str, Any]:
     """Run one engine in a fresh Python process and return its raw measurements."""
-    spec_path, out_path = workdir / f"{engine}.spec.json", workdir / f"{engine}.result.json"
+    name = label or engine
+    spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.result.json"
     spec_path.write_text(json.dumps({**spec, "engine": engine}))
     env = dict(os.environ)
     threads = str(spec["threads"])
@@ -166,15 +185,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     json_path = Path(args.json)
     plot_path = Path(args.plot) if args.plot else json_path.with_suffix(".png")
     progress = not args.no_progress
+    prefix_caching = not getattr(args, "no_prefix_caching", False)
     spec = {"model_dir": str(model_dir), "dtype": args.dtype, "device": args.device, "threads": args.threads,
-            "batch_size": args.batch_size, "max_num_seqs": args.max_num_seqs,
+            "batch_size": args.batch_size[0], "max_num_seqs": args.max_num_seqs, "prefix_caching": prefix_caching,
             "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
             "kv_cache_tokens": args.kv_cache_tokens, "policy": args.policy,
             "cb_prefix_sharing": args.cb_prefix_sharing, "warmup_prompts": warmup, "warmup_tokens": args.warmup_tokens,
             "progress": progress, "prompts": workload.prompts, "output_lens": workload.output_lens}
     config = {"model": model_label, "model_dir": str(model_dir), "dtype": args.dtype, "device": args.device,
               "threads": args.threads, "engines": engines, "workload": workload.summary(),
-              "batch_size": args.batch_size, "max_num_seqs": args.max_num_seqs,
+              "batch_size": args.batch_size, "max_num_seqs": args.max_num_seqs, "prefix_caching": prefix_caching,
               "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
               "kv_cache_tokens": args.kv_cache_tokens, "policy": args.policy,
               "warmup": {"requests": len(warmup), "max_tokens": args.warmup_tokens,
@@ -190,14 +210,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raws: list[dict[str, Any]] = []
     roofline = None
     with tempfile.TemporaryDirectory(prefix="lengthwise-bench-") as tmp:
-        for k, engine in enumerate(engines, 1):
-            print(f"[bench] {k}/{len(engines)}: {engine}", file=sys.stderr)
+        runs = [(e, bs) for e in engines for bs in (args.batch_size if e == "transformers" else [None])]
+        for k, (engine, bs) in enumerate(runs, 1):
+            label = engine if bs is None or len(args.batch_size) == 1 else f"{engine}-b{bs}"
+            print(f"[bench] {k}/{len(runs)}: {label}", file=sys.stderr)
             start = time.perf_counter()
-            raw = run_engine(engine, spec, Path(tmp))
-            print(f"[bench] {engine}: {raw['elapsed_s']:.1f} s timed, {time.perf_counter() - start:.1f} s in all "
+            raw = run_engine(engine, spec if bs is None else {**spec, "batch_size": bs}, Path(tmp), label)
+            print(f"[bench] {label}: {raw['elapsed_s']:.1f} s timed, {time.perf_counter() - start:.1f} s in all "
                   "(start-up, load, warm-up)", file=sys.stderr)
             raw["num_requests"] = len(workload)
+            raw["engine"] = label
             raws.append(raw)
+        best_static(raws)
         if args.roofline:
             print("[bench] roofline: copy bandwidth and one lengthwise request alone", file=sys.stderr)
             roofline = run_engine("roofline", spec, Path(tmp))
