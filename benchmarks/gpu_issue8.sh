@@ -20,7 +20,8 @@
 # row); off by default until this measures them: make each the default if it wins. cublas: with
 # LENGTHWISE_GEMV=0 (cuBLAS for single rows, nothing fused). throughput: `bench throughput` on a
 # synthetic workload against transformers' static batching at its best of batch 32, 64 and 128
-# (a sweep in the same run, so the ratio is not against a batch size we chose) (alpaca-lengths lives in ../shared,
+# (a sweep in the same run, so the ratio is not against a batch size we chose; REPEATS=N runs
+# every engine N times interleaved and reports the median: a call of its own) (alpaca-lengths lives in ../shared,
 # which the device machine does not get: copy dev.jsonl into the ignored gpu-data/, carry that
 # folder with the call and set ALPACA=gpu-data/dev.jsonl; never commit it). host: the engine's host
 # work per decode step on this machine's CPU (benchmarks/host_overhead.py, the replay stubbed), to
@@ -71,7 +72,7 @@ for s in "${STEPS[@]}"; do
         fi
         step throughput 420 "$PY" -m lengthwise.cli bench throughput --model llama-1b --device cuda \
             --dtype bfloat16 --engines lengthwise,transformers --batch-size 32,64,128 "${WORKLOAD[@]}" \
-            --num-requests 128 --json "$OUT/tp1b.json" ;;
+            --num-requests 128 --repeats "${REPEATS:-1}" --json "$OUT/tp1b.json" ;;
     host)
         DATA=()
         [ -n "${ALPACA:-}" ] && DATA=(--data "$ALPACA")

@@ -157,7 +157,8 @@ def test_a_batch_size_sweep_takes_the_ratio_against_the_fastest_static_baseline(
     monkeypatch.setenv("LENGTHWISE_CACHE", str(bench_cache))
     assert main(_bench_args(tmp_path, "--engines", "lengthwise,transformers", "--batch-size", "1,4",
                             "--num-requests", "4", "--max-output-len", "4", "--warmup-requests", "1",
-                            "--warmup-tokens", "2", "--kv-cache-tokens", "2048", "--no-prefix-caching")) == 0
+                            "--warmup-tokens", "2", "--kv-cache-tokens", "2048", "--no-prefix-caching",
+                            "--repeats", "2")) == 0
     report = json.loads((tmp_path / "out.json").read_text())
     rows = {r["engine"]: r for r in report["results"]}
     assert sorted(rows) == sorted(["lengthwise", "transformers", "transformers-b1" if "transformers-b4" not in rows
@@ -169,6 +170,8 @@ def test_a_batch_size_sweep_takes_the_ratio_against_the_fastest_static_baseline(
     assert report["speedup_vs_transformers"] == pytest.approx(
         rows["lengthwise"]["output_tokens_per_s"] / best["output_tokens_per_s"], rel=1e-3)
     assert report["config"]["prefix_caching"] is False and report["config"]["batch_size"] == [1, 4]
+    for r in rows.values():  # two interleaved rounds; each row is the lower-median (here: faster) run
+        assert len(r["elapsed_runs_s"]) == 2 and r["elapsed_s"] == pytest.approx(min(r["elapsed_runs_s"]), abs=1e-3)
 
 
 def test_roofline_measures_one_request_against_copy_bandwidth(tiny_dir):

@@ -27,7 +27,7 @@ def summarise(raw: dict[str, Any]) -> dict[str, Any]:
            "output_tokens_per_s": round(raw["output_tokens"] / elapsed, 2), "peak_rss_mb": raw["peak_rss_mb"],
            "elapsed_s": round(elapsed, 3), "num_requests": n, "output_tokens": raw["output_tokens"],
            "generated_tokens": raw["generated_tokens"], "short_requests": raw["short_requests"]}
-    for key in ("peak_gpu_mb", "token_slots", "details"):
+    for key in ("peak_gpu_mb", "token_slots", "details", "elapsed_runs_s"):
         if key in raw:
             row[key] = raw[key]
     return row

@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="static batch size of the transformers baseline, or a comma list to sweep (e.g. "
                    "16,32,64,128): each runs, the fastest is the 'transformers' the ratio is taken against "
                    "(default 32)")
+    p.add_argument("--repeats", type=positive_int, default=1,
+                   help="run every engine this many times, interleaved; each row is its median run, with "
+                   "every run's time in the JSON (default 1)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="lengthwise without prefix caching (which the static baseline cannot do): the ratio "
                    "without that advantage")
@@ -148,6 +151,15 @@ def build_workload(args: argparse.Namespace, model_dir: Path) -> tuple[Workload,
     return workload, warmup
 
 
+def median_run(group: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of one engine's repeated runs, the one with the median time (the lower of the two middle
+    ones for an even count), carrying every run's time in `elapsed_runs_s`."""
+    ordered = sorted(group, key=lambda r: r["elapsed_s"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["elapsed_runs_s"] = [round(r["elapsed_s"], 3) for r in group]
+    return chosen
+
+
 def best_static(raws: list[dict[str, Any]]) -> None:
     """Of a batch-size sweep of the static baseline (`transformers-bN` rows), name the fastest
     `transformers`: the ratio is taken against the baseline at its best, not at a size we chose."""
@@ -197,6 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "batch_size": args.batch_size, "max_num_seqs": args.max_num_seqs, "prefix_caching": prefix_caching,
               "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
               "kv_cache_tokens": args.kv_cache_tokens, "policy": args.policy,
+              "repeats": getattr(args, "repeats", 1),
               "warmup": {"requests": len(warmup), "max_tokens": args.warmup_tokens,
                          "prompts": f"random ids (seed {WARMUP_SEED}), lengths of the first {len(warmup)} prompts"},
               "sampling": "greedy, EOS ignored, per-request max_tokens",
@@ -211,16 +224,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     roofline = None
     with tempfile.TemporaryDirectory(prefix="lengthwise-bench-") as tmp:
         runs = [(e, bs) for e in engines for bs in (args.batch_size if e == "transformers" else [None])]
-        for k, (engine, bs) in enumerate(runs, 1):
-            label = engine if bs is None or len(args.batch_size) == 1 else f"{engine}-b{bs}"
-            print(f"[bench] {k}/{len(runs)}: {label}", file=sys.stderr)
-            start = time.perf_counter()
-            raw = run_engine(engine, spec if bs is None else {**spec, "batch_size": bs}, Path(tmp), label)
-            print(f"[bench] {label}: {raw['elapsed_s']:.1f} s timed, {time.perf_counter() - start:.1f} s in all "
-                  "(start-up, load, warm-up)", file=sys.stderr)
-            raw["num_requests"] = len(workload)
-            raw["engine"] = label
-            raws.append(raw)
+        repeats = getattr(args, "repeats", 1)
+        by_label: dict[str, list[dict[str, Any]]] = {}
+        for r in range(repeats):  # rounds interleave the engines, so a drifting machine hits them alike
+            for k, (engine, bs) in enumerate(runs, 1):
+                label = engine if bs is None or len(args.batch_size) == 1 else f"{engine}-b{bs}"
+                round_note = f" (round {r + 1}/{repeats})" if repeats > 1 else ""
+                print(f"[bench] {k}/{len(runs)}: {label}{round_note}", file=sys.stderr)
+                start = time.perf_counter()
+                raw = run_engine(engine, spec if bs is None else {**spec, "batch_size": bs}, Path(tmp), label)
+                print(f"[bench] {label}: {raw['elapsed_s']:.1f} s timed, {time.perf_counter() - start:.1f} s in "
+                      "all (start-up, load, warm-up)", file=sys.stderr)
+                raw["num_requests"] = len(workload)
+                raw["engine"] = label
+                by_label.setdefault(label, []).append(raw)
+        raws = [median_run(group) for group in by_label.values()]
         best_static(raws)
         if args.roofline:
             print("[bench] roofline: copy bandwidth and one lengthwise request alone", file=sys.stderr)
