@@ -220,7 +220,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   "allow_block_sharing": args.cb_prefix_sharing},
               "versions": versions(), "platform": platform.platform(), "cpu_count": os.cpu_count()}
     print(rep.header(config), file=sys.stderr)
-    raws: list[dict[str, Any]] = []
     roofline = None
     with tempfile.TemporaryDirectory(prefix="lengthwise-bench-") as tmp:
         runs = [(e, bs) for e in engines for bs in (args.batch_size if e == "transformers" else [None])]

@@ -327,19 +327,16 @@ class LLMEngine:
                 seq.state["stop_reason"] = token  # vLLM: the stop token's id; None for an end token
         elif len(seq.output_ids) == request.eos_after:
             reason = "stop"
+        elif len(seq.output_ids) >= request.max_tokens:
+            reason = "length"
         detok = seq.state.get("detok")
         if detok is not None:
             # As vLLM: the token that stopped the sample adds no text unless include_stop_str_in_output.
             new = detok.add(token) if not stop_token or p.include_stop_str_in_output else ""
-            if reason is None and len(seq.output_ids) >= request.max_tokens:
-                reason = "length"
             if reason is not None:
                 new += detok.flush()  # text held back for an unfinished character
-            cut = self._check_stop_strings(seq, new)
-            if cut:
+            if self._check_stop_strings(seq, new):  # (a stop string the flushed text completes too)
                 reason = "stop"
-        if reason is None and len(seq.output_ids) >= request.max_tokens:
-            reason = "length"
         if reason is not None:
             self.scheduler.finish_sequence(seq, reason)
             if request.finished:
