@@ -238,15 +238,16 @@ def test_logprob_bytes_join_into_the_text_when_a_character_is_split(tok):
     together: each token's bytes must be its raw bytes (not U+FFFD's), the bytes of a choice join
     into its text, a partial token's text shows its bytes escaped, and text offsets index the
     text: a character's pieces all point at its start."""
+    from lengthwise.engine.detokenizer import TokenPieces
     from lengthwise.engine.sampler import TokenLogprobs
-    from lengthwise.server.api_server import _chat_logprobs, _completion_logprobs, _TokenPieces
+    from lengthwise.server.api_server import _chat_logprobs, _completion_logprobs
 
     prompt = tok.encode("Once upon a time")
     ids = tok.encode(TEXT, add_special_tokens=False)
     text = tok.decode(prompt + ids)[len(tok.decode(prompt)):]
     lps = [TokenLogprobs(t, -0.5, 1, [(t, -0.5), (ids[0], -2.0)]) for t in ids]
     for split in (len(ids), 7):  # one response, or a stream's deltas of 7 tokens
-        chat, completion = _TokenPieces(tok, prompt[-1]), _TokenPieces(tok, prompt[-1])
+        chat, completion = TokenPieces(tok, prompt[-1]), TokenPieces(tok, prompt[-1])
         content, tokens, offsets = [], [], []
         for start in range(0, len(ids), split):
             content += _chat_logprobs(chat, lps[start:start + split])["content"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -312,6 +313,21 @@ def test_outputs_carry_vllms_fields_and_stop_tokens_leave_no_text(random_model):
     first = base.logprobs[0]
     assert first[base.token_ids[0]].logprob == first.logprob and first[first.top[1][0]].rank == 2
     assert set(first) == {base.token_ids[0], *(t for t, _ in first.top)}
+    # vLLM's decoded_token: each token's text where it stands, so the sampled ones spell the text
+    # (a piece of a character shows its bytes escaped, as the server's logprobs do).
+    pieces = [lp[t].decoded_token for lp, t in zip(base.logprobs, base.token_ids, strict=True)]
+    raw = b"".join(llm.tokenizer.token_bytes(t) if "\\x" in d else d.encode()
+                   for d, t in zip(pieces, base.token_ids, strict=True))
+    assert raw.decode("utf-8", "replace") == base.text
+    prompt_ids = llm.tokenizer.encode("the sun and the sea")
+    for t, _ in first.top:
+        want = llm.tokenizer.decode(prompt_ids + [t])[len(llm.tokenizer.decode(prompt_ids)):]
+        if "\ufffd" in want:  # part of a character: its bytes, escaped
+            want = llm.tokenizer.token_bytes(t).decode("utf-8", "backslashreplace")
+        assert first[t].decoded_token == want
+    undecoded = dataclasses.replace(greedy, detokenize=False)
+    plain = llm.generate(["the sun and the sea"], undecoded, use_tqdm=False)[0].outputs[0]
+    assert plain.token_ids == base.token_ids and plain.logprobs[0][plain.token_ids[0]].decoded_token is None
     assert SamplingParams(max_tokens=3).clone() == SamplingParams(max_tokens=3)
     stop_id = base.token_ids[3]
     k = base.token_ids.index(stop_id)

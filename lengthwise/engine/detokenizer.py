@@ -7,10 +7,14 @@ a decode of the whole sequence, while each call costs O(window), not O(length).
 
 `StopStringMatcher` finds stop strings in the growing text, searching only where a new match can
 end, and tells a streaming server how much of the tail to hold back.
+
+`TokenPieces` renders each sampled token (and its logprob alternatives) as text in context, for
+the server's logprobs and the offline `Logprob.decoded_token`.
 """
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 
 from lengthwise.tokenizer import Tokenizer
@@ -167,3 +171,45 @@ class StopStringMatcher:
             if any(stop.startswith(tail) for stop in self.stops):
                 return k
         return 0
+
+
+def token_text(tokenizer: Tokenizer, prev: int, token_id: int) -> str:
+    """A token's text as it reads after `prev` (alone, SentencePiece would drop its leading space)."""
+    return tokenizer.decode([prev, token_id], skip_special_tokens=False)[
+        len(tokenizer.decode([prev], skip_special_tokens=False)):]
+
+
+class TokenPieces:
+    """The sampled tokens of one choice as its logprobs show them, in order, across a stream's deltas.
+
+    A token that holds part of a character (a byte-fallback `<0xF0>`, a byte-level 'Ġð') has no
+    text of its own: it is shown by its raw bytes, as text with the broken bytes escaped
+    (' \\xf0'), as OpenAI writes them, and the `bytes` of consecutive tokens join into the
+    character. Text offsets count the characters before a token in the choice's text, so a
+    character's pieces all point at its start.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prev: int) -> None:
+        self._tokenizer = tokenizer
+        self._prev = prev  # the token before the next one: context for its leading space
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # as the response text decodes
+        self.offset = 0
+
+    def piece(self, token_id: int) -> tuple[str, bytes]:
+        """(text, bytes) of `token_id` at the current position (the sampled token or an alternative)."""
+        raw = self._tokenizer.token_bytes(token_id)
+        if raw is not None:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return raw.decode("utf-8", "backslashreplace"), raw
+        text = token_text(self._tokenizer, self._prev, token_id)
+        return text, text.encode("utf-8")
+
+    def take(self, token_id: int) -> tuple[str, bytes, int]:
+        """(text, bytes, text offset) of the sampled `token_id`; moves past it."""
+        text, raw = self.piece(token_id)
+        offset = self.offset
+        self.offset += len(self._utf8.decode(raw))
+        self._prev = token_id
+        return text, raw, offset

@@ -240,7 +240,7 @@ class LLMEngine:
     def pop_finished(self, request_id: str) -> RequestOutput:
         """The final output of a finished request, forgetting the request."""
         request = self.requests.pop(request_id)
-        return RequestOutput.from_request(request)
+        return RequestOutput.from_request(request, self.tokenizer)
 
     # -- the step --------------------------------------------------------------------------------
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lengthwise.engine.detokenizer import TokenPieces
 from lengthwise.engine.sampler import TokenLogprobs
 from lengthwise.sequence import Request
+from lengthwise.tokenizer import Tokenizer
 
 
 @dataclass
@@ -55,10 +57,26 @@ class RequestOutput:
     prompt_logprobs: None = None  # vLLM's field; prompt logprobs are not computed (nor accepted)
 
     @classmethod
-    def from_request(cls, request: Request) -> RequestOutput:
+    def from_request(cls, request: Request, tokenizer: Tokenizer | None = None) -> RequestOutput:
+        """The request's output; with `tokenizer`, logprobs of detokenized requests get each
+        token's text (`Logprob.decoded_token`), as vLLM fills it."""
+        if tokenizer is not None and request.params.detokenize:
+            for s in request.seqs:
+                _decode_logprobs(tokenizer, request.prompt_ids, s.state.get("logprobs"))
         outputs = [CompletionOutput(s.index, s.state.get("text", ""), list(s.output_ids), s.finish_reason,
                                     s.state.get("logprobs"), s.state.get("stop_reason")) for s in request.seqs]
         metrics = RequestMetrics(request.arrival_time, request.first_token_time, request.finish_time,
                                  request.num_preemptions)
         return cls(request.request_id, request.prompt, list(request.prompt_ids), outputs, request.finished,
                    metrics, request.predicted_length, request.num_cached_tokens)
+
+
+def _decode_logprobs(tokenizer: Tokenizer, prompt_ids: list[int], logprobs: list[TokenLogprobs] | None) -> None:
+    """Give each entry the text of its sampled and top tokens, each read after the tokens before it."""
+    if not logprobs:
+        return
+    pieces = TokenPieces(tokenizer, prompt_ids[-1] if len(prompt_ids) else 0)
+    for lp in logprobs:
+        texts = {t: pieces.piece(t)[0] for t, _ in lp.top}
+        texts[lp.token_id] = pieces.take(lp.token_id)[0]
+        lp.texts = texts

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,7 +47,8 @@ _DRAW_BLOCK = 256
 @dataclass(frozen=True)
 class Logprob:
     """One entry of `TokenLogprobs` read as vLLM's `dict[token_id, Logprob]`. `decoded_token` is
-    None here: decode ids with the tokenizer (the server's logprobs carry each token's text)."""
+    the token's text where it stands in the output (a piece of a character shows its bytes
+    escaped, as the server's logprobs do); None when the request was not detokenized."""
 
     logprob: float
     rank: int
@@ -70,11 +71,14 @@ class TokenLogprobs(Mapping[int, Logprob]):
     logprob: float
     rank: int
     top: list[tuple[int, float]]
+    # Each listed token's text in context (`Logprob.decoded_token`); filled when the output is built.
+    texts: dict[int, str] | None = field(default=None, repr=False, compare=False)
 
     def _entries(self) -> dict[int, Logprob]:
-        entries = {self.token_id: Logprob(self.logprob, self.rank)}
+        texts = self.texts or {}
+        entries = {self.token_id: Logprob(self.logprob, self.rank, texts.get(self.token_id))}
         for k, (t, lp) in enumerate(self.top):
-            entries.setdefault(t, Logprob(lp, k + 1))
+            entries.setdefault(t, Logprob(lp, k + 1, texts.get(t)))
         return entries
 
     def __getitem__(self, token_id: int) -> Logprob:

@@ -12,7 +12,6 @@ which frees its KV blocks at once. Responses carry `usage` and, as an extra fiel
 from __future__ import annotations
 
 import asyncio
-import codecs
 import json
 import time
 import uuid
@@ -26,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lengthwise.engine.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestStream, StreamDelta
+from lengthwise.engine.detokenizer import TokenPieces
 from lengthwise.engine.llm import chat_messages
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -288,49 +288,7 @@ def _finish(reason: str | None) -> str | None:
     return reason
 
 
-def _token_text(tokenizer: Tokenizer, prev: int, token_id: int) -> str:
-    """A token's text as it reads after `prev` (alone, SentencePiece would drop its leading space)."""
-    return tokenizer.decode([prev, token_id], skip_special_tokens=False)[
-        len(tokenizer.decode([prev], skip_special_tokens=False)):]
-
-
-class _TokenPieces:
-    """The sampled tokens of one choice as its logprobs show them, in order, across a stream's deltas.
-
-    A token that holds part of a character (a byte-fallback `<0xF0>`, a byte-level 'Ġð') has no
-    text of its own: it is shown by its raw bytes, as text with the broken bytes escaped
-    (' \\xf0'), as OpenAI writes them, and the `bytes` of consecutive tokens join into the
-    character. Text offsets count the characters before a token in the choice's text, so a
-    character's pieces all point at its start.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prev: int) -> None:
-        self._tokenizer = tokenizer
-        self._prev = prev  # the token before the next one: context for its leading space
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")  # as the response text decodes
-        self.offset = 0
-
-    def piece(self, token_id: int) -> tuple[str, bytes]:
-        """(text, bytes) of `token_id` at the current position (the sampled token or an alternative)."""
-        raw = self._tokenizer.token_bytes(token_id)
-        if raw is not None:
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return raw.decode("utf-8", "backslashreplace"), raw
-        text = _token_text(self._tokenizer, self._prev, token_id)
-        return text, text.encode("utf-8")
-
-    def take(self, token_id: int) -> tuple[str, bytes, int]:
-        """(text, bytes, text offset) of the sampled `token_id`; moves past it."""
-        text, raw = self.piece(token_id)
-        offset = self.offset
-        self.offset += len(self._utf8.decode(raw))
-        self._prev = token_id
-        return text, raw, offset
-
-
-def _completion_logprobs(pieces: _TokenPieces, lps: list[Any]) -> dict[str, Any]:
+def _completion_logprobs(pieces: TokenPieces, lps: list[Any]) -> dict[str, Any]:
     tokens, token_lps, tops, offsets = [], [], [], []
     for lp in lps:
         # OpenAI: "the logprob of the sampled token" always, so up to logprobs + 1 entries.
@@ -344,7 +302,7 @@ def _completion_logprobs(pieces: _TokenPieces, lps: list[Any]) -> dict[str, Any]
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _chat_logprobs(pieces: _TokenPieces, lps: list[Any]) -> dict[str, Any]:
+def _chat_logprobs(pieces: TokenPieces, lps: list[Any]) -> dict[str, Any]:
     def entry(text: str, raw: bytes, logprob: float) -> dict[str, Any]:
         return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
@@ -365,12 +323,12 @@ def _full_response(state: ServerState, rid: str, results: list[dict[str, Any]], 
             index = k * n + i
             if chat:
                 choice = {"index": index, "message": {"role": "assistant", "content": s["text"]},
-                          "logprobs": _chat_logprobs(_TokenPieces(state.tokenizer, s["prev"]), s["logprobs"])
+                          "logprobs": _chat_logprobs(TokenPieces(state.tokenizer, s["prev"]), s["logprobs"])
                           if logprobs is not None else None,
                           "finish_reason": _finish(s["finish"]), "stop_reason": s["stop_reason"]}
             else:
                 choice = {"index": index, "text": s["text"], "finish_reason": _finish(s["finish"]),
-                          "logprobs": _completion_logprobs(_TokenPieces(state.tokenizer, s["prev"]),
+                          "logprobs": _completion_logprobs(TokenPieces(state.tokenizer, s["prev"]),
                                                            s["logprobs"])
                           if logprobs is not None else None, "stop_reason": s["stop_reason"]}
             choices.append(choice)
@@ -406,7 +364,7 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
     finals: list[StreamDelta | None] = [None] * len(streams)
-    pieces: dict[int, _TokenPieces] = {}  # per choice, with logprobs: where its tokens are
+    pieces: dict[int, TokenPieces] = {}  # per choice, with logprobs: where its tokens are
     started: set[int] = set()
     ended: set[int] = set()  # choices whose finish_reason went out: nothing more is sent for them
 
@@ -425,7 +383,7 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
                 continue  # (the engine reports every sample of a request each step, finished ones too)
             finish = _finish(s.finish_reason)
             if logprobs is not None and index not in pieces:
-                pieces[index] = _TokenPieces(state.tokenizer, s.prev_token_id)
+                pieces[index] = TokenPieces(state.tokenizer, s.prev_token_id)
             if chat:
                 d: dict[str, Any] = {"content": s.text}
                 if index not in started:
