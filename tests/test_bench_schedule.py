@@ -21,6 +21,12 @@ def test_parse_policy_specs():
     # A JSON list keeps its commas: the paper's fixed multi-bin edges can be given.
     spec = parse_policy("multibin:bins=4,edges=[30,93,168],batch_size=16")
     assert spec.options == {"bins": 4, "edges": [30, 93, 168], "batch_size": 16}
+    # A label is the spec as typed, and parses back to the same spec (a bare word stays bare).
+    for text in ("sequence:vbs=paper,pad=true", "sequence:fcr=continue@oracle", "multibin:edges=[30,93]",
+                 'static:note="12"', 'static:note="a b"'):
+        spec = parse_policy(text)
+        assert parse_policy(spec.label) == spec
+    assert parse_policy("sequence:vbs=paper,pad=true").label == "sequence:vbs=paper,pad=true"
 
 
 def test_bench_schedule_reproduces_lengths_and_sorting_cuts_padding(random_model, tmp_path):

@@ -47,8 +47,19 @@ class PolicySpec:
 
     @property
     def label(self) -> str:
-        return self.name + (":" + ",".join(f"{k}={json.dumps(v)}" for k, v in self.options.items())
+        """The spec as `--policy` takes it back (a bare word stays bare: `vbs=paper`, not `vbs="paper"`)."""
+        return self.name + (":" + ",".join(f"{k}={_option_text(v)}" for k, v in self.options.items())
                             if self.options else "") + (f"@{self.predictor}" if self.predictor else "")
+
+
+def _option_text(value: Any) -> str:
+    text = json.dumps(value)
+    if isinstance(value, str) and value and not any(c in value for c in ",=@[]{}\"' \\"):
+        try:
+            json.loads(value)
+        except json.JSONDecodeError:
+            return value  # parse_policy reads a word that is not JSON as this same string
+    return text
 
 
 def parse_policy(text: str) -> PolicySpec:
