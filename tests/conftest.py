@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,6 +66,50 @@ def stories_with_template(tmp_path_factory, chat_template: str) -> Path:
     cfg["chat_template"] = chat_template
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     return d
+
+
+@contextmanager
+def forced_answer_server(model_dir: Path, args: list[str], answer: Callable, trigger: str) -> Iterator:
+    """An `openai` client of a server run in this process on `model_dir` (with `serve` `args`),
+    whose sampler writes `answer(tokenizer)`'s token ids, then the end token, for every request
+    whose prompt text contains `trigger` (tiny models cannot write tool calls or reasoning tags)."""
+    import openai
+    import uvicorn
+
+    import lengthwise.engine.llm_engine as engine_module
+    from lengthwise.cli import build_parser
+    from lengthwise.server.api_server import build_app
+    from lengthwise.server.cli import build_state
+
+    state = build_state(build_parser().parse_args(["serve", str(model_dir), "--served-model-name", "stories",
+                                                   "--threads", "1", "--max-num-seqs", "4", *args]))
+    tok = state.tokenizer
+    forced = answer(tok) + [tok.eos_token_id]
+    real = engine_module.sample
+
+    def sample(logits, params, gens, prompts, outputs, **kw):  # noqa: ANN001, ANN202
+        out = real(logits, params, gens, prompts, outputs, **kw)
+        hit = [trigger.encode() in tok.decode(list(p), skip_special_tokens=False).encode() for p in prompts]
+        out.token_ids = [forced[min(len(o), len(forced) - 1)] if h else t
+                         for o, h, t in zip(outputs, hit, out.token_ids, strict=True)]
+        return out
+
+    engine_module.sample = sample
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine_module.sample = real
 
 
 def make_hf_model(family: str, seed: int = 0, **overrides):

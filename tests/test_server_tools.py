@@ -5,12 +5,9 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import pytest
-from conftest import stories_with_template
+from conftest import forced_answer_server, stories_with_template
 
 from lengthwise.server.tools import HermesToolParser, ToolCallStream, check_tools
 
@@ -89,46 +86,16 @@ def test_bad_tools_name_their_place(tools, message):
 def tool_server(tmp_path_factory):
     """A server with --tool-call-parser hermes on a stories260k copy whose template shows the tools;
     its sampler writes ANSWER (then the end token) for every chat whose prompt mentions a tool."""
-    import uvicorn
-
-    import lengthwise.engine.llm_engine as engine_module
-    from lengthwise.cli import build_parser
-    from lengthwise.server.api_server import build_app
-    from lengthwise.server.cli import build_state
-
     d = stories_with_template(tmp_path_factory, TEMPLATE)
-    state = build_state(build_parser().parse_args(["serve", str(d), "--served-model-name", "stories", "--threads",
-                                                   "1", "--tool-call-parser", "hermes", "--max-num-seqs", "4"]))
-    tok = state.tokenizer
-    # (an <unk> before the call: a special token, kept in the text of a tools request as vLLM keeps
-    # them, so a tokenizer that marks <tool_call> special still shows the parser its tags)
-    forced = (tok.encode("Let me check.", add_special_tokens=False) + [tok.token_to_id("<unk>")]
-              + tok.encode(ANSWER[len("Let me check."):], add_special_tokens=False) + [tok.eos_token_id])
-    real = engine_module.sample
 
-    def sample(logits, params, gens, prompts, outputs, **kw):  # noqa: ANN001, ANN202
-        out = real(logits, params, gens, prompts, outputs, **kw)
-        mentions = [b"get_weather" in tok.decode(list(p), skip_special_tokens=False).encode() for p in prompts]
-        out.token_ids = [forced[min(len(o), len(forced) - 1)] if m else t
-                         for o, m, t in zip(outputs, mentions, out.token_ids, strict=True)]
-        return out
+    def answer(tok):  # noqa: ANN001, ANN202
+        # (an <unk> before the call: a special token, kept in the text of a tools request as vLLM
+        # keeps them, so a tokenizer that marks <tool_call> special still shows the parser its tags)
+        return (tok.encode("Let me check.", add_special_tokens=False) + [tok.token_to_id("<unk>")]
+                + tok.encode(ANSWER[len("Let me check."):], add_special_tokens=False))
 
-    engine_module.sample = sample
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        engine_module.sample = real
+    with forced_answer_server(d, ["--tool-call-parser", "hermes"], answer, "get_weather") as client:
+        yield client
 
 
 def test_tool_calls_come_back_as_openai_tool_calls(tool_server):

@@ -40,10 +40,12 @@ from lengthwise.server.protocol import (
     parse_body,
     sampling_params,
 )
+from lengthwise.server.reasoning import ReasoningParser, ReasoningRequest, ReasoningSplit
 from lengthwise.server.tools import HermesToolParser, ToolCallStream, check_tools
 from lengthwise.tokenizer import Tokenizer
 
 RETRY_AFTER_S = 1
+PROMPT_TAIL_TOKENS = 32  # of a chat prompt, decoded to see whether its template opened or closed <think>
 DISCONNECT_POLL_S = 0.25
 
 
@@ -59,6 +61,7 @@ class ServerState:
     grace_s: float = 30.0
     default_max_tokens: int | None = None  # generation_config.json's max_new_tokens: caps chat's default
     tool_parser: HermesToolParser | None = None  # --tool-call-parser: reads tool calls out of chat answers
+    reasoning_parser: ReasoningParser | None = None  # --reasoning-parser: splits <think> off chat answers
     created: int = 0
 
 
@@ -231,7 +234,12 @@ def build_app(state: ServerState) -> FastAPI:
         params = sampling_params(req, max_tokens, logprobs, state.defaults)
         if parser is not None:  # a tokenizer may mark <tool_call> special: keep it for the parser (vLLM's)
             params = dataclasses.replace(params, skip_special_tokens=False)
-        return await respond(request, req, [ids], params, chat=True, messages=messages, tools=parser)
+        reasoning = None
+        if state.reasoning_parser is not None:  # where the answer starts: the prompt's last tokens say
+            tail = state.tokenizer.decode(ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+            reasoning = state.reasoning_parser.for_request(tail, extra, req.include_reasoning)
+        return await respond(request, req, [ids], params, chat=True, messages=messages, tools=parser,
+                             reasoning=reasoning)
 
     def check_model(name: str) -> None:
         if name != state.model_name:  # 404, as OpenAI and vLLM answer (the client raises NotFoundError)
@@ -249,7 +257,8 @@ def build_app(state: ServerState) -> FastAPI:
 
     async def respond(request: Request, req: Any, prompts: list[list[int]], params: SamplingParams,
                       chat: bool, messages: list[dict[str, Any]] | None = None,
-                      echo: list[Echo] | None = None, tools: HermesToolParser | None = None) -> Response:
+                      echo: list[Echo] | None = None, tools: HermesToolParser | None = None,
+                      reasoning: ReasoningRequest | None = None) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
         try:
@@ -261,7 +270,8 @@ def build_app(state: ServerState) -> FastAPI:
             raise
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = _stream_events(state, rid, streams, params.n, chat, include_usage, params.logprobs, echo, tools)
+            body = _stream_events(state, rid, streams, params.n, chat, include_usage, params.logprobs, echo, tools,
+                                  reasoning)
             return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         task = asyncio.ensure_future(_collect(streams))
@@ -273,7 +283,7 @@ def build_app(state: ServerState) -> FastAPI:
                     stream.close()
                 return Response(status_code=499)
         return JSONResponse(_full_response(state, rid, task.result(), params.n, chat, params.logprobs, echo,
-                                           tools))
+                                           tools, reasoning))
 
     return app
 
@@ -312,6 +322,12 @@ class Echo:
         shift = len(decoded) - len(self.text) if decoded.endswith(self.text) else 0
         out["text_offset"] = [max(0, o - shift) for o in out["text_offset"]]
         return out, len(self.text)
+
+
+def _reasoning_fields(thought: str | None) -> dict[str, str | None]:
+    """A message's (or delta's) reasoning under vLLM's current name and its older one, which the
+    DeepSeek API and many clients read."""
+    return {"reasoning": thought, "reasoning_content": thought}
 
 
 def _join_logprobs(*parts: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -455,7 +471,8 @@ def _echoed_choice(state: ServerState, echo: Echo | None, prompt_lps: list[Any] 
 
 def _full_response(state: ServerState, rid: str, results: list[dict[str, Any]], n: int, chat: bool,
                    logprobs: int | None, echo: list[Echo] | None = None,
-                   tools: HermesToolParser | None = None) -> dict[str, Any]:
+                   tools: HermesToolParser | None = None,
+                   reasoning: ReasoningRequest | None = None) -> dict[str, Any]:
     choices = []
     for k, res in enumerate(results):
         for i in range(n):
@@ -464,8 +481,11 @@ def _full_response(state: ServerState, rid: str, results: list[dict[str, Any]], 
             if chat:
                 message: dict[str, Any] = {"role": "assistant", "content": s["text"]}
                 finish = _finish(s["finish"])
-                if tools is not None:
-                    message["content"], calls = tools.parse(s["text"])
+                if reasoning is not None:
+                    thought, message["content"] = reasoning.splitter().whole(s["text"])
+                    message.update(_reasoning_fields(thought if reasoning.include else None))
+                if tools is not None and message["content"] is not None:  # calls come after any reasoning
+                    message["content"], calls = tools.parse(message["content"])
                     message["tool_calls"] = [c.to_openai() for c in calls]
                     finish = "tool_calls" if calls else finish
                 choice = {"index": index, "message": message,
@@ -507,8 +527,8 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Stre
 
 async def _stream_events(state: ServerState, rid: str, streams: list[RequestStream], n: int,
                          chat: bool, include_usage: bool, logprobs: int | None,
-                         echo: list[Echo] | None = None,
-                         tools: HermesToolParser | None = None) -> AsyncIterator[bytes]:
+                         echo: list[Echo] | None = None, tools: HermesToolParser | None = None,
+                         reasoning: ReasoningRequest | None = None) -> AsyncIterator[bytes]:
     """Server-sent events in OpenAI's chunk format, `data: [DONE]` last."""
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -526,6 +546,7 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
 
     prompt_lps: dict[int, list[Any]] = {}  # per prompt, with echo and logprobs
     calls: dict[int, ToolCallStream] = {}  # per choice, with tools: content now, calls at the end
+    splits: dict[int, ReasoningSplit] = {}  # per choice, with a reasoning parser
     async for k, delta in _merged(streams):
         if delta.prompt_logprobs is not None:
             prompt_lps[k] = delta.prompt_logprobs
@@ -538,15 +559,21 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
             if logprobs is not None and index not in pieces:
                 pieces[index] = TokenPieces(state.tokenizer, s.prev_token_id)
             if chat:
-                d: dict[str, Any] = {"content": s.text}
-                if index not in started:
-                    d["role"] = "assistant"
+                d: dict[str, Any] = {"role": "assistant"} if index not in started else {}
+                d["content"] = s.text
+                if reasoning is not None:
+                    thought, d["content"] = splits.setdefault(index, reasoning.splitter()).feed(
+                        s.text, s.finish_reason is not None)
+                    if thought and reasoning.include:
+                        d.update(_reasoning_fields(thought))
                 if tools is not None:
                     d["content"], found = calls.setdefault(index, ToolCallStream(tools)).feed(
-                        s.text, s.finish_reason is not None)
+                        d["content"], s.finish_reason is not None)
                     if found:
                         d["tool_calls"] = [c.to_openai(i) for i, c in enumerate(found)]
                         finish = "tool_calls"
+                if "reasoning" in d and not d["content"]:
+                    d["content"] = None  # a delta of reasoning only
                 choice = {"index": index, "delta": d, "finish_reason": finish,
                           "logprobs": _chat_logprobs(pieces[index], s.logprobs or [])
                           if logprobs is not None else None, "stop_reason": s.stop_reason}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lengthwise.argtypes import kv_memory, port, positive_int
+from lengthwise.server.reasoning import PARSERS as REASONING_PARSERS
 from lengthwise.server.tools import PARSERS
 
 FLUSH_S = 5.0  # after the grace period, how long aborted responses get to be written
@@ -50,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction, add_policy_arguments: Any) -> No
                         "without it a request with tools is refused")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM command lines: tool_choice 'auto' works whenever --tool-call-parser is set")
+    p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
+                   help="send a thinking model's <think> part as message.reasoning (deepseek_r1: DeepSeek-R1, QwQ; "
+                        "qwen3: Qwen3, which also reads chat_template_kwargs' enable_thinking)")
     p.add_argument("--max-waiting", type=int, default=256, help="requests that may wait to be scheduled; "
                    "beyond, 429 with Retry-After (default 256)")
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get to finish "
@@ -71,6 +75,7 @@ def build_state(args: argparse.Namespace) -> Any:
     from lengthwise.engine.llm_engine import LLMEngine, generation_defaults
     from lengthwise.server.api_server import ServerState
     from lengthwise.server.metrics import ServerMetrics
+    from lengthwise.server.reasoning import make_reasoning_parser
     from lengthwise.server.tools import make_parser
 
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
@@ -93,7 +98,7 @@ def build_state(args: argparse.Namespace) -> Any:
     return ServerState(AsyncEngine(engine, max_waiting=args.max_waiting, observer=metrics), name, engine.tokenizer,
                        engine.max_model_len, engine.default_sampling_params(), metrics, args.api_key,
                        args.grace_period, generation_defaults(model_dir).get("max_tokens"),
-                       make_parser(args.tool_call_parser))
+                       make_parser(args.tool_call_parser), make_reasoning_parser(args.reasoning_parser))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -103,6 +103,7 @@ class ChatCompletionRequest(_Common):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    include_reasoning: bool = True  # vLLM's: false leaves the reasoning out (with --reasoning-parser)
     # Accepted at its neutral value only.
     response_format: dict[str, Any] | None = None
 

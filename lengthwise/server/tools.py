@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from lengthwise.server.reasoning import partial_tag
+
 
 @dataclass
 class ToolCall:
@@ -77,12 +79,7 @@ class HermesToolParser:
         """How much of a partial response may stream as content now: up to the first call's tag,
         less a tail that could be the start of one."""
         at = text.find(self.start)
-        if at != -1:
-            return at
-        for k in range(min(len(text), len(self.start) - 1), 0, -1):
-            if self.start.startswith(text[-k:]):
-                return len(text) - k
-        return len(text)
+        return at if at != -1 else len(text) - partial_tag(text, self.start)
 
 
 PARSERS = {HermesToolParser.name: HermesToolParser}
