@@ -4,6 +4,7 @@ from lengthwise.config import EngineConfig
 from lengthwise.engine import LLM, Generation, LLMEngine, RequestOutput, generate
 from lengthwise.model import CausalLM, CheckpointError, ModelConfig, load_model
 from lengthwise.sampling_params import SamplingParams
+from lengthwise.structured.params import StructuredOutputsParams
 from lengthwise.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -18,6 +19,7 @@ __all__ = [
     "ModelConfig",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
     "Tokenizer",
     "generate",
     "load_model",

@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from lengthwise.structured.params import StructuredOutputsParams
+
 MAX_LOGPROBS = 20
 
 
@@ -32,6 +34,8 @@ class SamplingParams:
       returns only the sampled token's own log-probability and rank.
     - `prompt_logprobs`: the same for every prompt token after the first (scoring a text, as
       evaluation harnesses do). Such a request computes its whole prompt: no prefix-cache reuse.
+    - `structured_outputs`: a `StructuredOutputsParams` (a JSON Schema, any JSON object, or one
+      of a list of strings) the response must follow; needs the engine's tokenizer.
     - `skip_special_tokens` and `detokenize` control the output text.
     """
 
@@ -55,6 +59,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, minimum=1)
@@ -101,6 +106,9 @@ class SamplingParams:
                 _check_int(name, value, minimum=0)
                 if value > MAX_LOGPROBS:
                     raise ValueError(f"{name} must be at most {MAX_LOGPROBS}, got {value}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(f"structured_outputs must be a StructuredOutputsParams, got "
+                             f"{type(self.structured_outputs).__name__}")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

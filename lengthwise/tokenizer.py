@@ -108,6 +108,15 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, batch: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        """`decode` of each list of ids (in parallel, in the tokenizers library)."""
+        return self._tok.decode_batch(batch, skip_special_tokens=skip_special_tokens)
+
+    @functools.cached_property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special (`<s>`, `<|im_end|>`; not `<think>`, which is text)."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
     def token_bytes(self, token_id: int) -> bytes | None:
         """The raw bytes a byte token stands for, from the vocabulary: a byte-level BPE token
         ('Ġð' -> b' \\xf0') or a byte-fallback token ('<0xF0>' -> b'\\xf0'). These can hold part of

@@ -334,6 +334,32 @@ def test_logit_bias_bans_and_forces_tokens(client, offline):
     assert all(lp < 0 for lp in forced.logprobs.token_logprobs)  # the model's own, not the biased
 
 
+def test_structured_outputs_hold_answers_to_json_and_choices(client):
+    """OpenAI's response_format (json_object, json_schema) and vLLM's structured_outputs /
+    guided_choice: stories260k writes stories, yet every answer that ends is what was asked for,
+    streamed or not."""
+    schema = {"type": "object", "properties": {"hero": {"type": "string", "maxLength": 10},
+                                                "happy": {"type": "boolean"}}, "required": ["hero", "happy"]}
+    kw = dict(model=NAME, messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=60, n=3, seed=4)
+    fmt = {"type": "json_schema", "json_schema": {"name": "story", "schema": schema, "strict": True}}
+    r = client.chat.completions.create(**kw, response_format=fmt)
+    done = [c.message.content for c in r.choices if c.finish_reason == "stop"]
+    assert done and all(set(json.loads(t)) == {"hero", "happy"} and len(json.loads(t)["hero"]) <= 10 for t in done)
+    streamed: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**kw, response_format=fmt, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+    assert [streamed[i] for i in range(3)] == [c.message.content for c in r.choices]  # same seed, same answers
+    obj = client.chat.completions.create(**kw, response_format={"type": "json_object"})
+    assert all(isinstance(json.loads(c.message.content), dict) for c in obj.choices if c.finish_reason == "stop")
+    choice = client.completions.create(model=NAME, prompt="Lily was", max_tokens=8, n=4, temperature=1.0,
+                                       extra_body={"guided_choice": ["happy", "sad"]})
+    assert {c.text for c in choice.choices} <= {"happy", "sad"}
+    same = client.completions.create(model=NAME, prompt="Lily was", max_tokens=8, n=4, temperature=1.0,
+                                     extra_body={"structured_outputs": {"choice": ["happy", "sad"]}})
+    assert {c.text for c in same.choices} <= {"happy", "sad"}
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, param", [
@@ -354,6 +380,12 @@ def test_logit_bias_bans_and_forces_tokens(client, offline):
     ({"model": NAME, "prompt": "hi", "colour": "blue"}, "colour"),
     ({"model": NAME}, "prompt"),
     ({"model": NAME, "prompt": [99999]}, "prompt"),
+    ({"model": NAME, "prompt": "hi", "guided_json": {"type": "string", "pattern": "a+"}}, "guided_json"),
+    ({"model": NAME, "prompt": "hi", "guided_regex": "a+"}, "guided_regex"),
+    ({"model": NAME, "prompt": "hi", "guided_choice": []}, "guided_choice"),
+    ({"model": NAME, "prompt": "hi", "structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs"),
+    ({"model": NAME, "prompt": "hi", "guided_choice": ["a"], "response_format": {"type": "json_object"}},
+     "guided_choice"),
     ({"model": NAME, "prompt": ["hi"] * 51}, "prompt"),  # more prompts than --max-waiting 50 could ever queue
 ])
 def test_bad_completion_requests_get_400_naming_the_parameter(server, body, param):
@@ -381,6 +413,12 @@ def test_an_unknown_model_is_404_model_not_found(server, client):
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9999},
      "max_completion_tokens"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
+     "response_format"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer",
+                                                                                      "minimum": 1}}}},
+     "response_format"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4, "max_tokens": 5},
      "max_completion_tokens"),
 ])

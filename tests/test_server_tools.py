@@ -120,8 +120,8 @@ def test_tool_calls_come_back_as_openai_tool_calls(tool_server):
     assert chunks[-1].finish_reason == "tool_calls"
     none = tool_server.chat.completions.create(**kw, tools=TOOLS, tool_choice="none").choices[0]
     assert none.finish_reason == "stop" and "<tool_call>" in none.message.content and not none.message.tool_calls
-    with pytest.raises(openai.BadRequestError, match="tool_choice"):
-        tool_server.chat.completions.create(**kw, tools=TOOLS, tool_choice="required")
+    with pytest.raises(openai.BadRequestError, match="tool_choice must be"):
+        tool_server.chat.completions.create(**kw, tools=TOOLS, tool_choice="always")
     with pytest.raises(openai.BadRequestError, match="tool_choice needs tools"):
         tool_server.chat.completions.create(**kw, tool_choice="auto")
     with pytest.raises(openai.BadRequestError, match="tools.0"):
@@ -174,3 +174,48 @@ def test_a_tool_use_template_renders_requests_with_tools(tmp_path_factory):
     tok = Tokenizer(d)
     hi = [{"role": "user", "content": "hi"}]
     assert tok.apply_chat_template(hi) == "hi" and tok.apply_chat_template(hi, tools=TOOLS) == "get_weather: hi"
+
+
+# Tools the forcing sampler does not know (their names never trigger ANSWER): answers are the model's
+# own, held to the calls by structured outputs.
+LOOKUP = {"type": "function", "function": {"name": "lookup", "parameters": {
+    "type": "object", "properties": {"q": {"type": "string", "maxLength": 8}}, "required": ["q"]}}}
+ADD = {"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+
+
+def test_forced_tool_choice_holds_the_answer_to_calls(tool_server):
+    """A named function: its arguments object, finish_reason "stop" (OpenAI's for a forced call);
+    "required": one call or more among the tools, finish_reason "tool_calls"; streamed the same."""
+    kw = dict(model="stories", messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=80,
+              temperature=1.0, seed=2)
+    named = {"type": "function", "function": {"name": "lookup"}}
+    choice = tool_server.chat.completions.create(**kw, tools=[LOOKUP, ADD], tool_choice=named).choices[0]
+    (call,) = choice.message.tool_calls
+    assert choice.finish_reason == "stop" and choice.message.content is None and call.function.name == "lookup"
+    assert set(json.loads(call.function.arguments)) == {"q"} and len(json.loads(call.function.arguments)["q"]) <= 8
+    chunks = [c.choices[0] for c in tool_server.chat.completions.create(**kw, tools=[LOOKUP, ADD], tool_choice=named,
+                                                                        stream=True) if c.choices]
+    streamed = [tc for c in chunks for tc in (c.delta.tool_calls or [])]
+    assert [(tc.function.name, tc.function.arguments) for tc in streamed] == [("lookup", call.function.arguments)]
+    assert not "".join(c.delta.content or "" for c in chunks)
+
+    for single in (False, True):
+        r = tool_server.chat.completions.create(**dict(kw, max_tokens=120), tools=[LOOKUP, ADD], tool_choice="required",
+                                                parallel_tool_calls=not single, n=3)
+        done = [c for c in r.choices if c.finish_reason == "tool_calls"]
+        # (this model may list calls until max_tokens cuts the list: then the text is the content)
+        assert all(c.finish_reason == "length" and c.message.content.lstrip().startswith("[") for c in r.choices
+                   if c not in done) and (done or not single)
+        for c in done:
+            assert c.message.tool_calls and (len(c.message.tool_calls) == 1 or not single)
+            for tc in c.message.tool_calls:
+                want = {"lookup": {"q"}, "add": {"a", "b"}}[tc.function.name]
+                assert set(json.loads(tc.function.arguments)) == want
+
+    with pytest.raises(openai.BadRequestError, match="'search', which is not among tools"):
+        tool_server.chat.completions.create(**kw, tools=[LOOKUP], tool_choice={"type": "function",
+                                                                               "function": {"name": "search"}})
+    with pytest.raises(openai.BadRequestError, match="both constrain"):
+        tool_server.chat.completions.create(**kw, tools=[LOOKUP], tool_choice="required",
+                                            response_format={"type": "json_object"})

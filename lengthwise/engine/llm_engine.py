@@ -31,6 +31,7 @@ from lengthwise.ops.dispatch import use_triton
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.sched import Scheduler, make_policy
 from lengthwise.sequence import Request, RequestStatus, Sequence
+from lengthwise.structured.guide import StructuredOutputs
 from lengthwise.tokenizer import Tokenizer
 
 CPU_DEFAULT_KV_BYTES = 4 << 30
@@ -78,6 +79,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.length = LengthPerception(self, config.length_predictor, config.record_lengths)
         self.stats = EngineStats()
+        self.structured = None if tokenizer is None else StructuredOutputs(tokenizer, mc.vocab_size)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -154,6 +156,10 @@ class LLMEngine:
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab}): "
                              f"{[t for t in params.logit_bias if t >= vocab]}")
+        if params.structured_outputs is not None:
+            if self.structured is None:
+                raise ValueError(f"structured_outputs needs a tokenizer; {self.model_dir} has no tokenizer.json")
+            self.structured.compile(params.structured_outputs)  # a schema it cannot enforce fails here
         if eos_after is not None and (isinstance(eos_after, bool) or not isinstance(eos_after, int) or eos_after < 1):
             raise ValueError(f"eos_after must be a positive number of tokens, got {eos_after!r}")
         if true_length is not None and (isinstance(true_length, bool) or not isinstance(true_length, (int, float))
@@ -227,6 +233,8 @@ class LLMEngine:
                 seq.state["stop"] = StopStringMatcher(p.stop, p.include_stop_str_in_output)
         elif p.stop:
             raise ValueError("stop strings need detokenize=True and a tokenizer")
+        if p.structured_outputs is not None and self.structured is not None:
+            seq.state["guide"] = self.structured.guide(p.structured_outputs)
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a waiting or running request; its KV blocks are freed at once. `False` if unknown or done."""
@@ -271,9 +279,10 @@ class LLMEngine:
         rows: list[int] = []
         seqs: list[Sequence] = []
         prefilled: list[int] = []
-        min_tokens = False  # any row held to its min_tokens (found here: this loop runs every step)
-        for row, chunk in enumerate(c for c in plan.chunks if c.sample):
+        min_tokens = guided = False  # any row held to its min_tokens, any structured (found here: this loop
+        for row, chunk in enumerate(c for c in plan.chunks if c.sample):  # runs every step)
             min_tokens = min_tokens or chunk.request.params.min_tokens > 0
+            guided = guided or chunk.request.params.structured_outputs is not None
             targets = chunk.request.active_seqs if chunk.seq is None else [chunk.seq]
             rows.extend([row] * len(targets))
             seqs.extend(targets)
@@ -300,7 +309,8 @@ class LLMEngine:
         out = sample(logits, [s.request.params for s in seqs], [s.state["generator"] for s in seqs],
                      [s.request.prompt_ids for s in seqs], [s.output_ids for s in seqs], before_read=ahead,
                      banned=[self._stop_tokens(s) if len(s.output_ids) < s.request.params.min_tokens else ()
-                             for s in seqs] if min_tokens else None)
+                             for s in seqs] if min_tokens else None,
+                     allowed=[self._allowed(s) for s in seqs] if guided else None)
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for seq, token, lp in zip(seqs, out.token_ids, out.logprobs, strict=True):
@@ -312,6 +322,18 @@ class LLMEngine:
         """The tokens that would end `seq`: its stop_token_ids, and the model's end tokens unless ignore_eos."""
         p = seq.request.params
         return frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+
+    def _allowed(self, seq: Sequence) -> torch.Tensor | None:
+        """The tokens a structured sample may draw next: its grammar's, and its stop tokens where
+        the response is complete (or where the grammar allows nothing else, so it ends)."""
+        guide = seq.state.get("guide")
+        if guide is None:
+            return None
+        mask = guide.mask()
+        if guide.complete or not mask.any():
+            mask = mask.clone()
+            mask[list(self._stop_tokens(seq))] = True
+        return mask
 
     def _score_prompt(self, request: Request, first: int, hidden: torch.Tensor) -> None:
         """Prompt logprobs of tokens `first ..` of the request's prompt from the final hidden states
@@ -360,6 +382,9 @@ class LLMEngine:
             reason = "stop"
         elif len(seq.output_ids) >= request.max_tokens:
             reason = "length"
+        guide = seq.state.get("guide")
+        if guide is not None and not stop_token:
+            guide.advance(token)
         detok = seq.state.get("detok")
         if detok is not None:
             # As vLLM: the token that stopped the sample adds no text unless include_stop_str_in_output.

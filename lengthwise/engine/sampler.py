@@ -102,14 +102,16 @@ class SampleOutput:
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]],
            before_read: Callable[[torch.Tensor], object] | None = None,
-           banned: Sequence[Collection[int]] | None = None) -> SampleOutput:
+           banned: Sequence[Collection[int]] | None = None,
+           allowed: Sequence[torch.Tensor | None] | None = None) -> SampleOutput:
     """Pick one token for each row of `logits` (`[R, V]`, float32; not modified).
 
     Row `i` samples with `params[i]` and draws from `generators[i]` (None: torch's default RNG;
     unused by greedy rows). `prompt_ids[i]` and `output_ids[i]` (the tokens the row generated
     so far) feed the penalties and are read only by rows that use penalties; each may be a list,
     a tuple, a numpy array or a 1-D tensor (tensors avoid a conversion). `banned[i]`: tokens row
-    `i` must not draw (the stop tokens of a sample short of its `min_tokens`).
+    `i` must not draw (the stop tokens of a sample short of its `min_tokens`). `allowed[i]`: a
+    bool mask `[V]` of the only tokens row `i` may draw (structured outputs), or None.
     """
     _check_inputs(logits, params, generators, prompt_ids, output_ids)
     if logits.dtype != torch.float32:
@@ -119,11 +121,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     greedy = [i for i, p in enumerate(params) if p.greedy]
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     banned = banned if banned is not None and any(banned) else None
+    allowed = allowed if allowed is not None and any(m is not None for m in allowed) else None
     if greedy:
-        x = _penalised(logits, greedy, params, prompt_ids, output_ids, banned)
+        x = _penalised(logits, greedy, params, prompt_ids, output_ids, banned, allowed)
         tokens = _put(tokens, greedy, x.argmax(dim=-1))
     if sampled:
-        x = _penalised(logits, sampled, params, prompt_ids, output_ids, banned)
+        x = _penalised(logits, sampled, params, prompt_ids, output_ids, banned, allowed)
         tokens = _put(tokens, sampled, _sample_rows(x, [params[i] for i in sampled],
                                                     [generators[i] for i in sampled], owned=x is not logits))
     if before_read is not None and tokens.is_cuda:
@@ -223,20 +226,25 @@ def _flat_positions(rows: list[int], seqs: list[Sequence[int]], vocab: int, name
 
 def _penalised(logits: torch.Tensor, rows: list[int], params: list[SamplingParams],
                prompt_ids: Sequence[Sequence[int]], output_ids: Sequence[Sequence[int]],
-               banned: Sequence[Collection[int]] | None = None) -> torch.Tensor:
-    """The logits of `rows`, biased, stripped of banned tokens, then penalised where their params
-    ask (vLLM's order); `logits` itself when that is all of it, unchanged."""
+               banned: Sequence[Collection[int]] | None = None,
+               allowed: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """The logits of `rows`, biased, stripped of banned tokens and of those outside their
+    `allowed` mask, then penalised where their params ask (vLLM's order); `logits` itself when
+    that is all of it, unchanged."""
     x = _take(logits, rows)
     # (one pass over the rows each: this runs every decode step)
     biased = [(j, params[i].logit_bias) for j, i in enumerate(rows) if params[i].logit_bias]
     ban = [(j, banned[i]) for j, i in enumerate(rows) if banned[i]] if banned is not None else []
+    masked = [(j, allowed[i]) for j, i in enumerate(rows) if allowed[i] is not None] if allowed is not None else []
     penalised = [j for j, i in enumerate(rows) if params[i].has_penalties]
-    if biased or ban or penalised:
+    if biased or ban or masked or penalised:
         x = x.clone(memory_format=torch.contiguous_format) if x is logits else x
     _apply_logit_bias(x, biased)
     if ban:
         vocab = x.shape[1]
         x.view(-1)[torch.tensor([j * vocab + t for j, ids in ban for t in ids], device=x.device)] = -math.inf
+    for j, mask in masked:
+        x[j].masked_fill_(~mask.to(x.device, non_blocking=True), -math.inf)
     if penalised:
         _apply_penalties(x, penalised, [params[rows[j]] for j in penalised],
                          [prompt_ids[rows[j]] for j in penalised], [output_ids[rows[j]] for j in penalised])

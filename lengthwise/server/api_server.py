@@ -41,7 +41,8 @@ from lengthwise.server.protocol import (
     sampling_params,
 )
 from lengthwise.server.reasoning import ReasoningParser, ReasoningRequest, ReasoningSplit
-from lengthwise.server.tools import HermesToolParser, ToolCallStream, check_tools
+from lengthwise.server.tools import ForcedToolCalls, HermesToolParser, ToolCallStream, check_tools
+from lengthwise.structured.params import StructuredOutputsParams
 from lengthwise.tokenizer import Tokenizer
 
 RETRY_AFTER_S = 1
@@ -194,14 +195,23 @@ def build_app(state: ServerState) -> FastAPI:
             messages = chat_messages([m.model_dump(exclude_none=True) for m in req.messages])
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
-        parser = None
+        parser: HermesToolParser | ForcedToolCalls | None = None
+        forced_format = None
         template_args: dict[str, Any] = {}
         if req.tools:
             try:
                 template_args["tools"] = check_tools(req.tools)
             except ValueError as e:
                 raise ApiError(400, str(e), "tools") from None
-            if req.tool_choice != "none":  # the model sees the tools either way; "none": no calls read
+            forced = req.tool_choice == "required" or isinstance(req.tool_choice, dict)
+            if forced:  # structured outputs hold the answer to calls: no parser needed
+                name = req.tool_choice["function"]["name"] if isinstance(req.tool_choice, dict) else None
+                try:
+                    parser = ForcedToolCalls(req.tools, name, single=req.parallel_tool_calls is False)
+                    forced_format = StructuredOutputsParams(json=parser.schema())
+                except ValueError as e:
+                    raise ApiError(400, str(e), "tool_choice" if "tool_choice" in str(e) else "tools") from None
+            elif req.tool_choice != "none":  # the model sees the tools either way; "none": no calls read
                 if state.tool_parser is None:
                     raise ApiError(400, "tools need the server started with --tool-call-parser (e.g. hermes)",
                                    "tools")
@@ -232,7 +242,12 @@ def build_app(state: ServerState) -> FastAPI:
         max_tokens = asked if asked is not None else min(rest, state.default_max_tokens or rest)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling_params(req, max_tokens, logprobs, state.defaults)
-        if parser is not None:  # a tokenizer may mark <tool_call> special: keep it for the parser (vLLM's)
+        if forced_format is not None:
+            if params.structured_outputs is not None:
+                raise ApiError(400, "a forced tool_choice and an output format both constrain the answer: give one",
+                               "tool_choice")
+            params = dataclasses.replace(params, structured_outputs=forced_format)
+        elif parser is not None:  # a tokenizer may mark <tool_call> special: keep it for the parser (vLLM's)
             params = dataclasses.replace(params, skip_special_tokens=False)
         reasoning = None
         if state.reasoning_parser is not None:  # where the answer starts: the prompt's last tokens say
@@ -257,7 +272,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     async def respond(request: Request, req: Any, prompts: list[list[int]], params: SamplingParams,
                       chat: bool, messages: list[dict[str, Any]] | None = None,
-                      echo: list[Echo] | None = None, tools: HermesToolParser | None = None,
+                      echo: list[Echo] | None = None, tools: HermesToolParser | ForcedToolCalls | None = None,
                       reasoning: ReasoningRequest | None = None) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
@@ -471,7 +486,7 @@ def _echoed_choice(state: ServerState, echo: Echo | None, prompt_lps: list[Any] 
 
 def _full_response(state: ServerState, rid: str, results: list[dict[str, Any]], n: int, chat: bool,
                    logprobs: int | None, echo: list[Echo] | None = None,
-                   tools: HermesToolParser | None = None,
+                   tools: HermesToolParser | ForcedToolCalls | None = None,
                    reasoning: ReasoningRequest | None = None) -> dict[str, Any]:
     choices = []
     for k, res in enumerate(results):
@@ -487,7 +502,7 @@ def _full_response(state: ServerState, rid: str, results: list[dict[str, Any]], 
                 if tools is not None and message["content"] is not None:  # calls come after any reasoning
                     message["content"], calls = tools.parse(message["content"])
                     message["tool_calls"] = [c.to_openai() for c in calls]
-                    finish = "tool_calls" if calls else finish
+                    finish = tools.calls_finish if calls else finish
                 choice = {"index": index, "message": message,
                           "logprobs": _chat_logprobs(TokenPieces(state.tokenizer, s["prev"]), s["logprobs"])
                           if logprobs is not None else None,
@@ -527,7 +542,7 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Stre
 
 async def _stream_events(state: ServerState, rid: str, streams: list[RequestStream], n: int,
                          chat: bool, include_usage: bool, logprobs: int | None,
-                         echo: list[Echo] | None = None, tools: HermesToolParser | None = None,
+                         echo: list[Echo] | None = None, tools: HermesToolParser | ForcedToolCalls | None = None,
                          reasoning: ReasoningRequest | None = None) -> AsyncIterator[bytes]:
     """Server-sent events in OpenAI's chunk format, `data: [DONE]` last."""
     created = int(time.time())
@@ -571,7 +586,7 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
                         d["content"], s.finish_reason is not None)
                     if found:
                         d["tool_calls"] = [c.to_openai(i) for i, c in enumerate(found)]
-                        finish = "tool_calls"
+                        finish = tools.calls_finish
                 if "reasoning" in d and not d["content"]:
                     d["content"] = None  # a delta of reasoning only
                 choice = {"index": index, "delta": d, "finish_reason": finish,

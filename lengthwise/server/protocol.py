@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lengthwise.sampling_params import SamplingParams
+from lengthwise.structured.params import StructuredOutputsParams
 
 
 class ApiError(Exception):
@@ -64,6 +65,55 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and older guided_*.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_choice: list[str] | None = None
+    guided_regex: str | None = None  # refused: no regex grammars here
+    guided_grammar: str | None = None  # refused: no EBNF grammars here
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The request's output constraint, from whichever field gives it (at most one may); a bad
+        one is a 400 naming its field."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        fmt = self.response_format
+        if fmt is not None:
+            kind = fmt.get("type")
+            if kind == "json_object":
+                given.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                spec = fmt.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                    raise ApiError(400, "response_format.json_schema must be {\"name\": ..., \"schema\": {...}}",
+                                   "response_format")
+                given.append(("response_format", {"json": spec.get("schema", {})}))
+            elif kind != "text":
+                raise ApiError(400, f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                               "response_format")
+        if self.structured_outputs is not None:
+            extra = sorted(set(self.structured_outputs) - {"json", "json_object", "choice"})
+            if extra:
+                raise ApiError(400, f"structured_outputs {extra} are not supported by this server (json, "
+                               f"json_object and choice are)", "structured_outputs")
+            given.append(("structured_outputs", dict(self.structured_outputs)))
+        if self.guided_json is not None:
+            given.append(("guided_json", {"json": self.guided_json}))
+        if self.guided_choice is not None:
+            given.append(("guided_choice", {"choice": self.guided_choice}))
+        for name in ("guided_regex", "guided_grammar"):
+            if getattr(self, name) is not None:
+                raise ApiError(400, f"{name} is not supported by this server (json schemas, json_object and "
+                               f"choice are)", name)
+        if len(given) > 1:
+            raise ApiError(400, f"give one output constraint, not {[name for name, _ in given]}", given[1][0])
+        if not given:
+            return None
+        name, fields = given[0]
+        try:
+            return StructuredOutputsParams(**fields)
+        except (TypeError, ValueError) as e:
+            raise ApiError(400, f"{name}: {e}", name) from None
 
     def unsupported(self) -> None:
         if self.best_of not in (None, 1, self.n):
@@ -104,19 +154,19 @@ class ChatCompletionRequest(_Common):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     include_reasoning: bool = True  # vLLM's: false leaves the reasoning out (with --reasoning-parser)
-    # Accepted at its neutral value only.
-    response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
         if self.tool_choice is not None and not self.tools:
             raise ApiError(400, "tool_choice needs tools", "tool_choice")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ApiError(400, "tool_choice other than 'auto' or 'none' (a forced call) is not supported by this "
-                           "server", "tool_choice")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise ApiError(400, "response_format other than text is not supported by this server",
-                           "response_format")
+        named = isinstance(self.tool_choice, dict)
+        if named and not (self.tool_choice.get("type") == "function" and isinstance(
+                (self.tool_choice.get("function") or {}).get("name"), str)):
+            raise ApiError(400, "tool_choice must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                           "\"function\": {\"name\": ...}}", "tool_choice")
+        if not named and self.tool_choice not in (None, "none", "auto", "required"):
+            raise ApiError(400, f"tool_choice must be 'none', 'auto', 'required' or a named function, got "
+                           f"{self.tool_choice!r}", "tool_choice")
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         for i, m in enumerate(self.messages):  # only an assistant turn may come without content (OpenAI)
@@ -183,7 +233,7 @@ def sampling_params(req: _Common, max_tokens: int, logprobs: int | None, default
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, logit_bias=_logit_bias(req.logit_bias),
         include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=req.skip_special_tokens,
-        stop_token_ids=tuple(req.stop_token_ids or ()))
+        stop_token_ids=tuple(req.stop_token_ids or ()), structured_outputs=req.structured())
     for name, default in (("temperature", defaults.temperature), ("top_p", defaults.top_p),
                           ("top_k", defaults.top_k), ("min_p", defaults.min_p),
                           ("repetition_penalty", defaults.repetition_penalty)):

@@ -44,6 +44,7 @@ class HermesToolParser:
 
     name = "hermes"
     start = "<tool_call>"
+    calls_finish = "tool_calls"  # the finish_reason of a choice with calls
     _call = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 
     def __init__(self, single: bool = False) -> None:
@@ -82,6 +83,44 @@ class HermesToolParser:
         return at if at != -1 else len(text) - partial_tag(text, self.start)
 
 
+class ForcedToolCalls:
+    """`tool_choice` "required" or a named function: structured outputs hold the answer to calls,
+    so no parser flag is needed (vLLM's way). A named function's answer is its arguments object
+    (finish_reason "stop", as OpenAI reports a forced call); "required" is a JSON list of
+    `{"name": ..., "parameters": {...}}`, one item with `single` (finish_reason "tool_calls")."""
+
+    start = ""  # no content streams: the calls go out whole at the end
+
+    def __init__(self, tools: list[dict[str, Any]], name: str | None, single: bool = False) -> None:
+        functions = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
+        if name is not None and name not in functions:
+            raise ValueError(f"tool_choice names the function {name!r}, which is not among tools "
+                             f"({', '.join(functions)})")
+        self.name, self.functions, self.single = name, functions, single
+        self.calls_finish = "stop" if name is not None else "tool_calls"
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON Schema the answer is held to."""
+        if self.name is not None:
+            return self.functions[self.name]
+        items = [{"type": "object", "properties": {"name": {"const": n}, "parameters": p},
+                  "required": ["name", "parameters"]} for n, p in self.functions.items()]
+        return {"type": "array", "items": {"anyOf": items}, "minItems": 1, **({"maxItems": 1} if self.single else {})}
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """(None, calls); an answer cut before its JSON ended is left as content, with no calls."""
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text, []
+        if self.name is not None:
+            return None, [ToolCall(self.name, json.dumps(value, ensure_ascii=False))]
+        return None, [ToolCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
+
+    def content_end(self, text: str) -> int:
+        return 0
+
+
 PARSERS = {HermesToolParser.name: HermesToolParser}
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 
@@ -115,7 +154,7 @@ class ToolCallStream:
     """One streamed choice: its text so far, split into content to send now and, once the choice
     ends, its tool calls (sent whole, in one delta)."""
 
-    def __init__(self, parser: HermesToolParser) -> None:
+    def __init__(self, parser: HermesToolParser | ForcedToolCalls) -> None:
         self.parser = parser
         self.text = ""
         self.sent = 0

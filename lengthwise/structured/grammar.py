@@ -1,0 +1,417 @@
+"""Byte-level grammars for structured outputs: a JSON Schema (or any JSON object, or one of a
+list of strings) compiled into an automaton that reads a response one byte at a time.
+
+The automaton is a nondeterministic pushdown machine. A state is a frozenset of stacks (so the
+alternatives of `anyOf`, optional properties and type lists simply fork), a stack is a tuple of
+frames with its top last, and a frame is a small tuple naming what comes next:
+
+| frame | meaning |
+|---|---|
+| `("v", node)` | a value of schema node `node` |
+| `("l", bytes, i)` | the literal `bytes[i:]` |
+| `("w", n)` | optional whitespace (one space at most), `n` bytes of it so far |
+| `("s", node, mode, count)` | inside a string: plain, after a backslash, in `\\uXXXX`, or mid UTF-8 character |
+| `("n", integer, phase)` | inside a number, at a phase of JSON's number syntax |
+| `("o", node, i, wrote)` | inside an object with declared properties, at property `i` |
+| `("g", node, phase)` | inside an object of any keys (right after `{`, or after a member) |
+| `("a", node, count)` | inside an array, after `count` items (capped where the schema stops caring) |
+
+States are hashable, so the token masks made from them can be cached (`guide.py`). Everything
+here is plain Python over bytes: no torch, no tokenizer.
+
+Supported JSON Schema: `type` (one or a list), `properties` (emitted in the schema's order;
+`required` ones always, others optionally; no keys beyond them, as xgrammar's strict mode),
+`additionalProperties` as the value schema of an object without `properties`, `items`,
+`minItems`/`maxItems`, `minLength`/`maxLength`, `enum`, `const`, `anyOf`/`oneOf`, `allOf` of
+one schema, `$ref` to `#/$defs/...` or `#/definitions/...` (recursion included). `format` is an
+annotation (JSON Schema lets validators ignore it). Keywords that constrain what this cannot
+express (`pattern`, `minimum`, `multipleOf`, ...) are refused by name rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+Stack = tuple[tuple[Any, ...], ...]
+State = frozenset[Stack]
+
+# Between JSON tokens: at most one space (outlines' default). JSON allows any run of whitespace,
+# but a model held inside a grammar drifts into emitting it without end (newline after newline).
+WHITESPACE = frozenset(b" ")
+MAX_WHITESPACE = 1
+_DIGITS = frozenset(b"0123456789")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_ESCAPES = frozenset(b'"\\/bfnrt')
+_NUMBER_FINAL = frozenset((2, 3, 5, 8))  # phases where a number may end
+_UTF8 = 10  # string modes 11..13: that many UTF-8 continuation bytes still to come
+_UNICODE = 20  # string modes 21..24: that many hex digits of a \\uXXXX still to come
+
+# Keywords that only annotate (or that we honour elsewhere), and those we cannot enforce.
+_ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
+                          "$defs", "definitions", "strict", "deprecated", "readOnly", "writeOnly",
+                          "additionalProperties", "required", "properties", "items", "type", "enum", "const",
+                          "anyOf", "oneOf", "allOf", "$ref", "minItems", "maxItems", "minLength", "maxLength"))
+
+
+@dataclass
+class Node:
+    """One schema node. `kind`: any, object (declared `props`), map (any keys, `value` node),
+    array (`item`, `lo`..`hi` items), string (`lo`..`hi` characters), number, integer, literal
+    (`literals`: the exact byte strings allowed), alt (`alts`: node ids)."""
+
+    kind: str
+    props: list[tuple[bytes, int, bool]] = field(default_factory=list)  # (key as JSON, node, required)
+    value: int = 0
+    item: int = 0
+    lo: int = 0
+    hi: int | None = None
+    literals: list[bytes] = field(default_factory=list)
+    alts: list[int] = field(default_factory=list)
+
+
+class Grammar:
+    """A compiled grammar: `initial()`, then `advance(state, byte)` per byte (None: the byte is
+    not allowed there), and `accepts(state)` when the response may end."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        self.root = 0
+        self._expansions: dict[int, list[Stack]] = {}
+        self._advanced: dict[tuple[State, int], State | None] = {}
+        self.leading_whitespace = True  # JSON may start after whitespace; a choice may not
+
+    # -- building --------------------------------------------------------------------------------
+
+    def add(self, node: Node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def initial(self) -> State:
+        """Before the first byte: optional leading whitespace (JSON), then the root value."""
+        return frozenset({(("v", self.root), ("w", 0)) if self.leading_whitespace else (("v", self.root),)})
+
+    def advance(self, state: State, byte: int) -> State | None:
+        """The state after `byte`, or None if no stack of `state` allows it."""
+        key = (state, byte)
+        if key in self._advanced:
+            return self._advanced[key]
+        out: list[Stack] = []
+        for stack in state:
+            self._step(stack, byte, out, 0)
+        result = frozenset(out) or None
+        if len(self._advanced) > 200_000:  # bounded memo: the token walk revisits the same states
+            self._advanced.clear()
+        self._advanced[key] = result
+        return result
+
+    def advance_bytes(self, state: State | None, data: bytes) -> State | None:
+        for b in data:
+            if state is None:
+                return None
+            state = self.advance(state, b)
+        return state
+
+    @staticmethod
+    def accepts(state: State) -> bool:
+        """Whether the response may end here: some stack needs no more bytes."""
+        return any(all(f[0] == "w" or (f[0] == "n" and f[2] in _NUMBER_FINAL) for f in stack) for stack in state)
+
+    @staticmethod
+    def in_plain_string(state: State) -> bool:
+        """Whether every stack is inside an unbounded string, past any escape or partial character:
+        then any run of whole characters without a quote, backslash or control byte keeps the state."""
+        return all(stack and stack[-1][0] == "s" and stack[-1][2] == 0 and stack[-1][3] is None for stack in state)
+
+    def _step(self, stack: Stack, b: int, out: list[Stack], depth: int) -> None:
+        if not stack:
+            return  # the value is complete: nothing more may follow
+        if depth > 64:
+            raise ValueError("the schema nests alternatives without consuming input (a $ref cycle?)")
+        top, rest = stack[-1], stack[:-1]
+        kind = top[0]
+        if kind == "l":
+            lit, i = top[1], top[2]
+            if lit[i] == b:
+                out.append(rest if i + 1 == len(lit) else (*rest, ("l", lit, i + 1)))
+        elif kind == "w":
+            if b in WHITESPACE and top[1] < MAX_WHITESPACE:
+                out.append((*rest, ("w", top[1] + 1)))
+            self._step(rest, b, out, depth + 1)  # or the whitespace is over
+        elif kind == "v":
+            for seq in self._expand(top[1]):
+                self._step(rest + seq, b, out, depth + 1)
+        elif kind == "s":
+            self._string(top, rest, b, out)
+        elif kind == "n":
+            self._number(top, rest, b, out, depth)
+        else:
+            for seq in self._members(top):
+                self._step(rest + seq, b, out, depth + 1)
+
+    def _expand(self, nid: int) -> list[Stack]:
+        """The frame sequences (top last) a value of node `nid` may start with."""
+        cached = self._expansions.get(nid)
+        if cached is not None:
+            return cached
+        node = self.nodes[nid]
+        open_ = {"object": ("o", nid, 0, False), "map": ("g", nid, 0), "array": ("a", nid, 0)}
+        if node.kind in open_:
+            brace = b"[" if node.kind == "array" else b"{"
+            seqs: list[Stack] = [(open_[node.kind], ("w", 0), ("l", brace, 0))]
+        elif node.kind == "string":
+            seqs = [(("s", nid, 0, 0 if node.lo or node.hi is not None else None), ("l", b'"', 0))]
+        elif node.kind in ("number", "integer"):
+            seqs = [(("n", node.kind == "integer", 0),)]
+        elif node.kind == "literal":
+            seqs = [(("l", lit, 0),) for lit in node.literals]
+        elif node.kind == "alt":
+            self._expansions[nid] = []  # a cycle through alternatives alone expands to nothing
+            seqs = [seq for alt in node.alts for seq in self._expand(alt)]
+        else:  # any
+            seqs = [seq for alt in node.alts for seq in self._expand(alt)]
+        self._expansions[nid] = seqs
+        return seqs
+
+    def _members(self, top: tuple[Any, ...]) -> list[Stack]:
+        """What may come next inside an object or array frame."""
+        kind, nid = top[0], top[1]
+        node = self.nodes[nid]
+        close: Stack = (("l", b"]" if kind == "a" else b"}", 0),)
+        alts: list[Stack] = []
+        if kind == "o":
+            i, wrote = top[2], top[3]
+            sep: Stack = (("w", 0), ("l", b",", 0)) if wrote else ()
+            for j in range(i, len(node.props)):
+                key, vid, required = node.props[j]
+                alts.append((("o", nid, j + 1, True), ("w", 0), ("v", vid), ("w", 0), ("l", b":", 0), ("w", 0),
+                             ("l", key, 0), *sep))
+                if required:
+                    break
+            else:
+                alts.append(close)
+        elif kind == "g":
+            sep = (("w", 0), ("l", b",", 0)) if top[2] else ()
+            alts = [close, (("g", nid, 1), ("w", 0), ("v", node.value), ("w", 0), ("l", b":", 0), ("w", 0),
+                            ("v", KEY), *sep)]
+        else:  # array
+            count = top[2]
+            cap = node.hi if node.hi is not None else max(node.lo, 1)
+            if count >= node.lo:
+                alts.append(close)
+            if node.hi is None or count < node.hi:
+                sep = (("w", 0), ("l", b",", 0)) if count else ()
+                alts.append((("a", nid, min(count + 1, cap)), ("w", 0), ("v", node.item), *sep))
+        return alts
+
+    def _string(self, top: tuple[Any, ...], rest: Stack, b: int, out: list[Stack]) -> None:
+        _, nid, mode, count = top
+        if mode == 0:
+            if b == 0x22:  # the closing quote
+                if count is None or count >= self.nodes[nid].lo:
+                    out.append(rest)
+                return
+            if b < 0x20 or 0x80 <= b < 0xC2 or b > 0xF4:
+                return  # a control byte, a stray continuation byte, or no UTF-8 lead byte
+            if count is not None:  # a new character: count it against maxLength
+                count += 1
+                hi = self.nodes[nid].hi
+                if hi is not None and count > hi:
+                    return
+                count = min(count, hi if hi is not None else self.nodes[nid].lo)
+            mode = 1 if b == 0x5C else 0 if b < 0x80 else _UTF8 + (1 if b < 0xE0 else 2 if b < 0xF0 else 3)
+        elif mode == 1:  # after a backslash
+            if b == 0x75:
+                mode = _UNICODE + 4
+            elif b in _ESCAPES:
+                mode = 0
+            else:
+                return
+        elif mode > _UNICODE:
+            if b not in _HEX:
+                return
+            mode = 0 if mode == _UNICODE + 1 else mode - 1
+        else:  # mid UTF-8 character
+            if not 0x80 <= b <= 0xBF:
+                return
+            mode = 0 if mode == _UTF8 + 1 else mode - 1
+        out.append((*rest, ("s", nid, mode, count)))
+
+    def _number(self, top: tuple[Any, ...], rest: Stack, b: int, out: list[Stack], depth: int) -> None:
+        _, integer, phase = top
+        nxt = None
+        digit = b in _DIGITS
+        if phase in (0, 1):  # at the start, or after a minus
+            nxt = 1 if (b == 0x2D and phase == 0) else 2 if b == 0x30 else 3 if digit else None
+        elif phase in (3, 5, 8) and digit:
+            nxt = phase
+        elif phase in (4, 6, 7) and digit:
+            nxt = {4: 5, 6: 8, 7: 8}[phase]
+        elif phase == 6 and b in (0x2B, 0x2D):
+            nxt = 7
+        elif phase in (2, 3) and b == 0x2E and not integer:
+            nxt = 4
+        elif phase in (2, 3, 5) and b in (0x65, 0x45) and not integer:
+            nxt = 6
+        if nxt is not None:
+            out.append((*rest, ("n", integer, nxt)))
+        if phase in _NUMBER_FINAL:
+            self._step(rest, b, out, depth + 1)  # or the number is over
+
+
+KEY = 0  # every grammar's node 0: an object key (a string of any length)
+
+
+def _base(grammar: Grammar) -> dict[str, int]:
+    """Node 0 (KEY) and the nodes of an untyped JSON value, shared by every schema."""
+    grammar.add(Node("string"))  # KEY
+    any_id = grammar.add(Node("any"))
+    parts = {
+        "string": KEY,
+        "number": grammar.add(Node("number")),
+        "integer": grammar.add(Node("integer")),
+        "boolean": grammar.add(Node("literal", literals=[b"true", b"false"])),
+        "null": grammar.add(Node("literal", literals=[b"null"])),
+        "object": grammar.add(Node("map", value=any_id)),
+        "array": grammar.add(Node("array", item=any_id)),
+    }
+    grammar.nodes[any_id].alts = [parts[k] for k in ("object", "array", "string", "number", "boolean", "null")]
+    return {"any": any_id, **parts}
+
+
+def json_object_grammar() -> Grammar:
+    """Any JSON object (OpenAI's `response_format: {"type": "json_object"}`)."""
+    grammar = Grammar()
+    grammar.root = _base(grammar)["object"]
+    return grammar
+
+
+def choice_grammar(choices: list[str]) -> Grammar:
+    """Exactly one of `choices`, as written (vLLM's `guided_choice`)."""
+    grammar = Grammar()
+    _base(grammar)
+    grammar.root = grammar.add(Node("literal", literals=[c.encode() for c in choices]))
+    grammar.leading_whitespace = False
+    return grammar
+
+
+def json_schema_grammar(schema: dict[str, Any]) -> Grammar:
+    """A JSON value matching `schema` (the subset in this module's docstring); a schema using
+    what this cannot enforce is a `ValueError` naming the keyword and where it is."""
+    grammar = Grammar()
+    base = _base(grammar)
+    compiler = _SchemaCompiler(grammar, base, schema)
+    grammar.root = compiler.compile(schema, "#")
+    return grammar
+
+
+class _SchemaCompiler:
+    def __init__(self, grammar: Grammar, base: dict[str, int], root: dict[str, Any]) -> None:
+        self.grammar, self.base, self.root = grammar, base, root
+        self.refs: dict[str, int] = {}
+
+    def compile(self, schema: Any, where: str) -> int:
+        g = self.grammar
+        if schema is True or schema == {}:
+            return self.base["any"]
+        if not isinstance(schema, dict):
+            raise ValueError(f"json schema at {where} must be an object, got {json.dumps(schema)[:60]}")
+        unknown = sorted(set(schema) - _ANNOTATIONS)
+        if unknown:
+            raise ValueError(f"json schema at {where} uses {unknown}, which structured outputs here cannot "
+                             f"enforce (supported: type, properties, required, items, enum, const, anyOf/oneOf, "
+                             f"$ref, minItems/maxItems, minLength/maxLength)")
+        if "$ref" in schema:
+            return self._ref(schema["$ref"], where)
+        if "const" in schema:
+            return g.add(Node("literal", literals=[_json_bytes(schema["const"])]))
+        if "enum" in schema:
+            if not isinstance(schema["enum"], list) or not schema["enum"]:
+                raise ValueError(f"json schema at {where}: enum must be a non-empty list")
+            return g.add(Node("literal", literals=[_json_bytes(v) for v in schema["enum"]]))
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                options = schema[key]
+                if not isinstance(options, list) or not options:
+                    raise ValueError(f"json schema at {where}: {key} must be a non-empty list")
+                return g.add(Node("alt", alts=[self.compile(s, f"{where}/{key}/{i}") for i, s in enumerate(options)]))
+        if "allOf" in schema:
+            if not isinstance(schema["allOf"], list) or len(schema["allOf"]) != 1:
+                raise ValueError(f"json schema at {where}: allOf is supported with one schema only")
+            return self.compile(schema["allOf"][0], f"{where}/allOf/0")
+        kind = schema.get("type")
+        if kind is None:
+            kind = "object" if "properties" in schema else "array" if "items" in schema else None
+            if kind is None:
+                return self.base["any"]
+        if isinstance(kind, list):
+            if not kind:
+                raise ValueError(f"json schema at {where}: type must not be an empty list")
+            return g.add(Node("alt", alts=[self._typed(dict(schema, type=k), k, where) for k in kind]))
+        return self._typed(schema, kind, where)
+
+    def _typed(self, schema: dict[str, Any], kind: Any, where: str) -> int:
+        g = self.grammar
+        if kind in ("boolean", "null", "number", "integer"):
+            return self.base[kind]
+        if kind == "string":
+            lo, hi = _bounds(schema, "minLength", "maxLength", where)
+            return self.base["string"] if (lo, hi) == (0, None) else g.add(Node("string", lo=lo, hi=hi))
+        if kind == "array":
+            lo, hi = _bounds(schema, "minItems", "maxItems", where)
+            nid = g.add(Node("array", lo=lo, hi=hi))
+            g.nodes[nid].item = self.compile(schema.get("items", True), f"{where}/items")
+            return nid
+        if kind == "object":
+            props = schema.get("properties")
+            if props is None:
+                extra = schema.get("additionalProperties", True)
+                nid = g.add(Node("map"))
+                g.nodes[nid].value = self.compile(True if extra is True else extra, f"{where}/additionalProperties")
+                if extra is False:
+                    g.nodes[nid].kind = "literal"
+                    g.nodes[nid].literals = [b"{}"]
+                return nid
+            if not isinstance(props, dict):
+                raise ValueError(f"json schema at {where}: properties must be an object")
+            required = schema.get("required", [])
+            if not isinstance(required, list) or any(r not in props for r in required):
+                raise ValueError(f"json schema at {where}: required must list names among its properties")
+            nid = g.add(Node("object"))
+            g.nodes[nid].props = [(_json_bytes(name), self.compile(sub, f"{where}/properties/{name}"),
+                                   name in required) for name, sub in props.items()]
+            return nid
+        raise ValueError(f"json schema at {where}: type {kind!r} is not a JSON Schema type")
+
+    def _ref(self, ref: Any, where: str) -> int:
+        if ref in self.refs:
+            return self.refs[ref]
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise ValueError(f"json schema at {where}: $ref {ref!r} must point inside the schema (#/$defs/...)")
+        target: Any = self.root
+        for part in ref[2:].split("/") if ref != "#" else ():
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise ValueError(f"json schema at {where}: $ref {ref!r} points at nothing")
+            target = target[part]
+        nid = self.grammar.add(Node("alt"))  # filled below, so a recursive $ref finds it
+        self.refs[ref] = nid
+        self.grammar.nodes[nid].alts = [self.compile(target, ref)]
+        return nid
+
+
+def _bounds(schema: dict[str, Any], lo_key: str, hi_key: str, where: str) -> tuple[int, int | None]:
+    lo, hi = schema.get(lo_key, 0), schema.get(hi_key)
+    for key, value in ((lo_key, lo), (hi_key, hi)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"json schema at {where}: {key} must be an integer >= 0")
+    if hi is not None and hi < lo:
+        raise ValueError(f"json schema at {where}: {hi_key} is below {lo_key}")
+    return lo, hi
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(", ", ": ")).encode()

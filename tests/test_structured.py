@@ -1,0 +1,232 @@
+"""Structured outputs: the byte grammars, the token masks made from them (against a brute-force
+walk of every token), and generation held to a schema by the engine and the server."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from conftest import STORIES, requires_stories
+
+from lengthwise.structured.grammar import choice_grammar, json_object_grammar, json_schema_grammar
+from lengthwise.structured.guide import TokenVocabulary
+from lengthwise.structured.params import StructuredOutputsParams
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12},
+    "age": {"type": "integer"},
+    "pets": {"type": "array", "items": {"enum": ["cat", "dog"]}, "maxItems": 3},
+    "note": {"anyOf": [{"type": "null"}, {"type": "number"}]}}, "required": ["name", "age", "pets"]}
+TREE = {"$defs": {"node": {"type": "object", "properties": {
+    "v": {"type": "number"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}, "required": ["v"]}},
+    "$ref": "#/$defs/node"}
+
+
+def matches(grammar, text: str) -> bool:
+    state = grammar.advance_bytes(grammar.initial(), text.encode())
+    return state is not None and grammar.accepts(state)
+
+
+def valid(schema: dict, value, root: dict | None = None) -> bool:
+    """A small JSON Schema validator for the keywords these tests use."""
+    root = root or schema
+    if "$ref" in schema:
+        target = root
+        for part in schema["$ref"][2:].split("/"):
+            target = target[part]
+        return valid(target, value, root)
+    if "enum" in schema:
+        return value in schema["enum"]
+    if "anyOf" in schema:
+        return any(valid(s, value, root) for s in schema["anyOf"])
+    kind = schema.get("type")
+    if kind == "object":
+        props = schema.get("properties", {})
+        return (isinstance(value, dict) and set(value) <= set(props) and set(schema.get("required", [])) <= set(value)
+                and all(valid(props[k], v, root) for k, v in value.items()))
+    if kind == "array":
+        return (isinstance(value, list) and len(value) <= schema.get("maxItems", len(value))
+                and all(valid(schema.get("items", {}), v, root) for v in value))
+    if kind == "string":
+        return isinstance(value, str) and len(value) <= schema.get("maxLength", len(value))
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "null":
+        return value is None
+    return True
+
+
+# -- grammars --------------------------------------------------------------------------------------
+
+def test_json_object_grammar_reads_json_objects_only():
+    g = json_object_grammar()
+    for text in ['{}', '{"a": 1}', ' {"a": [1, -2.5e-3, "x\\u00e9\\n\\"", {"b": null}], "c": true}', '{"é": "日本"}']:
+        assert matches(g, text), text
+    for text in ['[]', '{', '{"a" 1}', '{"a": 01}', '{"a": 1,}', '"x"', '{}x', '{"a": "\x01"}', '{"a":  1}',
+                 '{\n"a": 1}', '{"a": 1.}', '{"a": "\\q"}']:
+        assert not matches(g, text), text
+    for raw in (b'{"a": "\xff"}', b'{"a": "\xc3"}', b'{"a": "\xa9"}'):  # not UTF-8
+        assert g.advance_bytes(g.initial(), raw) is None
+
+
+def test_a_schema_grammar_reads_what_matches_the_schema():
+    g = json_schema_grammar(PERSON)
+    for text in ['{"name": "bob", "age": 3, "pets": ["cat"]}', '{"name":"","age":-3,"pets":[],"note":null}',
+                 '{"name": "x", "age": 0, "pets": ["dog", "dog", "cat"], "note": 1.5}']:
+        assert matches(g, text), text
+        assert valid(PERSON, json.loads(text))
+    for text in ['{"name": "bobby the great", "age": 3, "pets": []}', '{"age": 3, "name": "b", "pets": []}',
+                 '{"name": "b", "age": 1.5, "pets": []}', '{"name": "b", "age": 1, "pets": ["cow"]}',
+                 '{"name": "b", "age": 1, "pets": ["cat", "cat", "cat", "cat"]}', '{"name": "b", "age": 1}',
+                 '{"name": "b", "age": 1, "pets": [], "extra": 1}', '{"name": "b", "age": 1, "pets": [], "note": "x"}']:
+        assert not matches(g, text), text
+    tree = json_schema_grammar(TREE)
+    assert matches(tree, '{"v": 1, "kids": [{"v": 2}, {"v": 3, "kids": [{"v": 4}]}]}')
+    assert not matches(tree, '{"v": 1, "kids": [{"w": 2}]}')
+
+
+def test_a_choice_is_one_of_its_strings_exactly():
+    g = choice_grammar(["yes", "no", "yes please"])
+    assert all(matches(g, c) for c in ("yes", "no", "yes please"))
+    assert not any(matches(g, c) for c in ("ye", " yes", "nope", "yes please!", ""))
+
+
+@pytest.mark.parametrize("schema, message", [
+    ({"type": "string", "pattern": "a+"}, r"at # uses \['pattern'\]"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}},
+     r"at #/properties/n uses \['minimum'\]"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required must list"),
+    ({"$ref": "#/$defs/missing"}, "points at nothing"),
+    ({"type": "decimal"}, "not a JSON Schema type"),
+    ({"type": "array", "minItems": 3, "maxItems": 1}, "maxItems is below minItems"),
+])
+def test_what_a_schema_grammar_cannot_enforce_is_refused_by_name(schema, message):
+    with pytest.raises(ValueError, match=message):
+        StructuredOutputsParams(json=schema)
+
+
+def test_structured_outputs_params_check_their_fields():
+    with pytest.raises(ValueError, match="exactly one of json, json_object and choice"):
+        StructuredOutputsParams()
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(json_object=True, choice=["a"])
+    with pytest.raises(ValueError, match="structured_outputs.choice must be a non-empty list"):
+        StructuredOutputsParams(choice=[])
+    with pytest.raises(ValueError, match="structured_outputs.json is not valid JSON"):
+        StructuredOutputsParams(json="{")
+    assert StructuredOutputsParams(json='{"type": "integer"}').json == {"type": "integer"}
+    from lengthwise import SamplingParams
+    with pytest.raises(ValueError, match="structured_outputs must be a StructuredOutputsParams"):
+        SamplingParams(structured_outputs={"json_object": True})
+
+
+# -- token masks -----------------------------------------------------------------------------------
+
+class ByteTokenizer:
+    """A tokenizer whose tokens are given byte strings (JSON pieces, partial UTF-8, a special)."""
+
+    PIECES = [b"<s>", b"{", b"}", b'{"', b'"}', b'":', b'": ', b'",', b'", "', b" ", b'"', b"a", b"ab", b"name",
+              b'"name', b"1", b"12", b"-", b".5", b"e3", b"[", b"]", b"[]", b"true", b"null", b"\\", b"\\n", b"\\u00",
+              b"e9", b"\xc3", b"\xa9", b"\xc3\xa9", b"\xe6\x97\xa5", b"\n", b"{}", b"cat", b'"cat"', b'"dog"]', b",",
+              b"\x01", b"\xff", b"zz\"", b"age", b'age":', b'"pets": [', b"x" * 20]
+
+    vocab_size = len(PIECES)
+    special_ids = frozenset({0})
+
+    def encode(self, text, add_special_tokens=False):  # noqa: ANN001, ANN201
+        return [11]
+
+    def decode(self, ids, skip_special_tokens=False):  # noqa: ANN001, ANN201
+        return b"".join(self.PIECES[i] for i in ids).decode(errors="replace")
+
+    def decode_batch(self, batch, skip_special_tokens=False):  # noqa: ANN001, ANN201
+        return [self.decode(ids) for ids in batch]
+
+    def token_bytes(self, t):  # noqa: ANN001, ANN201
+        return self.PIECES[t] if t else None
+
+
+def brute_force(vocab, grammar, state) -> torch.Tensor:
+    mask = torch.zeros(vocab.vocab_size, dtype=torch.bool)
+    for t, raw in enumerate(vocab.bytes):
+        mask[t] = raw is not None and grammar.advance_bytes(state, raw) is not None
+    return mask
+
+
+@pytest.mark.parametrize("grammar, text", [
+    (json_object_grammar(), ' {"name": "ab\\n\\u00e9é日", "age": [12, -1.5e3, true, null, {}], "cat": {"a": []}}'),
+    (json_schema_grammar(PERSON), '{"name": "cat", "age": -12, "pets": ["cat", "dog"], "note": 1.5e3}'),
+    (choice_grammar(["cat", "catalog", "name"]), "catalog"),
+])
+def test_masks_match_a_brute_force_walk_at_every_byte(grammar, text):
+    vocab = TokenVocabulary(ByteTokenizer(), ByteTokenizer.vocab_size + 3)  # the model's vocabulary is padded
+    state = grammar.initial()
+    for b in text.encode():
+        assert torch.equal(vocab.mask(grammar, state), brute_force(vocab, grammar, state)), (text, b)
+        state = grammar.advance(state, b)
+    assert grammar.accepts(state)
+
+
+@requires_stories
+def test_a_real_vocabulary_reads_sentencepiece_spaces_and_byte_tokens():
+    """stories260k: '▁the' adds ' the' mid-text, '<0x0A>' a newline byte; <s> adds nothing."""
+    from lengthwise.tokenizer import Tokenizer
+
+    tok = Tokenizer(STORIES)
+    vocab = TokenVocabulary(tok, 512)
+    the = tok.encode("a the", add_special_tokens=False)[-1]
+    assert vocab.bytes[the] == b" the" and vocab.bytes[tok.token_to_id("<0x0A>")] == b"\n"
+    assert vocab.bytes[tok.bos_token_id] is None
+    g = json_object_grammar()
+    state = g.advance_bytes(g.initial(), b'{"a": "')
+    assert torch.equal(vocab.mask(g, state), brute_force(vocab, g, state))
+
+
+# -- generation ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llm():
+    if not STORIES.is_dir():
+        pytest.skip(f"{STORIES} is absent (the ../shared checkout)")
+    from lengthwise import LLM
+
+    return LLM(str(STORIES))
+
+
+def test_generation_keeps_to_a_schema(llm):
+    """stories260k writes stories, not JSON; held to a schema, every answer that ends is valid
+    (sampled, several seeds, n=4), and json_object answers parse as objects."""
+    from lengthwise import SamplingParams
+
+    ended = 0
+    for spec, check in ((StructuredOutputsParams(json=PERSON), lambda v: valid(PERSON, v)),
+                        (StructuredOutputsParams(json=TREE), lambda v: valid(TREE, v)),
+                        (StructuredOutputsParams(json_object=True), lambda v: isinstance(v, dict))):
+        params = SamplingParams(n=4, max_tokens=150, temperature=1.0, seed=random.Random(0).randrange(100),
+                                structured_outputs=spec)
+        for out in llm.generate(["Once upon a time", "Lily and Tom"], params, use_tqdm=False):
+            for c in out.outputs:
+                if c.finish_reason == "stop":
+                    ended += 1
+                    assert check(json.loads(c.text)), c.text
+                else:  # cut by max_tokens: a prefix of valid JSON
+                    assert c.finish_reason == "length" and c.text.lstrip()[:1] == "{"
+    assert ended >= 8  # most answers end on their own
+    greedy = SamplingParams(max_tokens=10, temperature=0, structured_outputs=StructuredOutputsParams(
+        choice=["happy", "sad", "very sad"]))
+    assert {o.outputs[0].text for o in llm.generate(["Lily was", "Tom felt"], greedy, use_tqdm=False)} <= {
+        "happy", "sad", "very sad"}
+
+
+def test_a_request_without_a_tokenizer_is_refused(hf_checkpoint):
+    from lengthwise import SamplingParams, load_model
+    from lengthwise.config import EngineConfig
+    from lengthwise.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(load_model(hf_checkpoint("llama")[1]), None, EngineConfig(block_size=4))
+    with pytest.raises(ValueError, match="structured_outputs needs a tokenizer"):
+        engine.add_request([1, 2], SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True)))
