@@ -115,3 +115,20 @@ def test_reasoning_comes_back_beside_the_content(thinking_server):
     cut = thinking_server.chat.completions.create(**dict(kw, max_tokens=12)).choices[0]
     assert cut.finish_reason == "length" and cut.message.content is None
     assert cut.message.reasoning and THOUGHT.startswith(cut.message.reasoning)
+
+
+def test_an_output_format_holds_after_the_reasoning(thinking_server):
+    """As vLLM: with a reasoning parser, the format constrains the answer after </think>; where
+    the template closed the reasoning (enable_thinking false), from the start."""
+    schema = {"type": "object", "properties": {"happy": {"type": "boolean"}}, "required": ["happy"]}
+    kw = dict(model="stories", messages=[{"role": "user", "content": "Once upon a time"}], max_tokens=60,
+              temperature=1.0, seed=1, n=3,
+              response_format={"type": "json_schema", "json_schema": {"name": "mood", "schema": schema}})
+    free = thinking_server.chat.completions.create(**kw).choices
+    # stories260k never writes </think>: its whole answer is reasoning, free of the format
+    assert all(c.message.content is None and c.message.reasoning for c in free)
+    assert not all(c.message.reasoning.lstrip().startswith("{") for c in free)
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    held = thinking_server.chat.completions.create(**kw, extra_body=off)
+    assert all(c.message.reasoning is None and c.finish_reason == "stop" for c in held.choices)
+    assert all(set(json.loads(c.message.content)) == {"happy"} for c in held.choices)

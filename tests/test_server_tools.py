@@ -69,6 +69,27 @@ def test_an_assistant_turns_call_arguments_reach_the_template_as_a_dict():
     assert call["function"]["arguments"] == '{"city": "Paris"}'  # the caller's message is not changed
 
 
+def test_required_calls_keep_each_tools_own_definitions():
+    """tool_choice "required" lists every tool in one schema: each tool's $defs (pydantic's nested
+    models) still resolve, and two tools' definitions of one name do not clash."""
+    from lengthwise.server.tools import ForcedToolCalls
+    from lengthwise.structured.grammar import json_schema_grammar
+
+    def tool(name: str, inner: dict) -> dict:
+        return {"type": "function", "function": {"name": name, "parameters": {
+            "$defs": {"P": inner}, "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "required": ["p"]}}}
+
+    g = json_schema_grammar(ForcedToolCalls([tool("f", {"type": "integer"}), tool("g", {"type": "string"})],
+                                            None).schema())
+
+    def ok(text: str) -> bool:
+        state = g.advance_bytes(g.initial(), text.encode())
+        return state is not None and g.accepts(state)
+
+    assert ok('[{"name": "f", "parameters": {"p": 1}}, {"name": "g", "parameters": {"p": "s"}}]')
+    assert not ok('[{"name": "g", "parameters": {"p": 1}}]') and not ok("[]")
+
+
 @pytest.mark.parametrize("tools, message", [
     ({"type": "function"}, "must be a list"), ([{"type": "code"}], "tools.0 must be"),
     ([{"type": "function", "function": {"name": ""}}], "tools.0.function.name"),

@@ -89,6 +89,36 @@ def test_a_schema_grammar_reads_what_matches_the_schema():
     assert not matches(tree, '{"v": 1, "kids": [{"w": 2}]}')
 
 
+def test_schema_corners_from_review():
+    """An object closed to every key; alternatives that refer to each other (each keeps all of
+    its own); a type implied by length keywords; an ambiguous recursive schema stays bounded."""
+    closed = json_schema_grammar({"type": "object", "additionalProperties": False})
+    assert matches(closed, "{}") and not matches(closed, '{"a": 1}')
+    mutual = json_schema_grammar({"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/b"}, {"type": "integer"}]},
+                                            "b": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "string"}]}},
+                                  "type": "object", "properties": {"x": {"$ref": "#/$defs/b"}}, "required": ["x"]})
+    assert matches(mutual, '{"x": 1}') and matches(mutual, '{"x": "s"}') and not matches(mutual, '{"x": true}')
+    implied = json_schema_grammar({"minLength": 3})
+    assert matches(implied, '"abc"') and not matches(implied, '"ab"') and not matches(implied, "5")
+    twins = {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/n"}}] * 2}
+    g = json_schema_grammar({"$defs": {"n": twins}, "$ref": "#/$defs/n"})
+    state = g.initial()
+    for _ in range(40):  # the alternatives double per "[": past MAX_STACKS a byte is refused, quickly
+        state = g.advance(state, ord("[")) if state is not None else None
+    assert state is None
+
+
+def test_property_order_tells_schemas_apart():
+    from lengthwise.structured.guide import StructuredOutputs
+
+    ab = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}
+    ba = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "integer"}}, "required": ["b", "a"]}
+    outputs = StructuredOutputs(ByteTokenizer(), ByteTokenizer.vocab_size)
+    g_ab = outputs.compile(StructuredOutputsParams(json=ab)).grammar
+    g_ba = outputs.compile(StructuredOutputsParams(json=ba)).grammar
+    assert matches(g_ab, '{"a": 1, "b": 2}') and matches(g_ba, '{"b": 1, "a": 2}')
+
+
 def test_a_choice_is_one_of_its_strings_exactly():
     g = choice_grammar(["yes", "no", "yes please"])
     assert all(matches(g, c) for c in ("yes", "no", "yes please"))
@@ -103,6 +133,9 @@ def test_a_choice_is_one_of_its_strings_exactly():
     ({"$ref": "#/$defs/missing"}, "points at nothing"),
     ({"type": "decimal"}, "not a JSON Schema type"),
     ({"type": "array", "minItems": 3, "maxItems": 1}, "maxItems is below minItems"),
+    ({"type": "object", "properties": {"a": {}}, "anyOf": [{"required": ["a"]}]},
+     r"\['properties', 'type'\] beside anyOf"),
+    ({"type": "object", "required": ["a"]}, "required without properties"),
 ])
 def test_what_a_schema_grammar_cannot_enforce_is_refused_by_name(schema, message):
     with pytest.raises(ValueError, match=message):
@@ -132,7 +165,7 @@ class ByteTokenizer:
     PIECES = [b"<s>", b"{", b"}", b'{"', b'"}', b'":', b'": ', b'",', b'", "', b" ", b'"', b"a", b"ab", b"name",
               b'"name', b"1", b"12", b"-", b".5", b"e3", b"[", b"]", b"[]", b"true", b"null", b"\\", b"\\n", b"\\u00",
               b"e9", b"\xc3", b"\xa9", b"\xc3\xa9", b"\xe6\x97\xa5", b"\n", b"{}", b"cat", b'"cat"', b'"dog"]', b",",
-              b"\x01", b"\xff", b"zz\"", b"age", b'age":', b'"pets": [', b"x" * 20]
+              b"\x01", b"\xff", b"zz\"", b"age", b'age":', b'"pets": [', b"x" * 20, b"x]{"]
 
     vocab_size = len(PIECES)
     special_ids = frozenset({0})
@@ -169,6 +202,32 @@ def test_masks_match_a_brute_force_walk_at_every_byte(grammar, text):
         assert torch.equal(vocab.mask(grammar, state), brute_force(vocab, grammar, state)), (text, b)
         state = grammar.advance(state, b)
     assert grammar.accepts(state)
+
+
+def test_a_guide_is_free_until_its_start_after_text():
+    """A thinking model's answer: no mask until `start_after` (in one token, split over tokens, or
+    sharing a token with the answer's first bytes), then the grammar from its start."""
+    from lengthwise.structured.guide import StructuredOutputs
+
+    tok = ByteTokenizer()
+    ids = {raw: t for t, raw in enumerate(tok.PIECES)}
+    outputs = StructuredOutputs(tok, tok.vocab_size)
+    for tag, pieces, free in (("x]{", [b"ab", b"x]{", b"{}"], [True, False, False]),
+                              ("ax]", [b"ab", b"a", b"x]{", b"}"], [True, True, False, False]),
+                              ("]", [b"a", b"]", b"{}"], [True, False, False])):
+        guide = outputs.guide(StructuredOutputsParams(json_object=True, start_after=tag))
+        seen = []
+        for raw in pieces:
+            guide.advance(ids[raw])
+            seen.append(guide.free)
+        assert seen == free and guide.complete, (tag, pieces)
+    guide = outputs.guide(StructuredOutputsParams(json_object=True, start_after="ab"))
+    guide.advance(ids[b"a"])
+    assert guide.free  # half the tag
+    guide.advance(ids[b"{"])
+    assert guide.free  # the half was not followed by the rest
+    with pytest.raises(ValueError, match="start_after must be a non-empty string"):
+        StructuredOutputsParams(json_object=True, start_after="")
 
 
 @requires_stories
@@ -216,6 +275,13 @@ def test_generation_keeps_to_a_schema(llm):
                 else:  # cut by max_tokens: a prefix of valid JSON
                     assert c.finish_reason == "length" and c.text.lstrip()[:1] == "{"
     assert ended >= 8  # most answers end on their own
+    # A whole answer ends the sample even where no end token may (ignore_eos) or should (min_tokens).
+    for kw in (dict(ignore_eos=True), dict(min_tokens=8), dict(ignore_eos=True, min_tokens=3)):
+        for temperature in (0.0, 1.0):
+            params = SamplingParams(max_tokens=12, temperature=temperature, seed=1, **kw,
+                                    structured_outputs=StructuredOutputsParams(choice=["happy", "sad"]))
+            out = llm.generate(["Lily was"], params, use_tqdm=False)[0].outputs[0]
+            assert out.text in ("happy", "sad") and out.finish_reason == "stop", (kw, out.text)
     greedy = SamplingParams(max_tokens=10, temperature=0, structured_outputs=StructuredOutputsParams(
         choice=["happy", "sad", "very sad"]))
     assert {o.outputs[0].text for o in llm.generate(["Lily was", "Tom felt"], greedy, use_tqdm=False)} <= {

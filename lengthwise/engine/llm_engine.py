@@ -308,8 +308,7 @@ class LLMEngine:
                 return self.runner.prelaunch_next(plan.chunks, self.scheduler.kv, tokens)
         out = sample(logits, [s.request.params for s in seqs], [s.state["generator"] for s in seqs],
                      [s.request.prompt_ids for s in seqs], [s.output_ids for s in seqs], before_read=ahead,
-                     banned=[self._stop_tokens(s) if len(s.output_ids) < s.request.params.min_tokens else ()
-                             for s in seqs] if min_tokens else None,
+                     banned=[self._banned(s) for s in seqs] if min_tokens else None,
                      allowed=[self._allowed(s) for s in seqs] if guided else None)
         now = time.monotonic()
         touched: dict[str, Request] = {}
@@ -323,16 +322,25 @@ class LLMEngine:
         p = seq.request.params
         return frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
 
+    def _banned(self, seq: Sequence) -> frozenset[int]:
+        """The stop tokens a sample short of its min_tokens may not draw; none once its grammar
+        (structured outputs) says the answer is whole: it decides where the answer ends."""
+        if len(seq.output_ids) >= seq.request.params.min_tokens:
+            return frozenset()
+        guide = seq.state.get("guide")
+        return frozenset() if guide is not None and not guide.free and guide.complete else self._stop_tokens(seq)
+
     def _allowed(self, seq: Sequence) -> torch.Tensor | None:
         """The tokens a structured sample may draw next: its grammar's, and its stop tokens where
-        the response is complete (or where the grammar allows nothing else, so it ends)."""
+        the answer is complete. Where the grammar allows nothing (a vocabulary that cannot write
+        what it needs), the model's end tokens, so the sample ends (`_append`) instead of failing."""
         guide = seq.state.get("guide")
-        if guide is None:
+        if guide is None or guide.free:
             return None
         mask = guide.mask()
         if guide.complete or not mask.any():
             mask = mask.clone()
-            mask[list(self._stop_tokens(seq))] = True
+            mask[list(self._stop_tokens(seq) or self.eos_token_ids)] = True
         return mask
 
     def _score_prompt(self, request: Request, first: int, hidden: torch.Tensor) -> None:
@@ -385,6 +393,8 @@ class LLMEngine:
         guide = seq.state.get("guide")
         if guide is not None and not stop_token:
             guide.advance(token)
+            if reason is None and not guide.free and not guide.mask().any():
+                reason = "stop"  # nothing more may be written (even under ignore_eos or min_tokens)
         detok = seq.state.get("detok")
         if detok is not None:
             # As vLLM: the token that stopped the sample adds no text unless include_stop_str_in_output.

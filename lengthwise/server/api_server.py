@@ -40,7 +40,7 @@ from lengthwise.server.protocol import (
     parse_body,
     sampling_params,
 )
-from lengthwise.server.reasoning import ReasoningParser, ReasoningRequest, ReasoningSplit
+from lengthwise.server.reasoning import END, ReasoningParser, ReasoningRequest, ReasoningSplit
 from lengthwise.server.tools import ForcedToolCalls, HermesToolParser, ToolCallStream, check_tools
 from lengthwise.structured.params import StructuredOutputsParams
 from lengthwise.tokenizer import Tokenizer
@@ -253,6 +253,9 @@ def build_app(state: ServerState) -> FastAPI:
         if state.reasoning_parser is not None:  # where the answer starts: the prompt's last tokens say
             tail = state.tokenizer.decode(ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
             reasoning = state.reasoning_parser.for_request(tail, extra, req.include_reasoning)
+            if reasoning.thinking and params.structured_outputs is not None:  # the format holds after it
+                params = dataclasses.replace(params, structured_outputs=dataclasses.replace(
+                    params.structured_outputs, start_after=END))
         return await respond(request, req, [ids], params, chat=True, messages=messages, tools=parser,
                              reasoning=reasoning)
 

@@ -96,7 +96,8 @@ class _Common(BaseModel):
             if extra:
                 raise ApiError(400, f"structured_outputs {extra} are not supported by this server (json, "
                                f"json_object and choice are)", "structured_outputs")
-            given.append(("structured_outputs", dict(self.structured_outputs)))
+            # (fields sent as null are unset, as vLLM's dataclass reads them)
+            given.append(("structured_outputs", {k: v for k, v in self.structured_outputs.items() if v is not None}))
         if self.guided_json is not None:
             given.append(("guided_json", {"json": self.guided_json}))
         if self.guided_choice is not None:

@@ -103,9 +103,13 @@ class ForcedToolCalls:
         """The JSON Schema the answer is held to."""
         if self.name is not None:
             return self.functions[self.name]
-        items = [{"type": "object", "properties": {"name": {"const": n}, "parameters": p},
-                  "required": ["name", "parameters"]} for n, p in self.functions.items()]
-        return {"type": "array", "items": {"anyOf": items}, "minItems": 1, **({"maxItems": 1} if self.single else {})}
+        # Each tool's parameters move under $defs/toolN, their own $refs with them, so that
+        # references inside them (pydantic's "#/$defs/Model") still resolve, and never clash.
+        defs = {f"tool{i}": _rehome(p, f"tool{i}") for i, p in enumerate(self.functions.values())}
+        items = [{"type": "object", "properties": {"name": {"const": n}, "parameters": {"$ref": f"#/$defs/tool{i}"}},
+                  "required": ["name", "parameters"]} for i, n in enumerate(self.functions)]
+        return {"$defs": defs, "type": "array", "items": {"anyOf": items}, "minItems": 1,
+                **({"maxItems": 1} if self.single else {})}
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(None, calls); an answer cut before its JSON ended is left as content, with no calls."""
@@ -119,6 +123,16 @@ class ForcedToolCalls:
 
     def content_end(self, text: str) -> int:
         return 0
+
+
+def _rehome(schema: Any, name: str) -> Any:
+    """`schema` with every local `$ref` ("#...") pointing into `#/$defs/<name>`, where it will live."""
+    if isinstance(schema, dict):
+        return {k: (f"#/$defs/{name}{v[1:]}" if k == "$ref" and isinstance(v, str) and v.startswith("#")
+                    else _rehome(v, name)) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_rehome(v, name) for v in schema]
+    return schema
 
 
 PARSERS = {HermesToolParser.name: HermesToolParser}

@@ -41,6 +41,9 @@ State = frozenset[Stack]
 # but a model held inside a grammar drifts into emitting it without end (newline after newline).
 WHITESPACE = frozenset(b" ")
 MAX_WHITESPACE = 1
+# Alternatives alive at once. An ambiguous schema (two anyOf branches alike, nested) can double
+# them per byte; past this a byte is refused: the answer stays valid, the engine stays responsive.
+MAX_STACKS = 256
 _DIGITS = frozenset(b"0123456789")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = frozenset(b'"\\/bfnrt')
@@ -48,11 +51,14 @@ _NUMBER_FINAL = frozenset((2, 3, 5, 8))  # phases where a number may end
 _UTF8 = 10  # string modes 11..13: that many UTF-8 continuation bytes still to come
 _UNICODE = 20  # string modes 21..24: that many hex digits of a \\uXXXX still to come
 
-# Keywords that only annotate (or that we honour elsewhere), and those we cannot enforce.
-_ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
-                          "$defs", "definitions", "strict", "deprecated", "readOnly", "writeOnly",
-                          "additionalProperties", "required", "properties", "items", "type", "enum", "const",
-                          "anyOf", "oneOf", "allOf", "$ref", "minItems", "maxItems", "minLength", "maxLength"))
+# Keywords that only annotate; with those we enforce, the schema keywords we read.
+_NOTES = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
+                    "$defs", "definitions", "strict", "deprecated", "readOnly", "writeOnly"))
+_ANNOTATIONS = _NOTES | {"additionalProperties", "required", "properties", "items", "type", "enum", "const",
+                         "anyOf", "oneOf", "allOf", "$ref", "minItems", "maxItems", "minLength", "maxLength"}
+# A type implied by the keywords of a schema that names none.
+_IMPLIED = (("object", ("properties", "required", "additionalProperties")),
+            ("array", ("items", "minItems", "maxItems")), ("string", ("minLength", "maxLength")))
 
 
 @dataclass
@@ -79,6 +85,8 @@ class Grammar:
         self.nodes: list[Node] = []
         self.root = 0
         self._expansions: dict[int, list[Stack]] = {}
+        self._expanding: set[int] = set()  # alternatives being expanded (a cycle among them is cut)
+        self._cut = False  # whether the expansion under way met such a cycle (then it is not cached)
         self._advanced: dict[tuple[State, int], State | None] = {}
         self.leading_whitespace = True  # JSON may start after whitespace; a choice may not
 
@@ -102,7 +110,9 @@ class Grammar:
         out: list[Stack] = []
         for stack in state:
             self._step(stack, byte, out, 0)
-        result = frozenset(out) or None
+        result: State | None = frozenset(out)
+        if not result or len(result) > MAX_STACKS:
+            result = None
         if len(self._advanced) > 200_000:  # bounded memo: the token walk revisits the same states
             self._advanced.clear()
         self._advanced[key] = result
@@ -120,17 +130,27 @@ class Grammar:
         """Whether the response may end here: some stack needs no more bytes."""
         return any(all(f[0] == "w" or (f[0] == "n" and f[2] in _NUMBER_FINAL) for f in stack) for stack in state)
 
-    @staticmethod
-    def in_plain_string(state: State) -> bool:
-        """Whether every stack is inside an unbounded string, past any escape or partial character:
-        then any run of whole characters without a quote, backslash or control byte keeps the state."""
-        return all(stack and stack[-1][0] == "s" and stack[-1][2] == 0 and stack[-1][3] is None for stack in state)
+    def plain_string_room(self, state: State) -> int | None | bool:
+        """Inside a string, past any escape or partial character, in every stack: how many more
+        characters of plain text (no quote, backslash or control byte) may follow, None for any
+        number; False when not in such a string."""
+        room: int | None = 0
+        for stack in state:
+            top = stack[-1] if stack else None
+            if top is None or top[0] != "s" or top[2] != 0:
+                return False
+            hi = self.nodes[top[1]].hi
+            if top[3] is None or hi is None:
+                room = None
+            elif room is not None:
+                room = max(room, hi - top[3])
+        return room
 
     def _step(self, stack: Stack, b: int, out: list[Stack], depth: int) -> None:
         if not stack:
             return  # the value is complete: nothing more may follow
         if depth > 64:
-            raise ValueError("the schema nests alternatives without consuming input (a $ref cycle?)")
+            return  # (alternatives nested without consuming input: refused, not a crash mid-step)
         top, rest = stack[-1], stack[:-1]
         kind = top[0]
         if kind == "l":
@@ -157,6 +177,19 @@ class Grammar:
         cached = self._expansions.get(nid)
         if cached is not None:
             return cached
+        if nid in self._expanding:  # a cycle through alternatives adds nothing the outer one lacks
+            self._cut = True
+            return []
+        self._expanding.add(nid)
+        outer_cut, self._cut = self._cut, False
+        seqs = self._expand_node(nid)
+        self._expanding.discard(nid)
+        if not self._cut:  # complete: not cut short by a cycle through a node still being expanded
+            self._expansions[nid] = seqs
+        self._cut = self._cut or outer_cut
+        return seqs
+
+    def _expand_node(self, nid: int) -> list[Stack]:
         node = self.nodes[nid]
         open_ = {"object": ("o", nid, 0, False), "map": ("g", nid, 0), "array": ("a", nid, 0)}
         if node.kind in open_:
@@ -168,12 +201,8 @@ class Grammar:
             seqs = [(("n", node.kind == "integer", 0),)]
         elif node.kind == "literal":
             seqs = [(("l", lit, 0),) for lit in node.literals]
-        elif node.kind == "alt":
-            self._expansions[nid] = []  # a cycle through alternatives alone expands to nothing
-            seqs = [seq for alt in node.alts for seq in self._expand(alt)]
-        else:  # any
-            seqs = [seq for alt in node.alts for seq in self._expand(alt)]
-        self._expansions[nid] = seqs
+        else:  # alt, any
+            seqs = list(dict.fromkeys(seq for alt in node.alts for seq in self._expand(alt)))
         return seqs
 
     def _members(self, top: tuple[Any, ...]) -> list[Stack]:
@@ -324,6 +353,13 @@ class _SchemaCompiler:
             raise ValueError(f"json schema at {where} uses {unknown}, which structured outputs here cannot "
                              f"enforce (supported: type, properties, required, items, enum, const, anyOf/oneOf, "
                              f"$ref, minItems/maxItems, minLength/maxLength)")
+        combinators = [k for k in ("$ref", "const", "enum", "anyOf", "oneOf", "allOf") if k in schema]
+        if combinators:
+            beside = sorted(set(schema) - _NOTES - {combinators[0]} - ({"type"} if combinators[0] in ("enum", "const")
+                                                                        else set()))
+            if beside:
+                raise ValueError(f"json schema at {where} has {beside} beside {combinators[0]}, which structured "
+                                 f"outputs here cannot combine: put them inside its alternatives")
         if "$ref" in schema:
             return self._ref(schema["$ref"], where)
         if "const" in schema:
@@ -344,7 +380,7 @@ class _SchemaCompiler:
             return self.compile(schema["allOf"][0], f"{where}/allOf/0")
         kind = schema.get("type")
         if kind is None:
-            kind = "object" if "properties" in schema else "array" if "items" in schema else None
+            kind = next((k for k, keys in _IMPLIED if any(key in schema for key in keys)), None)
             if kind is None:
                 return self.base["any"]
         if isinstance(kind, list):
@@ -368,12 +404,14 @@ class _SchemaCompiler:
         if kind == "object":
             props = schema.get("properties")
             if props is None:
+                if schema.get("required"):
+                    raise ValueError(f"json schema at {where}: required without properties cannot be enforced "
+                                     f"here: declare the required properties")
                 extra = schema.get("additionalProperties", True)
-                nid = g.add(Node("map"))
-                g.nodes[nid].value = self.compile(True if extra is True else extra, f"{where}/additionalProperties")
                 if extra is False:
-                    g.nodes[nid].kind = "literal"
-                    g.nodes[nid].literals = [b"{}"]
+                    return g.add(Node("literal", literals=[b"{}"]))
+                nid = g.add(Node("map"))
+                g.nodes[nid].value = self.compile(extra, f"{where}/additionalProperties")
                 return nid
             if not isinstance(props, dict):
                 raise ValueError(f"json schema at {where}: properties must be an object")

@@ -23,7 +23,7 @@ import torch
 from lengthwise.structured.grammar import Grammar, State, choice_grammar, json_object_grammar, json_schema_grammar
 from lengthwise.structured.params import StructuredOutputsParams
 
-MASK_CACHE = 1024  # masks kept per grammar (a bool per vocabulary entry each)
+MASK_CACHE_BYTES = 256 << 20  # masks kept, over all grammars (a byte per vocabulary entry each)
 GRAMMAR_CACHE = 64  # compiled grammars kept
 
 
@@ -47,20 +47,22 @@ class TokenVocabulary:
             self.bytes[t] = raw or None
         order = sorted((b, t) for t, b in enumerate(self.bytes) if b)
         self.all = _SortedTokens(order)
-        # Plain string text: whole characters, no quote, backslash or control byte.
-        plain = [t for b, t in order if _plain(b)]
-        self.plain = torch.zeros(vocab_size, dtype=torch.bool)
-        self.plain[plain] = True
+        # Plain string text: whole characters, no quote, backslash or control byte; how many.
+        self.plain_chars = torch.full((vocab_size,), 1 << 30, dtype=torch.int32)
+        for b, t in order:
+            if _plain(b):
+                self.plain_chars[t] = len(b.decode())
         self.not_plain = _SortedTokens([(b, t) for b, t in order if not _plain(b)])
 
     def mask(self, grammar: Grammar, state: State) -> torch.Tensor:
         """A bool mask `[vocab_size]` of the tokens whose bytes `grammar` allows from `state`."""
-        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-        if grammar.in_plain_string(state):
-            mask |= self.plain
-            walk = self.not_plain
-        else:
+        room = grammar.plain_string_room(state)
+        if room is False:
+            mask = torch.zeros(self.vocab_size, dtype=torch.bool)
             walk = self.all
+        else:  # inside a string: plain text that fits is allowed as a block; the rest is walked
+            mask = self.plain_chars <= (1 << 29 if room is None else room)
+            walk = self.not_plain
         allowed = walk.allowed(grammar, state)
         if allowed:
             mask[allowed] = True
@@ -128,19 +130,25 @@ def _plain(raw: bytes) -> bool:
 
 
 class _Compiled:
-    """One constraint's grammar and its masks by state."""
+    """One constraint's grammar, under the key its masks are cached by."""
 
-    def __init__(self, grammar: Grammar) -> None:
-        self.grammar = grammar
-        self.masks: OrderedDict[State, torch.Tensor] = OrderedDict()
+    def __init__(self, key: str, grammar: Grammar) -> None:
+        self.key, self.grammar = key, grammar
 
 
 class TokenGuide:
     """One sample's place in its grammar: the mask for its next token, then `advance(token)`."""
 
-    def __init__(self, outputs: StructuredOutputs, compiled: _Compiled) -> None:
+    def __init__(self, outputs: StructuredOutputs, compiled: _Compiled, start_after: str | None = None) -> None:
         self._outputs, self._compiled = outputs, compiled
         self.state: State | None = compiled.grammar.initial()
+        self._until = start_after.encode() if start_after else None  # free text until these bytes
+        self._seen = b""  # the free text's tail, where they may be starting
+
+    @property
+    def free(self) -> bool:
+        """Whether the response is still in its free text (before `start_after`): no mask."""
+        return self._until is not None
 
     @property
     def complete(self) -> bool:
@@ -152,18 +160,17 @@ class TokenGuide:
         """The tokens allowed next, end tokens not included (see `complete`)."""
         if self.state is None:
             return torch.zeros(self._outputs.vocab.vocab_size, dtype=torch.bool)
-        masks = self._compiled.masks
-        mask = masks.get(self.state)
-        if mask is None:
-            mask = masks[self.state] = self._outputs.vocab.mask(self._compiled.grammar, self.state)
-            if len(masks) > MASK_CACHE:
-                masks.popitem(last=False)
-        else:
-            masks.move_to_end(self.state)
-        return mask
+        return self._outputs.mask(self._compiled, self.state)
 
     def advance(self, token: int) -> None:
         raw = self._outputs.vocab.bytes[token] if token < len(self._outputs.vocab.bytes) else None
+        if self._until is not None:
+            self._seen += raw or b""
+            at = self._seen.find(self._until)
+            if at == -1:
+                self._seen = self._seen[max(0, len(self._seen) - len(self._until) + 1):]
+                return
+            raw, self._until = self._seen[at + len(self._until):], None  # the grammar starts here
         self.state = None if raw is None else self._compiled.grammar.advance_bytes(self.state, raw)
 
 
@@ -175,6 +182,7 @@ class StructuredOutputs:
         self._tokenizer, self._vocab_size = tokenizer, vocab_size
         self._vocab: TokenVocabulary | None = None
         self._compiled: OrderedDict[str, _Compiled] = OrderedDict()
+        self._masks: OrderedDict[tuple[str, State], torch.Tensor] = OrderedDict()
 
     @property
     def vocab(self) -> TokenVocabulary:
@@ -194,12 +202,25 @@ class StructuredOutputs:
             else:
                 assert isinstance(spec.json, dict)
                 grammar = json_schema_grammar(spec.json)
-            compiled = self._compiled[key] = _Compiled(grammar)
+            compiled = self._compiled[key] = _Compiled(key, grammar)
             if len(self._compiled) > GRAMMAR_CACHE:
                 self._compiled.popitem(last=False)
         self._compiled.move_to_end(key)
         return compiled
 
+    def mask(self, compiled: _Compiled, state: State) -> torch.Tensor:
+        """The mask of `state` in `compiled`'s grammar, from the cache (least recently used masks go
+        first, within MASK_CACHE_BYTES over every grammar)."""
+        key = (compiled.key, state)
+        mask = self._masks.get(key)
+        if mask is not None:
+            self._masks.move_to_end(key)
+            return mask
+        mask = self._masks[key] = self.vocab.mask(compiled.grammar, state)
+        if len(self._masks) > max(16, MASK_CACHE_BYTES // self.vocab.vocab_size):
+            self._masks.popitem(last=False)
+        return mask
+
     def guide(self, spec: StructuredOutputsParams) -> TokenGuide:
         """A new guide for one sample under `spec`."""
-        return TokenGuide(self, self.compile(spec))
+        return TokenGuide(self, self.compile(spec), spec.start_after)

@@ -18,6 +18,10 @@ class StructuredOutputsParams:
     - `json_object=True`: the response is any JSON object (OpenAI's `json_object` mode);
     - `choice`: the response is exactly one of these strings.
 
+    `start_after`: the constraint holds only after the first occurrence of this text, which is
+    free before it (a thinking model's `</think>`: the server sets it when its reasoning parser
+    says an answer starts in reasoning, as vLLM applies the grammar after the reasoning ends).
+
     Each sampling step masks the tokens that would leave the grammar, and the end token is allowed
     only where the response is complete, so an answer that ends on its own is valid; one cut by
     `max_tokens` is not (as in vLLM).
@@ -26,6 +30,7 @@ class StructuredOutputsParams:
     json: dict[str, Any] | str | None = None
     json_object: bool = False
     choice: tuple[str, ...] | list[str] | None = None
+    start_after: str | None = None
 
     def __post_init__(self) -> None:
         given = [name for name, on in (("json", self.json is not None), ("json_object", self.json_object),
@@ -48,6 +53,8 @@ class StructuredOutputsParams:
                 json_schema_grammar(self.json)  # what it cannot enforce is refused now, not mid-run
             except ValueError as e:
                 raise ValueError(f"structured_outputs.json: {e}") from None
+        if self.start_after is not None and (not isinstance(self.start_after, str) or not self.start_after):
+            raise ValueError(f"structured_outputs.start_after must be a non-empty string, got {self.start_after!r}")
         if self.choice is not None:
             if not isinstance(self.choice, (list, tuple)) or not self.choice:
                 raise ValueError("structured_outputs.choice must be a non-empty list of strings")
@@ -58,5 +65,5 @@ class StructuredOutputsParams:
     @property
     def key(self) -> str:
         """A canonical text of the constraint: equal constraints share one compiled grammar."""
-        return json.dumps({"json": self.json, "json_object": self.json_object, "choice": self.choice},
-                          sort_keys=True)
+        # (not sort_keys: properties are emitted in the schema's order, so order tells schemas apart)
+        return json.dumps({"json": self.json, "json_object": self.json_object, "choice": self.choice})
