@@ -156,10 +156,9 @@ class LLMEngine:
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab}): "
                              f"{[t for t in params.logit_bias if t >= vocab]}")
-        if params.structured_outputs is not None:
-            if self.structured is None:
-                raise ValueError(f"structured_outputs needs a tokenizer; {self.model_dir} has no tokenizer.json")
-            self.structured.compile(params.structured_outputs)  # a schema it cannot enforce fails here
+        # (a structured_outputs schema was checked when its params were made)
+        if params.structured_outputs is not None and self.structured is None:
+            raise ValueError(f"structured_outputs needs a tokenizer; {self.model_dir} has no tokenizer.json")
         if eos_after is not None and (isinstance(eos_after, bool) or not isinstance(eos_after, int) or eos_after < 1):
             raise ValueError(f"eos_after must be a positive number of tokens, got {eos_after!r}")
         if true_length is not None and (isinstance(true_length, bool) or not isinstance(true_length, (int, float))

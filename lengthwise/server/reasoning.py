@@ -24,10 +24,10 @@ START, END = "<think>", "</think>"
 
 @dataclass(frozen=True)
 class ReasoningParser:
-    """One `--reasoning-parser`: whether untagged output is reasoning when the prompt does not say."""
+    """One `--reasoning-parser`. Untagged output is reasoning unless the prompt says otherwise or
+    the request turns thinking off with the parser's `thinking_switch` template variable."""
 
     name: str
-    thinks_by_default: bool = True
     thinking_switch: str | None = None  # the chat_template_kwargs key that turns thinking off
 
     def for_request(self, prompt_tail: str, template_kwargs: dict[str, Any] | None = None,
@@ -41,7 +41,7 @@ class ReasoningParser:
             thinking = False  # the template closed it: the model answers directly
         else:
             switch = (template_kwargs or {}).get(self.thinking_switch) if self.thinking_switch else None
-            thinking = self.thinks_by_default if switch is None else bool(switch)
+            thinking = True if switch is None else bool(switch)
         return ReasoningRequest(thinking, include)
 
 
