@@ -116,7 +116,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from lengthwise.bench import kernels, predictors, schedule, throughput
+    from lengthwise.bench import kernels, predictors, schedule, structured, throughput
     from lengthwise.bench import serve as serve_bench
 
     bench = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
@@ -126,6 +126,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     schedule.add_subcommand(bench_sub)
     kernels.add_subcommand(bench_sub)
     serve_bench.add_subcommand(bench_sub)
+    structured.add_subcommand(bench_sub)
 
 
 def _add_predictor(sub: argparse._SubParsersAction) -> None:

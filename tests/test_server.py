@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
 import signal
 import socket
@@ -358,6 +359,12 @@ def test_structured_outputs_hold_answers_to_json_and_choices(client):
     same = client.completions.create(model=NAME, prompt="Lily was", max_tokens=8, n=4, temperature=1.0,
                                      extra_body={"structured_outputs": {"choice": ["happy", "sad"]}})
     assert {c.text for c in same.choices} <= {"happy", "sad"}
+    for extra in ({"guided_regex": r"[A-Z][a-z]{2,8} (is|was) \d{1,2}\."},
+                  {"structured_outputs": {"regex": r"[A-Z][a-z]{2,8} (is|was) \d{1,2}\."}}):
+        regex = client.completions.create(model=NAME, prompt="Lily was", max_tokens=20, n=3, temperature=1.0,
+                                          seed=2, extra_body=extra)
+        assert all(re.fullmatch(r"[A-Z][a-z]{2,8} (is|was) \d{1,2}\.", c.text) and c.finish_reason == "stop"
+                   for c in regex.choices), [c.text for c in regex.choices]
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -380,8 +387,10 @@ def test_structured_outputs_hold_answers_to_json_and_choices(client):
     ({"model": NAME, "prompt": "hi", "colour": "blue"}, "colour"),
     ({"model": NAME}, "prompt"),
     ({"model": NAME, "prompt": [99999]}, "prompt"),
-    ({"model": NAME, "prompt": "hi", "guided_json": {"type": "string", "pattern": "a+"}}, "guided_json"),
-    ({"model": NAME, "prompt": "hi", "guided_regex": "a+"}, "guided_regex"),
+    ({"model": NAME, "prompt": "hi", "guided_json": {"type": "integer", "minimum": 1}}, "guided_json"),
+    ({"model": NAME, "prompt": "hi", "guided_json": {"type": "string", "pattern": "(a)\\1"}}, "guided_json"),
+    ({"model": NAME, "prompt": "hi", "guided_regex": "a(?=b)"}, "guided_regex"),
+    ({"model": NAME, "prompt": "hi", "guided_grammar": "root ::= x"}, "guided_grammar"),
     ({"model": NAME, "prompt": "hi", "guided_choice": []}, "guided_choice"),
     ({"model": NAME, "prompt": "hi", "structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs"),
     ({"model": NAME, "prompt": "hi", "guided_choice": ["a"], "response_format": {"type": "json_object"}},

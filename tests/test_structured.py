@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
 from conftest import STORIES, requires_stories
 
-from lengthwise.structured.grammar import choice_grammar, json_object_grammar, json_schema_grammar
+from lengthwise.structured.grammar import choice_grammar, json_object_grammar, json_schema_grammar, regex_grammar
 from lengthwise.structured.guide import TokenVocabulary
 from lengthwise.structured.params import StructuredOutputsParams
+from lengthwise.structured.regex import compile_regex
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12},
@@ -50,7 +52,8 @@ def valid(schema: dict, value, root: dict | None = None) -> bool:
         return (isinstance(value, list) and len(value) <= schema.get("maxItems", len(value))
                 and all(valid(schema.get("items", {}), v, root) for v in value))
     if kind == "string":
-        return isinstance(value, str) and len(value) <= schema.get("maxLength", len(value))
+        return (isinstance(value, str) and len(value) <= schema.get("maxLength", len(value))
+                and re.search(schema.get("pattern", ""), value, re.ASCII) is not None)
     if kind == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "number":
@@ -125,8 +128,95 @@ def test_a_choice_is_one_of_its_strings_exactly():
     assert not any(matches(g, c) for c in ("ye", " yes", "nope", "yes please!", ""))
 
 
+# -- regular expressions ---------------------------------------------------------------------------
+
+REGEXES = [r"20\d\d-[01]\d-[0-3]\d (INFO|WARN)", r"a{2,4}b*", r"(ab|c)+d?", r"[^a-c]{0,3}x", r"\w+@\w+\.com",
+           r"(?:x|y){3}", r"a{,2}", r"é[à-ü]+\.?", r".*z", r"(a|b)*abb", r"\d{3}-\d{4}", r"[\d-]+", r"a{0}b",
+           r"(?P<n>q)+\s", r"^[A-Z][a-z]*$", r"^x|y$", r"[]a]+", r"\x41\u00e9\.", r"[\w.-]{1,3}", r"a{2}{", r"(|a)b",
+           r"[^\n]*"]
+ALPHABET = "abcdxyzAB019-_ .@éàüñ\nqz]{"
+
+
+def regex_matches(regex, text: str) -> bool:
+    states = regex.start
+    for ch in text:
+        states = regex.step(states, ord(ch))
+        if states is None:
+            return False
+    return regex.accepts(states)
+
+
+@pytest.mark.parametrize("pattern", REGEXES)
+def test_a_regex_automaton_matches_what_python_matches(pattern):
+    """Whole-string matches against `re.fullmatch`, and JSON Schema's found-anywhere reading
+    against `re.search` (anchors kept), on random strings and on strings Python's own match accepts."""
+    whole = compile_regex(pattern)
+    if pattern == "^x|y$":  # (anchors beside a top-level |: refused as a search pattern, see below)
+        search, pattern = compile_regex("^(?:x|y)$", search=True), "^(?:x|y)$"
+    else:
+        search = compile_regex(pattern, search=True)
+    r = random.Random(pattern)
+    samples = ["".join(r.choice(ALPHABET) for _ in range(r.randint(0, 9))) for _ in range(3000)]
+    samples += [s for s in ("2024-01-31 INFO", "aab", "ababcd", "zzx", "ab_1@x.com", "xyx", "éàü.", "aabb abb",
+                            "123-4567", "--1", "b", "qq ", "Hello", "Aé.", "a.-", "aa{", "ab", "b") if s]
+    ecma = pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern  # (Python's $ also takes a final newline)
+    for text in samples:
+        assert regex_matches(whole, text) == bool(re.fullmatch(pattern, text, re.ASCII)), text
+        assert regex_matches(search, text) == bool(re.search(ecma, text, re.ASCII)), text
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("a(?=b)", "lookaround"), (r"(a)\1", "backreferences"), (r"\bword", r"word boundary \(\\b\)"),
+    ("a**", "cannot follow another"), ("(?i)a", "inline flag"), ("[a", "missing ']'"), ("a)", "unbalanced"),
+    ("x{3,1}", "maximum is below the minimum"), (r"\p{L}", "Unicode property"), ("a^b", "only accepted at the"),
+    ("a*+", "possessive"), ("*a", "nothing to repeat"), ("a{99999}", "more than 20000 automaton states"),
+    (r"\q", r"unknown escape \\q"),
+])
+def test_a_regex_that_is_no_automaton_is_refused_by_name(pattern, message):
+    with pytest.raises(ValueError, match=message):
+        StructuredOutputsParams(regex=pattern)
+    with pytest.raises(ValueError, match="at #/properties/s/pattern"):
+        StructuredOutputsParams(json={"type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}})
+
+
+def test_anchors_beside_a_top_level_alternative_are_refused_in_a_schema_pattern():
+    assert matches(regex_grammar("^x|y$"), "y")  # a whole-string match: the anchors say nothing more
+    with pytest.raises(ValueError, match="group the alternatives"):
+        StructuredOutputsParams(json={"type": "string", "pattern": "^x|y"})
+
+
+def test_a_pattern_string_reads_json_escapes_and_counts_characters():
+    """JSON escapes are matched as the characters they stand for, maxLength counts characters
+    (an escape is one), and a control byte must be escaped."""
+    g = json_schema_grammar({"type": "object", "properties": {
+        "zip": {"type": "string", "pattern": r"^\d{5}$"},
+        "code": {"pattern": "[A-Z]{2}", "maxLength": 4},
+        "line": {"type": "string", "pattern": "^a\nb\"$"}}, "required": ["zip", "code"]})
+    for doc, ok in [('{"zip": "12345", "code": "xAB"}', True), ('{"zip": "1234", "code": "AB"}', False),
+                    ('{"zip": "12345", "code": "ABCDE"}', False), ('{"zip": "12345", "code": "ab"}', False),
+                    ('{"zip": "\\u0031\\u0032345", "code": "\\u0041B"}', True),
+                    ('{"zip": "12345", "code": "é\\"AB"}', True), ('{"zip": "12345", "code": "é\\"ABC"}', False),
+                    ('{"zip": "12345", "code": "AB", "line": "a\\nb\\""}', True),
+                    ('{"zip": "12345", "code": "AB", "line": "a\nb\\""}', False)]:
+        assert matches(g, doc) == ok, doc
+
+
+def test_a_character_in_the_making_is_allowed_only_if_it_can_end_as_an_allowed_one():
+    """UTF-8 lead bytes and \\u escapes are checked against the code points the regex allows
+    next, so a mask never leads into a character that cannot be finished."""
+    g = regex_grammar("[é-ë]x")  # U+00E9..U+00EB: C3 A9..C3 AB
+    state = g.initial()
+    assert g.advance(state, 0xC3) is not None and g.advance(state, 0xE2) is None and g.advance(state, 0xC2) is None
+    assert g.advance(g.advance(state, 0xC3), 0xA8) is None and g.advance(g.advance(state, 0xC3), 0xAA) is not None
+    s = json_schema_grammar({"type": "string", "pattern": "^[é-ë]$"})
+    prefix = s.advance_bytes(s.initial(), b'"\\u00e')
+    assert prefix is not None and s.advance(prefix, ord("9")) is not None and s.advance(prefix, ord("8")) is None
+    assert s.advance_bytes(s.initial(), b'"\\u01') is None  # U+01xx: none of them is allowed
+    assert s.advance_bytes(s.initial(), b'"\\n') is None  # a newline is not allowed either
+    assert matches(regex_grammar("(é|ü)+\n[^\n]{0,3}"), "éü\nab€") and not matches(regex_grammar("a"), "a\n")
+
+
 @pytest.mark.parametrize("schema, message", [
-    ({"type": "string", "pattern": "a+"}, r"at # uses \['pattern'\]"),
     ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}},
      r"at #/properties/n uses \['minimum'\]"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required must list"),
@@ -143,7 +233,7 @@ def test_what_a_schema_grammar_cannot_enforce_is_refused_by_name(schema, message
 
 
 def test_structured_outputs_params_check_their_fields():
-    with pytest.raises(ValueError, match="exactly one of json, json_object and choice"):
+    with pytest.raises(ValueError, match="exactly one of json, json_object, choice and regex"):
         StructuredOutputsParams()
     with pytest.raises(ValueError, match="exactly one"):
         StructuredOutputsParams(json_object=True, choice=["a"])
@@ -194,6 +284,9 @@ def brute_force(vocab, grammar, state) -> torch.Tensor:
     (json_object_grammar(), ' {"name": "ab\\n\\u00e9é日", "age": [12, -1.5e3, true, null, {}], "cat": {"a": []}}'),
     (json_schema_grammar(PERSON), '{"name": "cat", "age": -12, "pets": ["cat", "dog"], "note": 1.5e3}'),
     (choice_grammar(["cat", "catalog", "name"]), "catalog"),
+    (json_schema_grammar({"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-eé日]+$",
+                                                                    "maxLength": 6}}}), '{"name": "ab\\u00e9é日"}'),
+    (regex_grammar("(ab|[x-z]+)*é?\n(true|null)"), "abzzxé\nnull"),
 ])
 def test_masks_match_a_brute_force_walk_at_every_byte(grammar, text):
     vocab = TokenVocabulary(ByteTokenizer(), ByteTokenizer.vocab_size + 3)  # the model's vocabulary is padded
@@ -282,6 +375,19 @@ def test_generation_keeps_to_a_schema(llm):
                                     structured_outputs=StructuredOutputsParams(choice=["happy", "sad"]))
             out = llm.generate(["Lily was"], params, use_tqdm=False)[0].outputs[0]
             assert out.text in ("happy", "sad") and out.finish_reason == "stop", (kw, out.text)
+    # A regex, and a schema whose strings have patterns.
+    date = r"(19|20)\d\d-(0[1-9]|1[0-2])-[0-3]\d"
+    params = SamplingParams(n=4, max_tokens=40, temperature=1.0, seed=3,
+                            structured_outputs=StructuredOutputsParams(regex=f"{date}: [a-z ]{{3,20}}\\."))
+    for c in llm.generate(["Once upon a time"], params, use_tqdm=False)[0].outputs:
+        assert c.finish_reason == "stop" and re.fullmatch(f"{date}: [a-z ]{{3,20}}\\.", c.text), c.text
+    schema = {"type": "object", "properties": {"day": {"type": "string", "pattern": f"^{date}$"},
+                                               "mood": {"type": "string", "pattern": "^(happy|sad)", "maxLength": 9}},
+              "required": ["day", "mood"]}
+    params = SamplingParams(n=4, max_tokens=60, temperature=1.0, seed=4, structured_outputs=StructuredOutputsParams(
+        json=schema))
+    ended = [c for c in llm.generate(["Lily was"], params, use_tqdm=False)[0].outputs if c.finish_reason == "stop"]
+    assert len(ended) >= 2 and all(valid(schema, json.loads(c.text)) for c in ended), [c.text for c in ended]
     greedy = SamplingParams(max_tokens=10, temperature=0, structured_outputs=StructuredOutputsParams(
         choice=["happy", "sad", "very sad"]))
     assert {o.outputs[0].text for o in llm.generate(["Lily was", "Tom felt"], greedy, use_tqdm=False)} <= {

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from lengthwise.model.random_model import CHAT_TEMPLATE, build_once, build_tokenizer, default_cache_dir
 
@@ -77,11 +78,12 @@ def resolve_model(model: str, seed: int = 0, cache_dir: str | Path | None = None
                      f"(presets: {', '.join(PRESETS)})")
 
 
-def write_preset(out_dir: str | Path, preset: LlamaPreset, seed: int = 0) -> None:
-    """Write a random-initialised Llama checkpoint with `preset`'s shape to `out_dir`."""
+def write_preset(out_dir: str | Path, preset: LlamaPreset, seed: int = 0, tokenizer: Tokenizer | None = None) -> None:
+    """Write a random-initialised Llama checkpoint with `preset`'s shape to `out_dir`, with the
+    random test model's tokenizer or `tokenizer` (whose ids 0, 1, 2 must be <unk>, <s>, </s>)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer()
+    tok = build_tokenizer() if tokenizer is None else tokenizer
     tok.save(str(out / "tokenizer.json"))
     tok_vocab = tok.get_vocab_size(with_added_tokens=True)
     vocab = tok_vocab if preset.vocab_size is None else preset.vocab_size

@@ -337,7 +337,7 @@ class LLMEngine:
         if guide is None or guide.free:
             return None
         mask = guide.mask()
-        if guide.complete or not mask.any():
+        if guide.complete or guide.exhausted:
             mask = mask.clone()
             mask[list(self._stop_tokens(seq) or self.eos_token_ids)] = True
         return mask
@@ -392,7 +392,7 @@ class LLMEngine:
         guide = seq.state.get("guide")
         if guide is not None and not stop_token:
             guide.advance(token)
-            if reason is None and not guide.free and not guide.mask().any():
+            if reason is None and not guide.free and guide.exhausted:
                 reason = "stop"  # nothing more may be written (even under ignore_eos or min_tokens)
         detok = seq.state.get("detok")
         if detok is not None:

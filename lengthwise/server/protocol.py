@@ -70,7 +70,7 @@ class _Common(BaseModel):
     structured_outputs: dict[str, Any] | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_choice: list[str] | None = None
-    guided_regex: str | None = None  # refused: no regex grammars here
+    guided_regex: str | None = None
     guided_grammar: str | None = None  # refused: no EBNF grammars here
 
     def structured(self) -> StructuredOutputsParams | None:
@@ -92,20 +92,21 @@ class _Common(BaseModel):
                 raise ApiError(400, f"response_format.type must be text, json_object or json_schema, got {kind!r}",
                                "response_format")
         if self.structured_outputs is not None:
-            extra = sorted(set(self.structured_outputs) - {"json", "json_object", "choice"})
+            extra = sorted(set(self.structured_outputs) - {"json", "json_object", "choice", "regex"})
             if extra:
                 raise ApiError(400, f"structured_outputs {extra} are not supported by this server (json, "
-                               f"json_object and choice are)", "structured_outputs")
+                               f"json_object, choice and regex are)", "structured_outputs")
             # (fields sent as null are unset, as vLLM's dataclass reads them)
             given.append(("structured_outputs", {k: v for k, v in self.structured_outputs.items() if v is not None}))
         if self.guided_json is not None:
             given.append(("guided_json", {"json": self.guided_json}))
         if self.guided_choice is not None:
             given.append(("guided_choice", {"choice": self.guided_choice}))
-        for name in ("guided_regex", "guided_grammar"):
-            if getattr(self, name) is not None:
-                raise ApiError(400, f"{name} is not supported by this server (json schemas, json_object and "
-                               f"choice are)", name)
+        if self.guided_regex is not None:
+            given.append(("guided_regex", {"regex": self.guided_regex}))
+        if self.guided_grammar is not None:
+            raise ApiError(400, "guided_grammar is not supported by this server (json schemas, json_object, "
+                           "choice and regex are)", "guided_grammar")
         if len(given) > 1:
             raise ApiError(400, f"give one output constraint, not {[name for name, _ in given]}", given[1][0])
         if not given:

@@ -15,6 +15,7 @@ frames with its top last, and a frame is a small tuple naming what comes next:
 | `("o", node, i, wrote)` | inside an object with declared properties, at property `i` |
 | `("g", node, phase)` | inside an object of any keys (right after `{`, or after a member) |
 | `("a", node, count)` | inside an array, after `count` items (capped where the schema stops caring) |
+| `("x", node, nfa, pending, count)` | a `pattern` string or a `regex` response: regex states, a partial character |
 
 States are hashable, so the token masks made from them can be cached (`guide.py`). Everything
 here is plain Python over bytes: no torch, no tokenizer.
@@ -22,10 +23,12 @@ here is plain Python over bytes: no torch, no tokenizer.
 Supported JSON Schema: `type` (one or a list), `properties` (emitted in the schema's order;
 `required` ones always, others optionally; no keys beyond them, as xgrammar's strict mode),
 `additionalProperties` as the value schema of an object without `properties`, `items`,
-`minItems`/`maxItems`, `minLength`/`maxLength`, `enum`, `const`, `anyOf`/`oneOf`, `allOf` of
-one schema, `$ref` to `#/$defs/...` or `#/definitions/...` (recursion included). `format` is an
-annotation (JSON Schema lets validators ignore it). Keywords that constrain what this cannot
-express (`pattern`, `minimum`, `multipleOf`, ...) are refused by name rather than silently ignored.
+`minItems`/`maxItems`, `minLength`/`maxLength`, `pattern` (JSON Schema's meaning: found somewhere
+in the string unless anchored with `^...$`; the syntax `regex.py` reads), `enum`, `const`,
+`anyOf`/`oneOf`, `allOf` of one schema, `$ref` to `#/$defs/...` or `#/definitions/...` (recursion
+included). `format` is an annotation (JSON Schema lets validators ignore it). Keywords that
+constrain what this cannot express (`minimum`, `multipleOf`, ...) are refused by name rather than
+silently ignored.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from lengthwise.structured.regex import Regex, compile_regex
 
 Stack = tuple[tuple[Any, ...], ...]
 State = frozenset[Stack]
@@ -48,6 +53,8 @@ _DIGITS = frozenset(b"0123456789")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ESCAPES = frozenset(b'"\\/bfnrt')
 _NUMBER_FINAL = frozenset((2, 3, 5, 8))  # phases where a number may end
+_JSON_ESCAPES = {0x22: 0x22, 0x5C: 0x5C, 0x2F: 0x2F, 0x62: 0x08, 0x66: 0x0C, 0x6E: 0x0A, 0x72: 0x0D, 0x74: 0x09}
+_UTF8_MIN = {1: 0x80, 2: 0x800, 3: 0x10000}  # the least code point of a character of 1 + n bytes (no overlongs)
 _UTF8 = 10  # string modes 11..13: that many UTF-8 continuation bytes still to come
 _UNICODE = 20  # string modes 21..24: that many hex digits of a \\uXXXX still to come
 
@@ -55,17 +62,19 @@ _UNICODE = 20  # string modes 21..24: that many hex digits of a \\uXXXX still to
 _NOTES = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment", "format",
                     "$defs", "definitions", "strict", "deprecated", "readOnly", "writeOnly"))
 _ANNOTATIONS = _NOTES | {"additionalProperties", "required", "properties", "items", "type", "enum", "const",
-                         "anyOf", "oneOf", "allOf", "$ref", "minItems", "maxItems", "minLength", "maxLength"}
+                         "anyOf", "oneOf", "allOf", "$ref", "minItems", "maxItems", "minLength", "maxLength",
+                         "pattern"}
 # A type implied by the keywords of a schema that names none.
 _IMPLIED = (("object", ("properties", "required", "additionalProperties")),
-            ("array", ("items", "minItems", "maxItems")), ("string", ("minLength", "maxLength")))
+            ("array", ("items", "minItems", "maxItems")), ("string", ("minLength", "maxLength", "pattern")))
 
 
 @dataclass
 class Node:
     """One schema node. `kind`: any, object (declared `props`), map (any keys, `value` node),
-    array (`item`, `lo`..`hi` items), string (`lo`..`hi` characters), number, integer, literal
-    (`literals`: the exact byte strings allowed), alt (`alts`: node ids)."""
+    array (`item`, `lo`..`hi` items), string (`lo`..`hi` characters), pattern (a string of
+    `lo`..`hi` characters matching `regex`), number, integer, literal (`literals`: the exact byte
+    strings allowed), alt (`alts`: node ids), regex (the whole response matches `regex`, raw)."""
 
     kind: str
     props: list[tuple[bytes, int, bool]] = field(default_factory=list)  # (key as JSON, node, required)
@@ -75,6 +84,7 @@ class Node:
     hi: int | None = None
     literals: list[bytes] = field(default_factory=list)
     alts: list[int] = field(default_factory=list)
+    regex: Regex | None = None
 
 
 class Grammar:
@@ -125,10 +135,17 @@ class Grammar:
             state = self.advance(state, b)
         return state
 
-    @staticmethod
-    def accepts(state: State) -> bool:
+    def accepts(self, state: State) -> bool:
         """Whether the response may end here: some stack needs no more bytes."""
-        return any(all(f[0] == "w" or (f[0] == "n" and f[2] in _NUMBER_FINAL) for f in stack) for stack in state)
+        return any(all(self._final(f) for f in stack) for stack in state)
+
+    def _final(self, frame: tuple[Any, ...]) -> bool:
+        kind = frame[0]
+        if kind == "x":  # a raw regex response, between characters, where its automaton accepts
+            node = self.nodes[frame[1]]
+            return node.kind == "regex" and frame[3] is None and node.regex is not None and \
+                node.regex.accepts(frame[2])
+        return kind == "w" or (kind == "n" and frame[2] in _NUMBER_FINAL)
 
     def plain_string_room(self, state: State) -> int | None | bool:
         """Inside a string, past any escape or partial character, in every stack: how many more
@@ -168,6 +185,8 @@ class Grammar:
             self._string(top, rest, b, out)
         elif kind == "n":
             self._number(top, rest, b, out, depth)
+        elif kind == "x":
+            self._pattern(top, rest, b, out)
         else:
             for seq in self._members(top):
                 self._step(rest + seq, b, out, depth + 1)
@@ -197,6 +216,13 @@ class Grammar:
             seqs: list[Stack] = [(open_[node.kind], ("w", 0), ("l", brace, 0))]
         elif node.kind == "string":
             seqs = [(("s", nid, 0, 0 if node.lo or node.hi is not None else None), ("l", b'"', 0))]
+        elif node.kind == "pattern":
+            assert node.regex is not None
+            seqs = [(("x", nid, node.regex.start, None, 0 if node.lo or node.hi is not None else None),
+                     ("l", b'"', 0))]
+        elif node.kind == "regex":
+            assert node.regex is not None
+            seqs = [(("x", nid, node.regex.start, None, None),)]
         elif node.kind in ("number", "integer"):
             seqs = [(("n", node.kind == "integer", 0),)]
         elif node.kind == "literal":
@@ -269,6 +295,70 @@ class Grammar:
             mode = 0 if mode == _UTF8 + 1 else mode - 1
         out.append((*rest, ("s", nid, mode, count)))
 
+    def _pattern(self, top: tuple[Any, ...], rest: Stack, b: int, out: list[Stack]) -> None:
+        """A byte of a string held to a regex (inside JSON quotes, escapes decoded: `pattern`) or of
+        a raw regex response. A partial character is allowed only if some completion of it is."""
+        _, nid, states, pending, count = top
+        node = self.nodes[nid]
+        regex, quoted = node.regex, node.kind == "pattern"
+        assert regex is not None
+        if pending is None:
+            if quoted and b == 0x22:  # the closing quote
+                if regex.accepts(states) and (count is None or count >= node.lo):
+                    out.append(rest)
+                return
+            if quoted and b == 0x5C:
+                pending = ("esc",)
+            elif b < 0x80:
+                if not (quoted and b < 0x20):  # (JSON needs a control character escaped)
+                    self._pattern_char(top, rest, b, out)
+                return
+            elif 0xC2 <= b <= 0xF4:
+                n = 1 if b < 0xE0 else 2 if b < 0xF0 else 3
+                pending = ("u8", n, b & (0x1F, 0x0F, 0x07)[n - 1], _UTF8_MIN[n])
+            else:
+                return  # a stray continuation byte, or no UTF-8 lead byte
+        elif pending[0] == "esc":
+            if b == 0x75:  # \uXXXX
+                pending = ("hex", 4, 0)
+            else:
+                if b in _JSON_ESCAPES:
+                    self._pattern_char(top, rest, _JSON_ESCAPES[b], out)
+                return
+        elif pending[0] == "hex":
+            if b not in _HEX:
+                return
+            left, value = pending[1] - 1, pending[2] * 16 + int(chr(b), 16)
+            if not left:
+                if not 0xD800 <= value <= 0xDFFF:  # (a surrogate pair's halves are not characters)
+                    self._pattern_char(top, rest, value, out)
+                return
+            pending = ("hex", left, value)
+        else:  # mid UTF-8 character
+            if not 0x80 <= b <= 0xBF:
+                return
+            left, value, least = pending[1] - 1, pending[2] << 6 | (b & 0x3F), pending[3]
+            if not left:
+                if least <= value <= 0x10FFFF and not 0xD800 <= value <= 0xDFFF:
+                    self._pattern_char(top, rest, value, out)
+                return
+            pending = ("u8", left, value, least)
+        if _completable(regex, states, pending):
+            out.append((*rest, ("x", nid, states, pending, count)))
+
+    def _pattern_char(self, top: tuple[Any, ...], rest: Stack, c: int, out: list[Stack]) -> None:
+        _, nid, states, _, count = top
+        node = self.nodes[nid]
+        if count is not None:  # count it against maxLength
+            count += 1
+            if node.hi is not None and count > node.hi:
+                return
+            count = min(count, node.hi if node.hi is not None else node.lo)
+        assert node.regex is not None
+        nxt = node.regex.step(states, c)
+        if nxt is not None:
+            out.append((*rest, ("x", nid, nxt, None, count)))
+
     def _number(self, top: tuple[Any, ...], rest: Stack, b: int, out: list[Stack], depth: int) -> None:
         _, integer, phase = top
         nxt = None
@@ -289,6 +379,21 @@ class Grammar:
             out.append((*rest, ("n", integer, nxt)))
         if phase in _NUMBER_FINAL:
             self._step(rest, b, out, depth + 1)  # or the number is over
+
+
+def _completable(regex: Regex, states: frozenset[int], pending: tuple[Any, ...]) -> bool:
+    """Whether a character in the making can still end as one the regex allows next."""
+    if pending[0] == "esc":  # a short escape's character, or any \\u code point
+        return any(regex.allows_some(states, c, c) for c in _JSON_ESCAPES.values()) or \
+            _completable(regex, states, ("hex", 4, 0))
+    if pending[0] == "hex":
+        lo = pending[2] << (4 * pending[1])
+        hi = lo | ((1 << (4 * pending[1])) - 1)
+    else:
+        lo = max(pending[2] << (6 * pending[1]), pending[3])
+        hi = min((pending[2] << (6 * pending[1])) | ((1 << (6 * pending[1])) - 1), 0x10FFFF)
+    return (lo < 0xD800 and regex.allows_some(states, lo, min(hi, 0xD7FF))) or \
+        (hi > 0xDFFF and regex.allows_some(states, max(lo, 0xE000), hi))
 
 
 KEY = 0  # every grammar's node 0: an object key (a string of any length)
@@ -327,6 +432,16 @@ def choice_grammar(choices: list[str]) -> Grammar:
     return grammar
 
 
+def regex_grammar(pattern: str) -> Grammar:
+    """A response that matches `pattern` as a whole (vLLM's `regex`); a pattern `regex.py`
+    cannot compile is a `ValueError` naming why."""
+    grammar = Grammar()
+    _base(grammar)
+    grammar.root = grammar.add(Node("regex", regex=compile_regex(pattern)))
+    grammar.leading_whitespace = False
+    return grammar
+
+
 def json_schema_grammar(schema: dict[str, Any]) -> Grammar:
     """A JSON value matching `schema` (the subset in this module's docstring); a schema using
     what this cannot enforce is a `ValueError` naming the keyword and where it is."""
@@ -352,7 +467,7 @@ class _SchemaCompiler:
         if unknown:
             raise ValueError(f"json schema at {where} uses {unknown}, which structured outputs here cannot "
                              f"enforce (supported: type, properties, required, items, enum, const, anyOf/oneOf, "
-                             f"$ref, minItems/maxItems, minLength/maxLength)")
+                             f"$ref, minItems/maxItems, minLength/maxLength, pattern)")
         combinators = [k for k in ("$ref", "const", "enum", "anyOf", "oneOf", "allOf") if k in schema]
         if combinators:
             beside = sorted(set(schema) - _NOTES - {combinators[0]} - ({"type"} if combinators[0] in ("enum", "const")
@@ -395,6 +510,12 @@ class _SchemaCompiler:
             return self.base[kind]
         if kind == "string":
             lo, hi = _bounds(schema, "minLength", "maxLength", where)
+            if "pattern" in schema:
+                try:
+                    regex = compile_regex(schema["pattern"], search=True)
+                except ValueError as e:
+                    raise ValueError(f"json schema at {where}/pattern: {e}") from None
+                return g.add(Node("pattern", lo=lo, hi=hi, regex=regex))
             return self.base["string"] if (lo, hi) == (0, None) else g.add(Node("string", lo=lo, hi=hi))
         if kind == "array":
             lo, hi = _bounds(schema, "minItems", "maxItems", where)

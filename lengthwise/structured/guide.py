@@ -15,12 +15,21 @@ that follows its tokens.
 from __future__ import annotations
 
 import bisect
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lengthwise.structured.grammar import Grammar, State, choice_grammar, json_object_grammar, json_schema_grammar
+from lengthwise.structured.grammar import (
+    Grammar,
+    State,
+    choice_grammar,
+    json_object_grammar,
+    json_schema_grammar,
+    regex_grammar,
+)
 from lengthwise.structured.params import StructuredOutputsParams
 
 MASK_CACHE_BYTES = 256 << 20  # masks kept, over all grammars (a byte per vocabulary entry each)
@@ -160,7 +169,12 @@ class TokenGuide:
         """The tokens allowed next, end tokens not included (see `complete`)."""
         if self.state is None:
             return torch.zeros(self._outputs.vocab.vocab_size, dtype=torch.bool)
-        return self._outputs.mask(self._compiled, self.state)
+        return self._outputs.mask(self._compiled, self.state)[0]
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether no token may follow (the answer is whole, or the vocabulary cannot go on)."""
+        return self.state is None or not self._outputs.mask(self._compiled, self.state)[1]
 
     def advance(self, token: int) -> None:
         raw = self._outputs.vocab.bytes[token] if token < len(self._outputs.vocab.bytes) else None
@@ -174,6 +188,16 @@ class TokenGuide:
         self.state = None if raw is None else self._compiled.grammar.advance_bytes(self.state, raw)
 
 
+@dataclass
+class MaskStats:
+    """What the masks cost so far: masks walked (a state seen first, or evicted), masks served
+    from the cache, and the seconds spent walking (`lengthwise bench structured` reads these)."""
+
+    built: int = 0
+    hits: int = 0
+    build_seconds: float = 0.0
+
+
 class StructuredOutputs:
     """An engine's structured outputs: its tokenizer's vocabulary (built on first use) and the
     compiled constraints."""
@@ -181,8 +205,10 @@ class StructuredOutputs:
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         self._tokenizer, self._vocab_size = tokenizer, vocab_size
         self._vocab: TokenVocabulary | None = None
+        self.stats = MaskStats()
         self._compiled: OrderedDict[str, _Compiled] = OrderedDict()
-        self._masks: OrderedDict[tuple[str, State], torch.Tensor] = OrderedDict()
+        # (mask, whether it allows any token): the engine asks both every step
+        self._masks: OrderedDict[tuple[str, State], tuple[torch.Tensor, bool]] = OrderedDict()
 
     @property
     def vocab(self) -> TokenVocabulary:
@@ -199,6 +225,8 @@ class StructuredOutputs:
                 grammar = json_object_grammar()
             elif spec.choice is not None:
                 grammar = choice_grammar(list(spec.choice))
+            elif spec.regex is not None:
+                grammar = regex_grammar(spec.regex)
             else:
                 assert isinstance(spec.json, dict)
                 grammar = json_schema_grammar(spec.json)
@@ -208,18 +236,24 @@ class StructuredOutputs:
         self._compiled.move_to_end(key)
         return compiled
 
-    def mask(self, compiled: _Compiled, state: State) -> torch.Tensor:
-        """The mask of `state` in `compiled`'s grammar, from the cache (least recently used masks go
-        first, within MASK_CACHE_BYTES over every grammar)."""
+    def mask(self, compiled: _Compiled, state: State) -> tuple[torch.Tensor, bool]:
+        """The mask of `state` in `compiled`'s grammar and whether it allows any token, from the
+        cache (least recently used masks go first, within MASK_CACHE_BYTES over every grammar)."""
         key = (compiled.key, state)
-        mask = self._masks.get(key)
-        if mask is not None:
+        entry = self._masks.get(key)
+        if entry is not None:
+            self.stats.hits += 1
             self._masks.move_to_end(key)
-            return mask
-        mask = self._masks[key] = self.vocab.mask(compiled.grammar, state)
+            return entry
+        vocab = self.vocab  # (built on first use: not counted as a mask's cost)
+        start = time.perf_counter()
+        mask = vocab.mask(compiled.grammar, state)
+        entry = self._masks[key] = (mask, bool(mask.any()))
+        self.stats.build_seconds += time.perf_counter() - start
+        self.stats.built += 1
         if len(self._masks) > max(16, MASK_CACHE_BYTES // self.vocab.vocab_size):
             self._masks.popitem(last=False)
-        return mask
+        return entry
 
     def guide(self, spec: StructuredOutputsParams) -> TokenGuide:
         """A new guide for one sample under `spec`."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lengthwise.structured.grammar import json_schema_grammar
+from lengthwise.structured.regex import compile_regex
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -16,7 +17,9 @@ class StructuredOutputsParams:
     - `json`: a JSON Schema (a dict, or its JSON text): the response is a JSON value matching it
       (the subset `lengthwise.structured.grammar` lists; what it cannot enforce is refused);
     - `json_object=True`: the response is any JSON object (OpenAI's `json_object` mode);
-    - `choice`: the response is exactly one of these strings.
+    - `choice`: the response is exactly one of these strings;
+    - `regex`: the response matches this regular expression as a whole (the syntax
+      `lengthwise.structured.regex` reads; lookaround and backreferences are refused).
 
     `start_after`: the constraint holds only after the first occurrence of this text, which is
     free before it (a thinking model's `</think>`: the server sets it when its reasoning parser
@@ -30,13 +33,15 @@ class StructuredOutputsParams:
     json: dict[str, Any] | str | None = None
     json_object: bool = False
     choice: tuple[str, ...] | list[str] | None = None
+    regex: str | None = None
     start_after: str | None = None
 
     def __post_init__(self) -> None:
         given = [name for name, on in (("json", self.json is not None), ("json_object", self.json_object),
-                                       ("choice", self.choice is not None)) if on]
+                                       ("choice", self.choice is not None), ("regex", self.regex is not None))
+                 if on]
         if len(given) != 1:
-            raise ValueError(f"structured_outputs needs exactly one of json, json_object and choice, got "
+            raise ValueError(f"structured_outputs needs exactly one of json, json_object, choice and regex, got "
                              f"{given or 'none'}")
         if not isinstance(self.json_object, bool):
             raise ValueError(f"structured_outputs.json_object must be a bool, got {self.json_object!r}")
@@ -53,6 +58,11 @@ class StructuredOutputsParams:
                 json_schema_grammar(self.json)  # what it cannot enforce is refused now, not mid-run
             except ValueError as e:
                 raise ValueError(f"structured_outputs.json: {e}") from None
+        if self.regex is not None:
+            try:
+                compile_regex(self.regex)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.regex: {e}") from None
         if self.start_after is not None and (not isinstance(self.start_after, str) or not self.start_after):
             raise ValueError(f"structured_outputs.start_after must be a non-empty string, got {self.start_after!r}")
         if self.choice is not None:
@@ -66,4 +76,5 @@ class StructuredOutputsParams:
     def key(self) -> str:
         """A canonical text of the constraint: equal constraints share one compiled grammar."""
         # (not sort_keys: properties are emitted in the schema's order, so order tells schemas apart)
-        return json.dumps({"json": self.json, "json_object": self.json_object, "choice": self.choice})
+        return json.dumps({"json": self.json, "json_object": self.json_object, "choice": self.choice,
+                           "regex": self.regex})
