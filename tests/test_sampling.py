@@ -185,6 +185,24 @@ def greedy_one(row, prompt=(), output=(), **kw):
                outputs=[list(output)]).token_ids[0]
 
 
+def test_allowed_masks_as_bools_or_additive_offsets_draw_the_same_tokens():
+    """Structured outputs hand the sampler cached float offsets (0 / -inf), added to the logits;
+    a bool mask (filled) draws exactly the same tokens, always inside the mask."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    masks = [torch.rand(50) < 0.2 for _ in range(6)]
+    offsets = [torch.zeros(50).masked_fill_(~m, -math.inf) for m in masks]
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=0.7, top_k=3), SamplingParams(temperature=1.0, top_p=0.5),
+              SamplingParams(temperature=1.0, repetition_penalty=1.3), SamplingParams(temperature=0)]
+    draws = []
+    for allowed in (masks, offsets, [None, *offsets[1:]]):
+        gens = [None if p.greedy else make_generator(i, CPU) for i, p in enumerate(params)]
+        draws.append(sample(logits, params, gens, [[1, 2]] * 6, [[3]] * 6, allowed=allowed).token_ids)
+    assert draws[0] == draws[1] and all(masks[i][t] for i, t in enumerate(draws[1]))
+    assert draws[2][0] == int(logits[0].argmax()) and draws[2][1:] == draws[1][1:]  # row 0 unmasked
+
+
 def test_penalty_directions():
     # Repetition: positive logits are divided, negative ones multiplied; prompt and output both count.
     assert greedy_one([2.0, 1.9, 0.0]) == 0

@@ -297,6 +297,21 @@ def test_masks_match_a_brute_force_walk_at_every_byte(grammar, text):
     assert grammar.accepts(state)
 
 
+def test_masks_stay_right_when_the_transition_table_starts_again(monkeypatch):
+    """A grammar's interned states and byte table are dropped past MAX_STATES (here 3, so at
+    almost every mask): the masks still match the brute-force walk."""
+    from lengthwise.structured import guide
+
+    monkeypatch.setattr(guide._Transitions, "MAX_STATES", 3)
+    vocab = TokenVocabulary(ByteTokenizer(), ByteTokenizer.vocab_size)
+    grammar = json_schema_grammar(PERSON)
+    state = grammar.initial()
+    for b in b'{"name": "ab\\u00e9", "age": 12, "pets": ["cat"]}':
+        assert torch.equal(vocab.mask(grammar, state), brute_force(vocab, grammar, state))
+        state = grammar.advance(state, b)
+    assert len(vocab._walks[grammar].states) < 40
+
+
 def test_a_guide_is_free_until_its_start_after_text():
     """A thinking model's answer: no mask until `start_after` (in one token, split over tokens, or
     sharing a token with the answer's first bytes), then the grammar from its start."""

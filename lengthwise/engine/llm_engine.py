@@ -330,17 +330,18 @@ class LLMEngine:
         return frozenset() if guide is not None and not guide.free and guide.complete else self._stop_tokens(seq)
 
     def _allowed(self, seq: Sequence) -> torch.Tensor | None:
-        """The tokens a structured sample may draw next: its grammar's, and its stop tokens where
-        the answer is complete. Where the grammar allows nothing (a vocabulary that cannot write
-        what it needs), the model's end tokens, so the sample ends (`_append`) instead of failing."""
+        """The tokens a structured sample may draw next, as additive logit offsets on the model's
+        device (cached per grammar state): its grammar's, and its stop tokens where the answer is
+        complete. Where the grammar allows nothing (a vocabulary that cannot write what it
+        needs), the model's end tokens, so the sample ends (`_append`) instead of failing."""
         guide = seq.state.get("guide")
         if guide is None or guide.free:
             return None
-        mask = guide.mask()
+        offsets = guide.additive(self.model.device)
         if guide.complete or guide.exhausted:
-            mask = mask.clone()
-            mask[list(self._stop_tokens(seq) or self.eos_token_ids)] = True
-        return mask
+            offsets = offsets.clone()
+            offsets[list(self._stop_tokens(seq) or self.eos_token_ids)] = 0.0
+        return offsets
 
     def _score_prompt(self, request: Request, first: int, hidden: torch.Tensor) -> None:
         """Prompt logprobs of tokens `first ..` of the request's prompt from the final hidden states

@@ -2,10 +2,12 @@
 
 `TokenVocabulary` knows the bytes each token adds to a response (byte tokens from the
 vocabulary; other tokens decoded after an anchor token, so a SentencePiece `▁` reads as the
-space it is mid-text). A mask for a grammar state is found by walking the tokens in sorted byte
-order: tokens sharing a prefix share the automaton's work on it, and once a prefix is refused
-every token under it is skipped. Inside an unbounded JSON string (most of a long answer) the
-many tokens that are plain text are allowed as a block and only the rest are walked.
+space it is mid-text). A mask for a grammar state is found by walking every token at once, one
+byte position at a time, with numpy: each grammar's states are interned as small ints and a
+table `[state, byte] -> state` is filled the first time a walk meets an entry (the grammar, in
+Python, is asked each pair once; after that a walk is array lookups over the tokens still
+alive). Inside a JSON string (most of a long answer) the many tokens that are plain text and
+fit are allowed as a block and only the rest are walked.
 
 `StructuredOutputs` is the engine's: it compiles each constraint once, caches masks per grammar
 state (a response keeps returning to the same few states), and hands each sample a `TokenGuide`
@@ -14,12 +16,14 @@ that follows its tokens.
 
 from __future__ import annotations
 
-import bisect
+import math
 import time
+import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from lengthwise.structured.grammar import (
@@ -32,7 +36,7 @@ from lengthwise.structured.grammar import (
 )
 from lengthwise.structured.params import StructuredOutputsParams
 
-MASK_CACHE_BYTES = 256 << 20  # masks kept, over all grammars (a byte per vocabulary entry each)
+MASK_CACHE_BYTES = 256 << 20  # masks kept, over all grammars: a byte per vocabulary entry, 4 more per device form
 GRAMMAR_CACHE = 64  # compiled grammars kept
 
 
@@ -55,13 +59,14 @@ class TokenVocabulary:
                 raw = text.encode() if "\ufffd" not in text else None
             self.bytes[t] = raw or None
         order = sorted((b, t) for t, b in enumerate(self.bytes) if b)
-        self.all = _SortedTokens(order)
+        self.all = _TokenArrays(order)
         # Plain string text: whole characters, no quote, backslash or control byte; how many.
         self.plain_chars = torch.full((vocab_size,), 1 << 30, dtype=torch.int32)
         for b, t in order:
             if _plain(b):
                 self.plain_chars[t] = len(b.decode())
-        self.not_plain = _SortedTokens([(b, t) for b, t in order if not _plain(b)])
+        self.not_plain = _TokenArrays([(b, t) for b, t in order if not _plain(b)])
+        self._walks: weakref.WeakKeyDictionary[Grammar, _Transitions] = weakref.WeakKeyDictionary()
 
     def mask(self, grammar: Grammar, state: State) -> torch.Tensor:
         """A bool mask `[vocab_size]` of the tokens whose bytes `grammar` allows from `state`."""
@@ -72,60 +77,105 @@ class TokenVocabulary:
         else:  # inside a string: plain text that fits is allowed as a block; the rest is walked
             mask = self.plain_chars <= (1 << 29 if room is None else room)
             walk = self.not_plain
-        allowed = walk.allowed(grammar, state)
-        if allowed:
-            mask[allowed] = True
+        transitions = self._walks.get(grammar)
+        if transitions is None:
+            transitions = self._walks[grammar] = _Transitions(grammar)
+        elif len(transitions.states) > _Transitions.MAX_STATES:
+            transitions.reset()
+        allowed = walk.allowed(transitions, state)
+        if len(allowed):
+            mask[torch.from_numpy(allowed)] = True
         return mask
 
 
-class _SortedTokens:
-    """Tokens sorted by their bytes, walked with shared prefixes computed once."""
+class _Transitions:
+    """One grammar's states interned as small ints, with a table `[state, byte] -> state` filled
+    as walks meet its entries (-2: not yet asked, -1: the byte is refused). A mask's walk is then
+    array lookups; the grammar is asked each (state, byte) once."""
 
-    def __init__(self, order: list[tuple[bytes, int]]) -> None:
-        self.keys = [b for b, _ in order]
-        self.ids = [t for _, t in order]
+    UNKNOWN, DEAD = -2, -1
+    MAX_STATES = 4096  # past this the table starts again (at the next mask): 4 MiB per grammar
 
-    def allowed(self, grammar: Grammar, state: State) -> list[int]:
-        keys, out = self.keys, []
-        states: list[State | None] = [state]  # states[d]: after the first d bytes of the current key
-        prev = b""
-        i = 0
-        while i < len(keys):
-            key = keys[i]
-            common = 0
-            limit = min(len(prev), len(key), len(states) - 1)
-            while common < limit and prev[common] == key[common]:
-                common += 1
-            del states[common + 1:]
-            st = states[common]
-            dead = -1
-            for d in range(common, len(key)):
-                st = grammar.advance(st, key[d])
-                if st is None:
-                    dead = d
-                    break
-                states.append(st)
-            if dead == -1:
-                out.append(self.ids[i])
-                prev = key
-                i += 1
-                continue
-            # Every key starting with key[:dead + 1] is refused too: skip past them.
-            prefix = key[:dead + 1]
-            prev = key[:dead]
-            i = bisect.bisect_left(keys, _after(prefix), i + 1) if prefix[-1] < 255 else _skip(keys, prefix, i + 1)
-        return out
+    def __init__(self, grammar: Grammar) -> None:
+        self.grammar = grammar
+        self.reset()
+
+    def reset(self) -> None:
+        self.ids: dict[State, int] = {}
+        self.states: list[State] = []
+        self.table = np.full((64, 256), self.UNKNOWN, dtype=np.int32)
+
+    def intern(self, state: State) -> int:
+        sid = self.ids.get(state)
+        if sid is None:
+            sid = self.ids[state] = len(self.states)
+            self.states.append(state)
+            if sid >= len(self.table):
+                grown = np.full((2 * len(self.table), 256), self.UNKNOWN, dtype=np.int32)
+                grown[:len(self.table)] = self.table
+                self.table = grown
+        return sid
+
+    def step(self, sids: np.ndarray, data: np.ndarray) -> np.ndarray:
+        """The states after byte `data[i]` from state `sids[i]`, each (-1 where refused)."""
+        nxt = self.table[sids, data]
+        unknown = nxt == self.UNKNOWN
+        if unknown.any():
+            pairs = sids[unknown].astype(np.int64) * 256 + data[unknown]
+            if len(pairs) > 4096:  # (a new state's first column: marking beats sorting a vocabulary's worth)
+                seen = np.zeros(len(self.states) * 256, dtype=bool)
+                seen[pairs] = True
+                pairs = np.flatnonzero(seen).tolist()
+            else:
+                pairs = set(pairs.tolist())  # (np.unique would import numpy.ma, 7 ms, at the first mask)
+            for pair in pairs:
+                sid, b = divmod(pair, 256)
+                after = self.grammar.advance(self.states[sid], b)
+                self.table[sid, b] = self.DEAD if after is None else self.intern(after)
+            nxt = self.table[sids, data]
+        return nxt
 
 
-def _after(prefix: bytes) -> bytes:
-    """The least byte string greater than every string starting with `prefix` (its last byte < 255)."""
-    return prefix[:-1] + bytes([prefix[-1] + 1])
+class _TokenArrays:
+    """Tokens sorted longest first, their bytes kept a column per position: column `d` holds
+    byte `d` of every token longer than `d` (a prefix of the order), so a walk reads one column
+    per byte over the tokens still alive."""
 
+    def __init__(self, tokens: list[tuple[bytes, int]]) -> None:
+        tokens = sorted(tokens, key=lambda bt: -len(bt[0]))
+        self.ids = np.array([t for _, t in tokens], dtype=np.int64)
+        self.lens = np.array([len(b) for b, _ in tokens], dtype=np.int32)
+        width = int(self.lens[0]) if len(tokens) else 0
+        self.columns = []
+        for d in range(width):
+            n = int(np.count_nonzero(self.lens > d))
+            self.columns.append(np.frombuffer(b"".join(b[d:d + 1] for b, _ in tokens[:n]), dtype=np.uint8))
+        # The tokens grouped by first byte: a state that allows few first bytes starts from few tokens.
+        first = self.columns[0] if width else np.zeros(0, dtype=np.uint8)
+        self.by_first = np.argsort(first, kind="stable")
+        self.first_starts = np.searchsorted(first[self.by_first], np.arange(257))
 
-def _skip(keys: list[bytes], prefix: bytes, i: int) -> int:
-    while i < len(keys) and keys[i].startswith(prefix):
-        i += 1
-    return i
+    def allowed(self, walk: _Transitions, state: State) -> np.ndarray:
+        """The ids of the tokens whose bytes the grammar allows from `state`."""
+        if not self.columns:
+            return self.ids
+        start = walk.intern(state)
+        row = walk.step(np.full(256, start, dtype=np.int32), np.arange(256, dtype=np.uint8))
+        alive = np.concatenate([self.by_first[self.first_starts[b]:self.first_starts[b + 1]]
+                                for b in np.flatnonzero(row >= 0).tolist()] or [self.ids[:0]])
+        cur = row[self.columns[0][alive]]
+        out = []
+        for column in self.columns[1:]:
+            done = self.lens[alive] == len(out) + 1
+            out.append(alive[done])
+            alive, cur = alive[~done], cur[~done]
+            if not len(alive):
+                break
+            nxt = walk.step(cur, column[alive])
+            ok = nxt >= 0
+            alive, cur = alive[ok], nxt[ok]
+        out.append(alive)  # (what is left has all its bytes walked)
+        return self.ids[np.concatenate(out)]
 
 
 def _plain(raw: bytes) -> bool:
@@ -166,15 +216,22 @@ class TokenGuide:
         return self.state is None or self._compiled.grammar.accepts(self.state)
 
     def mask(self) -> torch.Tensor:
-        """The tokens allowed next, end tokens not included (see `complete`)."""
+        """The tokens allowed next (a bool mask), end tokens not included (see `complete`)."""
         if self.state is None:
             return torch.zeros(self._outputs.vocab.vocab_size, dtype=torch.bool)
-        return self._outputs.mask(self._compiled, self.state)[0]
+        return self._outputs.mask(self._compiled, self.state).allowed
+
+    def additive(self, device: torch.device | str) -> torch.Tensor:
+        """The same as float32 logit offsets on `device`, 0 where allowed and -inf elsewhere (the
+        sampler adds them: far cheaper than a masked fill), cached there beside the mask."""
+        if self.state is None:
+            return torch.full((self._outputs.vocab.vocab_size,), -math.inf, device=device)
+        return self._outputs.additive(self._outputs.mask(self._compiled, self.state), device)
 
     @property
     def exhausted(self) -> bool:
         """Whether no token may follow (the answer is whole, or the vocabulary cannot go on)."""
-        return self.state is None or not self._outputs.mask(self._compiled, self.state)[1]
+        return self.state is None or not self._outputs.mask(self._compiled, self.state).any
 
     def advance(self, token: int) -> None:
         raw = self._outputs.vocab.bytes[token] if token < len(self._outputs.vocab.bytes) else None
@@ -186,6 +243,19 @@ class TokenGuide:
                 return
             raw, self._until = self._seen[at + len(self._until):], None  # the grammar starts here
         self.state = None if raw is None else self._compiled.grammar.advance_bytes(self.state, raw)
+
+
+@dataclass
+class _Mask:
+    """A grammar state's cached mask, whether it allows any token, and its additive form per device."""
+
+    allowed: torch.Tensor
+    any: bool
+    additive: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.allowed.numel() * (1 + 4 * len(self.additive))
 
 
 @dataclass
@@ -207,8 +277,8 @@ class StructuredOutputs:
         self._vocab: TokenVocabulary | None = None
         self.stats = MaskStats()
         self._compiled: OrderedDict[str, _Compiled] = OrderedDict()
-        # (mask, whether it allows any token): the engine asks both every step
-        self._masks: OrderedDict[tuple[str, State], tuple[torch.Tensor, bool]] = OrderedDict()
+        self._masks: OrderedDict[tuple[str, State], _Mask] = OrderedDict()
+        self._mask_bytes = 0
 
     @property
     def vocab(self) -> TokenVocabulary:
@@ -236,9 +306,9 @@ class StructuredOutputs:
         self._compiled.move_to_end(key)
         return compiled
 
-    def mask(self, compiled: _Compiled, state: State) -> tuple[torch.Tensor, bool]:
-        """The mask of `state` in `compiled`'s grammar and whether it allows any token, from the
-        cache (least recently used masks go first, within MASK_CACHE_BYTES over every grammar)."""
+    def mask(self, compiled: _Compiled, state: State) -> _Mask:
+        """The mask of `state` in `compiled`'s grammar, from the cache (least recently used masks go
+        first, within MASK_CACHE_BYTES over every grammar and device)."""
         key = (compiled.key, state)
         entry = self._masks.get(key)
         if entry is not None:
@@ -248,12 +318,27 @@ class StructuredOutputs:
         vocab = self.vocab  # (built on first use: not counted as a mask's cost)
         start = time.perf_counter()
         mask = vocab.mask(compiled.grammar, state)
-        entry = self._masks[key] = (mask, bool(mask.any()))
+        entry = self._masks[key] = _Mask(mask, bool(mask.any()))
         self.stats.build_seconds += time.perf_counter() - start
         self.stats.built += 1
-        if len(self._masks) > max(16, MASK_CACHE_BYTES // self.vocab.vocab_size):
-            self._masks.popitem(last=False)
+        self._grew(entry.nbytes)
         return entry
+
+    def additive(self, entry: _Mask, device: torch.device | str) -> torch.Tensor:
+        """`entry`'s additive form on `device` (made once, then cached with it)."""
+        name = str(device)
+        offsets = entry.additive.get(name)
+        if offsets is None:
+            offsets = torch.zeros(entry.allowed.shape, dtype=torch.float32).masked_fill_(~entry.allowed, -math.inf)
+            offsets = entry.additive[name] = offsets.to(device)
+            self._grew(4 * entry.allowed.numel())
+        return offsets
+
+    def _grew(self, nbytes: int) -> None:
+        self._mask_bytes += nbytes
+        while self._mask_bytes > MASK_CACHE_BYTES and len(self._masks) > 16:
+            _, old = self._masks.popitem(last=False)
+            self._mask_bytes -= old.nbytes
 
     def guide(self, spec: StructuredOutputsParams) -> TokenGuide:
         """A new guide for one sample under `spec`."""
