@@ -17,6 +17,7 @@ that follows its tokens.
 from __future__ import annotations
 
 import math
+import re
 import time
 import weakref
 from collections import OrderedDict
@@ -58,14 +59,16 @@ class TokenVocabulary:
                 text = texts[t][len(base):]
                 raw = text.encode() if "\ufffd" not in text else None
             self.bytes[t] = raw or None
-        order = sorted((b, t) for t, b in enumerate(self.bytes) if b)
-        self.all = _TokenArrays(order)
+        tokens = [(b, t) for t, b in enumerate(self.bytes) if b]
+        self.all = _TokenArrays(tokens)
         # Plain string text: whole characters, no quote, backslash or control byte; how many.
-        self.plain_chars = torch.full((vocab_size,), 1 << 30, dtype=torch.int32)
-        for b, t in order:
-            if _plain(b):
-                self.plain_chars[t] = len(b.decode())
-        self.not_plain = _TokenArrays([(b, t) for b, t in order if not _plain(b)])
+        chars = [_plain_chars(b) for b, _ in tokens]
+        plain = [1 << 30] * vocab_size
+        for (_, t), n in zip(tokens, chars, strict=True):
+            if n is not None:
+                plain[t] = n
+        self.plain_chars = torch.tensor(plain, dtype=torch.int32)
+        self.not_plain = _TokenArrays([bt for bt, n in zip(tokens, chars, strict=True) if n is None])
         self._walks: weakref.WeakKeyDictionary[Grammar, _Transitions] = weakref.WeakKeyDictionary()
 
     def mask(self, grammar: Grammar, state: State) -> torch.Tensor:
@@ -146,10 +149,10 @@ class _TokenArrays:
         self.ids = np.array([t for _, t in tokens], dtype=np.int64)
         self.lens = np.array([len(b) for b, _ in tokens], dtype=np.int32)
         width = int(self.lens[0]) if len(tokens) else 0
-        self.columns = []
-        for d in range(width):
-            n = int(np.count_nonzero(self.lens > d))
-            self.columns.append(np.frombuffer(b"".join(b[d:d + 1] for b, _ in tokens[:n]), dtype=np.uint8))
+        flat = np.frombuffer(b"".join(b for b, _ in tokens), dtype=np.uint8)
+        starts = np.concatenate([[0], np.cumsum(self.lens[:-1], dtype=np.int64)]) if len(tokens) else self.ids
+        longer = np.searchsorted(-self.lens, -np.arange(width), side="left")  # tokens longer than d: a prefix
+        self.columns = [flat[starts[:n] + d] for d, n in enumerate(longer.tolist())]
         # The tokens grouped by first byte: a state that allows few first bytes starts from few tokens.
         first = self.columns[0] if width else np.zeros(0, dtype=np.uint8)
         self.by_first = np.argsort(first, kind="stable")
@@ -178,14 +181,18 @@ class _TokenArrays:
         return self.ids[np.concatenate(out)]
 
 
-def _plain(raw: bytes) -> bool:
-    if b'"' in raw or b"\\" in raw or any(c < 0x20 for c in raw):
-        return False
+_NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
+
+
+def _plain_chars(raw: bytes) -> int | None:
+    """How many characters `raw` is, if it is plain string text (whole UTF-8 characters, no quote,
+    backslash or control byte); else None."""
+    if _NOT_PLAIN.search(raw):
+        return None
     try:
-        raw.decode("utf-8")
+        return len(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        return False
-    return True
+        return None
 
 
 class _Compiled:
