@@ -112,6 +112,12 @@ def test_reasoning_comes_back_beside_the_content(thinking_server):
 
     hidden = thinking_server.chat.completions.create(**kw, extra_body={"include_reasoning": False})
     assert hidden.choices[0].message.reasoning is None and hidden.choices[0].message.content == AFTER
+    # Streamed, the left-out reasoning sends nothing: the role chunk, then the answer's chunks only.
+    chunks = [c.choices[0] for c in thinking_server.chat.completions.create(
+        **kw, stream=True, extra_body={"include_reasoning": False}) if c.choices]
+    assert chunks[0].delta.role == "assistant" and "".join(c.delta.content or "" for c in chunks) == AFTER
+    assert all(c.delta.content or c.finish_reason for c in chunks[1:]), [c.delta for c in chunks]
+    assert not any(getattr(c.delta, "reasoning", None) for c in chunks)
     cut = thinking_server.chat.completions.create(**dict(kw, max_tokens=12)).choices[0]
     assert cut.finish_reason == "length" and cut.message.content is None
     assert cut.message.reasoning and THOUGHT.startswith(cut.message.reasoning)

@@ -592,6 +592,9 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
                         finish = tools.calls_finish
                 if "reasoning" in d and not d["content"]:
                     d["content"] = None  # a delta of reasoning only
+                elif (index in started and not d["content"] and "tool_calls" not in d and finish is None
+                      and logprobs is None):
+                    continue  # nothing to send yet: reasoning left out, a tag or a tool call held back
                 choice = {"index": index, "delta": d, "finish_reason": finish,
                           "logprobs": _chat_logprobs(pieces[index], s.logprobs or [])
                           if logprobs is not None else None, "stop_reason": s.stop_reason}
