@@ -133,7 +133,7 @@ def test_a_choice_is_one_of_its_strings_exactly():
 REGEXES = [r"20\d\d-[01]\d-[0-3]\d (INFO|WARN)", r"a{2,4}b*", r"(ab|c)+d?", r"[^a-c]{0,3}x", r"\w+@\w+\.com",
            r"(?:x|y){3}", r"a{,2}", r"é[à-ü]+\.?", r".*z", r"(a|b)*abb", r"\d{3}-\d{4}", r"[\d-]+", r"a{0}b",
            r"(?P<n>q)+\s", r"^[A-Z][a-z]*$", r"^x|y$", r"[]a]+", r"\x41\u00e9\.", r"[\w.-]{1,3}", r"a{2}{", r"(|a)b",
-           r"[^\n]*"]
+           r"[^\n]*", r"(a+b)?c", r"(?:x+y){0,2}z?", r"( +])?"]  # (the last three: a loop inside an optional)
 ALPHABET = "abcdxyzAB019-_ .@éàüñ\nqz]{"
 
 

@@ -248,11 +248,15 @@ class _Parser:
             self.states[a].eps += [loop[0], b]
             self.states[loop[1]].eps += [loop[0], b]
             return a, b
-        # lo required copies, then hi - lo optional ones, each able to skip to the end
+        # lo required copies, then hi - lo optional ones, each entered through a state of its own
+        # that may skip to the end (not the copy's start: a loop inside the copy, as in (a+b)?,
+        # returns there mid-copy, and must not find the way out)
         end = self._new()
-        optional = copies[lo:hi]
-        for s, _ in optional:
-            self.states[s].eps.append(end)
+        optional = []
+        for s, e in copies[lo:hi]:
+            entry = self._new()
+            self.states[entry].eps += [s, end]
+            optional.append((entry, e))
         chain = parts + optional
         if not chain:
             return self._empty()
