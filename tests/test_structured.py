@@ -170,7 +170,8 @@ def test_a_regex_automaton_matches_what_python_matches(pattern):
     ("a**", "cannot follow another"), ("(?i)a", "inline flag"), ("[a", "missing ']'"), ("a)", "unbalanced"),
     ("x{3,1}", "maximum is below the minimum"), (r"\p{L}", "Unicode property"), ("a^b", "only accepted at the"),
     ("a*+", "possessive"), ("*a", "nothing to repeat"), ("a{99999}", "more than 20000 automaton states"),
-    (r"\q", r"unknown escape \\q"),
+    (r"\q", r"unknown escape \\q"), ("a{2}{3}", "cannot follow another"), (r"\01", "octal escapes"),
+    (r"a[^\s\S]", "matches no string"), ("(^a|b)", "start of the pattern or of one of its top-level"),
 ])
 def test_a_regex_that_is_no_automaton_is_refused_by_name(pattern, message):
     with pytest.raises(ValueError, match=message):
@@ -179,10 +180,67 @@ def test_a_regex_that_is_no_automaton_is_refused_by_name(pattern, message):
         StructuredOutputsParams(json={"type": "object", "properties": {"s": {"type": "string", "pattern": pattern}}})
 
 
-def test_anchors_beside_a_top_level_alternative_are_refused_in_a_schema_pattern():
-    assert matches(regex_grammar("^x|y$"), "y")  # a whole-string match: the anchors say nothing more
-    with pytest.raises(ValueError, match="group the alternatives"):
-        StructuredOutputsParams(json={"type": "string", "pattern": "^x|y"})
+def test_each_top_level_alternative_has_its_own_anchors():
+    """`^$|^[a-z]+$` (empty or letters) is a common schema idiom; searched, `^a|b$` is "starts
+    with a or ends with b"; matched whole, the anchors say nothing more."""
+    for pattern, texts in (("^$|^[a-z]+$", ["", "ab", "a1", "1"]), ("^a|b$", ["a", "ax", "xb", "x", "xa", "bx"])):
+        whole, search = compile_regex(pattern), compile_regex(pattern, search=True)
+        for text in texts:
+            assert regex_matches(whole, text) == bool(re.fullmatch(pattern, text)), (pattern, text)
+            assert regex_matches(search, text) == bool(re.search(pattern, text)), (pattern, text)
+
+
+def allowed_bytes(grammar, state) -> list[int]:
+    return [b for b in range(256) if grammar.advance(state, b) is not None]
+
+
+@pytest.mark.parametrize("grammar", [
+    json_schema_grammar({"type": "string", "pattern": "^[a-zé]+$", "maxLength": 3}),
+    json_schema_grammar({"type": "string", "pattern": r"^\d+(\.\d+)?$", "maxLength": 4}),
+    json_schema_grammar({"type": "string", "pattern": r"^\d+(px)?$", "minLength": 4, "maxLength": 6}),
+    json_schema_grammar({"type": "string", "pattern": "(ab)+", "minLength": 3, "maxLength": 5}),
+    regex_grammar(".{0,3}"), regex_grammar("[à-ü]?x|日+"), regex_grammar("a*"),
+])
+def test_no_allowed_byte_leads_into_a_dead_end(grammar):
+    """Random walks over the bytes each state allows: every state reached can end or go on. A
+    new character at maxLength, a character the pattern's length could not follow, an overlong
+    UTF-8 prefix: each was once allowed and then nothing was."""
+    r = random.Random(0)
+    for _ in range(300):
+        state = grammar.initial()
+        for _ in range(40):
+            options = allowed_bytes(grammar, state)
+            assert options or grammar.accepts(state), state
+            if not options or (grammar.accepts(state) and r.random() < 0.2):
+                break
+            state = grammar.advance(state, r.choice(options))
+
+
+def test_length_bounds_and_pattern_are_held_together():
+    g = json_schema_grammar({"type": "string", "pattern": r"^\d+(\.\d+)?$", "maxLength": 3})
+    assert ord(".") not in allowed_bytes(g, g.advance_bytes(g.initial(), b'"12'))  # "12.x" would not fit
+    g = json_schema_grammar({"type": "string", "pattern": r"^\d+(px)?$", "minLength": 4})
+    assert g.advance_bytes(g.initial(), b'"1p') is None and matches(g, '"12px"')
+    full = json_schema_grammar({"type": "string", "pattern": "^[a-zé]+$", "maxLength": 3})
+    assert allowed_bytes(full, full.advance_bytes(full.initial(), b'"abc')) == [ord('"')]  # no é, no \\
+    with pytest.raises(ValueError, match="no string matching its pattern has 0 to 3 characters"):
+        StructuredOutputsParams(json={"type": "string", "pattern": r"^\d{5}$", "maxLength": 3})
+    dot = regex_grammar(".*")
+    for overlong in (b"\xe0\x80", b"\xf0\x8f"):  # (no character can complete these)
+        assert dot.advance_bytes(dot.initial(), overlong) is None
+    assert regex_grammar("a*").accepts(regex_grammar("a*").initial())  # a regex may match nothing at all
+
+
+def test_grammars_dropped_from_the_cache_take_their_tables_with_them():
+    import gc
+
+    from lengthwise.structured.guide import GRAMMAR_CACHE, StructuredOutputs
+
+    outputs = StructuredOutputs(ByteTokenizer(), ByteTokenizer.vocab_size)
+    for i in range(GRAMMAR_CACHE + 20):
+        outputs.guide(StructuredOutputsParams(regex=f"a{{{i}}}b")).mask()
+    gc.collect()
+    assert len(outputs.vocab._walks) <= GRAMMAR_CACHE
 
 
 def test_a_pattern_string_reads_json_escapes_and_counts_characters():

@@ -337,11 +337,9 @@ class LLMEngine:
         guide = seq.state.get("guide")
         if guide is None or guide.free:
             return None
-        offsets = guide.additive(self.model.device)
-        if guide.complete or guide.exhausted:
-            offsets = offsets.clone()
-            offsets[list(self._stop_tokens(seq) or self.eos_token_ids)] = 0.0
-        return offsets
+        ends = guide.complete or guide.exhausted
+        return guide.additive(self.model.device, tuple(sorted(self._stop_tokens(seq) or self.eos_token_ids))
+                              if ends else ())
 
     def _score_prompt(self, request: Request, first: int, hidden: torch.Tensor) -> None:
         """Prompt logprobs of tokens `first ..` of the request's prompt from the final hidden states

@@ -37,7 +37,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from lengthwise.structured.regex import Regex, compile_regex
+from lengthwise.structured.regex import INFINITE, Regex, compile_regex
 
 Stack = tuple[tuple[Any, ...], ...]
 State = frozenset[Stack]
@@ -109,7 +109,10 @@ class Grammar:
     # -- running ---------------------------------------------------------------------------------
 
     def initial(self) -> State:
-        """Before the first byte: optional leading whitespace (JSON), then the root value."""
+        """Before the first byte: optional leading whitespace (JSON), then the root value (a raw
+        regex's frame itself, so that a regex matching "" may end at once)."""
+        if self.nodes[self.root].kind == "regex":
+            return frozenset(self._expand(self.root))
         return frozenset({(("v", self.root), ("w", 0)) if self.leading_whitespace else (("v", self.root),)})
 
     def advance(self, state: State, byte: int) -> State | None:
@@ -307,6 +310,9 @@ class Grammar:
                 if regex.accepts(states) and (count is None or count >= node.lo):
                     out.append(rest)
                 return
+            if b >= 0x80 or (quoted and b == 0x5C):
+                if count is not None and node.hi is not None and count >= node.hi:
+                    return  # (no room left for the character this would start)
             if quoted and b == 0x5C:
                 pending = ("esc",)
             elif b < 0x80:
@@ -343,8 +349,15 @@ class Grammar:
                     self._pattern_char(top, rest, value, out)
                 return
             pending = ("u8", left, value, least)
-        if _completable(regex, states, pending):
+        if _completable(regex, states, pending, self._room(node, count)):
             out.append((*rest, ("x", nid, states, pending, count)))
+
+    @staticmethod
+    def _room(node: Node, count: int | None) -> tuple[float, float]:
+        """After one more character: how many more a match may still need, at least and at most."""
+        if count is None:
+            return 0, INFINITE
+        return node.lo - count - 1, INFINITE if node.hi is None else node.hi - count - 1
 
     def _pattern_char(self, top: tuple[Any, ...], rest: Stack, c: int, out: list[Stack]) -> None:
         _, nid, states, _, count = top
@@ -356,8 +369,13 @@ class Grammar:
             count = min(count, node.hi if node.hi is not None else node.lo)
         assert node.regex is not None
         nxt = node.regex.step(states, c)
-        if nxt is not None:
-            out.append((*rest, ("x", nid, nxt, None, count)))
+        if nxt is None:
+            return
+        if count is not None:  # a match must still fit between minLength and maxLength
+            fewest, most = node.regex.lengths(nxt)
+            if (node.hi is not None and count + fewest > node.hi) or count + most < node.lo:
+                return
+        out.append((*rest, ("x", nid, nxt, None, count)))
 
     def _number(self, top: tuple[Any, ...], rest: Stack, b: int, out: list[Stack], depth: int) -> None:
         _, integer, phase = top
@@ -381,19 +399,21 @@ class Grammar:
             self._step(rest, b, out, depth + 1)  # or the number is over
 
 
-def _completable(regex: Regex, states: frozenset[int], pending: tuple[Any, ...]) -> bool:
-    """Whether a character in the making can still end as one the regex allows next."""
+def _completable(regex: Regex, states: frozenset[int], pending: tuple[Any, ...],
+                 room: tuple[float, float]) -> bool:
+    """Whether a character in the making can still end as one the regex allows next, with a match
+    still possible in `room` (`Grammar._room`)."""
     if pending[0] == "esc":  # a short escape's character, or any \\u code point
-        return any(regex.allows_some(states, c, c) for c in _JSON_ESCAPES.values()) or \
-            _completable(regex, states, ("hex", 4, 0))
+        return any(regex.allows_some(states, c, c, room) for c in _JSON_ESCAPES.values()) or \
+            _completable(regex, states, ("hex", 4, 0), room)
     if pending[0] == "hex":
         lo = pending[2] << (4 * pending[1])
         hi = lo | ((1 << (4 * pending[1])) - 1)
     else:
         lo = max(pending[2] << (6 * pending[1]), pending[3])
         hi = min((pending[2] << (6 * pending[1])) | ((1 << (6 * pending[1])) - 1), 0x10FFFF)
-    return (lo < 0xD800 and regex.allows_some(states, lo, min(hi, 0xD7FF))) or \
-        (hi > 0xDFFF and regex.allows_some(states, max(lo, 0xE000), hi))
+    return (lo < 0xD800 and regex.allows_some(states, lo, min(hi, 0xD7FF), room)) or \
+        (hi > 0xDFFF and regex.allows_some(states, max(lo, 0xE000), hi, room))
 
 
 KEY = 0  # every grammar's node 0: an object key (a string of any length)
@@ -515,6 +535,10 @@ class _SchemaCompiler:
                     regex = compile_regex(schema["pattern"], search=True)
                 except ValueError as e:
                     raise ValueError(f"json schema at {where}/pattern: {e}") from None
+                fewest, most = regex.lengths(regex.start)
+                if (hi is not None and fewest > hi) or most < lo:
+                    raise ValueError(f"json schema at {where}: no string matching its pattern has "
+                                     f"{lo} to {hi if hi is not None else 'any number of'} characters")
                 return g.add(Node("pattern", lo=lo, hi=hi, regex=regex))
             return self.base["string"] if (lo, hi) == (0, None) else g.add(Node("string", lo=lo, hi=hi))
         if kind == "array":

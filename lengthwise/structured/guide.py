@@ -100,8 +100,15 @@ class _Transitions:
     MAX_STATES = 4096  # past this the table starts again (at the next mask): 4 MiB per grammar
 
     def __init__(self, grammar: Grammar) -> None:
-        self.grammar = grammar
+        # (weakly: the vocabulary keys its tables by grammar, weakly, so they go with it)
+        self._grammar = weakref.ref(grammar)
         self.reset()
+
+    @property
+    def grammar(self) -> Grammar:
+        grammar = self._grammar()
+        assert grammar is not None  # (a walk runs while its grammar is in hand)
+        return grammar
 
     def reset(self) -> None:
         self.ids: dict[State, int] = {}
@@ -228,12 +235,15 @@ class TokenGuide:
             return torch.zeros(self._outputs.vocab.vocab_size, dtype=torch.bool)
         return self._outputs.mask(self._compiled, self.state).allowed
 
-    def additive(self, device: torch.device | str) -> torch.Tensor:
+    def additive(self, device: torch.device | str, opened: tuple[int, ...] = ()) -> torch.Tensor:
         """The same as float32 logit offsets on `device`, 0 where allowed and -inf elsewhere (the
-        sampler adds them: far cheaper than a masked fill), cached there beside the mask."""
+        sampler adds them: far cheaper than a masked fill), with the tokens `opened` allowed too
+        (the end tokens where the answer may end), cached there beside the mask."""
         if self.state is None:
-            return torch.full((self._outputs.vocab.vocab_size,), -math.inf, device=device)
-        return self._outputs.additive(self._outputs.mask(self._compiled, self.state), device)
+            offsets = torch.full((self._outputs.vocab.vocab_size,), -math.inf)
+            offsets[list(opened)] = 0.0
+            return offsets.to(device)
+        return self._outputs.additive(self._outputs.mask(self._compiled, self.state), device, opened)
 
     @property
     def exhausted(self) -> bool:
@@ -258,7 +268,7 @@ class _Mask:
 
     allowed: torch.Tensor
     any: bool
-    additive: dict[str, torch.Tensor] = field(default_factory=dict)
+    additive: dict[tuple[str, tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -331,13 +341,15 @@ class StructuredOutputs:
         self._grew(entry.nbytes)
         return entry
 
-    def additive(self, entry: _Mask, device: torch.device | str) -> torch.Tensor:
-        """`entry`'s additive form on `device` (made once, then cached with it)."""
-        name = str(device)
-        offsets = entry.additive.get(name)
+    def additive(self, entry: _Mask, device: torch.device | str, opened: tuple[int, ...] = ()) -> torch.Tensor:
+        """`entry`'s additive form on `device`, the tokens `opened` allowed too (made once, then
+        cached with it: a state where answers may end asks for its end tokens every step)."""
+        key = (str(device), opened)
+        offsets = entry.additive.get(key)
         if offsets is None:
             offsets = torch.zeros(entry.allowed.shape, dtype=torch.float32).masked_fill_(~entry.allowed, -math.inf)
-            offsets = entry.additive[name] = offsets.to(device)
+            offsets[list(opened)] = 0.0
+            offsets = entry.additive[key] = offsets.to(device)
             self._grew(4 * entry.allowed.numel())
         return offsets
 

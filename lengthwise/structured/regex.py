@@ -18,12 +18,15 @@ states holding it can key the token-mask cache. Plain Python, no torch.
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass, field
 
 MAX_STATES = 20_000  # NFA states: {n,m} copies its operand, so a large count is refused, not built
 MAX_CODEPOINT = 0x10FFFF
+INFINITE = float("inf")
 Ranges = tuple[tuple[int, int], ...]  # sorted, disjoint, inclusive code point ranges
 
+_DIGITS = re.compile("[0-9]+")
 _DIGIT: Ranges = ((0x30, 0x39),)
 _WORD: Ranges = ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A))
 _SPACE: Ranges = ((0x09, 0x0D), (0x20, 0x20), (0xA0, 0xA0), (0x1680, 0x1680), (0x2000, 0x200A),
@@ -74,16 +77,60 @@ class _NState:
 
 
 class Regex:
-    """A compiled pattern: `start`, `step(states, codepoint)` (None: not allowed), `accepts(states)`,
-    and `allows_some(states, lo, hi)` (some code point in [lo, hi] is allowed next; the grammar
-    asks it mid UTF-8 character and mid `\\uXXXX` escape)."""
+    """A compiled pattern: `start`, `step(states, codepoint)` (None: not allowed, or no match can
+    follow), `accepts(states)`, `allows_some(states, lo, hi)` (some code point in [lo, hi] is
+    allowed next; the grammar asks it mid UTF-8 character and mid `\\uXXXX` escape), and
+    `lengths(states)`: the fewest and the most characters still needed to reach a match (the
+    grammar keeps a `maxLength`/`minLength` reachable with them)."""
 
     def __init__(self, pattern: str, states: list[_NState], start: int, final: int) -> None:
         self.pattern = pattern
         self._states, self._final = states, final
         self._closures: dict[int, frozenset[int]] = {}
         self._steps: dict[tuple[frozenset[int], int], frozenset[int] | None] = {}
+        self._fewest, self._most = self._distances()
         self.start = self._close((start,))
+        if self.lengths(self.start)[0] == INFINITE:
+            raise ValueError(f"regex {pattern!r} matches no string")
+
+    def _distances(self) -> tuple[list[float], list[float]]:
+        """Per NFA state, the fewest and the most characters to a match (INFINITE: none, or no
+        bound): breadth first back from the final state, then longest paths over what is left
+        once every state on or before a cycle is set aside."""
+        n = len(self._states)
+        succ: list[set[int]] = [set() for _ in range(n)]
+        for s, st in enumerate(self._states):
+            for ranges, t in st.edges:
+                if ranges:  # (an empty class, as [^\\s\\S], leads nowhere)
+                    succ[s] |= self._closure(t)
+        pred: list[list[int]] = [[] for _ in range(n)]
+        for s in range(n):
+            for t in succ[s]:
+                pred[t].append(s)
+        fewest = [INFINITE] * n
+        fewest[self._final] = 0
+        queue = [self._final]
+        for u in queue:
+            for s in pred[u]:
+                if fewest[s] == INFINITE:
+                    fewest[s] = fewest[u] + 1
+                    queue.append(s)
+        useful = [f != INFINITE for f in fewest]
+        pending = [sum(useful[t] for t in succ[s]) for s in range(n)]
+        most = [INFINITE] * n
+        ready = [s for s in range(n) if useful[s] and not pending[s]]
+        for u in ready:  # (a state leaves `pending` once all its successors have their longest path)
+            most[u] = max([0.0] * (u == self._final) + [1 + most[t] for t in succ[u] if useful[t]])
+            for s in pred[u]:
+                if useful[s]:
+                    pending[s] -= 1
+                    if not pending[s]:
+                        ready.append(s)
+        return fewest, most
+
+    def lengths(self, states: frozenset[int]) -> tuple[float, float]:
+        """(fewest, most) characters from `states` to a match; INFINITE most: no bound."""
+        return min(self._fewest[s] for s in states), max(self._most[s] for s in states)
 
     def _closure(self, s: int) -> frozenset[int]:
         cached = self._closures.get(s)
@@ -110,6 +157,8 @@ class Regex:
             return self._steps[key]
         targets = [t for s in states for ranges, t in self._states[s].edges if _contains(ranges, c)]
         result = self._close(targets) if targets else None
+        if result is not None and self.lengths(result)[0] == INFINITE:
+            result = None  # a state no match can follow from
         if len(self._steps) > 100_000:
             self._steps.clear()
         self._steps[key] = result
@@ -118,8 +167,17 @@ class Regex:
     def accepts(self, states: frozenset[int]) -> bool:
         return self._final in states
 
-    def allows_some(self, states: frozenset[int], lo: int, hi: int) -> bool:
-        return any(_overlaps(ranges, lo, hi) for s in states for ranges, _ in self._states[s].edges)
+    def allows_some(self, states: frozenset[int], lo: int, hi: int, room: tuple[float, float] = (0, INFINITE)) -> bool:
+        """Whether some code point in [lo, hi] is allowed next, to states from which a match can
+        end within `room` more characters: (at least, at most)."""
+        least, at_most = room
+        for s in states:
+            for ranges, t in self._states[s].edges:
+                if lo <= hi and _overlaps(ranges, lo, hi):
+                    fewest, most = self.lengths(self._closure(t))
+                    if fewest <= at_most and most >= least:
+                        return True
+        return False
 
 
 def compile_regex(pattern: str, search: bool = False) -> Regex:
@@ -135,7 +193,7 @@ class _Parser:
     def __init__(self, pattern: str) -> None:
         self.p, self.i = pattern, 0
         self.states: list[_NState] = []
-        self.branches = 1
+        self.depth = 0  # groups open
 
     # -- NFA fragments: (start, end) ----------------------------------------------------------------
 
@@ -169,23 +227,42 @@ class _Parser:
         return ValueError(f"regex {self.p!r} at position {self.i}: {what}")
 
     def compile(self, search: bool) -> Regex:
-        head = self.p.startswith("^")
-        self.i = int(head)
-        frag = self._alternation()
-        tail = self.i == len(self.p) - 1 and self.p[self.i] == "$"
-        self.i += tail
+        """The top level: branches, each with its own `^` and `$` (`^$|^[a-z]+$`); searched, an
+        unanchored side of a branch may have any text beside it."""
+        branches = []
+        while True:
+            head = self._peek() == "^"
+            self.i += head
+            frag = self._sequence()
+            tail = self._peek() == "$"
+            self.i += tail
+            if search:
+                parts = [self._anywhere()] if not head else []
+                parts.append(frag)
+                if not tail:
+                    parts.append(self._anywhere())
+                frag = self._concat(parts)
+            branches.append(frag)
+            if self._peek() != "|":
+                break
+            self.i += 1
         if self.i < len(self.p):
             raise self.error("unbalanced ')'" if self.p[self.i] == ")" else f"unexpected {self.p[self.i]!r}")
-        if search:
-            if self.branches > 1 and (head or tail):
-                raise self.error("^ or $ beside a top-level |: group the alternatives, as in ^(?:a|b)$")
-            anywhere = []
-            for anchored in (head, tail):
-                s = self._new()
-                self.states[s].edges.append((((0, MAX_CODEPOINT),), s))
-                anywhere.append(None if anchored else (s, s))
-            frag = self._concat([f for f in (anywhere[0], frag, anywhere[1]) if f is not None])
-        return Regex(self.p, self.states, *frag)
+        return Regex(self.p, self.states, *self._either(branches))
+
+    def _anywhere(self) -> tuple[int, int]:
+        s = self._new()
+        self.states[s].edges.append((((0, MAX_CODEPOINT),), s))
+        return s, s
+
+    def _either(self, branches: list[tuple[int, int]]) -> tuple[int, int]:
+        if len(branches) == 1:
+            return branches[0]
+        a, b = self._new(), self._new()
+        for s, e in branches:
+            self.states[a].eps.append(s)
+            self.states[e].eps.append(b)
+        return a, b
 
     def _peek(self) -> str | None:
         return self.p[self.i] if self.i < len(self.p) else None
@@ -195,20 +272,14 @@ class _Parser:
         while self._peek() == "|":
             self.i += 1
             branches.append(self._sequence())
-        self.branches = len(branches)  # (the top level's, once the outermost call returns)
-        if len(branches) == 1:
-            return branches[0]
-        a, b = self._new(), self._new()
-        for s, e in branches:
-            self.states[a].eps.append(s)
-            self.states[e].eps.append(b)
-        return a, b
+        return self._either(branches)
 
     def _sequence(self) -> tuple[int, int]:
         frags = []
         while True:
             ch = self._peek()
-            if ch is None or ch in "|)" or (ch == "$" and self.i == len(self.p) - 1):
+            top_end = ch == "$" and not self.depth and self.p[self.i + 1:self.i + 2] in ("", "|")
+            if ch is None or ch in "|)" or top_end:  # (the $ ending a top-level branch)
                 break
             # An atom is parsed again for each copy a counted quantifier needs (fresh states each time).
             at = self.i
@@ -234,7 +305,7 @@ class _Parser:
             after = self.i
         elif self._peek() == "+":
             raise self.error("possessive quantifiers are not supported")
-        if self._peek() is not None and self._peek() in "*+?" :
+        if (self._peek() is not None and self._peek() in "*+?") or (self._peek() == "{" and self._is_count()):
             raise self.error("a quantifier cannot follow another")
         copies = [frag] + [self._reparse(at) for _ in range(max(lo, 1 if hi is None else hi) - 1)]
         self.i = after
@@ -268,12 +339,19 @@ class _Parser:
         self.i = at
         return self._atom()
 
+    def _is_count(self) -> bool:
+        at = self.i
+        try:
+            return self._counts() is not None
+        finally:
+            self.i = at
+
     def _counts(self) -> tuple[int, int | None] | None:
         j = self.p.find("}", self.i)
         body = self.p[self.i + 1:j] if j != -1 else ""
         lo_s, comma, hi_s = body.partition(",")
-        if j == -1 or not (lo_s.isdigit() or (comma and hi_s.isdigit() and not lo_s)) or \
-                (hi_s and not hi_s.isdigit()):
+        if j == -1 or not (_DIGITS.fullmatch(lo_s) or (comma and _DIGITS.fullmatch(hi_s) and not lo_s)) or \
+                (hi_s and not _DIGITS.fullmatch(hi_s)):
             return None
         lo = int(lo_s) if lo_s else 0
         hi = (int(hi_s) if hi_s else None) if comma else lo
@@ -296,7 +374,8 @@ class _Parser:
         if ch in "*+?":
             raise self.error(f"{ch!r} has nothing to repeat")
         if ch in "^$":
-            raise self.error(f"{ch!r} is only accepted at the pattern's {'start' if ch == '^' else 'end'}")
+            raise self.error(f"{ch!r} is only accepted at the {'start' if ch == '^' else 'end'} of the pattern "
+                             f"or of one of its top-level alternatives")
         self.i += 1
         return self._chars(((ord(ch), ord(ch)),))
 
@@ -315,7 +394,9 @@ class _Parser:
                 what = ("lookaround" if self.p.startswith(("?=", "?!", "?<=", "?<!"), self.i)
                         else "a backreference" if self.p.startswith("?P=", self.i) else "an inline flag or extension")
                 raise self.error(f"{what} is not supported (structured outputs need a plain regular language)")
+        self.depth += 1
         frag = self._alternation()
+        self.depth -= 1
         if self._peek() != ")":
             raise self.error("missing ')'")
         self.i += 1
@@ -346,6 +427,8 @@ class _Parser:
         elif ch in _REFUSED_ESCAPES:
             raise self.error(f"{_REFUSED_ESCAPES[ch]} is not supported (structured outputs need a plain regular "
                              f"language)")
+        elif ch == "0":
+            raise self.error("octal escapes are not supported: write \\xHH")
         elif ch.isdigit():
             raise self.error("backreferences are not supported (structured outputs need a plain regular language)")
         elif ch.isalnum():
