@@ -310,9 +310,6 @@ class Grammar:
                 if regex.accepts(states) and (count is None or count >= node.lo):
                     out.append(rest)
                 return
-            if b >= 0x80 or (quoted and b == 0x5C):
-                if count is not None and node.hi is not None and count >= node.hi:
-                    return  # (no room left for the character this would start)
             if quoted and b == 0x5C:
                 pending = ("esc",)
             elif b < 0x80:
@@ -349,6 +346,7 @@ class Grammar:
                     self._pattern_char(top, rest, value, out)
                 return
             pending = ("u8", left, value, least)
+        # (at maxLength the room is negative: no character may start there)
         if _completable(regex, states, pending, self._room(node, count)):
             out.append((*rest, ("x", nid, states, pending, count)))
 

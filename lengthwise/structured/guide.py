@@ -42,7 +42,7 @@ GRAMMAR_CACHE = 64  # compiled grammars kept
 
 
 class TokenVocabulary:
-    """The bytes of every token of a tokenizer, sorted for prefix walks. Special tokens and tokens
+    """The bytes of every token of a tokenizer, laid out for column walks. Special tokens and tokens
     whose bytes cannot be known (a partial character that decodes as U+FFFD) add no bytes: the
     grammar never allows them."""
 
