@@ -29,21 +29,8 @@ import torch
 
 from lengthwise import LLM, ModelConfig
 from lengthwise.bench.engines import decode_weight_bytes
-from lengthwise.bench.kernels import copy_bandwidth_gbs
+from lengthwise.bench.kernels import best_of_ms, copy_bandwidth_gbs, decode_forward_fn
 from lengthwise.bench.presets import resolve_model
-from lengthwise.ops import AttentionMetadata
-
-
-def forward_ms(fn: Callable[[], object]) -> float:
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(5):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / 5)
-    return best * 1e3
 
 
 def main() -> None:
@@ -59,20 +46,12 @@ def main() -> None:
     rows_list = [int(r) for r in args.rows.split(",")]
     engine = LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=max(rows_list),
                  max_model_len=min(1024, ModelConfig.from_dir(model_dir).max_position_embeddings)).engine
-    model, cache, bs = engine.model, engine.runner.cache, engine.runner.block_size
+    model = engine.model
     ctx = args.context
-    per_row = -(-ctx // bs)
     bound = decode_weight_bytes(model_dir, 4) / copy_bandwidth_gbs(torch.device("cpu")) / 1e6
 
     def make_step(rows: int) -> Callable[[], torch.Tensor]:
-        tables = torch.tensor([list(range(r * per_row, (r + 1) * per_row)) for r in range(rows)], dtype=torch.int32)
-        ids, pos = torch.full((rows,), 5), torch.full((rows,), ctx - 1)
-        slots = tables[:, (ctx - 1) // bs].long() * bs + (ctx - 1) % bs
-
-        def step() -> torch.Tensor:
-            meta = AttentionMetadata(list(range(rows + 1)), slots, bs, tables, [ctx] * rows)
-            return model.compute_logits(model(ids, pos, meta, cache))
-        return step
+        return decode_forward_fn(engine, rows, ctx)
 
     print(f"weight-read bound {bound:.1f} ms per forward (context {ctx})")
     print("| rows | mkl ms | fused ms | fused vs mkl | mkl / fused % of bound |")
@@ -84,7 +63,7 @@ def main() -> None:
         ms = {}
         for name, env in variants.items():
             os.environ.update(env)
-            ms[name] = forward_ms(step)
+            ms[name] = best_of_ms(step)
         os.environ.pop("LENGTHWISE_CPU_FUSED_MAX_ROWS")
         frac = " / ".join(f"{bound / v:.0%}" for v in ms.values())
         print(f"| {rows} | {ms['mkl']:.1f} | {ms['fused']:.1f} | {ms['mkl'] / ms['fused']:.2f}x | {frac} |",
@@ -96,7 +75,7 @@ def main() -> None:
             layer.forward = torch.compile(layer.forward, dynamic=False)
         t0 = time.perf_counter()
         step()
-        print(f"compile-layers, batch 1: compiled in {time.perf_counter() - t0:.0f} s, {forward_ms(step):.1f} ms",
+        print(f"compile-layers, batch 1: compiled in {time.perf_counter() - t0:.0f} s, {best_of_ms(step):.1f} ms",
               flush=True)
 
 

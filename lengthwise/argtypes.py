@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from lengthwise.config import QUANTIZATION_METHODS
+
 T = TypeVar("T")
 
 
@@ -81,3 +83,10 @@ def output_file(text: str) -> Path:
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot create the folder of {text}: {e}") from None
     return path
+
+
+def add_quantization_argument(p: argparse.ArgumentParser) -> None:
+    """`--quantization int8` (`EngineConfig.quantization`)."""
+    p.add_argument("--quantization", default=None, choices=list(QUANTIZATION_METHODS),
+                   help="int8: weight-only int8 decoder projections (CPU, float32; faster batch-1 decode, "
+                   "some accuracy lost)")

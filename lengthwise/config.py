@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+# `EngineConfig.quantization`'s methods (`lengthwise.model.quantize` implements them).
+QUANTIZATION_METHODS = ("int8",)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -29,6 +32,10 @@ class EngineConfig:
     `enforce_eager`: on CUDA, run every step eagerly instead of replaying decode steps as CUDA
     graphs (vLLM's name); graphs are captured at start-up for batches of up to
     `min(max_num_seqs, 256)` rows and need the Triton kernels.
+    `quantization`: `"int8"` stores the decoder's projections as int8 with a scale per output
+    row (weight-only; `lengthwise.model.quantize`): a quarter of float32's bytes for the CPU's
+    batch-1 decode to stream, at some accuracy (docs/benchmarks.md measures both). CPU and
+    float32 only; `None` (default) serves the checkpoint's weights as they are.
     `async_decode`: with those graphs, launch the next decode step before reading this step's
     tokens back, so the host's per-step work overlaps the GPU's (vLLM's async scheduling, for
     steps whose rows are predictable; `False` for the A/B).
@@ -36,6 +43,7 @@ class EngineConfig:
 
     dtype: str = "auto"
     device: str = "auto"
+    quantization: str | None = None
     kv_cache_memory: int | float | None = None
     block_size: int = 16
     max_num_seqs: int = 256
@@ -68,6 +76,9 @@ class EngineConfig:
         for name in ("enforce_eager", "async_decode", "allow_benchmark_predictors"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or None, "
+                             f"got {self.quantization!r}")
         if not isinstance(self.policy, str) or not self.policy:
             raise ValueError(f"policy must be a policy name, got {self.policy!r}")
 

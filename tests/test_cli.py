@@ -21,6 +21,14 @@ def test_generate_prints_the_greedy_completion(capsys):
 
 
 @requires_stories
+def test_generate_with_int8_weights(capsys):
+    """`--quantization int8` reaches the engine (stories260k's greedy story survives it)."""
+    assert main(["generate", str(STORIES), "--prompt", "Once upon a time, there was a little",
+                 "--max-tokens", "12", "--device", "cpu", "--quantization", "int8"]) == 0
+    assert capsys.readouterr().out.startswith(" girl named Lily. She loved to play")
+
+
+@requires_stories
 def test_generate_several_prompts_sampled_with_seed(capsys):
     argv = ["generate", str(STORIES), "--prompt", "Lily", "--prompt", "The cat", "--temperature", "0.9",
             "--top-p", "0.9", "--top-k", "40", "--seed", "3", "--max-tokens", "10"]
@@ -89,6 +97,8 @@ def test_console_script_entry_point():
     (["bench", "kernels", "--batch", "0"], "--batch"),
     (["bench", "serve", "--data", "x.jsonl", "--max-output-tokens", "0"], "--max-output-tokens"),
     (["generate", "--prompt", "x", "--kv-cache-memory", "inf"], "--kv-cache-memory"),
+    (["generate", "--prompt", "x", "--quantization", "int4"], "--quantization"),
+    (["serve", "m", "--quantization", "fp8"], "--quantization"),
     (["serve", "m", "--port", "99999"], "--port"),
     (["serve", "m", "--log-level", "bogus"], "--log-level"),
     (["predictor", "train", "--kind", "probe", "--data", "x", "--out", "y", "--epochs", "0"], "--epochs"),

@@ -11,6 +11,7 @@ from lengthwise import SamplingParams, load_model
 from lengthwise.config import EngineConfig
 from lengthwise.engine.llm import run_to_completion
 from lengthwise.engine.llm_engine import LLMEngine
+from lengthwise.model.quantize import quantize_int8
 from lengthwise.ops import AttentionMetadata
 from lengthwise.ops import cpu as cpu_kernels
 from lengthwise.ops.cpu import decode as cpu_decode
@@ -19,23 +20,54 @@ pytestmark = pytest.mark.skipif(cpu_kernels.segment_attention_kernel() is None,
                                 reason="the CPU kernels could not be built here (no C++ compiler?)")
 
 
+def _panel_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`w` as `pack_panels` takes it in format `fmt`, with the float32 weight that stands for."""
+    if fmt == "float32":
+        return w, None, w
+    if fmt == "bfloat16":
+        return w.bfloat16(), None, w.bfloat16().float()
+    q = quantize_int8(w)
+    return q.q, q.scales, q.dequantize()
+
+
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("m", [1, 5, 12, 13, 30, 64, 200])
 @pytest.mark.parametrize("k, n", [(768, 64), (37, 5), (16, 1), (300, 70)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_panel_packed_linear_matches_f_linear(m, k, n, with_bias):
-    """The fused path's GEMM: row chunks of every size up to 12, k past one k-block, n past panels."""
+def test_panel_packed_linear_matches_f_linear(fmt, m, k, n, with_bias):
+    """The fused path's GEMM in each weight format: row chunks of every size up to 12, k past one
+    k-block, n past panels (and not a multiple of 16 within one)."""
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if with_bias else None
-    got = cpu_kernels.packed_linear(x, cpu_kernels.pack_panels(w), n, b)
-    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    weight, scales, reference = _panel_weight(w, fmt)
+    packed = cpu_kernels.pack_panels(weight, scales)
+    assert packed.n == n and packed.k == k and packed.dtype == weight.dtype
+    got = cpu_kernels.packed_linear(x, packed, b)
+    torch.testing.assert_close(got, F.linear(x, reference, b), rtol=1e-5, atol=1e-4)
+
+
+def test_panel_bytes_per_format():
+    """bfloat16 panels take half the bytes of float32 ones and int8 a quarter (plus a scale per
+    column, padded to whole panels): what a batch-1 step streams."""
+    w = torch.randn(64, 256)
+    f32, bf16 = cpu_kernels.pack_panels(w), cpu_kernels.pack_panels(w.bfloat16())
+    q = quantize_int8(w)
+    i8 = cpu_kernels.pack_panels(q.q, q.scales)
+    assert (f32.nbytes, bf16.nbytes, i8.nbytes) == (64 * 256 * 4, 64 * 256 * 2, 64 * 256 + 64 * 4)
 
 
 def test_pack_panels_rejects_what_it_cannot_pack():
     with pytest.raises(ValueError, match="pack_panels"):
         cpu_kernels.pack_panels(torch.randn(4, 8).t())
     with pytest.raises(ValueError, match="pack_panels"):
-        cpu_kernels.pack_panels(torch.randn(4, 8, dtype=torch.bfloat16))
+        cpu_kernels.pack_panels(torch.randn(4, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="scales"):
+        cpu_kernels.pack_panels(torch.zeros(4, 8, dtype=torch.int8))
+    with pytest.raises(ValueError, match="scales"):
+        cpu_kernels.pack_panels(torch.randn(4, 8), torch.ones(4))
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        cpu_kernels.pack_panels(torch.zeros(4, 8, dtype=torch.int8), torch.ones(5))
 
 
 def _segments(model, g: torch.Generator, block_size: int = 4):
@@ -67,17 +99,37 @@ def _segments(model, g: torch.Generator, block_size: int = 4):
     return ids, positions, meta, cache
 
 
-def _odd_checkpoint(tmp_path):
+def _odd_checkpoint(tmp_path, dtype: torch.dtype = torch.float32):
     # Rows that are not multiples of 16 floats (the kernels' masked tails) and three query heads per KV head.
     hf = make_hf_model("llama", hidden_size=72, intermediate_size=100, num_attention_heads=3,
                        num_key_value_heads=1, head_dim=24)
-    return save_hf_model(hf, tmp_path / "odd")
+    return save_hf_model(hf.to(dtype), tmp_path / f"odd-{dtype}")
+
+
+def _bf16_checkpoint(family: str, tmp_path):
+    """`family`'s test model saved in bfloat16, as real checkpoints are (its weights, served in
+    float32, are all bfloat16 values)."""
+    return save_hf_model(make_hf_model(family).to(torch.bfloat16), tmp_path / f"{family}-bf16")
+
+
+def _panel_dtypes(model) -> set[torch.dtype]:
+    """The dtypes the fused path packed `model`'s projections in (after a fused step)."""
+    return {packed.dtype for packed in model._cpu_decode_pointers.keep}
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "odd-sizes"])
-def test_fused_step_matches_op_by_op(family, hf_checkpoint, tmp_path, monkeypatch):
-    path = _odd_checkpoint(tmp_path) if family == "odd-sizes" else hf_checkpoint(family)[1]
-    model = load_model(path, "float32", "cpu")
+@pytest.mark.parametrize("weights", ["float32", "bf16-checkpoint", "int8"])
+def test_fused_step_matches_op_by_op(family, weights, hf_checkpoint, tmp_path, monkeypatch):
+    """The fused step against the op-by-op path on the same weights: float32 ones, a bfloat16
+    checkpoint (packed as bfloat16 panels) and int8-quantized ones (int8 panels; the op-by-op
+    path runs on the dequantized weights)."""
+    if family == "odd-sizes":
+        path = _odd_checkpoint(tmp_path, torch.bfloat16 if weights == "bf16-checkpoint" else torch.float32)
+    elif weights == "bf16-checkpoint":
+        path = _bf16_checkpoint(family, tmp_path)
+    else:
+        path = hf_checkpoint(family)[1]
+    model = load_model(path, "float32", "cpu", quantization="int8" if weights == "int8" else None)
     ids, positions, meta, cache = _segments(model, torch.Generator().manual_seed(3))
     assert cpu_decode.eligible(model, ids.shape[0])
     slots = meta.slot_mapping
@@ -92,6 +144,9 @@ def test_fused_step_matches_op_by_op(family, hf_checkpoint, tmp_path, monkeypatc
         results[fused] = (hidden, [t[slots].clone() for t in (*cache.k, *cache.v)])
     (h1, kv1), (h0, kv0) = results["1"], results["0"]
     assert torch.isfinite(h1).all()
+    expected = {"float32": torch.float32, "bf16-checkpoint": torch.bfloat16, "int8": torch.int8}[weights]
+    assert _panel_dtypes(model) == {expected}
+    assert model._cpu_decode_pointers.lm_head.dtype == (torch.float32 if expected == torch.int8 else expected)
     torch.testing.assert_close(h1, h0, rtol=1e-4, atol=1e-4)
     for a, b in zip(kv1, kv0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -145,9 +200,26 @@ def test_not_eligible_where_the_kernel_does_not_apply(hf_checkpoint, monkeypatch
     assert not cpu_decode.eligible(load_model(hf_checkpoint("llama")[1], "bfloat16", "cpu"), 1)
 
 
-def test_engine_generations_equal_with_and_without_the_fused_path(hf_checkpoint, monkeypatch):
-    """Whole requests through the engine (prefill op-by-op, decode fused), samples sharing a prompt."""
-    model = load_model(hf_checkpoint("qwen3")[1], "float32", "cpu")
+def test_bf16_panels_give_the_float32_panels_results_bit_for_bit(tmp_path, monkeypatch):
+    """A bfloat16 checkpoint's weights are bfloat16 values, so packing them as bfloat16 halves the
+    bytes without changing a single product: the step's outputs are identical."""
+    model = load_model(_bf16_checkpoint("qwen2", tmp_path), "float32", "cpu")
+    ids, positions, meta, cache = _segments(model, torch.Generator().manual_seed(4))
+    out = {}
+    for bf16 in ("1", "0"):
+        monkeypatch.setenv(cpu_decode.BF16_PANELS_ENV, bf16)
+        model._cpu_decode_pointers = None  # pack again under the switch
+        hidden = model(ids, positions, meta, cache)
+        out[bf16] = (hidden, model.compute_logits(hidden), _panel_dtypes(model))
+    assert out["1"][2] == {torch.bfloat16} and out["0"][2] == {torch.float32}
+    assert torch.equal(out["1"][0], out["0"][0]) and torch.equal(out["1"][1], out["0"][1])
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_engine_generations_equal_with_and_without_the_fused_path(quantization, hf_checkpoint, monkeypatch):
+    """Whole requests through the engine (prefill op-by-op, decode fused), samples sharing a prompt;
+    quantized, the fused path reads int8 panels and the op-by-op path the dequantized weights."""
+    model = load_model(hf_checkpoint("qwen3")[1], "float32", "cpu", quantization=quantization)
     prompts = [list(range(5, 75)), [7, 8, 9], list(range(20, 43))]
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=2, n=n)
               for m, n in ((20, 1), (9, 2), (14, 1))]
@@ -157,8 +229,8 @@ def test_engine_generations_equal_with_and_without_the_fused_path(hf_checkpoint,
     outs = {}
     for fused in ("1", "0"):
         monkeypatch.setenv(cpu_decode.FUSED_ENV, fused)
-        outs[fused] = run_to_completion(LLMEngine(model, None, EngineConfig(block_size=4, max_num_seqs=8)),
-                                        prompts, params)
+        config = EngineConfig(block_size=4, max_num_seqs=8, quantization=quantization)
+        outs[fused] = run_to_completion(LLMEngine(model, None, config), prompts, params)
         if fused == "1":
             assert calls and max(calls) <= cpu_decode.max_rows()
             n_calls = len(calls)

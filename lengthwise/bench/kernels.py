@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from lengthwise.argtypes import output_file, positive_int
+from lengthwise.argtypes import add_quantization_argument, output_file, positive_int
 
 B1_CONTEXT = 256      # cached tokens per row in the per-kernel attention timings
 DECODE_TOKENS = 128   # tokens the engine decodes per request in the whole-step timings
@@ -58,6 +58,7 @@ def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="float32 or bfloat16 (default float32)")
+    add_quantization_argument(p)
     p.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="torch threads on the CPU")
     p.add_argument("--batch", type=positive_int, default=64, help="the large decode batch (default 64)")
     p.add_argument("--compare-transformers", action="store_true",
@@ -171,7 +172,7 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
 
         if cpu_kernels.segment_attention_kernel() is not None:
             panels = cpu_kernels.pack_panels(b.t().contiguous())
-            ms = min(ms, time_ms(lambda: cpu_kernels.packed_linear(a, panels, n), device, min_time_s=min_time_s,
+            ms = min(ms, time_ms(lambda: cpu_kernels.packed_linear(a, panels), device, min_time_s=min_time_s,
                                  graph=False))
     return 2 * n ** 3 / ms / 1e6
 
@@ -227,7 +228,7 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
         if dev.type == "cpu" and dt == torch.float32 and cpu_kernels.segment_attention_kernel() is not None:
             # What CPU decode steps really run: the fused path's GEMM on panel-packed weights.
             panels = cpu_kernels.pack_panels(w)
-            rows.append((f"{name} (fused-path GEMM)", lambda: cpu_kernels.packed_linear(inp, panels, n), *cost))
+            rows.append((f"{name} (fused-path GEMM)", lambda: cpu_kernels.packed_linear(inp, panels), *cost))
         return rows
 
     ops = [
@@ -309,6 +310,36 @@ def engine_decode(llm: Any, batch: int) -> dict[str, float]:
     for rid in list(engine.requests):
         engine.requests.pop(rid)
     return {"step_ms": ms, "context": PROMPT_TOKENS + DECODE_TOKENS * 3 // 4}
+
+
+def decode_forward_fn(engine: Any, rows: int, context: int) -> Callable[[], torch.Tensor]:
+    """One decode forward pass (LM head included) of `rows` rows, each with `context - 1` tokens
+    cached, on `engine`'s model and cache, as a function to time (no scheduler around it)."""
+    from lengthwise.ops import AttentionMetadata
+
+    model, cache, bs = engine.model, engine.runner.cache, engine.runner.block_size
+    per_row = -(-context // bs)
+    tables = torch.tensor([list(range(r * per_row, (r + 1) * per_row)) for r in range(rows)], dtype=torch.int32)
+    ids, pos = torch.full((rows,), 5), torch.full((rows,), context - 1)
+    slots = tables[:, (context - 1) // bs].long() * bs + (context - 1) % bs
+
+    def step() -> torch.Tensor:
+        meta = AttentionMetadata(list(range(rows + 1)), slots, bs, tables, [context] * rows)
+        return model.compute_logits(model(ids, pos, meta, cache))
+    return step
+
+
+def best_of_ms(fn: Callable[[], object], repeats: int = 3, calls: int = 5) -> float:
+    """The best of `repeats` averages over `calls` calls of `fn`, after a warm-up, in ms (CPU)."""
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e3
 
 
 def decode_b1_ms(llm: Any) -> float:
@@ -438,6 +469,23 @@ def _reference_generate(llm: Any, prompts: list[list[int]], params: Any) -> list
     return run_to_completion(engine, prompts, [params] * len(prompts))
 
 
+def streamed_weight_bytes(model_dir: Path, model: Any) -> tuple[int, str]:
+    """Bytes of weights a batch-1 decode step reads, and in what form: the fused CPU path's packed
+    panels where it ran (a bfloat16 checkpoint's weights stream as bfloat16, quantized ones as int8
+    and scales), else every weight in the model's dtype."""
+    from lengthwise.bench.engines import decode_weight_bytes
+
+    dense = decode_weight_bytes(model_dir, model.dtype.itemsize)
+    ptrs = getattr(model, "_cpu_decode_pointers", None)
+    if ptrs is None:
+        return dense, str(model.dtype).removeprefix("torch.")
+    c = model.config
+    small = (c.num_layers * (2 * c.hidden_size + 2 * c.head_dim * c.qk_norm) + c.hidden_size) * 4  # norms
+    dtypes = [str(p.dtype).removeprefix("torch.") for p in ptrs.keep]
+    head = str(ptrs.lm_head.dtype).removeprefix("torch.")
+    return ptrs.weight_bytes + small, f"panels: {'/'.join(sorted(set(dtypes)))}, LM head {head}"
+
+
 # -- report ------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -460,15 +508,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # room for transformers beside it) small.
     context = min(1024, ModelConfig.from_dir(model_dir).max_position_embeddings)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_num_seqs=max(args.batch, 4), max_model_len=context,
-              kv_cache_memory=0.25 if dev.type == "cuda" else None, enforce_eager=args.enforce_eager)
+              kv_cache_memory=0.25 if dev.type == "cuda" else None, enforce_eager=args.enforce_eager,
+              quantization=args.quantization)
     model = llm.engine.model
     kernels = kernel_rows(model, 1, bandwidth, peak) + kernel_rows(model, args.batch, bandwidth, peak)
-    from lengthwise.bench.engines import decode_weight_bytes
-
-    weight_bytes = decode_weight_bytes(model_dir, torch.empty((), dtype=dtype).element_size())
     graphs = llm.engine.runner.graphs
     launched, used = (graphs.launched_ahead, graphs.used_ahead) if graphs is not None else (0, 0)
     b1 = decode_b1_ms(llm)
+    weight_bytes, weight_format = streamed_weight_bytes(model_dir, model)
     ahead: dict[str, Any] = {}
     if graphs is not None:  # the A/B: the same decode with every step launched after the last one's read-back
         ahead = {"b1_steps_launched_ahead": graphs.launched_ahead - launched,
@@ -501,10 +548,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     roof = weight_bytes / bandwidth / 1e6
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({args.threads} threads)",
-        "model": label, "dtype": args.dtype, "cuda_graphs": llm.engine.runner.graphs is not None,
+        "model": label, "dtype": args.dtype, "quantization": args.quantization,
+        "cuda_graphs": llm.engine.runner.graphs is not None,
         "decode_b1_ms": round(b1, 4), "roofline_b1_ms": round(roof, 4), "roofline_fraction_b1": round(roof / b1, 4),
         "forward_b1_ms": round(forward, 4), "roofline_fraction_forward_b1": round(roof / forward, 4), **ahead,
-        "weight_bytes": weight_bytes, "b64_batch": args.batch, "b64_step_ms": median["step_ms"],
+        "weight_bytes": weight_bytes, "weight_format": weight_format, "b64_batch": args.batch,
+        "b64_step_ms": median["step_ms"],
         "b64_gflops": median["gflops"], "b64_fraction_of_matmul_peak": median["fraction"], "b64_rounds": rounds,
         "matmul_peak_gflops": round(peak, 1), "copy_bandwidth_gbs": round(bandwidth, 1),
         "matmul_peak_gflops_samples": peak_samples, "copy_bandwidth_gbs_samples": bandwidth_samples,
@@ -520,7 +569,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def format_report(r: dict[str, Any]) -> str:
-    lines = [f"lengthwise bench kernels: {r['model']} ({r['dtype']}) on {r['device']}, "
+    quant = f", {r['quantization']} weights" if r.get("quantization") else ""
+    lines = [f"lengthwise bench kernels: {r['model']} ({r['dtype']}{quant}) on {r['device']}, "
              f"CUDA graphs {'on' if r['cuda_graphs'] else 'off'}",
              f"ceilings: copy {r['copy_bandwidth_gbs']} GB/s, matmul {r['matmul_peak_gflops']} GFLOP/s", "",
              f"{'kernel':<26} {'batch':>5} {'us':>9} {'GB/s':>8} {'GFLOP/s':>9} {'bound':>8} {'of roofline':>11}"]
@@ -528,7 +578,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"{k['kernel']:<26} {k['batch']:>5} {k['ms'] * 1e3:>9.1f} {k['gb_s']:>8.1f} {k['gflops']:>9.1f} "
                      f"{k['bound']:>8} {k['fraction_of_roofline']:>10.1%}")
     lines += ["", f"decode batch 1 (engine, per token): {r['decode_b1_ms']:.3f} ms; weight-read bound "
-              f"{r['roofline_b1_ms']:.3f} ms = {r['roofline_fraction_b1']:.1%} of the roofline",
+              f"{r['roofline_b1_ms']:.3f} ms ({r['weight_bytes'] / 1e6:.1f} MB as {r.get('weight_format', '?')}) = "
+              f"{r['roofline_fraction_b1']:.1%} of the roofline",
               *([f"decode batch 1 without async decode: {r['decode_b1_sync_ms']:.3f} ms; with it, "
                  f"{r['b1_steps_used_as_launched']} of {r['b1_steps_launched_ahead']} steps launched ahead were used"]
                 if "decode_b1_sync_ms" in r else []),

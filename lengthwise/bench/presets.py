@@ -48,6 +48,11 @@ PRESETS: dict[str, LlamaPreset] = {
     "llama-100m": LlamaPreset(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                               num_key_value_heads=12, vocab_size=32000, max_position_embeddings=2048,
                               tie_word_embeddings=True),
+    # The same stored in bfloat16, as real checkpoints are: served in float32 on the CPU, its fused
+    # decode path streams bfloat16 panels (`benchmarks/cpu_weight_formats.py`).
+    "llama-100m-bf16": LlamaPreset(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                   num_attention_heads=12, num_key_value_heads=12, vocab_size=32000,
+                                   max_position_embeddings=2048, tie_word_embeddings=True, dtype="bfloat16"),
     # The shape of Llama-3.2-1B (1.24B parameters, tied 128256 x 2048 embedding), stored in bfloat16:
     # the GPU benchmark model of the kernels issue.
     "llama-1b": LlamaPreset(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

@@ -31,10 +31,11 @@ class LLM:
     """An engine for offline batch generation.
 
     `model_dir` is a local Hugging Face checkpoint directory (the built-in default model when
-    `None`). The other arguments are `EngineConfig`'s: `dtype`, `device`, `kv_cache_memory`
-    (bytes or a fraction of free memory), `max_num_seqs`, `max_num_batched_tokens`,
-    `block_size`, `max_model_len`, the scheduling `policy`, the `length_predictor` (a saved
-    predictor directory, `"self"` or `"oracle"`) and `record_lengths` (a JSONL file).
+    `None`). The other arguments are `EngineConfig`'s: `dtype`, `device`, `quantization` (`"int8"`:
+    weight-only int8 on the CPU), `kv_cache_memory` (bytes or a fraction of free memory),
+    `max_num_seqs`, `max_num_batched_tokens`, `block_size`, `max_model_len`, the scheduling
+    `policy`, the `length_predictor` (a saved predictor directory, `"self"` or `"oracle"`) and
+    `record_lengths` (a JSONL file).
     """
 
     def __init__(self, model_dir: str | Path | None = None, **engine_args: Any) -> None:

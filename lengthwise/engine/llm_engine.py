@@ -27,6 +27,7 @@ from lengthwise.engine.sampler import make_generator, sample, token_logprobs
 from lengthwise.kv.storage import KVCacheStorage
 from lengthwise.model import CausalLM, load_model
 from lengthwise.model.config import read_json
+from lengthwise.model.quantize import quantize_model
 from lengthwise.ops.dispatch import use_triton
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.sched import Scheduler, make_policy
@@ -58,6 +59,11 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         self.model_dir = None if model_dir is None else Path(model_dir)
+        if config.quantization != model.quantization:
+            if model.quantization is not None:
+                raise ValueError(f"quantization={config.quantization!r}, but the model given was already "
+                                 f"quantized as {model.quantization!r}")
+            quantize_model(model, config.quantization)
         mc = self.model.config
         if config.max_model_len is not None and config.max_model_len > mc.max_context:
             source = {"linear": "max_position_embeddings, times its linear rope factor",
@@ -86,7 +92,7 @@ class LLMEngine:
         """Load the checkpoint (and its tokenizer.json, if any) in `model_dir` and build an engine on it."""
         config = config or EngineConfig()
         model_dir = Path(model_dir)
-        model = load_model(model_dir, config.dtype, config.device)
+        model = load_model(model_dir, config.dtype, config.device, config.quantization)
         tokenizer = Tokenizer(model_dir) if (model_dir / "tokenizer.json").is_file() else None
         return cls(model, tokenizer, config, model_dir)
 

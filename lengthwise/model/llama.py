@@ -54,6 +54,9 @@ class DecoderLayer(nn.Module):
         self.gate_up_bias = _param((2 * c.intermediate_size,), dtype, device) if c.mlp_bias else None
         self.down_weight = _param((h, c.intermediate_size), dtype, device)
         self.down_bias = _param((h,), dtype, device) if c.mlp_bias else None
+        # name -> Int8Weight for the projections `quantize_model` replaced (their parameters then
+        # hold the dequantized weights); the fused CPU decode path packs these.
+        self.quantized: dict = {}
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -90,6 +93,7 @@ class CausalLM(nn.Module):
             r.original_max_position_embeddings, r.beta_fast, r.beta_slow, r.truncate).to(self.device),
             persistent=False)
         self.rope_scale = r.attention_factor  # on cos and sin: YaRN's attention temperature, else 1
+        self.quantization: str | None = None  # set by `lengthwise.model.quantize.quantize_model`
 
     def new_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCacheStorage:
         """A KV cache shaped for this model, on its device and in its dtype."""

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from lengthwise.model.config import CheckpointError, ModelConfig, read_json
 from lengthwise.model.llama import CausalLM
+from lengthwise.model.quantize import check_quantization, quantize_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other spellings
@@ -154,12 +155,14 @@ def _tie(tensors: dict[str, torch.Tensor], model_dir: Path) -> None:
 
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
-               device: str | torch.device = "auto") -> CausalLM:
-    """Load a checkpoint directory as a `CausalLM` on `device` in `dtype`."""
+               device: str | torch.device = "auto", quantization: str | None = None) -> CausalLM:
+    """Load a checkpoint directory as a `CausalLM` on `device` in `dtype`; `quantization="int8"`
+    quantizes its decoder projections (`lengthwise.model.quantize`; CPU, float32)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, config, dev)
+    check_quantization(quantization, dev, dt)  # before the weights are read
     tensors = read_checkpoint(model_dir, config)
     model = CausalLM(config, dt, dev)
 
@@ -188,4 +191,6 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
         put(layer.gate_up_bias, mlp + "gate_proj.bias", mlp + "up_proj.bias")
         put(layer.down_weight, mlp + "down_proj.weight")
         put(layer.down_bias, mlp + "down_proj.bias")
+    if quantization is not None:
+        quantize_model(model, quantization)
     return model.eval()

@@ -7,11 +7,14 @@
   the prompt and response segments.
 - `decode_forward.cpp`: the fused decode forward (`lengthwise.ops.cpu.decode`) and its GEMM on
   panel-packed weights (`pack_panels`, `packed_linear`), which the LM head of those steps uses too.
+  Panels hold float32, bfloat16 (exact for a bfloat16 checkpoint served in float32: half the bytes
+  a batch-1 step streams) or int8 with a scale per output column (weight-only quantization); the
+  arithmetic is float32 in every case.
 
 The library is built with the system C++ compiler (`$CXX`, else `c++`) for this CPU
 (`-march=native`) into the lengthwise cache directory, keyed by a hash of sources, flags and CPU,
 and loaded with ctypes. If no compiler is found or the build fails, `segment_attention_kernel()`
-returns `None` (with one warning) and callers use the torch reference. float32 only.
+returns `None` (with one warning) and callers use the torch reference. float32 activations only.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -91,10 +95,10 @@ def segment_attention_kernel() -> ctypes.CDLL | None:
 
 def _declare_decode(so: ctypes.CDLL) -> None:
     p, i, f, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_int64
-    so.lw_packed_size.restype = i64
-    so.lw_packed_size.argtypes = [i, i]
+    so.lw_packed_bytes.restype = i64
+    so.lw_packed_bytes.argtypes = [i, i, i]
     so.lw_pack_panels.restype = None
-    so.lw_pack_panels.argtypes = [p, i, i, i64, p, i]
+    so.lw_pack_panels.argtypes = [p, i, i, i64, i, p, i]
     so.lw_packed_linear.restype = None
     so.lw_packed_linear.argtypes = [p, i, i, p, p, i, p, i]
     so.lw_decode_forward.restype = None
@@ -129,26 +133,76 @@ def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         torch.get_num_threads())
 
 
-def pack_panels(weight: torch.Tensor) -> torch.Tensor:
-    """`weight [n, k]` (float32, CPU) in the panel layout of `decode_forward.cpp`'s GEMM: a flat tensor."""
+# decode_forward.cpp's WeightFormat, by the dtype a weight arrives in.
+PANEL_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+PANEL = 32  # output columns per panel (decode_forward.cpp's kPanel)
+
+
+class _PackedWeightC(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("format", ctypes.c_int32)]
+
+
+@dataclass
+class PackedWeight:
+    """A `[n, k]` weight in the panel layout of `decode_forward.cpp`'s GEMM (`pack_panels`).
+
+    `dtype` is how the panels store it: float32, bfloat16 or int8 (then `scales [n]` gives column
+    j's weights as `q * scales[j]`). `address` is the C struct the kernels take."""
+
+    panels: torch.Tensor  # raw bytes
+    scales: torch.Tensor | None
+    n: int
+    k: int
+    dtype: torch.dtype
+    _c: _PackedWeightC = field(repr=False, default_factory=_PackedWeightC)
+
+    def __post_init__(self) -> None:
+        self._c.data = self.panels.data_ptr()
+        self._c.scales = self.scales.data_ptr() if self.scales is not None else None
+        self._c.format = PANEL_FORMATS[self.dtype]
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self._c)
+
+    @property
+    def nbytes(self) -> int:
+        return self.panels.numel() + (0 if self.scales is None else self.scales.numel() * 4)
+
+
+def pack_panels(weight: torch.Tensor, scales: torch.Tensor | None = None) -> PackedWeight:
+    """`weight [n, k]` (CPU, unit stride along k) packed for the fused path's GEMM, kept in its dtype:
+    float32, bfloat16, or int8 with `scales [n]` (float32: the weight is `weight * scales[:, None]`)."""
     lib = segment_attention_kernel()
-    if weight.dim() != 2 or weight.dtype != torch.float32 or weight.stride(1) != 1:
-        raise ValueError("pack_panels needs a float32 [n, k] weight with unit stride along k")
+    if weight.dim() != 2 or weight.dtype not in PANEL_FORMATS or weight.stride(1) != 1 or weight.is_cuda:
+        raise ValueError("pack_panels needs a CPU float32, bfloat16 or int8 [n, k] weight with unit stride "
+                         f"along k, got {tuple(weight.shape)} {weight.dtype} with strides {weight.stride()}")
     n, k = weight.shape
-    out = torch.empty(lib.lw_packed_size(n, k), dtype=torch.float32)
-    lib.lw_pack_panels(ctypes.c_void_p(weight.data_ptr()), n, k, weight.stride(0), ctypes.c_void_p(out.data_ptr()),
-                       torch.get_num_threads())
-    return out
+    if (weight.dtype == torch.int8) != (scales is not None):
+        raise ValueError("pack_panels: scales go with int8 weights, and only with them")
+    if scales is not None:
+        if scales.shape != (n,):
+            raise ValueError(f"pack_panels: scales must have shape ({n},), got {tuple(scales.shape)}")
+        padded = torch.zeros(-(-n // PANEL) * PANEL, dtype=torch.float32)
+        padded[:n] = scales
+        scales = padded
+    fmt = PANEL_FORMATS[weight.dtype]
+    out = torch.empty(lib.lw_packed_bytes(n, k, fmt), dtype=torch.uint8)
+    lib.lw_pack_panels(ctypes.c_void_p(weight.data_ptr()), n, k, weight.stride(0), fmt,
+                       ctypes.c_void_p(out.data_ptr()), torch.get_num_threads())
+    return PackedWeight(out, scales, n, k, weight.dtype)
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x [m, k] @ weight^T + bias` with `packed = pack_panels(weight)` and `n = weight.shape[0]`."""
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x [m, k] @ weight^T + bias` (float32) for `packed = pack_panels(weight, ...)`."""
     lib = segment_attention_kernel()
     x = x.contiguous()
     m, k = x.shape
-    y = torch.empty((m, n), dtype=torch.float32)
+    if x.dtype != torch.float32 or k != packed.k:
+        raise ValueError(f"packed_linear needs float32 x with {packed.k} columns, got {x.dtype} {tuple(x.shape)}")
+    y = torch.empty((m, packed.n), dtype=torch.float32)
     ptr = ctypes.c_void_p
-    lib.lw_packed_linear(ptr(x.data_ptr()), m, k, ptr(packed.data_ptr()),
-                         ptr(bias.contiguous().data_ptr()) if bias is not None else None, n, ptr(y.data_ptr()),
-                         torch.get_num_threads())
+    lib.lw_packed_linear(ptr(x.data_ptr()), m, k, ptr(packed.address),
+                         ptr(bias.contiguous().data_ptr()) if bias is not None else None, packed.n,
+                         ptr(y.data_ptr()), torch.get_num_threads())
     return y

@@ -4,7 +4,7 @@ The op-by-op torch path spends about half of a batch-1 decode step outside the m
 small ops per layer, each with its dispatch and OpenMP fork/join); `decode_forward.cpp` runs the
 whole decoder with one parallel region, so a step costs about what reading the weights costs.
 `CausalLM.forward` takes this path when `eligible` says so (up to 256 tokens, at most 16 new ones
-per sequence); everything else (long prefill chunks, bfloat16, GPUs, an explicit
+per sequence); everything else (long prefill chunks, bfloat16 models, GPUs, an explicit
 `LENGTHWISE_KERNELS`) keeps the op-by-op path, which is also the reference the tests compare this
 one against.
 """
@@ -19,12 +19,13 @@ import torch.nn.functional as F
 
 from lengthwise.kv.storage import KVCacheStorage
 from lengthwise.ops.attention import AttentionMetadata
-from lengthwise.ops.cpu import pack_panels, packed_linear, segment_attention_kernel
+from lengthwise.ops.cpu import PackedWeight, pack_panels, packed_linear, segment_attention_kernel
 from lengthwise.ops.dispatch import kernel_choice
 from lengthwise.ops.rotary import rotary_cos_sin
 
 FUSED_ENV = "LENGTHWISE_CPU_FUSED"            # "0" keeps the op-by-op path (an A/B switch)
 MAX_ROWS_ENV = "LENGTHWISE_CPU_FUSED_MAX_ROWS"
+BF16_PANELS_ENV = "LENGTHWISE_CPU_BF16_PANELS"  # "0" packs bfloat16-exact weights as float32 (A/B)
 # Steps with at most this many tokens take the fused path (it beat MKL and oneDNN at every decode
 # batch up to 256 measured: `benchmarks/cpu_decode_candidates.py`, docs/benchmarks.md).
 DEFAULT_MAX_ROWS = 256
@@ -62,22 +63,26 @@ class _Pointers:
     """Every layer's packed weights and cache addresses as one C array, built once per (model, cache).
 
     The matmuls read weights in `decode_forward.cpp`'s panel layout, packed here from the model's
-    parameters: a second copy of the weights (the plain ones stay for the op-by-op path)."""
+    parameters: a second copy of the weights (the plain ones stay for the op-by-op path), in the
+    fewest bytes that give the same products: int8 + scales for a quantized model, bfloat16 where
+    every weight of a matrix is a bfloat16 value (any bfloat16 checkpoint served in float32), else
+    float32."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCacheStorage) -> None:
-        self.keep: list[torch.Tensor] = []  # the packed copies, alive as long as the pointers
+        self.keep: list[PackedWeight] = []  # the packed copies, alive as long as the pointers
         ptrs: list[int | None] = []
+        inter = model.config.intermediate_size
         for i, layer in enumerate(model.layers):
-            inter = model.config.intermediate_size
-            gate_up = layer.gate_up_weight
-            ptrs += [self._addr(layer.input_norm), self._pack(layer.qkv_weight), self._addr(layer.qkv_bias),
-                     self._addr(layer.q_norm), self._addr(layer.k_norm), self._pack(layer.o_weight),
-                     self._addr(layer.o_bias), self._addr(layer.post_attn_norm), self._pack(gate_up[:inter]),
-                     self._pack(gate_up[inter:]), self._addr(layer.gate_up_bias), self._pack(layer.down_weight),
-                     self._addr(layer.down_bias), self._addr(kv_cache.k[i]), self._addr(kv_cache.v[i])]
+            ptrs += [self._addr(layer.input_norm), self._pack(layer, "qkv_weight"), self._addr(layer.qkv_bias),
+                     self._addr(layer.q_norm), self._addr(layer.k_norm), self._pack(layer, "o_weight"),
+                     self._addr(layer.o_bias), self._addr(layer.post_attn_norm),
+                     self._pack(layer, "gate_up_weight", slice(0, inter)),
+                     self._pack(layer, "gate_up_weight", slice(inter, 2 * inter)), self._addr(layer.gate_up_bias),
+                     self._pack(layer, "down_weight"), self._addr(layer.down_bias), self._addr(kv_cache.k[i]),
+                     self._addr(kv_cache.v[i])]
         self.layers = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.windows = (ctypes.c_int32 * len(model.layers))(*(layer.sliding_window or 0 for layer in model.layers))
-        self.lm_head = pack_panels(model.lm_head)
+        self.lm_head = pack_panels(_narrowest_exact(model.lm_head))
         self.key = _key(model, kv_cache)
 
     @staticmethod
@@ -88,9 +93,30 @@ class _Pointers:
             raise ValueError("the fused CPU decode path needs contiguous norms, biases and caches")
         return t.data_ptr()
 
-    def _pack(self, w: torch.Tensor) -> int:
-        self.keep.append(pack_panels(w))
-        return self.keep[-1].data_ptr()
+    def _pack(self, layer: torch.nn.Module, name: str, rows: slice = slice(None)) -> int:
+        quantized = layer.quantized.get(name)
+        if quantized is not None:
+            packed = pack_panels(quantized.q[rows], quantized.scales[rows])
+        else:
+            packed = pack_panels(_narrowest_exact(getattr(layer, name)[rows]))
+        self.keep.append(packed)
+        return packed.address
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of packed weights a step streams (LM head included)."""
+        return sum(p.nbytes for p in self.keep) + self.lm_head.nbytes
+
+
+def _narrowest_exact(w: torch.Tensor) -> torch.Tensor:
+    """`w` as bfloat16 if that loses nothing (and `LENGTHWISE_CPU_BF16_PANELS` is not "0"), else `w`."""
+    if os.environ.get(BF16_PANELS_ENV, "1") == "0":
+        return w
+    narrow = w.bfloat16()
+    for i in range(0, w.shape[0], 4096):  # in row chunks: no float32 copy of a whole LM head
+        if not torch.equal(narrow[i:i + 4096].float(), w[i:i + 4096]):
+            return w
+    return narrow
 
 
 def _key(model: torch.nn.Module, kv_cache: KVCacheStorage) -> tuple[int, ...]:
@@ -107,8 +133,7 @@ def _pointers(model: torch.nn.Module, kv_cache: KVCacheStorage) -> _Pointers:
 
 def logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """`CausalLM.compute_logits` for a step that took `forward`: the LM head on its packed copy."""
-    ptrs = model._cpu_decode_pointers
-    return packed_linear(hidden, ptrs.lm_head, model.lm_head.shape[0])
+    return packed_linear(hidden, model._cpu_decode_pointers.lm_head)
 
 
 def forward(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

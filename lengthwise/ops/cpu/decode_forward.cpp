@@ -19,8 +19,9 @@
 
 namespace {
 
-// Per-layer pointers, in this order (absent optional tensors are null). Weights come packed
-// (`lw_pack_panels`); the gate and up halves of the gate-up projection are packed separately.
+// Per-layer pointers, in this order (absent optional tensors are null). The projections' entries
+// point to `PackedWeight`s (`lw_pack_panels`); the gate and up halves of the gate-up projection
+// are packed separately.
 enum LayerPtr {
   kInputNorm, kQkvP, kQkvB, kQNorm, kKNorm, kOP, kOB, kPostNorm, kGateP, kUpP, kGateUpB, kDownP, kDownB,
   kKCache, kVCache, kNumLayerPtrs
@@ -30,22 +31,71 @@ enum LayerPtr {
 // panel p holds W[p * kPanel + j][kk] at [kk][j], rows past n zero. A panel's column of the
 // product is then two vector loads per kk, broadcast-multiplied by one scalar of each x row.
 constexpr int kPanel = 32;
-constexpr int kBlockK = 256;   // a panel's k-block (32 KB) stays in L1 across x's row chunks
+constexpr int kBlockK = 256;   // a panel's k-block stays in L1 across x's row chunks
 constexpr int kChunk = 12;     // x rows per micro-kernel call: 24 accumulators + 2 weight vectors
+
+// How a panel's 32 weights of one kk are stored. Batch-1 decode streams every weight once per
+// token, so the bytes per weight set the step's floor; the arithmetic stays float32 throughout.
+//   kF32:  32 floats.
+//   kBF16: 16 32-bit words, word i = bf16(column i) | bf16(column 16 + i) << 16, so one shift and
+//          one mask give the two float vectors. Exact for weights that are bfloat16 values (a
+//          bfloat16 checkpoint served in float32): half the bytes, the same products.
+//   kInt8: 32 int8, column j's float weight = q * scale[j] (weight-only quantization); the
+//          per-column scale is applied once per k-block to the accumulators.
+enum WeightFormat : int32_t { kF32 = 0, kBF16 = 1, kInt8 = 2 };
+
+// A packed weight as Python hands it over: its panels, its per-column scales (kInt8: padded to
+// whole panels; else null) and its format.
+struct PackedWeight {
+  const void* data;
+  const float* scales;
+  int32_t format;
+};
+
+struct F32Panel {
+  using T = float;
+  static constexpr int kRow = kPanel;  // elements of T per kk
+  static inline void load(const T* pw, __m512& w0, __m512& w1) {
+    w0 = _mm512_loadu_ps(pw);
+    w1 = _mm512_loadu_ps(pw + 16);
+  }
+};
+
+struct BF16Panel {
+  using T = uint32_t;
+  static constexpr int kRow = kPanel / 2;
+  static inline void load(const T* pw, __m512& w0, __m512& w1) {
+    const __m512i v = _mm512_loadu_si512(pw);
+    w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    w1 = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))));
+  }
+};
+
+struct Int8Panel {
+  using T = int8_t;
+  static constexpr int kRow = kPanel;
+  static inline void load(const T* pw, __m512& w0, __m512& w1) {
+    // Two 16-byte loads that fold into the sign extensions (no 256-bit load and lane extract).
+    w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pw))));
+    w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pw + 16))));
+  }
+};
 
 inline __mmask16 tail_mask(int n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-// y[r][0:nv] (+)= x[r][k0:k1] . panel[k0:k1][0:nv] for MR rows; `first` stores, else accumulates.
-template <int MR>
-inline void micro(const float* x, int64_t ldx, const float* panel, int k0, int k1, float* y, int64_t ldy,
-                  bool first, int nv) {
+// y[r][0:nv] (+)= x[r][k0:k1] . panel[k0:k1][0:nv] (times the panel's column scales, if any) for MR
+// rows; `first` stores, else accumulates.
+template <int MR, class W>
+inline void micro(const float* x, int64_t ldx, const typename W::T* panel, const float* scale, int k0, int k1,
+                  float* y, int64_t ldy, bool first, int nv) {
   __m512 acc[MR][2];
   for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  const float* pw = panel + int64_t(k0) * kPanel;
-  for (int kk = k0; kk < k1; ++kk, pw += kPanel) {
-    const __m512 w0 = _mm512_loadu_ps(pw), w1 = _mm512_loadu_ps(pw + 16);
+  const typename W::T* pw = panel + int64_t(k0) * W::kRow;
+  for (int kk = k0; kk < k1; ++kk, pw += W::kRow) {
+    __m512 w0, w1;
+    W::load(pw, w0, w1);
     for (int r = 0; r < MR; ++r) {
       const __m512 xb = _mm512_set1_ps(x[r * ldx + kk]);
       acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
@@ -53,8 +103,14 @@ inline void micro(const float* x, int64_t ldx, const float* panel, int k0, int k
     }
   }
   const __mmask16 m0 = tail_mask(nv), m1 = tail_mask(nv - 16);
+  const __m512 s0 = scale ? _mm512_loadu_ps(scale) : _mm512_setzero_ps();
+  const __m512 s1 = scale ? _mm512_loadu_ps(scale + 16) : _mm512_setzero_ps();
   for (int r = 0; r < MR; ++r) {
     float* yr = y + r * ldy;
+    if (scale) {
+      acc[r][0] = _mm512_mul_ps(acc[r][0], s0);
+      acc[r][1] = _mm512_mul_ps(acc[r][1], s1);
+    }
     if (!first) {
       acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_maskz_loadu_ps(m0, yr));
       acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_maskz_loadu_ps(m1, yr + 16));
@@ -65,43 +121,64 @@ inline void micro(const float* x, int64_t ldx, const float* panel, int k0, int k
 }
 
 // y[0:m][0:nv] = x[0:m] @ one panel (all of k), written with row stride ldy.
-inline void panel_product(const float* x, int m, int k, const float* panel, int nv, float* y, int64_t ldy) {
-  using Fn = void (*)(const float*, int64_t, const float*, int, int, float*, int64_t, bool, int);
-  static constexpr Fn kernels[kChunk + 1] = {nullptr, micro<1>, micro<2>, micro<3>, micro<4>, micro<5>, micro<6>,
-                                             micro<7>, micro<8>, micro<9>, micro<10>, micro<11>, micro<12>};
+template <class W>
+inline void panel_product(const float* x, int m, int k, const typename W::T* panel, const float* scale, int nv,
+                          float* y, int64_t ldy) {
+  using Fn = void (*)(const float*, int64_t, const typename W::T*, const float*, int, int, float*, int64_t, bool,
+                      int);
+  static constexpr Fn kernels[kChunk + 1] = {
+      nullptr, micro<1, W>, micro<2, W>, micro<3, W>, micro<4, W>, micro<5, W>, micro<6, W>,
+      micro<7, W>, micro<8, W>, micro<9, W>, micro<10, W>, micro<11, W>, micro<12, W>};
   for (int k0 = 0; k0 < k; k0 += kBlockK) {
     const int k1 = std::min(k, k0 + kBlockK);
     for (int r = 0; r < m; r += kChunk)
-      kernels[std::min(kChunk, m - r)](x + int64_t(r) * k, k, panel, k0, k1, y + r * ldy, ldy, k0 == 0, nv);
+      kernels[std::min(kChunk, m - r)](x + int64_t(r) * k, k, panel, scale, k0, k1, y + r * ldy, ldy, k0 == 0, nv);
   }
 }
 
 inline int num_panels(int n) { return (n + kPanel - 1) / kPanel; }
 
+// Panel p of a packed weight, and its 32 column scales (null unless kInt8).
+template <class W>
+inline const typename W::T* panel_of(const PackedWeight& w, int p, int k) {
+  return static_cast<const typename W::T*>(w.data) + int64_t(p) * k * W::kRow;
+}
+inline const float* scales_of(const PackedWeight& w, int p) { return w.scales ? w.scales + p * kPanel : nullptr; }
+
 // y[m, n] = x[m, k] @ W^T + bias for packed W; called by every thread of a parallel region.
 // Threads take contiguous runs of panels, so each streams its share of the weights once.
-void linear_omp(const float* x, int m, int k, const float* packed, const float* bias, int n, float* y) {
+template <class W>
+void linear_omp_as(const float* x, int m, int k, const PackedWeight& w, const float* bias, int n, float* y) {
 #pragma omp for schedule(static)
   for (int p = 0; p < num_panels(n); ++p) {
     const int j0 = p * kPanel, nv = std::min(kPanel, n - j0);
-    panel_product(x, m, k, packed + int64_t(p) * k * kPanel, nv, y + j0, n);
+    panel_product<W>(x, m, k, panel_of<W>(w, p, k), scales_of(w, p), nv, y + j0, n);
     if (bias)
       for (int r = 0; r < m; ++r)
         for (int j = 0; j < nv; ++j) y[int64_t(r) * n + j0 + j] += bias[j0 + j];
   }
 }
 
+void linear_omp(const float* x, int m, int k, const PackedWeight* w, const float* bias, int n, float* y) {
+  switch (w->format) {
+    case kBF16: return linear_omp_as<BF16Panel>(x, m, k, *w, bias, n, y);
+    case kInt8: return linear_omp_as<Int8Panel>(x, m, k, *w, bias, n, y);
+    default: return linear_omp_as<F32Panel>(x, m, k, *w, bias, n, y);
+  }
+}
+
 // act[m, inter] = silu(x @ gate^T + bg) * (x @ up^T + bu): the gate and up panels of the same
 // columns are computed back to back into per-thread scratch `gu` [2][m][kPanel], then combined.
-void gate_up_silu_omp(const float* x, int m, int k, const float* gate, const float* up, const float* bias,
-                      int inter, float* act, float* gu) {
+template <class W>
+void gate_up_silu_omp_as(const float* x, int m, int k, const PackedWeight& gate, const PackedWeight& up,
+                         const float* bias, int inter, float* act, float* gu) {
 #pragma omp for schedule(static)
   for (int p = 0; p < num_panels(inter); ++p) {
     const int j0 = p * kPanel, nv = std::min(kPanel, inter - j0);
     float* g = gu;
     float* u = gu + int64_t(m) * kPanel;
-    panel_product(x, m, k, gate + int64_t(p) * k * kPanel, nv, g, kPanel);
-    panel_product(x, m, k, up + int64_t(p) * k * kPanel, nv, u, kPanel);
+    panel_product<W>(x, m, k, panel_of<W>(gate, p, k), scales_of(gate, p), nv, g, kPanel);
+    panel_product<W>(x, m, k, panel_of<W>(up, p, k), scales_of(up, p), nv, u, kPanel);
     // SiLU-and-mul, 16 columns at a time (a scalar exp per element cost ~5% of a batch-64 step).
     for (int j = 0; j < nv; j += 16) {
       const __mmask16 mk = tail_mask(nv - j);
@@ -117,6 +194,19 @@ void gate_up_silu_omp(const float* x, int m, int k, const float* gate, const flo
     }
   }
 }
+
+// (Python packs the gate and up halves of one checkpoint in the same format.)
+void gate_up_silu_omp(const float* x, int m, int k, const PackedWeight* gate, const PackedWeight* up,
+                      const float* bias, int inter, float* act, float* gu) {
+  switch (gate->format) {
+    case kBF16: return gate_up_silu_omp_as<BF16Panel>(x, m, k, *gate, *up, bias, inter, act, gu);
+    case kInt8: return gate_up_silu_omp_as<Int8Panel>(x, m, k, *gate, *up, bias, inter, act, gu);
+    default: return gate_up_silu_omp_as<F32Panel>(x, m, k, *gate, *up, bias, inter, act, gu);
+  }
+}
+
+// A layer's projection entry (see LayerPtr) is a PackedWeight, not a float array.
+inline const PackedWeight* weight(const float* entry) { return reinterpret_cast<const PackedWeight*>(entry); }
 
 // out = x * rsqrt(mean(x^2) + eps) * w over the last dimension n.
 inline void rms_norm_row(const float* x, const float* w, int n, float eps, float* out) {
@@ -137,25 +227,37 @@ inline void rope(float* x, const float* cos, const float* sin, int d) {
 
 }  // namespace
 
-// Floats `lw_pack_panels` writes for a [n, k] weight.
-extern "C" int64_t lw_packed_size(int n, int k) { return int64_t(num_panels(n)) * kPanel * k; }
+// Bytes `lw_pack_panels` writes for a [n, k] weight in `format`.
+extern "C" int64_t lw_packed_bytes(int n, int k, int format) {
+  const int64_t per_kk = format == kF32 ? 4 * kPanel : format == kBF16 ? 2 * kPanel : kPanel;
+  return int64_t(num_panels(n)) * k * per_kk;
+}
 
-// Packs w [n, k] (row stride ldw) into `out` (lw_packed_size floats); threads split the panels.
-extern "C" void lw_pack_panels(const float* w, int n, int k, int64_t ldw, float* out, int num_threads) {
+// Packs w [n, k] (row stride ldw, in elements) into `out` (lw_packed_bytes): `w` holds floats for
+// kF32, bfloat16 bit patterns (uint16) for kBF16, int8 for kInt8. Threads split the panels.
+extern "C" void lw_pack_panels(const void* w, int n, int k, int64_t ldw, int format, void* out, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int p = 0; p < num_panels(n); ++p)
     for (int kk = 0; kk < k; ++kk)
       for (int j = 0; j < kPanel; ++j) {
         const int row = p * kPanel + j;
-        out[(int64_t(p) * k + kk) * kPanel + j] = row < n ? w[int64_t(row) * ldw + kk] : 0.f;
+        const int64_t src = int64_t(row) * ldw + kk, dst = (int64_t(p) * k + kk) * kPanel + j;
+        if (format == kF32) {
+          static_cast<float*>(out)[dst] = row < n ? static_cast<const float*>(w)[src] : 0.f;
+        } else if (format == kInt8) {
+          static_cast<int8_t*>(out)[dst] = row < n ? static_cast<const int8_t*>(w)[src] : int8_t(0);
+        } else {  // column j of 16-column half h lands in the half-word h of 32-bit word j % 16
+          const int64_t word = (int64_t(p) * k + kk) * (kPanel / 2) + j % 16;
+          static_cast<uint16_t*>(out)[2 * word + j / 16] = row < n ? static_cast<const uint16_t*>(w)[src] : 0;
+        }
       }
 }
 
-// y[m, n] = x[m, k] @ W^T + bias (bias may be null) for W packed by lw_pack_panels.
-extern "C" void lw_packed_linear(const float* x, int m, int k, const float* packed, const float* bias, int n,
+// y[m, n] = x[m, k] @ W^T + bias (bias may be null) for a packed W.
+extern "C" void lw_packed_linear(const float* x, int m, int k, const PackedWeight* w, const float* bias, int n,
                                  float* y, int num_threads) {
 #pragma omp parallel num_threads(num_threads)
-  linear_omp(x, m, k, packed, bias, n, y);
+  linear_omp(x, m, k, w, bias, n, y);
 }
 
 // One forward pass over all layers for T new tokens.
@@ -197,7 +299,7 @@ extern "C" void lw_decode_forward(
       for (int i = 0; i < hidden; ++i) res[i] = l == 0 ? src[i] : res[i] + src[i];
       rms_norm_row(res, p[kInputNorm], hidden, eps, h.data() + int64_t(t) * hidden);
     }
-    linear_omp(h.data(), T, hidden, p[kQkvP], p[kQkvB], qkv_size, qkv.data());
+    linear_omp(h.data(), T, hidden, weight(p[kQkvP]), p[kQkvB], qkv_size, qkv.data());
     // q/k norm, RoPE, and the new keys and values into the cache (small next to the matmuls: one thread).
 #pragma omp single
     for (int t = 0; t < T; ++t) {
@@ -229,7 +331,7 @@ extern "C" void lw_decode_forward(
       const int h0 = (i % splits) * per_split;
       if (h0 < kv_heads) lw::attend(a, t, b, h0, std::min(kv_heads, h0 + per_split));
     }
-    linear_omp(attn.data(), T, q_size, p[kOP], p[kOB], hidden, y.data());
+    linear_omp(attn.data(), T, q_size, weight(p[kOP]), p[kOB], hidden, y.data());
 #pragma omp single
     for (int t = 0; t < T; ++t) {
       float* res = residual.data() + int64_t(t) * hidden;
@@ -237,9 +339,9 @@ extern "C" void lw_decode_forward(
       for (int i = 0; i < hidden; ++i) res[i] += src[i];
       rms_norm_row(res, p[kPostNorm], hidden, eps, h.data() + int64_t(t) * hidden);
     }
-    gate_up_silu_omp(h.data(), T, hidden, p[kGateP], p[kUpP], p[kGateUpB], inter, act.data(),
+    gate_up_silu_omp(h.data(), T, hidden, weight(p[kGateP]), weight(p[kUpP]), p[kGateUpB], inter, act.data(),
                      gu.data() + int64_t(omp_get_thread_num()) * 2 * T * kPanel);
-    linear_omp(act.data(), T, inter, p[kDownP], p[kDownB], hidden, y.data());
+    linear_omp(act.data(), T, inter, weight(p[kDownP]), p[kDownB], hidden, y.data());
   }
   for (int t = 0; t < T; ++t) {
     float* res = residual.data() + int64_t(t) * hidden;

@@ -1,0 +1,211 @@
+"""The fused CPU decode path's weight formats, side by side in one run: speed and what int8 costs.
+
+    .venv/bin/python benchmarks/cpu_weight_formats.py [--model llama-100m-bf16] [--threads 2]
+        [--batch 64] [--rows 1,2,4,8,16] [--rounds 3] [--quality-model ../shared/models/stories260k] [--out DIR]
+
+One bfloat16 checkpoint (as real checkpoints are), served in float32 on the CPU, three ways:
+
+- `float32 panels`: the fused path packing its weights as float32 (`LENGTHWISE_CPU_BF16_PANELS=0`,
+  what it did before bfloat16 panels; the baseline);
+- `bfloat16 panels`: the default for such a checkpoint: every weight is a bfloat16 value, so the
+  panels hold bfloat16 and the products are the same bit for bit;
+- `int8`: `quantization="int8"`, the decoder's projections as int8 with a scale per row (the LM
+  head stays as it is: bfloat16 panels here).
+
+Each round times, per variant in turn, batch-1 decode through the engine (ms per token, best of 3),
+a batch-`--batch` decode step through the engine (ms), and one decode forward pass (LM head
+included, context 64, no scheduler) at each of `--rows`; the tables give each variant's median
+round and its ratio to float32 panels in the same round, and the batch-1 weight-read bound
+(bytes the step streams / the copy bandwidth, measured before and after; copy bandwidth counts
+bytes read plus bytes written, and a pure read stream can beat it). Quality of int8, against the same checkpoint
+unquantized: teacher-forced, the mean |change| of the top-5 candidates' logprobs and how often the
+top-1 token stays the same, over `--quality-model`'s (a real trained model; skipped if absent)
+greedy stories and over the benchmark model's random-token prompts; and for the real model, how
+many greedy tokens stay identical. Writes weight-formats.json, .md and .png to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lengthwise import LLM, SamplingParams
+from lengthwise.bench.agreement import prompt_logprob_agreement
+from lengthwise.bench.kernels import (
+    best_of_ms,
+    copy_bandwidth_gbs,
+    decode_b1_ms,
+    decode_forward_fn,
+    engine_decode,
+    streamed_weight_bytes,
+)
+from lengthwise.bench.presets import resolve_model
+from lengthwise.bench.report import pyplot
+from lengthwise.ops.cpu import decode as cpu_decode
+
+VARIANTS = ("float32 panels", "bfloat16 panels", "int8")
+STORY_PROMPTS = ["Once upon a time", "The little dog", "One day, a boy named Tom", "Lily wanted to",
+                 "The sun was", "Ben and his mom"]
+
+
+@contextmanager
+def bf16_panels(on: bool):
+    """`LENGTHWISE_CPU_BF16_PANELS` for the calls inside (the switch is read when weights are packed)."""
+    old = os.environ.get(cpu_decode.BF16_PANELS_ENV)
+    os.environ[cpu_decode.BF16_PANELS_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(cpu_decode.BF16_PANELS_ENV)
+        else:
+            os.environ[cpu_decode.BF16_PANELS_ENV] = old
+
+
+def load(model_dir: Path, variant: str, batch: int) -> LLM:
+    # A cache for `batch` rows of prompt + decode (engine_decode's 64 + 128 tokens), not the 4 GiB default.
+    return LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=max(batch, 4), max_model_len=512,
+               kv_cache_memory=1 << 30, quantization="int8" if variant == "int8" else None)
+
+
+def int8_quality(model_dir: Path, prompts: list[Any], greedy_tokens: int) -> dict[str, Any]:
+    """int8 against the unquantized checkpoint: teacher-forced logprob changes over each prompt
+    continued greedily by the unquantized model, and the greedy continuations themselves."""
+    full, int8 = (LLM(model_dir, dtype="float32", device="cpu", kv_cache_memory=1 << 28, quantization=q)
+                  for q in (None, "int8"))
+    greedy = SamplingParams(max_tokens=greedy_tokens, temperature=0.0, detokenize=False)
+    a, b = (llm.generate(prompts, greedy, use_tqdm=False) for llm in (full, int8))
+    same = []
+    for x, y in zip(a, b, strict=True):
+        ta, tb = x.outputs[0].token_ids, y.outputs[0].token_ids
+        same.append(next((i for i, (u, v) in enumerate(zip(ta, tb, strict=False)) if u != v), min(len(ta), len(tb))))
+    texts = [list(x.prompt_token_ids) + list(x.outputs[0].token_ids) for x in a]
+    scored = SamplingParams(max_tokens=1, prompt_logprobs=5, detokenize=False)
+    pa, pb = (llm.generate([{"prompt_token_ids": t} for t in texts], scored, use_tqdm=False) for llm in (full, int8))
+    agreement = prompt_logprob_agreement(pa, pb)
+    return {"positions": agreement.positions, "top1_agreement": round(agreement.top1_agreement, 4),
+            "mean_abs_logprob_change": round(agreement.mean_change, 5),
+            "max_abs_logprob_change": round(max(agreement.changes), 4),
+            "greedy_tokens_identical": same, "greedy_tokens": greedy_tokens}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama-100m-bf16", help="a bfloat16 checkpoint directory or preset")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rows", default="1,2,4,8,16", help="decode forward passes of these many rows")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quality-model", default=str(Path(__file__).resolve().parents[2] / "shared" / "models" /
+                                                  "stories260k"))
+    p.add_argument("--out", default="results/weight-formats")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir, label = resolve_model(args.model)
+    rows = [int(x) for x in args.rows.split(",")]
+    bandwidth = [copy_bandwidth_gbs(torch.device("cpu"))]
+    llms = {v: load(model_dir, v, args.batch) for v in VARIANTS}
+    rounds: list[dict[str, dict[str, float]]] = []
+    for r in range(args.rounds):
+        row = {}
+        for v in VARIANTS:
+            with bf16_panels(v != "float32 panels"):
+                row[v] = {"b1_ms": decode_b1_ms(llms[v]),
+                          "batch_step_ms": engine_decode(llms[v], args.batch)["step_ms"],
+                          **{f"forward_{n}_ms": best_of_ms(decode_forward_fn(llms[v].engine, n, 64)) for n in rows}}
+        rounds.append(row)
+        print(f"[weight-formats] round {r + 1}: " + ", ".join(
+            f"{v} {x['b1_ms']:.2f} / {x['batch_step_ms']:.1f} ms" for v, x in row.items()), flush=True)
+    bandwidth.append(copy_bandwidth_gbs(torch.device("cpu")))
+    peak_bw = max(bandwidth)
+    results: dict[str, Any] = {"model": label, "threads": args.threads, "batch": args.batch, "rows": rows,
+                               "copy_bandwidth_gbs_samples": [round(b, 1) for b in bandwidth], "variants": {}}
+    base = "float32 panels"
+    for v in VARIANTS:
+        nbytes, form = streamed_weight_bytes(model_dir, llms[v].engine.model)
+        b1 = statistics.median(x[v]["b1_ms"] for x in rounds)
+        results["variants"][v] = {
+            "weight_format": form, "weight_mb": round(nbytes / 1e6, 1),
+            "b1_ms": round(b1, 3), "b1_bound_ms": round(nbytes / peak_bw / 1e6, 3),
+            "b1_fraction_of_bound": round(nbytes / peak_bw / 1e6 / b1, 4),
+            "b1_speedup": round(statistics.median(x[base]["b1_ms"] / x[v]["b1_ms"] for x in rounds), 3),
+            "batch_step_ms": round(statistics.median(x[v]["batch_step_ms"] for x in rounds), 2),
+            "batch_speedup": round(statistics.median(x[base]["batch_step_ms"] / x[v]["batch_step_ms"]
+                                                     for x in rounds), 3),
+            "forward_ms": {n: round(statistics.median(x[v][f"forward_{n}_ms"] for x in rounds), 3) for n in rows},
+            "forward_speedup": {n: round(statistics.median(x[base][f"forward_{n}_ms"] / x[v][f"forward_{n}_ms"]
+                                                           for x in rounds), 3) for n in rows},
+            "rounds": [{k: round(val, 3) for k, val in x[v].items()} for x in rounds]}
+    del llms
+    quality = {}
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    random_prompts = [{"prompt_token_ids": torch.randint(3, vocab, (32,), generator=g).tolist()} for _ in range(4)]
+    quality[label] = int8_quality(model_dir, random_prompts, greedy_tokens=64)
+    if Path(args.quality_model).is_dir():
+        quality[Path(args.quality_model).name] = int8_quality(Path(args.quality_model), STORY_PROMPTS,
+                                                              greedy_tokens=120)
+    results["int8_quality"] = quality
+    table = format_table(results)
+    print(table)
+    (out / "weight-formats.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "weight-formats.md").write_text(table + "\n")
+    plot(results, out / "weight-formats.png")
+    print(f"[weight-formats] wrote {out}/weight-formats.json, .md and .png")
+
+
+def format_table(r: dict[str, Any]) -> str:
+    lines = [f"{r['model']}, float32 compute, {r['threads']} threads; copy bandwidth "
+             f"{max(r['copy_bandwidth_gbs_samples'])} GB/s (samples {r['copy_bandwidth_gbs_samples']})", "",
+             f"| weights | streamed per token | batch-1 ms/token | of the bound | vs float32 panels | "
+             f"batch-{r['batch']} step ms | vs float32 panels |", "|---|---|---|---|---|---|---|"]
+    for v, x in r["variants"].items():
+        lines.append(f"| {v} ({x['weight_format']}) | {x['weight_mb']} MB | {x['b1_ms']} | "
+                     f"{x['b1_fraction_of_bound']:.1%} | {x['b1_speedup']:.2f}x | {x['batch_step_ms']} | "
+                     f"{x['batch_speedup']:.2f}x |")
+    lines += ["", "| decode forward, rows | " + " | ".join(str(n) for n in r["rows"]) + " |",
+              "|---|" + "---|" * len(r["rows"])]
+    for v, x in r["variants"].items():
+        lines.append(f"| {v}, ms (vs float32 panels) | " + " | ".join(
+            f"{x['forward_ms'][n]} ({x['forward_speedup'][n]:.2f}x)" for n in r["rows"]) + " |")
+    lines += ["", "| int8 vs unquantized, on | positions | top-1 same | mean abs logprob change (top 5) | max | "
+              "greedy tokens identical |", "|---|---|---|---|---|---|"]
+    for name, q in r["int8_quality"].items():
+        lines.append(f"| {name} | {q['positions']} | {q['top1_agreement']:.1%} | {q['mean_abs_logprob_change']} | "
+                     f"{q['max_abs_logprob_change']} | {q['greedy_tokens_identical']} of {q['greedy_tokens']} |")
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
+    names = list(r["variants"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, bound, title in ((axes[0], "b1_ms", "b1_bound_ms", "batch 1, ms per token"),
+                                  (axes[1], "batch_step_ms", None, f"batch {r['batch']}, ms per step")):
+        values = [r["variants"][n][key] for n in names]
+        ax.bar(names, values, color=["#888888", "#4477aa", "#cc6677"])
+        if bound:
+            ax.scatter(names, [r["variants"][n][bound] for n in names], color="black", marker="_", s=800,
+                       label="weight-read bound", zorder=3)
+            ax.legend()
+        ax.set_title(title)
+        ax.set_ylabel("ms")
+    fig.suptitle(f"fused CPU decode by weight format: {r['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

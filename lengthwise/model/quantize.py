@@ -1,0 +1,73 @@
+"""Weight-only int8 quantization of a loaded model (`quantization="int8"`).
+
+A batch-1 decode step reads every weight once per token, so on the CPU its floor is weight bytes /
+memory bandwidth. Storing the decoder's projections as int8 with one float32 scale per output row
+(symmetric, absmax / 127: gpt-fast's and torchao's int8 weight-only scheme) moves a quarter of the
+bytes of float32. The fused CPU decode path (`lengthwise.ops.cpu.decode`) reads the int8 panels and
+scales them in its float32 accumulators; every other path (prefill, the op-by-op reference) runs
+on the dequantized weights `q * scale`, which are the plain parameters after `quantize_model`, so
+all paths compute the same model. Activations, the KV cache, norms, embeddings and the LM head
+stay in float32 (vLLM's quantization methods also leave the LM head unquantized).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lengthwise.config import QUANTIZATION_METHODS
+
+# The decoder layer's projections (`DecoderLayer` attributes) that quantization replaces.
+QUANTIZED_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A `[n, k]` weight as `q [n, k]` int8 times `scales [n]` (float32, one per output row)."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scales[:, None]
+
+
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    """Symmetric per-row int8: `scales = absmax(row) / 127`, `q = round(w / scale)` in [-127, 127].
+    An all-zero row gets scale 1 (and q 0), so nothing divides by zero."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Weight(q, scales)
+
+
+def check_quantization(quantization: str | None, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, naming the field, a method we do not have or a device/dtype it does not run on."""
+    if quantization is None:
+        return
+    if quantization not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or None, "
+                         f"got {quantization!r}")
+    if device.type != "cpu":
+        raise ValueError(f"quantization={quantization!r} is weight-only int8 for the CPU's fused decode path; "
+                         f"on {device.type} it would only add error (serve the checkpoint's own dtype there)")
+    if dtype != torch.float32:
+        raise ValueError(f"quantization={quantization!r} needs dtype float32 (the fused CPU path computes in "
+                         f"float32), got {dtype}")
+
+
+def quantize_model(model: torch.nn.Module, quantization: str) -> None:
+    """Quantize `model`'s decoder projections in place (see the module docstring). The plain
+    parameters become the dequantized weights; each layer's `quantized` maps a weight's name to
+    its `Int8Weight`, which the fused CPU path packs."""
+    check_quantization(quantization, model.device, model.dtype)
+    for layer in model.layers:
+        for name in QUANTIZED_WEIGHTS:
+            param = getattr(layer, name)
+            quantized = quantize_int8(param.data)
+            param.data.copy_(quantized.dequantize())
+            layer.quantized[name] = quantized
+    model.quantization = quantization
+    model._cpu_decode_pointers = None  # packed before quantizing: pack again
