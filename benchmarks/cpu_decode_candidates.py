@@ -31,6 +31,7 @@ from lengthwise import LLM, ModelConfig
 from lengthwise.bench.engines import decode_weight_bytes
 from lengthwise.bench.kernels import best_of_ms, copy_bandwidth_gbs, decode_forward_fn
 from lengthwise.bench.presets import resolve_model
+from lengthwise.ops.cpu.decode import PACKED_WEIGHTS_ENV
 
 
 def main() -> None:
@@ -44,6 +45,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model_dir, _ = resolve_model(args.model)
     rows_list = [int(r) for r in args.rows.split(",")]
+    # The op-by-op variant must run on dense weights (MKL): keep them, as the fused path then packs its own copy.
+    os.environ[PACKED_WEIGHTS_ENV] = "0"
     engine = LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=max(rows_list),
                  max_model_len=min(1024, ModelConfig.from_dir(model_dir).max_position_embeddings)).engine
     model = engine.model

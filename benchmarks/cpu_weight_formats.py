@@ -5,19 +5,21 @@
 
 One bfloat16 checkpoint (as real checkpoints are), served in float32 on the CPU, three ways:
 
-- `float32 panels`: the fused path packing its weights as float32 (`LENGTHWISE_CPU_BF16_PANELS=0`,
-  what it did before bfloat16 panels; the baseline);
-- `bfloat16 panels`: the default for such a checkpoint: every weight is a bfloat16 value, so the
-  panels hold bfloat16 and the products are the same bit for bit;
-- `int8`: `quantization="int8"`, the decoder's projections as int8 with a scale per row (the LM
-  head stays as it is: bfloat16 panels here).
+- `before: dense + float32 panels`: the weights as float32 parameters (prefill on MKL) plus the
+  fused decode path's float32 panel copy (`LENGTHWISE_CPU_PACKED_WEIGHTS=0`,
+  `LENGTHWISE_CPU_BF16_PANELS=0`): how every CPU model was held before; the baseline;
+- `bfloat16 panels`: the default: the projections held only as panels, in bfloat16 because every
+  weight is a bfloat16 value (the same products bit for bit), prefill on the same panels;
+- `int8`: `quantization="int8"`, the projections as int8 panels with a scale per row (the LM head
+  stays as it is: bfloat16 panels here).
 
 Each round times, per variant in turn, batch-1 decode through the engine (ms per token, best of 3),
-a batch-`--batch` decode step through the engine (ms), and one decode forward pass (LM head
-included, context 64, no scheduler) at each of `--rows`; the tables give each variant's median
-round and its ratio to float32 panels in the same round, and the batch-1 weight-read bound
-(bytes the step streams / the copy bandwidth, measured before and after; copy bandwidth counts
-bytes read plus bytes written, and a pure read stream can beat it). Quality of int8, against the same checkpoint
+the prefill of one 512-token prompt (time to first token, best of 3), a batch-`--batch` decode step
+through the engine (ms), and one decode forward pass (LM head included, context 64, no scheduler)
+at each of `--rows`; the tables give each variant's median round and its ratio to the baseline in
+the same round, the weight bytes each holds, and the batch-1 weight-read bound (bytes a step
+streams / the copy bandwidth, measured before and after; copy bandwidth counts bytes read plus
+bytes written, and a pure read stream can beat it). Quality of int8, against the same checkpoint
 unquantized: teacher-forced, the mean |change| of the top-5 candidates' logprobs and how often the
 top-1 token stays the same, over `--quality-model`'s (a real trained model; skipped if absent)
 greedy stories and over the benchmark model's random-token prompts; and for the real model, how
@@ -50,29 +52,46 @@ from lengthwise.bench.presets import resolve_model
 from lengthwise.bench.report import pyplot
 from lengthwise.ops.cpu import decode as cpu_decode
 
-VARIANTS = ("float32 panels", "bfloat16 panels", "int8")
+# variant -> (LENGTHWISE_CPU_PACKED_WEIGHTS, LENGTHWISE_CPU_BF16_PANELS, quantization)
+VARIANTS = {"before: dense + float32 panels": ("0", "0", None), "bfloat16 panels": ("1", "1", None),
+            "int8": ("1", "1", "int8")}
+BASE = "before: dense + float32 panels"
+PREFILL_TOKENS = 512
 STORY_PROMPTS = ["Once upon a time", "The little dog", "One day, a boy named Tom", "Lily wanted to",
                  "The sun was", "Ben and his mom"]
 
 
 @contextmanager
-def bf16_panels(on: bool):
-    """`LENGTHWISE_CPU_BF16_PANELS` for the calls inside (the switch is read when weights are packed)."""
-    old = os.environ.get(cpu_decode.BF16_PANELS_ENV)
-    os.environ[cpu_decode.BF16_PANELS_ENV] = "1" if on else "0"
+def variant_env(variant: str):
+    """The variant's switches for the calls inside (read when a model is loaded and when its
+    weights are packed: at load, or at the first fused step of a dense model)."""
+    packed, bf16, _ = VARIANTS[variant]
+    names = (cpu_decode.PACKED_WEIGHTS_ENV, cpu_decode.BF16_PANELS_ENV)
+    old = {n: os.environ.get(n) for n in names}
+    os.environ.update(dict(zip(names, (packed, bf16), strict=True)))
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(cpu_decode.BF16_PANELS_ENV)
-        else:
-            os.environ[cpu_decode.BF16_PANELS_ENV] = old
+        for n, v in old.items():
+            if v is None:
+                os.environ.pop(n)
+            else:
+                os.environ[n] = v
 
 
 def load(model_dir: Path, variant: str, batch: int) -> LLM:
-    # A cache for `batch` rows of prompt + decode (engine_decode's 64 + 128 tokens), not the 4 GiB default.
-    return LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=max(batch, 4), max_model_len=512,
-               kv_cache_memory=1 << 30, quantization="int8" if variant == "int8" else None)
+    # A cache for `batch` rows of prompt + decode (engine_decode's 64 + 128 tokens), not the 4 GiB
+    # default; the prefill timing's prompt fits too.
+    with variant_env(variant):
+        return LLM(model_dir, dtype="float32", device="cpu", max_num_seqs=max(batch, 4), max_model_len=1024,
+                   kv_cache_memory=1 << 30, quantization=VARIANTS[variant][2])
+
+
+def prefill_ms(llm: LLM) -> float:
+    """Time to the first token of one `PREFILL_TOKENS`-token prompt (one chunk, the op-by-op path)."""
+    prompt = {"prompt_token_ids": list(range(3, 3 + PREFILL_TOKENS))}
+    params = SamplingParams(max_tokens=1, detokenize=False)
+    return best_of_ms(lambda: llm.generate([prompt], params, use_tqdm=False), repeats=3, calls=1)
 
 
 def int8_quality(model_dir: Path, prompts: list[Any], greedy_tokens: int) -> dict[str, Any]:
@@ -118,8 +137,8 @@ def main() -> None:
     for r in range(args.rounds):
         row = {}
         for v in VARIANTS:
-            with bf16_panels(v != "float32 panels"):
-                row[v] = {"b1_ms": decode_b1_ms(llms[v]),
+            with variant_env(v):
+                row[v] = {"b1_ms": decode_b1_ms(llms[v]), "prefill_ms": prefill_ms(llms[v]),
                           "batch_step_ms": engine_decode(llms[v], args.batch)["step_ms"],
                           **{f"forward_{n}_ms": best_of_ms(decode_forward_fn(llms[v].engine, n, 64)) for n in rows}}
         rounds.append(row)
@@ -129,12 +148,15 @@ def main() -> None:
     peak_bw = max(bandwidth)
     results: dict[str, Any] = {"model": label, "threads": args.threads, "batch": args.batch, "rows": rows,
                                "copy_bandwidth_gbs_samples": [round(b, 1) for b in bandwidth], "variants": {}}
-    base = "float32 panels"
+    base = BASE
     for v in VARIANTS:
         nbytes, form = streamed_weight_bytes(model_dir, llms[v].engine.model)
         b1 = statistics.median(x[v]["b1_ms"] for x in rounds)
         results["variants"][v] = {
             "weight_format": form, "weight_mb": round(nbytes / 1e6, 1),
+            "held_weight_mb": round(cpu_decode.held_weight_bytes(llms[v].engine.model) / 1e6, 1),
+            "prefill_ms": round(statistics.median(x[v]["prefill_ms"] for x in rounds), 2),
+            "prefill_speedup": round(statistics.median(x[base]["prefill_ms"] / x[v]["prefill_ms"] for x in rounds), 3),
             "b1_ms": round(b1, 3), "b1_bound_ms": round(nbytes / peak_bw / 1e6, 3),
             "b1_fraction_of_bound": round(nbytes / peak_bw / 1e6 / b1, 4),
             "b1_speedup": round(statistics.median(x[base]["b1_ms"] / x[v]["b1_ms"] for x in rounds), 3),
@@ -165,17 +187,19 @@ def main() -> None:
 
 def format_table(r: dict[str, Any]) -> str:
     lines = [f"{r['model']}, float32 compute, {r['threads']} threads; copy bandwidth "
-             f"{max(r['copy_bandwidth_gbs_samples'])} GB/s (samples {r['copy_bandwidth_gbs_samples']})", "",
-             f"| weights | streamed per token | batch-1 ms/token | of the bound | vs float32 panels | "
-             f"batch-{r['batch']} step ms | vs float32 panels |", "|---|---|---|---|---|---|---|"]
+             f"{max(r['copy_bandwidth_gbs_samples'])} GB/s (samples {r['copy_bandwidth_gbs_samples']}); "
+             f"ratios are to `{BASE}` within each round", "",
+             f"| weights | held | streamed per token | batch-1 ms/token | of the bound | ratio | "
+             f"prefill {PREFILL_TOKENS} ms | ratio | batch-{r['batch']} step ms | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for v, x in r["variants"].items():
-        lines.append(f"| {v} ({x['weight_format']}) | {x['weight_mb']} MB | {x['b1_ms']} | "
-                     f"{x['b1_fraction_of_bound']:.1%} | {x['b1_speedup']:.2f}x | {x['batch_step_ms']} | "
-                     f"{x['batch_speedup']:.2f}x |")
+        lines.append(f"| {v} ({x['weight_format']}) | {x['held_weight_mb']} MB | {x['weight_mb']} MB | "
+                     f"{x['b1_ms']} | {x['b1_fraction_of_bound']:.1%} | {x['b1_speedup']:.2f}x | {x['prefill_ms']} | "
+                     f"{x['prefill_speedup']:.2f}x | {x['batch_step_ms']} | {x['batch_speedup']:.2f}x |")
     lines += ["", "| decode forward, rows | " + " | ".join(str(n) for n in r["rows"]) + " |",
               "|---|" + "---|" * len(r["rows"])]
     for v, x in r["variants"].items():
-        lines.append(f"| {v}, ms (vs float32 panels) | " + " | ".join(
+        lines.append(f"| {v}, ms (ratio) | " + " | ".join(
             f"{x['forward_ms'][n]} ({x['forward_speedup'][n]:.2f}x)" for n in r["rows"]) + " |")
     lines += ["", "| int8 vs unquantized, on | positions | top-1 same | mean abs logprob change (top 5) | max | "
               "greedy tokens identical |", "|---|---|---|---|---|---|"]

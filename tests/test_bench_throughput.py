@@ -19,6 +19,7 @@ from lengthwise.bench.throughput import build_workload
 from lengthwise.bench.workloads import alpaca_lengths, read_alpaca_lengths, synthetic
 from lengthwise.cli import main
 from lengthwise.model import load_model
+from lengthwise.ops.cpu import dense
 from lengthwise.tokenizer import Tokenizer
 
 ALPACA_DEV = SHARED / "data" / "alpaca-lengths" / "dev.jsonl"
@@ -57,10 +58,10 @@ def test_preset_loads_with_lengthwise_and_transformers(tiny_dir, bench_cache):
     hf = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     n_params = sum(p.numel() for p in hf.parameters())
     assert 1e6 < n_params < 10e6  # "a few M params"
-    assert sum(p.numel() for p in lw.parameters()) == n_params
+    assert lw.num_parameters() == n_params
     assert torch.equal(lw.embed, hf.model.embed_tokens.weight)
     attn = hf.model.layers[0].self_attn
-    assert torch.equal(lw.layers[0].qkv_weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight,
+    assert torch.equal(dense(lw.layers[0].qkv_weight), torch.cat([attn.q_proj.weight, attn.k_proj.weight,
                                                            attn.v_proj.weight]))
     assert abs(attn.q_proj.weight.std().item() - 0.02) < 0.002  # init std 0.02
     with torch.no_grad():
@@ -75,7 +76,7 @@ def test_preset_loads_with_lengthwise_and_transformers(tiny_dir, bench_cache):
 
 def test_decode_weight_bytes_counts_layers_and_lm_head(tiny_dir):
     lw = load_model(tiny_dir, "float32", "cpu")
-    total = sum(p.numel() for p in lw.parameters())  # untied: the input embedding is not read per step
+    total = lw.num_parameters()  # untied: the input embedding is not read per step
     assert decode_weight_bytes(tiny_dir, 4) == 4 * (total - lw.embed.numel())
 
 

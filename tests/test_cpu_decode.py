@@ -47,6 +47,45 @@ def test_panel_packed_linear_matches_f_linear(fmt, m, k, n, with_bias):
     torch.testing.assert_close(got, F.linear(x, reference, b), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("n, k", [(64, 8), (70, 37), (1, 5)])
+def test_unpack_gives_back_the_packed_weight(fmt, n, k):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+    weight, scales, reference = _panel_weight(w, fmt)
+    assert torch.equal(cpu_kernels.pack_panels(weight, scales).unpack(), reference)
+
+
+def test_loaded_cpu_models_hold_their_projections_once(hf_checkpoint, monkeypatch):
+    """On the CPU the loader packs the projections and the LM head and drops their dense copies; the
+    model keeps the checkpoint's parameters (counted as transformers counts them) and its outputs.
+    `LENGTHWISE_CPU_PACKED_WEIGHTS=0` keeps them dense (the fused path then packs a second copy)."""
+    hf, path = hf_checkpoint("qwen2")  # untied LM head, biases
+    packed = load_model(path, "float32", "cpu")
+    monkeypatch.setenv(cpu_decode.PACKED_WEIGHTS_ENV, "0")
+    plain = load_model(path, "float32", "cpu")
+    assert cpu_decode.is_packed(packed) and not cpu_decode.is_packed(plain)
+    layer = packed.layers[0]
+    assert isinstance(layer.qkv_weight, cpu_kernels.PackedWeight) and len(layer.gate_up_weight) == 2
+    assert isinstance(packed.lm_head, cpu_kernels.PackedWeight)
+    dense_count = sum(p.numel() for p in packed.parameters())
+    assert dense_count == sum(p.numel() for n, p in plain.named_parameters()
+                              if not n.endswith(cpu_decode.PROJECTIONS) and n != "lm_head")
+    n_hf = sum(p.numel() for p in hf.parameters())
+    assert packed.num_parameters() == plain.num_parameters() == n_hf
+    for name in cpu_decode.PROJECTIONS:
+        assert torch.equal(cpu_kernels.dense(getattr(layer, name)), getattr(plain.layers[0], name))
+    # every path on the packed model matches the dense one: prefill (op-by-op) and decode (fused)
+    prompts, params = [list(range(5, 40)), [7, 8, 9]], SamplingParams(max_tokens=8, temperature=0.0, logprobs=1)
+    outs = [run_to_completion(LLMEngine(m, None, EngineConfig(block_size=4)), prompts, [params] * 2)
+            for m in (packed, plain)]
+    assert_same_generations(outs[0], outs[1], logprob_tol=1e-4)
+    cpu_decode.unpack_model(packed)
+    assert not cpu_decode.is_packed(packed)
+    for name in cpu_decode.PROJECTIONS:
+        assert torch.equal(getattr(packed.layers[0], name), getattr(plain.layers[0], name))
+    assert torch.equal(packed.lm_head, plain.lm_head)
+
+
 def test_panel_bytes_per_format():
     """bfloat16 panels take half the bytes of float32 ones and int8 a quarter (plus a scale per
     column, padded to whole panels): what a batch-1 step streams."""
@@ -134,8 +173,11 @@ def test_fused_step_matches_op_by_op(family, weights, hf_checkpoint, tmp_path, m
     assert cpu_decode.eligible(model, ids.shape[0])
     slots = meta.slot_mapping
     results = {}
-    for fused in ("1", "0"):
-        monkeypatch.setenv(cpu_decode.FUSED_ENV, fused)
+    for fused in ("1", "0", "torch"):  # torch: the reference ops on the weights unpacked, F.linear
+        if fused == "torch":
+            monkeypatch.setenv("LENGTHWISE_KERNELS", "torch")
+        else:
+            monkeypatch.setenv(cpu_decode.FUSED_ENV, fused)
         for t in (*cache.k, *cache.v):
             t[slots] = float("nan")  # poisoned: each run must write every new key and value itself
         hidden = model(ids, positions, AttentionMetadata(meta.query_start, slots, meta.block_size,
@@ -144,6 +186,10 @@ def test_fused_step_matches_op_by_op(family, weights, hf_checkpoint, tmp_path, m
         results[fused] = (hidden, [t[slots].clone() for t in (*cache.k, *cache.v)])
     (h1, kv1), (h0, kv0) = results["1"], results["0"]
     assert torch.isfinite(h1).all()
+    for h, kv in (results["0"], results["1"]):
+        torch.testing.assert_close(h, results["torch"][0], rtol=1e-4, atol=1e-4)
+        for a, b in zip(kv, results["torch"][1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     expected = {"float32": torch.float32, "bf16-checkpoint": torch.bfloat16, "int8": torch.int8}[weights]
     assert _panel_dtypes(model) == {expected}
     assert model._cpu_decode_pointers.lm_head.dtype == (torch.float32 if expected == torch.int8 else expected)
@@ -203,16 +249,31 @@ def test_not_eligible_where_the_kernel_does_not_apply(hf_checkpoint, monkeypatch
 def test_bf16_panels_give_the_float32_panels_results_bit_for_bit(tmp_path, monkeypatch):
     """A bfloat16 checkpoint's weights are bfloat16 values, so packing them as bfloat16 halves the
     bytes without changing a single product: the step's outputs are identical."""
-    model = load_model(_bf16_checkpoint("qwen2", tmp_path), "float32", "cpu")
-    ids, positions, meta, cache = _segments(model, torch.Generator().manual_seed(4))
+    path = _bf16_checkpoint("qwen2", tmp_path)
     out = {}
     for bf16 in ("1", "0"):
-        monkeypatch.setenv(cpu_decode.BF16_PANELS_ENV, bf16)
-        model._cpu_decode_pointers = None  # pack again under the switch
+        monkeypatch.setenv(cpu_decode.BF16_PANELS_ENV, bf16)  # read when the loader packs the weights
+        model = load_model(path, "float32", "cpu")
+        ids, positions, meta, cache = _segments(model, torch.Generator().manual_seed(4))
         hidden = model(ids, positions, meta, cache)
         out[bf16] = (hidden, model.compute_logits(hidden), _panel_dtypes(model))
+        assert model.embed.dtype == (torch.bfloat16 if bf16 == "1" else torch.float32)
     assert out["1"][2] == {torch.bfloat16} and out["0"][2] == {torch.float32}
     assert torch.equal(out["1"][0], out["0"][0]) and torch.equal(out["1"][1], out["0"][1])
+
+
+def test_a_tied_bf16_checkpoint_keeps_one_narrow_embedding(tmp_path):
+    """Tied, the head is packed beside the embedding, which stays a bfloat16 parameter shared by
+    `lm_head`; unpacking widens both again (the dense layout's invariant: weights in the model's dtype)."""
+    model = load_model(_bf16_checkpoint("llama-tied-mqa", tmp_path), "float32", "cpu")
+    assert model.embed.dtype == torch.bfloat16 and model.lm_head is model.embed
+    assert model.head_panels.dtype == torch.bfloat16
+    ids = torch.tensor([3, 7])
+    assert model.embed_tokens(ids).dtype == torch.float32
+    before = model.embed_tokens(ids)
+    cpu_decode.unpack_model(model)
+    assert model.embed.dtype == torch.float32 and model.lm_head is model.embed
+    assert torch.equal(model.embed_tokens(ids), before)
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])

@@ -8,6 +8,7 @@ from conftest import FAMILIES
 
 from lengthwise import SamplingParams, generate, load_model
 from lengthwise.engine import prompt_logits
+from lengthwise.ops.cpu import dense
 
 PROMPT_LENS = (3, 11, 24, 40)  # crosses block (16) and sliding-window (8) boundaries
 
@@ -56,10 +57,11 @@ def test_fused_weights_are_one_matrix_each(hf_checkpoint):
     model = load_model(path, "float32", "cpu")
     layer = model.layers[0]
     c = model.config
-    assert layer.qkv_weight.shape == (c.q_size + 2 * c.kv_size, c.hidden_size)
-    assert layer.gate_up_weight.shape == (2 * c.intermediate_size, c.hidden_size)
+    qkv, gate_up = dense(layer.qkv_weight), dense(layer.gate_up_weight)  # (packed on the CPU)
+    assert qkv.shape == (c.q_size + 2 * c.kv_size, c.hidden_size)
+    assert gate_up.shape == (2 * c.intermediate_size, c.hidden_size)
     attn = hf.model.layers[0].self_attn
-    assert torch.equal(layer.qkv_weight[c.q_size:c.q_size + c.kv_size], attn.k_proj.weight)
+    assert torch.equal(qkv[c.q_size:c.q_size + c.kv_size], attn.k_proj.weight)
     assert torch.equal(layer.qkv_bias[-c.kv_size:], attn.v_proj.bias)
 
 
@@ -67,9 +69,10 @@ def test_tied_embeddings_share_storage(hf_checkpoint):
     _, path = hf_checkpoint("llama-tied-mqa")
     model = load_model(path, "float32", "cpu")
     assert model.lm_head.data_ptr() == model.embed.data_ptr()
-    _, path = hf_checkpoint("llama")
-    model = load_model(path, "float32", "cpu")
-    assert model.lm_head.data_ptr() != model.embed.data_ptr()
+    hf, path = hf_checkpoint("llama")
+    model = load_model(path, "float32", "cpu")  # untied: the head is packed on its own
+    assert torch.equal(dense(model.lm_head), hf.lm_head.weight)
+    assert not torch.equal(dense(model.lm_head), model.embed)
 
 
 def test_sliding_window_changes_the_result(hf_checkpoint, tmp_path):

@@ -13,6 +13,8 @@ from lengthwise.bench.agreement import prompt_logprob_agreement
 from lengthwise.config import EngineConfig
 from lengthwise.engine.llm_engine import LLMEngine
 from lengthwise.model.quantize import QUANTIZED_WEIGHTS, check_quantization, quantize_int8
+from lengthwise.ops.cpu import decode as cpu_decode
+from lengthwise.ops.cpu import dense
 
 
 def test_int8_round_trip_is_within_half_a_step_per_row():
@@ -40,22 +42,31 @@ def test_quantization_is_refused_where_it_does_not_apply():
     check_quantization(None, torch.device("cuda"), torch.bfloat16)
 
 
-def test_load_model_quantizes_the_projections_only(hf_checkpoint):
+@pytest.mark.parametrize("packed", [True, False])
+def test_load_model_quantizes_the_projections_only(packed, hf_checkpoint, monkeypatch):
+    """Packed (the CPU default), the projections are int8 panels; kept dense
+    (`LENGTHWISE_CPU_PACKED_WEIGHTS=0`), the parameters are the dequantized weights and the int8
+    ones wait beside them for the fused path. Either way every path computes `q * scale`."""
+    monkeypatch.setenv(cpu_decode.PACKED_WEIGHTS_ENV, "1" if packed else "0")
     path = hf_checkpoint("qwen2")[1]
     plain = load_model(path, "float32", "cpu")
     quant = load_model(path, "float32", "cpu", quantization="int8")
     assert plain.quantization is None and quant.quantization == "int8"
+    assert cpu_decode.is_packed(quant) == packed
     for lp, lq in zip(plain.layers, quant.layers, strict=True):
-        assert set(lq.quantized) == set(QUANTIZED_WEIGHTS) and not lp.quantized
+        assert bool(lq.quantized) != packed and not lp.quantized
         for name in QUANTIZED_WEIGHTS:
-            stored = lq.quantized[name]
-            # the parameter is the dequantized weight: every path computes the same model
-            assert torch.equal(getattr(lq, name), stored.dequantize())
-            assert torch.equal(stored.q, quantize_int8(getattr(lp, name)).q)
-            assert not torch.equal(getattr(lq, name), getattr(lp, name))
+            expected = quantize_int8(dense(getattr(lp, name)))
+            if packed:
+                halves = getattr(lq, name) if name == "gate_up_weight" else (getattr(lq, name),)
+                assert {h.dtype for h in halves} == {torch.int8}
+            else:
+                assert torch.equal(lq.quantized[name].q, expected.q)
+            assert torch.equal(dense(getattr(lq, name)), expected.dequantize())
+            assert not torch.equal(dense(getattr(lq, name)), dense(getattr(lp, name)))
         for name in ("input_norm", "post_attn_norm", "qkv_bias"):
             assert torch.equal(getattr(lq, name), getattr(lp, name))
-    assert torch.equal(quant.embed, plain.embed) and torch.equal(quant.lm_head, plain.lm_head)
+    assert torch.equal(quant.embed, plain.embed) and torch.equal(dense(quant.lm_head), dense(plain.lm_head))
     with pytest.raises(ValueError, match="needs dtype float32"):
         load_model(path, "bfloat16", "cpu", quantization="int8")
 
@@ -64,7 +75,8 @@ def test_engine_quantizes_a_model_it_is_given(hf_checkpoint):
     path = hf_checkpoint("llama")[1]
     model = load_model(path, "float32", "cpu")
     LLMEngine(model, None, EngineConfig(quantization="int8"))
-    assert model.quantization == "int8" and model.layers[0].quantized
+    assert model.quantization == "int8" and cpu_decode.is_packed(model)  # unpacked, quantized, packed again
+    assert model.layers[0].qkv_weight.dtype == torch.int8
     with pytest.raises(ValueError, match="already quantized"):
         LLMEngine(load_model(path, "float32", "cpu", quantization="int8"), None, EngineConfig())
 

@@ -207,7 +207,7 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
     h = c.hidden_size
     x = torch.randn(batch, h, device=dev, dtype=dt)
     res = torch.randn_like(x)
-    qkv = F.linear(x, layer.qkv_weight)
+    qkv = F.linear(x, cpu_kernels.dense(layer.qkv_weight))
     q, k, v = qkv.split((c.q_size, c.kv_size, c.kv_size), dim=-1)
     q = q.reshape(batch, c.num_heads, c.head_dim)
     k = k.reshape(batch, c.num_kv_heads, c.head_dim)
@@ -218,8 +218,10 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
     kv_bytes = 2 * batch * B1_CONTEXT * c.kv_size * isz
     attn_flops = 4 * batch * B1_CONTEXT * c.num_heads * c.head_dim
 
-    def linear(name: str, w: torch.Tensor, inp: torch.Tensor) -> list[tuple]:
-        """The dispatched op and, where a row takes the Triton GEMV, plain `F.linear` beside it."""
+    def linear(name: str, w: Any, inp: torch.Tensor) -> list[tuple]:
+        """The dispatched op and, where a row takes the Triton GEMV, plain `F.linear` beside it; on
+        dense float weights (a CPU model's own are packed: the fused-path GEMM row times those panels)."""
+        w = cpu_kernels.dense(w)
         n, kdim = w.shape
         cost = ((n * kdim + batch * (n + kdim)) * isz, 2 * batch * n * kdim)
         rows = [(name, lambda: dispatched_linear(inp, w), *cost)]

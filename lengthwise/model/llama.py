@@ -94,6 +94,9 @@ class CausalLM(nn.Module):
             persistent=False)
         self.rope_scale = r.attention_factor  # on cos and sin: YaRN's attention temperature, else 1
         self.quantization: str | None = None  # set by `lengthwise.model.quantize.quantize_model`
+        # On the CPU, `lengthwise.ops.cpu.decode.pack_model` replaces the decoder projections by their
+        # panels (`PackedWeight`s) and packs the LM head here (then also `lm_head` itself, if untied).
+        self.head_panels = None
 
     def new_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCacheStorage:
         """A KV cache shaped for this model, on its device and in its dtype."""
@@ -112,16 +115,31 @@ class CausalLM(nn.Module):
         qs = meta.query_start
         if cpu_decode.eligible(self, input_ids.shape[0], max(b - a for a, b in zip(qs[:-1], qs[1:], strict=True))):
             return cpu_decode.forward(self, input_ids, positions, meta, kv_cache)
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, self.inv_freq, self.dtype, self.rope_scale)
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos, sin, positions, meta, kv_cache.k[i], kv_cache.v[i])
         return rms_norm(x, self.final_norm, self.config.rms_norm_eps, residual)[0]
 
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of `input_ids`, in the model's dtype (a packed CPU model may hold a
+        bfloat16 checkpoint's embedding in bfloat16: `pack_model`)."""
+        return F.embedding(input_ids, self.embed).to(self.dtype)
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits `[N, vocab]` in float32 for the hidden states of the rows to sample from."""
         if cpu_decode.eligible(self, hidden.shape[0]) and getattr(self, "_cpu_decode_pointers", None) is not None:
             return cpu_decode.logits(self, hidden)
-        return linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head if self.head_panels is None else self.head_panels).float()
+
+    def num_parameters(self) -> int:
+        """Parameters of the checkpoint's architecture, packed or not (a tied head counted once)."""
+        dense = sum(p.numel() for p in self.parameters())
+        packed = [w for layer in self.layers for name in cpu_decode.PROJECTIONS
+                  for w in (lambda v: v if isinstance(v, tuple) else (v,))(getattr(layer, name))
+                  if not isinstance(w, torch.Tensor)]
+        if not self.config.tie_word_embeddings and not isinstance(self.lm_head, torch.Tensor):
+            packed.append(self.lm_head)
+        return dense + sum(w.n * w.k for w in packed)

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from lengthwise.model.config import CheckpointError, ModelConfig, read_json
 from lengthwise.model.llama import CausalLM
 from lengthwise.model.quantize import check_quantization, quantize_model
+from lengthwise.ops.cpu import decode as cpu_decode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other spellings
@@ -193,4 +194,6 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
         put(layer.down_bias, mlp + "down_proj.bias")
     if quantization is not None:
         quantize_model(model, quantization)
+    if cpu_decode.packs_weights(model):
+        cpu_decode.pack_model(model)  # the projections held once, as the CPU GEMM's panels
     return model.eval()

@@ -62,7 +62,11 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> None:
     """Quantize `model`'s decoder projections in place (see the module docstring). The plain
     parameters become the dequantized weights; each layer's `quantized` maps a weight's name to
     its `Int8Weight`, which the fused CPU path packs."""
+    from lengthwise.ops.cpu import decode as cpu_decode
+
     check_quantization(quantization, model.device, model.dtype)
+    packed = cpu_decode.is_packed(model)
+    cpu_decode.unpack_model(model)  # (a packed model: dense again, quantized, packed again below)
     for layer in model.layers:
         for name in QUANTIZED_WEIGHTS:
             param = getattr(layer, name)
@@ -71,3 +75,5 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> None:
             layer.quantized[name] = quantized
     model.quantization = quantization
     model._cpu_decode_pointers = None  # packed before quantizing: pack again
+    if packed:
+        cpu_decode.pack_model(model)

@@ -9,6 +9,10 @@ A single row (batch-1 decode) on the Triton path runs each as one kernel
 GEMVs; everything else, and models with q/k norms (whose per-head norm needs the whole head before
 RoPE), runs the same ops one by one. `LENGTHWISE_FUSED=0` keeps single rows unfused (an A/B
 switch; `LENGTHWISE_GEMV=0` turns off every Triton GEMV, these included).
+
+A CPU model's weights may be packed (`lengthwise.ops.cpu.PackedWeight`; the gate-up projection as
+a (gate, up) pair of them): `linear` runs those on the panel GEMM, and the Triton kernels get them
+unpacked (only tests run Triton on the CPU).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 
 from lengthwise.ops import triton as triton_ops
 from lengthwise.ops.activation import silu_and_mul
+from lengthwise.ops.cpu import AnyWeight, PackedWeight, dense
 from lengthwise.ops.dispatch import use_triton
 from lengthwise.ops.linear import gemv_enabled, linear
 from lengthwise.ops.norm import rms_norm
@@ -34,7 +40,7 @@ def fused_single_row(x: torch.Tensor) -> bool:
 
 
 def norm_qkv_rotary_write(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                          qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, cos: torch.Tensor,
+                          qkv_weight: torch.Tensor | PackedWeight, qkv_bias: torch.Tensor | None, cos: torch.Tensor,
                           sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
                           k_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +48,8 @@ def norm_qkv_rotary_write(x: torch.Tensor, residual: torch.Tensor | None, norm_w
     stored into the flat caches `[slots, kv_heads, head_dim]` at `slot_mapping [T]`.
     Returns `(q [T, heads, head_dim], x + residual)`."""
     if q_norm is None and k_norm is None and fused_single_row(x):
-        return triton_ops.norm_qkv_rotary_write(x, residual, norm_weight, eps, qkv_weight, qkv_bias, cos, sin,
-                                                k_cache, v_cache, slot_mapping)
+        return triton_ops.norm_qkv_rotary_write(x, residual, norm_weight, eps, dense(qkv_weight), qkv_bias, cos,
+                                                sin, k_cache, v_cache, slot_mapping)
     kv_heads, dim = k_cache.shape[1:]
     x, residual = rms_norm(x, norm_weight, eps, residual)
     qkv = linear(x, qkv_weight, qkv_bias)
@@ -59,11 +65,15 @@ def norm_qkv_rotary_write(x: torch.Tensor, residual: torch.Tensor | None, norm_w
 
 
 def norm_gate_up_silu(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                      gate_up_weight: torch.Tensor,
+                      gate_up_weight: AnyWeight,
                       gate_up_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """`x [T, hidden]` (+ `residual`) -> RMSNorm -> gate-up -> `silu(gate) * up`.
     Returns `(activation [T, intermediate], x + residual)`."""
     if fused_single_row(x):
-        return triton_ops.norm_gate_up_silu(x, residual, norm_weight, eps, gate_up_weight, gate_up_bias)
+        return triton_ops.norm_gate_up_silu(x, residual, norm_weight, eps, dense(gate_up_weight), gate_up_bias)
     x, residual = rms_norm(x, norm_weight, eps, residual)
+    if isinstance(gate_up_weight, tuple):  # packed halves: two products, no [T, 2 * inter] in between
+        gate, up = gate_up_weight
+        bias = (None, None) if gate_up_bias is None else gate_up_bias.split(gate.n)
+        return F.silu(linear(x, gate, bias[0])) * linear(x, up, bias[1]), residual
     return silu_and_mul(linear(x, gate_up_weight, gate_up_bias)), residual

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lengthwise.ops import triton as triton_ops
+from lengthwise.ops.cpu import PackedWeight, packed_linear, use_panels
 from lengthwise.ops.dispatch import use_triton
 
 GEMV_ENV = "LENGTHWISE_GEMV"  # "0" keeps cuBLAS for single rows too (an A/B switch)
@@ -20,9 +21,15 @@ def gemv_enabled() -> bool:
     return os.environ.get(GEMV_ENV, "1") != "0"
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x [T, K] @ weight [N, K]^T + bias`. One row takes the Triton GEMV where Triton runs (it streams
-    the weights faster than cuBLAS at decode sizes: docs/benchmarks.md); everything else is `F.linear`."""
+    the weights faster than cuBLAS at decode sizes: docs/benchmarks.md); everything else is `F.linear`.
+    A CPU model's packed weights (`lengthwise.ops.cpu.PackedWeight`) run on the panel GEMM, which
+    matches MKL at prefill sizes and beats it at decode sizes (docs/benchmarks.md)."""
+    if isinstance(weight, PackedWeight):
+        if use_panels(x):
+            return packed_linear(x, weight, bias)
+        weight = weight.unpack().to(x.device, x.dtype)
     if x.dim() == 2 and x.shape[0] == 1 and gemv_enabled() and use_triton(x):
         return triton_ops.gemv(x, weight, bias)
     return F.linear(x, weight, bias)

@@ -169,6 +169,43 @@ class PackedWeight:
     def nbytes(self) -> int:
         return self.panels.numel() + (0 if self.scales is None else self.scales.numel() * 4)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.k
+
+    def unpack(self) -> torch.Tensor:
+        """The float32 `[n, k]` weight the panels hold (a new tensor: for the paths that need a
+        dense one, such as the torch reference, Triton and tests)."""
+        p = -(-self.n // PANEL)
+        if self.dtype == torch.bfloat16:  # [panel, kk, i, half] holds column half * 16 + i
+            halves = self.panels.view(torch.bfloat16).view(p, self.k, PANEL // 2, 2)
+            cols = halves.permute(0, 1, 3, 2).reshape(p, self.k, PANEL).float()
+        else:
+            cols = self.panels.view(self.dtype).view(p, self.k, PANEL).float()
+        w = cols.permute(0, 2, 1).reshape(p * PANEL, self.k)[:self.n]
+        if self.scales is not None:
+            w = w * self.scales[:self.n, None]
+        return w.contiguous()
+
+
+# A weight as a model may hold it: a tensor, its panels, or (gate-up) the panels of both halves.
+AnyWeight = torch.Tensor | PackedWeight | tuple[PackedWeight, ...]
+
+
+def dense(weight: AnyWeight) -> torch.Tensor:
+    """`weight` as a float tensor `[n, k]` (halves of a pair stacked), unpacking panels if needed."""
+    if isinstance(weight, tuple):
+        return torch.cat([dense(w) for w in weight])
+    return weight.unpack() if isinstance(weight, PackedWeight) else weight
+
+
+def use_panels(x: torch.Tensor) -> bool:
+    """Whether a matmul of `x` with packed weights runs on the panels (float32 on the CPU, the default
+    kernel choice); otherwise the caller unpacks them for the torch reference or Triton."""
+    from lengthwise.ops.dispatch import kernel_choice
+
+    return x.device.type == "cpu" and x.dtype == torch.float32 and kernel_choice() == "auto"
+
 
 def pack_panels(weight: torch.Tensor, scales: torch.Tensor | None = None) -> PackedWeight:
     """`weight [n, k]` (CPU, unit stride along k) packed for the fused path's GEMM, kept in its dtype:
@@ -194,13 +231,14 @@ def pack_panels(weight: torch.Tensor, scales: torch.Tensor | None = None) -> Pac
 
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`x [m, k] @ weight^T + bias` (float32) for `packed = pack_panels(weight, ...)`."""
+    """`x [..., k] @ weight^T + bias` (float32) for `packed = pack_panels(weight, ...)`."""
     lib = segment_attention_kernel()
-    x = x.contiguous()
+    lead = x.shape[:-1]
+    x = x.reshape(-1, x.shape[-1]).contiguous()
     m, k = x.shape
     if x.dtype != torch.float32 or k != packed.k:
         raise ValueError(f"packed_linear needs float32 x with {packed.k} columns, got {x.dtype} {tuple(x.shape)}")
-    y = torch.empty((m, packed.n), dtype=torch.float32)
+    y = torch.empty((*lead, packed.n), dtype=torch.float32)
     ptr = ctypes.c_void_p
     lib.lw_packed_linear(ptr(x.data_ptr()), m, k, ptr(packed.address),
                          ptr(bias.contiguous().data_ptr()) if bias is not None else None, packed.n,

@@ -7,6 +7,10 @@ whole decoder with one parallel region, so a step costs about what reading the w
 per sequence); everything else (long prefill chunks, bfloat16 models, GPUs, an explicit
 `LENGTHWISE_KERNELS`) keeps the op-by-op path, which is also the reference the tests compare this
 one against.
+
+The matmuls read the weights as panels (`PackedWeight`). `pack_model` (the loader calls it for CPU
+float32 models) makes the panels the model's only copy of its projections, so the op-by-op path
+reads them too; a model left dense gets a second, packed copy here at its first fused step.
 """
 
 from __future__ import annotations
@@ -15,17 +19,19 @@ import ctypes
 import os
 
 import torch
-import torch.nn.functional as F
 
 from lengthwise.kv.storage import KVCacheStorage
 from lengthwise.ops.attention import AttentionMetadata
-from lengthwise.ops.cpu import PackedWeight, pack_panels, packed_linear, segment_attention_kernel
+from lengthwise.ops.cpu import AnyWeight, PackedWeight, dense, pack_panels, packed_linear, segment_attention_kernel
 from lengthwise.ops.dispatch import kernel_choice
 from lengthwise.ops.rotary import rotary_cos_sin
 
 FUSED_ENV = "LENGTHWISE_CPU_FUSED"            # "0" keeps the op-by-op path (an A/B switch)
 MAX_ROWS_ENV = "LENGTHWISE_CPU_FUSED_MAX_ROWS"
 BF16_PANELS_ENV = "LENGTHWISE_CPU_BF16_PANELS"  # "0" packs bfloat16-exact weights as float32 (A/B)
+PACKED_WEIGHTS_ENV = "LENGTHWISE_CPU_PACKED_WEIGHTS"  # "0": keep dense weights, panels as a second copy
+# The decoder layer's projections, which the fused path reads as panels.
+PROJECTIONS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 # Steps with at most this many tokens take the fused path (it beat MKL and oneDNN at every decode
 # batch up to 256 measured: `benchmarks/cpu_decode_candidates.py`, docs/benchmarks.md).
 DEFAULT_MAX_ROWS = 256
@@ -59,30 +65,117 @@ def eligible(model: torch.nn.Module, num_tokens: int, max_query_len: int = 1) ->
     return c.num_heads <= lib.max_heads and c.head_dim <= lib.max_head_dim and c.head_dim % 2 == 0
 
 
+def packs_weights(model: torch.nn.Module) -> bool:
+    """Whether `load_model` stores `model`'s projections only as panels (`pack_model`): float32 on
+    a CPU where the kernels build, unless `LENGTHWISE_CPU_PACKED_WEIGHTS=0`."""
+    return (model.device.type == "cpu" and model.dtype == torch.float32 and segment_attention_kernel() is not None
+            and os.environ.get(PACKED_WEIGHTS_ENV, "1") != "0")
+
+
+def is_packed(model: torch.nn.Module) -> bool:
+    return getattr(model, "head_panels", None) is not None
+
+
+def pack_model(model: torch.nn.Module) -> None:
+    """Store `model`'s decoder projections once, as the fused path's panels, dropping the dense
+    parameters: a bfloat16 checkpoint then takes 2 bytes per weight on the CPU instead of the 4 of
+    float32 plus the panels' second copy, an int8 model 1. Every path reads the panels (`linear`
+    runs them on the panel GEMM, as fast as MKL at prefill sizes; the torch reference and Triton
+    unpack them). The LM head is packed too; the embedding stays dense (tied, beside the head's
+    panels), in bfloat16 if all its values are bfloat16 ones (`embed_tokens` widens the rows)."""
+    if is_packed(model):
+        return
+    for layer in model.layers:
+        for name in PROJECTIONS:
+            packed = packed_weight(layer, name)
+            del layer._parameters[name]
+            setattr(layer, name, packed)
+        layer.quantized.clear()  # the int8 panels hold them now
+    model.head_panels = pack_panels(_narrowest_exact(model.lm_head))
+    tied = model.config.tie_word_embeddings
+    if not tied:
+        del model._parameters["lm_head"]
+        model.lm_head = model.head_panels
+    embed = _narrowest_exact(model.embed.data)  # a step reads one row of it: kept dense, but narrow
+    if embed.dtype != model.embed.dtype:
+        _set_embed(model, embed)
+    model._cpu_decode_pointers = None
+
+
+def _set_embed(model: torch.nn.Module, embed: torch.Tensor) -> None:
+    model.embed = torch.nn.Parameter(embed, requires_grad=False)
+    if model.config.tie_word_embeddings:
+        model.lm_head = model.embed
+
+
+def unpack_model(model: torch.nn.Module) -> None:
+    """Undo `pack_model`: dense float32 parameters again (quantizing a packed model goes through this)."""
+    if not is_packed(model):
+        return
+    for layer in model.layers:
+        for name in PROJECTIONS:
+            weight = dense(getattr(layer, name))
+            delattr(layer, name)
+            layer.register_parameter(name, torch.nn.Parameter(weight, requires_grad=False))
+    if model.embed.dtype != model.dtype:
+        _set_embed(model, model.embed.data.to(model.dtype))
+    if not model.config.tie_word_embeddings:
+        head = model.head_panels.unpack()
+        delattr(model, "lm_head")
+        model.register_parameter("lm_head", torch.nn.Parameter(head, requires_grad=False))
+    model.head_panels = None
+    model._cpu_decode_pointers = None
+
+
+def packed_weight(layer: torch.nn.Module, name: str) -> PackedWeight | tuple[PackedWeight, PackedWeight]:
+    """`layer`'s projection `name` as panels: its own if the model is packed, else packed now, in the
+    fewest bytes that give the same products: int8 + scales for a quantized model, bfloat16 where
+    every weight of the matrix is a bfloat16 value (any bfloat16 checkpoint served in float32), else
+    float32. The gate-up projection comes as (gate, up): the fused path computes both halves of
+    the same columns back to back."""
+    weight: AnyWeight = getattr(layer, name)
+    if not isinstance(weight, torch.Tensor):
+        return weight
+    quantized = layer.quantized.get(name)
+    halves = [slice(None)] if name != "gate_up_weight" else [slice(0, weight.shape[0] // 2),
+                                                             slice(weight.shape[0] // 2, None)]
+    packed = [pack_panels(quantized.q[rows], quantized.scales[rows]) if quantized is not None
+              else pack_panels(_narrowest_exact(weight[rows])) for rows in halves]
+    return packed[0] if len(packed) == 1 else (packed[0], packed[1])
+
+
+def held_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights `model` holds: its dense parameters and every set of panels (its own, and
+    the fused path's second copy of a model that is not packed)."""
+    panels = {id(w): w for layer in model.layers for name in PROJECTIONS
+              for w in (lambda v: v if isinstance(v, tuple) else (v,))(getattr(layer, name))
+              if isinstance(w, PackedWeight)}
+    ptrs = getattr(model, "_cpu_decode_pointers", None)
+    for w in (*(ptrs.keep if ptrs else ()), ptrs.lm_head if ptrs else None, getattr(model, "head_panels", None)):
+        if w is not None:
+            panels[id(w)] = w
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(w.nbytes for w in panels.values())
+
+
 class _Pointers:
     """Every layer's packed weights and cache addresses as one C array, built once per (model, cache).
 
-    The matmuls read weights in `decode_forward.cpp`'s panel layout, packed here from the model's
-    parameters: a second copy of the weights (the plain ones stay for the op-by-op path), in the
-    fewest bytes that give the same products: int8 + scales for a quantized model, bfloat16 where
-    every weight of a matrix is a bfloat16 value (any bfloat16 checkpoint served in float32), else
-    float32."""
+    The matmuls read weights in `decode_forward.cpp`'s panel layout: the model's own where it is
+    packed (`pack_model`), else a copy packed here (`packed_weight`) beside the dense parameters."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: KVCacheStorage) -> None:
-        self.keep: list[PackedWeight] = []  # the packed copies, alive as long as the pointers
+        self.keep: list[PackedWeight] = []  # the packed weights, alive as long as the pointers
         ptrs: list[int | None] = []
-        inter = model.config.intermediate_size
         for i, layer in enumerate(model.layers):
             ptrs += [self._addr(layer.input_norm), self._pack(layer, "qkv_weight"), self._addr(layer.qkv_bias),
                      self._addr(layer.q_norm), self._addr(layer.k_norm), self._pack(layer, "o_weight"),
                      self._addr(layer.o_bias), self._addr(layer.post_attn_norm),
-                     self._pack(layer, "gate_up_weight", slice(0, inter)),
-                     self._pack(layer, "gate_up_weight", slice(inter, 2 * inter)), self._addr(layer.gate_up_bias),
+                     *self._pack(layer, "gate_up_weight"), self._addr(layer.gate_up_bias),
                      self._pack(layer, "down_weight"), self._addr(layer.down_bias), self._addr(kv_cache.k[i]),
                      self._addr(kv_cache.v[i])]
         self.layers = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.windows = (ctypes.c_int32 * len(model.layers))(*(layer.sliding_window or 0 for layer in model.layers))
-        self.lm_head = pack_panels(_narrowest_exact(model.lm_head))
+        self.lm_head = model.head_panels if is_packed(model) else pack_panels(_narrowest_exact(model.lm_head))
         self.key = _key(model, kv_cache)
 
     @staticmethod
@@ -93,12 +186,11 @@ class _Pointers:
             raise ValueError("the fused CPU decode path needs contiguous norms, biases and caches")
         return t.data_ptr()
 
-    def _pack(self, layer: torch.nn.Module, name: str, rows: slice = slice(None)) -> int:
-        quantized = layer.quantized.get(name)
-        if quantized is not None:
-            packed = pack_panels(quantized.q[rows], quantized.scales[rows])
-        else:
-            packed = pack_panels(_narrowest_exact(getattr(layer, name)[rows]))
+    def _pack(self, layer: torch.nn.Module, name: str) -> int | list[int]:
+        packed = packed_weight(layer, name)
+        if isinstance(packed, tuple):
+            self.keep += packed
+            return [p.address for p in packed]
         self.keep.append(packed)
         return packed.address
 
@@ -120,7 +212,8 @@ def _narrowest_exact(w: torch.Tensor) -> torch.Tensor:
 
 
 def _key(model: torch.nn.Module, kv_cache: KVCacheStorage) -> tuple[int, ...]:
-    return id(kv_cache), kv_cache.k[0].data_ptr(), model.layers[0].qkv_weight.data_ptr()
+    qkv = model.layers[0].qkv_weight  # (a quantized or re-packed model gets new weights)
+    return id(kv_cache), kv_cache.k[0].data_ptr(), (qkv if isinstance(qkv, torch.Tensor) else qkv.panels).data_ptr()
 
 
 def _pointers(model: torch.nn.Module, kv_cache: KVCacheStorage) -> _Pointers:
@@ -143,7 +236,7 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Te
     lib = segment_attention_kernel()
     ptrs = _pointers(model, kv_cache)
     c = model.config
-    x = F.embedding(input_ids, model.embed).contiguous()
+    x = model.embed_tokens(input_ids).contiguous()
     cos, sin = rotary_cos_sin(positions, model.inv_freq, model.dtype, model.rope_scale)
     kt = meta.kernel_tensors()
     slots = meta.slot_mapping.to(torch.int64).contiguous()
