@@ -262,6 +262,22 @@ def test_bf16_panels_give_the_float32_panels_results_bit_for_bit(tmp_path, monke
     assert torch.equal(out["1"][0], out["0"][0]) and torch.equal(out["1"][1], out["0"][1])
 
 
+def test_gate_and_up_share_one_panel_format(tmp_path, monkeypatch):
+    """A bfloat16 gate half beside an up half that is not (a float32-merged fine-tune of up_proj):
+    both halves stay float32, since the fused path reads them in one format; decode still matches."""
+    hf = make_hf_model("llama").to(torch.bfloat16).float()
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.mlp.up_proj.weight.add_(1e-4 * torch.randn_like(layer.mlp.up_proj.weight))
+    model = load_model(save_hf_model(hf, tmp_path / "mixed"), "float32", "cpu")
+    gate, up = model.layers[0].gate_up_weight
+    assert gate.dtype == up.dtype == torch.float32 and model.layers[0].qkv_weight.dtype == torch.bfloat16
+    ids, positions, meta, cache = _segments(model, torch.Generator().manual_seed(6))
+    fused = model(ids, positions, meta, cache)
+    monkeypatch.setenv(cpu_decode.FUSED_ENV, "0")
+    torch.testing.assert_close(fused, model(ids, positions, meta, cache), rtol=1e-4, atol=1e-4)
+
+
 def test_a_tied_bf16_checkpoint_keeps_one_narrow_embedding(tmp_path):
     """Tied, the head is packed beside the embedding, which stays a bfloat16 parameter shared by
     `lm_head`; unpacking widens both again (the dense layout's invariant: weights in the model's dtype)."""
@@ -276,11 +292,16 @@ def test_a_tied_bf16_checkpoint_keeps_one_narrow_embedding(tmp_path):
     assert torch.equal(model.embed_tokens(ids), before)
 
 
+@pytest.mark.parametrize("packed", ["1", "0"])
 @pytest.mark.parametrize("quantization", [None, "int8"])
-def test_engine_generations_equal_with_and_without_the_fused_path(quantization, hf_checkpoint, monkeypatch):
+def test_engine_generations_equal_with_and_without_the_fused_path(quantization, packed, hf_checkpoint,
+                                                                  monkeypatch):
     """Whole requests through the engine (prefill op-by-op, decode fused), samples sharing a prompt;
-    quantized, the fused path reads int8 panels and the op-by-op path the dequantized weights."""
+    with the weights held as panels (the default) or dense (the fused path packs its own copy;
+    quantized, the op-by-op path then runs on the dequantized weights)."""
+    monkeypatch.setenv(cpu_decode.PACKED_WEIGHTS_ENV, packed)
     model = load_model(hf_checkpoint("qwen3")[1], "float32", "cpu", quantization=quantization)
+    assert cpu_decode.is_packed(model) == (packed == "1")
     prompts = [list(range(5, 75)), [7, 8, 9], list(range(20, 43))]
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=2, n=n)
               for m, n in ((20, 1), (9, 2), (14, 1))]

@@ -66,9 +66,11 @@ def test_fused_weights_are_one_matrix_each(hf_checkpoint):
 
 
 def test_tied_embeddings_share_storage(hf_checkpoint):
+    """Tied, `lm_head` is the embedding parameter (on the CPU the head's panels are a packed copy of it)."""
     _, path = hf_checkpoint("llama-tied-mqa")
     model = load_model(path, "float32", "cpu")
-    assert model.lm_head.data_ptr() == model.embed.data_ptr()
+    assert model.lm_head is model.embed
+    assert torch.equal(model.head_panels.unpack(), model.embed)
     hf, path = hf_checkpoint("llama")
     model = load_model(path, "float32", "cpu")  # untied: the head is packed on its own
     assert torch.equal(dense(model.lm_head), hf.lm_head.weight)

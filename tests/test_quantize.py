@@ -12,7 +12,7 @@ from lengthwise import LLM, SamplingParams, load_model
 from lengthwise.bench.agreement import prompt_logprob_agreement
 from lengthwise.config import EngineConfig
 from lengthwise.engine.llm_engine import LLMEngine
-from lengthwise.model.quantize import QUANTIZED_WEIGHTS, check_quantization, quantize_int8
+from lengthwise.model.quantize import QUANTIZED_WEIGHTS, check_quantization, quantize_int8, quantize_model
 from lengthwise.ops.cpu import decode as cpu_decode
 from lengthwise.ops.cpu import dense
 
@@ -77,8 +77,21 @@ def test_engine_quantizes_a_model_it_is_given(hf_checkpoint):
     LLMEngine(model, None, EngineConfig(quantization="int8"))
     assert model.quantization == "int8" and cpu_decode.is_packed(model)  # unpacked, quantized, packed again
     assert model.layers[0].qkv_weight.dtype == torch.int8
+    # quantization=None serves a given model as it is (as the self length predictor's second engine does)
+    engine = LLMEngine(load_model(path, "float32", "cpu", quantization="int8"), None, EngineConfig())
+    assert engine.model.quantization == "int8"
     with pytest.raises(ValueError, match="already quantized"):
-        LLMEngine(load_model(path, "float32", "cpu", quantization="int8"), None, EngineConfig())
+        quantize_model(model, "int8")
+    with pytest.raises(ValueError, match="stays packed"):
+        cpu_decode.unpack_model(model)
+
+
+@requires_stories
+def test_int8_with_the_self_length_predictor():
+    """The self predictor asks the served (quantized) model through an engine of its own."""
+    llm = LLM(STORIES, device="cpu", quantization="int8", length_predictor="self")
+    out = llm.generate(["Once upon a time"], SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 8 and llm.engine.model.quantization == "int8"
 
 
 @requires_stories

@@ -219,18 +219,22 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
     attn_flops = 4 * batch * B1_CONTEXT * c.num_heads * c.head_dim
 
     def linear(name: str, w: Any, inp: torch.Tensor) -> list[tuple]:
-        """The dispatched op and, where a row takes the Triton GEMV, plain `F.linear` beside it; on
-        dense float weights (a CPU model's own are packed: the fused-path GEMM row times those panels)."""
-        w = cpu_kernels.dense(w)
-        n, kdim = w.shape
-        cost = ((n * kdim + batch * (n + kdim)) * isz, 2 * batch * n * kdim)
-        rows = [(name, lambda: dispatched_linear(inp, w), *cost)]
+        """The dispatched op on dense weights in the model's dtype and, where a row takes the Triton
+        GEMV, plain `F.linear` beside it; on the CPU, the fused path's GEMM on the panels decode
+        steps really read (the model's own where it is packed: bfloat16 or int8 ones cost their bytes)."""
+        dense_w = cpu_kernels.dense(w).to(dt)
+        n, kdim = dense_w.shape
+        flops = 2 * batch * n * kdim
+        cost = ((n * kdim + batch * (n + kdim)) * isz, flops)
+        rows = [(name, lambda: dispatched_linear(inp, dense_w), *cost)]
         if batch == 1 and use_triton(inp):
-            rows.append((f"{name} (F.linear)", lambda: F.linear(inp, w), *cost))
+            rows.append((f"{name} (F.linear)", lambda: F.linear(inp, dense_w), *cost))
         if dev.type == "cpu" and dt == torch.float32 and cpu_kernels.segment_attention_kernel() is not None:
-            # What CPU decode steps really run: the fused path's GEMM on panel-packed weights.
-            panels = cpu_kernels.pack_panels(w)
-            rows.append((f"{name} (fused-path GEMM)", lambda: cpu_kernels.packed_linear(inp, panels), *cost))
+            panels = w if isinstance(w, (cpu_kernels.PackedWeight, tuple)) else cpu_kernels.pack_panels(dense_w)
+            panels = panels if isinstance(panels, tuple) else (panels,)
+            nbytes = sum(p.nbytes for p in panels) + batch * (n + kdim) * isz
+            rows.append((f"{name} (fused-path GEMM)",
+                         lambda: [cpu_kernels.packed_linear(inp, p) for p in panels], nbytes, flops))
         return rows
 
     ops = [
@@ -247,7 +251,7 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
         ("silu_and_mul", lambda: silu_and_mul(gate_up), 3 * batch * c.intermediate_size * isz,
          5 * batch * c.intermediate_size),
         *linear("down_proj", layer.down_weight, act),
-        *linear("lm_head", model.lm_head, x),
+        *linear("lm_head", model.lm_head if model.head_panels is None else model.head_panels, x),
     ]
     if fused_single_row(x):
         # What a batch-1 layer really runs in place of the norm, QKV, RoPE, gate-up and SiLU rows above.

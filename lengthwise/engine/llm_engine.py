@@ -59,7 +59,9 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         self.model_dir = None if model_dir is None else Path(model_dir)
-        if config.quantization != model.quantization:
+        # None serves the model as it is (an engine built on another engine's quantized model, as
+        # the self length predictor's is); a method quantizes an unquantized model.
+        if config.quantization is not None and config.quantization != model.quantization:
             if model.quantization is not None:
                 raise ValueError(f"quantization={config.quantization!r}, but the model given was already "
                                  f"quantized as {model.quantization!r}")

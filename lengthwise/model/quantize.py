@@ -3,11 +3,13 @@
 A batch-1 decode step reads every weight once per token, so on the CPU its floor is weight bytes /
 memory bandwidth. Storing the decoder's projections as int8 with one float32 scale per output row
 (symmetric, absmax / 127: gpt-fast's and torchao's int8 weight-only scheme) moves a quarter of the
-bytes of float32. The fused CPU decode path (`lengthwise.ops.cpu.decode`) reads the int8 panels and
-scales them in its float32 accumulators; every other path (prefill, the op-by-op reference) runs
-on the dequantized weights `q * scale`, which are the plain parameters after `quantize_model`, so
-all paths compute the same model. Activations, the KV cache, norms, embeddings and the LM head
-stay in float32 (vLLM's quantization methods also leave the LM head unquantized).
+bytes of float32. On a packed CPU model (the default: `lengthwise.ops.cpu.decode.pack_model`) the
+int8 panels are the only copy: the fused decode path and prefill's panel GEMM scale them in their
+float32 accumulators, and the torch reference unpacks `q * scale`. A model kept dense
+(`LENGTHWISE_CPU_PACKED_WEIGHTS=0`) holds `q * scale` as its parameters and the int8 values for
+the fused path beside them. Either way every path computes the same model. Activations, the KV
+cache, norms, embeddings and the LM head are not quantized (vLLM's quantization methods leave the
+LM head too); on a packed model they may be held in bfloat16 where that is exact.
 """
 
 from __future__ import annotations
@@ -59,12 +61,15 @@ def check_quantization(quantization: str | None, device: torch.device, dtype: to
 
 
 def quantize_model(model: torch.nn.Module, quantization: str) -> None:
-    """Quantize `model`'s decoder projections in place (see the module docstring). The plain
-    parameters become the dequantized weights; each layer's `quantized` maps a weight's name to
-    its `Int8Weight`, which the fused CPU path packs."""
+    """Quantize `model`'s decoder projections in place (see the module docstring): a packed model
+    is unpacked, quantized and packed again (int8 panels); on a dense one the parameters become
+    the dequantized weights and each layer's `quantized` maps a weight's name to its `Int8Weight`,
+    which the fused CPU path packs."""
     from lengthwise.ops.cpu import decode as cpu_decode
 
     check_quantization(quantization, model.device, model.dtype)
+    if model.quantization is not None:
+        raise ValueError(f"quantization={quantization!r}: the model is already quantized as {model.quantization!r}")
     packed = cpu_decode.is_packed(model)
     cpu_decode.unpack_model(model)  # (a packed model: dense again, quantized, packed again below)
     for layer in model.layers:

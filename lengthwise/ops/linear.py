@@ -25,7 +25,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Ten
     """`x [T, K] @ weight [N, K]^T + bias`. One row takes the Triton GEMV where Triton runs (it streams
     the weights faster than cuBLAS at decode sizes: docs/benchmarks.md); everything else is `F.linear`.
     A CPU model's packed weights (`lengthwise.ops.cpu.PackedWeight`) run on the panel GEMM, which
-    matches MKL at prefill sizes and beats it at decode sizes (docs/benchmarks.md)."""
+    matches MKL at prefill sizes and beats it at decode sizes (docs/benchmarks.md). Elsewhere (the
+    torch reference, Triton under the interpreter) they are unpacked at every call: correct, slow,
+    and meant for tests and A/B runs only."""
     if isinstance(weight, PackedWeight):
         if use_panels(x):
             return packed_linear(x, weight, bias)

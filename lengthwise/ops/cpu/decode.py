@@ -112,6 +112,9 @@ def unpack_model(model: torch.nn.Module) -> None:
     """Undo `pack_model`: dense float32 parameters again (quantizing a packed model goes through this)."""
     if not is_packed(model):
         return
+    if model.quantization is not None:  # (its int8 values would come back as floats, packed 4x larger)
+        raise ValueError(f"unpack_model: a model quantized as {model.quantization!r} stays packed; "
+                         f"load the checkpoint again for dense weights")
     for layer in model.layers:
         for name in PROJECTIONS:
             weight = dense(getattr(layer, name))
@@ -139,8 +142,10 @@ def packed_weight(layer: torch.nn.Module, name: str) -> PackedWeight | tuple[Pac
     quantized = layer.quantized.get(name)
     halves = [slice(None)] if name != "gate_up_weight" else [slice(0, weight.shape[0] // 2),
                                                              slice(weight.shape[0] // 2, None)]
+    # The format is chosen for the whole matrix: the fused path reads gate and up in one format.
+    narrow = _narrowest_exact(weight) if quantized is None else None
     packed = [pack_panels(quantized.q[rows], quantized.scales[rows]) if quantized is not None
-              else pack_panels(_narrowest_exact(weight[rows])) for rows in halves]
+              else pack_panels(narrow[rows]) for rows in halves]
     return packed[0] if len(packed) == 1 else (packed[0], packed[1])
 
 
@@ -189,6 +194,9 @@ class _Pointers:
     def _pack(self, layer: torch.nn.Module, name: str) -> int | list[int]:
         packed = packed_weight(layer, name)
         if isinstance(packed, tuple):
+            if len({p.dtype for p in packed}) != 1:  # decode_forward.cpp reads both in gate's format
+                raise ValueError(f"{name}: gate and up panels must share one format, got "
+                                 f"{[str(p.dtype) for p in packed]}")
             self.keep += packed
             return [p.address for p in packed]
         self.keep.append(packed)
