@@ -137,9 +137,7 @@ class CausalLM(nn.Module):
     def num_parameters(self) -> int:
         """Parameters of the checkpoint's architecture, packed or not (a tied head counted once)."""
         dense = sum(p.numel() for p in self.parameters())
-        packed = [w for layer in self.layers for name in cpu_decode.PROJECTIONS
-                  for w in (lambda v: v if isinstance(v, tuple) else (v,))(getattr(layer, name))
-                  if not isinstance(w, torch.Tensor)]
+        packed = cpu_decode.projection_panels(self)
         if not self.config.tie_word_embeddings and not isinstance(self.lm_head, torch.Tensor):
             packed.append(self.lm_head)
         return dense + sum(w.n * w.k for w in packed)

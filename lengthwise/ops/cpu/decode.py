@@ -149,16 +149,19 @@ def packed_weight(layer: torch.nn.Module, name: str) -> PackedWeight | tuple[Pac
     return packed[0] if len(packed) == 1 else (packed[0], packed[1])
 
 
+def projection_panels(model: torch.nn.Module) -> list[PackedWeight]:
+    """The panels `model`'s layers hold as their projections (none for a dense model)."""
+    return [w for layer in model.layers for name in PROJECTIONS
+            for w in (getattr(layer, name) if name == "gate_up_weight" else (getattr(layer, name),))
+            if isinstance(w, PackedWeight)]
+
+
 def held_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights `model` holds: its dense parameters and every set of panels (its own, and
     the fused path's second copy of a model that is not packed)."""
-    panels = {id(w): w for layer in model.layers for name in PROJECTIONS
-              for w in (lambda v: v if isinstance(v, tuple) else (v,))(getattr(layer, name))
-              if isinstance(w, PackedWeight)}
     ptrs = getattr(model, "_cpu_decode_pointers", None)
-    for w in (*(ptrs.keep if ptrs else ()), ptrs.lm_head if ptrs else None, getattr(model, "head_panels", None)):
-        if w is not None:
-            panels[id(w)] = w
+    extra = [*ptrs.keep, ptrs.lm_head] if ptrs else []
+    panels = {id(w): w for w in (*projection_panels(model), *extra, model.head_panels) if w is not None}
     return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(w.nbytes for w in panels.values())
 
 
