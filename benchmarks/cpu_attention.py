@@ -6,7 +6,10 @@
 A decode step of `--batch` rows (by default llama-100m's attention shape: 12 heads of 64, no GQA), each with
 a prompt segment and a response segment of random lengths in scattered 16-token blocks. Prints the
 time per layer call of each backend and the K/V bytes read per second (each context's keys and
-values read once, the minimum any exact kernel must read).
+values read once, the minimum any exact kernel must read): the torch reference, and the C++ kernel
+over the cache in float32 and in bfloat16 (`kv_cache_dtype`: half the bytes), each with its tiles
+walked a head at a time and in memory order (`LENGTHWISE_CPU_ATTENTION_ORDER`; `*` marks the
+order the kernel takes for that dtype).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 import torch
 
 from lengthwise.ops import AttentionMetadata, paged_attention
+from lengthwise.ops.cpu import ATTENTION_ORDER_ENV
 
 
 def _case(batch: int, heads: int, kv_heads: int, dim: int, bs: int, max_prompt: int, max_resp: int, seed: int,
@@ -81,15 +85,25 @@ def main() -> None:
     print(f"decode attention, batch {args.batch}, {args.heads} heads x {args.head_dim} ({args.kv_heads} KV heads), "
           f"{kv_bytes / 1e6:.0f} MB of K/V, {args.threads} threads"
           + (f", all in {args.in_cache} cached blocks" if args.in_cache else ""))
-    print(f"{'backend':<12} {'ms/layer':>9} {'GB/s':>7}")
+    print(f"{'backend':<41} {'ms/layer':>9} {'GB/s':>7}")
     results = {}
-    for backend in ("torch", "auto"):
+    k16, v16 = k.bfloat16(), v.bfloat16()
+    cases = [("reference", "torch", "auto", k, v, kv_bytes)]
+    for dtype, kc, vc, nbytes, default in (("float32", k, v, kv_bytes, "head"),
+                                           ("bfloat16", k16, v16, kv_bytes // 2, "memory")):
+        for order in ("head", "memory"):
+            name = f"cpu-kernel, {dtype} cache, {order} order" + (" *" if order == default else "")
+            cases.append((name, "auto", order, kc, vc, nbytes))
+    for name, backend, order, kc, vc, nbytes in cases:
         os.environ["LENGTHWISE_KERNELS"] = backend
-        dt = _time(lambda: paged_attention(q, k, v, pos, meta, args.head_dim ** -0.5), args.repeats)
-        results[backend] = dt
-        name = "reference" if backend == "torch" else "cpu-kernel"
-        print(f"{name:<12} {dt * 1e3:>9.2f} {kv_bytes / dt / 1e9:>7.1f}")
-    print(f"speed-up of the kernel over the reference: {results['torch'] / results['auto']:.1f}x")
+        os.environ[ATTENTION_ORDER_ENV] = order
+        dt = _time(lambda kc=kc, vc=vc: paged_attention(q, kc, vc, pos, meta, args.head_dim ** -0.5), args.repeats)
+        results[name.removesuffix(" *")] = dt
+        print(f"{name:<41} {dt * 1e3:>9.2f} {nbytes / dt / 1e9:>7.1f}")
+    f32 = results["cpu-kernel, float32 cache, head order"]
+    print(f"(* the order the kernel takes for that dtype) speed-up of the kernel over the reference: "
+          f"{results['reference'] / f32:.1f}x; of a bfloat16 cache over a float32 one: "
+          f"{f32 / results['cpu-kernel, bfloat16 cache, memory order']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from lengthwise import LLM, SamplingParams
-from lengthwise.bench.agreement import prompt_logprob_agreement
+from lengthwise.bench.agreement import agreement_table, llm_agreement
 from lengthwise.bench.kernels import (
     best_of_ms,
     copy_bandwidth_gbs,
@@ -99,20 +99,7 @@ def int8_quality(model_dir: Path, prompts: list[Any], greedy_tokens: int) -> dic
     continued greedily by the unquantized model, and the greedy continuations themselves."""
     full, int8 = (LLM(model_dir, dtype="float32", device="cpu", kv_cache_memory=1 << 28, quantization=q)
                   for q in (None, "int8"))
-    greedy = SamplingParams(max_tokens=greedy_tokens, temperature=0.0, detokenize=False)
-    a, b = (llm.generate(prompts, greedy, use_tqdm=False) for llm in (full, int8))
-    same = []
-    for x, y in zip(a, b, strict=True):
-        ta, tb = x.outputs[0].token_ids, y.outputs[0].token_ids
-        same.append(next((i for i, (u, v) in enumerate(zip(ta, tb, strict=False)) if u != v), min(len(ta), len(tb))))
-    texts = [list(x.prompt_token_ids) + list(x.outputs[0].token_ids) for x in a]
-    scored = SamplingParams(max_tokens=1, prompt_logprobs=5, detokenize=False)
-    pa, pb = (llm.generate([{"prompt_token_ids": t} for t in texts], scored, use_tqdm=False) for llm in (full, int8))
-    agreement = prompt_logprob_agreement(pa, pb)
-    return {"positions": agreement.positions, "top1_agreement": round(agreement.top1_agreement, 4),
-            "mean_abs_logprob_change": round(agreement.mean_change, 5),
-            "max_abs_logprob_change": round(max(agreement.changes), 4),
-            "greedy_tokens_identical": same, "greedy_tokens": greedy_tokens}
+    return llm_agreement(full, int8, prompts, greedy_tokens)
 
 
 def main() -> None:
@@ -201,11 +188,7 @@ def format_table(r: dict[str, Any]) -> str:
     for v, x in r["variants"].items():
         lines.append(f"| {v}, ms (ratio) | " + " | ".join(
             f"{x['forward_ms'][n]} ({x['forward_speedup'][n]:.2f}x)" for n in r["rows"]) + " |")
-    lines += ["", "| int8 vs unquantized, on | positions | top-1 same | mean abs logprob change (top 5) | max | "
-              "greedy tokens identical |", "|---|---|---|---|---|---|"]
-    for name, q in r["int8_quality"].items():
-        lines.append(f"| {name} | {q['positions']} | {q['top1_agreement']:.1%} | {q['mean_abs_logprob_change']} | "
-                     f"{q['max_abs_logprob_change']} | {q['greedy_tokens_identical']} of {q['greedy_tokens']} |")
+    lines += ["", *agreement_table("int8 vs unquantized, on", r["int8_quality"])]
     return "\n".join(lines)
 
 

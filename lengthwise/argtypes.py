@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from lengthwise.config import QUANTIZATION_METHODS
+from lengthwise.config import KV_CACHE_DTYPES, QUANTIZATION_METHODS
 
 T = TypeVar("T")
 
@@ -85,8 +85,11 @@ def output_file(text: str) -> Path:
     return path
 
 
-def add_quantization_argument(p: argparse.ArgumentParser) -> None:
-    """`--quantization int8` (`EngineConfig.quantization`)."""
+def add_precision_arguments(p: argparse.ArgumentParser) -> None:
+    """`--quantization int8` and `--kv-cache-dtype` (`EngineConfig.quantization`, `.kv_cache_dtype`)."""
     p.add_argument("--quantization", default=None, choices=list(QUANTIZATION_METHODS),
                    help="int8: weight-only int8 decoder projections (CPU, float32; faster batch-1 decode, "
                    "some accuracy lost)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="dtype of the KV cache (default auto: the model's); bfloat16 under a float32 model "
+                   "on the CPU holds twice the tokens and halves decode attention's reads")

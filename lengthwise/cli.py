@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lengthwise.argtypes import add_quantization_argument, kv_memory
+from lengthwise.argtypes import add_precision_arguments, kv_memory
 from lengthwise.engine import LLM
 from lengthwise.engine.llm_engine import generation_defaults
 from lengthwise.model import CheckpointError
@@ -38,7 +38,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, help="system message, with --chat")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    add_quantization_argument(p)
+    add_precision_arguments(p)
     p.add_argument("--kv-cache-memory", type=kv_memory, default=None,
                    help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together at most (default 256)")
@@ -78,7 +78,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"[lengthwise] no MODEL_DIR given: using the built-in tiny instruction model at {model_dir}",
               file=sys.stderr)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, quantization=args.quantization,
-              kv_cache_memory=args.kv_cache_memory,
+              kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=args.kv_cache_memory,
               max_num_seqs=args.max_num_seqs, length_predictor=args.length_predictor, policy=args.policy,
               policy_options=parse_policy_options(args.policy_option))
     tokenizer = llm.tokenizer

@@ -7,6 +7,8 @@ from typing import Any
 
 # `EngineConfig.quantization`'s methods (`lengthwise.model.quantize` implements them).
 QUANTIZATION_METHODS = ("int8",)
+# `EngineConfig.kv_cache_dtype`'s choices: "auto" is the model's dtype.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,11 @@ class EngineConfig:
     row (weight-only; `lengthwise.model.quantize`): a quarter of float32's bytes for the CPU's
     batch-1 decode to stream, at some accuracy (docs/benchmarks.md measures both). CPU and
     float32 only; `None` (default) serves the checkpoint's weights as they are.
+    `kv_cache_dtype`: the dtype keys and values are held in (vLLM's name). `"auto"` (default) is
+    the model's dtype; `"bfloat16"` under a float32 model on the CPU halves the cache's bytes:
+    twice the tokens in the same `kv_cache_memory`, and half the bytes for decode attention to
+    read, at the cost of rounding each key and value to bfloat16 (docs/benchmarks.md measures
+    both). On CUDA the cache takes the model's dtype.
     `async_decode`: with those graphs, launch the next decode step before reading this step's
     tokens back, so the host's per-step work overlaps the GPU's (vLLM's async scheduling, for
     steps whose rows are predictable; `False` for the A/B).
@@ -44,6 +51,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     quantization: str | None = None
+    kv_cache_dtype: str = "auto"
     kv_cache_memory: int | float | None = None
     block_size: int = 16
     max_num_seqs: int = 256
@@ -76,6 +84,8 @@ class EngineConfig:
         for name in ("enforce_eager", "async_decode", "allow_benchmark_predictors"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or None, "
                              f"got {self.quantization!r}")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import STORIES, requires_stories
 
 from lengthwise.cli import main
@@ -26,6 +27,21 @@ def test_generate_with_int8_weights(capsys):
     assert main(["generate", str(STORIES), "--prompt", "Once upon a time, there was a little",
                  "--max-tokens", "12", "--device", "cpu", "--quantization", "int8"]) == 0
     assert capsys.readouterr().out.startswith(" girl named Lily. She loved to play")
+
+
+@requires_stories
+def test_generate_with_a_bfloat16_kv_cache(capsys, monkeypatch):
+    """`--kv-cache-dtype bfloat16` reaches the engine (the story survives the cache's rounding)."""
+    from lengthwise.engine.llm_engine import LLMEngine
+
+    dtypes = []
+    real = LLMEngine.__init__
+    monkeypatch.setattr(LLMEngine, "__init__", lambda self, *a, **k: real(self, *a, **k) or dtypes.append(
+        self.runner.cache.dtype))
+    assert main(["generate", str(STORIES), "--prompt", "Once upon a time, there was a little",
+                 "--max-tokens", "12", "--device", "cpu", "--kv-cache-dtype", "bfloat16"]) == 0
+    assert capsys.readouterr().out.startswith(" girl named Lily. She loved to play")
+    assert dtypes == [torch.bfloat16]
 
 
 @requires_stories
@@ -99,6 +115,7 @@ def test_console_script_entry_point():
     (["generate", "--prompt", "x", "--kv-cache-memory", "inf"], "--kv-cache-memory"),
     (["generate", "--prompt", "x", "--quantization", "int4"], "--quantization"),
     (["serve", "m", "--quantization", "fp8"], "--quantization"),
+    (["serve", "m", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
     (["serve", "m", "--port", "99999"], "--port"),
     (["serve", "m", "--log-level", "bogus"], "--log-level"),
     (["predictor", "train", "--kind", "probe", "--data", "x", "--out", "y", "--epochs", "0"], "--epochs"),

@@ -109,11 +109,11 @@ def test_pack_panels_rejects_what_it_cannot_pack():
         cpu_kernels.pack_panels(torch.zeros(4, 8, dtype=torch.int8), torch.ones(5))
 
 
-def _segments(model, g: torch.Generator, block_size: int = 4):
+def _segments(model, g: torch.Generator, block_size: int = 4, kv_dtype: torch.dtype | None = None):
     """A decode step over a cache holding random keys and values: six rows, two of which share one
     prompt segment (samples of one request), with prompt and response segments of different,
     non-block-multiple lengths, in scattered blocks. Returns (ids, positions, meta, cache)."""
-    cache = model.new_kv_cache(num_blocks=64, block_size=block_size)
+    cache = model.new_kv_cache(num_blocks=64, block_size=block_size, dtype=kv_dtype)
     for t in (*cache.k, *cache.v):
         t.copy_(torch.randn(t.shape, generator=g))
     free = torch.randperm(64, generator=g).tolist()
@@ -196,6 +196,46 @@ def test_fused_step_matches_op_by_op(family, weights, hf_checkpoint, tmp_path, m
     torch.testing.assert_close(h1, h0, rtol=1e-4, atol=1e-4)
     for a, b in zip(kv1, kv0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "odd-sizes"])
+def test_fused_step_over_a_bf16_kv_cache(family, hf_checkpoint, tmp_path, monkeypatch):
+    """kv_cache_dtype="bfloat16": the fused step, the op-by-op path and the torch reference write
+    the same new keys and values (1 ulp apart at most, where float32 paths differ in the last bit),
+    layer 0's the bfloat16 roundings of what a float32 cache gets, and read them back alike."""
+    path = _odd_checkpoint(tmp_path) if family == "odd-sizes" else hf_checkpoint(family)[1]
+    model = load_model(path, "float32", "cpu")
+    results = {}
+    for kv_dtype in (torch.float32, torch.bfloat16):
+        ids, positions, meta, cache = _segments(model, torch.Generator().manual_seed(3), kv_dtype=kv_dtype)
+        assert cache.k[0].dtype == kv_dtype
+        slots = meta.slot_mapping
+        for path_ in ("1", "0", "torch"):
+            monkeypatch.delenv("LENGTHWISE_KERNELS", raising=False)
+            if path_ == "torch":
+                monkeypatch.setenv("LENGTHWISE_KERNELS", "torch")
+            else:
+                monkeypatch.setenv(cpu_decode.FUSED_ENV, path_)
+            for t in (*cache.k, *cache.v):
+                t[slots] = float("nan")
+            hidden = model(ids, positions, meta, cache)
+            results[kv_dtype, path_] = (hidden, [t[slots].float() for t in (*cache.k, *cache.v)])
+    ulp = 2.0 ** -7  # bfloat16's spacing relative to a value (8 significant bits)
+    for path_ in ("1", "0"):
+        h, kv = results[torch.bfloat16, path_]
+        href, kvref = results[torch.bfloat16, "torch"]
+        assert torch.isfinite(h).all()
+        torch.testing.assert_close(h, href, rtol=1e-3, atol=1e-3)
+        for a, b in zip(kv, kvref, strict=True):
+            torch.testing.assert_close(a, b, rtol=ulp, atol=1e-6)
+        # layer 0's keys and values come before any attention read the cache: the float32 cache's, rounded
+        f = results[torch.float32, path_][1]
+        layers = len(model.layers)
+        for i in (0, layers):  # k[0], v[0]
+            torch.testing.assert_close(kv[i], f[i].bfloat16().float(), rtol=ulp, atol=1e-6)
+    # the cache's rounding shows in the outputs, a little: against the float32 cache's step
+    h32, h16 = results[torch.float32, "1"][0], results[torch.bfloat16, "1"][0]
+    assert 0 < (h32 - h16).abs().max() < 0.1 * h32.abs().max()
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral-sliding", "qwen3"])
@@ -292,13 +332,14 @@ def test_a_tied_bf16_checkpoint_keeps_one_narrow_embedding(tmp_path):
     assert torch.equal(model.embed_tokens(ids), before)
 
 
-@pytest.mark.parametrize("packed", ["1", "0"])
-@pytest.mark.parametrize("quantization", [None, "int8"])
-def test_engine_generations_equal_with_and_without_the_fused_path(quantization, packed, hf_checkpoint,
-                                                                  monkeypatch):
+@pytest.mark.parametrize("packed, quantization, kv_cache_dtype", [
+    ("1", None, "auto"), ("0", None, "auto"), ("1", "int8", "auto"), ("0", "int8", "auto"), ("1", None, "bfloat16")])
+def test_engine_generations_equal_with_and_without_the_fused_path(quantization, packed, kv_cache_dtype,
+                                                                  hf_checkpoint, monkeypatch):
     """Whole requests through the engine (prefill op-by-op, decode fused), samples sharing a prompt;
     with the weights held as panels (the default) or dense (the fused path packs its own copy;
-    quantized, the op-by-op path then runs on the dequantized weights)."""
+    quantized, the op-by-op path then runs on the dequantized weights); with a float32 or a
+    bfloat16 KV cache."""
     monkeypatch.setenv(cpu_decode.PACKED_WEIGHTS_ENV, packed)
     model = load_model(hf_checkpoint("qwen3")[1], "float32", "cpu", quantization=quantization)
     assert cpu_decode.is_packed(model) == (packed == "1")
@@ -311,10 +352,14 @@ def test_engine_generations_equal_with_and_without_the_fused_path(quantization, 
     outs = {}
     for fused in ("1", "0"):
         monkeypatch.setenv(cpu_decode.FUSED_ENV, fused)
-        config = EngineConfig(block_size=4, max_num_seqs=8, quantization=quantization)
-        outs[fused] = run_to_completion(LLMEngine(model, None, config), prompts, params)
+        config = EngineConfig(block_size=4, max_num_seqs=8, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+        engine = LLMEngine(model, None, config)
+        assert engine.runner.cache.k[0].dtype == (torch.bfloat16 if kv_cache_dtype == "bfloat16" else torch.float32)
+        outs[fused] = run_to_completion(engine, prompts, params)
         if fused == "1":
             assert calls and max(calls) <= cpu_decode.max_rows()
             n_calls = len(calls)
     assert len(calls) == n_calls  # switched off, nothing took the fused path
-    assert_same_generations(outs["1"], outs["0"], logprob_tol=1e-4)
+    # (a bfloat16 cache: where the two paths' float32 keys differ in the last bit, their roundings
+    # can differ by one bfloat16 ulp)
+    assert_same_generations(outs["1"], outs["0"], logprob_tol=1e-4 if kv_cache_dtype == "auto" else 2e-3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lengthwise.ops import AttentionMetadata, paged_attention
-from lengthwise.ops.cpu import segment_attention_kernel
+from lengthwise.ops.cpu import ATTENTION_ORDER_ENV, attention_order, segment_attention_kernel
 
 
 @pytest.fixture(params=["torch", "cpu-kernel"])
@@ -34,11 +34,14 @@ def _dense(q, k, v, q_pos, window):
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (8, 1)])
 @pytest.mark.parametrize("window", [None, 5])
-def test_prompt_and_response_segments_one_softmax(heads, kv_heads, window, backend):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_prompt_and_response_segments_one_softmax(heads, kv_heads, window, kv_dtype, backend):
+    """float32 queries over a float32 or a bfloat16 cache (`kv_cache_dtype`): the reference reads
+    the same bfloat16 values, so both must agree to float32 precision."""
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
     bs, D, num_blocks = 4, 8, 60
-    k_cache = torch.randn(num_blocks * bs, kv_heads, D, generator=g)
-    v_cache = torch.randn(num_blocks * bs, kv_heads, D, generator=g)
+    k_cache = torch.randn(num_blocks * bs, kv_heads, D, generator=g).to(kv_dtype)
+    v_cache = torch.randn(num_blocks * bs, kv_heads, D, generator=g).to(kv_dtype)
     free = torch.randperm(num_blocks, generator=g).tolist()  # scattered, out-of-order blocks
     # (prompt_len, response_len, new query tokens): decode, chunked prefill, a prompt-only prefill,
     # and a chunk longer than the CPU kernel takes (SDPA in the same call)
@@ -89,6 +92,8 @@ def test_cpu_kernel_at_model_scale_matches_reference(monkeypatch):
     torch.testing.assert_close(fast, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("order", ["head", "memory"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim, heads, kv_heads, bs, window", [
     (64, 12, 12, 16, None),   # llama-100m's shape (the AVX-512 path's 16-key tiles, several 512-key chunks)
     (128, 8, 2, 32, None),    # blocks longer than a tile: a block is read as two tiles
@@ -98,14 +103,18 @@ def test_cpu_kernel_at_model_scale_matches_reference(monkeypatch):
     (8, 8, 2, 32, 40),        # stories260k's head size, GQA 4, full 32-key tiles, a window
     (40, 4, 2, 16, None),     # the portable path's dot product per key (heads of 32 and more)
 ])
-def test_cpu_kernel_long_contexts_match_dense_reference(head_dim, heads, kv_heads, bs, window):
-    """Decode rows whose contexts cross the kernel's 512-key softmax chunks, against float64."""
+def test_cpu_kernel_long_contexts_match_dense_reference(head_dim, heads, kv_heads, bs, window, kv_dtype, order,
+                                                        monkeypatch):
+    """Decode rows whose contexts cross the kernel's 512-key softmax chunks, against float64, over
+    a float32 or a bfloat16 cache (every path: vector and portable, by key and transposed; the
+    vector path's tiles walked a head at a time and in memory order)."""
     if segment_attention_kernel() is None:
         pytest.skip("the CPU attention kernel could not be built here (no C++ compiler?)")
+    monkeypatch.setenv(ATTENTION_ORDER_ENV, order)
     g = torch.Generator().manual_seed(head_dim + bs)
     lens = [(700, 613), (5, 1), (1, 0), (511, 1), (33, 1100), (512, 513)]
     need = sum(-(-p // bs) + -(-r // bs) for p, r in lens)
-    k_cache, v_cache = 2 * torch.randn(2, need * bs, kv_heads, head_dim, generator=g)
+    k_cache, v_cache = (2 * torch.randn(2, need * bs, kv_heads, head_dim, generator=g)).to(kv_dtype)
     blocks = torch.randperm(need, generator=g).tolist()
     p_tab, r_tab, ctx_slots = [], [], []
     for p, r in lens:
@@ -123,3 +132,10 @@ def test_cpu_kernel_long_contexts_match_dense_reference(head_dim, heads, kv_head
     for b, slots in enumerate(ctx_slots):
         ref = _dense(q[b:b + 1], k_cache[slots], v_cache[slots], positions[b:b + 1], window)
         torch.testing.assert_close(out[b:b + 1].double(), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_attention_order_switch_names_itself(monkeypatch):
+    monkeypatch.setenv(ATTENTION_ORDER_ENV, "sideways")
+    with pytest.raises(ValueError, match=f"{ATTENTION_ORDER_ENV} must be one of auto, head, memory"):
+        attention_order()
+

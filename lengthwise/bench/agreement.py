@@ -26,6 +26,39 @@ class LogprobAgreement:
         return statistics.fmean(self.changes)
 
 
+def llm_agreement(base: Any, other: Any, prompts: list[Any], greedy_tokens: int) -> dict[str, Any]:
+    """`other` (an `LLM`: quantized weights, a narrower KV cache, ...) against `base` on the same
+    prompts: teacher-forced, the top-5 candidates' logprob changes and top-1 agreement over each
+    prompt continued greedily by `base`; and how many greedy tokens each prompt's continuations
+    share before they first differ."""
+    from lengthwise import SamplingParams
+
+    greedy = SamplingParams(max_tokens=greedy_tokens, temperature=0.0, detokenize=False)
+    a, b = (llm.generate(prompts, greedy, use_tqdm=False) for llm in (base, other))
+    same = []
+    for x, y in zip(a, b, strict=True):
+        ta, tb = x.outputs[0].token_ids, y.outputs[0].token_ids
+        same.append(next((i for i, (u, v) in enumerate(zip(ta, tb, strict=False)) if u != v), min(len(ta), len(tb))))
+    texts = [{"prompt_token_ids": list(x.prompt_token_ids) + list(x.outputs[0].token_ids)} for x in a]
+    scored = SamplingParams(max_tokens=1, prompt_logprobs=5, detokenize=False)
+    pa, pb = (llm.generate(texts, scored, use_tqdm=False) for llm in (base, other))
+    agreement = prompt_logprob_agreement(pa, pb)
+    return {"positions": agreement.positions, "top1_agreement": round(agreement.top1_agreement, 4),
+            "mean_abs_logprob_change": round(agreement.mean_change, 5),
+            "max_abs_logprob_change": round(max(agreement.changes), 4),
+            "greedy_tokens_identical": same, "greedy_tokens": greedy_tokens}
+
+
+def agreement_table(what: str, quality: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows of `llm_agreement` results by model name; `what` heads the first column."""
+    lines = [f"| {what} | positions | top-1 same | mean abs logprob change (top 5) | max | greedy tokens identical |",
+             "|---|---|---|---|---|---|"]
+    for name, q in quality.items():
+        lines.append(f"| {name} | {q['positions']} | {q['top1_agreement']:.1%} | {q['mean_abs_logprob_change']} | "
+                     f"{q['max_abs_logprob_change']} | {q['greedy_tokens_identical']} of {q['greedy_tokens']} |")
+    return lines
+
+
 def prompt_logprob_agreement(a: list[Any], b: list[Any]) -> LogprobAgreement:
     """Compare two lists of `RequestOutput`s of the same prompts, both with `prompt_logprobs`."""
     changes: list[float] = []

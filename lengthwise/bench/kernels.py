@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from lengthwise.argtypes import add_quantization_argument, output_file, positive_int
+from lengthwise.argtypes import add_precision_arguments, output_file, positive_int
 
 B1_CONTEXT = 256      # cached tokens per row in the per-kernel attention timings
 DECODE_TOKENS = 128   # tokens the engine decodes per request in the whole-step timings
@@ -58,7 +58,7 @@ def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="float32 or bfloat16 (default float32)")
-    add_quantization_argument(p)
+    add_precision_arguments(p)
     p.add_argument("--threads", type=positive_int, default=os.cpu_count(), help="torch threads on the CPU")
     p.add_argument("--batch", type=positive_int, default=64, help="the large decode batch (default 64)")
     p.add_argument("--compare-transformers", action="store_true",
@@ -179,9 +179,11 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype) -> float:
 
 # -- per-kernel --------------------------------------------------------------------------------
 
-def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float) -> list[dict[str, Any]]:
+def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float,
+                kv_dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
     """Time each op of layer 0 and the LM head on a `batch`-row decode step with `B1_CONTEXT`
-    cached tokens per row (through the same dispatch the model uses)."""
+    cached tokens per row (through the same dispatch the model uses), the KV cache in `kv_dtype`
+    (default: the model's)."""
     import torch.nn.functional as F
 
     from lengthwise.ops import AttentionMetadata, paged_attention, rms_norm, rotary_cos_sin, silu_and_mul
@@ -196,7 +198,7 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
     isz = torch.empty((), dtype=dt).element_size()
     bs = 16
     blocks = -(-B1_CONTEXT // bs)
-    cache = model.new_kv_cache(batch * blocks + 1, bs)
+    cache = model.new_kv_cache(batch * blocks + 1, bs, kv_dtype)
     k_cache, v_cache = cache.k[0], cache.v[0]
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(batch * blocks, generator=g).view(batch, blocks).to(dev)
@@ -215,7 +217,8 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
     attn = torch.randn(batch, c.q_size, device=dev, dtype=dt)
     gate_up = torch.randn(batch, 2 * c.intermediate_size, device=dev, dtype=dt)
     act = torch.randn(batch, c.intermediate_size, device=dev, dtype=dt)
-    kv_bytes = 2 * batch * B1_CONTEXT * c.kv_size * isz
+    kv_isz = k_cache.element_size()
+    kv_bytes = 2 * batch * B1_CONTEXT * c.kv_size * kv_isz
     attn_flops = 4 * batch * B1_CONTEXT * c.num_heads * c.head_dim
 
     def linear(name: str, w: Any, inp: torch.Tensor) -> list[tuple]:
@@ -242,7 +245,8 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
          4 * batch * h),
         *linear("qkv_proj", layer.qkv_weight, x),
         ("rotary+write_kv", lambda: rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, meta.slot_mapping),
-         (2 * c.q_size + 4 * c.kv_size + 2 * c.head_dim) * batch * isz, 6 * batch * (c.q_size + c.kv_size)),
+         (2 * c.q_size + 2 * c.kv_size + 2 * c.head_dim) * batch * isz + 2 * batch * c.kv_size * kv_isz,
+         6 * batch * (c.q_size + c.kv_size)),
         (f"attention ctx {B1_CONTEXT}", lambda: paged_attention(q, k_cache, v_cache, positions, meta,
                                                                  layer.scale, None),
          kv_bytes + 2 * batch * c.q_size * isz, attn_flops),
@@ -515,9 +519,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     context = min(1024, ModelConfig.from_dir(model_dir).max_position_embeddings)
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, max_num_seqs=max(args.batch, 4), max_model_len=context,
               kv_cache_memory=0.25 if dev.type == "cuda" else None, enforce_eager=args.enforce_eager,
-              quantization=args.quantization)
+              quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     model = llm.engine.model
-    kernels = kernel_rows(model, 1, bandwidth, peak) + kernel_rows(model, args.batch, bandwidth, peak)
+    kv_dtype = llm.engine.kv_cache_dtype
+    kernels = [*kernel_rows(model, 1, bandwidth, peak, kv_dtype), *kernel_rows(model, args.batch, bandwidth, peak,
+                                                                              kv_dtype)]
     graphs = llm.engine.runner.graphs
     launched, used = (graphs.launched_ahead, graphs.used_ahead) if graphs is not None else (0, 0)
     b1 = decode_b1_ms(llm)
@@ -555,6 +561,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({args.threads} threads)",
         "model": label, "dtype": args.dtype, "quantization": args.quantization,
+        "kv_cache_dtype": str(llm.engine.kv_cache_dtype).removeprefix("torch."),
         "cuda_graphs": llm.engine.runner.graphs is not None,
         "decode_b1_ms": round(b1, 4), "roofline_b1_ms": round(roof, 4), "roofline_fraction_b1": round(roof / b1, 4),
         "forward_b1_ms": round(forward, 4), "roofline_fraction_forward_b1": round(roof / forward, 4), **ahead,
@@ -576,6 +583,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_report(r: dict[str, Any]) -> str:
     quant = f", {r['quantization']} weights" if r.get("quantization") else ""
+    if r.get("kv_cache_dtype", r["dtype"]) != r["dtype"]:
+        quant += f", {r['kv_cache_dtype']} KV cache"
     lines = [f"lengthwise bench kernels: {r['model']} ({r['dtype']}{quant}) on {r['device']}, "
              f"CUDA graphs {'on' if r['cuda_graphs'] else 'off'}",
              f"ceilings: copy {r['copy_bandwidth_gbs']} GB/s, matmul {r['matmul_peak_gflops']} GFLOP/s", "",

@@ -32,7 +32,8 @@ class LLM:
 
     `model_dir` is a local Hugging Face checkpoint directory (the built-in default model when
     `None`). The other arguments are `EngineConfig`'s: `dtype`, `device`, `quantization` (`"int8"`:
-    weight-only int8 on the CPU), `kv_cache_memory` (bytes or a fraction of free memory),
+    weight-only int8 on the CPU), `kv_cache_dtype` (`"bfloat16"`: half the KV bytes on the CPU),
+    `kv_cache_memory` (bytes or a fraction of free memory),
     `max_num_seqs`, `max_num_batched_tokens`, `block_size`, `max_model_len`, the scheduling
     `policy`, the `length_predictor` (a saved predictor directory, `"self"` or `"oracle"`) and
     `record_lengths` (a JSONL file).

@@ -74,6 +74,7 @@ class LLMEngine:
                              f"{mc.max_context} tokens (config.json's "
                              f"{source.get(mc.rope.type, 'max_position_embeddings')})")
         self.max_model_len = config.max_model_len or mc.max_context
+        self.kv_cache_dtype = _kv_cache_dtype(config.kv_cache_dtype, self.model)
         self.eos_token_ids = frozenset(mc.eos_token_ids or (
             () if self.tokenizer is None or self.tokenizer.eos_token_id is None else (self.tokenizer.eos_token_id,)))
         self.num_blocks = self._plan_num_blocks()
@@ -82,7 +83,7 @@ class LLMEngine:
                                    config.max_num_seqs, config.max_num_batched_tokens,
                                    enable_prefix_caching=config.enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.max_model_len,
-                                  graph_batch=self._graph_batch())
+                                  graph_batch=self._graph_batch(), kv_cache_dtype=self.kv_cache_dtype)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.length = LengthPerception(self, config.length_predictor, config.record_lengths)
@@ -103,7 +104,7 @@ class LLMEngine:
     def _plan_num_blocks(self) -> int:
         c, mc = self.config, self.model.config
         per_block = KVCacheStorage.bytes_per_block(mc.num_layers, c.block_size, mc.num_kv_heads, mc.head_dim,
-                                                   self.model.dtype)
+                                                   self.kv_cache_dtype)
         budget = _kv_budget_bytes(c.kv_cache_memory, self.model.device)
         blocks_per_seq = -(-self.max_model_len // c.block_size)
         # More than every running sequence at full length would never be used.
@@ -416,6 +417,16 @@ class LLMEngine:
             if request.finished:
                 request.finish_time = now
                 self.length.on_finish(request)
+
+
+def _kv_cache_dtype(name: str, model: CausalLM) -> torch.dtype:
+    """`EngineConfig.kv_cache_dtype` for `model`: "auto" is the model's dtype. On CUDA the Triton
+    kernels (and CUDA graphs) read the cache in the activations' dtype, so no other is accepted."""
+    dtype = model.dtype if name == "auto" else getattr(torch, name)
+    if dtype != model.dtype and model.device.type != "cpu":
+        raise ValueError(f"kv_cache_dtype={name!r}: on {model.device.type} the KV cache is held in the model's "
+                         f"dtype ({str(model.dtype).removeprefix('torch.')}); use 'auto'")
+    return dtype
 
 
 def _kv_budget_bytes(memory: int | float | None, device: torch.device) -> int:

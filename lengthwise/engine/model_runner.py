@@ -30,14 +30,16 @@ class ModelRunner:
     `graph_batch > 0` routes decode-only steps of up to that many rows through `DecodeGraphs`
     (contexts up to `max_model_len`), captured as CUDA graphs unless `capture_graphs` is False
     (then the same static buffers run eagerly: the CPU tests' way to check them). The cache holds
-    one more block than `num_blocks`, the padding rows' scratch block.
+    one more block than `num_blocks`, the padding rows' scratch block. `kv_cache_dtype` (default:
+    the model's dtype) is the cache's element type.
     """
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_model_len: int | None = None,
-                 graph_batch: int = 0, capture_graphs: bool | None = None) -> None:
+                 graph_batch: int = 0, capture_graphs: bool | None = None,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.block_size = block_size
-        self.cache = model.new_kv_cache(num_blocks + 1, block_size)
+        self.cache = model.new_kv_cache(num_blocks + 1, block_size, kv_cache_dtype)
         self.scratch_slot = num_blocks * block_size  # block `num_blocks`: padding rows write here
         self.graphs: DecodeGraphs | None = None
         if graph_batch:

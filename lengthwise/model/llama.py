@@ -98,11 +98,12 @@ class CausalLM(nn.Module):
         # panels (`PackedWeight`s) and packs the LM head here (then also `lm_head` itself, if untied).
         self.head_panels = None
 
-    def new_kv_cache(self, num_blocks: int, block_size: int = 16) -> KVCacheStorage:
-        """A KV cache shaped for this model, on its device and in its dtype."""
+    def new_kv_cache(self, num_blocks: int, block_size: int = 16,
+                     dtype: torch.dtype | None = None) -> KVCacheStorage:
+        """A KV cache shaped for this model, on its device, in `dtype` (default: the model's)."""
         c = self.config
         return KVCacheStorage(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim,
-                              self.dtype, self.device)
+                              dtype or self.dtype, self.device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

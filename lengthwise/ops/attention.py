@@ -125,9 +125,10 @@ def _segment_slots(block_table: torch.Tensor, length: int, block_size: int) -> t
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store new keys/values `[T, kv_heads, head_dim]` into flat caches `[slots, kv_heads, head_dim]`."""
-    k_cache.index_copy_(0, slot_mapping, k)
-    v_cache.index_copy_(0, slot_mapping, v)
+    """Store new keys/values `[T, kv_heads, head_dim]` into flat caches `[slots, kv_heads, head_dim]`
+    (rounded to the cache's dtype where it is narrower: `EngineConfig.kv_cache_dtype`)."""
+    k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -156,8 +157,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if start == end:
             continue
         slots = meta.context_slots(b)
-        k = k_cache[slots].transpose(0, 1)[None]  # [1, kv_heads, L, D]
-        v = v_cache[slots].transpose(0, 1)[None]
+        k = k_cache[slots].to(q.dtype).transpose(0, 1)[None]  # [1, kv_heads, L, D]
+        v = v_cache[slots].to(q.dtype).transpose(0, 1)[None]
         qb = q[start:end].transpose(0, 1)[None]   # [1, heads, n, D]
         q_pos = positions[start:end, None]
         k_pos = torch.arange(slots.numel(), device=q.device)[None, :]

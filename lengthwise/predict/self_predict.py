@@ -118,6 +118,7 @@ class SelfPredictor(LengthPredictor):
                                EngineConfig(dtype=c.dtype, device=c.device, block_size=c.block_size,
                                             max_num_seqs=64, max_num_batched_tokens=c.max_num_batched_tokens,
                                             kv_cache_memory=_asker_kv_bytes(engine), max_model_len=c.max_model_len,
+                                            kv_cache_dtype=c.kv_cache_dtype,
                                             enable_prefix_caching=True))
         self.fallback = fallback or ConstantPredictor(fallback_length)
         self.max_length = float(engine.max_model_len)
@@ -227,6 +228,6 @@ def _asker_kv_bytes(engine: LLMEngine) -> int:
     from lengthwise.kv.storage import KVCacheStorage
 
     per_block = KVCacheStorage.bytes_per_block(mc.num_layers, engine.config.block_size, mc.num_kv_heads,
-                                               mc.head_dim, engine.model.dtype)
+                                               mc.head_dim, engine.kv_cache_dtype)
     one_context = -(-engine.max_model_len // engine.config.block_size) + 1
     return int(per_block * max(one_context, min(64 * one_context, ASKER_KV_BYTES // per_block)))

@@ -14,7 +14,8 @@
 The library is built with the system C++ compiler (`$CXX`, else `c++`) for this CPU
 (`-march=native`) into the lengthwise cache directory, keyed by a hash of sources, flags and CPU,
 and loaded with ctypes. If no compiler is found or the build fails, `segment_attention_kernel()`
-returns `None` (with one warning) and callers use the torch reference. float32 activations only.
+returns `None` (with one warning) and callers use the torch reference. float32 activations only;
+the KV cache may be float32 or bfloat16 (`KV_DTYPES`).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def segment_attention_kernel() -> ctypes.CDLL | None:
     so.lw_segment_attention.restype = None
     so.lw_segment_attention.argtypes = (
         [ctypes.c_void_p] * 8 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-        + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int])
+        + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 3)
     _declare_decode(so)
     max_heads, max_dim = ctypes.c_int(), ctypes.c_int()
     so.lw_limits(ctypes.byref(max_heads), ctypes.byref(max_dim))
@@ -102,12 +103,29 @@ def _declare_decode(so: ctypes.CDLL) -> None:
     so.lw_packed_linear.restype = None
     so.lw_packed_linear.argtypes = [p, i, i, p, p, i, p, i]
     so.lw_decode_forward.restype = None
-    so.lw_decode_forward.argtypes = [p, p] + [i] * 6 + [f, f, p, p, p, i] + [p] * 5 + [i, p, p, p, i, p, i, i, i]
+    so.lw_decode_forward.argtypes = [p, p] + [i] * 6 + [f, f, p, p, p, i] + [p] * 5 + [i, p, p, p, i, p, i, i, i, i, i]
+
+
+# The KV cache dtypes the kernels read (`EngineConfig.kv_cache_dtype` on the CPU).
+KV_DTYPES = (torch.float32, torch.bfloat16)
+# How the attention kernel walks a tile of keys (an A/B switch): "auto" the faster for the cache's
+# dtype (memory order for bfloat16, a head at a time for float32), "head" or "memory" forces one.
+ATTENTION_ORDER_ENV = "LENGTHWISE_CPU_ATTENTION_ORDER"
+ATTENTION_ORDERS = {"auto": 0, "head": 1, "memory": 2}
+
+
+def attention_order() -> int:
+    """`LENGTHWISE_CPU_ATTENTION_ORDER` as the kernels' `order` argument."""
+    raw = os.environ.get(ATTENTION_ORDER_ENV, "auto")
+    if raw not in ATTENTION_ORDERS:
+        raise ValueError(f"{ATTENTION_ORDER_ENV} must be one of {', '.join(ATTENTION_ORDERS)}, got {raw!r}")
+    return ATTENTION_ORDERS[raw]
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the kernel handles these tensors (CPU, float32, head sizes within its limits)."""
-    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+    """Whether the kernel handles these tensors (CPU, float32 queries over a float32 or bfloat16
+    cache, head sizes within its limits)."""
+    if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype not in KV_DTYPES:
         return False
     lib = segment_attention_kernel()
     return (lib is not None and q.shape[-1] <= lib.max_head_dim
@@ -130,7 +148,7 @@ def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         ptr(kt.response_lens.data_ptr()), ptr(kt.prompt_block_tables.data_ptr()), kt.prompt_block_tables.shape[1],
         ptr(kt.response_block_tables.data_ptr()), kt.response_block_tables.shape[1], ptr(group_ids.data_ptr()),
         len(groups), q.shape[1], k_cache.shape[1], q.shape[2], meta.block_size, sliding_window or 0, scale,
-        torch.get_num_threads())
+        int(k_cache.dtype == torch.bfloat16), attention_order(), torch.get_num_threads())
 
 
 # decode_forward.cpp's WeightFormat, by the dtype a weight arrives in.

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -15,20 +17,49 @@ constexpr int kMaxHeads = 128;   // query heads
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxTile = 32;     // keys per softmax update (at most one block)
 
+// A KV cache element: float32, or bfloat16 held as its 16 raw bits (half the bytes for attention
+// to read; the arithmetic stays float32).
+using bf16 = uint16_t;
+
+inline float widen(float x) { return x; }
+inline float widen(bf16 x) {
+  const uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// float32 -> bfloat16, rounding to nearest even as torch's `.to(torch.bfloat16)` does (NaN kept NaN).
+inline bf16 narrow_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return bf16((u >> 16) | 0x40);
+  return bf16((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+// Store n floats as KV elements.
+inline void store_kv(float* dst, const float* src, int n) { std::copy(src, src + n, dst); }
+inline void store_kv(bf16* dst, const float* src, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = narrow_bf16(src[i]);
+}
+
+// `k`/`v` point to float32 or bfloat16 pools (`kv_bf16`). `order`: how the AVX-512 path walks a
+// tile: 0 the faster for the cache's dtype, 1 a head at a time, 2 in memory order (the A/B).
 struct Args {
-  const float* q; const float* k; const float* v; float* out;
+  const float* q; const void* k; const void* v; float* out;
   const int64_t* positions; const int32_t* query_start;
   const int32_t* prompt_lens; const int32_t* response_lens;
   const int32_t* prompt_tables; const int32_t* response_tables;
   int prompt_width, response_width;
   int heads, kv_heads, head_dim, block_size, window;
   float scale;
+  bool kv_bf16;
+  int order;
 };
 
-inline float dot(const float* a, const float* b, int n) {
+template <class KV>
+inline float dot(const float* a, const KV* b, int n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int i = 0; i < n; ++i) s += a[i] * widen(b[i]);
   return s;
 }
 
@@ -83,10 +114,11 @@ struct Row {
 // Scores s[h][i] of a tile's n keys for the row's nh query heads (kt: the tile's first key at the
 // row's first KV head), a dot product per key and head: the compiler vectorizes each across the
 // head, which serves head sizes that are multiples of 16 (where the AVX-512 path is not built).
-inline void scores_by_key(const Row& r, const float* kt, int n, int64_t row_stride, int D, int G,
+template <class KV>
+inline void scores_by_key(const Row& r, const KV* kt, int n, int64_t row_stride, int D, int G,
                           float (*s)[kMaxTile]) {
   for (int i = 0; i < n; ++i) {
-    const float* ki = kt + i * row_stride;
+    const KV* ki = kt + i * row_stride;
     for (int h = 0; h < r.nh; ++h) s[h][i] = dot(r.q[h], ki + (h / G) * D, D);
   }
 }
@@ -94,15 +126,16 @@ inline void scores_by_key(const Row& r, const float* kt, int n, int64_t row_stri
 // The same scores for small heads (8 or 24, say), whose per-key dot products would each end in a
 // horizontal sum that costs more than the products: each KV head's keys are transposed to
 // [D][tile] and a query head's scores are D vector FMAs across the tile's keys.
-inline void scores_transposed(const Row& r, const float* kt, int n, int64_t row_stride, int D, int G,
+template <class KV>
+inline void scores_transposed(const Row& r, const KV* kt, int n, int64_t row_stride, int D, int G,
                               float (*s)[kMaxTile]) {
   thread_local std::vector<float> buf;  // [D][kMaxTile]: one KV head's keys of the tile
   if (buf.size() < size_t(D) * kMaxTile) buf.resize(size_t(D) * kMaxTile);
   float* kd0 = buf.data();
   for (int g = 0; g < r.nh / G; ++g) {
     for (int i = 0; i < n; ++i) {
-      const float* ki = kt + i * row_stride + g * D;
-      for (int d = 0; d < D; ++d) kd0[d * kMaxTile + i] = ki[d];
+      const KV* ki = kt + i * row_stride + g * D;
+      for (int d = 0; d < D; ++d) kd0[d * kMaxTile + i] = widen(ki[d]);
     }
     for (int h = g * G; h < (g + 1) * G; ++h) {
       float* sh = s[h];
@@ -122,6 +155,7 @@ inline void scores_transposed(const Row& r, const float* kt, int n, int64_t row_
 // is one contiguous run of memory, which the hardware prefetcher streams. Scores transposed only
 // for heads under 32 that are not a multiple of 16: the others are faster by key (measured with
 // the AVX-512 path switched off: docs/benchmarks.md, "CPU attention kernel").
+template <class KV>
 inline void attend_generic(Row& r, const Args& a) {
   const int D = a.head_dim, G = a.heads / a.kv_heads, nh = r.nh;
   const int64_t row_stride = int64_t(a.kv_heads) * D;
@@ -130,8 +164,8 @@ inline void attend_generic(Row& r, const Args& a) {
   int64_t slot;
   for (int p = r.lo, n; p <= r.hi; p += n) {
     n = r.tile(a, p, r.hi + 1, kMaxTile, &slot);
-    const float* kt = a.k + slot * row_stride + int64_t(r.h0) * D;
-    const float* vt = a.v + slot * row_stride + int64_t(r.h0) * D;
+    const KV* kt = static_cast<const KV*>(a.k) + slot * row_stride + int64_t(r.h0) * D;
+    const KV* vt = static_cast<const KV*>(a.v) + slot * row_stride + int64_t(r.h0) * D;
     if (transposed)
       scores_transposed(r, kt, n, row_stride, D, G, s);
     else
@@ -152,13 +186,13 @@ inline void attend_generic(Row& r, const Args& a) {
     }
     // Values, key by key again, in memory order.
     for (int i = 0; i < n; ++i) {
-      const float* vi = vt + i * row_stride;
+      const KV* vi = vt + i * row_stride;
       for (int h = 0; h < nh; ++h) {
         const float w = s[h][i];
-        const float* vh = vi + (h / G) * D;
+        const KV* vh = vi + (h / G) * D;
         float* acch = r.acc[h];
 #pragma omp simd
-        for (int d = 0; d < D; ++d) acch[d] += w * vh[d];
+        for (int d = 0; d < D; ++d) acch[d] += w * widen(vh[d]);
       }
     }
   }
@@ -195,34 +229,106 @@ inline __m512 sum16(__m512* p) {
   return p[0];
 }
 
+// 16 KV elements as floats (bfloat16: widen by a shift into the high half of each lane).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
 constexpr int kChunkKeys = 512;  // keys per softmax update of the AVX-512 path
+
+// The scores pass of a tile of n keys in memory order: every KV head of key i (its slice loaded
+// once for the G query heads that share it), then key i + 1, each (head, key) partial dot product
+// into part[16 * h + i]. A tile is one contiguous run of a block; read front to back, the
+// hardware prefetcher streams it, where a head at a time (n strided reads per head) left it idle
+// between heads: 1.2-1.4x faster over a bfloat16 cache that streams from memory, but for a
+// float32 one no faster from memory and 10% slower from cache (`benchmarks/cpu_attention.py`).
+template <class KV>
+inline void scores_in_memory_order(const Row& r, const KV* kt, int n, int64_t row_stride, int D, int G,
+                                   __m512* part) {
+  const int nc = D / 16;
+  for (int i = 0; i < 16; ++i) {
+    if (i >= n) {
+      for (int h = 0; h < r.nh; ++h) part[16 * h + i] = _mm512_setzero_ps();
+      continue;
+    }
+    const KV* ki = kt + i * row_stride;
+    for (int g = 0; g < r.nh / G; ++g) {
+      const KV* kg = ki + g * D;
+      if (nc == 4) {  // head size 64: the slice in four registers
+        const __m512 k0 = load16(kg), k1 = load16(kg + 16), k2 = load16(kg + 32), k3 = load16(kg + 48);
+        for (int h = g * G; h < (g + 1) * G; ++h) {
+          __m512 s = _mm512_mul_ps(_mm512_load_ps(r.q[h]), k0);
+          s = _mm512_fmadd_ps(_mm512_load_ps(r.q[h] + 16), k1, s);
+          s = _mm512_fmadd_ps(_mm512_load_ps(r.q[h] + 32), k2, s);
+          part[16 * h + i] = _mm512_fmadd_ps(_mm512_load_ps(r.q[h] + 48), k3, s);
+        }
+        continue;
+      }
+      for (int h = g * G; h < (g + 1) * G; ++h) {
+        __m512 s = _mm512_mul_ps(_mm512_load_ps(r.q[h]), load16(kg));
+        for (int c = 1; c < nc; ++c) s = _mm512_fmadd_ps(_mm512_load_ps(r.q[h] + 16 * c), load16(kg + 16 * c), s);
+        part[16 * h + i] = s;
+      }
+    }
+  }
+}
+
+// The values pass in memory order: key i's value for every head into the accumulators (in L1),
+// then key i + 1; w[h * kChunkKeys + i] is key i's weight for head h.
+template <class KV>
+inline void values_in_memory_order(Row& r, const KV* vt, int n, int64_t row_stride, int D, int G, const float* w) {
+  const int nc = D / 16;
+  for (int i = 0; i < n; ++i) {
+    const KV* vi = vt + i * row_stride;
+    for (int h = 0; h < r.nh; ++h) {
+      const __m512 wh = _mm512_set1_ps(w[h * kChunkKeys + i]);
+      const KV* vh = vi + (h / G) * D;
+      float* acc = r.acc[h];
+      for (int c = 0; c < nc; ++c)
+        _mm512_store_ps(acc + 16 * c, _mm512_fmadd_ps(wh, load16(vh + 16 * c), _mm512_load_ps(acc + 16 * c)));
+    }
+  }
+}
 
 // The same result as `attend_generic` for head sizes that are a multiple of 16, 1.6x as fast when
 // the keys are in cache (no faster when they stream from memory: both read at the same rate).
 // Compilers vectorize the generic loops with 256-bit vectors and one dependent accumulator per dot
 // product. Here, per chunk of up to kChunkKeys keys: every score first (a head's 16 keys of a tile
 // reduced together by sum16), one softmax update, then the values a head at a time with its
-// accumulator in registers.
+// accumulator in registers (a bfloat16 cache: both passes in memory order instead).
+template <class KV, bool kMemoryOrder>
 inline void attend_avx512(Row& r, const Args& a) {
   const int D = a.head_dim, G = a.heads / a.kv_heads, nh = r.nh, nc = D / 16;
   const int64_t row_stride = int64_t(a.kv_heads) * D;
   thread_local std::vector<float> scores;  // [nh][kChunkKeys]
   if (scores.size() < size_t(nh) * kChunkKeys) scores.resize(size_t(nh) * kChunkKeys);
+  thread_local std::vector<__m512> parts;  // memory order: [nh][16] partial dot products of a tile
+  if (kMemoryOrder && parts.size() < size_t(nh) * 16) parts.resize(size_t(nh) * 16);
+  __m512* part = parts.data();
   int64_t slot;
   for (int c0 = r.lo; c0 <= r.hi; c0 += kChunkKeys) {
     const int c1 = std::min(r.hi + 1, c0 + kChunkKeys), nk = c1 - c0;
     for (int p = c0, n; p < c1; p += n) {
       n = r.tile(a, p, c1, 16, &slot);
-      const float* kt = a.k + slot * row_stride + int64_t(r.h0) * D;
+      const KV* kt = static_cast<const KV*>(a.k) + slot * row_stride + int64_t(r.h0) * D;
+      if constexpr (kMemoryOrder) {
+        scores_in_memory_order(r, kt, n, row_stride, D, G, part);
+        for (int h = 0; h < nh; ++h)
+          _mm512_mask_storeu_ps(scores.data() + h * kChunkKeys + (p - c0), __mmask16((1u << n) - 1),
+                                sum16(part + 16 * h));
+        continue;
+      }
       for (int h = 0; h < nh; ++h) {
-        const float* kh = kt + (h / G) * D;
+        const KV* kh = kt + (h / G) * D;
         __m512 part[16];
         for (int i = 0; i < 16; ++i) {
           if (i >= n) { part[i] = _mm512_setzero_ps(); continue; }
-          const float* ki = kh + i * row_stride;
-          __m512 s = _mm512_mul_ps(_mm512_load_ps(r.q[h]), _mm512_loadu_ps(ki));
+          const KV* ki = kh + i * row_stride;
+          __m512 s = _mm512_mul_ps(_mm512_load_ps(r.q[h]), load16(ki));
           for (int c = 1; c < nc; ++c)
-            s = _mm512_fmadd_ps(_mm512_load_ps(r.q[h] + 16 * c), _mm512_loadu_ps(ki + 16 * c), s);
+            s = _mm512_fmadd_ps(_mm512_load_ps(r.q[h] + 16 * c), load16(ki + 16 * c), s);
           part[i] = s;
         }
         _mm512_mask_storeu_ps(scores.data() + h * kChunkKeys + (p - c0), __mmask16((1u << n) - 1), sum16(part));
@@ -252,9 +358,13 @@ inline void attend_avx512(Row& r, const Args& a) {
     }
     for (int p = c0, n; p < c1; p += n) {
       n = r.tile(a, p, c1, 16, &slot);
-      const float* vt = a.v + slot * row_stride + int64_t(r.h0) * D;
+      const KV* vt = static_cast<const KV*>(a.v) + slot * row_stride + int64_t(r.h0) * D;
+      if constexpr (kMemoryOrder) {
+        values_in_memory_order(r, vt, n, row_stride, D, G, scores.data() + (p - c0));
+        continue;
+      }
       for (int h = 0; h < nh; ++h) {
-        const float* vh = vt + (h / G) * D;
+        const KV* vh = vt + (h / G) * D;
         const float* w = scores.data() + h * kChunkKeys + (p - c0);
         for (int c = 0; c < nc; c += 4) {  // up to four vectors of the head's accumulator in registers
           const int nv = std::min(4, nc - c);
@@ -262,8 +372,8 @@ inline void attend_avx512(Row& r, const Args& a) {
           for (int j = 0; j < nv; ++j) x[j] = _mm512_load_ps(r.acc[h] + 16 * (c + j));
           for (int i = 0; i < n; ++i) {
             const __m512 wi = _mm512_set1_ps(w[i]);
-            const float* vi = vh + i * row_stride + 16 * c;
-            for (int j = 0; j < nv; ++j) x[j] = _mm512_fmadd_ps(wi, _mm512_loadu_ps(vi + 16 * j), x[j]);
+            const KV* vi = vh + i * row_stride + 16 * c;
+            for (int j = 0; j < nv; ++j) x[j] = _mm512_fmadd_ps(wi, load16(vi + 16 * j), x[j]);
           }
           for (int j = 0; j < nv; ++j) _mm512_store_ps(r.acc[h] + 16 * (c + j), x[j]);
         }
@@ -273,15 +383,29 @@ inline void attend_avx512(Row& r, const Args& a) {
 }
 #endif
 
+// The AVX-512 path walks a bfloat16 cache in memory order (see scores_in_memory_order) where the
+// task reads whole key rows (every KV head: a tile is then one contiguous run), and otherwise a
+// head at a time: the faster of the two for each case in docs/benchmarks.md ("A bfloat16 KV
+// cache"; with a row's KV heads split among tasks, at small batches, memory order was slower, and
+// over a float32 cache it was no faster). `Args::order` overrides it.
+template <class KV>
+inline void attend_row(Row& r, const Args& a) {
+#if defined(__AVX512F__)
+  if (a.head_dim % 16 == 0) {
+    const bool whole_rows = r.nh == a.heads;
+    const bool memory_order = a.order == 0 ? std::is_same_v<KV, bf16> && whole_rows : a.order == 2;
+    return memory_order ? attend_avx512<KV, true>(r, a) : attend_avx512<KV, false>(r, a);
+  }
+#endif
+  attend_generic<KV>(r, a);
+}
+
 // Query row `t` of row-group `b`, KV heads [h0, h1) and their query heads: the AVX-512 path where
 // the build has it and the head size is a multiple of 16, else the portable one.
 inline void attend(const Args& a, int t, int b, int h0, int h1) {
   Row r(a, t, b, h0, h1);
-#if defined(__AVX512F__)
-  if (a.head_dim % 16 == 0) attend_avx512(r, a);
-  else
-#endif
-    attend_generic(r, a);
+  if (a.kv_bf16) attend_row<bf16>(r, a);
+  else attend_row<float>(r, a);
   r.write(a);
 }
 }  // namespace lw

@@ -9,7 +9,8 @@
 // only meet at barriers.
 //
 // OpenMP is the one torch already loaded (libgomp.so.1 by soname), so these threads are torch's
-// own intra-op pool: nothing here competes with torch for the cores. float32 only.
+// own intra-op pool: nothing here competes with torch for the cores. float32 activations; the KV
+// cache may be bfloat16.
 #include "attention.h"
 
 #include <immintrin.h>
@@ -264,14 +265,16 @@ extern "C" void lw_packed_linear(const float* x, int m, int k, const PackedWeigh
 //   x [T, hidden]: the embedded tokens; out [T, hidden]: the final-normed hidden states.
 //   layers [L * kNumLayerPtrs]: see LayerPtr; windows [L]: sliding window per layer, 0 for none.
 //   cos/sin [T, head_dim]; slots [T]: where each token's key and value go; the rest is the
-//   segment attention metadata (see segment_attention.cpp) for the B row-groups.
+//   segment attention metadata (see segment_attention.cpp) for the B row-groups. The KV cache
+//   holds float32, or bfloat16 where `kv_bf16` (keys and values rounded as they are written);
+//   `attention_order` as lw::Args's `order`.
 extern "C" void lw_decode_forward(
     const void* const* layers, const int32_t* windows, int num_layers, int hidden, int heads, int kv_heads,
     int head_dim, int inter, float eps, float scale, const float* final_norm,
     const float* x, float* out, int T, const float* cos, const float* sin, const int64_t* slots,
     const int64_t* positions, const int32_t* query_start, int B, const int32_t* prompt_lens,
     const int32_t* response_lens, const int32_t* prompt_tables, int prompt_width, const int32_t* response_tables,
-    int response_width, int block_size, int num_threads) {
+    int response_width, int block_size, int kv_bf16, int attention_order, int num_threads) {
   const int D = head_dim, q_size = heads * D, kv_size = kv_heads * D, qkv_size = q_size + 2 * kv_size;
   std::vector<float> residual(int64_t(T) * hidden), h(int64_t(T) * hidden), y(int64_t(T) * hidden);
   std::vector<float> qkv(int64_t(T) * qkv_size), q(int64_t(T) * q_size), attn(int64_t(T) * q_size);
@@ -290,8 +293,8 @@ extern "C" void lw_decode_forward(
 #pragma omp parallel num_threads(num_threads)
   for (int l = 0; l < num_layers; ++l) {
     const float* const* p = reinterpret_cast<const float* const*>(layers) + int64_t(l) * kNumLayerPtrs;
-    float* k_cache = const_cast<float*>(p[kKCache]);
-    float* v_cache = const_cast<float*>(p[kVCache]);
+    void* k_cache = const_cast<float*>(p[kKCache]);  // float32 or bfloat16 (`kv_bf16`)
+    void* v_cache = const_cast<float*>(p[kVCache]);
 #pragma omp single
     for (int t = 0; t < T; ++t) {
       float* res = residual.data() + int64_t(t) * hidden;
@@ -312,19 +315,22 @@ extern "C" void lw_decode_forward(
         else std::copy(row + hh * D, row + (hh + 1) * D, qh);
         rope(qh, c, s, D);
       }
-      float* kdst = k_cache + slots[t] * row_stride;
-      float* vdst = v_cache + slots[t] * row_stride;
+      const int64_t dst = slots[t] * row_stride;
+      alignas(64) float kr[lw::kMaxHeadDim];
       for (int hh = 0; hh < kv_heads; ++hh) {
         const float* kh = row + q_size + hh * D;
-        if (p[kKNorm]) rms_norm_row(kh, p[kKNorm], D, eps, kdst + hh * D);
-        else std::copy(kh, kh + D, kdst + hh * D);
-        rope(kdst + hh * D, c, s, D);
+        if (p[kKNorm]) rms_norm_row(kh, p[kKNorm], D, eps, kr);
+        else std::copy(kh, kh + D, kr);
+        rope(kr, c, s, D);
+        if (kv_bf16) lw::store_kv(static_cast<lw::bf16*>(k_cache) + dst + hh * D, kr, D);
+        else lw::store_kv(static_cast<float*>(k_cache) + dst + hh * D, kr, D);
       }
-      std::copy(row + q_size + kv_size, row + qkv_size, vdst);
+      if (kv_bf16) lw::store_kv(static_cast<lw::bf16*>(v_cache) + dst, row + q_size + kv_size, kv_size);
+      else lw::store_kv(static_cast<float*>(v_cache) + dst, row + q_size + kv_size, kv_size);
     }
     const lw::Args a{q.data(), k_cache, v_cache, attn.data(), positions, query_start, prompt_lens, response_lens,
                      prompt_tables, response_tables, prompt_width, response_width, heads, kv_heads, D,
-                     block_size, windows[l], scale};
+                     block_size, windows[l], scale, kv_bf16 != 0, attention_order};
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < tasks; ++i) {
       const auto& [t, b] = rows[i / splits];

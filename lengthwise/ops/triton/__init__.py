@@ -10,6 +10,12 @@ from __future__ import annotations
 import torch
 
 
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+    if k_cache.dtype != q.dtype:
+        raise ValueError(f"the Triton kernels read a KV cache in the activations' dtype ({q.dtype}), got a "
+                         f"{k_cache.dtype} cache: leave kv_cache_dtype at 'auto' where they run")
+
+
 def fused_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
                        residual: torch.Tensor | None = None,
                        out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +36,7 @@ def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
                         sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         slot_mapping: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE on q and k, k and v stored straight into the paged cache; returns the rotated q."""
+    _check_cache(q, k_cache)
     from lengthwise.ops.triton.rotary import rotary_and_write_kv as run
 
     return run(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, out)
@@ -45,6 +52,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def norm_qkv_rotary_write(x, residual, norm_weight, eps, weight, bias, cos, sin, k_cache, v_cache, slot_mapping,
                           out=None, **knobs):
     """One token: residual add + RMSNorm + QKV GEMV + RoPE + KV write in one kernel; returns (q, residual)."""
+    _check_cache(x, k_cache)
     from lengthwise.ops.triton.fused import norm_qkv_rotary_write as run
 
     return run(x, residual, norm_weight, eps, weight, bias, cos, sin, k_cache, v_cache, slot_mapping, out, **knobs)
@@ -59,6 +67,7 @@ def norm_gate_up_silu(x, residual, norm_weight, eps, weight, bias, out=None, **k
 
 def paged_attention(q, k_cache, v_cache, positions, meta, scale, sliding_window=None, out=None):
     """Segment attention: the decode kernel when every row-group has one query, else the varlen one."""
+    _check_cache(q, k_cache)
     from lengthwise.ops.triton.attention import paged_attention as run
 
     return run(q, k_cache, v_cache, positions, meta, scale, sliding_window, out)
