@@ -39,6 +39,13 @@ def test_kv_cache_dtype_is_refused_where_it_does_not_apply():
     assert _kv_cache_dtype("auto", gpu_model) == _kv_cache_dtype("bfloat16", gpu_model) == torch.bfloat16
     with pytest.raises(ValueError, match="kv_cache_dtype='float32': on cuda the KV cache is held in the model's dtype"):
         _kv_cache_dtype("float32", gpu_model)
+    # On the CPU the one other cache is bfloat16 under float32: a wider cache only costs memory.
+    cpu_bf16_model = SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="kv_cache_dtype='float32' under a bfloat16 model"):
+        _kv_cache_dtype("float32", cpu_bf16_model)
+    fp16_model = SimpleNamespace(dtype=torch.float16, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="bfloat16 under float32 only"):
+        _kv_cache_dtype("bfloat16", fp16_model)
     # The Triton entry points say so too, before any kernel runs (LENGTHWISE_KERNELS=triton on the CPU).
     q, cache = torch.zeros(1, 2, 8), torch.zeros(4, 2, 8, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="activations' dtype"):

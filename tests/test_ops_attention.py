@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lengthwise.ops import AttentionMetadata, paged_attention
-from lengthwise.ops.cpu import ATTENTION_ORDER_ENV, attention_order, segment_attention_kernel
+from lengthwise.ops.cpu import ATTENTION_ORDER_ENV, attention_order, segment_attention_kernel, supports
 
 
 @pytest.fixture(params=["torch", "cpu-kernel"])
@@ -60,6 +60,8 @@ def test_prompt_and_response_segments_one_softmax(heads, kv_heads, window, kv_dt
     positions = torch.cat(q_pos)
     meta = AttentionMetadata(qs, torch.zeros(0, dtype=torch.long), bs, torch.tensor(p_tables),
                              [s[0] for s in seqs], torch.tensor(r_tables), [s[1] for s in seqs])
+    if backend == "cpu-kernel":  # (not the torch fallback: the kernel reads this cache itself)
+        assert supports(q, k_cache)
     out = paged_attention(q, k_cache, v_cache, positions, meta, D ** -0.5, window)
     assert out.is_contiguous() and torch.isfinite(out).all()
     for b, slots in enumerate(ctx_slots):
@@ -132,6 +134,36 @@ def test_cpu_kernel_long_contexts_match_dense_reference(head_dim, heads, kv_head
     for b, slots in enumerate(ctx_slots):
         ref = _dense(q[b:b + 1], k_cache[slots], v_cache[slots], positions[b:b + 1], window)
         torch.testing.assert_close(out[b:b + 1].double(), ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("order", ["auto", "head", "memory"])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim, heads, kv_heads", [(64, 12, 12), (64, 8, 2), (128, 4, 4), (32, 6, 3)])
+def test_cpu_kernel_one_row_splits_its_kv_heads(head_dim, heads, kv_heads, kv_dtype, order, monkeypatch):
+    """A lone decode row (batch 1): the kernel splits its KV heads among tasks, so tasks start at
+    KV heads other than 0 and read part of each key row, in either order."""
+    if segment_attention_kernel() is None:
+        pytest.skip("the CPU attention kernel could not be built here (no C++ compiler?)")
+    monkeypatch.setenv(ATTENTION_ORDER_ENV, order)
+    g = torch.Generator().manual_seed(head_dim + heads)
+    bs, p, r = 16, 300, 45
+    need = -(-p // bs) + -(-r // bs)
+    k_cache, v_cache = torch.randn(2, need * bs, kv_heads, head_dim, generator=g).to(kv_dtype)
+    blocks = torch.randperm(need, generator=g).tolist()
+    pb, rb = blocks[:-(-p // bs)], blocks[-(-p // bs):]
+    slots = [pb[i // bs] * bs + i % bs for i in range(p)] + [rb[i // bs] * bs + i % bs for i in range(r)]
+    meta = AttentionMetadata([0, 1], torch.zeros(0, dtype=torch.long), bs, torch.tensor([pb]), [p],
+                             torch.tensor([rb]), [r])
+    q = torch.randn(1, heads, head_dim, generator=g)
+    positions = torch.tensor([p + r - 1])
+    for threads in (2, 3):  # kv heads split 2, 3, 4 ... ways (tasks = 4 x threads per row, at most kv_heads)
+        torch.set_num_threads(threads)
+        try:
+            out = paged_attention(q, k_cache, v_cache, positions, meta, head_dim ** -0.5)
+        finally:
+            torch.set_num_threads(2)
+        ref = _dense(q, k_cache[slots], v_cache[slots], positions, None)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
 
 
 def test_attention_order_switch_names_itself(monkeypatch):

@@ -475,7 +475,7 @@ def _reference_generate(llm: Any, prompts: list[list[int]], params: Any) -> list
     c = llm.engine.config
     engine = LLMEngine(llm.engine.model, llm.engine.tokenizer, EngineConfig(
         max_num_seqs=len(prompts), max_model_len=c.max_model_len, kv_cache_memory=c.kv_cache_memory,
-        enforce_eager=True))
+        kv_cache_dtype=c.kv_cache_dtype, enforce_eager=True))
     return run_to_completion(engine, prompts, [params] * len(prompts))
 
 

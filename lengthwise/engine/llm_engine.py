@@ -420,12 +420,20 @@ class LLMEngine:
 
 
 def _kv_cache_dtype(name: str, model: CausalLM) -> torch.dtype:
-    """`EngineConfig.kv_cache_dtype` for `model`: "auto" is the model's dtype. On CUDA the Triton
-    kernels (and CUDA graphs) read the cache in the activations' dtype, so no other is accepted."""
+    """`EngineConfig.kv_cache_dtype` for `model`: "auto" is the model's dtype; the one other cache
+    is bfloat16 under a float32 model on the CPU (half the bytes, which the CPU kernels read). On
+    CUDA the Triton kernels (and CUDA graphs) read the cache in the activations' dtype; a cache
+    wider than the model only costs memory, and bfloat16 under float16 loses precision."""
     dtype = model.dtype if name == "auto" else getattr(torch, name)
-    if dtype != model.dtype and model.device.type != "cpu":
+    if dtype == model.dtype:
+        return dtype
+    model_dtype = str(model.dtype).removeprefix("torch.")
+    if model.device.type != "cpu":
         raise ValueError(f"kv_cache_dtype={name!r}: on {model.device.type} the KV cache is held in the model's "
-                         f"dtype ({str(model.dtype).removeprefix('torch.')}); use 'auto'")
+                         f"dtype ({model_dtype}); use 'auto'")
+    if not (dtype == torch.bfloat16 and model.dtype == torch.float32):
+        raise ValueError(f"kv_cache_dtype={name!r} under a {model_dtype} model: a cache in another dtype than "
+                         f"the model's is bfloat16 under float32 only; use 'auto'")
     return dtype
 
 

@@ -242,7 +242,7 @@ constexpr int kChunkKeys = 512;  // keys per softmax update of the AVX-512 path
 // once for the G query heads that share it), then key i + 1, each (head, key) partial dot product
 // into part[16 * h + i]. A tile is one contiguous run of a block; read front to back, the
 // hardware prefetcher streams it, where a head at a time (n strided reads per head) left it idle
-// between heads: 1.2-1.4x faster over a bfloat16 cache that streams from memory, but for a
+// between heads: 1.1-1.5x faster over a bfloat16 cache that streams from memory, but for a
 // float32 one no faster from memory and 10% slower from cache (`benchmarks/cpu_attention.py`).
 template <class KV>
 inline void scores_in_memory_order(const Row& r, const KV* kt, int n, int64_t row_stride, int D, int G,
