@@ -40,20 +40,72 @@ def test_hermes_parses_content_and_calls():
     assert [c.name for c in HermesToolParser(single=True).parse(two)[1]] == ["f"]  # parallel_tool_calls: false
 
 
+def _stream(parser, text: str, step: int):
+    """`text` fed to a `ToolCallStream` `step` characters at a time: (content sent, the tool-call
+    deltas with the piece count at which each went out, the stream)."""
+    stream, sent, deltas = ToolCallStream(parser), "", []
+    pieces = [text[i:i + step] for i in range(0, len(text), step)]
+    for k, piece in enumerate(pieces):
+        out, new = stream.feed(piece, k == len(pieces) - 1)
+        sent += out
+        deltas += [(k, d) for d in new]
+    return sent, deltas, stream
+
+
+def _merged(deltas) -> list[tuple[int, str, str]]:
+    """OpenAI clients' way: the deltas of each index merged into (index, name, arguments)."""
+    calls: dict[int, list[str]] = {}
+    for _, d in deltas:
+        fn = d.get("function", {})
+        name, args = calls.setdefault(d["index"], ["", ""])
+        calls[d["index"]] = [name + (fn.get("name") or ""), args + (fn.get("arguments") or "")]
+    return [(i, name, args) for i, (name, args) in sorted(calls.items())]
+
+
 def test_hermes_stream_holds_back_a_tag_in_the_making():
     p = HermesToolParser()
     assert p.content_end("Let me <tool") == len("Let me ")
     assert p.content_end("a < b") == len("a < b")
     for step in (1, 3, 7, 200):  # any split of the answer into deltas sends the same
-        stream, sent, calls = ToolCallStream(p), "", []
-        pieces = [ANSWER[i:i + step] for i in range(0, len(ANSWER), step)]
-        for k, piece in enumerate(pieces):
-            out, calls = stream.feed(piece, k == len(pieces) - 1)
-            sent += out
-            assert "<" not in sent
-        assert sent == "Let me check." and [c.name for c in calls] == ["get_weather"]
+        sent, deltas, stream = _stream(p, ANSWER, step)
+        assert sent == "Let me check." and stream.has_calls
+        assert _merged(deltas) == [(0, "get_weather", '{"city": "Paris"}')]
+        head = deltas[0][1]
+        assert head["id"].startswith("chatcmpl-tool-") and head["type"] == "function"
     stream = ToolCallStream(p)
     assert stream.feed("x <tool_c", False)[0] == "x " and stream.feed("", True) == ("<tool_c", [])
+
+
+def test_hermes_stream_sends_each_call_as_it_is_written():
+    """The name as soon as `"arguments": {` is written, then the arguments in fragments (braces and
+    quotes inside strings do not end them), the second call after the first; the merged deltas
+    are the calls the whole response reports."""
+    args = '{"q": "a } b \\" {", "n": [1, {"x": 2}]}'
+    text = (f'Sure.<tool_call>\n{{"name": "search", "arguments": {args}}}\n</tool_call>\n'
+            '<tool_call>{"name": "f", "parameters": {}}</tool_call> trailing text')
+    sent, deltas, stream = _stream(HermesToolParser(), text, 1)
+    assert sent == "Sure." and stream.has_calls
+    assert _merged(deltas) == [(0, "search", args), (1, "f", "{}")]
+    assert json.loads(_merged(deltas)[0][2]) == json.loads(HermesToolParser().parse(text)[1][0].arguments)
+    head_at = text.index('"arguments": ') + len('"arguments": ')  # the head goes out with the `{`
+    assert deltas[0][0] == head_at and deltas[0][1]["function"] == {"name": "search", "arguments": ""}
+    assert sum(d["index"] == 0 and "arguments" in d["function"] for _, d in deltas[1:]) > 10  # fragments
+    last_of_first = max(k for k, d in deltas if d["index"] == 0)
+    assert last_of_first < text.index("</tool_call>") and min(k for k, d in deltas if d["index"] == 1) > last_of_first
+    # parallel_tool_calls: false streams the first call only
+    assert [i for i, _, _ in _merged(_stream(HermesToolParser(single=True), text, 5)[1])] == [0]
+
+
+def test_hermes_stream_sends_other_shapes_whole_and_cut_calls_as_content():
+    p = HermesToolParser()
+    odd = '<tool_call>{"arguments": {"a": 1}, "name": "f"}</tool_call><tool_call>{"name": "g", "arguments": {}}'
+    sent, deltas, stream = _stream(p, odd, 2)
+    assert stream.has_calls and {k for k, _ in deltas} == {len(range(0, len(odd), 2)) - 1}  # both at the end, whole
+    assert _merged(deltas) == [(0, "f", '{"a": 1}'), (1, "g", "{}")]
+    cut = 'Hi<tool_call>{"name": "f", "arguments": {"a": "unfinish'
+    sent, deltas, stream = _stream(p, cut, 3)
+    assert not stream.has_calls and sent == cut  # as the non-streamed response: all of it content
+    assert _merged(deltas) == [(0, "f", '{"a": "unfinish')]  # what streamed before the cut stays sent
 
 
 def test_an_assistant_turns_call_arguments_reach_the_template_as_a_dict():
@@ -136,8 +188,9 @@ def test_tool_calls_come_back_as_openai_tool_calls(tool_server):
     chunks = [c.choices[0] for c in tool_server.chat.completions.create(**kw, tools=TOOLS, stream=True) if c.choices]
     assert "".join(c.delta.content or "" for c in chunks) == choice.message.content
     streamed = [tc for c in chunks for tc in (c.delta.tool_calls or [])]
-    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in streamed] == [
-        (0, "get_weather", {"city": "Paris"})]
+    assert len(streamed) > 2 and streamed[0].id.startswith("chatcmpl-tool-")  # the head, then fragments
+    assert streamed[0].function.name == "get_weather" and all(tc.index == 0 for tc in streamed)
+    assert json.loads("".join(tc.function.arguments or "" for tc in streamed)) == {"city": "Paris"}
     assert chunks[-1].finish_reason == "tool_calls"
     none = tool_server.chat.completions.create(**kw, tools=TOOLS, tool_choice="none").choices[0]
     assert none.finish_reason == "stop" and "<tool_call>" in none.message.content and not none.message.tool_calls

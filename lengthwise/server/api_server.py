@@ -563,7 +563,7 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
 
     prompt_lps: dict[int, list[Any]] = {}  # per prompt, with echo and logprobs
-    calls: dict[int, ToolCallStream] = {}  # per choice, with tools: content now, calls at the end
+    calls: dict[int, ToolCallStream] = {}  # per choice, with tools: content, then the calls as they are written
     splits: dict[int, ReasoningSplit] = {}  # per choice, with a reasoning parser
     async for k, delta in _merged(streams):
         if delta.prompt_logprobs is not None:
@@ -585,10 +585,11 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
                     if thought and reasoning.include:
                         d.update(_reasoning_fields(thought))
                 if tools is not None:
-                    d["content"], found = calls.setdefault(index, ToolCallStream(tools)).feed(
-                        d["content"], s.finish_reason is not None)
-                    if found:
-                        d["tool_calls"] = [c.to_openai(i) for i, c in enumerate(found)]
+                    stream = calls.setdefault(index, ToolCallStream(tools))
+                    d["content"], tool_deltas = stream.feed(d["content"], s.finish_reason is not None)
+                    if tool_deltas:
+                        d["tool_calls"] = tool_deltas
+                    if stream.has_calls:
                         finish = tools.calls_finish
                 if "reasoning" in d and not d["content"]:
                     d["content"] = None  # a delta of reasoning only

@@ -5,7 +5,7 @@ reads the calls back out of the generated text (vLLM's `--tool-call-parser`).
 `{"name": ..., "arguments": {...}}` between `<tool_call>` and `</tool_call>`, after any plain text
 the model writes first. The parser works on text, so it also serves a stream: the text before
 the first `<tool_call>` streams as content, a tail that may be the start of the tag is held back,
-and the calls go out once the choice ends.
+and each call streams as its name and then its arguments' fragments (`ToolCallStream`).
 """
 
 from __future__ import annotations
@@ -165,23 +165,102 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
 
 
 class ToolCallStream:
-    """One streamed choice: its text so far, split into content to send now and, once the choice
-    ends, its tool calls (sent whole, in one delta)."""
+    """One streamed choice: its text so far, split into content to send now and tool-call deltas.
+
+    With the hermes parser a call streams as OpenAI streams one: a first delta with its `id`,
+    `type` and `function.name` (and empty `arguments`) once `{"name": ..., "arguments": ` has been
+    written, then the arguments object's text in fragments as it is written (the model's own
+    spelling of the JSON, which parses to the same object the whole response reports). A block in
+    another shape (arguments before the name, arguments as a JSON string) waits and goes out whole
+    when the choice ends, as do the calls of `ForcedToolCalls`. The calls count only if the whole
+    text parses at the end (`has_calls`); a call cut by max_tokens leaves the fragments already
+    sent, and the rest of the text follows as content, as the non-streamed response reports it."""
 
     def __init__(self, parser: HermesToolParser | ForcedToolCalls) -> None:
         self.parser = parser
         self.text = ""
         self.sent = 0
+        self.has_calls = False
+        self._calls: list[_StreamedCall] = []  # calls whose head went out, in order
+        self._whole = False  # a block that does not stream: it and the ones after go out at the end
 
-    def feed(self, new: str, finished: bool) -> tuple[str, list[ToolCall]]:
-        """The content to send for `new` text, and the calls when `finished`."""
+    def feed(self, new: str, finished: bool) -> tuple[str, list[dict[str, Any]]]:
+        """The content to send for `new` text, and the tool-call deltas (OpenAI's `delta.tool_calls`)."""
         self.text += new
-        calls: list[ToolCall] = []
+        deltas = self._stream_calls() if isinstance(self.parser, HermesToolParser) else []
         if finished:
             _, calls = self.parser.parse(self.text)
+            self.has_calls = bool(calls)
             end = self.text.find(self.parser.start) if calls else len(self.text)
+            for i, call in enumerate(calls[len(self._calls):], start=len(self._calls)):
+                deltas.append(call.to_openai(i))  # the calls that did not stream, whole
         else:
             end = self.parser.content_end(self.text)
         end = max(end, self.sent)
         out, self.sent = self.text[self.sent:end], end
-        return out, calls
+        return out, deltas
+
+    def _stream_calls(self) -> list[dict[str, Any]]:
+        at = self.text.find(HermesToolParser.start)
+        if at == -1 or self._whole:
+            return []
+        deltas = []
+        blocks = list(HermesToolParser._call.finditer(self.text, at))
+        if self.parser.single:
+            blocks = blocks[:1]
+        for k, block in enumerate(blocks):
+            if k == len(self._calls):  # its head not sent yet
+                if k and not self._calls[-1].closed:
+                    break
+                head = _HEAD.match(block.group(1))
+                if head is None:  # not yet, or (once the block has closed) not at all
+                    self._whole = block.group(0).endswith("</tool_call>")
+                    break
+                call = _StreamedCall(ToolCall(json.loads(head.group(1)), ""), block.start(1) + head.end())
+                self._calls.append(call)
+                deltas.append(call.call.to_openai(k))
+            fragment = self._calls[k].advance(self.text, block.end(1))
+            if fragment:
+                deltas.append({"index": k, "function": {"arguments": fragment}})
+        return deltas
+
+
+# The start of a hermes call that can stream: its name, then its arguments (or "parameters") as an object.
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)')
+
+
+@dataclass
+class _StreamedCall:
+    """A call whose head went out: where its arguments object starts in the text, how far it has
+    been read (with the JSON state needed to find its end: depth, inside a string, after a `\\`)."""
+
+    call: ToolCall
+    start: int
+    read: int = 0
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+    closed: bool = False
+
+    def advance(self, text: str, stop: int) -> str:
+        """The arguments' text from where the last call left off to `stop` (or the object's end)."""
+        i = begin = self.start + self.read
+        while i < stop and not self.closed:
+            ch = text[i]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch == "{" or ch == "[":
+                self.depth += 1
+            elif ch == "}" or ch == "]":
+                self.depth -= 1
+                self.closed = self.depth == 0
+            i += 1
+        self.read = i - self.start
+        return text[begin:i]
