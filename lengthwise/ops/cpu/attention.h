@@ -306,7 +306,7 @@ inline void attend_avx512(Row& r, const Args& a) {
   if (scores.size() < size_t(nh) * kChunkKeys) scores.resize(size_t(nh) * kChunkKeys);
   thread_local std::vector<__m512> parts;  // memory order: [nh][16] partial dot products of a tile
   if (kMemoryOrder && parts.size() < size_t(nh) * 16) parts.resize(size_t(nh) * 16);
-  __m512* part = parts.data();
+  __m512* tile_parts = parts.data();
   int64_t slot;
   for (int c0 = r.lo; c0 <= r.hi; c0 += kChunkKeys) {
     const int c1 = std::min(r.hi + 1, c0 + kChunkKeys), nk = c1 - c0;
@@ -314,10 +314,10 @@ inline void attend_avx512(Row& r, const Args& a) {
       n = r.tile(a, p, c1, 16, &slot);
       const KV* kt = static_cast<const KV*>(a.k) + slot * row_stride + int64_t(r.h0) * D;
       if constexpr (kMemoryOrder) {
-        scores_in_memory_order(r, kt, n, row_stride, D, G, part);
+        scores_in_memory_order(r, kt, n, row_stride, D, G, tile_parts);
         for (int h = 0; h < nh; ++h)
           _mm512_mask_storeu_ps(scores.data() + h * kChunkKeys + (p - c0), __mmask16((1u << n) - 1),
-                                sum16(part + 16 * h));
+                                sum16(tile_parts + 16 * h));
         continue;
       }
       for (int h = 0; h < nh; ++h) {
