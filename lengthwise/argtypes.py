@@ -4,6 +4,7 @@ error naming the flag (exit status 2), never a traceback from deep inside the wo
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -93,3 +94,22 @@ def add_precision_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help="dtype of the KV cache (default auto: the model's); bfloat16 under a float32 model "
                    "on the CPU holds twice the tokens and halves decode attention's reads")
+
+
+def json_object(text: str) -> dict[str, object]:
+    """A JSON object argument, such as `--speculative-config '{"method": "ngram", ...}'`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg} at character {e.pos}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object ({{...}}), got {text!r}")
+    return value
+
+
+def add_speculative_argument(p: argparse.ArgumentParser) -> None:
+    """`--speculative-config JSON` (`EngineConfig.speculative_config`, vLLM's flag)."""
+    p.add_argument("--speculative-config", type=json_object, default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                   "(draft-free n-gram lookup in the prompt and output; prompt_lookup_max/min set the n-gram "
+                   "sizes, default 4 down to 2)")

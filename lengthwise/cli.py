@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from lengthwise.argtypes import add_precision_arguments, kv_memory
+from lengthwise.argtypes import add_precision_arguments, add_speculative_argument, kv_memory
 from lengthwise.engine import LLM
 from lengthwise.engine.llm_engine import generation_defaults
 from lengthwise.model import CheckpointError
@@ -42,6 +42,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory", type=kv_memory, default=None,
                    help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together at most (default 256)")
+    add_speculative_argument(p)
     add_policy_arguments(p)
     p.add_argument("--length-predictor", default=None,
                    help="predict each response's length first: a predictor directory, 'self', "
@@ -80,7 +81,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     llm = LLM(model_dir, dtype=args.dtype, device=args.device, quantization=args.quantization,
               kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=args.kv_cache_memory,
               max_num_seqs=args.max_num_seqs, length_predictor=args.length_predictor, policy=args.policy,
-              policy_options=parse_policy_options(args.policy_option))
+              policy_options=parse_policy_options(args.policy_option), speculative_config=args.speculative_config)
     tokenizer = llm.tokenizer
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer.json, so text prompts cannot be encoded")

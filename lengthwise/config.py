@@ -2,13 +2,81 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 # `EngineConfig.quantization`'s methods (`lengthwise.model.quantize` implements them).
 QUANTIZATION_METHODS = ("int8",)
 # `EngineConfig.kv_cache_dtype`'s choices: "auto" is the model's dtype.
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+# `SpeculativeConfig.method`s: draft-free n-gram lookup (vLLM's "ngram", prompt lookup decoding).
+SPECULATIVE_METHODS = ("ngram",)
+# One verify step feeds a sequence 1 + num_speculative_tokens tokens; the CPU's fused decode takes
+# up to 16 tokens per sequence (`ops.cpu.decode.MAX_QUERY_LEN`).
+MAX_SPECULATIVE_TOKENS = 15
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (vLLM's `speculative_config`): each decode step also feeds up to
+    `num_speculative_tokens` drafted tokens and keeps those the model would have produced itself.
+
+    `method="ngram"` drafts without a second model (prompt lookup decoding): the sequence's last
+    n tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`) are looked up in its
+    prompt and output so far, and the tokens that followed their latest earlier occurrence are
+    the draft. Verification samples every fed position with the request's own sampling rule and
+    keeps the draft up to the first token the sample disagrees with, so the output has exactly
+    the distribution of plain decoding (greedy: the same tokens); only the number of steps falls.
+
+    A verify step costs little more than a plain one only while the step is bound by reading the
+    weights (small batches); in a large batch the drafted tokens cost compute of their own.
+    `disable_by_batch_size` (vLLM's name): steps with more running sequences than this decode
+    without drafts (None: always draft). docs/benchmarks.md measures where the gain ends.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 0
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+    disable_by_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_config.method must be one of {', '.join(SPECULATIVE_METHODS)} "
+                             f"(draft-model methods are not implemented), got {self.method!r}")
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"speculative_config.num_speculative_tokens must be an integer in "
+                             f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        # One bound given sets the other; neither gives n-grams of 4 down to 2 tokens.
+        hi, lo = self.prompt_lookup_max, self.prompt_lookup_min
+        hi, lo = (4, 2) if hi is None and lo is None else (lo if hi is None else hi, hi if lo is None else lo)
+        for name, value in (("prompt_lookup_max", hi), ("prompt_lookup_min", lo)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"speculative_config.{name} must be a positive integer, got {value!r}")
+        if lo > hi:
+            raise ValueError(f"speculative_config.prompt_lookup_min={lo} is above prompt_lookup_max={hi}")
+        b = self.disable_by_batch_size
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
+            raise ValueError(f"speculative_config.disable_by_batch_size must be a positive integer or None, got {b!r}")
+        object.__setattr__(self, "prompt_lookup_max", hi)
+        object.__setattr__(self, "prompt_lookup_min", lo)
+
+    @classmethod
+    def parse(cls, value: SpeculativeConfig | dict[str, Any] | None) -> SpeculativeConfig | None:
+        """A `SpeculativeConfig` from itself, vLLM's dict form, or None (no speculation)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict such as {{'method': 'ngram', "
+                             f"'num_speculative_tokens': 4}}, got {type(value).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {unknown}; expected some of {sorted(known)}")
+        if "num_speculative_tokens" not in value:
+            raise ValueError("speculative_config needs num_speculative_tokens")
+        return cls(**value)
 
 
 @dataclass(frozen=True)
@@ -43,6 +111,9 @@ class EngineConfig:
     twice the tokens in the same `kv_cache_memory`, and half the bytes for decode attention to
     read, at the cost of rounding each key and value to bfloat16 (docs/benchmarks.md measures
     both). On CUDA the cache takes the model's dtype.
+    `speculative_config`: speculative decoding (`SpeculativeConfig`, or vLLM's dict form such
+    as `{"method": "ngram", "num_speculative_tokens": 4}`); `None` (default) decodes one token
+    per sequence and step.
     `async_decode`: with those graphs, launch the next decode step before reading this step's
     tokens back, so the host's per-step work overlaps the GPU's (vLLM's async scheduling, for
     steps whose rows are predictable; `False` for the A/B).
@@ -65,8 +136,10 @@ class EngineConfig:
     enforce_eager: bool = False
     async_decode: bool = True
     allow_benchmark_predictors: bool = True
+    speculative_config: SpeculativeConfig | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _positive_int(name, getattr(self, name))
         if self.max_model_len is not None:

@@ -45,6 +45,22 @@ def test_generate_with_a_bfloat16_kv_cache(capsys, monkeypatch):
 
 
 @requires_stories
+def test_generate_with_speculative_decoding(capsys, monkeypatch):
+    """`--speculative-config` reaches the engine: the greedy story is plain decoding's, with drafts kept."""
+    from lengthwise.engine.llm_engine import LLMEngine
+
+    engines = []
+    real = LLMEngine.__init__
+    monkeypatch.setattr(LLMEngine, "__init__", lambda self, *a, **k: real(self, *a, **k) or engines.append(self))
+    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    assert main(["generate", str(STORIES), "--prompt", "Once upon a time, there was a little", "--max-tokens", "150",
+                 "--device", "cpu", "--speculative-config", spec]) == 0
+    assert capsys.readouterr().out.startswith(" girl named Lily. She loved to play")
+    assert engines[0].config.speculative_config.num_speculative_tokens == 3
+    assert engines[0].stats.accepted_tokens > 0
+
+
+@requires_stories
 def test_generate_several_prompts_sampled_with_seed(capsys):
     argv = ["generate", str(STORIES), "--prompt", "Lily", "--prompt", "The cat", "--temperature", "0.9",
             "--top-p", "0.9", "--top-k", "40", "--seed", "3", "--max-tokens", "10"]
@@ -116,6 +132,8 @@ def test_console_script_entry_point():
     (["generate", "--prompt", "x", "--quantization", "int4"], "--quantization"),
     (["serve", "m", "--quantization", "fp8"], "--quantization"),
     (["serve", "m", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
+    (["serve", "m", "--speculative-config", "{method: ngram}"], "--speculative-config"),
+    (["generate", "--prompt", "x", "--speculative-config", "4"], "--speculative-config"),
     (["serve", "m", "--port", "99999"], "--port"),
     (["serve", "m", "--log-level", "bogus"], "--log-level"),
     (["predictor", "train", "--kind", "probe", "--data", "x", "--out", "y", "--epochs", "0"], "--epochs"),

@@ -508,6 +508,33 @@ def test_generation_config_caps_the_default_chat_length(model_dir, tmp_path):
         _stop(proc)
 
 
+def test_speculative_decoding_serves_plain_decodings_text_and_counts_its_drafts(model_dir, offline):
+    """`--speculative-config` as vLLM takes it: greedy completions (streamed too) are the offline
+    engine's plain decoding, and /metrics counts drafted and kept tokens."""
+    from lengthwise import SamplingParams
+
+    proc, base = _start(model_dir, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}')
+    try:
+        prompt = "Once upon a time, there was a little girl named Lily."
+        want = offline.generate([prompt], SamplingParams(temperature=0.0, max_tokens=80), use_tqdm=False)[0]
+        body = {"model": NAME, "prompt": prompt, "max_tokens": 80, "temperature": 0}
+        status, r = _post(base, "/v1/completions", body, None)
+        assert status == 200 and r["choices"][0]["text"] == want.outputs[0].text
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+        stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=80, temperature=0, stream=True)
+        assert "".join(c.choices[0].text for c in stream if c.choices) == want.outputs[0].text
+        m = _metrics(base)
+        assert 0 < m["lengthwise:spec_decode_num_accepted_tokens_total"] < m[
+            "lengthwise:spec_decode_num_draft_tokens_total"]
+    finally:
+        _stop(proc)
+    eagle = '{"method": "eagle", "num_speculative_tokens": 2}'
+    bad = subprocess.run([sys.executable, "-m", "lengthwise.cli", "serve", str(model_dir), "--port",
+                          str(_free_port()), "--speculative-config", eagle],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "speculative_config.method" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_the_oracle_predictor_is_refused_at_start_up(model_dir):
     """Real traffic carries no true lengths: serving with the oracle must fail before it listens,
     not stop the engine at its first request."""

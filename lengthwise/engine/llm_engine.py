@@ -4,6 +4,12 @@ One step = the scheduler plans which tokens run (continuing running requests, ad
 ones in the policy's order, preempting when the KV cache is full), the model runner runs them in
 one forward pass, and every chunk that ends a context samples a token for its sequences, which
 are detokenized and checked for stop conditions. Finished sequences free their blocks at once.
+
+With speculative decoding (`EngineConfig.speculative_config`), a decode row may also feed a
+draft; the sampler then draws a token at each of its positions, each conditioned on the draft
+before it (penalties and min_tokens see the drafted history), and the row keeps the draft up to
+the first position whose token differs from it, plus that token. Drawing every position with
+the request's own rule makes this exact: the kept tokens are distributed as plain decoding's.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from lengthwise.model.quantize import quantize_model
 from lengthwise.ops.dispatch import use_triton
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.sched import Scheduler, make_policy
+from lengthwise.sched.draft import NgramProposer
 from lengthwise.sequence import Request, RequestStatus, Sequence
 from lengthwise.structured.guide import StructuredOutputs
 from lengthwise.tokenizer import Tokenizer
@@ -49,6 +56,13 @@ class EngineStats:
     sampling_steps: int = 0
     row_steps: int = 0
     padding_row_steps: int = 0  # idle rows computed as padding (static:pad=true), summed over steps
+    draft_tokens: int = 0  # speculative decoding: tokens drafted and fed for verification
+    accepted_tokens: int = 0  # of those, the ones kept (the model sampled the same token)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Kept / drafted tokens; None before anything was drafted."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
 
 class LLMEngine:
@@ -79,9 +93,16 @@ class LLMEngine:
             () if self.tokenizer is None or self.tokenizer.eos_token_id is None else (self.tokenizer.eos_token_id,)))
         self.num_blocks = self._plan_num_blocks()
         policy = make_policy(config.policy, config.policy_options)
+        spec = config.speculative_config
+        if spec is not None and policy.options.get("pad"):
+            raise ValueError("speculative_config cannot be used with a policy that computes padding rows "
+                             "(static:pad=true emulates a vanilla executor one token per row at a time)")
+        proposer = None if spec is None else NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_min,
+                                                            spec.prompt_lookup_max)
         self.scheduler = Scheduler(policy, self.num_blocks, config.block_size,
                                    config.max_num_seqs, config.max_num_batched_tokens,
-                                   enable_prefix_caching=config.enable_prefix_caching)
+                                   enable_prefix_caching=config.enable_prefix_caching, proposer=proposer,
+                                   draft_max_batch=None if spec is None else spec.disable_by_batch_size)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.max_model_len,
                                   graph_batch=self._graph_batch(), kv_cache_dtype=self.kv_cache_dtype)
         self.requests: dict[str, Request] = {}
@@ -284,23 +305,40 @@ class LLMEngine:
         logits = self.runner.run(plan.chunks, self.scheduler.kv, plan.padding_rows)
         for request, first, hidden in self.runner.prompt_hidden:
             self._score_prompt(request, first, hidden)
-        rows: list[int] = []
+        rows: list[int] = []  # the logits row each sampled token is drawn from
         seqs: list[Sequence] = []
-        prefilled: list[int] = []
+        history: list[list[int]] = []  # each row's tokens so far (drafted ones included), for penalties
+        ahead_of: list[int] = []  # each row's draft tokens before it (0 without speculation)
+        drafts: list[tuple[int, Sequence, list[int]]] = []  # (first row, seq, draft) of speculative rows
+        prefilled: list[tuple[int, Request]] = []
         min_tokens = guided = False  # any row held to its min_tokens, any structured (found here: this loop
-        for row, chunk in enumerate(c for c in plan.chunks if c.sample):  # runs every step)
+        row = 0  # runs every step)
+        for chunk in plan.chunks:
+            if not chunk.sample:
+                continue
             min_tokens = min_tokens or chunk.request.params.min_tokens > 0
             guided = guided or chunk.request.params.structured_outputs is not None
+            if chunk.draft:
+                seq, d = chunk.seq, chunk.draft
+                drafts.append((len(seqs), seq, d))
+                rows.extend(range(row, row + len(d) + 1))
+                seqs.extend([seq] * (len(d) + 1))
+                history.extend([seq.output_ids] + [seq.output_ids + d[:j] for j in range(1, len(d) + 1)])
+                ahead_of.extend(range(len(d) + 1))
+                row += len(d) + 1
+                continue
             targets = chunk.request.active_seqs if chunk.seq is None else [chunk.seq]
             rows.extend([row] * len(targets))
             seqs.extend(targets)
+            history.extend(s.output_ids for s in targets)
+            ahead_of.extend([0] * len(targets))
             if chunk.seq is None:
-                prefilled.append(row)
+                prefilled.append((row, chunk.request))
+            row += 1
         if prefilled and self.length.wants_hidden:
-            sampling = [c for c in plan.chunks if c.sample]
             hidden = self.runner.last_hidden
-            self.length.on_prefill_done([sampling[r].request for r in prefilled],
-                                        hidden[torch.tensor(prefilled, device=hidden.device)])
+            self.length.on_prefill_done([r for _, r in prefilled],
+                                        hidden[torch.tensor([i for i, _ in prefilled], device=hidden.device)])
         if not seqs:
             return []
         self.stats.sampling_steps += 1
@@ -315,25 +353,54 @@ class LLMEngine:
             def ahead(tokens: torch.Tensor) -> bool:
                 return self.runner.prelaunch_next(plan.chunks, self.scheduler.kv, tokens)
         out = sample(logits, [s.request.params for s in seqs], [s.state["generator"] for s in seqs],
-                     [s.request.prompt_ids for s in seqs], [s.output_ids for s in seqs], before_read=ahead,
-                     banned=[self._banned(s) for s in seqs] if min_tokens else None,
+                     [s.request.prompt_ids for s in seqs], history, before_read=ahead,
+                     banned=[self._banned(s, a) for s, a in zip(seqs, ahead_of, strict=True)] if min_tokens else None,
                      allowed=[self._allowed(s) for s in seqs] if guided else None)
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, token, lp in zip(seqs, out.token_ids, out.logprobs, strict=True):
-            self._append(seq, token, lp, now)
+        verified = iter(drafts)
+        spec = next(verified, None)
+        i = 0
+        while i < len(seqs):
+            seq = seqs[i]
             touched[seq.request.request_id] = seq.request
+            if spec is None or spec[0] != i:
+                self._append(seq, out.token_ids[i], out.logprobs[i], now)
+                i += 1
+                continue
+            draft = spec[2]
+            kept = self._verify(seq, draft, out.token_ids[i:i + len(draft) + 1], out.logprobs[i:i + len(draft) + 1],
+                                now)
+            self.stats.draft_tokens += len(draft)
+            self.stats.accepted_tokens += kept
+            i += len(draft) + 1
+            spec = next(verified, None)
         return list(touched.values())
+
+    def _verify(self, seq: Sequence, draft: list[int], tokens: list[int], logprobs: list[Any], now: float) -> int:
+        """Append the tokens sampled at a speculative row's positions (`tokens[j]` drawn after the
+        draft's first j tokens) while they agree with the draft: the first one that differs, or the
+        one after the whole draft, is the last. Returns how many draft tokens were kept."""
+        kept = 0
+        for j, token in enumerate(tokens):
+            self._append(seq, token, logprobs[j], now)
+            if seq.finished or j == len(draft) or token != draft[j]:
+                break
+            kept += 1
+        if not seq.finished:
+            self.scheduler.accept_draft(seq, kept)
+        return kept
 
     def _stop_tokens(self, seq: Sequence) -> frozenset[int]:
         """The tokens that would end `seq`: its stop_token_ids, and the model's end tokens unless ignore_eos."""
         p = seq.request.params
         return frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
 
-    def _banned(self, seq: Sequence) -> frozenset[int]:
-        """The stop tokens a sample short of its min_tokens may not draw; none once its grammar
-        (structured outputs) says the answer is whole: it decides where the answer ends."""
-        if len(seq.output_ids) >= seq.request.params.min_tokens:
+    def _banned(self, seq: Sequence, ahead: int = 0) -> frozenset[int]:
+        """The stop tokens a sample short of its min_tokens may not draw (`ahead`: draft tokens
+        before the position drawn); none once its grammar (structured outputs) says the answer is
+        whole: it decides where the answer ends."""
+        if len(seq.output_ids) + ahead >= seq.request.params.min_tokens:
             return frozenset()
         guide = seq.state.get("guide")
         return frozenset() if guide is not None and not guide.free and guide.complete else self._stop_tokens(seq)

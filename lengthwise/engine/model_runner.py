@@ -3,7 +3,9 @@
 Every chunk becomes one row-group of `AttentionMetadata`: a prompt chunk's context is its prompt
 segment; a sequence chunk's context is the request's prompt segment followed by the sequence's
 response segment. Prefill, chunked prefill, recomputation and decode share this one layout, so
-a step can mix them freely. Decode-only steps of up to `graph_batch` rows go through
+a step can mix them freely. A decode row with a draft (speculative decoding) feeds its draft
+tokens after its input token, into the next slots of its response segment, and returns logits
+at each of those positions. Decode-only steps of up to `graph_batch` rows go through
 `DecodeGraphs` instead (CUDA graphs on a GPU) when the runner was built with them.
 
 Padding rows (`static:pad=true`: the finished rows a vanilla static batch keeps computing) are
@@ -53,8 +55,9 @@ class ModelRunner:
         self.prompt_hidden: list[tuple[Request, int, torch.Tensor]] = []
 
     def run(self, chunks: list[ScheduledChunk], kv: KVBlockManager, padding_rows: int = 0) -> torch.Tensor:
-        """Run one step; return float32 logits `[num_sampling_chunks, vocab]`, one row per chunk
-        with `sample` set, in chunk order. `padding_rows` more decode rows are computed (copies of
+        """Run one step; return float32 logits `[rows, vocab]`: for each chunk with `sample` set, in
+        chunk order, one row (1 + len(draft) rows for a decode row with a draft: its input
+        token's, then each draft token's). `padding_rows` more decode rows are computed (copies of
         the step's decode rows, see the module docstring) and their logits dropped."""
         self.prompt_hidden = []  # (a graphed step is decode only: it scores no prompt)
         if not padding_rows and self._graphed(chunks):
@@ -85,18 +88,20 @@ class ModelRunner:
                 resp_lens.append(0)
             else:
                 ids.extend(c.seq.output_ids[c.start:c.end])
+                ids.extend(c.draft)
                 base, blocks = req.prompt_len, kv.response_segment(c.seq.seq_id).blocks
                 prompt_lens.append(req.prompt_len)
                 resp_tables.append(blocks)
-                resp_lens.append(c.end)
+                resp_lens.append(c.end + len(c.draft))
             prompt_tables.append(prompt_blocks)
-            positions.extend(range(base + c.start, base + c.end))
-            slots.extend(blocks[i // bs] * bs + i % bs for i in range(c.start, c.end))
-            query_start.append(query_start[-1] + c.end - c.start)
+            stop = c.end + len(c.draft)
+            positions.extend(range(base + c.start, base + stop))
+            slots.extend(blocks[i // bs] * bs + i % bs for i in range(c.start, stop))
+            query_start.append(query_start[-1] + c.num_tokens)
             if c.sample:
-                sample_rows.append(query_start[-1] - 1)
+                sample_rows.extend(range(query_start[-1] - 1 - len(c.draft), query_start[-1]))
         num_real = len(sample_rows)
-        decode = [i for i, c in enumerate(chunks) if c.seq is not None and c.sample and c.end - c.start == 1
+        decode = [i for i, c in enumerate(chunks) if c.seq is not None and c.sample and c.num_tokens == 1
                   ] if padding_rows else []
         for k in range(padding_rows if decode else 0):
             i = decode[k % len(decode)]  # the real row this padding row copies (row group i)
@@ -165,7 +170,7 @@ class ModelRunner:
     def _graphed(self, chunks: list[ScheduledChunk]) -> bool:
         """Whether this step is decode only and small enough for the graphs."""
         return self.graphs is not None and 0 < len(chunks) <= self.graphs.max_batch and all(
-            c.seq is not None and c.sample and c.end - c.start == 1 for c in chunks)
+            c.seq is not None and c.sample and c.num_tokens == 1 for c in chunks)
 
     def _decode_rows(self, chunks: list[ScheduledChunk], kv: KVBlockManager, next_step: bool = False,
                      ending: list[bool] | None = None) -> DecodeRows | None:

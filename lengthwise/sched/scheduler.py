@@ -7,8 +7,14 @@ offers them, all within a token budget (`max_num_batched_tokens`) and a sequence
 of blocks, the policy names a running request to preempt; its blocks are freed and it waits
 again, to be recomputed later: nothing is dropped and nothing crashes.
 
+With a `DraftProposer` (speculative decoding), a decode row also carries the tokens the proposer
+drafts after its input token, within the token budget and the row's token limit; their KV
+blocks are taken only where that leaves every other running row room to grow, so a draft never
+causes a preemption. The engine verifies them and reports how many were kept (`accept_draft`).
+
 Progress counters (`Request.num_prompt_computed`, `Sequence.num_computed`) advance here, when a
-chunk is scheduled; the engine only appends the tokens it samples. Pure Python: no torch.
+chunk is scheduled (and for kept drafts); the engine only appends the tokens it samples. Pure
+Python: no torch.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lengthwise.kv.block_manager import KVBlockManager
+from lengthwise.sched.draft import DraftProposer
 from lengthwise.sched.policy import SchedulerView, SchedulingPolicy
 from lengthwise.sequence import Request, RequestStatus, Sequence
 
@@ -29,7 +36,8 @@ class ScheduledChunk:
     `seq is None`: a chunk of the request's prompt, written to its prompt segment. Otherwise
     tokens of `seq.output_ids`, written to that sequence's response segment. `sample`: the
     chunk ends the context, so the logits at its last token are sampled from (once per waiting
-    sequence of the request for a prompt chunk).
+    sequence of the request for a prompt chunk). `draft`: speculated tokens fed after the chunk's
+    (a decode row only, which then samples at each of its 1 + len(draft) positions).
     """
 
     request: Request
@@ -37,10 +45,11 @@ class ScheduledChunk:
     start: int
     end: int
     sample: bool
+    draft: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
-        return self.end - self.start
+        return self.end - self.start + len(self.draft)
 
 
 @dataclass
@@ -62,7 +71,8 @@ class Scheduler:
 
     def __init__(self, policy: SchedulingPolicy, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, clock: Callable[[], float] = time.monotonic,
-                 enable_prefix_caching: bool = False) -> None:
+                 enable_prefix_caching: bool = False, proposer: DraftProposer | None = None,
+                 draft_max_batch: int | None = None) -> None:
         if max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
         if max_num_batched_tokens <= 0:
@@ -78,6 +88,9 @@ class Scheduler:
         self.suspended: list[Request] = []  # collected with fcr="continue", holding their KV blocks
         self.num_preemptions = 0
         self.num_collected = 0
+        self.proposer = proposer
+        self.draft_max_batch = draft_max_batch  # more running sequences than this: no drafts
+        self._drafting = False  # this step's: set by `schedule`
 
     # -- requests in and out -------------------------------------------------------------------
 
@@ -104,12 +117,21 @@ class Scheduler:
         """End one sequence (its response blocks are freed now); the request ends with its last one."""
         seq.finish_reason = reason
         self.kv.free_sequence(seq.seq_id)
+        if self.proposer is not None:
+            self.proposer.forget(seq)
         if seq.request.finished:
             self._release(seq.request)
+
+    def accept_draft(self, seq: Sequence, num_kept: int) -> None:
+        """The engine kept the first `num_kept` tokens of `seq`'s draft in this step: their keys and
+        values, written when they were fed, are the sequence's own, so they need no computing."""
+        seq.num_computed += num_kept
 
     def _release(self, request: Request) -> None:
         for seq in request.seqs:
             self.kv.free_sequence(seq.seq_id)
+            if self.proposer is not None:
+                self.proposer.forget(seq)
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
             self.policy.finished(request)
@@ -136,6 +158,8 @@ class Scheduler:
             if cap is not None and request.prompt_done and max(len(s.output_ids) for s in request.active_seqs) >= cap:
                 self._collect(request, out)
         budget = self.max_num_batched_tokens
+        self._drafting = self.proposer is not None and (
+            self.draft_max_batch is None or self.num_running_seqs <= self.draft_max_batch)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -171,6 +195,8 @@ class Scheduler:
         else:
             for seq in request.seqs:
                 self.kv.free_sequence(seq.seq_id)
+                if self.proposer is not None:
+                    self.proposer.forget(seq)
                 seq.output_ids.clear()
                 seq.num_computed = 0
                 seq.finish_reason = None
@@ -276,9 +302,35 @@ class Scheduler:
             end = computed + min(budget, generated - computed)
             if not self.kv.grow_response(seq.seq_id, end):
                 return None
-            chunks.append(ScheduledChunk(request, seq, computed, end, sample=end == generated))
-            budget -= end - computed
+            draft = self._draft(request, seq, budget) if end - computed == 1 and end == generated else []
+            chunks.append(ScheduledChunk(request, seq, computed, end, sample=end == generated, draft=draft))
+            budget -= end - computed + len(draft)
         return chunks
+
+    def _draft(self, request: Request, seq: Sequence, budget: int) -> list[int]:
+        """The proposer's draft for the decode row of `seq`, its KV slots taken. None without a
+        proposer, in a step of more running sequences than `draft_max_batch`, or for a structured
+        request (its grammar is not walked ahead). Cut to the room left under the budget and the
+        row's token limit (or its batch's FCR cap), and to the blocks the row holds plus those
+        free beyond what every running row may need to grow."""
+        if not self._drafting or request.params.structured_outputs is not None:
+            return []
+        generated = len(seq.output_ids)
+        limit = request.token_limit
+        cap = self.policy.cap(request)
+        if cap is not None:
+            limit = min(limit, cap)
+        # Up to all the draft kept plus the token sampled after it, within the limit.
+        room = min(budget - 1, limit - generated - 1)
+        draft = self.proposer.propose(seq, room) if room > 0 else []
+        if not draft:
+            return []
+        held = len(self.kv.response_segment(seq.seq_id).blocks)
+        spare = max(0, self.kv.num_free_blocks - self.watermark_blocks - len(self.running))
+        draft = draft[:(held + spare) * self.kv.block_size - generated]
+        if draft and not self.kv.grow_response(seq.seq_id, generated + len(draft)):
+            return []
+        return draft
 
     def _apply(self, chunks: list[ScheduledChunk], out: SchedulerOutput) -> int:
         used = 0
@@ -288,7 +340,7 @@ class Scheduler:
                 self.kv.cache_prompt(c.request.request_id, c.request.prompt_ids, c.end)
             else:
                 c.seq.num_computed = c.end
-            used += c.end - c.start
+            used += c.num_tokens
         out.chunks.extend(chunks)
         return used
 

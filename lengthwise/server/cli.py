@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lengthwise.argtypes import add_precision_arguments, kv_memory, port, positive_int
+from lengthwise.argtypes import add_precision_arguments, add_speculative_argument, kv_memory, port, positive_int
 from lengthwise.server.reasoning import PARSERS as REASONING_PARSERS
 from lengthwise.server.tools import PARSERS
 
@@ -39,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction, add_policy_arguments: Any) -> No
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     add_precision_arguments(p)
+    add_speculative_argument(p)
     p.add_argument("--kv-cache-memory", type=kv_memory, default=None,
                    help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -90,7 +91,7 @@ def build_state(args: argparse.Namespace) -> Any:
                           kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory=args.kv_cache_memory,
                           max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, policy=args.policy,
                           policy_options=parse_policy_options(args.policy_option),
-                          length_predictor=args.length_predictor,
+                          length_predictor=args.length_predictor, speculative_config=args.speculative_config,
                           allow_benchmark_predictors=False)  # real traffic has no true lengths
     engine = LLMEngine.from_dir(model_dir, config)
     if engine.tokenizer is None:

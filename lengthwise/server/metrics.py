@@ -52,6 +52,10 @@ class ServerMetrics:
         self.length_error = histogram("predicted_minus_actual_length_tokens",
                                       "Predicted response length minus the longest sample's real length",
                                       _ERROR_BUCKETS)
+        self.draft_tokens = counter("spec_decode_num_draft_tokens", "Speculative decoding: tokens drafted and verified")
+        self.accepted_tokens = counter("spec_decode_num_accepted_tokens",
+                                       "Speculative decoding: drafted tokens kept (the model sampled the same)")
+        self._seen_drafts = self._seen_accepted = 0
         self._seen_preemptions = 0
         self._seen_collected = 0
         self._seen_tokens = 0
@@ -67,6 +71,10 @@ class ServerMetrics:
         self._seen_preemptions = s.num_preemptions
         self.fcr_failures.inc(s.num_collected - self._seen_collected)
         self._seen_collected = s.num_collected
+        st = engine.stats
+        self.draft_tokens.inc(st.draft_tokens - self._seen_drafts)
+        self.accepted_tokens.inc(st.accepted_tokens - self._seen_accepted)
+        self._seen_drafts, self._seen_accepted = st.draft_tokens, st.accepted_tokens
 
     def on_finish(self, request: Request) -> None:
         n_out = [len(s.output_ids) for s in request.seqs]
