@@ -10,7 +10,7 @@ Each workload is generated greedily with plain decoding and with `speculative_co
   (counting, sorting, reversing, repeating, describing, ...), chat-rendered, to its own end;
 - **stories260k**: `../shared/models/stories260k` (a real trained tiny Llama) on 24 story openings,
   up to 256 tokens or its end (skipped if absent);
-- **llama-100m**: the 100M-parameter preset (random weights, 12 layers of 768) on 8 prompts, 128
+- **llama-100m**: the 100M-parameter preset (random weights, 12 layers of 768) on 16 prompts, 128
   tokens each: a model whose batch-1 decode step costs what reading its weights costs, so a
   verify step of 1 + K tokens per row costs little more than a plain step. Its random weights
   write loops, which the lookup predicts well: read its acceptance as an upper end, its verify
@@ -64,7 +64,7 @@ def workloads(names: list[str]) -> list[dict[str, Any]]:
                             params=SamplingParams(temperature=0.0, max_tokens=256)))
         elif name == "llama-100m":
             model, _ = resolve_model("llama-100m")
-            instructions = [e.instruction for e in held_out_instructions(8)]
+            instructions = [e.instruction for e in held_out_instructions(16)]
             out.append(dict(name=name, model=model, prompts=instructions,
                             params=SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)))
         else:

@@ -26,7 +26,8 @@ class SpeculativeConfig:
     prompt and output so far, and the tokens that followed their latest earlier occurrence are
     the draft. Verification samples every fed position with the request's own sampling rule and
     keeps the draft up to the first token the sample disagrees with, so the output has exactly
-    the distribution of plain decoding (greedy: the same tokens); only the number of steps falls.
+    the distribution of plain decoding (greedy or seeded: the same tokens, up to floating-point
+    near-ties); only the number of steps falls.
 
     A verify step costs little more than a plain one only while the step is bound by reading the
     weights (small batches); in a large batch the drafted tokens cost compute of their own.

@@ -177,6 +177,25 @@ def test_scheduler_drafts_within_the_budget_and_the_token_limit_and_counts_kept_
     assert tight.schedule().chunks[0].draft == [7, 7]  # the budget of 3 tokens: input + 2 drafted
 
 
+def test_drafts_take_only_the_budget_the_step_leaves_unused():
+    """Every running row decodes and a waiting prompt is admitted before any row drafts."""
+    sched = Scheduler(make_policy("fcfs"), num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=3,
+                      proposer=_FixedDraft([7, 7, 7]))
+    a = Request("a", [1, 2], SamplingParams(max_tokens=20), 0.0, 20)
+    b = Request("b", [1, 2], SamplingParams(max_tokens=20), 0.0, 20)
+    for r in (a, b):
+        sched.add(r)
+    sched.schedule()  # both prompts (2 + 1 of the budget 3; b's last token next step)
+    a.seqs[0].output_ids.append(3)
+    out = sched.schedule()  # a decodes, b finishes its prompt: 2 tokens, 1 left for a's draft
+    assert [(c.seq is None, c.draft) for c in out.chunks] == [(False, [7]), (True, [])]
+    b.seqs[0].output_ids.append(3)
+    a.seqs[0].output_ids.extend([7, 4])
+    sched.accept_draft(a.seqs[0], 1)
+    out = sched.schedule()
+    assert [c.draft for c in out.chunks] == [[7], []] and out.num_tokens == 3  # both decode; one token drafted
+
+
 def test_no_drafts_in_steps_of_more_running_sequences_than_disable_by_batch_size():
     sched = Scheduler(make_policy("fcfs"), num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=64,
                       proposer=_FixedDraft([7, 7]), draft_max_batch=1)
@@ -223,6 +242,8 @@ CASES = {
     "greedy": dict(),
     "penalties": dict(repetition_penalty=1.05, frequency_penalty=0.05, presence_penalty=0.05),
     "top-k 1 sampled": dict(temperature=0.7, top_k=1, seed=3, logprobs=None),
+    # a seeded sample draws once per kept token (its generator rewound): plain decoding's tokens
+    "seeded sampling": dict(temperature=0.3, top_p=0.95, seed=11),
     "eos and min_tokens": dict(ignore_eos=False, min_tokens=6, max_tokens=30),
     "n=2 and lengths": dict(n=2, max_tokens=17),
 }

@@ -55,7 +55,7 @@ def step_features(chunks: Iterable[Any], padding_rows: int = 0) -> StepFeatures:
             if c.sample:
                 rows += len(c.request.active_seqs)
         else:
-            if c.num_tokens > 1:  # a recomputed response: fed like a prompt
+            if c.num_tokens > 1:  # a recomputed response, or a decode row and its draft: fed like a prompt
                 prefill += c.num_tokens - 1
             if c.sample:
                 rows += 1

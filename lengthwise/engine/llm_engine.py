@@ -10,6 +10,9 @@ draft; the sampler then draws a token at each of its positions, each conditioned
 before it (penalties and min_tokens see the drafted history), and the row keeps the draft up to
 the first position whose token differs from it, plus that token. Drawing every position with
 the request's own rule makes this exact: the kept tokens are distributed as plain decoding's.
+A seeded sample's generator is then rewound to have drawn once per kept token, so its tokens are
+the ones plain decoding draws too (greedy or seeded: the same tokens, up to floating-point
+near-ties between differently batched kernels).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from lengthwise.engine.detokenizer import IncrementalDetokenizer, StopStringMatc
 from lengthwise.engine.length import LengthPerception
 from lengthwise.engine.model_runner import ModelRunner
 from lengthwise.engine.outputs import RequestOutput
-from lengthwise.engine.sampler import make_generator, sample, token_logprobs
+from lengthwise.engine.sampler import draw_uniform, make_generator, sample, token_logprobs
 from lengthwise.kv.storage import KVCacheStorage
 from lengthwise.model import CausalLM, load_model
 from lengthwise.model.config import read_json
@@ -323,7 +326,10 @@ class LLMEngine:
                 drafts.append((len(seqs), seq, d))
                 rows.extend(range(row, row + len(d) + 1))
                 seqs.extend([seq] * (len(d) + 1))
-                history.extend([seq.output_ids] + [seq.output_ids + d[:j] for j in range(1, len(d) + 1)])
+                if chunk.request.params.has_penalties:  # (the sampler reads the history for penalties only)
+                    history.extend([seq.output_ids] + [seq.output_ids + d[:j] for j in range(1, len(d) + 1)])
+                else:
+                    history.extend([seq.output_ids] * (len(d) + 1))
                 ahead_of.extend(range(len(d) + 1))
                 row += len(d) + 1
                 continue
@@ -347,11 +353,15 @@ class LLMEngine:
         if len(rows) != logits.shape[0]:
             logits = logits[torch.tensor(rows, device=logits.device)]
         ahead = None
+        # (Not with a proposer: a next step that drafts cannot replay the graph launched ahead.)
         if (self.config.async_decode and self.runner.graphs is not None and not plan.padding_rows
-                and self._next_step_predictable(plan.chunks)):
+                and self.scheduler.proposer is None and self._next_step_predictable(plan.chunks)):
             # Queue the next decode step before reading this one's tokens back (see DecodeGraphs).
             def ahead(tokens: torch.Tensor) -> bool:
                 return self.runner.prelaunch_next(plan.chunks, self.scheduler.kv, tokens)
+        # A drafted row draws once per position; its generator is rewound to draw once per kept token.
+        rewind = {id(seq): seq.state["generator"].get_state() for _, seq, _ in drafts
+                  if seq.state["generator"] is not None}
         out = sample(logits, [s.request.params for s in seqs], [s.state["generator"] for s in seqs],
                      [s.request.prompt_ids for s in seqs], history, before_read=ahead,
                      banned=[self._banned(s, a) for s, a in zip(seqs, ahead_of, strict=True)] if min_tokens else None,
@@ -371,6 +381,11 @@ class LLMEngine:
             draft = spec[2]
             kept = self._verify(seq, draft, out.token_ids[i:i + len(draft) + 1], out.logprobs[i:i + len(draft) + 1],
                                 now)
+            generator = seq.state["generator"]
+            if generator is not None:
+                generator.set_state(rewind[id(seq)])
+                for _ in range(kept + 1):  # one draw at a time, as plain decoding's steps draw
+                    draw_uniform(generator)
             self.stats.draft_tokens += len(draft)
             self.stats.accepted_tokens += kept
             i += len(draft) + 1

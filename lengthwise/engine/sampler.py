@@ -163,6 +163,13 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return x.masked_fill(x < thr.unsqueeze(1), _NEG_INF)[0]
 
 
+def draw_uniform(generator: torch.Generator | None, device: torch.device | None = None) -> torch.Tensor:
+    """The one uniform `[1]` (float64) a sampled row draws from its generator (torch's default RNG
+    on `device` for None): the engine replays these draws to rewind a speculative row's generator."""
+    where = generator.device if generator is not None else device
+    return torch.rand(1, generator=generator, dtype=torch.float64, device=where)
+
+
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     """A per-request RNG: seeded when the request gave a seed, else from fresh entropy."""
     gen = torch.Generator(device=device)
@@ -326,8 +333,7 @@ def _sample_rows(x: torch.Tensor, params: list[SamplingParams], generators: list
         x = x.div_(t) if owned else x / t
         owned = True
     # One uniform per row from the row's own generator: the whole draw is an inverse CDF.
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=g.device if g is not None else device)
-                   .to(device) for g in generators])
+    u = torch.cat([draw_uniform(g, device).to(device) for g in generators])
     out = torch.empty(num, dtype=torch.long, device=device)
     cand = [i for i, p in enumerate(params) if _uses_candidates(p, vocab)]
     full = [i for i, p in enumerate(params) if not _uses_candidates(p, vocab)]

@@ -7,10 +7,12 @@ offers them, all within a token budget (`max_num_batched_tokens`) and a sequence
 of blocks, the policy names a running request to preempt; its blocks are freed and it waits
 again, to be recomputed later: nothing is dropped and nothing crashes.
 
-With a `DraftProposer` (speculative decoding), a decode row also carries the tokens the proposer
-drafts after its input token, within the token budget and the row's token limit; their KV
-blocks are taken only where that leaves every other running row room to grow, so a draft never
-causes a preemption. The engine verifies them and reports how many were kept (`accept_draft`).
+With a `DraftProposer` (speculative decoding), decode rows also carry the tokens the proposer
+drafts after their input token. Drafts are planned last, once every running request's tokens
+and the admitted prompts have their budget and blocks, from what is left of the budget, within
+each row's token limit, and in KV blocks beyond the headroom running rows need to grow: a draft
+never takes a token or a block from anything the step would otherwise have run. The engine
+verifies them and reports how many were kept (`accept_draft`).
 
 Progress counters (`Request.num_prompt_computed`, `Sequence.num_computed`) advance here, when a
 chunk is scheduled (and for kept drafts); the engine only appends the tokens it samples. Pure
@@ -90,7 +92,6 @@ class Scheduler:
         self.num_collected = 0
         self.proposer = proposer
         self.draft_max_batch = draft_max_batch  # more running sequences than this: no drafts
-        self._drafting = False  # this step's: set by `schedule`
 
     # -- requests in and out -------------------------------------------------------------------
 
@@ -158,7 +159,7 @@ class Scheduler:
             if cap is not None and request.prompt_done and max(len(s.output_ids) for s in request.active_seqs) >= cap:
                 self._collect(request, out)
         budget = self.max_num_batched_tokens
-        self._drafting = self.proposer is not None and (
+        drafting = self.proposer is not None and (
             self.draft_max_batch is None or self.num_running_seqs <= self.draft_max_batch)
         i = 0
         while i < len(self.running) and budget > 0:
@@ -176,6 +177,8 @@ class Scheduler:
             budget -= self._apply(chunks, out)
             i += 1
         num_seqs = self._admit(out, budget)
+        if drafting:
+            self._add_drafts(out)
         out.rows = self.policy.rows(num_seqs)
         padding = self.policy.padding_rows(num_seqs)
         if padding and any(c.seq is not None and c.sample for c in out.chunks):  # it rides along decode rows
@@ -302,18 +305,28 @@ class Scheduler:
             end = computed + min(budget, generated - computed)
             if not self.kv.grow_response(seq.seq_id, end):
                 return None
-            draft = self._draft(request, seq, budget) if end - computed == 1 and end == generated else []
-            chunks.append(ScheduledChunk(request, seq, computed, end, sample=end == generated, draft=draft))
-            budget -= end - computed + len(draft)
+            chunks.append(ScheduledChunk(request, seq, computed, end, sample=end == generated))
+            budget -= end - computed
         return chunks
 
+    def _add_drafts(self, out: SchedulerOutput) -> None:
+        """Give the step's decode rows the proposer's drafts from the budget the step left unused
+        (rows in running order: the policy's priority first)."""
+        budget = self.max_num_batched_tokens - out.num_tokens
+        for c in out.chunks:
+            if budget <= 0:
+                break
+            seq = c.seq
+            if seq is not None and c.sample and c.num_tokens == 1 and c.end == len(seq.output_ids):
+                c.draft = self._draft(c.request, seq, budget + 1)
+                budget -= len(c.draft)
+
     def _draft(self, request: Request, seq: Sequence, budget: int) -> list[int]:
-        """The proposer's draft for the decode row of `seq`, its KV slots taken. None without a
-        proposer, in a step of more running sequences than `draft_max_batch`, or for a structured
-        request (its grammar is not walked ahead). Cut to the room left under the budget and the
-        row's token limit (or its batch's FCR cap), and to the blocks the row holds plus those
-        free beyond what every running row may need to grow."""
-        if not self._drafting or request.params.structured_outputs is not None:
+        """The proposer's draft for the decode row of `seq` (`budget`: its input token and the
+        draft), its KV slots taken. None for a structured request (its grammar is not walked
+        ahead). Cut to the row's token limit (or its batch's FCR cap), and to the blocks the row
+        holds plus those free beyond the headroom every running row may need to grow."""
+        if request.params.structured_outputs is not None:
             return []
         generated = len(seq.output_ids)
         limit = request.token_limit
