@@ -1,6 +1,6 @@
 """Speculative decoding (n-gram drafts) against plain decoding on the CPU, in one run.
 
-    .venv/bin/python benchmarks/cpu_speculative.py [--threads 2] [--rounds 2] [--k 2,4,8] [--batch 1,8]
+    .venv/bin/python benchmarks/cpu_speculative.py [--threads 2] [--rounds 2] [--k 2,4,8] [--batch 1,4,16]
         [--workloads tiny-tasks,stories260k,llama-100m] [--out DIR]
 
 Each workload is generated greedily with plain decoding and with `speculative_config={"method":
@@ -95,7 +95,7 @@ def main() -> None:
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--rounds", type=positive_int, default=2)
     p.add_argument("--k", type=positive_int_list, default=[2, 4, 8], help="num_speculative_tokens values")
-    p.add_argument("--batch", type=positive_int_list, default=[1, 8], help="max_num_seqs values")
+    p.add_argument("--batch", type=positive_int_list, default=[1, 4, 16], help="max_num_seqs values")
     p.add_argument("--workloads", default="tiny-tasks,stories260k,llama-100m")
     p.add_argument("--out", type=Path, default=Path("results/speculative"))
     args = p.parse_args()
@@ -151,7 +151,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         return
     groups = sorted({(r["workload"], r["batch"]) for r in results}, key=lambda g: (g[0], g[1]))
     ks = sorted({r["k"] for r in results if r["k"]})
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) * len(ks)), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups)), 4))
     width = 0.8 / len(ks)
     for j, k in enumerate(ks):
         ys = [next((r["speedup"] for r in results if (r["workload"], r["batch"]) == g and r["k"] == k), 0.0)

@@ -196,6 +196,17 @@ def test_drafts_take_only_the_budget_the_step_leaves_unused():
     assert [c.draft for c in out.chunks] == [[7], []] and out.num_tokens == 3  # both decode; one token drafted
 
 
+def test_drafts_keep_a_step_on_the_fused_path_it_fits(checkpoints):
+    """A step that fits the CPU's fused decode (256 tokens) is not pushed off it by drafts."""
+    engine = _engine(checkpoints("llama"), NGRAM)
+    assert engine.scheduler.draft_step_tokens == 256
+    sched = Scheduler(make_policy("fcfs"), num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=64,
+                      proposer=_FixedDraft([7] * 8), draft_step_tokens=3)
+    a = Request("a", [1, 2], SamplingParams(max_tokens=20), 0.0, 20)
+    _decode_once(sched, a)
+    assert sched.schedule().chunks[0].draft == [7, 7]
+
+
 def test_no_drafts_in_steps_of_more_running_sequences_than_disable_by_batch_size():
     sched = Scheduler(make_policy("fcfs"), num_blocks=64, block_size=4, max_num_seqs=4, max_num_batched_tokens=64,
                       proposer=_FixedDraft([7, 7]), draft_max_batch=1)

@@ -105,7 +105,8 @@ class LLMEngine:
         self.scheduler = Scheduler(policy, self.num_blocks, config.block_size,
                                    config.max_num_seqs, config.max_num_batched_tokens,
                                    enable_prefix_caching=config.enable_prefix_caching, proposer=proposer,
-                                   draft_max_batch=None if spec is None else spec.disable_by_batch_size)
+                                   draft_max_batch=None if spec is None else spec.disable_by_batch_size,
+                                   draft_step_tokens=self.model.fused_step_tokens())
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.max_model_len,
                                   graph_batch=self._graph_batch(), kv_cache_dtype=self.kv_cache_dtype)
         self.requests: dict[str, Request] = {}

@@ -123,6 +123,11 @@ class CausalLM(nn.Module):
             x, residual = layer(x, residual, cos, sin, positions, meta, kv_cache.k[i], kv_cache.v[i])
         return rms_norm(x, self.final_norm, self.config.rms_norm_eps, residual)[0]
 
+    def fused_step_tokens(self) -> int | None:
+        """The most tokens a step may have to take the fused CPU decode path (at most 16 per
+        sequence); None where there is no such path (a GPU, a bfloat16 model, the path off)."""
+        return cpu_decode.max_rows() if cpu_decode.eligible(self, 1) else None
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The input embeddings of `input_ids`, in the model's dtype (a packed CPU model may hold a
         bfloat16 checkpoint's embedding in bfloat16: `pack_model`)."""

@@ -74,7 +74,7 @@ class Scheduler:
     def __init__(self, policy: SchedulingPolicy, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, clock: Callable[[], float] = time.monotonic,
                  enable_prefix_caching: bool = False, proposer: DraftProposer | None = None,
-                 draft_max_batch: int | None = None) -> None:
+                 draft_max_batch: int | None = None, draft_step_tokens: int | None = None) -> None:
         if max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
         if max_num_batched_tokens <= 0:
@@ -92,6 +92,8 @@ class Scheduler:
         self.num_collected = 0
         self.proposer = proposer
         self.draft_max_batch = draft_max_batch  # more running sequences than this: no drafts
+        # Drafts keep a step that fits in this many tokens within it (the executor's fast path).
+        self.draft_step_tokens = draft_step_tokens
 
     # -- requests in and out -------------------------------------------------------------------
 
@@ -311,8 +313,13 @@ class Scheduler:
 
     def _add_drafts(self, out: SchedulerOutput) -> None:
         """Give the step's decode rows the proposer's drafts from the budget the step left unused
-        (rows in running order: the policy's priority first)."""
-        budget = self.max_num_batched_tokens - out.num_tokens
+        (rows in running order: the policy's priority first), and within `draft_step_tokens` if
+        the step fits in it without drafts (drafts that pushed it off the executor's fast path
+        would cost more than they save)."""
+        limit = self.max_num_batched_tokens
+        if self.draft_step_tokens is not None and out.num_tokens <= self.draft_step_tokens:
+            limit = min(limit, self.draft_step_tokens)
+        budget = limit - out.num_tokens
         for c in out.chunks:
             if budget <= 0:
                 break
