@@ -285,6 +285,19 @@ def test_speculative_decoding_gives_plain_decodings_tokens(checkpoints, monkeypa
     assert st.row_steps < plain.stats.row_steps  # rows x steps: a sample that kept drafts ended sooner
 
 
+def test_min_tokens_bans_stop_tokens_only_at_draft_positions_short_of_it(checkpoints):
+    """Position j of a drafted row has generated len(output) + j tokens: stop tokens are banned
+    there only while that is below min_tokens."""
+    engine = _engine(checkpoints("llama"))
+    request = Request("r", [1, 2], SamplingParams(min_tokens=3, stop_token_ids=[5], max_tokens=9), 0.0, 9)
+    seq = request.seqs[0]
+    seq.output_ids.append(7)
+    plain = Request("p", [1], SamplingParams(min_tokens=3, stop_token_ids=[5], max_tokens=9), 0.0, 9).seqs[0]
+    stops = frozenset({5, 2})  # its stop token and the model's end token
+    banned = engine._banned_rows([plain, seq, seq, seq, seq], [(1, seq, [8, 8, 8])])
+    assert banned == [stops, stops, stops, frozenset(), frozenset()]
+
+
 def test_speculation_survives_preemption_and_stops_within_a_draft(random_model):
     """A cache too small for every request at once (preemptions, recomputation) and stop strings
     and stop tokens that end a sample in the middle of a kept draft: same texts as plain decoding."""

@@ -312,7 +312,6 @@ class LLMEngine:
         rows: list[int] = []  # the logits row each sampled token is drawn from
         seqs: list[Sequence] = []
         history: list[list[int]] = []  # each row's tokens so far (drafted ones included), for penalties
-        ahead_of: list[int] = []  # each row's draft tokens before it (0 without speculation)
         drafts: list[tuple[int, Sequence, list[int]]] = []  # (first row, seq, draft) of speculative rows
         prefilled: list[tuple[int, Request]] = []
         min_tokens = guided = False  # any row held to its min_tokens, any structured (found here: this loop
@@ -331,14 +330,12 @@ class LLMEngine:
                     history.extend([seq.output_ids] + [seq.output_ids + d[:j] for j in range(1, len(d) + 1)])
                 else:
                     history.extend([seq.output_ids] * (len(d) + 1))
-                ahead_of.extend(range(len(d) + 1))
                 row += len(d) + 1
                 continue
             targets = chunk.request.active_seqs if chunk.seq is None else [chunk.seq]
             rows.extend([row] * len(targets))
             seqs.extend(targets)
             history.extend(s.output_ids for s in targets)
-            ahead_of.extend([0] * len(targets))
             if chunk.seq is None:
                 prefilled.append((row, chunk.request))
             row += 1
@@ -365,7 +362,7 @@ class LLMEngine:
                   if seq.state["generator"] is not None}
         out = sample(logits, [s.request.params for s in seqs], [s.state["generator"] for s in seqs],
                      [s.request.prompt_ids for s in seqs], history, before_read=ahead,
-                     banned=[self._banned(s, a) for s, a in zip(seqs, ahead_of, strict=True)] if min_tokens else None,
+                     banned=self._banned_rows(seqs, drafts) if min_tokens else None,
                      allowed=[self._allowed(s) for s in seqs] if guided else None)
         now = time.monotonic()
         touched: dict[str, Request] = {}
@@ -411,6 +408,14 @@ class LLMEngine:
         """The tokens that would end `seq`: its stop_token_ids, and the model's end tokens unless ignore_eos."""
         p = seq.request.params
         return frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else self.eos_token_ids)
+
+    def _banned_rows(self, seqs: list[Sequence], drafts: list[tuple[int, Sequence, list[int]]]
+                     ) -> list[frozenset[int]]:
+        """`_banned` per sampled row; a drafted row's position j counts the j draft tokens before it."""
+        banned = [self._banned(s) for s in seqs]
+        for first, seq, draft in drafts:
+            banned[first:first + len(draft) + 1] = [self._banned(seq, j) for j in range(len(draft) + 1)]
+        return banned
 
     def _banned(self, seq: Sequence, ahead: int = 0) -> frozenset[int]:
         """The stop tokens a sample short of its min_tokens may not draw (`ahead`: draft tokens

@@ -119,9 +119,7 @@ class Scheduler:
     def finish_sequence(self, seq: Sequence, reason: str) -> None:
         """End one sequence (its response blocks are freed now); the request ends with its last one."""
         seq.finish_reason = reason
-        self.kv.free_sequence(seq.seq_id)
-        if self.proposer is not None:
-            self.proposer.forget(seq)
+        self._discard(seq)
         if seq.request.finished:
             self._release(seq.request)
 
@@ -130,11 +128,16 @@ class Scheduler:
         values, written when they were fed, are the sequence's own, so they need no computing."""
         seq.num_computed += num_kept
 
+    def _discard(self, seq: Sequence) -> None:
+        """Free the sequence's response blocks and what the proposer kept for it: it ended, or its
+        outputs are thrown away (a preempted sequence keeps its tokens, and its proposer index)."""
+        self.kv.free_sequence(seq.seq_id)
+        if self.proposer is not None:
+            self.proposer.forget(seq)
+
     def _release(self, request: Request) -> None:
         for seq in request.seqs:
-            self.kv.free_sequence(seq.seq_id)
-            if self.proposer is not None:
-                self.proposer.forget(seq)
+            self._discard(seq)
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
             self.policy.finished(request)
@@ -199,9 +202,7 @@ class Scheduler:
             self.suspended.append(request)
         else:
             for seq in request.seqs:
-                self.kv.free_sequence(seq.seq_id)
-                if self.proposer is not None:
-                    self.proposer.forget(seq)
+                self._discard(seq)
                 seq.output_ids.clear()
                 seq.num_computed = 0
                 seq.finish_reason = None
