@@ -112,4 +112,5 @@ def add_speculative_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-config", type=json_object, default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                    "(draft-free n-gram lookup in the prompt and output; prompt_lookup_max/min set the n-gram "
-                   "sizes, default 4 down to 2)")
+                   'sizes, default 4 down to 2; "adaptive": true drafts per row only what its acceptance and the '
+                   "measured step cost pay for)")

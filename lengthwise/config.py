@@ -33,6 +33,14 @@ class SpeculativeConfig:
     weights (small batches); in a large batch the drafted tokens cost compute of their own.
     `disable_by_batch_size` (vLLM's name): steps with more running sequences than this decode
     without drafts (None: always draft). docs/benchmarks.md measures where the gain ends.
+
+    `adaptive` (default False: vLLM's behaviour, every row verifies what the lookup finds, up
+    to `num_speculative_tokens`; not a vLLM key): each step each row verifies only as many
+    drafted tokens as pay for themselves, from that sequence's acceptance so far and the step
+    time the engine measures (a row whose drafts keep failing, or a batch large enough that a
+    verified token costs its own compute, drafts less or nothing; sched/draft_length.py).
+    docs/benchmarks.md measures both: adaptive avoids most of fixed drafts' losses at large
+    batches, but its step-cost fit is noisy on a busy host.
     """
 
     method: str = "ngram"
@@ -40,6 +48,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
     disable_by_batch_size: int | None = None
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
@@ -60,6 +69,8 @@ class SpeculativeConfig:
         b = self.disable_by_batch_size
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1):
             raise ValueError(f"speculative_config.disable_by_batch_size must be a positive integer or None, got {b!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"speculative_config.adaptive must be a bool, got {self.adaptive!r}")
         object.__setattr__(self, "prompt_lookup_max", hi)
         object.__setattr__(self, "prompt_lookup_min", lo)
 

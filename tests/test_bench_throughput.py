@@ -175,6 +175,25 @@ def test_a_batch_size_sweep_takes_the_ratio_against_the_fastest_static_baseline(
         assert len(r["elapsed_runs_s"]) == 2 and r["elapsed_s"] == pytest.approx(min(r["elapsed_runs_s"]), abs=1e-3)
 
 
+def test_speculative_decoding_in_the_throughput_benchmark(tmp_path, bench_cache, monkeypatch, capsys):
+    """`--speculative-config` reaches lengthwise's engine (drafts verified and counted) and its
+    greedy outputs stay transformers' token for token; a bad config fails before any engine runs."""
+    monkeypatch.setenv("LENGTHWISE_CACHE", str(bench_cache))
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "adaptive": False}
+    assert main(_bench_args(tmp_path, "--engines", "lengthwise,transformers", "--num-requests", "4",
+                            "--max-output-len", "24", "--warmup-requests", "1", "--warmup-tokens", "2",
+                            "--kv-cache-tokens", "2048", "--speculative-config", json.dumps(spec))) == 0
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert report["config"]["speculative_config"] == spec
+    details = report["results"][0]["details"]
+    assert 0 < details["accepted_tokens"] <= details["draft_tokens"], details  # a random model's loops
+    assert report["config"]["outputs_compared"]["identical_requests"] == {"transformers": 4}
+    eagle = '{"method": "eagle", "num_speculative_tokens": 2}'
+    bad = main(_bench_args(tmp_path / "bad", "--speculative-config", eagle))
+    assert bad == 2 and "speculative_config.method" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "out.json").exists()
+
+
 def test_roofline_measures_one_request_against_copy_bandwidth(tiny_dir):
     spec = {"model_dir": str(tiny_dir), "dtype": "float32", "device": "cpu", "threads": 1,
             "max_num_batched_tokens": 256, "block_size": 16, "policy": "fcfs", "prompts": [list(range(1, 50))],

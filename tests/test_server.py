@@ -513,8 +513,9 @@ def test_speculative_decoding_serves_plain_decodings_text_and_counts_its_drafts(
     engine's plain decoding, and /metrics counts drafted and kept tokens."""
     from lengthwise import SamplingParams
 
-    proc, base = _start(model_dir, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4}')
-    try:
+    proc, base = _start(model_dir, "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 4,'
+                                                                ' "adaptive": false}')
+    try:  # (fixed draft lengths: counters that do not depend on this host's step times)
         prompt = "Once upon a time, there was a little girl named Lily."
         want = offline.generate([prompt], SamplingParams(temperature=0.0, max_tokens=80), use_tqdm=False)[0]
         body = {"model": NAME, "prompt": prompt, "max_tokens": 80, "temperature": 0}

@@ -19,7 +19,9 @@ from lengthwise.sched import Scheduler, make_policy
 from lengthwise.sched.draft import NgramProposer
 from lengthwise.sequence import Request
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}
+# Fixed draft lengths: verification is tested on every draft the lookup finds (the adaptive
+# planner, tested in test_draft_length.py, would cut drafts by measured step times).
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "adaptive": False}
 # Prompts with repeats for the lookup to find; a random model's greedy text also falls into loops.
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7], list(range(10, 30)) * 2, [9, 9, 9, 9], [40, 41, 42]]
 
@@ -120,6 +122,7 @@ def test_speculative_config_validation_names_the_field():
            ({"num_speculative_tokens": 2, "prompt_lookup_max": 0}, "prompt_lookup_max"),
            ({"num_speculative_tokens": 2, "model": "x"}, "unknown keys"),
            ({"num_speculative_tokens": 2, "disable_by_batch_size": 0}, "disable_by_batch_size"),
+           ({"num_speculative_tokens": 2, "adaptive": "yes"}, "adaptive"),
            ("ngram", "must be a dict")]
     for value, field_name in bad:
         with pytest.raises(ValueError, match=field_name):
@@ -165,7 +168,7 @@ def test_scheduler_drafts_within_the_budget_and_the_token_limit_and_counts_kept_
     seq = request.seqs[0]
     assert seq.num_computed == 1 and len(sched.kv.response_segment(seq.seq_id).blocks) == 1
     seq.output_ids.extend([7, 5])  # the engine kept one draft token, then sampled 5
-    sched.accept_draft(seq, 1)
+    sched.accept_draft(seq, 1, 1)
     assert seq.num_computed == 2  # the next step feeds only the new token
     (chunk,) = sched.schedule().chunks
     assert (chunk.start, chunk.end, chunk.draft) == (2, 3, [])  # one token left: nothing to draft
@@ -191,7 +194,7 @@ def test_drafts_take_only_the_budget_the_step_leaves_unused():
     assert [(c.seq is None, c.draft) for c in out.chunks] == [(False, [7]), (True, [])]
     b.seqs[0].output_ids.append(3)
     a.seqs[0].output_ids.extend([7, 4])
-    sched.accept_draft(a.seqs[0], 1)
+    sched.accept_draft(a.seqs[0], 1, 1)
     out = sched.schedule()
     assert [c.draft for c in out.chunks] == [[7], []] and out.num_tokens == 3  # both decode; one token drafted
 
@@ -332,7 +335,7 @@ def test_sampled_tokens_keep_plain_decodings_distribution(checkpoints):
                                                                            ignore_eos=True)])
     prompt = start + greedy[0].outputs[0].token_ids
     engine = _engine(model_dir, {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3,
-                                 "prompt_lookup_min": 1}, max_num_seqs=256, kv_cache_memory=64 << 20)
+                                 "prompt_lookup_min": 1, "adaptive": False}, max_num_seqs=256, kv_cache_memory=64 << 20)
     counts: dict[tuple[int, ...], int] = {}
     for r in range(16):
         out = run_to_completion(engine, [prompt], [SamplingParams(n=200, max_tokens=4, temperature=1.3, top_k=2,

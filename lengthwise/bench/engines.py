@@ -96,7 +96,8 @@ def run_lengthwise(spec: dict[str, Any]) -> dict[str, Any]:
     llm = LLM(spec["model_dir"], dtype=spec["dtype"], device=spec["device"], kv_cache_memory=kv_bytes,
               max_num_seqs=spec["max_num_seqs"], max_num_batched_tokens=spec["max_num_batched_tokens"],
               block_size=spec["block_size"], policy=spec["policy"],
-              enable_prefix_caching=spec.get("prefix_caching", True))
+              enable_prefix_caching=spec.get("prefix_caching", True),
+              speculative_config=spec.get("speculative_config"))
     prompts, lens = spec["prompts"], spec["output_lens"]
     if spec["warmup_prompts"]:
         llm.generate(spec["warmup_prompts"], _sampling_params(spec["warmup_tokens"]), use_tqdm=False)
@@ -121,6 +122,8 @@ def run_lengthwise(spec: dict[str, Any]) -> dict[str, Any]:
     steps, launched, used = (after - b for after, b in zip(counters(), before, strict=True))
     details = {"kv_cache_memory_bytes": kv_bytes, "policy": spec["policy"], "num_preemptions": preemptions,
                "sampling_steps": steps}
+    if engine.stats.draft_tokens:  # speculative decoding (counted over warm-up and timed run)
+        details |= {"draft_tokens": engine.stats.draft_tokens, "accepted_tokens": engine.stats.accepted_tokens}
     if graphs is not None:  # async decode: steps launched before the previous step's tokens were read
         details |= {"steps_launched_ahead": launched, "steps_used_as_launched": used}
     return {"elapsed_s": elapsed, "output_tokens": counted, "generated_tokens": sum(got), "short_requests": short,

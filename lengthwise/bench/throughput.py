@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from lengthwise.argtypes import output_file, positive_int, positive_int_list
+from lengthwise.argtypes import add_speculative_argument, output_file, positive_int, positive_int_list
 from lengthwise.bench import report as rep
 from lengthwise.bench.engines import TRANSFORMERS_ENGINES
 from lengthwise.bench.presets import PRESETS, resolve_model
@@ -69,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=32768,
                    help="KV cache capacity in tokens for both paged engines (default 32768)")
     p.add_argument("--policy", default="fcfs", help="lengthwise scheduling policy (default fcfs)")
+    add_speculative_argument(p)  # lengthwise only: the baselines decode a token per step
     p.add_argument("--cb-prefix-sharing", action=argparse.BooleanOptionalAction, default=True,
                    help="transformers-cb's prefix sharing (allow_block_sharing; default on, as transformers "
                         "ships it): requests reuse the KV blocks of a common prompt prefix, e.g. the Alpaca template")
@@ -113,11 +114,13 @@ def check_args(args: argparse.Namespace) -> None:
     if args.data is not None and not Path(args.data).is_file():
         raise ValueError(f"--data {args.data!r}: no such file")
     # Checked here, not inside an engine's subprocess after the other engines have run.
+    from lengthwise.config import SpeculativeConfig
     from lengthwise.model.loader import resolve_device
     from lengthwise.sched import make_policy
 
     resolve_device(args.device)
     make_policy(args.policy)
+    SpeculativeConfig.parse(getattr(args, "speculative_config", None))
 
 
 def check_dependencies(engines: list[str]) -> None:
@@ -202,6 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size[0], "max_num_seqs": args.max_num_seqs, "prefix_caching": prefix_caching,
             "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
             "kv_cache_tokens": args.kv_cache_tokens, "policy": args.policy,
+            "speculative_config": getattr(args, "speculative_config", None),
             "cb_prefix_sharing": args.cb_prefix_sharing, "warmup_prompts": warmup, "warmup_tokens": args.warmup_tokens,
             "progress": progress, "prompts": workload.prompts, "output_lens": workload.output_lens}
     config = {"model": model_label, "model_dir": str(model_dir), "dtype": args.dtype, "device": args.device,
@@ -209,6 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "batch_size": args.batch_size, "max_num_seqs": args.max_num_seqs, "prefix_caching": prefix_caching,
               "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
               "kv_cache_tokens": args.kv_cache_tokens, "policy": args.policy,
+              "speculative_config": getattr(args, "speculative_config", None),
               "repeats": getattr(args, "repeats", 1),
               "warmup": {"requests": len(warmup), "max_tokens": args.warmup_tokens,
                          "prompts": f"random ids (seed {WARMUP_SEED}), lengths of the first {len(warmup)} prompts"},

@@ -41,6 +41,7 @@ from lengthwise.ops.dispatch import use_triton
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.sched import Scheduler, make_policy
 from lengthwise.sched.draft import NgramProposer
+from lengthwise.sched.draft_length import DraftLengthPlanner
 from lengthwise.sequence import Request, RequestStatus, Sequence
 from lengthwise.structured.guide import StructuredOutputs
 from lengthwise.tokenizer import Tokenizer
@@ -106,7 +107,8 @@ class LLMEngine:
                                    config.max_num_seqs, config.max_num_batched_tokens,
                                    enable_prefix_caching=config.enable_prefix_caching, proposer=proposer,
                                    draft_max_batch=None if spec is None else spec.disable_by_batch_size,
-                                   draft_step_tokens=self.model.fused_step_tokens())
+                                   draft_step_tokens=self.model.fused_step_tokens(),
+                                   draft_planner=DraftLengthPlanner() if spec is not None and spec.adaptive else None)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.max_model_len,
                                   graph_batch=self._graph_batch(), kv_cache_dtype=self.kv_cache_dtype)
         self.requests: dict[str, Request] = {}
@@ -297,6 +299,7 @@ class LLMEngine:
         """Run one scheduling step and forward pass. Returns the requests that gained tokens or finished."""
         for request in self.length.predict_pending():
             self.scheduler.add(request)
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         for request in plan.restarted:  # FCR recompute: the discarded output starts over, same seed
             request.first_token_time = None  # nobody saw the discarded tokens
@@ -388,6 +391,10 @@ class LLMEngine:
             self.stats.accepted_tokens += kept
             i += len(draft) + 1
             spec = next(verified, None)
+        planner = self.scheduler.draft_planner
+        if planner is not None and all(c.seq is not None and c.end - c.start == 1 for c in plan.chunks):
+            # What a decode step's tokens cost, for the next steps' draft lengths.
+            planner.observe_step(plan.num_tokens, time.perf_counter() - started)
         return list(touched.values())
 
     def _verify(self, seq: Sequence, draft: list[int], tokens: list[int], logprobs: list[Any], now: float) -> int:
@@ -401,7 +408,7 @@ class LLMEngine:
                 break
             kept += 1
         if not seq.finished:
-            self.scheduler.accept_draft(seq, kept)
+            self.scheduler.accept_draft(seq, len(draft), kept)
         return kept
 
     def _stop_tokens(self, seq: Sequence) -> frozenset[int]:

@@ -12,7 +12,9 @@ drafts after their input token. Drafts are planned last, once every running requ
 and the admitted prompts have their budget and blocks, from what is left of the budget, within
 each row's token limit, and in KV blocks beyond the headroom running rows need to grow: a draft
 never takes a token or a block from anything the step would otherwise have run. The engine
-verifies them and reports how many were kept (`accept_draft`).
+verifies them and reports how many were kept (`accept_draft`). With a `DraftLengthPlanner`
+(adaptive drafts), each row drafts only as many tokens as its acceptance so far and the measured
+step cost say will pay for themselves (sched/draft_length.py).
 
 Progress counters (`Request.num_prompt_computed`, `Sequence.num_computed`) advance here, when a
 chunk is scheduled (and for kept drafts); the engine only appends the tokens it samples. Pure
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 
 from lengthwise.kv.block_manager import KVBlockManager
 from lengthwise.sched.draft import DraftProposer
+from lengthwise.sched.draft_length import DraftLengthPlanner
 from lengthwise.sched.policy import SchedulerView, SchedulingPolicy
 from lengthwise.sequence import Request, RequestStatus, Sequence
 
@@ -74,7 +77,8 @@ class Scheduler:
     def __init__(self, policy: SchedulingPolicy, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, clock: Callable[[], float] = time.monotonic,
                  enable_prefix_caching: bool = False, proposer: DraftProposer | None = None,
-                 draft_max_batch: int | None = None, draft_step_tokens: int | None = None) -> None:
+                 draft_max_batch: int | None = None, draft_step_tokens: int | None = None,
+                 draft_planner: DraftLengthPlanner | None = None) -> None:
         if max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
         if max_num_batched_tokens <= 0:
@@ -94,6 +98,7 @@ class Scheduler:
         self.draft_max_batch = draft_max_batch  # more running sequences than this: no drafts
         # Drafts keep a step that fits in this many tokens within it (the executor's fast path).
         self.draft_step_tokens = draft_step_tokens
+        self.draft_planner = draft_planner  # None: every row drafts what the proposer offers
 
     # -- requests in and out -------------------------------------------------------------------
 
@@ -123,10 +128,13 @@ class Scheduler:
         if seq.request.finished:
             self._release(seq.request)
 
-    def accept_draft(self, seq: Sequence, num_kept: int) -> None:
-        """The engine kept the first `num_kept` tokens of `seq`'s draft in this step: their keys and
-        values, written when they were fed, are the sequence's own, so they need no computing."""
+    def accept_draft(self, seq: Sequence, num_drafted: int, num_kept: int) -> None:
+        """The engine kept the first `num_kept` of the `num_drafted` tokens of `seq`'s draft in this
+        step: their keys and values, written when they were fed, are the sequence's own, so they
+        need no computing."""
         seq.num_computed += num_kept
+        if self.draft_planner is not None:
+            self.draft_planner.observe_draft(seq, num_drafted, num_kept)
 
     def _discard(self, seq: Sequence) -> None:
         """Free the sequence's response blocks and what the proposer kept for it: it ended, or its
@@ -134,6 +142,8 @@ class Scheduler:
         self.kv.free_sequence(seq.seq_id)
         if self.proposer is not None:
             self.proposer.forget(seq)
+        if self.draft_planner is not None:
+            self.draft_planner.forget(seq)
 
     def _release(self, request: Request) -> None:
         for seq in request.seqs:
@@ -321,6 +331,10 @@ class Scheduler:
         if self.draft_step_tokens is not None and out.num_tokens <= self.draft_step_tokens:
             limit = min(limit, self.draft_step_tokens)
         budget = limit - out.num_tokens
+        if self.draft_planner is not None:
+            # Rows sampled this step: a decode row, or each sample of a prompt that completes.
+            self.draft_planner.begin_step(sum(1 if c.seq is not None else len(c.request.active_seqs)
+                                              for c in out.chunks if c.sample))
         for c in out.chunks:
             if budget <= 0:
                 break
@@ -343,6 +357,8 @@ class Scheduler:
             limit = min(limit, cap)
         # Up to all the draft kept plus the token sampled after it, within the limit.
         room = min(budget - 1, limit - generated - 1)
+        if self.draft_planner is not None:
+            room = self.draft_planner.max_draft(seq, room)
         draft = self.proposer.propose(seq, room) if room > 0 else []
         if not draft:
             return []
