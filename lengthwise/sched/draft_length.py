@@ -171,11 +171,9 @@ class DraftLengthPlanner:
 
     def max_draft(self, seq: Sequence, limit: int) -> int:
         """How many of up to `limit` drafted tokens `seq` should verify this step."""
-        if limit <= 0 or self._threshold <= 0.0:
+        if limit <= 0 or self._threshold <= 0.0 or self._explore:
             return max(0, limit)
         alpha = self.acceptance(seq)
-        if self._explore:
-            return limit
         if alpha <= self._threshold:
             return 0
         if alpha >= 1.0:
