@@ -5,8 +5,8 @@
 
 Each workload is generated greedily with plain decoding, with `speculative_config={"method":
 "ngram", "num_speculative_tokens": K, "adaptive": False}` for each `--k` (every row verifies what
-the lookup finds, up to K) and with the default adaptive draft lengths (`"adaptive": True`, up to
-K) for each `--adaptive-k`, at each `--batch` (`max_num_seqs`):
+the lookup finds, up to K; the default) and with adaptive draft lengths (`"adaptive": True`, up
+to K) for each `--adaptive-k`, at each `--batch` (`max_num_seqs`):
 
 - **tiny-tasks**: the built-in instruction model on 32 held-out instructions of its task families
   (counting, sorting, reversing, repeating, describing, ...), chat-rendered, to its own end;
