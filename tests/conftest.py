@@ -50,6 +50,16 @@ FAMILIES = {
     "qwen2-rope-yarn": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_scaling=dict(
         rope_type="yarn", factor=4.0, original_max_position_embeddings=32))),
 }
+# Mixture-of-experts families (the fused CPU decode path does not take them: kept apart from
+# FAMILIES, whose tests assert that path). Qwen2-MoE: a shared expert and a dense layer 1.
+MOE_FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        num_hidden_layers=3, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=6,
+        num_experts_per_tok=2, mlp_only_layers=[1])),
+    "qwen3-moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        head_dim=24, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=3, norm_topk_prob=True)),
+}
 
 
 def stories_with_template(tmp_path_factory, chat_template: str) -> Path:
@@ -116,7 +126,7 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
     """A transformers model of `family` with every parameter (biases and norms too) randomised."""
     import transformers
 
-    config_cls, model_cls, family_overrides = FAMILIES[family]
+    config_cls, model_cls, family_overrides = {**FAMILIES, **MOE_FAMILIES}[family]
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**{**BASE, **family_overrides, **overrides})
     model = getattr(transformers, model_cls)(config).eval()

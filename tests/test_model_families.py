@@ -1,10 +1,11 @@
-"""Every supported family matches transformers: last-position logits and 32 greedy tokens."""
+"""Every supported family (mixture-of-experts ones too) matches transformers: last-position logits
+and 32 greedy tokens."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import FAMILIES, MOE_FAMILIES
 
 from lengthwise import SamplingParams, generate, load_model
 from lengthwise.engine import prompt_logits
@@ -27,7 +28,7 @@ def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).abs().max() / ref.abs().max()).item()
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, *MOE_FAMILIES])
 def test_last_position_logits_match_transformers(family, hf_checkpoint):
     hf, path = hf_checkpoint(family)
     model = load_model(path, "float32", "cpu")
@@ -38,7 +39,7 @@ def test_last_position_logits_match_transformers(family, hf_checkpoint):
     assert _rel_err(ours, ref) < 1e-4
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", [*FAMILIES, *MOE_FAMILIES])
 def test_greedy_32_tokens_identical_to_transformers(family, hf_checkpoint):
     hf, path = hf_checkpoint(family)
     model = load_model(path, "float32", "cpu")

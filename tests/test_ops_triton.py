@@ -654,7 +654,7 @@ def test_cuda_async_decode_matches_sync(monkeypatch):
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA GPU on this machine")
-@pytest.mark.parametrize("family", ["llama", "mistral-sliding", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "mistral-sliding", "qwen3", "qwen3-moe"])
 def test_cuda_triton_model_matches_transformers(monkeypatch, family):
     import copy
 

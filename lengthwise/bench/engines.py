@@ -48,15 +48,24 @@ def kv_bytes_per_token(model_dir: str | Path, dtype_itemsize: int) -> int:
 
 
 def decode_weight_bytes(model_dir: str | Path, dtype_itemsize: int) -> int:
-    """Bytes of weights one decode step must read: every layer, the final norm and the LM head.
-    The input embedding is not counted unless tied to the LM head (a step reads one row of it)."""
+    """Bytes of weights one batch-1 decode step must read: every layer (of a sparse layer the
+    router and the experts one token picks), the final norm and the LM head. The input embedding
+    is not counted unless tied to the LM head (a step reads one row of it)."""
     from lengthwise.model.config import ModelConfig
 
     c = ModelConfig.from_dir(model_dir)
-    h, q, kv, inter = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * inter + 2 * h
-    per_layer += (q + 2 * kv) * c.qkv_bias + h * c.o_bias + (2 * inter + h) * c.mlp_bias + 2 * c.head_dim * c.qk_norm
-    params = c.num_layers * per_layer + h + c.vocab_size * h
+    h, q, kv = c.hidden_size, c.q_size, c.kv_size
+    params = h + c.vocab_size * h
+    for i in range(c.num_layers):
+        params += (h * (q + 2 * kv) + q * h + 2 * h + (q + 2 * kv) * c.qkv_bias + h * c.o_bias
+                   + 2 * c.head_dim * c.qk_norm)
+        if c.moe is not None and c.moe.sparse_layers[i]:
+            # the router, and at batch 1 only the experts the token picked (and a shared one)
+            shared = c.moe.shared_expert_intermediate_size
+            params += (c.moe.num_experts * h + 3 * h * c.moe.top_k * c.moe.expert_intermediate_size
+                       + (3 * h * shared + h if shared else 0))
+        else:
+            params += 3 * h * c.intermediate_size + (2 * c.intermediate_size + h) * c.mlp_bias
     return params * dtype_itemsize
 
 

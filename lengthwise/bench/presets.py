@@ -1,6 +1,6 @@
 """Named random-initialised model presets for benchmarks, written once into the model cache.
 
-A preset is a Llama checkpoint in the real Hugging Face layout (config.json, generation_config.json,
+A preset is a Llama (or Qwen3-MoE) checkpoint in the real Hugging Face layout (config.json, generation_config.json,
 model.safetensors, tokenizer.json, tokenizer_config.json), made deterministically from a seed
 (normal init, std 0.02, norms at 1) with the random test model's byte-level BPE tokenizer (`model/random_model.py`).
 transformers is not needed to build one. The weights are random, so the text is word salad, but
@@ -25,7 +25,10 @@ INIT_STD = 0.02
 
 @dataclass(frozen=True)
 class LlamaPreset:
-    """The shape of a random Llama checkpoint. `vocab_size=None` means the tokenizer's size."""
+    """The shape of a random Llama checkpoint. `vocab_size=None` means the tokenizer's size.
+    With `num_experts` > 0 it is a Qwen3-MoE checkpoint instead: every layer's MLP is
+    `num_experts` experts of `moe_intermediate_size`, `num_experts_per_tok` per token
+    (renormalised, as Qwen3-30B-A3B), with Qwen3's q/k norms."""
 
     hidden_size: int
     intermediate_size: int
@@ -37,6 +40,9 @@ class LlamaPreset:
     tie_word_embeddings: bool
     rope_theta: float = 10000.0
     dtype: str = "float32"  # the safetensors dtype on disk (bfloat16 halves a large preset's size)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
 
 
 PRESETS: dict[str, LlamaPreset] = {
@@ -58,6 +64,12 @@ PRESETS: dict[str, LlamaPreset] = {
     "llama-1b": LlamaPreset(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                             num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
                             tie_word_embeddings=True, rope_theta=500000.0, dtype="bfloat16"),
+    # A Qwen3-MoE in miniature (Qwen3-30B-A3B's fine-grained experts: 8 of 64 per token, each a
+    # third of hidden wide): 497M parameters, 99M active per token (24.6M of them the tied head).
+    "qwen3-moe-500m": LlamaPreset(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                                  num_attention_heads=12, num_key_value_heads=4, vocab_size=32000,
+                                  max_position_embeddings=2048, tie_word_embeddings=True, dtype="bfloat16",
+                                  num_experts=64, num_experts_per_tok=8, moe_intermediate_size=256),
 }
 
 
@@ -106,6 +118,11 @@ def write_preset(out_dir: str | Path, preset: LlamaPreset, seed: int = 0, tokeni
         "mlp_bias": False, "initializer_range": INIT_STD, "tie_word_embeddings": preset.tie_word_embeddings,
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": preset.dtype,
     }
+    if preset.num_experts:
+        config.update({"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                       "num_experts": preset.num_experts, "num_experts_per_tok": preset.num_experts_per_tok,
+                       "moe_intermediate_size": preset.moe_intermediate_size, "norm_topk_prob": True,
+                       "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}) + "\n")
@@ -131,9 +148,19 @@ def write_preset(out_dir: str | Path, preset: LlamaPreset, seed: int = 0, tokeni
             p + "self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden),
             p + "self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden),
             p + "self_attn.o_proj.weight": normal(hidden, heads * head_dim),
-            p + "mlp.gate_proj.weight": normal(inter, hidden),
-            p + "mlp.up_proj.weight": normal(inter, hidden),
-            p + "mlp.down_proj.weight": normal(hidden, inter),
         })
+        if not preset.num_experts:
+            tensors.update({p + "mlp.gate_proj.weight": normal(inter, hidden),
+                            p + "mlp.up_proj.weight": normal(inter, hidden),
+                            p + "mlp.down_proj.weight": normal(hidden, inter)})
+            continue
+        tensors.update({p + "self_attn.q_norm.weight": torch.ones(head_dim),
+                        p + "self_attn.k_norm.weight": torch.ones(head_dim),
+                        p + "mlp.gate.weight": normal(preset.num_experts, hidden)})
+        expert = preset.moe_intermediate_size
+        for e in range(preset.num_experts):
+            tensors.update({p + f"mlp.experts.{e}.gate_proj.weight": normal(expert, hidden),
+                            p + f"mlp.experts.{e}.up_proj.weight": normal(expert, hidden),
+                            p + f"mlp.experts.{e}.down_proj.weight": normal(hidden, expert)})
     dtype = getattr(torch, preset.dtype)
     save_file({k: v.to(dtype) for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -143,10 +143,12 @@ class LLMEngine:
         return int(num_blocks)
 
     def _graph_batch(self) -> int:
-        """Largest decode batch replayed as a CUDA graph; 0 for none (CPU, `enforce_eager`, or the
-        torch reference kernels, whose host-side metadata a graph would freeze)."""
+        """Largest decode batch replayed as a CUDA graph; 0 for none (CPU, `enforce_eager`, the
+        torch reference kernels, whose host-side metadata a graph would freeze, or a mixture-of-
+        experts model: its expert loop sizes each expert's work on the host, and the grouped path
+        has not been captured and checked on a GPU yet)."""
         probe = self.model.embed
-        if self.config.enforce_eager or not probe.is_cuda or not use_triton(probe):
+        if self.config.enforce_eager or not probe.is_cuda or not use_triton(probe) or self.model.config.moe:
             return 0
         return min(self.config.max_num_seqs, MAX_GRAPH_BATCH)
 

@@ -1,7 +1,8 @@
 """`ModelConfig`: the parts of a Hugging Face `config.json` that the executor needs, validated.
 
-One config class covers every supported family (Llama, Mistral, Qwen2, Qwen3); the family only
-switches features on (q/k/v bias, q/k norm, sliding window). Both the transformers 4.x layout
+One config class covers every supported family (Llama, Mistral, Qwen2, Qwen3 and the mixture-of-
+experts Mixtral, Qwen2-MoE, Qwen3-MoE); the family only switches features on (q/k/v bias, q/k
+norm, sliding window, sparse MLP layers). Both the transformers 4.x layout
 (`rope_theta` + `rope_scaling`) and the 5.x layout (`rope_parameters`) are read.
 """
 
@@ -13,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -42,6 +44,22 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """The sparse MLP of a mixture-of-experts family. A sparse layer routes each token to `top_k`
+    of `num_experts` SwiGLU experts (of `expert_intermediate_size`) and sums their outputs weighted
+    by the router's softmax probabilities, renormalised over the chosen k when `norm_topk_prob`.
+    Qwen2-MoE adds a shared expert every token takes (`shared_expert_intermediate_size`, 0 for
+    none), scaled by a sigmoid gate. Layers with `sparse_layers[i]` False keep a dense MLP."""
+
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    norm_topk_prob: bool
+    sparse_layers: tuple[bool, ...]
+    shared_expert_intermediate_size: int = 0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder-only model in the Llama family."""
 
@@ -66,6 +84,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
+    moe: MoeConfig | None = None  # mixture-of-experts families only
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -167,14 +186,15 @@ class ModelConfig:
             rope=_rope_from_hf(raw),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v bias (and no o bias); Llama-style configs say so with attention_bias.
-            qkv_bias=True if model_type == "qwen2" else bias,
-            o_bias=False if model_type == "qwen2" else bias,
+            qkv_bias=True if model_type in ("qwen2", "qwen2_moe") else bias,
+            o_bias=False if model_type in ("qwen2", "qwen2_moe") else bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_windows=_sliding_windows_from_hf(raw, model_type, num_layers),
             bos_token_id=bos,
             eos_token_ids=eos_ids,
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
+            moe=_moe_from_hf(raw, model_type, num_layers) if model_type in MOE_MODEL_TYPES else None,
         )
 
 
@@ -251,6 +271,34 @@ def _yarn_from_hf(raw: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
             "truncate": bool(params.get("truncate", True)), "attention_factor": attention}
 
 
+def _moe_from_hf(raw: dict[str, Any], model_type: str, num_layers: int) -> MoeConfig:
+    """The sparse MLP as transformers builds it. Mixtral: every layer sparse, experts of
+    `intermediate_size`, top-k renormalised. Qwen2/3-MoE: experts of `moe_intermediate_size`; layer
+    i is sparse unless listed in `mlp_only_layers`, and only every `decoder_sparse_step`-th layer
+    ((i + 1) % step == 0); `norm_topk_prob` as configured (transformers' default False)."""
+    def count(key: str, default: int | None = None, minimum: int = 1) -> int:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise CheckpointError(f"config.json: {key} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    experts_key = "num_local_experts" if "num_local_experts" in raw else "num_experts"
+    num_experts = count(experts_key)
+    top_k = count("num_experts_per_tok")
+    if top_k > num_experts:
+        raise CheckpointError(f"config.json: num_experts_per_tok ({top_k}) exceeds {experts_key} ({num_experts})")
+    if model_type == "mixtral":
+        return MoeConfig(num_experts, top_k, count("intermediate_size"), True, (True,) * num_layers)
+    step = count("decoder_sparse_step", 1)
+    dense = raw.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+        raise CheckpointError(f"config.json: mlp_only_layers must be a list of layer indices, got {dense!r}")
+    sparse = tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers))
+    shared = count("shared_expert_intermediate_size", 0, 0) if model_type == "qwen2_moe" else 0
+    return MoeConfig(num_experts, top_k, count("moe_intermediate_size"), bool(raw.get("norm_topk_prob", False)),
+                     sparse, shared)
+
+
 def _sliding_windows_from_hf(raw: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
     window = raw.get("sliding_window")
     if model_type == "llama" or not window:
@@ -260,10 +308,16 @@ def _sliding_windows_from_hf(raw: dict[str, Any], model_type: str, num_layers: i
         if len(layer_types) != num_layers:
             raise CheckpointError("config.json: layer_types must have one entry per layer")
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):
         return (window,) * num_layers
-    # Qwen2/3 (transformers 4.x layout): sliding only when enabled, from layer max_window_layers on.
+    # Qwen (transformers 4.x layout): sliding only when enabled: Qwen3-MoE on every layer, Qwen2-MoE
+    # on the even layers below max_window_layers (transformers 5's reading), Qwen2/3 from layer
+    # max_window_layers on.
     if not raw.get("use_sliding_window", False):
         return (None,) * num_layers
     first = raw.get("max_window_layers", num_layers)
+    if model_type == "qwen3_moe":
+        return (window,) * num_layers
+    if model_type == "qwen2_moe":
+        return tuple(window if i % 2 == 0 and i < first else None for i in range(num_layers))
     return tuple(window if i >= first else None for i in range(num_layers))

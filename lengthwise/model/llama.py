@@ -1,10 +1,11 @@
-"""The decoder: one implementation for Llama, Mistral, Qwen2 and Qwen3 checkpoints.
+"""The decoder: one implementation for Llama, Mistral, Qwen2 and Qwen3 checkpoints and their
+mixture-of-experts relatives (Mixtral, Qwen2-MoE, Qwen3-MoE).
 
-The family only switches features (q/k/v bias, q/k RMSNorm, sliding windows, RoPE scaling) on in
-`ModelConfig`. Weights arrive fused from the loader: one QKV matrix and one gate-up matrix per
-layer. The model knows nothing about batching policy: a forward pass takes a flat list of tokens,
-their positions, and the per-step `AttentionMetadata` that says where each sequence's context
-lives in the KV cache.
+The family only switches features (q/k/v bias, q/k RMSNorm, sliding windows, RoPE scaling, sparse
+MLP layers) on in `ModelConfig`. Weights arrive fused from the loader: one QKV matrix and one
+gate-up matrix per layer (per expert, stacked, in a sparse layer). The model knows nothing about
+batching policy: a forward pass takes a flat list of tokens, their positions, and the per-step
+`AttentionMetadata` that says where each sequence's context lives in the KV cache.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from lengthwise.ops import (
     rms_norm,
     rotary_cos_sin,
     rotary_inv_freq,
+    silu_and_mul,
 )
 from lengthwise.ops.cpu import decode as cpu_decode
 from lengthwise.ops.fused import norm_gate_up_silu, norm_qkv_rotary_write
+from lengthwise.ops.moe import moe_experts, route
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -32,7 +35,11 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + SwiGLU MLP, with the residual add fused into the following norm."""
+    """Pre-norm attention + SwiGLU MLP (or a sparse mixture of SwiGLU experts), with the residual
+    add fused into the following norm.
+
+    A sparse layer holds `router_weight [E, H]`, `experts_gate_up [E, 2I, H]` and `experts_down
+    [E, H, I]`; its `gate_up_weight`/`down_weight` are Qwen2-MoE's shared expert, or None."""
 
     def __init__(self, config: ModelConfig, layer_idx: int, dtype: torch.dtype,
                  device: torch.device | str) -> None:
@@ -50,10 +57,22 @@ class DecoderLayer(nn.Module):
         self.o_weight = _param((h, c.q_size), dtype, device)
         self.o_bias = _param((h,), dtype, device) if c.o_bias else None
         self.post_attn_norm = _param((h,), dtype, device)
-        self.gate_up_weight = _param((2 * c.intermediate_size, h), dtype, device)
-        self.gate_up_bias = _param((2 * c.intermediate_size,), dtype, device) if c.mlp_bias else None
-        self.down_weight = _param((h, c.intermediate_size), dtype, device)
-        self.down_bias = _param((h,), dtype, device) if c.mlp_bias else None
+        moe = c.moe if c.moe is not None and c.moe.sparse_layers[layer_idx] else None
+        self.moe = moe
+        self.router_weight = self.experts_gate_up = self.experts_down = self.shared_gate_weight = None
+        inter = c.intermediate_size
+        if moe is not None:
+            e, i = moe.num_experts, moe.expert_intermediate_size
+            self.router_weight = _param((e, h), dtype, device)
+            self.experts_gate_up = _param((e, 2 * i, h), dtype, device)
+            self.experts_down = _param((e, h, i), dtype, device)
+            inter = moe.shared_expert_intermediate_size
+            if inter:
+                self.shared_gate_weight = _param((1, h), dtype, device)
+        self.gate_up_weight = _param((2 * inter, h), dtype, device) if inter else None
+        self.gate_up_bias = _param((2 * inter,), dtype, device) if c.mlp_bias and inter else None
+        self.down_weight = _param((h, inter), dtype, device) if inter else None
+        self.down_bias = _param((h,), dtype, device) if c.mlp_bias and inter else None
         # name -> Int8Weight for the projections `quantize_model` replaced (their parameters then
         # hold the dequantized weights); the fused CPU decode path packs these.
         self.quantized: dict = {}
@@ -68,9 +87,21 @@ class DecoderLayer(nn.Module):
                                             self.q_norm, self.k_norm)
         attn = paged_attention(q, k_cache, v_cache, positions, meta, self.scale, self.sliding_window)
         x = linear(attn.reshape(-1, c.q_size), self.o_weight, self.o_bias)
+        if self.moe is not None:
+            return self._sparse_mlp(x, residual)
         x, residual = norm_gate_up_silu(x, residual, self.post_attn_norm, c.rms_norm_eps, self.gate_up_weight,
                                         self.gate_up_bias)
         return linear(x, self.down_weight, self.down_bias), residual
+
+    def _sparse_mlp(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        moe = self.moe
+        x, residual = rms_norm(x, self.post_attn_norm, self.config.rms_norm_eps, residual)
+        weights, ids = route(x, self.router_weight, moe.top_k, moe.norm_topk_prob)
+        out = moe_experts(x, self.experts_gate_up, self.experts_down, weights, ids)
+        if self.gate_up_weight is not None:  # Qwen2-MoE's shared expert, under a sigmoid gate
+            shared = linear(silu_and_mul(linear(x, self.gate_up_weight)), self.down_weight)
+            out = out + torch.sigmoid(F.linear(x, self.shared_gate_weight)) * shared
+        return out, residual
 
 
 class CausalLM(nn.Module):

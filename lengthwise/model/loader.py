@@ -102,11 +102,41 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if c.qk_norm:
             shapes[p + "self_attn.q_norm.weight"] = (c.head_dim,)
             shapes[p + "self_attn.k_norm.weight"] = (c.head_dim,)
+        if c.moe is not None and c.moe.sparse_layers[i]:
+            shapes.update(_expert_shapes(c, i))
+            continue
         for name, shape in (("gate", (c.intermediate_size, h)), ("up", (c.intermediate_size, h)),
                             ("down", (h, c.intermediate_size))):
             shapes[p + f"mlp.{name}_proj.weight"] = shape
             if c.mlp_bias:
                 shapes[p + f"mlp.{name}_proj.bias"] = (shape[0],)
+    return shapes
+
+
+def expert_names(config: ModelConfig, layer: int) -> tuple[str, list[tuple[str, str, str]]]:
+    """A sparse layer's router tensor and, per expert, its (gate, up, down) tensor names, in the
+    family's Hugging Face spelling (Mixtral's `block_sparse_moe` w1/w3/w2, Qwen's `mlp` projections)."""
+    p = f"model.layers.{layer}."
+    if config.model_type == "mixtral":
+        m = p + "block_sparse_moe."
+        return m + "gate.weight", [(m + f"experts.{e}.w1.weight", m + f"experts.{e}.w3.weight",
+                                    m + f"experts.{e}.w2.weight") for e in range(config.moe.num_experts)]
+    m = p + "mlp."
+    return m + "gate.weight", [tuple(m + f"experts.{e}.{n}_proj.weight" for n in ("gate", "up", "down"))
+                               for e in range(config.moe.num_experts)]
+
+
+def _expert_shapes(c: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    h, moe = c.hidden_size, c.moe
+    router, experts = expert_names(c, layer)
+    i = moe.expert_intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {router: (moe.num_experts, h)}
+    for gate, up, down in experts:
+        shapes.update({gate: (i, h), up: (i, h), down: (h, i)})
+    if moe.shared_expert_intermediate_size:
+        s, m = moe.shared_expert_intermediate_size, f"model.layers.{layer}.mlp."
+        shapes.update({m + "shared_expert.gate_proj.weight": (s, h), m + "shared_expert.up_proj.weight": (s, h),
+                       m + "shared_expert.down_proj.weight": (h, s), m + "shared_expert_gate.weight": (1, h)})
     return shapes
 
 
@@ -164,6 +194,9 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, config, dev)
     check_quantization(quantization, dev, dt)  # before the weights are read
+    if quantization is not None and config.moe is not None:
+        raise ValueError(f"quantization={quantization!r} covers dense decoder projections; this "
+                         f"{config.model_type} checkpoint's experts are not supported by it")
     tensors = read_checkpoint(model_dir, config)
     model = CausalLM(config, dt, dev)
 
@@ -188,6 +221,9 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
         put(layer.k_norm, attn + "k_norm.weight")
         put(layer.o_weight, attn + "o_proj.weight")
         put(layer.o_bias, attn + "o_proj.bias")
+        if layer.moe is not None:
+            _put_experts(layer, tensors, config, i, dt)
+            mlp += "shared_expert."  # (Qwen2-MoE's; `put` skips what the layer does not have)
         put(layer.gate_up_weight, mlp + "gate_proj.weight", mlp + "up_proj.weight")
         put(layer.gate_up_bias, mlp + "gate_proj.bias", mlp + "up_proj.bias")
         put(layer.down_weight, mlp + "down_proj.weight")
@@ -197,3 +233,16 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
     if cpu_decode.packs_weights(model):
         cpu_decode.pack_model(model)  # the projections held once, as the CPU GEMM's panels
     return model.eval()
+
+
+def _put_experts(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], config: ModelConfig, index: int,
+                 dtype: torch.dtype) -> None:
+    """Stack a sparse layer's experts: gate and up rows of expert e in `experts_gate_up[e]`, its
+    down projection in `experts_down[e]`; the router as is, and Qwen2-MoE's shared-expert gate."""
+    router, experts = expert_names(config, index)
+    layer.router_weight.data.copy_(tensors[router].to(dtype))
+    for e, (gate, up, down) in enumerate(experts):
+        layer.experts_gate_up.data[e].copy_(torch.cat([tensors[gate], tensors[up]]).to(dtype))
+        layer.experts_down.data[e].copy_(tensors[down].to(dtype))
+    if layer.shared_gate_weight is not None:
+        layer.shared_gate_weight.data.copy_(tensors[f"model.layers.{index}.mlp.shared_expert_gate.weight"].to(dtype))

@@ -61,8 +61,8 @@ def max_rows() -> int:
 def eligible(model: torch.nn.Module, num_tokens: int, max_query_len: int = 1) -> bool:
     """Whether a step of `num_tokens` tokens, at most `max_query_len` of them from any one sequence,
     through `model` can take the fused path."""
-    if model.device.type != "cpu" or model.dtype != torch.float32:
-        return False
+    if model.device.type != "cpu" or model.dtype != torch.float32 or model.config.moe is not None:
+        return False  # (mixture-of-experts layers run op by op: the C++ decoder's MLP is dense)
     # Only the default choice: `LENGTHWISE_KERNELS=torch` asks for the reference ops and `=triton`
     # for the Triton kernels (the interpreter tests run whole models through them on the CPU).
     if os.environ.get(FUSED_ENV, "1") == "0" or kernel_choice() != "auto":
@@ -77,8 +77,8 @@ def eligible(model: torch.nn.Module, num_tokens: int, max_query_len: int = 1) ->
 def packs_weights(model: torch.nn.Module) -> bool:
     """Whether `load_model` stores `model`'s projections only as panels (`pack_model`): float32 on
     a CPU where the kernels build, unless `LENGTHWISE_CPU_PACKED_WEIGHTS=0`."""
-    return (model.device.type == "cpu" and model.dtype == torch.float32 and segment_attention_kernel() is not None
-            and os.environ.get(PACKED_WEIGHTS_ENV, "1") != "0")
+    return (model.device.type == "cpu" and model.dtype == torch.float32 and model.config.moe is None
+            and segment_attention_kernel() is not None and os.environ.get(PACKED_WEIGHTS_ENV, "1") != "0")
 
 
 def is_packed(model: torch.nn.Module) -> bool:
@@ -161,8 +161,12 @@ def packed_weight(layer: torch.nn.Module, name: str) -> PackedWeight | tuple[Pac
 def projection_panels(model: torch.nn.Module) -> list[PackedWeight]:
     """The panels `model`'s layers hold as their projections (none for a dense model)."""
     return [w for layer in model.layers for name in PROJECTIONS
-            for w in (getattr(layer, name) if name == "gate_up_weight" else (getattr(layer, name),))
-            if isinstance(w, PackedWeight)]
+            for w in _as_tuple(getattr(layer, name)) if isinstance(w, PackedWeight)]
+
+
+def _as_tuple(weight: object) -> tuple:
+    """A projection as a tuple of its panels: gate-up is packed as two halves, the rest as one."""
+    return weight if isinstance(weight, tuple) else (weight,)
 
 
 def held_weight_bytes(model: torch.nn.Module) -> int:
