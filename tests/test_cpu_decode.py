@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, assert_same_generations, make_hf_model, save_hf_model
+from conftest import FAMILIES, MOE_FAMILIES, assert_same_generations, make_hf_model, save_hf_model
 
 from lengthwise import SamplingParams, load_model
 from lengthwise.config import EngineConfig
@@ -156,8 +156,10 @@ def _panel_dtypes(model) -> set[torch.dtype]:
     return {packed.dtype for packed in model._cpu_decode_pointers.keep}
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "odd-sizes"])
-@pytest.mark.parametrize("weights", ["float32", "bf16-checkpoint", "int8"])
+@pytest.mark.parametrize("family,weights", [
+    *((f, w) for f in (*FAMILIES, "odd-sizes") for w in ("float32", "bf16-checkpoint", "int8")),
+    # (int8 is refused for experts: test_moe.py)
+    *((f, w) for f in MOE_FAMILIES for w in ("float32", "bf16-checkpoint"))])
 def test_fused_step_matches_op_by_op(family, weights, hf_checkpoint, tmp_path, monkeypatch):
     """The fused step against the op-by-op path on the same weights: float32 ones, a bfloat16
     checkpoint (packed as bfloat16 panels) and int8-quantized ones (int8 panels; the op-by-op
@@ -198,7 +200,7 @@ def test_fused_step_matches_op_by_op(family, weights, hf_checkpoint, tmp_path, m
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, "odd-sizes"])
+@pytest.mark.parametrize("family", [*FAMILIES, *MOE_FAMILIES, "odd-sizes"])
 def test_fused_step_over_a_bf16_kv_cache(family, hf_checkpoint, tmp_path, monkeypatch):
     """kv_cache_dtype="bfloat16": the fused step, the op-by-op path and the torch reference write
     the same new keys and values (1 ulp apart at most, where float32 paths differ in the last bit),

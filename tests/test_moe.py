@@ -18,6 +18,7 @@ from lengthwise.engine import prompt_logits
 from lengthwise.model.config import CheckpointError, ModelConfig
 from lengthwise.ops import moe
 from lengthwise.ops.cpu import decode as cpu_decode
+from lengthwise.ops.cpu import dense
 
 PROMPTS = [[5, 17, 99, 3, 250], list(range(10, 60)), [7, 8]]
 
@@ -119,11 +120,18 @@ def qwen3_moe(tmp_path_factory):
     return hf, save_hf_model(hf, tmp_path_factory.mktemp("qwen3-moe"))
 
 
-def test_loader_stacks_experts_and_names_missing_ones(qwen3_moe, tmp_path):
+def test_loader_stacks_experts_and_names_missing_ones(qwen3_moe, tmp_path, monkeypatch):
+    """Dense: stacked [E, 2I, H] / [E, H, I]; packed (the CPU default): per-expert panels of the
+    same values."""
     hf, path = qwen3_moe
+    packed = load_model(path, "float32", "cpu").layers[1]
+    monkeypatch.setenv(cpu_decode.PACKED_WEIGHTS_ENV, "0")
     model = load_model(path, "float32", "cpu")
     layer, ref = model.layers[1], hf.model.layers[1].mlp
     assert layer.gate_up_weight is None and layer.experts_gate_up.shape == (8, 64, 64)
+    assert len(packed.experts_gate_up) == 8 and packed.gate_up_weight is None
+    assert torch.equal(dense(packed.experts_gate_up[5]), layer.experts_gate_up[5])
+    assert torch.equal(dense(packed.experts_down[7]), layer.experts_down[7])
     from safetensors import safe_open  # (transformers 5 holds experts fused: compare to the saved files)
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         gate = f.get_tensor("model.layers.1.mlp.experts.5.gate_proj.weight")
@@ -150,12 +158,20 @@ def test_int8_is_refused_for_experts(qwen3_moe):
         load_model(qwen3_moe[1], "float32", "cpu", quantization="int8")
 
 
-def test_sparse_model_stays_off_the_fused_dense_path(qwen3_moe):
-    """The C++ decode forward has a dense MLP: a sparse model runs op by op, unpacked, and offers
-    no fused step size to speculative decoding."""
+def test_fused_path_routes_like_the_reference(qwen3_moe, monkeypatch):
+    """A decode batch whose rows pick overlapping experts through the fused C++ step: the same
+    routing (hence the same logits within float32 rounding) as the op-by-op torch path, and the
+    experts held once, as panels (the fused step's shape tests are in test_cpu_decode.py)."""
     model = load_model(qwen3_moe[1], "float32", "cpu")
-    assert not cpu_decode.eligible(model, 1) and not cpu_decode.packs_weights(model)
-    assert model.fused_step_tokens() is None and model.head_panels is None
+    assert cpu_decode.eligible(model, 8) and cpu_decode.packs_weights(model)
+    held = cpu_decode.held_weight_bytes(model)
+    assert held < 1.1 * 4 * model.num_parameters()  # no second copy of the experts
+    prompts = [[5 + i, 17, 99 - i, 3] for i in range(8)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    fused = [o.token_ids for o in generate(model, prompts, params)]
+    assert model._cpu_decode_pointers is not None  # the decode steps took the fused path
+    monkeypatch.setenv(cpu_decode.FUSED_ENV, "0")
+    assert [o.token_ids for o in generate(model, prompts, params)] == fused
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2-moe"])

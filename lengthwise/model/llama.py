@@ -23,11 +23,10 @@ from lengthwise.ops import (
     rms_norm,
     rotary_cos_sin,
     rotary_inv_freq,
-    silu_and_mul,
 )
 from lengthwise.ops.cpu import decode as cpu_decode
 from lengthwise.ops.fused import norm_gate_up_silu, norm_qkv_rotary_write
-from lengthwise.ops.moe import moe_experts, route
+from lengthwise.ops.moe import moe_experts, route, swiglu
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -99,7 +98,7 @@ class DecoderLayer(nn.Module):
         weights, ids = route(x, self.router_weight, moe.top_k, moe.norm_topk_prob)
         out = moe_experts(x, self.experts_gate_up, self.experts_down, weights, ids)
         if self.gate_up_weight is not None:  # Qwen2-MoE's shared expert, under a sigmoid gate
-            shared = linear(silu_and_mul(linear(x, self.gate_up_weight)), self.down_weight)
+            shared = swiglu(x, self.gate_up_weight, self.down_weight)
             out = out + torch.sigmoid(F.linear(x, self.shared_gate_weight)) * shared
         return out, residual
 

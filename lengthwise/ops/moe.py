@@ -20,6 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from lengthwise.ops.activation import silu_and_mul
+from lengthwise.ops.cpu import PackedWeight
+from lengthwise.ops.linear import linear
+
+# Experts as a layer holds them: stacked tensors `[E, 2I, H]` / `[E, H, I]`, or (a packed CPU
+# model, `lengthwise.ops.cpu.decode.pack_model`) per expert the panels of (gate, up) and of down.
+ExpertsGateUp = torch.Tensor | list[tuple[PackedWeight, PackedWeight]]
+ExpertsDown = torch.Tensor | list[PackedWeight]
 
 _GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -35,18 +42,19 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
     return weights.to(x.dtype), ids
 
 
-def moe_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weights: torch.Tensor,
+def moe_experts(x: torch.Tensor, gate_up: ExpertsGateUp, down: ExpertsDown, weights: torch.Tensor,
                 ids: torch.Tensor) -> torch.Tensor:
     """`sum_j weights[t, j] * down[e] @ silu_and_mul(gate_up[e] @ x[t])` with `e = ids[t, j]`.
 
-    `gate_up [E, 2I, H]` (each expert's gate rows, then its up rows), `down [E, H, I]`."""
+    `gate_up [E, 2I, H]` (each expert's gate rows, then its up rows), `down [E, H, I]`, or their
+    per-expert panels."""
     num_tokens, top_k = ids.shape
     flat = ids.reshape(-1)
     order = torch.argsort(flat, stable=True)        # the (token, slot) pairs grouped by expert
     rows = x[order // top_k]                          # [T*k, H], each token once per expert it chose
-    counts = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
+    counts = torch.zeros(len(gate_up), dtype=torch.int32, device=x.device)
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    if _grouped_ok(x.device, x.dtype):
+    if isinstance(gate_up, torch.Tensor) and _grouped_ok(x.device, x.dtype):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         h = silu_and_mul(torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=offsets))
         out = torch._grouped_mm(h, down.transpose(1, 2), offs=offsets)
@@ -59,16 +67,26 @@ def moe_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weig
     return result.view(num_tokens, top_k, -1).sum(dim=1)
 
 
-def _loop(rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def _loop(rows: torch.Tensor, gate_up: ExpertsGateUp, down: ExpertsDown, counts: list[int]) -> torch.Tensor:
     """The grouped products one expert at a time, skipping experts no token chose."""
-    out = rows.new_empty((rows.shape[0], down.shape[1]))
+    out = rows.new_empty(rows.shape)
     start = 0
     for e, n in enumerate(counts):
         if n:
             seg = slice(start, start + n)
-            out[seg] = F.linear(silu_and_mul(F.linear(rows[seg], gate_up[e])), down[e])
+            out[seg] = swiglu(rows[seg], gate_up[e], down[e])
             start += n
     return out
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor | tuple[PackedWeight, PackedWeight],
+           down: torch.Tensor | PackedWeight) -> torch.Tensor:
+    """`down @ (silu(gate @ x) * (up @ x))` for one expert: `gate_up` stacked `[2I, H]` or its packed
+    (gate, up) halves."""
+    if isinstance(gate_up, tuple):
+        gate, up = gate_up
+        return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+    return linear(silu_and_mul(linear(x, gate_up)), down)
 
 
 def _grouped_ok(device: torch.device, dtype: torch.dtype) -> bool:

@@ -103,7 +103,8 @@ def _declare_decode(so: ctypes.CDLL) -> None:
     so.lw_packed_linear.restype = None
     so.lw_packed_linear.argtypes = [p, i, i, p, p, i, p, i]
     so.lw_decode_forward.restype = None
-    so.lw_decode_forward.argtypes = [p, p] + [i] * 6 + [f, f, p, p, p, i] + [p] * 5 + [i, p, p, p, i, p, i, i, i, i, i]
+    so.lw_decode_forward.argtypes = ([p, p, p] + [i] * 9 + [f, f, p, p, p, i] + [p] * 5
+                                     + [i, p, p, p, i, p, i, i, i, i, i])
 
 
 # The KV cache dtypes the kernels read (`EngineConfig.kv_cache_dtype` on the CPU).

@@ -61,8 +61,8 @@ def max_rows() -> int:
 def eligible(model: torch.nn.Module, num_tokens: int, max_query_len: int = 1) -> bool:
     """Whether a step of `num_tokens` tokens, at most `max_query_len` of them from any one sequence,
     through `model` can take the fused path."""
-    if model.device.type != "cpu" or model.dtype != torch.float32 or model.config.moe is not None:
-        return False  # (mixture-of-experts layers run op by op: the C++ decoder's MLP is dense)
+    if model.device.type != "cpu" or model.dtype != torch.float32:
+        return False
     # Only the default choice: `LENGTHWISE_KERNELS=torch` asks for the reference ops and `=triton`
     # for the Triton kernels (the interpreter tests run whole models through them on the CPU).
     if os.environ.get(FUSED_ENV, "1") == "0" or kernel_choice() != "auto":
@@ -77,8 +77,8 @@ def eligible(model: torch.nn.Module, num_tokens: int, max_query_len: int = 1) ->
 def packs_weights(model: torch.nn.Module) -> bool:
     """Whether `load_model` stores `model`'s projections only as panels (`pack_model`): float32 on
     a CPU where the kernels build, unless `LENGTHWISE_CPU_PACKED_WEIGHTS=0`."""
-    return (model.device.type == "cpu" and model.dtype == torch.float32 and model.config.moe is None
-            and segment_attention_kernel() is not None and os.environ.get(PACKED_WEIGHTS_ENV, "1") != "0")
+    return (model.device.type == "cpu" and model.dtype == torch.float32 and segment_attention_kernel() is not None
+            and os.environ.get(PACKED_WEIGHTS_ENV, "1") != "0")
 
 
 def is_packed(model: torch.nn.Module) -> bool:
@@ -96,9 +96,16 @@ def pack_model(model: torch.nn.Module) -> None:
         return
     for layer in model.layers:
         for name in PROJECTIONS:
+            if getattr(layer, name) is None:  # (a sparse layer without a shared expert)
+                continue
             packed = packed_weight(layer, name)
             del layer._parameters[name]
             setattr(layer, name, packed)
+        if layer.moe is not None:
+            gate_up, down = packed_experts(layer)
+            for name, packed in (("experts_gate_up", gate_up), ("experts_down", down)):
+                del layer._parameters[name]
+                setattr(layer, name, packed)
         layer.quantized.clear()  # the int8 panels hold them now
     model.head_panels = pack_panels(_narrowest_exact(model.lm_head))
     tied = model.config.tie_word_embeddings
@@ -126,9 +133,16 @@ def unpack_model(model: torch.nn.Module) -> None:
                          f"load the checkpoint again for dense weights")
     for layer in model.layers:
         for name in PROJECTIONS:
+            if getattr(layer, name) is None:
+                continue
             weight = dense(getattr(layer, name))
             delattr(layer, name)
             layer.register_parameter(name, torch.nn.Parameter(weight, requires_grad=False))
+        if layer.moe is not None:
+            for name in ("experts_gate_up", "experts_down"):
+                weight = torch.stack([dense(w) for w in getattr(layer, name)])
+                delattr(layer, name)
+                layer.register_parameter(name, torch.nn.Parameter(weight, requires_grad=False))
     if model.embed.dtype != model.dtype:
         _set_embed(model, model.embed.data.to(model.dtype))
     if not model.config.tie_word_embeddings:
@@ -158,10 +172,28 @@ def packed_weight(layer: torch.nn.Module, name: str) -> PackedWeight | tuple[Pac
     return packed[0] if len(packed) == 1 else (packed[0], packed[1])
 
 
+def packed_experts(layer: torch.nn.Module) -> tuple[list[tuple[PackedWeight, PackedWeight]], list[PackedWeight]]:
+    """A sparse layer's experts as panels: per expert (gate, up) and down; its own if the model is
+    packed, else packed now. One format for all of a layer's experts (the fused path reads them in
+    the first one's): bfloat16 where every expert weight is a bfloat16 value, else float32."""
+    gate_up, down = layer.experts_gate_up, layer.experts_down
+    if not isinstance(gate_up, torch.Tensor):
+        return gate_up, down
+    gate_up, down = _narrowest_exact(gate_up), _narrowest_exact(down)
+    if gate_up.dtype != down.dtype:
+        gate_up, down = layer.experts_gate_up, layer.experts_down
+    inter = gate_up.shape[1] // 2
+    return ([(pack_panels(w[:inter]), pack_panels(w[inter:])) for w in gate_up],
+            [pack_panels(w) for w in down])
+
+
 def projection_panels(model: torch.nn.Module) -> list[PackedWeight]:
-    """The panels `model`'s layers hold as their projections (none for a dense model)."""
-    return [w for layer in model.layers for name in PROJECTIONS
-            for w in _as_tuple(getattr(layer, name)) if isinstance(w, PackedWeight)]
+    """The panels `model`'s layers hold as their projections and experts (none for a dense model)."""
+    weights = [getattr(layer, name) for layer in model.layers for name in PROJECTIONS]
+    for layer in model.layers:
+        if layer.moe is not None and not isinstance(layer.experts_down, torch.Tensor):
+            weights += [*layer.experts_gate_up, *layer.experts_down]
+    return [w for weight in weights for w in _as_tuple(weight) if isinstance(w, PackedWeight)]
 
 
 def _as_tuple(weight: object) -> tuple:
@@ -187,15 +219,19 @@ class _Pointers:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCacheStorage) -> None:
         self.keep: list[PackedWeight] = []  # the packed weights, alive as long as the pointers
         ptrs: list[int | None] = []
+        self.expert_tables: list[ctypes.Array] = []  # per sparse layer: its experts' 3E panel addresses
         for i, layer in enumerate(model.layers):
+            dense_mlp = layer.gate_up_weight is not None
             ptrs += [self._addr(layer.input_norm), self._pack(layer, "qkv_weight"), self._addr(layer.qkv_bias),
                      self._addr(layer.q_norm), self._addr(layer.k_norm), self._pack(layer, "o_weight"),
                      self._addr(layer.o_bias), self._addr(layer.post_attn_norm),
-                     *self._pack(layer, "gate_up_weight"), self._addr(layer.gate_up_bias),
-                     self._pack(layer, "down_weight"), self._addr(layer.down_bias), self._addr(kv_cache.k[i]),
-                     self._addr(kv_cache.v[i])]
+                     *(self._pack(layer, "gate_up_weight") if dense_mlp else (None, None)),
+                     self._addr(layer.gate_up_bias), self._pack(layer, "down_weight") if dense_mlp else None,
+                     self._addr(layer.down_bias), self._addr(kv_cache.k[i]), self._addr(kv_cache.v[i]),
+                     *self._experts(layer), self._addr(layer.shared_gate_weight)]
         self.layers = (ctypes.c_void_p * len(ptrs))(*ptrs)
         self.windows = (ctypes.c_int32 * len(model.layers))(*(layer.sliding_window or 0 for layer in model.layers))
+        self.inters = (ctypes.c_int32 * len(model.layers))(*map(_mlp_width, model.layers))
         self.lm_head = model.head_panels if is_packed(model) else pack_panels(_narrowest_exact(model.lm_head))
         self.key = _key(model, kv_cache)
 
@@ -206,6 +242,20 @@ class _Pointers:
         if not t.is_contiguous():
             raise ValueError("the fused CPU decode path needs contiguous norms, biases and caches")
         return t.data_ptr()
+
+    def _experts(self, layer: torch.nn.Module) -> tuple[int | None, int | None]:
+        """A sparse layer's router (a packed copy) and the address of its experts' panel table."""
+        if layer.moe is None:
+            return None, None
+        router = pack_panels(_narrowest_exact(layer.router_weight.data))
+        gate_up, down = packed_experts(layer)
+        weights = [w for (gate, up), d in zip(gate_up, down, strict=True) for w in (gate, up, d)]
+        if len({w.dtype for w in weights}) != 1:
+            raise ValueError("a sparse layer's expert panels must share one format")
+        self.keep += [router, *weights]
+        table = (ctypes.c_void_p * len(weights))(*(w.address for w in weights))
+        self.expert_tables.append(table)
+        return router.address, ctypes.addressof(table)
 
     def _pack(self, layer: torch.nn.Module, name: str) -> int | list[int]:
         packed = packed_weight(layer, name)
@@ -222,6 +272,12 @@ class _Pointers:
     def weight_bytes(self) -> int:
         """Bytes of packed weights a step streams (LM head included)."""
         return sum(p.nbytes for p in self.keep) + self.lm_head.nbytes
+
+
+def _mlp_width(layer: torch.nn.Module) -> int:
+    """The width of a layer's dense MLP (a sparse layer's shared expert), 0 for none."""
+    down = layer.down_weight
+    return 0 if down is None else down.k if isinstance(down, PackedWeight) else down.shape[1]
 
 
 def _narrowest_exact(w: torch.Tensor) -> torch.Tensor:
@@ -270,9 +326,12 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Te
     pos = positions.to(torch.int64).contiguous()
     out = torch.empty_like(x)
     p = ctypes.c_void_p
+    moe = c.moe
     lib.lw_decode_forward(
-        ptrs.layers, ptrs.windows, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
-        c.intermediate_size, c.rms_norm_eps, c.head_dim ** -0.5, p(model.final_norm.data_ptr()),
+        ptrs.layers, ptrs.windows, ptrs.inters, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads,
+        c.head_dim, moe.num_experts if moe else 0, moe.top_k if moe else 0,
+        moe.expert_intermediate_size if moe else 0, int(bool(moe and moe.norm_topk_prob)),
+        c.rms_norm_eps, c.head_dim ** -0.5, p(model.final_norm.data_ptr()),
         p(x.data_ptr()), p(out.data_ptr()), x.shape[0], p(cos.data_ptr()), p(sin.data_ptr()), p(slots.data_ptr()),
         p(pos.data_ptr()), p(kt.query_start.data_ptr()), meta.num_seqs, p(kt.prompt_lens.data_ptr()),
         p(kt.response_lens.data_ptr()), p(kt.prompt_block_tables.data_ptr()), kt.prompt_block_tables.shape[1],

@@ -6,7 +6,8 @@
 // dispatch and an OpenMP fork/join, which doubled the step. Here a layer is norm -> QKV ->
 // (q/k norm) -> RoPE + KV write -> segment attention -> O -> residual + norm -> gate-up with
 // SiLU-and-mul in its epilogue -> down, all inside one OpenMP parallel region whose threads
-// only meet at barriers.
+// only meet at barriers. A mixture-of-experts layer replaces the last two by the router, top-k
+// routing, and each chosen expert's gate-up and down over the rows that chose it (moe_omp).
 //
 // OpenMP is the one torch already loaded (libgomp.so.1 by soname), so these threads are torch's
 // own intra-op pool: nothing here competes with torch for the cores. float32 activations; the KV
@@ -16,16 +17,21 @@
 #include <immintrin.h>
 #include <omp.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
 
 // Per-layer pointers, in this order (absent optional tensors are null). The projections' entries
 // point to `PackedWeight`s (`lw_pack_panels`); the gate and up halves of the gate-up projection
-// are packed separately.
+// are packed separately. A sparse layer has a router (`kRouter`, packed [E, hidden]) and
+// `kExperts`, an array of 3E `PackedWeight` pointers (expert e's gate, up, down at 3e, 3e+1,
+// 3e+2); its dense MLP entries are then a shared expert (Qwen2-MoE, scaled by the sigmoid of
+// `kSharedGate` . x) or null.
 enum LayerPtr {
   kInputNorm, kQkvP, kQkvB, kQNorm, kKNorm, kOP, kOB, kPostNorm, kGateP, kUpP, kGateUpB, kDownP, kDownB,
-  kKCache, kVCache, kNumLayerPtrs
+  kKCache, kVCache, kRouter, kExperts, kSharedGate, kNumLayerPtrs
 };
 
 // Packed weights: W [n, k] as panels of kPanel rows (output columns), each panel k-major:
@@ -168,6 +174,25 @@ void linear_omp(const float* x, int m, int k, const PackedWeight* w, const float
   }
 }
 
+// act[r][0:nv] = silu(g[r] + bg) * (u[r] + bu) for one panel's gate and up columns (g, u with row
+// stride kPanel; biases may be null); 16 columns at a time (a scalar exp per element cost ~5% of
+// a batch-64 step).
+inline void silu_mul_panel(const float* g, const float* u, int m, int nv, const float* bias_g, const float* bias_u,
+                           float* act, int64_t ld_act) {
+  for (int j = 0; j < nv; j += 16) {
+    const __mmask16 mk = tail_mask(nv - j);
+    const __m512 bg = bias_g ? _mm512_maskz_loadu_ps(mk, bias_g + j) : _mm512_setzero_ps();
+    const __m512 bu = bias_u ? _mm512_maskz_loadu_ps(mk, bias_u + j) : _mm512_setzero_ps();
+    for (int r = 0; r < m; ++r) {
+      const __m512 gv = _mm512_add_ps(_mm512_loadu_ps(g + r * kPanel + j), bg);
+      const __m512 uv = _mm512_add_ps(_mm512_loadu_ps(u + r * kPanel + j), bu);
+      const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f),
+                                       _mm512_add_ps(_mm512_set1_ps(1.f), lw::exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+      _mm512_mask_storeu_ps(act + int64_t(r) * ld_act + j, mk, _mm512_mul_ps(_mm512_mul_ps(gv, sig), uv));
+    }
+  }
+}
+
 // act[m, inter] = silu(x @ gate^T + bg) * (x @ up^T + bu): the gate and up panels of the same
 // columns are computed back to back into per-thread scratch `gu` [2][m][kPanel], then combined.
 template <class W>
@@ -180,19 +205,7 @@ void gate_up_silu_omp_as(const float* x, int m, int k, const PackedWeight& gate,
     float* u = gu + int64_t(m) * kPanel;
     panel_product<W>(x, m, k, panel_of<W>(gate, p, k), scales_of(gate, p), nv, g, kPanel);
     panel_product<W>(x, m, k, panel_of<W>(up, p, k), scales_of(up, p), nv, u, kPanel);
-    // SiLU-and-mul, 16 columns at a time (a scalar exp per element cost ~5% of a batch-64 step).
-    for (int j = 0; j < nv; j += 16) {
-      const __mmask16 mk = tail_mask(nv - j);
-      const __m512 bg = bias ? _mm512_maskz_loadu_ps(mk, bias + j0 + j) : _mm512_setzero_ps();
-      const __m512 bu = bias ? _mm512_maskz_loadu_ps(mk, bias + inter + j0 + j) : _mm512_setzero_ps();
-      for (int r = 0; r < m; ++r) {
-        const __m512 gv = _mm512_add_ps(_mm512_loadu_ps(g + r * kPanel + j), bg);
-        const __m512 uv = _mm512_add_ps(_mm512_loadu_ps(u + r * kPanel + j), bu);
-        const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f),
-                                         _mm512_add_ps(_mm512_set1_ps(1.f), lw::exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-        _mm512_mask_storeu_ps(act + int64_t(r) * inter + j0 + j, mk, _mm512_mul_ps(_mm512_mul_ps(gv, sig), uv));
-      }
-    }
+    silu_mul_panel(g, u, m, nv, bias ? bias + j0 : nullptr, bias ? bias + inter + j0 : nullptr, act + j0, inter);
   }
 }
 
@@ -208,6 +221,97 @@ void gate_up_silu_omp(const float* x, int m, int k, const PackedWeight* gate, co
 
 // A layer's projection entry (see LayerPtr) is a PackedWeight, not a float array.
 inline const PackedWeight* weight(const float* entry) { return reinterpret_cast<const PackedWeight*>(entry); }
+
+// A sparse layer's routing of the step's T tokens: the rows (token, expert) grouped by expert, the
+// rows of expert e at offset[e] .. offset[e] + count[e], and the input rows gathered to match.
+struct MoeScratch {
+  std::vector<float> logits;       // [T, E]
+  std::vector<int> count, offset;  // [E]
+  std::vector<int> hit;            // the experts with rows, ascending
+  std::vector<int> row_token;      // [T * k]
+  std::vector<float> row_weight;   // [T * k]
+  std::vector<float> xg, act, yg;  // [T * k, hidden], [T * k, inter], [T * k, hidden]
+};
+
+// transformers' routing of each token: softmax over all experts' logits (float32), the top k
+// (ties to the lower expert id), renormalised over the k if `renormalize`; then the rows grouped.
+void route_rows(const float* h, int T, int hidden, int E, int k, bool renormalize, MoeScratch& s) {
+  std::vector<int> chosen(int64_t(T) * k);
+  std::vector<float> probs(E);
+  std::fill(s.count.begin(), s.count.end(), 0);
+  for (int t = 0; t < T; ++t) {
+    const float* lg = s.logits.data() + int64_t(t) * E;
+    const float mx = *std::max_element(lg, lg + E);
+    float sum = 0.f;
+    for (int e = 0; e < E; ++e) sum += probs[e] = std::exp(lg[e] - mx);
+    int* ids = chosen.data() + int64_t(t) * k;
+    float* w = s.row_weight.data() + int64_t(t) * k;  // (by token and slot for now)
+    float total = 0.f;
+    for (int j = 0; j < k; ++j) {  // k passes of a max: k and E are small
+      int best = -1;
+      for (int e = 0; e < E; ++e)
+        if (probs[e] >= 0.f && (best < 0 || probs[e] > probs[best])) best = e;
+      ids[j] = best;
+      total += w[j] = probs[best] / sum;
+      probs[best] = -1.f;
+      ++s.count[best];
+    }
+    if (renormalize)
+      for (int j = 0; j < k; ++j) w[j] /= total;
+  }
+  s.hit.clear();
+  for (int e = 0, off = 0; e < E; off += s.count[e], ++e) {
+    s.offset[e] = off;
+    if (s.count[e]) s.hit.push_back(e);
+  }
+  std::vector<int> fill(s.offset);
+  std::vector<float> slot_weight(s.row_weight.begin(), s.row_weight.begin() + int64_t(T) * k);
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < k; ++j) {
+      const int r = fill[chosen[int64_t(t) * k + j]]++;
+      s.row_token[r] = t;
+      s.row_weight[r] = slot_weight[int64_t(t) * k + j];
+      std::copy(h + int64_t(t) * hidden, h + int64_t(t + 1) * hidden, s.xg.data() + int64_t(r) * hidden);
+    }
+}
+
+// Every chosen expert's SwiGLU over its rows, s.xg -> s.yg: the (expert, panel) pairs of the
+// gate-up products shared among the threads, then those of the down products. Called by every
+// thread of the parallel region; `gu` is this thread's [2][T][kPanel] scratch.
+template <class W>
+void experts_omp_as(const PackedWeight* const* experts, int hidden, int inter, MoeScratch& s, float* gu) {
+  const int n_hit = int(s.hit.size()), up_panels = num_panels(inter), down_panels = num_panels(hidden);
+#pragma omp for schedule(static)
+  for (int task = 0; task < n_hit * up_panels; ++task) {
+    const int e = s.hit[task / up_panels], p = task % up_panels;
+    const int m = s.count[e], j0 = p * kPanel, nv = std::min(kPanel, inter - j0);
+    const float* x = s.xg.data() + int64_t(s.offset[e]) * hidden;
+    const PackedWeight& gate = *experts[3 * e];
+    const PackedWeight& up = *experts[3 * e + 1];
+    float* g = gu;
+    float* u = gu + int64_t(m) * kPanel;
+    panel_product<W>(x, m, hidden, panel_of<W>(gate, p, hidden), scales_of(gate, p), nv, g, kPanel);
+    panel_product<W>(x, m, hidden, panel_of<W>(up, p, hidden), scales_of(up, p), nv, u, kPanel);
+    silu_mul_panel(g, u, m, nv, nullptr, nullptr, s.act.data() + int64_t(s.offset[e]) * inter + j0, inter);
+  }
+#pragma omp for schedule(static)
+  for (int task = 0; task < n_hit * down_panels; ++task) {
+    const int e = s.hit[task / down_panels], p = task % down_panels;
+    const int j0 = p * kPanel, nv = std::min(kPanel, hidden - j0);
+    const PackedWeight& down = *experts[3 * e + 2];
+    panel_product<W>(s.act.data() + int64_t(s.offset[e]) * inter, s.count[e], inter, panel_of<W>(down, p, inter),
+                     scales_of(down, p), nv, s.yg.data() + int64_t(s.offset[e]) * hidden + j0, hidden);
+  }
+}
+
+// (Python packs every expert of a checkpoint in the same format.)
+void experts_omp(const PackedWeight* const* experts, int hidden, int inter, MoeScratch& s, float* gu) {
+  switch (experts[0]->format) {
+    case kBF16: return experts_omp_as<BF16Panel>(experts, hidden, inter, s, gu);
+    case kInt8: return experts_omp_as<Int8Panel>(experts, hidden, inter, s, gu);
+    default: return experts_omp_as<F32Panel>(experts, hidden, inter, s, gu);
+  }
+}
 
 // out = x * rsqrt(mean(x^2) + eps) * w over the last dimension n.
 inline void rms_norm_row(const float* x, const float* w, int n, float eps, float* out) {
@@ -263,14 +367,18 @@ extern "C" void lw_packed_linear(const float* x, int m, int k, const PackedWeigh
 
 // One forward pass over all layers for T new tokens.
 //   x [T, hidden]: the embedded tokens; out [T, hidden]: the final-normed hidden states.
-//   layers [L * kNumLayerPtrs]: see LayerPtr; windows [L]: sliding window per layer, 0 for none.
+//   layers [L * kNumLayerPtrs]: see LayerPtr; windows [L]: sliding window per layer, 0 for none;
+//   inters [L]: the width of each layer's dense MLP (a sparse layer's shared expert), 0 for none.
+//   Sparse layers: `num_experts` experts of width `expert_inter`, `top_k` per token, the top-k
+//   weights renormalised if `renormalize`.
 //   cos/sin [T, head_dim]; slots [T]: where each token's key and value go; the rest is the
 //   segment attention metadata (see segment_attention.cpp) for the B row-groups. The KV cache
 //   holds float32, or bfloat16 where `kv_bf16` (keys and values rounded as they are written);
 //   `attention_order` as lw::Args's `order`.
 extern "C" void lw_decode_forward(
-    const void* const* layers, const int32_t* windows, int num_layers, int hidden, int heads, int kv_heads,
-    int head_dim, int inter, float eps, float scale, const float* final_norm,
+    const void* const* layers, const int32_t* windows, const int32_t* inters, int num_layers, int hidden,
+    int heads, int kv_heads, int head_dim, int num_experts, int top_k, int expert_inter, int renormalize,
+    float eps, float scale, const float* final_norm,
     const float* x, float* out, int T, const float* cos, const float* sin, const int64_t* slots,
     const int64_t* positions, const int32_t* query_start, int B, const int32_t* prompt_lens,
     const int32_t* response_lens, const int32_t* prompt_tables, int prompt_width, const int32_t* response_tables,
@@ -278,7 +386,20 @@ extern "C" void lw_decode_forward(
   const int D = head_dim, q_size = heads * D, kv_size = kv_heads * D, qkv_size = q_size + 2 * kv_size;
   std::vector<float> residual(int64_t(T) * hidden), h(int64_t(T) * hidden), y(int64_t(T) * hidden);
   std::vector<float> qkv(int64_t(T) * qkv_size), q(int64_t(T) * q_size), attn(int64_t(T) * q_size);
+  const int inter = *std::max_element(inters, inters + num_layers);
   std::vector<float> act(int64_t(T) * inter);
+  MoeScratch moe;
+  if (num_experts > 0) {
+    const int64_t rows = int64_t(T) * top_k;
+    moe.logits.resize(int64_t(T) * num_experts);
+    moe.count.resize(num_experts);
+    moe.offset.resize(num_experts);
+    moe.row_token.resize(rows);
+    moe.row_weight.resize(rows);
+    moe.xg.resize(rows * hidden);
+    moe.act.resize(rows * expert_inter);
+    moe.yg.resize(rows * hidden);
+  }
   std::vector<float> gu(int64_t(num_threads) * 2 * T * kPanel);  // gate_up_silu_omp's per-thread scratch
   std::vector<std::pair<int, int>> rows;  // (token, row-group)
   for (int b = 0; b < B; ++b)
@@ -345,9 +466,40 @@ extern "C" void lw_decode_forward(
       for (int i = 0; i < hidden; ++i) res[i] += src[i];
       rms_norm_row(res, p[kPostNorm], hidden, eps, h.data() + int64_t(t) * hidden);
     }
-    gate_up_silu_omp(h.data(), T, hidden, weight(p[kGateP]), weight(p[kUpP]), p[kGateUpB], inter, act.data(),
-                     gu.data() + int64_t(omp_get_thread_num()) * 2 * T * kPanel);
-    linear_omp(act.data(), T, inter, weight(p[kDownP]), p[kDownB], hidden, y.data());
+    float* my_gu = gu.data() + int64_t(omp_get_thread_num()) * 2 * T * kPanel;
+    if (inters[l] > 0) {
+      gate_up_silu_omp(h.data(), T, hidden, weight(p[kGateP]), weight(p[kUpP]), p[kGateUpB], inters[l], act.data(),
+                       my_gu);
+      linear_omp(act.data(), T, inters[l], weight(p[kDownP]), p[kDownB], hidden, y.data());
+    }
+    if (p[kRouter]) {
+      linear_omp(h.data(), T, hidden, weight(p[kRouter]), nullptr, num_experts, moe.logits.data());
+#pragma omp single
+      route_rows(h.data(), T, hidden, num_experts, top_k, renormalize != 0, moe);
+      experts_omp(reinterpret_cast<const PackedWeight* const*>(p[kExperts]), hidden, expert_inter, moe, my_gu);
+#pragma omp single
+      {
+        for (int t = 0; t < T; ++t) {  // the shared expert's output under its gate, or nothing
+          float* yt = y.data() + int64_t(t) * hidden;
+          if (inters[l] == 0) {
+            std::fill(yt, yt + hidden, 0.f);
+            continue;
+          }
+          if (!p[kSharedGate]) continue;
+          const float* ht = h.data() + int64_t(t) * hidden;
+          float dot = 0.f;
+          for (int i = 0; i < hidden; ++i) dot += ht[i] * p[kSharedGate][i];
+          const float gate = 1.f / (1.f + std::exp(-dot));
+          for (int i = 0; i < hidden; ++i) yt[i] *= gate;
+        }
+        for (int r = 0; r < T * top_k; ++r) {
+          float* yt = y.data() + int64_t(moe.row_token[r]) * hidden;
+          const float* yr = moe.yg.data() + int64_t(r) * hidden;
+          const float w = moe.row_weight[r];
+          for (int i = 0; i < hidden; ++i) yt[i] += w * yr[i];
+        }
+      }
+    }
   }
   for (int t = 0; t < T; ++t) {
     float* res = residual.data() + int64_t(t) * hidden;
