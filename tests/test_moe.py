@@ -245,3 +245,29 @@ def test_triton_kernels_around_the_experts(monkeypatch, tmp_path):
     monkeypatch.setenv(KERNELS_ENV, "triton")
     assert use_triton(model.embed)
     assert [o.token_ids for o in generate(model, PROMPTS, params)] == want
+
+
+def test_roofline_counts_the_experts_a_token_reads(qwen3_moe):
+    """Batch-1 weight bytes: the router and top_k of num_experts experts per sparse layer, both in
+    the config count (`decode_weight_bytes`) and in the panels the fused step streams; the FLOPs
+    of a decode row likewise; `bench kernels`' per-op rows time the sparse MLP as one op."""
+    from lengthwise.bench.engines import decode_weight_bytes
+    from lengthwise.bench.kernels import kernel_rows, step_flops_per_row, streamed_weight_bytes
+
+    _, path = qwen3_moe
+    model = load_model(path, "float32", "cpu")
+    generate(model, [[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))  # builds the fused pointers
+    c, m = model.config, model.config.moe
+    h, e, k, i = c.hidden_size, m.num_experts, m.top_k, m.expert_intermediate_size
+    attention = h * (c.q_size + 2 * c.kv_size) + c.q_size * h
+    per_layer = attention + 2 * h + 2 * c.head_dim + e * h + 3 * h * k * i
+    assert decode_weight_bytes(path, 4) == 4 * (c.num_layers * per_layer + h + c.vocab_size * h)
+    streamed, form = streamed_weight_bytes(path, model)
+    ptrs = model._cpu_decode_pointers
+    all_experts = c.num_layers * e * 3 * h * i * 4
+    assert ptrs.expert_bytes == all_experts and "float32" in form
+    assert streamed < ptrs.weight_bytes - all_experts * (1 - k / e) + 1e4
+    assert step_flops_per_row(c, 0) == 2 * (c.vocab_size * h + c.num_layers * (attention + e * h + 3 * h * k * i))
+    rows = kernel_rows(model, 2, bandwidth_gbs=20.0, peak_gflops=100.0)
+    moe_row = next(r for r in rows if r["kernel"].startswith("moe"))
+    assert moe_row["bytes"] == 4 * (e * h + min(e, 2 * k) * 3 * h * i) and moe_row["ms"] > 0

@@ -251,13 +251,14 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
                                                                  layer.scale, None),
          kv_bytes + 2 * batch * c.q_size * isz, attn_flops),
         *linear("o_proj", layer.o_weight, attn),
-        *linear("gate_up_proj", layer.gate_up_weight, x),
-        ("silu_and_mul", lambda: silu_and_mul(gate_up), 3 * batch * c.intermediate_size * isz,
-         5 * batch * c.intermediate_size),
-        *linear("down_proj", layer.down_weight, act),
+        *(moe_rows(layer, x, res, isz) if layer.moe is not None else [
+            *linear("gate_up_proj", layer.gate_up_weight, x),
+            ("silu_and_mul", lambda: silu_and_mul(gate_up), 3 * batch * c.intermediate_size * isz,
+             5 * batch * c.intermediate_size),
+            *linear("down_proj", layer.down_weight, act)]),
         *linear("lm_head", model.lm_head if model.head_panels is None else model.head_panels, x),
     ]
-    if fused_single_row(x):
+    if fused_single_row(x) and layer.moe is None:
         # What a batch-1 layer really runs in place of the norm, QKV, RoPE, gate-up and SiLU rows above.
         qkv_n, inter = c.q_size + 2 * c.kv_size, c.intermediate_size
         ops += [
@@ -280,15 +281,35 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
     return rows
 
 
+def moe_rows(layer: Any, x: torch.Tensor, res: torch.Tensor, isz: int) -> list[tuple]:
+    """A sparse layer's MLP as one row (norm, router, top-k routing, the chosen experts; a shared
+    expert too), op by op: its bytes are the router and the distinct experts the batch can pick at
+    most, min(E, rows x k), so the fraction is a lower bound when rows share experts."""
+    moe, h = layer.moe, x.shape[1]
+    inter, batch = moe.expert_intermediate_size, x.shape[0]
+    shared = moe.shared_expert_intermediate_size
+    nbytes = (moe.num_experts * h + min(moe.num_experts, batch * moe.top_k) * 3 * h * inter
+              + 3 * h * shared) * isz
+    flops = 2 * batch * (moe.num_experts * h + moe.top_k * 3 * h * inter + 3 * h * shared)
+    return [("moe (norm+router+top-k experts)", lambda: layer._sparse_mlp(x, res), nbytes, flops)]
+
+
 # -- whole steps -------------------------------------------------------------------------------
 
 def step_flops_per_row(config: Any, context: int) -> float:
-    """Matmul FLOPs of one decode row: every weight matrix (LM head included) and the attention."""
-    c = config
-    per_layer = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size + \
-        3 * c.hidden_size * c.intermediate_size
-    attn = 4 * context * c.num_heads * c.head_dim
-    return 2 * (c.num_layers * per_layer + c.vocab_size * c.hidden_size) + c.num_layers * attn
+    """Matmul FLOPs of one decode row: every weight matrix it multiplies (LM head included; of a
+    sparse layer the router and the top-k experts, and a shared expert) and the attention."""
+    c, h = config, config.hidden_size
+    weights = c.vocab_size * h
+    for i in range(c.num_layers):
+        weights += h * (c.q_size + 2 * c.kv_size) + c.q_size * h
+        if c.moe is not None and c.moe.sparse_layers[i]:
+            m = c.moe
+            weights += m.num_experts * h + 3 * h * (m.top_k * m.expert_intermediate_size
+                                                   + m.shared_expert_intermediate_size)
+        else:
+            weights += 3 * h * c.intermediate_size
+    return 2 * weights + c.num_layers * 4 * context * c.num_heads * c.head_dim
 
 
 def _prompts(n: int, vocab: int, length: int) -> list[list[int]]:
@@ -493,7 +514,9 @@ def streamed_weight_bytes(model_dir: Path, model: Any) -> tuple[int, str]:
     small = (c.num_layers * (2 * c.hidden_size + 2 * c.head_dim * c.qk_norm) + c.hidden_size) * 4  # norms
     dtypes = [str(p.dtype).removeprefix("torch.") for p in ptrs.keep]
     head = str(ptrs.lm_head.dtype).removeprefix("torch.")
-    return ptrs.weight_bytes + small, f"panels: {'/'.join(sorted(set(dtypes)))}, LM head {head}"
+    # a sparse layer's token reads top_k of its num_experts experts
+    idle = ptrs.expert_bytes * (1 - c.moe.top_k / c.moe.num_experts) if c.moe else 0
+    return int(ptrs.weight_bytes - idle) + small, f"panels: {'/'.join(sorted(set(dtypes)))}, LM head {head}"
 
 
 # -- report ------------------------------------------------------------------------------------

@@ -220,6 +220,7 @@ class _Pointers:
         self.keep: list[PackedWeight] = []  # the packed weights, alive as long as the pointers
         ptrs: list[int | None] = []
         self.expert_tables: list[ctypes.Array] = []  # per sparse layer: its experts' 3E panel addresses
+        self.expert_bytes = 0  # of the panels in `keep`, the experts' (a batch-1 step reads top_k / E)
         for i, layer in enumerate(model.layers):
             dense_mlp = layer.gate_up_weight is not None
             ptrs += [self._addr(layer.input_norm), self._pack(layer, "qkv_weight"), self._addr(layer.qkv_bias),
@@ -253,6 +254,7 @@ class _Pointers:
         if len({w.dtype for w in weights}) != 1:
             raise ValueError("a sparse layer's expert panels must share one format")
         self.keep += [router, *weights]
+        self.expert_bytes += sum(w.nbytes for w in weights)
         table = (ctypes.c_void_p * len(weights))(*(w.address for w in weights))
         self.expert_tables.append(table)
         return router.address, ctypes.addressof(table)
