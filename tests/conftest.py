@@ -50,8 +50,8 @@ FAMILIES = {
     "qwen2-rope-yarn": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_scaling=dict(
         rope_type="yarn", factor=4.0, original_max_position_embeddings=32))),
 }
-# Mixture-of-experts families (the fused CPU decode path does not take them: kept apart from
-# FAMILIES, whose tests assert that path). Qwen2-MoE: a shared expert and a dense layer 1.
+# Mixture-of-experts families, kept apart from FAMILIES (int8 and some dense-only checks do not
+# apply to them). Qwen2-MoE: a shared expert and a dense layer 1.
 MOE_FAMILIES = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen2-moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(

@@ -42,8 +42,8 @@ def _brute_force(x, router, gate_up, down, top_k, renormalize):
 @pytest.mark.parametrize("tokens,experts,top_k", [(1, 8, 2), (5, 8, 2), (33, 16, 4), (7, 64, 8)])
 def test_experts_match_brute_force(monkeypatch, grouped, dtype, tokens, experts, top_k):
     """Both implementations (the loop over hit experts; `torch._grouped_mm`, which this CPU torch
-    has) against a per-token float64 brute force, renormalised and not; with few tokens most
-    experts are not hit and must contribute nothing."""
+    has) against a per-token float64 brute force, renormalised and not; the experts no token
+    chose are poisoned with NaN and must contribute nothing."""
     monkeypatch.setattr(moe, "_grouped_ok", lambda device, dt: grouped)
     g = torch.Generator().manual_seed(tokens * 100 + experts)
     h, inter = 48, 40
@@ -54,8 +54,11 @@ def test_experts_match_brute_force(monkeypatch, grouped, dtype, tokens, experts,
     for renormalize in (False, True):
         weights, ids = moe.route(x, router, top_k, renormalize)
         assert weights.dtype == dtype and ids.shape == (tokens, top_k)
-        assert len(set(ids.flatten().tolist())) < experts or tokens * top_k >= experts
-        got = moe.moe_experts(x, gate_up, down, weights, ids)
+        idle = sorted(set(range(experts)) - set(ids.flatten().tolist()))
+        assert idle or tokens * top_k >= experts
+        poisoned_up, poisoned_down = gate_up.clone(), down.clone()
+        poisoned_up[idle], poisoned_down[idle] = float("nan"), float("nan")
+        got = moe.moe_experts(x, poisoned_up, poisoned_down, weights, ids)
         want = _brute_force(x, router, gate_up, down, top_k, renormalize)
         tol = 1e-5 if dtype == torch.float32 else 3e-2
         assert got.dtype == dtype
@@ -94,6 +97,12 @@ def test_config_reads_the_sparse_layout():
                               "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24,
                               "num_experts": 4, "num_experts_per_tok": 2})
     assert q2.qkv_bias and q2.moe.shared_expert_intermediate_size == 24 and not q2.moe.norm_topk_prob
+    # Qwen2-MoE without layer_types: transformers 5's rule, even layers below max_window_layers
+    q2s = ModelConfig.from_hf({"model_type": "qwen2_moe", "vocab_size": 64, "hidden_size": 32,
+                               "intermediate_size": 48, "num_hidden_layers": 5, "num_attention_heads": 4,
+                               "moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                               "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 3})
+    assert q2s.sliding_windows == (8, None, 8, None, None)
     # a hub Qwen config names a window but leaves it off
     assert _config(sliding_window=4096, use_sliding_window=False).sliding_windows == (None,) * 4
     assert _config(sliding_window=16, use_sliding_window=True).sliding_windows == (16,) * 4
@@ -153,15 +162,38 @@ def test_loader_stacks_experts_and_names_missing_ones(qwen3_moe, tmp_path, monke
         load_model(broken, "float32", "cpu")
 
 
-def test_int8_is_refused_for_experts(qwen3_moe):
+@pytest.mark.parametrize("family", ["qwen3-moe", "qwen2-moe"])
+def test_int8_is_refused_for_experts(family, tmp_path):
+    """Refused at load, and when an engine is asked to quantize a loaded model (Qwen2-MoE would
+    otherwise quantize its shared expert and attention only and call itself int8)."""
+    from lengthwise.config import EngineConfig
+    from lengthwise.engine.llm_engine import LLMEngine
+
+    path = save_hf_model(make_hf_model(family), tmp_path / family)
     with pytest.raises(ValueError, match="quantization='int8'.*experts"):
-        load_model(qwen3_moe[1], "float32", "cpu", quantization="int8")
+        load_model(path, "float32", "cpu", quantization="int8")
+    model = load_model(path, "float32", "cpu")
+    with pytest.raises(ValueError, match="quantization='int8'.*experts"):
+        LLMEngine(model, None, EngineConfig(quantization="int8"))
+    assert model.quantization is None
+
+
+def test_nan_router_logits_stay_in_range_on_the_fused_path(qwen3_moe, monkeypatch):
+    """A NaN router weight: every path gives NaN logits for the rows it reaches; the fused step's
+    k picks stay distinct experts in range (it once wrote out of bounds and aborted)."""
+    model = load_model(qwen3_moe[1], "float32", "cpu")
+    model.layers[0].router_weight.data[0, 0] = float("nan")
+    prompts = [[5, 6, 7, 8], [9, 10]]  # short prefills: the fused step
+    assert cpu_decode.eligible(model, 6, 4)
+    fused = prompt_logits(model, prompts)
+    monkeypatch.setenv(cpu_decode.FUSED_ENV, "0")
+    assert torch.isnan(fused).all() and torch.isnan(prompt_logits(model, prompts)).all()
 
 
 def test_fused_path_routes_like_the_reference(qwen3_moe, monkeypatch):
     """A decode batch whose rows pick overlapping experts through the fused C++ step: the same
-    routing (hence the same logits within float32 rounding) as the op-by-op torch path, and the
-    experts held once, as panels (the fused step's shape tests are in test_cpu_decode.py)."""
+    greedy tokens as the op-by-op torch path, and the experts held once, as panels (hidden states
+    compared step by step: test_cpu_decode.py)."""
     model = load_model(qwen3_moe[1], "float32", "cpu")
     assert cpu_decode.eligible(model, 8) and cpu_decode.packs_weights(model)
     held = cpu_decode.held_weight_bytes(model)
@@ -172,6 +204,25 @@ def test_fused_path_routes_like_the_reference(qwen3_moe, monkeypatch):
     assert model._cpu_decode_pointers is not None  # the decode steps took the fused path
     monkeypatch.setenv(cpu_decode.FUSED_ENV, "0")
     assert [o.token_ids for o in generate(model, prompts, params)] == fused
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2-moe", "qwen3-moe"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_block_matches_transformers_bit_for_bit(family, dtype, tmp_path):
+    """One sparse block fed the same half-precision input as transformers' (Mixtral's float32
+    routing weights and float32 sum, Qwen's cast to the model's dtype; Qwen2-MoE's shared expert
+    and its gate): the same values, bit for bit, on 40 random rows."""
+    hf = make_hf_model(family)
+    model = load_model(save_hf_model(hf, tmp_path / family), dtype, "cpu")
+    ref_hf = copy.deepcopy(hf).to(dtype)
+    x = torch.randn(40, hf.config.hidden_size, generator=torch.Generator().manual_seed(5)).to(dtype)
+    block = ref_hf.model.layers[0].mlp  # (transformers 5 names Mixtral's block `mlp` too)
+    with torch.no_grad():
+        want = block(x[None])
+    want = want[0] if isinstance(want, tuple) else want
+    got = model.layers[0].sparse_mlp(x)
+    assert got.dtype == dtype
+    assert torch.equal(got, want.reshape(got.shape))
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2-moe"])

@@ -195,6 +195,7 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
 
     c, dev, dt = model.config, model.device, model.dtype
     layer = model.layers[0]
+    sparse = next((lay for lay in model.layers if lay.moe is not None), None)  # the first sparse layer
     isz = torch.empty((), dtype=dt).element_size()
     bs = 16
     blocks = -(-B1_CONTEXT // bs)
@@ -251,11 +252,12 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
                                                                  layer.scale, None),
          kv_bytes + 2 * batch * c.q_size * isz, attn_flops),
         *linear("o_proj", layer.o_weight, attn),
-        *(moe_rows(layer, x, res, isz) if layer.moe is not None else [
+        *([] if layer.moe is not None else [  # (a dense layer 0 of a sparse model too)
             *linear("gate_up_proj", layer.gate_up_weight, x),
             ("silu_and_mul", lambda: silu_and_mul(gate_up), 3 * batch * c.intermediate_size * isz,
              5 * batch * c.intermediate_size),
             *linear("down_proj", layer.down_weight, act)]),
+        *(moe_rows(sparse, x, res, isz) if sparse is not None else []),
         *linear("lm_head", model.lm_head if model.head_panels is None else model.head_panels, x),
     ]
     if fused_single_row(x) and layer.moe is None:

@@ -57,6 +57,9 @@ class MoeConfig:
     norm_topk_prob: bool
     sparse_layers: tuple[bool, ...]
     shared_expert_intermediate_size: int = 0
+    # Mixtral keeps the top-k weights in float32 and sums the experts' outputs in float32 (one
+    # rounding); Qwen casts the weights to the model's dtype first (transformers does each so).
+    float32_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -288,7 +291,8 @@ def _moe_from_hf(raw: dict[str, Any], model_type: str, num_layers: int) -> MoeCo
     if top_k > num_experts:
         raise CheckpointError(f"config.json: num_experts_per_tok ({top_k}) exceeds {experts_key} ({num_experts})")
     if model_type == "mixtral":
-        return MoeConfig(num_experts, top_k, count("intermediate_size"), True, (True,) * num_layers)
+        return MoeConfig(num_experts, top_k, count("intermediate_size"), True, (True,) * num_layers,
+                         float32_weights=True)
     step = count("decoder_sparse_step", 1)
     dense = raw.get("mlp_only_layers") or []
     if not isinstance(dense, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):

@@ -93,14 +93,19 @@ class DecoderLayer(nn.Module):
         return linear(x, self.down_weight, self.down_bias), residual
 
     def _sparse_mlp(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        moe = self.moe
         x, residual = rms_norm(x, self.post_attn_norm, self.config.rms_norm_eps, residual)
-        weights, ids = route(x, self.router_weight, moe.top_k, moe.norm_topk_prob)
+        return self.sparse_mlp(x), residual
+
+    def sparse_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """A sparse layer's MLP on normed `x [T, H]`: the routed experts, plus Qwen2-MoE's shared
+        expert under its sigmoid gate (transformers' `*SparseMoeBlock`)."""
+        moe = self.moe
+        weights, ids = route(x, self.router_weight, moe.top_k, moe.norm_topk_prob, moe.float32_weights)
         out = moe_experts(x, self.experts_gate_up, self.experts_down, weights, ids)
-        if self.gate_up_weight is not None:  # Qwen2-MoE's shared expert, under a sigmoid gate
+        if self.gate_up_weight is not None:
             shared = swiglu(x, self.gate_up_weight, self.down_weight)
             out = out + torch.sigmoid(F.linear(x, self.shared_gate_weight)) * shared
-        return out, residual
+        return out
 
 
 class CausalLM(nn.Module):

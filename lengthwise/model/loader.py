@@ -193,10 +193,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
     config = ModelConfig.from_dir(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, config, dev)
-    check_quantization(quantization, dev, dt)  # before the weights are read
-    if quantization is not None and config.moe is not None:
-        raise ValueError(f"quantization={quantization!r} covers dense decoder projections; this "
-                         f"{config.model_type} checkpoint's experts are not supported by it")
+    check_quantization(quantization, dev, dt, config)  # before the weights are read
     tensors = read_checkpoint(model_dir, config)
     model = CausalLM(config, dt, dev)
 

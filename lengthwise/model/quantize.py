@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lengthwise.config import QUANTIZATION_METHODS
+from lengthwise.model.config import ModelConfig
 
 # The decoder layer's projections (`DecoderLayer` attributes) that quantization replaces.
 QUANTIZED_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
@@ -45,10 +46,15 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(q, scales)
 
 
-def check_quantization(quantization: str | None, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse, naming the field, a method we do not have or a device/dtype it does not run on."""
+def check_quantization(quantization: str | None, device: torch.device, dtype: torch.dtype,
+                       config: ModelConfig | None = None) -> None:
+    """Refuse, naming the field, a method we do not have, a device/dtype it does not run on, or a
+    model (`config`) it does not cover: int8 quantizes dense projections, not a sparse layer's experts."""
     if quantization is None:
         return
+    if config is not None and config.moe is not None:
+        raise ValueError(f"quantization={quantization!r} covers dense decoder projections; this "
+                         f"{config.model_type} checkpoint's experts are not supported by it")
     if quantization not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or None, "
                          f"got {quantization!r}")
@@ -67,7 +73,7 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> None:
     which the fused CPU path packs."""
     from lengthwise.ops.cpu import decode as cpu_decode
 
-    check_quantization(quantization, model.device, model.dtype)
+    check_quantization(quantization, model.device, model.dtype, model.config)
     if model.quantization is not None:
         raise ValueError(f"quantization={quantization!r}: the model is already quantized as {model.quantization!r}")
     packed = cpu_decode.is_packed(model)

@@ -2,7 +2,8 @@
 
 Routing is transformers' own: router logits in the model's dtype, a float32 softmax over all
 experts, the top k, optionally renormalised to sum to 1 (Mixtral always; Qwen by
-`norm_topk_prob`), the weights cast back to the model's dtype.
+`norm_topk_prob`); Qwen casts the weights back to the model's dtype, Mixtral keeps them in
+float32 and so sums the weighted experts in float32 (in half precision the two differ).
 
 The experts run grouped: the T x k (token, expert) pairs are sorted by expert and each expert's
 SwiGLU runs once over all of its tokens, reading its weights once however many tokens chose it
@@ -31,15 +32,16 @@ ExpertsDown = torch.Tensor | list[PackedWeight]
 _GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
-def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int,
-          renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(weights [T, top_k] in x's dtype, expert ids [T, top_k])` for tokens `x [T, H]`."""
+def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, renormalize: bool,
+          float32_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(weights [T, top_k], expert ids [T, top_k])` for tokens `x [T, H]`; the weights in x's
+    dtype, or in float32 with `float32_weights` (Mixtral)."""
     logits = F.linear(x, router_weight)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(x.dtype), ids
+    return (weights if float32_weights else weights.to(x.dtype)), ids
 
 
 def moe_experts(x: torch.Tensor, gate_up: ExpertsGateUp, down: ExpertsDown, weights: torch.Tensor,
@@ -60,11 +62,11 @@ def moe_experts(x: torch.Tensor, gate_up: ExpertsGateUp, down: ExpertsDown, weig
         out = torch._grouped_mm(h, down.transpose(1, 2), offs=offsets)
     else:
         out = _loop(rows, gate_up, down, counts.tolist())
-    out = out * weights.reshape(-1)[order, None]
+    out = out * weights.reshape(-1)[order, None]  # (float32 weights: products in float32)
     # Back to (token, slot) order and summed over the slots: deterministic, no atomics.
     result = torch.empty_like(out)
     result[order] = out
-    return result.view(num_tokens, top_k, -1).sum(dim=1)
+    return result.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
 
 
 def _loop(rows: torch.Tensor, gate_up: ExpertsGateUp, down: ExpertsDown, counts: list[int]) -> torch.Tensor:

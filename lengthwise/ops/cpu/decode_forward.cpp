@@ -233,11 +233,15 @@ struct MoeScratch {
   std::vector<float> xg, act, yg;  // [T * k, hidden], [T * k, inter], [T * k, hidden]
 };
 
-// transformers' routing of each token: softmax over all experts' logits (float32), the top k
-// (ties to the lower expert id), renormalised over the k if `renormalize`; then the rows grouped.
+// transformers' routing of each token: softmax over all experts' logits (float32), the top k,
+// renormalised over the k if `renormalize`; then the rows grouped. An exact tie goes to the lower
+// expert id (torch.topk leaves the order of ties unspecified; a trained router's float32
+// probabilities practically never tie). Each of the k picks is an expert not yet taken whatever
+// the values are (NaN logits give NaN outputs, as on the torch path, never a pick out of range).
 void route_rows(const float* h, int T, int hidden, int E, int k, bool renormalize, MoeScratch& s) {
   std::vector<int> chosen(int64_t(T) * k);
   std::vector<float> probs(E);
+  std::vector<char> taken(E);
   std::fill(s.count.begin(), s.count.end(), 0);
   for (int t = 0; t < T; ++t) {
     const float* lg = s.logits.data() + int64_t(t) * E;
@@ -247,13 +251,14 @@ void route_rows(const float* h, int T, int hidden, int E, int k, bool renormaliz
     int* ids = chosen.data() + int64_t(t) * k;
     float* w = s.row_weight.data() + int64_t(t) * k;  // (by token and slot for now)
     float total = 0.f;
+    std::fill(taken.begin(), taken.end(), 0);
     for (int j = 0; j < k; ++j) {  // k passes of a max: k and E are small
       int best = -1;
       for (int e = 0; e < E; ++e)
-        if (probs[e] >= 0.f && (best < 0 || probs[e] > probs[best])) best = e;
+        if (!taken[e] && (best < 0 || probs[e] > probs[best])) best = e;
       ids[j] = best;
       total += w[j] = probs[best] / sum;
-      probs[best] = -1.f;
+      taken[best] = 1;
       ++s.count[best];
     }
     if (renormalize)
