@@ -7,7 +7,8 @@
 // (q/k norm) -> RoPE + KV write -> segment attention -> O -> residual + norm -> gate-up with
 // SiLU-and-mul in its epilogue -> down, all inside one OpenMP parallel region whose threads
 // only meet at barriers. A mixture-of-experts layer replaces the last two by the router, top-k
-// routing, and each chosen expert's gate-up and down over the rows that chose it (moe_omp).
+// routing (route_rows), and each chosen expert's gate-up and down over the rows that chose it
+// (experts_omp).
 //
 // OpenMP is the one torch already loaded (libgomp.so.1 by soname), so these threads are torch's
 // own intra-op pool: nothing here competes with torch for the cores. float32 activations; the KV
@@ -239,7 +240,8 @@ struct MoeScratch {
 // probabilities practically never tie). Each of the k picks is an expert not yet taken whatever
 // the values are (NaN logits give NaN outputs, as on the torch path, never a pick out of range).
 void route_rows(const float* h, int T, int hidden, int E, int k, bool renormalize, MoeScratch& s) {
-  std::vector<int> chosen(int64_t(T) * k);
+  std::vector<int> chosen(int64_t(T) * k);      // [T, k]: each token's experts, by slot
+  std::vector<float> chosen_w(int64_t(T) * k);  // and their weights
   std::vector<float> probs(E);
   std::vector<char> taken(E);
   std::fill(s.count.begin(), s.count.end(), 0);
@@ -249,7 +251,7 @@ void route_rows(const float* h, int T, int hidden, int E, int k, bool renormaliz
     float sum = 0.f;
     for (int e = 0; e < E; ++e) sum += probs[e] = std::exp(lg[e] - mx);
     int* ids = chosen.data() + int64_t(t) * k;
-    float* w = s.row_weight.data() + int64_t(t) * k;  // (by token and slot for now)
+    float* w = chosen_w.data() + int64_t(t) * k;
     float total = 0.f;
     std::fill(taken.begin(), taken.end(), 0);
     for (int j = 0; j < k; ++j) {  // k passes of a max: k and E are small
@@ -270,12 +272,11 @@ void route_rows(const float* h, int T, int hidden, int E, int k, bool renormaliz
     if (s.count[e]) s.hit.push_back(e);
   }
   std::vector<int> fill(s.offset);
-  std::vector<float> slot_weight(s.row_weight.begin(), s.row_weight.begin() + int64_t(T) * k);
   for (int t = 0; t < T; ++t)
     for (int j = 0; j < k; ++j) {
       const int r = fill[chosen[int64_t(t) * k + j]]++;
       s.row_token[r] = t;
-      s.row_weight[r] = slot_weight[int64_t(t) * k + j];
+      s.row_weight[r] = chosen_w[int64_t(t) * k + j];
       std::copy(h + int64_t(t) * hidden, h + int64_t(t + 1) * hidden, s.xg.data() + int64_t(r) * hidden);
     }
 }
