@@ -1,4 +1,4 @@
-"""The fused CPU decode path's weight formats, side by side in one run: speed and what int8 costs.
+"""The fused CPU decode path's weight formats, side by side in one run: speed and what int8 and int4 cost.
 
     .venv/bin/python benchmarks/cpu_weight_formats.py [--model llama-100m-bf16] [--threads 2]
         [--batch 64] [--rows 1,2,4,8,16] [--rounds 3] [--quality-model ../shared/models/stories260k] [--out DIR]
@@ -11,7 +11,10 @@ One bfloat16 checkpoint (as real checkpoints are), served in float32 on the CPU,
 - `bfloat16 panels`: the default: the projections held only as panels, in bfloat16 because every
   weight is a bfloat16 value (the same products bit for bit), prefill on the same panels;
 - `int8`: `quantization="int8"`, the projections as int8 panels with a scale per row (the LM head
-  stays as it is: bfloat16 panels here).
+  stays as it is: bfloat16 panels here);
+- `int4`: `quantization="int4"`, the projections as 4-bit panels with a scale and zero point per
+  row and group of 128 inputs (round to nearest; a GPTQ or AWQ checkpoint loads into the same
+  panels, so streams the same bytes at the same speed).
 
 Each round times, per variant in turn, batch-1 decode through the engine (ms per token, best of 3),
 the prefill of one 512-token prompt (time to first token, best of 3), a batch-`--batch` decode step
@@ -19,8 +22,8 @@ through the engine (ms), and one decode forward pass (LM head included, context 
 at each of `--rows`; the tables give each variant's median round and its ratio to the baseline in
 the same round, the weight bytes each holds, and the batch-1 weight-read bound (bytes a step
 streams / the copy bandwidth, measured before and after; copy bandwidth counts bytes read plus
-bytes written, and a pure read stream can beat it). Quality of int8, against the same checkpoint
-unquantized: teacher-forced, the mean |change| of the top-5 candidates' logprobs and how often the
+bytes written, and a pure read stream can beat it). Quality of int8 and int4, against the same
+checkpoint unquantized: teacher-forced, the mean |change| of the top-5 candidates' logprobs and how often the
 top-1 token stays the same, over `--quality-model`'s (a real trained model; skipped if absent)
 greedy stories and over the benchmark model's random-token prompts; and for the real model, how
 many greedy tokens stay identical. Writes weight-formats.json, .md and .png to `--out`.
@@ -54,7 +57,7 @@ from lengthwise.ops.cpu import decode as cpu_decode
 
 # variant -> (LENGTHWISE_CPU_PACKED_WEIGHTS, LENGTHWISE_CPU_BF16_PANELS, quantization)
 VARIANTS = {"before: dense + float32 panels": ("0", "0", None), "bfloat16 panels": ("1", "1", None),
-            "int8": ("1", "1", "int8")}
+            "int8": ("1", "1", "int8"), "int4": ("1", "1", "int4")}
 BASE = "before: dense + float32 panels"
 PREFILL_TOKENS = 512
 STORY_PROMPTS = ["Once upon a time", "The little dog", "One day, a boy named Tom", "Lily wanted to",
@@ -94,12 +97,15 @@ def prefill_ms(llm: LLM) -> float:
     return best_of_ms(lambda: llm.generate([prompt], params, use_tqdm=False), repeats=3, calls=1)
 
 
-def int8_quality(model_dir: Path, prompts: list[Any], greedy_tokens: int) -> dict[str, Any]:
-    """int8 against the unquantized checkpoint: teacher-forced logprob changes over each prompt
-    continued greedily by the unquantized model, and the greedy continuations themselves."""
-    full, int8 = (LLM(model_dir, dtype="float32", device="cpu", kv_cache_memory=1 << 28, quantization=q)
-                  for q in (None, "int8"))
-    return llm_agreement(full, int8, prompts, greedy_tokens)
+QUANTIZED = ("int8", "int4")
+
+
+def quantized_quality(model_dir: Path, prompts: list[Any], greedy_tokens: int) -> dict[str, dict[str, Any]]:
+    """Each quantization against the unquantized checkpoint: teacher-forced logprob changes over
+    each prompt continued greedily by the unquantized model, and the greedy continuations themselves."""
+    full, *quantized = (LLM(model_dir, dtype="float32", device="cpu", kv_cache_memory=1 << 28, quantization=q)
+                        for q in (None, *QUANTIZED))
+    return {q: llm_agreement(full, llm, prompts, greedy_tokens) for q, llm in zip(QUANTIZED, quantized, strict=True)}
 
 
 def main() -> None:
@@ -159,11 +165,11 @@ def main() -> None:
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     g = torch.Generator().manual_seed(0)
     random_prompts = [{"prompt_token_ids": torch.randint(3, vocab, (32,), generator=g).tolist()} for _ in range(4)]
-    quality[label] = int8_quality(model_dir, random_prompts, greedy_tokens=64)
+    quality[label] = quantized_quality(model_dir, random_prompts, greedy_tokens=64)
     if Path(args.quality_model).is_dir():
-        quality[Path(args.quality_model).name] = int8_quality(Path(args.quality_model), STORY_PROMPTS,
-                                                              greedy_tokens=120)
-    results["int8_quality"] = quality
+        quality[Path(args.quality_model).name] = quantized_quality(Path(args.quality_model), STORY_PROMPTS,
+                                                                   greedy_tokens=120)
+    results["quality"] = quality
     table = format_table(results)
     print(table)
     (out / "weight-formats.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -188,7 +194,8 @@ def format_table(r: dict[str, Any]) -> str:
     for v, x in r["variants"].items():
         lines.append(f"| {v}, ms (ratio) | " + " | ".join(
             f"{x['forward_ms'][n]} ({x['forward_speedup'][n]:.2f}x)" for n in r["rows"]) + " |")
-    lines += ["", *agreement_table("int8 vs unquantized, on", r["int8_quality"])]
+    for q in QUANTIZED:
+        lines += ["", *agreement_table(f"{q} vs unquantized, on", {m: x[q] for m, x in r["quality"].items()})]
     return "\n".join(lines)
 
 
@@ -201,7 +208,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     for ax, key, bound, title in ((axes[0], "b1_ms", "b1_bound_ms", "batch 1, ms per token"),
                                   (axes[1], "batch_step_ms", None, f"batch {r['batch']}, ms per step")):
         values = [r["variants"][n][key] for n in names]
-        ax.bar(names, values, color=["#888888", "#4477aa", "#cc6677"])
+        ax.bar(names, values, color=["#888888", "#4477aa", "#cc6677", "#228833"])
         if bound:
             ax.scatter(names, [r["variants"][n][bound] for n in names], color="black", marker="_", s=800,
                        label="weight-read bound", zorder=3)

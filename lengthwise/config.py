@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 # `EngineConfig.quantization`'s methods (`lengthwise.model.quantize` implements them).
-QUANTIZATION_METHODS = ("int8",)
+QUANTIZATION_METHODS = ("int8", "int4", "gptq", "awq")
 # `EngineConfig.kv_cache_dtype`'s choices: "auto" is the model's dtype.
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
 # `SpeculativeConfig.method`s: draft-free n-gram lookup (vLLM's "ngram", prompt lookup decoding).
@@ -115,9 +115,12 @@ class EngineConfig:
     graphs (vLLM's name); graphs are captured at start-up for batches of up to
     `min(max_num_seqs, 256)` rows and need the Triton kernels.
     `quantization`: `"int8"` stores the decoder's projections as int8 with a scale per output
-    row (weight-only; `lengthwise.model.quantize`): a quarter of float32's bytes for the CPU's
-    batch-1 decode to stream, at some accuracy (docs/benchmarks.md measures both). CPU and
-    float32 only; `None` (default) serves the checkpoint's weights as they are.
+    row, `"int4"` as 4 bits with a scale and zero point per row and group of 128 inputs
+    (weight-only; `lengthwise.model.quantize`): a quarter or an eighth of float32's bytes for the
+    CPU's batch-1 decode to stream, at some accuracy (docs/benchmarks.md measures both). CPU and
+    float32 only. `None` (default) serves the checkpoint's weights as they are: a GPTQ or AWQ
+    checkpoint's 4-bit projections stay 4-bit on the CPU in float32 (`"gptq"`/`"awq"` may name
+    its method, as in vLLM) and are dequantized into the model's dtype elsewhere.
     `kv_cache_dtype`: the dtype keys and values are held in (vLLM's name). `"auto"` (default) is
     the model's dtype; `"bfloat16"` under a float32 model on the CPU halves the cache's bytes:
     twice the tokens in the same `kv_cache_memory`, and half the bytes for decode attention to

@@ -132,7 +132,7 @@ def _edit_config(d, **changes):
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(quantization_config={"quant_method": "fp8"}), "quantized checkpoints are not supported.*'fp8'"),
+    (dict(quantization_config={"quant_method": "fp8"}), "quant_method 'fp8' is not supported.*gptq, awq"),
     (dict(architectures=["LlamaForSequenceClassification"]), "no \\*ForCausalLM"),
     (dict(rms_norm_eps=None), "rms_norm_eps is null"),
     (dict(rope_theta=None), "rope_theta is null"),

@@ -129,7 +129,7 @@ def test_console_script_entry_point():
     (["bench", "kernels", "--batch", "0"], "--batch"),
     (["bench", "serve", "--data", "x.jsonl", "--max-output-tokens", "0"], "--max-output-tokens"),
     (["generate", "--prompt", "x", "--kv-cache-memory", "inf"], "--kv-cache-memory"),
-    (["generate", "--prompt", "x", "--quantization", "int4"], "--quantization"),
+    (["generate", "--prompt", "x", "--quantization", "nf4"], "--quantization"),
     (["serve", "m", "--quantization", "fp8"], "--quantization"),
     (["serve", "m", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
     (["serve", "m", "--speculative-config", "{method: ngram}"], "--speculative-config"),

@@ -11,6 +11,7 @@ from lengthwise import SamplingParams, load_model
 from lengthwise.config import EngineConfig
 from lengthwise.engine.llm import run_to_completion
 from lengthwise.engine.llm_engine import LLMEngine
+from lengthwise.model.int4 import quantize_int4
 from lengthwise.model.quantize import quantize_int8
 from lengthwise.ops import AttentionMetadata
 from lengthwise.ops import cpu as cpu_kernels
@@ -20,39 +21,47 @@ pytestmark = pytest.mark.skipif(cpu_kernels.segment_attention_kernel() is None,
                                 reason="the CPU kernels could not be built here (no C++ compiler?)")
 
 
-def _panel_weight(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """`w` as `pack_panels` takes it in format `fmt`, with the float32 weight that stands for."""
+FORMATS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8, "int4": cpu_kernels.INT4,
+           "int4-g32": cpu_kernels.INT4}
+
+
+def _packed(w: torch.Tensor, fmt: str) -> tuple[cpu_kernels.PackedWeight, torch.Tensor]:
+    """`w` packed in format `fmt`, with the float32 weight that stands for (int4: groups of 128
+    inputs, or 32 for "int4-g32": several groups per k-block, and a short last group)."""
     if fmt == "float32":
-        return w, None, w
+        return cpu_kernels.pack_panels(w), w
     if fmt == "bfloat16":
-        return w.bfloat16(), None, w.bfloat16().float()
-    q = quantize_int8(w)
-    return q.q, q.scales, q.dequantize()
+        return cpu_kernels.pack_panels(w.bfloat16()), w.bfloat16().float()
+    if fmt == "int8":
+        q = quantize_int8(w)
+        return cpu_kernels.pack_panels(q.q, q.scales), q.dequantize()
+    q = quantize_int4(w, group_size=32 if fmt == "int4-g32" else 128)
+    return cpu_kernels.pack_int4_panels(q.q, q.scales, q.zeros, q.group_size), q.dequantize()
 
 
-@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("m", [1, 5, 12, 13, 30, 64, 200])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 12, 13, 30, 64, 200])
 @pytest.mark.parametrize("k, n", [(768, 64), (37, 5), (16, 1), (300, 70)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_panel_packed_linear_matches_f_linear(fmt, m, k, n, with_bias):
-    """The fused path's GEMM in each weight format: row chunks of every size up to 12, k past one
-    k-block, n past panels (and not a multiple of 16 within one)."""
+    """The fused path's GEMM in each weight format: row chunks of every size up to 12 (4-bit: the
+    few-row kernel up to 4 rows, then the dequantized k-blocks), k past one k-block, n past panels
+    (and not a multiple of 16 within one)."""
     g = torch.Generator().manual_seed(m * 1000 + k + n)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
     b = torch.randn(n, generator=g) if with_bias else None
-    weight, scales, reference = _panel_weight(w, fmt)
-    packed = cpu_kernels.pack_panels(weight, scales)
-    assert packed.n == n and packed.k == k and packed.dtype == weight.dtype
+    packed, reference = _packed(w, fmt)
+    assert packed.n == n and packed.k == k and packed.dtype == FORMATS[fmt]
     got = cpu_kernels.packed_linear(x, packed, b)
     torch.testing.assert_close(got, F.linear(x, reference, b), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("n, k", [(64, 8), (70, 37), (1, 5)])
 def test_unpack_gives_back_the_packed_weight(fmt, n, k):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
-    weight, scales, reference = _panel_weight(w, fmt)
-    assert torch.equal(cpu_kernels.pack_panels(weight, scales).unpack(), reference)
+    packed, reference = _packed(w, fmt)
+    torch.testing.assert_close(packed.unpack(), reference, rtol=0, atol=1e-6 if fmt.startswith("int4") else 0)
 
 
 def test_loaded_cpu_models_hold_their_projections_once(hf_checkpoint, monkeypatch):
@@ -87,13 +96,13 @@ def test_loaded_cpu_models_hold_their_projections_once(hf_checkpoint, monkeypatc
 
 
 def test_panel_bytes_per_format():
-    """bfloat16 panels take half the bytes of float32 ones and int8 a quarter (plus a scale per
-    column, padded to whole panels): what a batch-1 step streams."""
+    """bfloat16 panels take half the bytes of float32 ones, int8 a quarter (plus a scale per column,
+    padded to whole panels) and 4-bit an eighth (plus a scale and offset per column and group):
+    what a batch-1 step streams."""
     w = torch.randn(64, 256)
-    f32, bf16 = cpu_kernels.pack_panels(w), cpu_kernels.pack_panels(w.bfloat16())
-    q = quantize_int8(w)
-    i8 = cpu_kernels.pack_panels(q.q, q.scales)
-    assert (f32.nbytes, bf16.nbytes, i8.nbytes) == (64 * 256 * 4, 64 * 256 * 2, 64 * 256 + 64 * 4)
+    i8, i4 = _packed(w, "int8")[0], _packed(w, "int4")[0]
+    assert (_packed(w, "float32")[0].nbytes, _packed(w, "bfloat16")[0].nbytes, i8.nbytes, i4.nbytes) == (
+        64 * 256 * 4, 64 * 256 * 2, 64 * 256 + 64 * 4, 64 * 256 // 2 + 64 * 2 * 2 * 4)
 
 
 def test_pack_panels_rejects_what_it_cannot_pack():
@@ -107,6 +116,13 @@ def test_pack_panels_rejects_what_it_cannot_pack():
         cpu_kernels.pack_panels(torch.randn(4, 8), torch.ones(4))
     with pytest.raises(ValueError, match=r"shape \(4,\)"):
         cpu_kernels.pack_panels(torch.zeros(4, 8, dtype=torch.int8), torch.ones(5))
+    q = torch.zeros(4, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="uint8"):
+        cpu_kernels.pack_int4_panels(q.float(), torch.ones(4, 1), torch.zeros(4, 1), 8)
+    with pytest.raises(ValueError, match=r"scales, zeros \[4, 2\]"):
+        cpu_kernels.pack_int4_panels(q, torch.ones(4, 1), torch.zeros(4, 1), 4)
+    with pytest.raises(ValueError, match="above 15"):
+        cpu_kernels.pack_int4_panels(q + 16, torch.ones(4, 1), torch.zeros(4, 1), 8)
 
 
 def _segments(model, g: torch.Generator, block_size: int = 4, kv_dtype: torch.dtype | None = None):
@@ -157,20 +173,20 @@ def _panel_dtypes(model) -> set[torch.dtype]:
 
 
 @pytest.mark.parametrize("family,weights", [
-    *((f, w) for f in (*FAMILIES, "odd-sizes") for w in ("float32", "bf16-checkpoint", "int8")),
-    # (int8 is refused for experts: test_moe.py)
+    *((f, w) for f in (*FAMILIES, "odd-sizes") for w in ("float32", "bf16-checkpoint", "int8", "int4")),
+    # (int8 and int4 are refused for experts: test_moe.py)
     *((f, w) for f in MOE_FAMILIES for w in ("float32", "bf16-checkpoint"))])
 def test_fused_step_matches_op_by_op(family, weights, hf_checkpoint, tmp_path, monkeypatch):
     """The fused step against the op-by-op path on the same weights: float32 ones, a bfloat16
-    checkpoint (packed as bfloat16 panels) and int8-quantized ones (int8 panels; the op-by-op
-    path runs on the dequantized weights)."""
+    checkpoint (packed as bfloat16 panels) and int8- or int4-quantized ones (int8 or 4-bit
+    panels; the op-by-op path runs on the dequantized weights)."""
     if family == "odd-sizes":
         path = _odd_checkpoint(tmp_path, torch.bfloat16 if weights == "bf16-checkpoint" else torch.float32)
     elif weights == "bf16-checkpoint":
         path = _bf16_checkpoint(family, tmp_path)
     else:
         path = hf_checkpoint(family)[1]
-    model = load_model(path, "float32", "cpu", quantization="int8" if weights == "int8" else None)
+    model = load_model(path, "float32", "cpu", quantization=weights if weights.startswith("int") else None)
     ids, positions, meta, cache = _segments(model, torch.Generator().manual_seed(3))
     assert cpu_decode.eligible(model, ids.shape[0])
     slots = meta.slot_mapping
@@ -192,9 +208,10 @@ def test_fused_step_matches_op_by_op(family, weights, hf_checkpoint, tmp_path, m
         torch.testing.assert_close(h, results["torch"][0], rtol=1e-4, atol=1e-4)
         for a, b in zip(kv, results["torch"][1], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    expected = {"float32": torch.float32, "bf16-checkpoint": torch.bfloat16, "int8": torch.int8}[weights]
+    expected = {"float32": torch.float32, "bf16-checkpoint": torch.bfloat16, "int8": torch.int8,
+                "int4": cpu_kernels.INT4}[weights]
     assert _panel_dtypes(model) == {expected}
-    assert model._cpu_decode_pointers.lm_head.dtype == (torch.float32 if expected == torch.int8 else expected)
+    assert model._cpu_decode_pointers.lm_head.dtype == (torch.float32 if weights.startswith("int") else expected)
     torch.testing.assert_close(h1, h0, rtol=1e-4, atol=1e-4)
     for a, b in zip(kv1, kv0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -335,7 +352,8 @@ def test_a_tied_bf16_checkpoint_keeps_one_narrow_embedding(tmp_path):
 
 
 @pytest.mark.parametrize("packed, quantization, kv_cache_dtype", [
-    ("1", None, "auto"), ("0", None, "auto"), ("1", "int8", "auto"), ("0", "int8", "auto"), ("1", None, "bfloat16")])
+    ("1", None, "auto"), ("0", None, "auto"), ("1", "int8", "auto"), ("0", "int8", "auto"), ("1", "int4", "auto"),
+    ("0", "int4", "auto"), ("1", None, "bfloat16")])
 def test_engine_generations_equal_with_and_without_the_fused_path(quantization, packed, kv_cache_dtype,
                                                                   hf_checkpoint, monkeypatch):
     """Whole requests through the engine (prefill op-by-op, decode fused), samples sharing a prompt;

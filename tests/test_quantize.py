@@ -31,14 +31,15 @@ def test_int8_round_trip_is_within_half_a_step_per_row():
 
 
 def test_quantization_is_refused_where_it_does_not_apply():
-    with pytest.raises(ValueError, match="quantization must be one of int8"):
-        EngineConfig(quantization="int4")
+    with pytest.raises(ValueError, match="quantization must be one of int8, int4, gptq, awq"):
+        EngineConfig(quantization="fp8")
     with pytest.raises(ValueError, match="quantization must be one of int8"):
         check_quantization("fp8", torch.device("cpu"), torch.float32)
-    with pytest.raises(ValueError, match="quantization='int8'.*cuda"):
-        check_quantization("int8", torch.device("cuda"), torch.float32)
-    with pytest.raises(ValueError, match="quantization='int8' needs dtype float32"):
-        check_quantization("int8", torch.device("cpu"), torch.bfloat16)
+    for method in ("int8", "int4"):
+        with pytest.raises(ValueError, match=f"quantization='{method}'.*cuda"):
+            check_quantization(method, torch.device("cuda"), torch.float32)
+        with pytest.raises(ValueError, match=f"quantization='{method}' needs dtype float32"):
+            check_quantization(method, torch.device("cpu"), torch.bfloat16)
     check_quantization(None, torch.device("cuda"), torch.bfloat16)
 
 

@@ -505,8 +505,9 @@ def _reference_generate(llm: Any, prompts: list[list[int]], params: Any) -> list
 def streamed_weight_bytes(model_dir: Path, model: Any) -> tuple[int, str]:
     """Bytes of weights a batch-1 decode step reads, and in what form: the fused CPU path's packed
     panels where it ran (a bfloat16 checkpoint's weights stream as bfloat16, quantized ones as int8
-    and scales), else every weight in the model's dtype."""
+    or 4-bit values and their scales), else every weight in the model's dtype."""
     from lengthwise.bench.engines import decode_weight_bytes
+    from lengthwise.ops.cpu import INT4
 
     dense = decode_weight_bytes(model_dir, model.dtype.itemsize)
     ptrs = getattr(model, "_cpu_decode_pointers", None)
@@ -514,8 +515,11 @@ def streamed_weight_bytes(model_dir: Path, model: Any) -> tuple[int, str]:
         return dense, str(model.dtype).removeprefix("torch.")
     c = model.config
     small = (c.num_layers * (2 * c.hidden_size + 2 * c.head_dim * c.qk_norm) + c.hidden_size) * 4  # norms
-    dtypes = [str(p.dtype).removeprefix("torch.") for p in ptrs.keep]
-    head = str(ptrs.lm_head.dtype).removeprefix("torch.")
+    def name(dtype: torch.dtype) -> str:
+        return "int4" if dtype == INT4 else str(dtype).removeprefix("torch.")
+
+    dtypes = [name(p.dtype) for p in ptrs.keep]
+    head = name(ptrs.lm_head.dtype)
     # a sparse layer's token reads top_k of its num_experts experts
     idle = ptrs.expert_bytes * (1 - c.moe.top_k / c.moe.num_experts) if c.moe else 0
     return int(ptrs.weight_bytes - idle) + small, f"panels: {'/'.join(sorted(set(dtypes)))}, LM head {head}"

@@ -31,8 +31,9 @@ class LLM:
     """An engine for offline batch generation.
 
     `model_dir` is a local Hugging Face checkpoint directory (the built-in default model when
-    `None`). The other arguments are `EngineConfig`'s: `dtype`, `device`, `quantization` (`"int8"`:
-    weight-only int8 on the CPU), `kv_cache_dtype` (`"bfloat16"`: half the KV bytes on the CPU),
+    `None`). The other arguments are `EngineConfig`'s: `dtype`, `device`, `quantization` (`"int8"` or
+    `"int4"`: weight-only quantization on the CPU; GPTQ and AWQ checkpoints load as they are),
+    `kv_cache_dtype` (`"bfloat16"`: half the KV bytes on the CPU),
     `kv_cache_memory` (bytes or a fraction of free memory),
     `max_num_seqs`, `max_num_batched_tokens`, `block_size`, `max_model_len`, the scheduling
     `policy`, the `length_predictor` (a saved predictor directory, `"self"` or `"oracle"`) and

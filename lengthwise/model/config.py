@@ -62,6 +62,65 @@ class MoeConfig:
     float32_weights: bool = False
 
 
+# The `quantization_config` methods whose checkpoints load (4-bit, see lengthwise.model.int4).
+CHECKPOINT_QUANTIZATIONS = ("gptq", "awq")
+
+
+@dataclass(frozen=True)
+class CheckpointQuantization:
+    """How a quantized checkpoint stores its decoder projections (config.json's
+    `quantization_config`): GPTQ or AWQ, 4 bits, in groups of `group_size` inputs (-1: one group
+    per row). GPTQ's original format stores zero points minus one (`zero_offset` 1; its v2 and
+    AWQ store them as they are); `desc_act` GPTQ checkpoints may order the groups by activation."""
+
+    method: str
+    group_size: int
+    desc_act: bool = False
+    zero_offset: int = 0
+
+    def num_groups(self, k: int) -> int:
+        return 1 if self.group_size <= 0 else -(-k // self.group_size)
+
+    @classmethod
+    def from_hf(cls, raw: Any) -> CheckpointQuantization:
+        """Parse `quantization_config`; anything we cannot load exactly is refused, naming the field."""
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"config.json: quantization_config must be an object, got {raw!r}")
+        method = raw.get("quant_method")
+        if method not in CHECKPOINT_QUANTIZATIONS:
+            raise CheckpointError(f"config.json: quantization_config quant_method {method!r} is not supported "
+                                  f"(supported: {', '.join(CHECKPOINT_QUANTIZATIONS)}; or serve a bfloat16, "
+                                  f"float16 or float32 checkpoint)")
+        bits = raw.get("bits", raw.get("w_bit"))
+        if bits != 4:
+            raise CheckpointError(f"config.json: quantization_config bits {bits!r} is not supported ({method} "
+                                  f"checkpoints load with 4 bits)")
+        group = raw.get("group_size", raw.get("q_group_size"))
+        if isinstance(group, bool) or not isinstance(group, int) or (group <= 0 and group != -1):
+            raise CheckpointError(f"config.json: quantization_config group_size must be a positive integer or "
+                                  f"-1, got {group!r}")
+        if method == "gptq":
+            fmt = raw.get("checkpoint_format") or "gptq"
+            if fmt not in ("gptq", "gptq_v2"):
+                raise CheckpointError(f"config.json: quantization_config checkpoint_format {fmt!r} is not "
+                                      f"supported (gptq or gptq_v2)")
+            if raw.get("lm_head"):
+                raise CheckpointError("config.json: quantization_config lm_head true (a 4-bit LM head) is "
+                                      "not supported")
+            if raw.get("dynamic"):
+                raise CheckpointError("config.json: quantization_config dynamic (per-module settings) is not "
+                                      "supported")
+            return cls("gptq", group, bool(raw.get("desc_act", False)), 1 if fmt == "gptq" else 0)
+        version = str(raw.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise CheckpointError(f"config.json: quantization_config version {version!r} is not supported "
+                                  f"(AWQ checkpoints load in the gemm layout)")
+        if raw.get("zero_point", True) is not True:
+            raise CheckpointError("config.json: quantization_config zero_point false is not supported "
+                                  "(AWQ checkpoints load with zero points)")
+        return cls("awq", group)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a decoder-only model in the Llama family."""
@@ -88,6 +147,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
     moe: MoeConfig | None = None  # mixture-of-experts families only
+    quantization: CheckpointQuantization | None = None  # a GPTQ or AWQ checkpoint's 4-bit projections
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -145,10 +205,10 @@ class ModelConfig:
                 f"config.json: model_type {model_type!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         quant = raw.get("quantization_config")
-        if quant:
-            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-            raise CheckpointError(f"config.json: quantized checkpoints are not supported (quantization_config "
-                                  f"quant_method {method!r}); use a bfloat16, float16 or float32 checkpoint")
+        quantization = CheckpointQuantization.from_hf(quant) if quant else None
+        if quantization is not None and model_type in MOE_MODEL_TYPES:
+            raise CheckpointError(f"config.json: quantized {model_type} checkpoints are not supported (4-bit "
+                                  f"experts); serve a bfloat16, float16 or float32 checkpoint")
         architectures = raw.get("architectures") or []
         if architectures and not any(str(a).endswith("ForCausalLM") for a in architectures):
             raise CheckpointError(f"config.json: architectures {architectures} has no *ForCausalLM: lengthwise "
@@ -198,6 +258,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
             moe=_moe_from_hf(raw, model_type, num_layers) if model_type in MOE_MODEL_TYPES else None,
+            quantization=quantization,
         )
 
 

@@ -2,11 +2,14 @@
 
 Reads `model.safetensors` or the shards listed in `model.safetensors.index.json`. Every tensor is
 checked against the shape the config implies, so a mismatched checkpoint fails with the tensor's
-name rather than deep inside a matmul.
+name rather than deep inside a matmul. A GPTQ or AWQ checkpoint stores its decoder projections as
+4-bit `qweight`/`qzeros`/`scales` (`lengthwise.model.int4`): on the CPU in float32 they stay 4-bit
+(the fused path's panels); elsewhere they are dequantized into the model's dtype.
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from lengthwise.model.config import CheckpointError, ModelConfig, read_json
+from lengthwise.model.int4 import Int4Weight, read_int4, stored_shapes
 from lengthwise.model.llama import CausalLM
 from lengthwise.model.quantize import check_quantization, quantize_model
 from lengthwise.ops.cpu import decode as cpu_decode
@@ -23,6 +27,8 @@ _DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other spellin
 # Tensors some exporters leave in checkpoints that carry nothing the model needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+# The decoder projections a GPTQ or AWQ checkpoint may store as 4-bit tensors.
+_PROJECTION = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
@@ -141,27 +147,45 @@ def _expert_shapes(c: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
 
 
 def read_checkpoint(model_dir: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Every expected tensor, shape-checked, as stored (no dtype conversion yet)."""
+    """Every expected tensor, shape-checked, as stored (no dtype conversion yet). In a quantized
+    checkpoint each decoder projection may be stored as 4-bit tensors or as a plain weight (GPTQ
+    and AWQ may leave some unquantized)."""
     shapes = expected_shapes(config)
     if config.tie_word_embeddings:  # a tied checkpoint may also carry (or carry only) the LM head
         shapes[_HEAD] = shapes[_EMBED]
+    packed: dict[str, tuple[int, ...]] = {}  # a projection's 4-bit tensors, by name
+    if config.quantization is not None:
+        for name, (n, k) in [(n, s) for n, s in shapes.items() if _PROJECTION.fullmatch(n)]:
+            packed.update(stored_shapes(name.removesuffix(".weight"), n, k, config.quantization))
     tensors: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
-                if name not in shapes:
+                shape = shapes.get(name, packed.get(name))
+                if shape is None:
                     raise CheckpointError(f"{path.name}: unexpected tensor {name!r} for this config")
                 t = f.get_tensor(name)
-                if tuple(t.shape) != shapes[name]:
+                if tuple(t.shape) != shape:
                     raise CheckpointError(
                         f"{path.name}: tensor {name!r} has shape {tuple(t.shape)}, "
-                        f"expected {shapes[name]} from config.json")
+                        f"expected {shape} from config.json")
                 tensors[name] = t
     if config.tie_word_embeddings:
         _tie(tensors, model_dir)
         shapes.pop(_HEAD)
+    for name in [n for n in shapes if n in packed or _PROJECTION.fullmatch(n)]:
+        base = name.removesuffix(".weight")
+        parts = [n for n in packed if n.startswith(base + ".") and not n.endswith(".g_idx")]
+        stored = [n for n in parts if n in tensors]
+        if stored and name in tensors:
+            raise CheckpointError(f"{model_dir}: {base} is stored both as a weight and as 4-bit tensors")
+        if stored:
+            if len(stored) != len(parts):
+                raise CheckpointError(f"{model_dir}: {base} is missing 4-bit tensors "
+                                      f"{sorted(set(parts) - set(stored))}")
+            shapes.pop(name)  # (present in its 4-bit form)
     missing = [n for n in shapes if n not in tensors]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -196,12 +220,20 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
     check_quantization(quantization, dev, dt, config)  # before the weights are read
     tensors = read_checkpoint(model_dir, config)
     model = CausalLM(config, dt, dev)
+    packs = cpu_decode.packs_weights(model)
+    if config.quantization is not None:
+        model.quantization = config.quantization.method
 
     def put(param: torch.nn.Parameter | None, *names: str) -> None:
         if param is None:
             return
         src = tensors[names[0]] if len(names) == 1 else torch.cat([tensors[n] for n in names])
         param.data.copy_(src.to(dt))
+
+    def put_projection(layer: torch.nn.Module, attr: str, *names: str) -> None:
+        if config.quantization is None or getattr(layer, attr) is None:
+            return put(getattr(layer, attr), *names)
+        _put_4bit(layer, attr, names, tensors, config, packs)
 
     put(model.embed, "model.embed_tokens.weight")
     put(model.final_norm, "model.norm.weight")
@@ -212,24 +244,44 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
         attn, mlp = p + "self_attn.", p + "mlp."
         put(layer.input_norm, p + "input_layernorm.weight")
         put(layer.post_attn_norm, p + "post_attention_layernorm.weight")
-        put(layer.qkv_weight, attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight")
+        put_projection(layer, "qkv_weight", attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight")
         put(layer.qkv_bias, attn + "q_proj.bias", attn + "k_proj.bias", attn + "v_proj.bias")
         put(layer.q_norm, attn + "q_norm.weight")
         put(layer.k_norm, attn + "k_norm.weight")
-        put(layer.o_weight, attn + "o_proj.weight")
+        put_projection(layer, "o_weight", attn + "o_proj.weight")
         put(layer.o_bias, attn + "o_proj.bias")
         if layer.moe is not None:
             _put_experts(layer, tensors, config, i, dt)
             mlp += "shared_expert."  # (Qwen2-MoE's; `put` skips what the layer does not have)
-        put(layer.gate_up_weight, mlp + "gate_proj.weight", mlp + "up_proj.weight")
+        put_projection(layer, "gate_up_weight", mlp + "gate_proj.weight", mlp + "up_proj.weight")
         put(layer.gate_up_bias, mlp + "gate_proj.bias", mlp + "up_proj.bias")
-        put(layer.down_weight, mlp + "down_proj.weight")
+        put_projection(layer, "down_weight", mlp + "down_proj.weight")
         put(layer.down_bias, mlp + "down_proj.bias")
-    if quantization is not None:
+    if quantization is not None and config.quantization is None:
         quantize_model(model, quantization)
-    if cpu_decode.packs_weights(model):
+    if packs:
         cpu_decode.pack_model(model)  # the projections held once, as the CPU GEMM's panels
     return model.eval()
+
+
+def _put_4bit(layer: torch.nn.Module, attr: str, names: tuple[str, ...], tensors: dict[str, torch.Tensor],
+              config: ModelConfig, packs: bool) -> None:
+    """`layer.<attr>` (q, k, v fused; gate, up fused) of a quantized checkpoint. Where all its parts
+    are 4-bit with the same groups in input order and the model runs on the CPU in float32, the
+    4-bit values are kept (`layer.quantized`; `pack_model` makes them 4-bit panels, and a model that
+    packs never writes the dense parameter, which it then drops). Otherwise the parameter holds
+    the dequantized weight (CUDA, bfloat16, act-ordered groups, parts left unquantized)."""
+    param = getattr(layer, attr)
+    bases = [n.removesuffix(".weight") for n in names]
+    parts = [read_int4(tensors, b, config.quantization) if b + ".qweight" in tensors else None for b in bases]
+    whole = Int4Weight.cat(parts) if all(p is not None for p in parts) else None
+    if whole is not None and whole.contiguous_groups and param.device.type == "cpu" and param.dtype == torch.float32:
+        layer.quantized[attr] = whole
+        if not packs:
+            param.data.copy_(whole.dequantize())
+        return
+    dense = [p.dequantize() if p is not None else tensors[n].float() for p, n in zip(parts, names, strict=True)]
+    param.data.copy_(torch.cat(dense).to(param.dtype))
 
 
 def _put_experts(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], config: ModelConfig, index: int,

@@ -1,15 +1,18 @@
-"""Weight-only int8 quantization of a loaded model (`quantization="int8"`).
+"""Weight-only quantization of a loaded model: `quantization="int8"` or `"int4"`.
 
 A batch-1 decode step reads every weight once per token, so on the CPU its floor is weight bytes /
-memory bandwidth. Storing the decoder's projections as int8 with one float32 scale per output row
-(symmetric, absmax / 127: gpt-fast's and torchao's int8 weight-only scheme) moves a quarter of the
-bytes of float32. On a packed CPU model (the default: `lengthwise.ops.cpu.decode.pack_model`) the
-int8 panels are the only copy: the fused decode path and prefill's panel GEMM scale them in their
-float32 accumulators, and the torch reference unpacks `q * scale`. A model kept dense
-(`LENGTHWISE_CPU_PACKED_WEIGHTS=0`) holds `q * scale` as its parameters and the int8 values for
-the fused path beside them. Either way every path computes the same model. Activations, the KV
-cache, norms, embeddings and the LM head are not quantized (vLLM's quantization methods leave the
-LM head too); on a packed model they may be held in bfloat16 where that is exact.
+memory bandwidth. `int8` stores the decoder's projections with one float32 scale per output row
+(symmetric, absmax / 127: gpt-fast's and torchao's int8 weight-only scheme), a quarter of the
+bytes of float32; `int4` rounds groups of 128 inputs to 4 bits with a scale and zero point each
+(`lengthwise.model.int4`, the format GPTQ and AWQ checkpoints load into), about an eighth. On a
+packed CPU model (the default: `lengthwise.ops.cpu.decode.pack_model`) the quantized panels are
+the only copy: the fused decode path and prefill's panel GEMM read them, and the torch reference
+unpacks the dequantized weights. A model kept dense (`LENGTHWISE_CPU_PACKED_WEIGHTS=0`) holds the
+dequantized weights as its parameters and the quantized values for the fused path beside them.
+Either way every path computes the same model. Activations, the KV cache, norms, embeddings and
+the LM head are not quantized (vLLM's quantization methods leave the LM head too); on a packed
+model they may be held in bfloat16 where that is exact. (A GPTQ or AWQ checkpoint arrives
+quantized: `check_quantization` only checks that `quantization` agrees with it.)
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from lengthwise.config import QUANTIZATION_METHODS
-from lengthwise.model.config import ModelConfig
+from lengthwise.model.config import CHECKPOINT_QUANTIZATIONS, ModelConfig
+from lengthwise.model.int4 import quantize_int4
 
 # The decoder layer's projections (`DecoderLayer` attributes) that quantization replaces.
 QUANTIZED_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
@@ -34,6 +38,9 @@ class Int8Weight:
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scales[:, None]
+
+    def rows(self, rows: slice) -> Int8Weight:
+        return Int8Weight(self.q[rows], self.scales[rows])
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
@@ -50,6 +57,15 @@ def check_quantization(quantization: str | None, device: torch.device, dtype: to
                        config: ModelConfig | None = None) -> None:
     """Refuse, naming the field, a method we do not have, a device/dtype it does not run on, or a
     model (`config`) it does not cover: int8 quantizes dense projections, not a sparse layer's experts."""
+    checkpoint = config.quantization.method if config is not None and config.quantization is not None else None
+    if checkpoint is not None:
+        if quantization not in (None, checkpoint):
+            raise ValueError(f"quantization={quantization!r}, but the checkpoint is quantized with {checkpoint}: "
+                             f"leave quantization unset (or {checkpoint!r})")
+        return  # (4-bit panels on the CPU in float32, dequantized weights elsewhere)
+    if quantization in CHECKPOINT_QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} loads a {quantization.upper()} checkpoint (config.json "
+                         f"quantization_config), and this one is not quantized; quantize it with 'int4' or 'int8'")
     if quantization is None:
         return
     if config is not None and config.moe is not None:
@@ -59,7 +75,7 @@ def check_quantization(quantization: str | None, device: torch.device, dtype: to
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or None, "
                          f"got {quantization!r}")
     if device.type != "cpu":
-        raise ValueError(f"quantization={quantization!r} is weight-only int8 for the CPU's fused decode path; "
+        raise ValueError(f"quantization={quantization!r} is weight-only quantization for the CPU's fused decode path; "
                          f"on {device.type} it would only add error (serve the checkpoint's own dtype there)")
     if dtype != torch.float32:
         raise ValueError(f"quantization={quantization!r} needs dtype float32 (the fused CPU path computes in "
@@ -68,9 +84,9 @@ def check_quantization(quantization: str | None, device: torch.device, dtype: to
 
 def quantize_model(model: torch.nn.Module, quantization: str) -> None:
     """Quantize `model`'s decoder projections in place (see the module docstring): a packed model
-    is unpacked, quantized and packed again (int8 panels); on a dense one the parameters become
-    the dequantized weights and each layer's `quantized` maps a weight's name to its `Int8Weight`,
-    which the fused CPU path packs."""
+    is unpacked, quantized and packed again (int8 or 4-bit panels); on a dense one the parameters
+    become the dequantized weights and each layer's `quantized` maps a weight's name to its
+    `Int8Weight` or `Int4Weight`, which the fused CPU path packs."""
     from lengthwise.ops.cpu import decode as cpu_decode
 
     check_quantization(quantization, model.device, model.dtype, model.config)
@@ -78,10 +94,11 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> None:
         raise ValueError(f"quantization={quantization!r}: the model is already quantized as {model.quantization!r}")
     packed = cpu_decode.is_packed(model)
     cpu_decode.unpack_model(model)  # (a packed model: dense again, quantized, packed again below)
+    method = quantize_int8 if quantization == "int8" else quantize_int4
     for layer in model.layers:
         for name in QUANTIZED_WEIGHTS:
             param = getattr(layer, name)
-            quantized = quantize_int8(param.data)
+            quantized = method(param.data)
             param.data.copy_(quantized.dequantize())
             layer.quantized[name] = quantized
     model.quantization = quantization

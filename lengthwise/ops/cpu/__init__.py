@@ -8,8 +8,9 @@
 - `decode_forward.cpp`: the fused decode forward (`lengthwise.ops.cpu.decode`) and its GEMM on
   panel-packed weights (`pack_panels`, `packed_linear`), which the LM head of those steps uses too.
   Panels hold float32, bfloat16 (exact for a bfloat16 checkpoint served in float32: half the bytes
-  a batch-1 step streams) or int8 with a scale per output column (weight-only quantization); the
-  arithmetic is float32 in every case.
+  a batch-1 step streams), int8 with a scale per output column (weight-only quantization) or 4-bit
+  values with a scale and zero point per column and group of k (GPTQ and AWQ checkpoints,
+  `quantization="int4"`); the arithmetic is float32 in every case.
 
 The library is built with the system C++ compiler (`$CXX`, else `c++`) for this CPU
 (`-march=native`) into the lengthwise cache directory, keyed by a hash of sources, flags and CPU,
@@ -152,33 +153,40 @@ def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         int(k_cache.dtype == torch.bfloat16), attention_order(), torch.get_num_threads())
 
 
-# decode_forward.cpp's WeightFormat, by the dtype a weight arrives in.
-PANEL_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+# decode_forward.cpp's WeightFormat, by the dtype a weight's panels hold (torch.quint4x2: 4-bit
+# values, two to a byte, with group-wise scales and zero points).
+INT4 = torch.quint4x2
+PANEL_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, INT4: 3}
 PANEL = 32  # output columns per panel (decode_forward.cpp's kPanel)
 
 
 class _PackedWeightC(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("format", ctypes.c_int32)]
+    _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("format", ctypes.c_int32),
+                ("group_size", ctypes.c_int32)]
 
 
 @dataclass
 class PackedWeight:
     """A `[n, k]` weight in the panel layout of `decode_forward.cpp`'s GEMM (`pack_panels`).
 
-    `dtype` is how the panels store it: float32, bfloat16 or int8 (then `scales [n]` gives column
-    j's weights as `q * scales[j]`). `address` is the C struct the kernels take."""
+    `dtype` is how the panels store it: float32, bfloat16, int8 (then `scales [n]` gives column j's
+    weights as `q * scales[j]`) or `INT4` (then `scales [panels, groups, 2, 32]` holds, per group of
+    `group_size` inputs, each column's scale s and offset m: the weight is `q * s + m`). `address`
+    is the C struct the kernels take."""
 
     panels: torch.Tensor  # raw bytes
     scales: torch.Tensor | None
     n: int
     k: int
     dtype: torch.dtype
+    group_size: int = 0
     _c: _PackedWeightC = field(repr=False, default_factory=_PackedWeightC)
 
     def __post_init__(self) -> None:
         self._c.data = self.panels.data_ptr()
         self._c.scales = self.scales.data_ptr() if self.scales is not None else None
         self._c.format = PANEL_FORMATS[self.dtype]
+        self._c.group_size = self.group_size
 
     @property
     def address(self) -> int:
@@ -199,10 +207,16 @@ class PackedWeight:
         if self.dtype == torch.bfloat16:  # [panel, kk, i, half] holds column half * 16 + i
             halves = self.panels.view(torch.bfloat16).view(p, self.k, PANEL // 2, 2)
             cols = halves.permute(0, 1, 3, 2).reshape(p, self.k, PANEL).float()
+        elif self.dtype == INT4:  # [panel, kk, i] byte: column i low nibble, column 16 + i high
+            b = self.panels.view(p, self.k, PANEL // 2)
+            cols = torch.cat([b & 15, b >> 4], dim=2).float()
+            group = torch.arange(self.k) // self.group_size
+            sm = self.scales[:, group]  # [p, k, 2, 32]
+            cols = cols * sm[:, :, 0] + sm[:, :, 1]
         else:
             cols = self.panels.view(self.dtype).view(p, self.k, PANEL).float()
         w = cols.permute(0, 2, 1).reshape(p * PANEL, self.k)[:self.n]
-        if self.scales is not None:
+        if self.scales is not None and self.dtype == torch.int8:
             w = w * self.scales[:self.n, None]
         return w.contiguous()
 
@@ -228,8 +242,8 @@ def use_panels(x: torch.Tensor) -> bool:
 
 def pack_panels(weight: torch.Tensor, scales: torch.Tensor | None = None) -> PackedWeight:
     """`weight [n, k]` (CPU, unit stride along k) packed for the fused path's GEMM, kept in its dtype:
-    float32, bfloat16, or int8 with `scales [n]` (float32: the weight is `weight * scales[:, None]`)."""
-    lib = segment_attention_kernel()
+    float32, bfloat16, or int8 with `scales [n]` (float32: the weight is `weight * scales[:, None]`).
+    (4-bit weights: `pack_int4_panels`.)"""
     if weight.dim() != 2 or weight.dtype not in PANEL_FORMATS or weight.stride(1) != 1 or weight.is_cuda:
         raise ValueError("pack_panels needs a CPU float32, bfloat16 or int8 [n, k] weight with unit stride "
                          f"along k, got {tuple(weight.shape)} {weight.dtype} with strides {weight.stride()}")
@@ -242,11 +256,41 @@ def pack_panels(weight: torch.Tensor, scales: torch.Tensor | None = None) -> Pac
         padded = torch.zeros(-(-n // PANEL) * PANEL, dtype=torch.float32)
         padded[:n] = scales
         scales = padded
-    fmt = PANEL_FORMATS[weight.dtype]
+    return PackedWeight(_pack(weight, weight.dtype), scales, n, k, weight.dtype)
+
+
+def pack_int4_panels(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> PackedWeight:
+    """4-bit weights `q [n, k]` (uint8 values in [0, 15]) whose inputs come in groups of
+    `group_size` (the last may be shorter), with per (column, group) `scales [n, groups]` and zero
+    points `zeros [n, groups]`: the weight is `(q - zeros[:, g]) * scales[:, g]`, g = kk // group_size."""
+    if q.dim() != 2 or q.dtype != torch.uint8 or q.stride(1) != 1 or q.is_cuda:
+        raise ValueError(f"pack_int4_panels needs a CPU uint8 [n, k] q with unit stride along k, got "
+                         f"{tuple(q.shape)} {q.dtype}")
+    n, k = q.shape
+    groups = -(-k // group_size) if group_size > 0 else 0
+    if group_size <= 0 or scales.shape != (n, groups) or zeros.shape != (n, groups):
+        raise ValueError(f"pack_int4_panels: group_size must be positive and scales, zeros [{n}, {groups}], got "
+                         f"group_size {group_size}, {tuple(scales.shape)}, {tuple(zeros.shape)}")
+    if int(q.max()) > 15:
+        raise ValueError("pack_int4_panels: q holds values above 15")
+    padded = -(-n // PANEL) * PANEL
+    s = torch.zeros(padded, groups)
+    m = torch.zeros(padded, groups)
+    s[:n] = scales.float()
+    m[:n] = -zeros.float() * scales.float()
+    # [2, panels, 32, groups] -> [panels, groups, 2, 32]: a panel's constants for one group together
+    params = torch.stack([s, m]).view(2, padded // PANEL, PANEL, groups).permute(1, 3, 0, 2).contiguous()
+    return PackedWeight(_pack(q, INT4), params, n, k, INT4, group_size)
+
+
+def _pack(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    lib = segment_attention_kernel()
+    n, k = weight.shape
+    fmt = PANEL_FORMATS[dtype]
     out = torch.empty(lib.lw_packed_bytes(n, k, fmt), dtype=torch.uint8)
     lib.lw_pack_panels(ctypes.c_void_p(weight.data_ptr()), n, k, weight.stride(0), fmt,
                        ctypes.c_void_p(out.data_ptr()), torch.get_num_threads())
-    return PackedWeight(out, scales, n, k, weight.dtype)
+    return out
 
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:

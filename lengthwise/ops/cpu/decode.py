@@ -21,6 +21,8 @@ import os
 import torch
 
 from lengthwise.kv.storage import KVCacheStorage
+from lengthwise.model.int4 import Int4Weight
+from lengthwise.model.quantize import Int8Weight
 from lengthwise.ops.attention import AttentionMetadata
 from lengthwise.ops.cpu import (
     KV_DTYPES,
@@ -28,6 +30,7 @@ from lengthwise.ops.cpu import (
     PackedWeight,
     attention_order,
     dense,
+    pack_int4_panels,
     pack_panels,
     packed_linear,
     segment_attention_kernel,
@@ -88,7 +91,7 @@ def is_packed(model: torch.nn.Module) -> bool:
 def pack_model(model: torch.nn.Module) -> None:
     """Store `model`'s decoder projections once, as the fused path's panels, dropping the dense
     parameters: a bfloat16 checkpoint then takes 2 bytes per weight on the CPU instead of the 4 of
-    float32 plus the panels' second copy, an int8 model 1. Every path reads the panels (`linear`
+    float32 plus the panels' second copy, an int8 model 1, a 4-bit one about half. Every path reads the panels (`linear`
     runs them on the panel GEMM, as fast as MKL at prefill sizes; the torch reference and Triton
     unpack them). The LM head is packed too; the embedding stays dense (tied, beside the head's
     panels), in bfloat16 if all its values are bfloat16 ones (`embed_tokens` widens the rows)."""
@@ -106,7 +109,7 @@ def pack_model(model: torch.nn.Module) -> None:
             for name, packed in (("experts_gate_up", gate_up), ("experts_down", down)):
                 del layer._parameters[name]
                 setattr(layer, name, packed)
-        layer.quantized.clear()  # the int8 panels hold them now
+        layer.quantized.clear()  # the int8 or 4-bit panels hold them now
     model.head_panels = pack_panels(_narrowest_exact(model.lm_head))
     tied = model.config.tie_word_embeddings
     if not tied:
@@ -128,7 +131,7 @@ def unpack_model(model: torch.nn.Module) -> None:
     """Undo `pack_model`: dense float32 parameters again (quantizing a packed model goes through this)."""
     if not is_packed(model):
         return
-    if model.quantization is not None:  # (its int8 values would come back as floats, packed 4x larger)
+    if model.quantization is not None:  # (its int8 or 4-bit values would come back as floats, 4-8x larger)
         raise ValueError(f"unpack_model: a model quantized as {model.quantization!r} stays packed; "
                          f"load the checkpoint again for dense weights")
     for layer in model.layers:
@@ -155,7 +158,7 @@ def unpack_model(model: torch.nn.Module) -> None:
 
 def packed_weight(layer: torch.nn.Module, name: str) -> PackedWeight | tuple[PackedWeight, PackedWeight]:
     """`layer`'s projection `name` as panels: its own if the model is packed, else packed now, in the
-    fewest bytes that give the same products: int8 + scales for a quantized model, bfloat16 where
+    fewest bytes that give the same products: int8 or 4-bit panels for a quantized model, bfloat16 where
     every weight of the matrix is a bfloat16 value (any bfloat16 checkpoint served in float32), else
     float32. The gate-up projection comes as (gate, up): the fused path computes both halves of
     the same columns back to back."""
@@ -167,9 +170,15 @@ def packed_weight(layer: torch.nn.Module, name: str) -> PackedWeight | tuple[Pac
                                                              slice(weight.shape[0] // 2, None)]
     # The format is chosen for the whole matrix: the fused path reads gate and up in one format.
     narrow = _narrowest_exact(weight) if quantized is None else None
-    packed = [pack_panels(quantized.q[rows], quantized.scales[rows]) if quantized is not None
+    packed = [_pack_quantized(quantized.rows(rows)) if quantized is not None
               else pack_panels(narrow[rows]) for rows in halves]
     return packed[0] if len(packed) == 1 else (packed[0], packed[1])
+
+
+def _pack_quantized(w: Int8Weight | Int4Weight) -> PackedWeight:
+    if isinstance(w, Int4Weight):
+        return pack_int4_panels(w.q, w.scales, w.zeros, w.group_size)
+    return pack_panels(w.q, w.scales)
 
 
 def packed_experts(layer: torch.nn.Module) -> tuple[list[tuple[PackedWeight, PackedWeight]], list[PackedWeight]]:

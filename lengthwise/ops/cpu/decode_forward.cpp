@@ -19,7 +19,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -41,6 +43,7 @@ enum LayerPtr {
 constexpr int kPanel = 32;
 constexpr int kBlockK = 256;   // a panel's k-block stays in L1 across x's row chunks
 constexpr int kChunk = 12;     // x rows per micro-kernel call: 24 accumulators + 2 weight vectors
+constexpr int kInt4Rows = 4;   // rows micro_int4 takes: 16 accumulators + 2 weight vectors
 
 // How a panel's 32 weights of one kk are stored. Batch-1 decode streams every weight once per
 // token, so the bytes per weight set the step's floor; the arithmetic stays float32 throughout.
@@ -50,16 +53,23 @@ constexpr int kChunk = 12;     // x rows per micro-kernel call: 24 accumulators 
 //          bfloat16 checkpoint served in float32): half the bytes, the same products.
 //   kInt8: 32 int8, column j's float weight = q * scale[j] (weight-only quantization); the
 //          per-column scale is applied once per k-block to the accumulators.
-enum WeightFormat : int32_t { kF32 = 0, kBF16 = 1, kInt8 = 2 };
+//   kInt4: 16 bytes, byte i = q(column i) | q(column 16 + i) << 4, q in [0, 15]; in group
+//          g = kk / group_size, column j's float weight = q * s[g][j] + m[g][j] (m = -zero * s:
+//          GPTQ's and AWQ's asymmetric 4-bit groups). Half of int8's bytes, an eighth of
+//          float32's; each weight is dequantized once per row chunk with one FMA.
+enum WeightFormat : int32_t { kF32 = 0, kBF16 = 1, kInt8 = 2, kInt4 = 3 };
 
-// A packed weight as Python hands it over: its panels, its per-column scales (kInt8: padded to
-// whole panels; else null) and its format.
+// A packed weight as Python hands it over: its panels, its scales (kInt8: one per column, padded
+// to whole panels; kInt4: per panel p and group g, s[32] then m[32] at (p * groups + g) * 64;
+// else null), its format and (kInt4) the group size along k.
 struct PackedWeight {
   const void* data;
   const float* scales;
   int32_t format;
+  int32_t group_size;
 };
 
+// The panel formats: `load` gives one kk's 32 weights as two float vectors.
 struct F32Panel {
   using T = float;
   static constexpr int kRow = kPanel;  // elements of T per kk
@@ -89,12 +99,43 @@ struct Int8Panel {
   }
 };
 
+// kInt4 is not a `micro` format: see micro_int4 and dequantize_block.
+struct Int4Panel {
+  using T = uint8_t;
+  static constexpr int kRow = kPanel / 2;
+  // One kk's 32 values q as floats (low nibbles: columns 0-15; high: 16-31).
+  static inline void load_q(const T* pw, __m512& q0, __m512& q1) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pw)));
+    q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+    q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+  }
+};
+
 inline __mmask16 tail_mask(int n) {
   return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
 }
 
-// y[r][0:nv] (+)= x[r][k0:k1] . panel[k0:k1][0:nv] (times the panel's column scales, if any) for MR
-// rows; `first` stores, else accumulates.
+// y[r][0:nv] = (or +=, unless `first`) acc[r] (times the column scales, if any) for MR rows.
+template <int MR>
+inline void store_rows(__m512 (&acc)[MR][2], const float* scale, float* y, int64_t ldy, bool first, int nv) {
+  const __mmask16 m0 = tail_mask(nv), m1 = tail_mask(nv - 16);
+  for (int r = 0; r < MR; ++r) {
+    float* yr = y + r * ldy;
+    if (scale) {
+      acc[r][0] = _mm512_mul_ps(acc[r][0], _mm512_loadu_ps(scale));
+      acc[r][1] = _mm512_mul_ps(acc[r][1], _mm512_loadu_ps(scale + 16));
+    }
+    if (!first) {
+      acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_maskz_loadu_ps(m0, yr));
+      acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_maskz_loadu_ps(m1, yr + 16));
+    }
+    _mm512_mask_storeu_ps(yr, m0, acc[r][0]);
+    _mm512_mask_storeu_ps(yr + 16, m1, acc[r][1]);
+  }
+}
+
+// y[r][0:nv] (+)= x[r][k0:k1] . panel[k0:k1][0:nv] (times kInt8's column scales) for MR rows;
+// `first` stores, else accumulates.
 template <int MR, class W>
 inline void micro(const float* x, int64_t ldx, const typename W::T* panel, const float* scale, int k0, int k1,
                   float* y, int64_t ldy, bool first, int nv) {
@@ -110,33 +151,120 @@ inline void micro(const float* x, int64_t ldx, const typename W::T* panel, const
       acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
     }
   }
-  const __mmask16 m0 = tail_mask(nv), m1 = tail_mask(nv - 16);
-  const __m512 s0 = scale ? _mm512_loadu_ps(scale) : _mm512_setzero_ps();
-  const __m512 s1 = scale ? _mm512_loadu_ps(scale + 16) : _mm512_setzero_ps();
-  for (int r = 0; r < MR; ++r) {
-    float* yr = y + r * ldy;
-    if (scale) {
-      acc[r][0] = _mm512_mul_ps(acc[r][0], s0);
-      acc[r][1] = _mm512_mul_ps(acc[r][1], s1);
+  store_rows<MR>(acc, scale, y, ldy, first, nv);
+}
+
+// kInt4 for a few rows (batch-1 decode): per group, acc = sum x * q and sx = sum x, then
+// y += acc * s + sx * m. Two FMAs per kk and row; the weights are never dequantized. With one or
+// two rows, U sets of accumulators take alternate kk: one set's FMA chain (4 cycles a link) would
+// otherwise bound the loop, not the bytes. (More rows: dequantize_block.)
+template <int MR>
+inline void micro_int4(const float* x, int64_t ldx, const uint8_t* panel, const float* params, int group_size,
+                       int k0, int k1, float* y, int64_t ldy, bool first, int nv) {
+  constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+  __m512 tot[MR][2];
+  for (int r = 0; r < MR; ++r) tot[r][0] = tot[r][1] = _mm512_setzero_ps();
+  const uint8_t* pw = panel + int64_t(k0) * Int4Panel::kRow;
+  for (int g0 = k0; g0 < k1;) {
+    const int gi = g0 / group_size, g1 = std::min(k1, (gi + 1) * group_size);
+    __m512 acc[U][MR][2];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < MR; ++r) acc[u][r][0] = acc[u][r][1] = _mm512_setzero_ps();
+    int kk = g0;
+    for (; kk + U <= g1; kk += U, pw += U * Int4Panel::kRow)
+      for (int u = 0; u < U; ++u) {
+        __m512 q0, q1;
+        Int4Panel::load_q(pw + u * Int4Panel::kRow, q0, q1);
+        for (int r = 0; r < MR; ++r) {
+          const __m512 xb = _mm512_set1_ps(x[r * ldx + kk + u]);
+          acc[u][r][0] = _mm512_fmadd_ps(xb, q0, acc[u][r][0]);
+          acc[u][r][1] = _mm512_fmadd_ps(xb, q1, acc[u][r][1]);
+        }
+      }
+    for (; kk < g1; ++kk, pw += Int4Panel::kRow) {
+      __m512 q0, q1;
+      Int4Panel::load_q(pw, q0, q1);
+      for (int r = 0; r < MR; ++r) {
+        const __m512 xb = _mm512_set1_ps(x[r * ldx + kk]);
+        acc[0][r][0] = _mm512_fmadd_ps(xb, q0, acc[0][r][0]);
+        acc[0][r][1] = _mm512_fmadd_ps(xb, q1, acc[0][r][1]);
+      }
     }
-    if (!first) {
-      acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_maskz_loadu_ps(m0, yr));
-      acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_maskz_loadu_ps(m1, yr + 16));
+    const float* sm = params + int64_t(gi) * 2 * kPanel;
+    const __m512 s0 = _mm512_loadu_ps(sm), s1 = _mm512_loadu_ps(sm + 16);
+    const __m512 m0 = _mm512_loadu_ps(sm + kPanel), m1 = _mm512_loadu_ps(sm + kPanel + 16);
+    for (int r = 0; r < MR; ++r) {
+      for (int u = 1; u < U; ++u) {
+        acc[0][r][0] = _mm512_add_ps(acc[0][r][0], acc[u][r][0]);
+        acc[0][r][1] = _mm512_add_ps(acc[0][r][1], acc[u][r][1]);
+      }
+      const float* xr = x + r * ldx;
+      float sx = 0.f;
+#pragma omp simd reduction(+ : sx)
+      for (int i = g0; i < g1; ++i) sx += xr[i];
+      const __m512 sxb = _mm512_set1_ps(sx);
+      tot[r][0] = _mm512_fmadd_ps(sxb, m0, _mm512_fmadd_ps(acc[0][r][0], s0, tot[r][0]));
+      tot[r][1] = _mm512_fmadd_ps(sxb, m1, _mm512_fmadd_ps(acc[0][r][1], s1, tot[r][1]));
     }
-    _mm512_mask_storeu_ps(yr, m0, acc[r][0]);
-    _mm512_mask_storeu_ps(yr + 16, m1, acc[r][1]);
+    g0 = g1;
+  }
+  store_rows<MR>(tot, nullptr, y, ldy, first, nv);
+}
+
+// out[kk - k0][0:32] = the float weights of panel rows kk in [k0, k1): q * s + m of kk's group.
+inline void dequantize_block(const uint8_t* panel, const float* params, int group_size, int k0, int k1,
+                             float* out) {
+  const uint8_t* pw = panel + int64_t(k0) * Int4Panel::kRow;
+  for (int g0 = k0; g0 < k1;) {
+    const int gi = g0 / group_size, g1 = std::min(k1, (gi + 1) * group_size);
+    const float* sm = params + int64_t(gi) * 2 * kPanel;
+    const __m512 s0 = _mm512_loadu_ps(sm), s1 = _mm512_loadu_ps(sm + 16);
+    const __m512 m0 = _mm512_loadu_ps(sm + kPanel), m1 = _mm512_loadu_ps(sm + kPanel + 16);
+    for (int kk = g0; kk < g1; ++kk, pw += Int4Panel::kRow) {
+      __m512 q0, q1;
+      Int4Panel::load_q(pw, q0, q1);
+      float* o = out + int64_t(kk - k0) * kPanel;
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(q0, s0, m0));
+      _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(q1, s1, m1));
+    }
+    g0 = g1;
   }
 }
 
-// y[0:m][0:nv] = x[0:m] @ one panel (all of k), written with row stride ldy.
+inline int num_panels(int n) { return (n + kPanel - 1) / kPanel; }
+
+// Panel p of a packed weight with k inputs, and its scales (see PackedWeight; null if none).
 template <class W>
-inline void panel_product(const float* x, int m, int k, const typename W::T* panel, const float* scale, int nv,
-                          float* y, int64_t ldy) {
+inline const typename W::T* panel_of(const PackedWeight& w, int p, int k) {
+  return static_cast<const typename W::T*>(w.data) + int64_t(p) * k * W::kRow;
+}
+inline const float* scales_of(const PackedWeight& w, int p, int k) {
+  if (!w.scales) return nullptr;
+  if (w.format != kInt4) return w.scales + p * kPanel;
+  const int groups = (k + w.group_size - 1) / w.group_size;
+  return w.scales + int64_t(p) * groups * 2 * kPanel;
+}
+
+// The micro-kernels of a format for 1 to kChunk rows.
+template <class W, class Fn, int... MR>
+constexpr std::array<Fn, kChunk + 1> kernel_table(std::integer_sequence<int, MR...>) {
+  return {nullptr, &micro<MR + 1, W>...};
+}
+template <int... MR>
+constexpr auto int4_kernel_table(std::integer_sequence<int, MR...>) {
+  using Fn = void (*)(const float*, int64_t, const uint8_t*, const float*, int, int, int, float*, int64_t, bool, int);
+  return std::array<Fn, kInt4Rows + 1>{nullptr, &micro_int4<MR + 1>...};
+}
+
+// y[0:m][0:nv] = x[0:m] @ panel p of w (all of k), written with row stride ldy.
+template <class W>
+inline void panel_product(const float* x, int m, int k, const PackedWeight& w, int p, int nv, float* y,
+                          int64_t ldy) {
   using Fn = void (*)(const float*, int64_t, const typename W::T*, const float*, int, int, float*, int64_t, bool,
                       int);
-  static constexpr Fn kernels[kChunk + 1] = {
-      nullptr, micro<1, W>, micro<2, W>, micro<3, W>, micro<4, W>, micro<5, W>, micro<6, W>,
-      micro<7, W>, micro<8, W>, micro<9, W>, micro<10, W>, micro<11, W>, micro<12, W>};
+  static constexpr auto kernels = kernel_table<W, Fn>(std::make_integer_sequence<int, kChunk>{});
+  const typename W::T* panel = panel_of<W>(w, p, k);
+  const float* scale = scales_of(w, p, k);
   for (int k0 = 0; k0 < k; k0 += kBlockK) {
     const int k1 = std::min(k, k0 + kBlockK);
     for (int r = 0; r < m; r += kChunk)
@@ -144,14 +272,29 @@ inline void panel_product(const float* x, int m, int k, const typename W::T* pan
   }
 }
 
-inline int num_panels(int n) { return (n + kPanel - 1) / kPanel; }
-
-// Panel p of a packed weight, and its 32 column scales (null unless kInt8).
-template <class W>
-inline const typename W::T* panel_of(const PackedWeight& w, int p, int k) {
-  return static_cast<const typename W::T*>(w.data) + int64_t(p) * k * W::kRow;
+// kInt4: up to kInt4Rows rows never dequantize (micro_int4); more dequantize each k-block of the
+// panel once into L1 and run the float32 micro-kernel over it for every chunk of rows.
+template <>
+inline void panel_product<Int4Panel>(const float* x, int m, int k, const PackedWeight& w, int p, int nv, float* y,
+                                     int64_t ldy) {
+  static constexpr auto small = int4_kernel_table(std::make_integer_sequence<int, kInt4Rows>{});
+  using Fn = void (*)(const float*, int64_t, const float*, const float*, int, int, float*, int64_t, bool, int);
+  static constexpr auto kernels = kernel_table<F32Panel, Fn>(std::make_integer_sequence<int, kChunk>{});
+  const uint8_t* panel = panel_of<Int4Panel>(w, p, k);
+  const float* params = scales_of(w, p, k);
+  alignas(64) float block[kBlockK * kPanel];
+  for (int k0 = 0; k0 < k; k0 += kBlockK) {
+    const int k1 = std::min(k, k0 + kBlockK);
+    if (m <= kInt4Rows) {
+      small[m](x, k, panel, params, w.group_size, k0, k1, y, ldy, k0 == 0, nv);
+      continue;
+    }
+    dequantize_block(panel, params, w.group_size, k0, k1, block);
+    for (int r = 0; r < m; r += kChunk)
+      kernels[std::min(kChunk, m - r)](x + int64_t(r) * k + k0, k, block, nullptr, 0, k1 - k0, y + r * ldy, ldy,
+                                       k0 == 0, nv);
+  }
 }
-inline const float* scales_of(const PackedWeight& w, int p) { return w.scales ? w.scales + p * kPanel : nullptr; }
 
 // y[m, n] = x[m, k] @ W^T + bias for packed W; called by every thread of a parallel region.
 // Threads take contiguous runs of panels, so each streams its share of the weights once.
@@ -160,7 +303,7 @@ void linear_omp_as(const float* x, int m, int k, const PackedWeight& w, const fl
 #pragma omp for schedule(static)
   for (int p = 0; p < num_panels(n); ++p) {
     const int j0 = p * kPanel, nv = std::min(kPanel, n - j0);
-    panel_product<W>(x, m, k, panel_of<W>(w, p, k), scales_of(w, p), nv, y + j0, n);
+    panel_product<W>(x, m, k, w, p, nv, y + j0, n);
     if (bias)
       for (int r = 0; r < m; ++r)
         for (int j = 0; j < nv; ++j) y[int64_t(r) * n + j0 + j] += bias[j0 + j];
@@ -171,6 +314,7 @@ void linear_omp(const float* x, int m, int k, const PackedWeight* w, const float
   switch (w->format) {
     case kBF16: return linear_omp_as<BF16Panel>(x, m, k, *w, bias, n, y);
     case kInt8: return linear_omp_as<Int8Panel>(x, m, k, *w, bias, n, y);
+    case kInt4: return linear_omp_as<Int4Panel>(x, m, k, *w, bias, n, y);
     default: return linear_omp_as<F32Panel>(x, m, k, *w, bias, n, y);
   }
 }
@@ -204,8 +348,8 @@ void gate_up_silu_omp_as(const float* x, int m, int k, const PackedWeight& gate,
     const int j0 = p * kPanel, nv = std::min(kPanel, inter - j0);
     float* g = gu;
     float* u = gu + int64_t(m) * kPanel;
-    panel_product<W>(x, m, k, panel_of<W>(gate, p, k), scales_of(gate, p), nv, g, kPanel);
-    panel_product<W>(x, m, k, panel_of<W>(up, p, k), scales_of(up, p), nv, u, kPanel);
+    panel_product<W>(x, m, k, gate, p, nv, g, kPanel);
+    panel_product<W>(x, m, k, up, p, nv, u, kPanel);
     silu_mul_panel(g, u, m, nv, bias ? bias + j0 : nullptr, bias ? bias + inter + j0 : nullptr, act + j0, inter);
   }
 }
@@ -216,6 +360,7 @@ void gate_up_silu_omp(const float* x, int m, int k, const PackedWeight* gate, co
   switch (gate->format) {
     case kBF16: return gate_up_silu_omp_as<BF16Panel>(x, m, k, *gate, *up, bias, inter, act, gu);
     case kInt8: return gate_up_silu_omp_as<Int8Panel>(x, m, k, *gate, *up, bias, inter, act, gu);
+    case kInt4: return gate_up_silu_omp_as<Int4Panel>(x, m, k, *gate, *up, bias, inter, act, gu);
     default: return gate_up_silu_omp_as<F32Panel>(x, m, k, *gate, *up, bias, inter, act, gu);
   }
 }
@@ -296,8 +441,8 @@ void experts_omp_as(const PackedWeight* const* experts, int hidden, int inter, M
     const PackedWeight& up = *experts[3 * e + 1];
     float* g = gu;
     float* u = gu + int64_t(m) * kPanel;
-    panel_product<W>(x, m, hidden, panel_of<W>(gate, p, hidden), scales_of(gate, p), nv, g, kPanel);
-    panel_product<W>(x, m, hidden, panel_of<W>(up, p, hidden), scales_of(up, p), nv, u, kPanel);
+    panel_product<W>(x, m, hidden, gate, p, nv, g, kPanel);
+    panel_product<W>(x, m, hidden, up, p, nv, u, kPanel);
     silu_mul_panel(g, u, m, nv, nullptr, nullptr, s.act.data() + int64_t(s.offset[e]) * inter + j0, inter);
   }
 #pragma omp for schedule(static)
@@ -305,8 +450,8 @@ void experts_omp_as(const PackedWeight* const* experts, int hidden, int inter, M
     const int e = s.hit[task / down_panels], p = task % down_panels;
     const int j0 = p * kPanel, nv = std::min(kPanel, hidden - j0);
     const PackedWeight& down = *experts[3 * e + 2];
-    panel_product<W>(s.act.data() + int64_t(s.offset[e]) * inter, s.count[e], inter, panel_of<W>(down, p, inter),
-                     scales_of(down, p), nv, s.yg.data() + int64_t(s.offset[e]) * hidden + j0, hidden);
+    panel_product<W>(s.act.data() + int64_t(s.offset[e]) * inter, s.count[e], inter, down, p, nv,
+                     s.yg.data() + int64_t(s.offset[e]) * hidden + j0, hidden);
   }
 }
 
@@ -315,6 +460,7 @@ void experts_omp(const PackedWeight* const* experts, int hidden, int inter, MoeS
   switch (experts[0]->format) {
     case kBF16: return experts_omp_as<BF16Panel>(experts, hidden, inter, s, gu);
     case kInt8: return experts_omp_as<Int8Panel>(experts, hidden, inter, s, gu);
+    case kInt4: return experts_omp_as<Int4Panel>(experts, hidden, inter, s, gu);
     default: return experts_omp_as<F32Panel>(experts, hidden, inter, s, gu);
   }
 }
@@ -340,12 +486,14 @@ inline void rope(float* x, const float* cos, const float* sin, int d) {
 
 // Bytes `lw_pack_panels` writes for a [n, k] weight in `format`.
 extern "C" int64_t lw_packed_bytes(int n, int k, int format) {
-  const int64_t per_kk = format == kF32 ? 4 * kPanel : format == kBF16 ? 2 * kPanel : kPanel;
+  const int64_t per_kk = format == kF32 ? 4 * kPanel : format == kBF16 ? 2 * kPanel : format == kInt8 ? kPanel
+                                                                                          : kPanel / 2;
   return int64_t(num_panels(n)) * k * per_kk;
 }
 
 // Packs w [n, k] (row stride ldw, in elements) into `out` (lw_packed_bytes): `w` holds floats for
-// kF32, bfloat16 bit patterns (uint16) for kBF16, int8 for kInt8. Threads split the panels.
+// kF32, bfloat16 bit patterns (uint16) for kBF16, int8 for kInt8, uint8 values in [0, 15] for kInt4.
+// Threads split the panels.
 extern "C" void lw_pack_panels(const void* w, int n, int k, int64_t ldw, int format, void* out, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int p = 0; p < num_panels(n); ++p)
@@ -353,7 +501,11 @@ extern "C" void lw_pack_panels(const void* w, int n, int k, int64_t ldw, int for
       for (int j = 0; j < kPanel; ++j) {
         const int row = p * kPanel + j;
         const int64_t src = int64_t(row) * ldw + kk, dst = (int64_t(p) * k + kk) * kPanel + j;
-        if (format == kF32) {
+        if (format == kInt4) {  // byte j % 16 of the kk's 16: column j in its low or high nibble
+          const uint8_t q = row < n ? static_cast<const uint8_t*>(w)[src] & 15 : 0;
+          uint8_t& byte = static_cast<uint8_t*>(out)[(int64_t(p) * k + kk) * (kPanel / 2) + j % 16];
+          byte = j < 16 ? q : uint8_t(byte | q << 4);
+        } else if (format == kF32) {
           static_cast<float*>(out)[dst] = row < n ? static_cast<const float*>(w)[src] : 0.f;
         } else if (format == kInt8) {
           static_cast<int8_t*>(out)[dst] = row < n ? static_cast<const int8_t*>(w)[src] : int8_t(0);

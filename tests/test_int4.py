@@ -1,0 +1,312 @@
+"""4-bit weights (`lengthwise.model.int4`): GPTQ and AWQ checkpoints, and `quantization="int4"`.
+
+A quantized checkpoint is built here from a random transformers model: each decoder projection
+becomes 4-bit values, zero points and float16 scales, packed into int32 words as AutoGPTQ and
+AutoAWQ pack them (the loops below follow their pack routines, written independently of
+lengthwise's vectorised unpacking), and the transformers model is given the dequantized weights
+as the reference. (The fused CPU path's 4-bit panels against the op-by-op path: test_cpu_decode.py.)
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import STORIES, make_hf_model, requires_stories
+from safetensors.torch import load_file, save_file
+
+from lengthwise import LLM, SamplingParams, generate, load_model
+from lengthwise.bench.agreement import prompt_logprob_agreement
+from lengthwise.config import EngineConfig
+from lengthwise.engine import prompt_logits
+from lengthwise.engine.llm_engine import LLMEngine
+from lengthwise.model.config import CheckpointError, CheckpointQuantization
+from lengthwise.model.int4 import Int4Weight, quantize_int4
+from lengthwise.model.quantize import QUANTIZED_WEIGHTS
+from lengthwise.ops import cpu as cpu_kernels
+from lengthwise.ops.cpu import decode as cpu_decode
+from lengthwise.ops.cpu import dense
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ: nibble i of a word holds column 8c + AWQ_ORDER[i]
+needs_kernels = pytest.mark.skipif(cpu_kernels.segment_attention_kernel() is None,
+                                   reason="the CPU kernels could not be built here (no C++ compiler?)")
+
+
+def _word(nibbles: list[np.ndarray]) -> np.ndarray:
+    """Eight arrays of 4-bit values -> int32 words, value i in bits 4i..4i+3."""
+    word = np.zeros(nibbles[0].shape, dtype=np.uint32)
+    for i, v in enumerate(nibbles):
+        word |= (v.astype(np.uint32) & 0xF) << np.uint32(4 * i)
+    return word.view(np.int32)
+
+
+def _gptq_tensors(q, zeros, scales, g_idx, v1: bool) -> dict[str, torch.Tensor]:
+    """AutoGPTQ's layout: qweight [k/8, n] packs 8 consecutive inputs per word; qzeros [groups,
+    n/8] packs 8 consecutive outputs, storing zero - 1 in the v1 format."""
+    w = q.t().numpy()  # [k, n]
+    qweight = np.stack([_word([w[8 * r + j] for j in range(8)]) for r in range(w.shape[0] // 8)])
+    z = zeros.t().numpy().astype(np.int64) - (1 if v1 else 0)  # [groups, n]
+    qzeros = np.stack([_word([z[:, 8 * c + j] for j in range(8)]) for c in range(z.shape[1] // 8)], axis=1)
+    return {"qweight": torch.from_numpy(qweight), "qzeros": torch.from_numpy(qzeros),
+            "scales": scales.t().contiguous().half(), "g_idx": g_idx.to(torch.int32)}
+
+
+def _awq_tensors(q, zeros, scales) -> dict[str, torch.Tensor]:
+    """AutoAWQ's gemm layout: qweight [k, n/8] and qzeros [groups, n/8] pack 8 outputs per word
+    in AWQ_ORDER."""
+    def pack(t: np.ndarray) -> np.ndarray:
+        return np.stack([_word([t[:, 8 * c + AWQ_ORDER[i]] for i in range(8)]) for c in range(t.shape[1] // 8)],
+                        axis=1)
+    return {"qweight": torch.from_numpy(pack(q.t().numpy())),
+            "qzeros": torch.from_numpy(pack(zeros.t().numpy().astype(np.int64))),
+            "scales": scales.t().contiguous().half()}
+
+
+def quantized_checkpoint(tmp_path, method: str, family: str = "llama", group_size: int = 32,
+                         act_order: bool = False, v1: bool = True, dense_layers: tuple[str, ...] = (),
+                         **quant_config):
+    """(transformers model holding the dequantized weights, checkpoint dir) of a `method` checkpoint.
+    `dense_layers`: projections ("0.mlp.down_proj") left unquantized, as modules_to_not_convert."""
+    hf = make_hf_model(family)
+    g = torch.Generator().manual_seed(5)
+    stored = {}
+    for i, layer in enumerate(hf.model.layers):
+        for name in PROJECTIONS:
+            if f"{i}.{name}" in dense_layers:
+                continue
+            linear = layer.get_submodule(name)
+            n, k = linear.weight.shape
+            gs = k if group_size == -1 else group_size
+            groups = -(-k // gs)
+            g_idx = torch.arange(k) // gs
+            if act_order:
+                g_idx = g_idx[torch.randperm(k, generator=g)]
+            scales = (0.005 + 0.02 * torch.rand(n, groups, generator=g)).half().float()
+            low = 1 if method == "gptq" and v1 else 0  # (a v1 zero of 0 would wrap: GPTQ's own limit)
+            zeros = torch.randint(low, 16, (n, groups), generator=g)
+            q = torch.round(linear.weight.detach() / scales[:, g_idx] + zeros[:, g_idx]).clamp(0, 15).to(torch.uint8)
+            with torch.no_grad():
+                linear.weight.copy_((q.float() - zeros[:, g_idx]) * scales[:, g_idx])
+            packed = (_gptq_tensors(q, zeros, scales, g_idx, v1) if method == "gptq"
+                      else _awq_tensors(q, zeros, scales))
+            stored.update({f"model.layers.{i}.{name}.{key}": t for key, t in packed.items()})
+    path = tmp_path / f"{family}-{method}"
+    hf.save_pretrained(path)
+    tensors = {n: t for n, t in load_file(path / "model.safetensors").items()
+               if n.removesuffix(".weight") + ".qweight" not in stored}
+    save_file({**tensors, **stored}, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": group_size,
+                                     **({"desc_act": act_order, "sym": False} if method == "gptq"
+                                        else {"version": "gemm", "zero_point": True}),
+                                     **({"checkpoint_format": "gptq_v2"} if method == "gptq" and not v1 else {}),
+                                     **quant_config}
+    (path / "config.json").write_text(json.dumps(config))
+    return hf, path
+
+
+def _panels(layer, name: str) -> tuple:
+    """A layer's projection as a tuple of its panels (gate-up is packed as two halves)."""
+    w = getattr(layer, name)
+    return w if isinstance(w, tuple) else (w,)
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 11, 24, 40)]
+
+
+def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def _hf_last_logits(hf, prompts) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.stack([hf(torch.tensor([p])).logits[0, -1].float() for p in prompts])
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_quantized_checkpoints_match_transformers(method, family, tmp_path):
+    """Logits and greedy tokens equal transformers' on the dequantized weights; on the CPU in
+    float32 the projections stay 4-bit panels, an eighth of float32's bytes plus the groups'
+    constants."""
+    hf, path = quantized_checkpoint(tmp_path, method, family)
+    model = load_model(path, "float32", "cpu")
+    assert model.quantization == method and model.config.quantization.group_size == 32
+    layer = model.layers[0]
+    for name in QUANTIZED_WEIGHTS:
+        for panels in _panels(layer, name):
+            assert panels.dtype == cpu_kernels.INT4 and panels.group_size == 32
+            assert panels.nbytes == panels.panels.numel() + panels.scales.numel() * 4
+            assert panels.panels.numel() * 2 == -(-panels.n // 32) * 32 * panels.k  # two values a byte
+    prompts = _prompts(hf.config.vocab_size)
+    assert _rel_err(prompt_logits(model, prompts), _hf_last_logits(hf, prompts)) < 1e-4
+    ours = generate(model, prompts[:2], SamplingParams(max_tokens=16, temperature=0.0))
+    for prompt, out in zip(prompts[:2], ours, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):]
+        assert out.token_ids == ref.tolist()
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ["gptq-v2", "gptq-whole-rows", "gptq-act-order", "awq-partly-dense"])
+def test_quantized_checkpoint_variants(variant, tmp_path):
+    """GPTQ's v2 format (zero points stored as they are); group_size -1 (one group per row);
+    desc_act groups in activation order (no contiguous groups for the 4-bit panels: dequantized,
+    float32 panels); projections left unquantized (AWQ's modules_to_not_convert)."""
+    kwargs = {"gptq-v2": dict(method="gptq", v1=False), "gptq-whole-rows": dict(method="gptq", group_size=-1),
+              "gptq-act-order": dict(method="gptq", act_order=True),
+              "awq-partly-dense": dict(method="awq", dense_layers=("0.mlp.down_proj", "1.self_attn.k_proj"),
+                                       modules_to_not_convert=["down_proj"])}[variant]
+    hf, path = quantized_checkpoint(tmp_path, **kwargs)
+    model = load_model(path, "float32", "cpu")
+    prompts = _prompts(hf.config.vocab_size)
+    assert _rel_err(prompt_logits(model, prompts), _hf_last_logits(hf, prompts)) < 1e-4
+    formats = {(i, name): {w.dtype for w in _panels(layer, name)}
+               for i, layer in enumerate(model.layers) for name in QUANTIZED_WEIGHTS}
+    if variant == "gptq-act-order":
+        assert all(f.isdisjoint({cpu_kernels.INT4}) for f in formats.values())
+    elif variant == "awq-partly-dense":
+        assert cpu_kernels.INT4 not in (model.layers[0].down_weight.dtype, model.layers[1].qkv_weight.dtype)
+        assert model.layers[0].qkv_weight.dtype == cpu_kernels.INT4
+    else:
+        assert all(f == {cpu_kernels.INT4} for f in formats.values())
+        if variant == "gptq-whole-rows":
+            assert model.layers[0].qkv_weight.group_size == hf.config.hidden_size
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_quantized_checkpoints_dequantize_off_the_fused_path(method, tmp_path, monkeypatch):
+    """bfloat16 on the CPU (and CUDA, which takes the same branch) hold the dequantized weights in
+    the model's dtype; float32 kept dense keeps the 4-bit values beside them for the fused path."""
+    hf, path = quantized_checkpoint(tmp_path, method)
+    prompts = _prompts(hf.config.vocab_size)
+    ref = _hf_last_logits(hf, prompts)
+    bf16 = load_model(path, "bfloat16", "cpu")
+    assert bf16.layers[0].qkv_weight.dtype == torch.bfloat16 and not bf16.layers[0].quantized
+    assert _rel_err(prompt_logits(bf16, prompts).float(), ref) < 3e-2
+    monkeypatch.setenv(cpu_decode.PACKED_WEIGHTS_ENV, "0")
+    kept = load_model(path, "float32", "cpu")
+    assert not cpu_decode.is_packed(kept)
+    w = kept.layers[1].quantized["gate_up_weight"]
+    assert isinstance(w, Int4Weight) and torch.equal(w.dequantize(), kept.layers[1].gate_up_weight)
+    assert torch.equal(kept.layers[1].gate_up_weight[:hf.config.intermediate_size],
+                       hf.model.layers[1].mlp.gate_proj.weight)
+    assert _rel_err(prompt_logits(kept, prompts), ref) < 1e-4
+
+
+def _edit_config(path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_what_is_refused_names_the_field(tmp_path):
+    for raw, match in [({"quant_method": "fp8"}, "quant_method 'fp8'"),
+                       ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "quant_method 'bitsandbytes'"),
+                       ({"quant_method": "gptq", "bits": 8, "group_size": 128}, "bits 8"),
+                       ({"quant_method": "gptq", "bits": 4, "group_size": 0}, "group_size"),
+                       ({"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"},
+                        "checkpoint_format 'marlin'"),
+                       ({"quant_method": "gptq", "bits": 4, "group_size": 128, "lm_head": True}, "lm_head"),
+                       ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "version 'gemv'"),
+                       ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": False}, "zero_point")]:
+        with pytest.raises(CheckpointError, match=match):
+            CheckpointQuantization.from_hf(raw)
+    # the older AWQ spelling (w_bit, q_group_size) reads as the newer one
+    assert CheckpointQuantization.from_hf({"quant_method": "awq", "w_bit": 4, "q_group_size": 64}) == \
+        CheckpointQuantization("awq", 64)
+    _, path = quantized_checkpoint(tmp_path, "gptq")
+    with pytest.raises(ValueError, match="quantized with gptq"):
+        load_model(path, "float32", "cpu", quantization="int8")
+    assert load_model(path, "float32", "cpu", quantization="gptq").quantization == "gptq"
+    plain = tmp_path / "plain"
+    make_hf_model("llama").save_pretrained(plain)
+    with pytest.raises(ValueError, match="quantization='awq'.*not quantized"):
+        load_model(plain, "float32", "cpu", quantization="awq")
+    config = json.loads((path / "config.json").read_text())
+    moe = tmp_path / "moe"
+    make_hf_model("mixtral").save_pretrained(moe)
+    moe_config = json.loads((moe / "config.json").read_text())
+    (moe / "config.json").write_text(json.dumps({**moe_config, "quantization_config": config["quantization_config"]}))
+    with pytest.raises(CheckpointError, match="quantized mixtral"):
+        load_model(moe, "float32", "cpu")
+
+
+def test_a_checkpoint_short_of_its_4bit_tensors_fails_by_name(tmp_path):
+    _, path = quantized_checkpoint(tmp_path, "awq")
+    tensors = load_file(path / "model.safetensors")
+    broken = {n: t for n, t in tensors.items() if n != "model.layers.1.mlp.up_proj.qzeros"}
+    save_file(broken, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"up_proj is missing 4-bit tensors.*qzeros"):
+        load_model(path, "float32", "cpu")
+    both = {**tensors, "model.layers.0.self_attn.o_proj.weight": torch.zeros(64, 64)}
+    save_file(both, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="o_proj is stored both"):
+        load_model(path, "float32", "cpu")
+    wrong = {**tensors, "model.layers.0.self_attn.o_proj.scales": torch.zeros(3, 64, dtype=torch.float16)}
+    save_file(wrong, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"o_proj.scales.*shape \(3, 64\), expected \(2, 64\)"):
+        load_model(path, "float32", "cpu")
+
+
+def test_round_to_nearest_int4_is_within_half_a_step():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 300, generator=g) * torch.rand(40, 1, generator=g) * 3 + 0.5  # ranges not around 0
+    w[7] = 0.0
+    q = quantize_int4(w, group_size=128)  # 300 inputs: groups of 128, 128 and 44
+    assert q.q.dtype == torch.uint8 and int(q.q.max()) <= 15 and q.scales.shape == q.zeros.shape == (40, 3)
+    groups = torch.arange(300) // 128
+    error = (q.dequantize() - w).abs()
+    assert (error <= q.scales[:, groups] / 2 * (1 + 1e-5) + 1e-7).all()
+    assert (q.q[7] == 0).all() and (q.scales[7] == 1).all() and (q.dequantize()[7] == 0).all()
+    assert ((q.zeros >= 0) & (q.zeros <= 15)).all()
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_int4(w, group_size=0)
+    assert Int4Weight.cat([q, quantize_int4(w, group_size=64)]) is None  # different groups: no one matrix
+    both = Int4Weight.cat([q, q.rows(slice(0, 5))])
+    assert both.shape == (45, 300) and torch.equal(both.dequantize()[40:], q.dequantize()[:5])
+
+
+@needs_kernels
+def test_int4_quantizes_the_projections_only(hf_checkpoint):
+    path = hf_checkpoint("qwen2")[1]
+    plain = load_model(path, "float32", "cpu")
+    quant = load_model(path, "float32", "cpu", quantization="int4")
+    assert quant.quantization == "int4"
+    for lp, lq in zip(plain.layers, quant.layers, strict=True):
+        for name in QUANTIZED_WEIGHTS:
+            expected = quantize_int4(dense(getattr(lp, name)))
+            assert torch.allclose(dense(getattr(lq, name)), expected.dequantize(), atol=1e-6)
+            assert not torch.equal(dense(getattr(lq, name)), dense(getattr(lp, name)))
+        assert torch.equal(lq.qkv_bias, lp.qkv_bias)
+    assert torch.equal(dense(quant.lm_head), dense(plain.lm_head))
+    assert cpu_decode.held_weight_bytes(quant) < cpu_decode.held_weight_bytes(plain)
+    with pytest.raises(ValueError, match="needs dtype float32"):
+        load_model(path, "bfloat16", "cpu", quantization="int4")
+    engine = LLMEngine(load_model(path, "float32", "cpu"), None, EngineConfig(quantization="int4"))
+    assert engine.model.layers[0].qkv_weight.dtype == cpu_kernels.INT4
+
+
+@requires_stories
+def test_int4_stories260k_stays_close_to_float32():
+    """On a real trained model, round-to-nearest 4-bit weights move the logprobs far more than int8
+    does (measured: mean |change| of the top-5 candidates 0.47 nats against int8's 0.03, top-1
+    kept at 86% of positions against 100%): this 260K-parameter model's rows are 64 inputs, one
+    group each, a harsh case. Calibrated GPTQ/AWQ checkpoints of real models lose far less."""
+    prompts = ["Once upon a time", "The little dog", "One day, a boy named Tom"]
+    full, int4 = LLM(STORIES, device="cpu"), LLM(STORIES, device="cpu", quantization="int4")
+    greedy = SamplingParams(max_tokens=60, temperature=0.0)
+    texts = [p + o.outputs[0].text for p, o in zip(prompts, full.generate(prompts, greedy, use_tqdm=False),
+                                                     strict=True)]
+    scored = SamplingParams(max_tokens=1, prompt_logprobs=5)
+    pa, pb = (llm.generate(texts, scored, use_tqdm=False) for llm in (full, int4))
+    agreement = prompt_logprob_agreement(pa, pb)
+    assert 0.05 < agreement.mean_change < 1.0, agreement.mean_change
+    assert agreement.top1_agreement >= 0.8, agreement.top1_agreement
