@@ -35,12 +35,11 @@ def _packed(w: torch.Tensor, fmt: str) -> tuple[cpu_kernels.PackedWeight, torch.
     if fmt == "int8":
         q = quantize_int8(w)
         return cpu_kernels.pack_panels(q.q, q.scales), q.dequantize()
-    q = quantize_int4(w, group_size=32 if fmt == "int4-g32" else 128)
-    return cpu_kernels.pack_int4_panels(q.q, q.scales, q.zeros, q.group_size), q.dequantize()
+    return _packed_int4(w, 32 if fmt == "int4-g32" else 128)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("m", [1, 2, 4, 5, 12, 13, 30, 64, 200])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 12, 13, 30, 64, 200])
 @pytest.mark.parametrize("k, n", [(768, 64), (37, 5), (16, 1), (300, 70)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_panel_packed_linear_matches_f_linear(fmt, m, k, n, with_bias):
@@ -54,6 +53,28 @@ def test_panel_packed_linear_matches_f_linear(fmt, m, k, n, with_bias):
     assert packed.n == n and packed.k == k and packed.dtype == FORMATS[fmt]
     got = cpu_kernels.packed_linear(x, packed, b)
     torch.testing.assert_close(got, F.linear(x, reference, b), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("group_size", [96, 200, 512, 1000])
+@pytest.mark.parametrize("m", [0, 1, 2, 3, 4, 7, 40])
+def test_int4_groups_that_straddle_k_blocks(group_size, m):
+    """4-bit groups that do not divide the kernel's 256-input k-blocks (a group split between two
+    blocks), one longer than a block, one longer than k; and no rows at all. (Up to 4 rows the
+    kernel sums x * q, q in [0, 15], over a whole group and applies the zero point at its end: over
+    groups of 512 its float32 rounding reaches about 1e-4 of the outputs, a few times that of the
+    product on the dequantized weights; 4-bit rounding itself is ~1e-2.)"""
+    g = torch.Generator().manual_seed(group_size + m)
+    x, w = torch.randn(m, 600, generator=g), torch.randn(45, 600, generator=g)
+    packed, reference = _packed_int4(w, group_size)
+    got = cpu_kernels.packed_linear(x, packed)
+    assert got.shape == (m, 45)
+    torch.testing.assert_close(got, F.linear(x, reference), rtol=1e-4, atol=3e-4)
+    torch.testing.assert_close(packed.unpack(), reference, rtol=0, atol=1e-6)
+
+
+def _packed_int4(w: torch.Tensor, group_size: int) -> tuple[cpu_kernels.PackedWeight, torch.Tensor]:
+    q = quantize_int4(w, group_size=group_size)
+    return cpu_kernels.pack_int4_panels(q.q, q.scales, q.zeros, q.group_size), q.dequantize()
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

@@ -143,7 +143,6 @@ def test_quantized_checkpoints_match_transformers(method, family, tmp_path):
     for name in QUANTIZED_WEIGHTS:
         for panels in _panels(layer, name):
             assert panels.dtype == cpu_kernels.INT4 and panels.group_size == 32
-            assert panels.nbytes == panels.panels.numel() + panels.scales.numel() * 4
             assert panels.panels.numel() * 2 == -(-panels.n // 32) * 32 * panels.k  # two values a byte
     prompts = _prompts(hf.config.vocab_size)
     assert _rel_err(prompt_logits(model, prompts), _hf_last_logits(hf, prompts)) < 1e-4
@@ -274,8 +273,56 @@ def test_round_to_nearest_int4_is_within_half_a_step():
     assert both.shape == (45, 300) and torch.equal(both.dequantize()[40:], q.dequantize()[:5])
 
 
+def test_older_exports_load(tmp_path):
+    """GPTQ-for-LLaMa saved a zero bias for every linear (skipped, as vLLM does; a nonzero one for a
+    model without biases is refused); older AutoGPTQ/AutoAWQ exports keep their settings in
+    quantize_config.json / quant_config.json instead of config.json's quantization_config."""
+    hf, path = quantized_checkpoint(tmp_path, "gptq")
+    prompts = _prompts(hf.config.vocab_size)
+    tensors = load_file(path / "model.safetensors")
+    bias = {f"model.layers.{i}.{name}.bias": torch.zeros(t.shape[1], dtype=torch.float16)
+            for i in range(2) for name in PROJECTIONS if (t := tensors[f"model.layers.{i}.{name}.scales"]) is not None}
+    save_file({**tensors, **bias}, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    quant = config.pop("quantization_config")
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="4-bit .qweight tensors, but config.json has no quantization_config"):
+        load_model(path, "float32", "cpu")
+    (path / "quantize_config.json").write_text(json.dumps({k: v for k, v in quant.items() if k != "quant_method"}))
+    model = load_model(path, "float32", "cpu")
+    assert model.quantization == "gptq"
+    assert _rel_err(prompt_logits(model, prompts), _hf_last_logits(hf, prompts)) < 1e-4
+    bias["model.layers.1.mlp.up_proj.bias"][3] = 0.5
+    save_file({**tensors, **bias}, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.1.mlp.up_proj.bias'"):
+        load_model(path, "float32", "cpu")
+    _, awq = quantized_checkpoint(tmp_path, "awq", group_size=64)
+    config = json.loads((awq / "config.json").read_text())
+    config.pop("quantization_config")
+    (awq / "config.json").write_text(json.dumps(config))
+    (awq / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": 64, "w_bit": 4,
+                                                       "version": "GEMM"}))
+    assert load_model(awq, "float32", "cpu").config.quantization == CheckpointQuantization("awq", 64)
+
+
+def test_act_order_needs_g_idx_and_no_kernels_keeps_no_4bit_copy(tmp_path, monkeypatch):
+    _, path = quantized_checkpoint(tmp_path, "gptq", act_order=True)
+    tensors = load_file(path / "model.safetensors")
+    save_file({n: t for n, t in tensors.items() if n != "model.layers.0.self_attn.o_proj.g_idx"},
+              path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="desc_act true.*no model.layers.0.self_attn.o_proj.g_idx"):
+        load_model(path, "float32", "cpu")
+    hf, path = quantized_checkpoint(tmp_path / "b", "awq")
+    monkeypatch.setattr(cpu_decode, "segment_attention_kernel", lambda: None)  # (no C++ compiler here)
+    model = load_model(path, "float32", "cpu")
+    assert not cpu_decode.is_packed(model) and not any(layer.quantized for layer in model.layers)
+    assert torch.equal(model.layers[0].o_weight, hf.model.layers[0].self_attn.o_proj.weight)
+
+
 @needs_kernels
 def test_int4_quantizes_the_projections_only(hf_checkpoint):
+    """The plumbing of quantization="int4": every projection (and nothing else) becomes the
+    quantize_int4 of its weight (the scheme itself: test_round_to_nearest_int4_is_within_half_a_step)."""
     path = hf_checkpoint("qwen2")[1]
     plain = load_model(path, "float32", "cpu")
     quant = load_model(path, "float32", "cpu", quantization="int4")

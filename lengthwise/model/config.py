@@ -193,7 +193,14 @@ class ModelConfig:
         if not path.is_file():
             raise CheckpointError(f"{model_dir}: config.json is missing; is this a Hugging Face checkpoint?")
         gen_path = model_dir / "generation_config.json"
-        return cls.from_hf(read_json(path), read_json(gen_path) if gen_path.is_file() else {})
+        raw = read_json(path)
+        if not raw.get("quantization_config"):
+            # Older AutoGPTQ and AutoAWQ exports keep their settings beside config.json (vLLM reads them too).
+            for name, method in (("quantize_config.json", "gptq"), ("quant_config.json", "awq")):
+                if (model_dir / name).is_file():
+                    raw = {**raw, "quantization_config": {"quant_method": method, **read_json(model_dir / name)}}
+                    break
+        return cls.from_hf(raw, read_json(gen_path) if gen_path.is_file() else {})
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any], generation: dict[str, Any] | None = None) -> ModelConfig:

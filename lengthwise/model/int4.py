@@ -105,10 +105,11 @@ def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) ->
 
 def stored_shapes(base: str, n: int, k: int, quant: CheckpointQuantization) -> dict[str, tuple[int, ...]]:
     """The tensors (name -> shape) a quantized checkpoint stores for the linear `base` (its weight
-    name without `.weight`) of `n` outputs and `k` inputs. (GPTQ's `g_idx` is optional.)"""
+    name without `.weight`) of `n` outputs and `k` inputs (GPTQ's `g_idx` is optional); none where
+    `n` or `k` is not a multiple of 8 (both formats pack 8 values per int32: such a linear can
+    only be stored unquantized)."""
     if n % 8 or k % 8:
-        raise CheckpointError(f"{base}: 4-bit checkpoints pack 8 values per int32; {n} outputs x {k} inputs "
-                              f"are not multiples of 8")
+        return {}
     groups = quant.num_groups(k)
     shapes = {base + ".qzeros": (groups, n // 8), base + ".scales": (groups, n)}
     if quant.method == "gptq":
@@ -149,6 +150,9 @@ def read_int4(tensors: dict[str, torch.Tensor], base: str, quant: CheckpointQuan
     k = q.shape[1]
     group_size = quant.group_size if quant.group_size > 0 else k
     g_idx = tensors.get(base + ".g_idx")
+    if g_idx is None and quant.desc_act:
+        raise CheckpointError(f"{base}: quantization_config has desc_act true (groups in activation order), "
+                              f"but the checkpoint has no {base}.g_idx saying which input is in which group")
     if g_idx is not None:
         g_idx = g_idx.to(torch.int64)
         if int(g_idx.min()) < 0 or int(g_idx.max()) >= scales.shape[0]:

@@ -72,8 +72,9 @@ class DecoderLayer(nn.Module):
         self.gate_up_bias = _param((2 * inter,), dtype, device) if c.mlp_bias and inter else None
         self.down_weight = _param((h, inter), dtype, device) if inter else None
         self.down_bias = _param((h,), dtype, device) if c.mlp_bias and inter else None
-        # name -> Int8Weight for the projections `quantize_model` replaced (their parameters then
-        # hold the dequantized weights); the fused CPU decode path packs these.
+        # name -> Int8Weight or Int4Weight for the projections `quantize_model` replaced or a GPTQ/AWQ
+        # checkpoint stored in 4 bits (their parameters then hold the dequantized weights, unless
+        # the model is packed at load); the fused CPU decode path packs these.
         self.quantized: dict = {}
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -160,12 +161,18 @@ def read_checkpoint(model_dir: Path, config: ModelConfig) -> dict[str, torch.Ten
     tensors: dict[str, torch.Tensor] = {}
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            names = list(f.keys())
+            for name in names:
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
                 shape = shapes.get(name, packed.get(name))
+                if shape is None and packed and _zero_bias(f, name):
+                    continue  # GPTQ-for-LLaMa saved a zero bias for every linear (vLLM skips them too)
                 if shape is None:
-                    raise CheckpointError(f"{path.name}: unexpected tensor {name!r} for this config")
+                    hint = (" (it holds 4-bit .qweight tensors, but config.json has no quantization_config and "
+                            "no quantize_config.json or quant_config.json is beside it)"
+                            if not packed and any(n.endswith(".qweight") for n in names) else "")
+                    raise CheckpointError(f"{path.name}: unexpected tensor {name!r} for this config{hint}")
                 t = f.get_tensor(name)
                 if tuple(t.shape) != shape:
                     raise CheckpointError(
@@ -175,9 +182,9 @@ def read_checkpoint(model_dir: Path, config: ModelConfig) -> dict[str, torch.Ten
     if config.tie_word_embeddings:
         _tie(tensors, model_dir)
         shapes.pop(_HEAD)
-    for name in [n for n in shapes if n in packed or _PROJECTION.fullmatch(n)]:
+    for name in [n for n in shapes if packed and _PROJECTION.fullmatch(n)]:
         base = name.removesuffix(".weight")
-        parts = [n for n in packed if n.startswith(base + ".") and not n.endswith(".g_idx")]
+        parts = [base + suffix for suffix in (".qweight", ".qzeros", ".scales") if base + suffix in packed]
         stored = [n for n in parts if n in tensors]
         if stored and name in tensors:
             raise CheckpointError(f"{model_dir}: {base} is stored both as a weight and as 4-bit tensors")
@@ -191,6 +198,12 @@ def read_checkpoint(model_dir: Path, config: ModelConfig) -> dict[str, torch.Ten
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{model_dir}: checkpoint is missing tensors {missing[:5]}{more}")
     return tensors
+
+
+def _zero_bias(f: Any, name: str) -> bool:
+    """Whether `name` is a decoder projection's bias that holds only zeros."""
+    return (_PROJECTION.fullmatch(name.removesuffix(".bias") + ".weight") is not None and name.endswith(".bias")
+            and not f.get_tensor(name).any())
 
 
 def _tie(tensors: dict[str, torch.Tensor], model_dir: Path) -> None:
@@ -221,6 +234,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
     tensors = read_checkpoint(model_dir, config)
     model = CausalLM(config, dt, dev)
     packs = cpu_decode.packs_weights(model)
+    fused = cpu_decode.segment_attention_kernel() is not None  # (else no path reads 4-bit values)
     if config.quantization is not None:
         model.quantization = config.quantization.method
 
@@ -233,7 +247,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
     def put_projection(layer: torch.nn.Module, attr: str, *names: str) -> None:
         if config.quantization is None or getattr(layer, attr) is None:
             return put(getattr(layer, attr), *names)
-        _put_4bit(layer, attr, names, tensors, config, packs)
+        _put_4bit(layer, attr, names, tensors, config, packs, fused)
 
     put(model.embed, "model.embed_tokens.weight")
     put(model.final_norm, "model.norm.weight")
@@ -265,17 +279,19 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
 
 
 def _put_4bit(layer: torch.nn.Module, attr: str, names: tuple[str, ...], tensors: dict[str, torch.Tensor],
-              config: ModelConfig, packs: bool) -> None:
+              config: ModelConfig, packs: bool, fused: bool) -> None:
     """`layer.<attr>` (q, k, v fused; gate, up fused) of a quantized checkpoint. Where all its parts
-    are 4-bit with the same groups in input order and the model runs on the CPU in float32, the
-    4-bit values are kept (`layer.quantized`; `pack_model` makes them 4-bit panels, and a model that
-    packs never writes the dense parameter, which it then drops). Otherwise the parameter holds
-    the dequantized weight (CUDA, bfloat16, act-ordered groups, parts left unquantized)."""
+    are 4-bit with the same groups in input order and the model runs on the CPU in float32 with
+    the kernels built (`fused`), the 4-bit values are kept (`layer.quantized`; `pack_model` makes
+    them 4-bit panels, and a model that packs never writes the dense parameter, which it then
+    drops). Otherwise the parameter holds the dequantized weight (CUDA, bfloat16, act-ordered
+    groups, parts left unquantized)."""
     param = getattr(layer, attr)
     bases = [n.removesuffix(".weight") for n in names]
     parts = [read_int4(tensors, b, config.quantization) if b + ".qweight" in tensors else None for b in bases]
     whole = Int4Weight.cat(parts) if all(p is not None for p in parts) else None
-    if whole is not None and whole.contiguous_groups and param.device.type == "cpu" and param.dtype == torch.float32:
+    if (whole is not None and whole.contiguous_groups and fused and param.device.type == "cpu"
+            and param.dtype == torch.float32):
         layer.quantized[attr] = whole
         if not packs:
             param.data.copy_(whole.dequantize())

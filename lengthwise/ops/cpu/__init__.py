@@ -209,10 +209,10 @@ class PackedWeight:
             cols = halves.permute(0, 1, 3, 2).reshape(p, self.k, PANEL).float()
         elif self.dtype == INT4:  # [panel, kk, i] byte: column i low nibble, column 16 + i high
             b = self.panels.view(p, self.k, PANEL // 2)
-            cols = torch.cat([b & 15, b >> 4], dim=2).float()
-            group = torch.arange(self.k) // self.group_size
-            sm = self.scales[:, group]  # [p, k, 2, 32]
-            cols = cols * sm[:, :, 0] + sm[:, :, 1]
+            groups, gs = self.scales.shape[1], self.group_size
+            cols = torch.nn.functional.pad(torch.cat([b & 15, b >> 4], dim=2).float(), (0, 0, 0, groups * gs - self.k))
+            cols = cols.view(p, groups, gs, PANEL) * self.scales[:, :, 0, None] + self.scales[:, :, 1, None]
+            cols = cols.view(p, groups * gs, PANEL)[:, :self.k]
         else:
             cols = self.panels.view(self.dtype).view(p, self.k, PANEL).float()
         w = cols.permute(0, 2, 1).reshape(p * PANEL, self.k)[:self.n]

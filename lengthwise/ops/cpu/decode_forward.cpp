@@ -280,6 +280,7 @@ inline void panel_product<Int4Panel>(const float* x, int m, int k, const PackedW
   static constexpr auto small = int4_kernel_table(std::make_integer_sequence<int, kInt4Rows>{});
   using Fn = void (*)(const float*, int64_t, const float*, const float*, int, int, float*, int64_t, bool, int);
   static constexpr auto kernels = kernel_table<F32Panel, Fn>(std::make_integer_sequence<int, kChunk>{});
+  if (m <= 0) return;
   const uint8_t* panel = panel_of<Int4Panel>(w, p, k);
   const float* params = scales_of(w, p, k);
   alignas(64) float block[kBlockK * kPanel];
