@@ -1,13 +1,16 @@
 """The fused CPU decode path's weight formats, side by side in one run: speed and what int8 and int4 cost.
 
     .venv/bin/python benchmarks/cpu_weight_formats.py [--model llama-100m-bf16] [--threads 2]
-        [--batch 64] [--rows 1,2,4,8,16] [--rounds 3] [--quality-model ../shared/models/stories260k] [--out DIR]
+        [--batch 64] [--rows 1,2,4,8,16] [--rounds 3] [--variants all] [--quality-model ../shared/models/stories260k]
+        [--out DIR]
 
 One bfloat16 checkpoint (as real checkpoints are), served in float32 on the CPU, three ways:
 
 - `before: dense + float32 panels`: the weights as float32 parameters (prefill on MKL) plus the
   fused decode path's float32 panel copy (`LENGTHWISE_CPU_PACKED_WEIGHTS=0`,
-  `LENGTHWISE_CPU_BF16_PANELS=0`): how every CPU model was held before; the baseline;
+  `LENGTHWISE_CPU_BF16_PANELS=0`): how every CPU model was held before; the baseline (`--variants`
+  may leave it out, for a model whose two float32 copies do not fit in memory: the first variant
+  listed is then the baseline);
 - `bfloat16 panels`: the default: the projections held only as panels, in bfloat16 because every
   weight is a bfloat16 value (the same products bit for bit), prefill on the same panels;
 - `int8`: `quantization="int8"`, the projections as int8 panels with a scale per row (the LM head
@@ -58,7 +61,6 @@ from lengthwise.ops.cpu import decode as cpu_decode
 # variant -> (LENGTHWISE_CPU_PACKED_WEIGHTS, LENGTHWISE_CPU_BF16_PANELS, quantization)
 VARIANTS = {"before: dense + float32 panels": ("0", "0", None), "bfloat16 panels": ("1", "1", None),
             "int8": ("1", "1", "int8"), "int4": ("1", "1", "int4")}
-BASE = "before: dense + float32 panels"
 PREFILL_TOKENS = 512
 STORY_PROMPTS = ["Once upon a time", "The little dog", "One day, a boy named Tom", "Lily wanted to",
                  "The sun was", "Ben and his mom"]
@@ -103,8 +105,9 @@ QUANTIZED = ("int8", "int4")
 def quantized_quality(model_dir: Path, prompts: list[Any], greedy_tokens: int) -> dict[str, dict[str, Any]]:
     """Each quantization against the unquantized checkpoint: teacher-forced logprob changes over
     each prompt continued greedily by the unquantized model, and the greedy continuations themselves."""
-    full, *quantized = (LLM(model_dir, dtype="float32", device="cpu", kv_cache_memory=1 << 28, quantization=q)
-                        for q in (None, *QUANTIZED))
+    context = min(1024, json.loads((model_dir / "config.json").read_text())["max_position_embeddings"])
+    full, *quantized = (LLM(model_dir, dtype="float32", device="cpu", kv_cache_memory=1 << 28, max_model_len=context,
+                            quantization=q) for q in (None, *QUANTIZED))
     return {q: llm_agreement(full, llm, prompts, greedy_tokens) for q, llm in zip(QUANTIZED, quantized, strict=True)}
 
 
@@ -117,19 +120,25 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quality-model", default=str(Path(__file__).resolve().parents[2] / "shared" / "models" /
                                                   "stories260k"))
+    p.add_argument("--variants", default="all", help=f"comma-separated, of: {', '.join(VARIANTS)}; the first is "
+                   "the baseline of the ratios")
     p.add_argument("--out", default="results/weight-formats")
     args = p.parse_args()
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir, label = resolve_model(args.model)
     rows = [int(x) for x in args.rows.split(",")]
     bandwidth = [copy_bandwidth_gbs(torch.device("cpu"))]
-    llms = {v: load(model_dir, v, args.batch) for v in VARIANTS}
+    llms = {v: load(model_dir, v, args.batch) for v in variants}
     rounds: list[dict[str, dict[str, float]]] = []
     for r in range(args.rounds):
         row = {}
-        for v in VARIANTS:
+        for v in variants:
             with variant_env(v):
                 row[v] = {"b1_ms": decode_b1_ms(llms[v]), "prefill_ms": prefill_ms(llms[v]),
                           "batch_step_ms": engine_decode(llms[v], args.batch)["step_ms"],
@@ -139,10 +148,11 @@ def main() -> None:
             f"{v} {x['b1_ms']:.2f} / {x['batch_step_ms']:.1f} ms" for v, x in row.items()), flush=True)
     bandwidth.append(copy_bandwidth_gbs(torch.device("cpu")))
     peak_bw = max(bandwidth)
+    base = variants[0]
     results: dict[str, Any] = {"model": label, "threads": args.threads, "batch": args.batch, "rows": rows,
-                               "copy_bandwidth_gbs_samples": [round(b, 1) for b in bandwidth], "variants": {}}
-    base = BASE
-    for v in VARIANTS:
+                               "base": base, "copy_bandwidth_gbs_samples": [round(b, 1) for b in bandwidth],
+                               "variants": {}}
+    for v in variants:
         nbytes, form = streamed_weight_bytes(model_dir, llms[v].engine.model)
         b1 = statistics.median(x[v]["b1_ms"] for x in rounds)
         results["variants"][v] = {
@@ -181,7 +191,7 @@ def main() -> None:
 def format_table(r: dict[str, Any]) -> str:
     lines = [f"{r['model']}, float32 compute, {r['threads']} threads; copy bandwidth "
              f"{max(r['copy_bandwidth_gbs_samples'])} GB/s (samples {r['copy_bandwidth_gbs_samples']}); "
-             f"ratios are to `{BASE}` within each round", "",
+             f"ratios are to `{r['base']}` within each round", "",
              f"| weights | held | streamed per token | batch-1 ms/token | of the bound | ratio | "
              f"prefill {PREFILL_TOKENS} ms | ratio | batch-{r['batch']} step ms | ratio |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -208,7 +218,9 @@ def plot(r: dict[str, Any], path: Path) -> None:
     for ax, key, bound, title in ((axes[0], "b1_ms", "b1_bound_ms", "batch 1, ms per token"),
                                   (axes[1], "batch_step_ms", None, f"batch {r['batch']}, ms per step")):
         values = [r["variants"][n][key] for n in names]
-        ax.bar(names, values, color=["#888888", "#4477aa", "#cc6677", "#228833"])
+        colors = {"before: dense + float32 panels": "#888888", "bfloat16 panels": "#4477aa", "int8": "#cc6677",
+                  "int4": "#228833"}
+        ax.bar(names, values, color=[colors[n] for n in names])
         if bound:
             ax.scatter(names, [r["variants"][n][bound] for n in names], color="black", marker="_", s=800,
                        label="weight-read bound", zorder=3)
