@@ -67,7 +67,7 @@ def _awq_tensors(q, zeros, scales) -> dict[str, torch.Tensor]:
 
 
 def quantized_checkpoint(tmp_path, method: str, family: str = "llama", group_size: int = 32,
-                         act_order: bool = False, v1: bool = True, dense_layers: tuple[str, ...] = (),
+                         act_order: bool | str = False, v1: bool = True, dense_layers: tuple[str, ...] = (),
                          **quant_config):
     """(transformers model holding the dequantized weights, checkpoint dir) of a `method` checkpoint.
     `dense_layers`: projections ("0.mlp.down_proj") left unquantized, as modules_to_not_convert."""
@@ -75,6 +75,7 @@ def quantized_checkpoint(tmp_path, method: str, family: str = "llama", group_siz
     g = torch.Generator().manual_seed(5)
     stored = {}
     for i, layer in enumerate(hf.model.layers):
+        orders = {}  # GPTQ orders a linear's inputs by its Hessian: q, k, v (and gate, up) share theirs
         for name in PROJECTIONS:
             if f"{i}.{name}" in dense_layers:
                 continue
@@ -83,8 +84,13 @@ def quantized_checkpoint(tmp_path, method: str, family: str = "llama", group_siz
             gs = k if group_size == -1 else group_size
             groups = -(-k // gs)
             g_idx = torch.arange(k) // gs
-            if act_order:
-                g_idx = g_idx[torch.randperm(k, generator=g)]
+            if act_order == "uneven":  # groups of unequal sizes: no sorting makes runs of group_size
+                g_idx = torch.randint(0, groups, (k,), generator=g)
+            elif act_order:
+                shared_input = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                                "mlp.up_proj": "mlp.gate_proj"}.get(name, name)
+                order = orders.setdefault(shared_input, torch.randperm(k, generator=g))
+                g_idx = g_idx[order]
             scales = (0.005 + 0.02 * torch.rand(n, groups, generator=g)).half().float()
             low = 1 if method == "gptq" and v1 else 0  # (a v1 zero of 0 would wrap: GPTQ's own limit)
             zeros = torch.randint(low, 16, (n, groups), generator=g)
@@ -101,7 +107,7 @@ def quantized_checkpoint(tmp_path, method: str, family: str = "llama", group_siz
     save_file({**tensors, **stored}, path / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": group_size,
-                                     **({"desc_act": act_order, "sym": False} if method == "gptq"
+                                     **({"desc_act": bool(act_order), "sym": False} if method == "gptq"
                                         else {"version": "gemm", "zero_point": True}),
                                      **({"checkpoint_format": "gptq_v2"} if method == "gptq" and not v1 else {}),
                                      **quant_config}
@@ -154,22 +160,32 @@ def test_quantized_checkpoints_match_transformers(method, family, tmp_path):
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", ["gptq-v2", "gptq-whole-rows", "gptq-act-order", "awq-partly-dense"])
+@pytest.mark.parametrize("variant", ["gptq-v2", "gptq-whole-rows", "gptq-act-order", "gptq-uneven-groups",
+                                     "awq-partly-dense"])
 def test_quantized_checkpoint_variants(variant, tmp_path):
     """GPTQ's v2 format (zero points stored as they are); group_size -1 (one group per row);
-    desc_act groups in activation order (no contiguous groups for the 4-bit panels: dequantized,
-    float32 panels); projections left unquantized (AWQ's modules_to_not_convert)."""
+    desc_act groups in activation order (4-bit panels over the inputs sorted by group, the kernels
+    reading them in that order); groups of unequal sizes, which no order makes runs of group_size
+    (dequantized: float32 panels); projections left unquantized (AWQ's modules_to_not_convert).
+    Prefill (op-by-op on the panels) and greedy decode (the fused step) against transformers."""
     kwargs = {"gptq-v2": dict(method="gptq", v1=False), "gptq-whole-rows": dict(method="gptq", group_size=-1),
               "gptq-act-order": dict(method="gptq", act_order=True),
+              "gptq-uneven-groups": dict(method="gptq", act_order="uneven"),
               "awq-partly-dense": dict(method="awq", dense_layers=("0.mlp.down_proj", "1.self_attn.k_proj"),
                                        modules_to_not_convert=["down_proj"])}[variant]
     hf, path = quantized_checkpoint(tmp_path, **kwargs)
     model = load_model(path, "float32", "cpu")
     prompts = _prompts(hf.config.vocab_size)
     assert _rel_err(prompt_logits(model, prompts), _hf_last_logits(hf, prompts)) < 1e-4
+    out = generate(model, prompts[1:2], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(prompts[1:2]), max_new_tokens=8, do_sample=False)[0, len(prompts[1]):]
+    assert out.token_ids == ref.tolist()
     formats = {(i, name): {w.dtype for w in _panels(layer, name)}
                for i, layer in enumerate(model.layers) for name in QUANTIZED_WEIGHTS}
-    if variant == "gptq-act-order":
+    perms = [w.perm for layer in model.layers for name in QUANTIZED_WEIGHTS for w in _panels(layer, name)]
+    assert all(p is not None for p in perms) == (variant == "gptq-act-order")
+    if variant == "gptq-uneven-groups":
         assert all(f.isdisjoint({cpu_kernels.INT4}) for f in formats.values())
     elif variant == "awq-partly-dense":
         assert cpu_kernels.INT4 not in (model.layers[0].down_weight.dtype, model.layers[1].qkv_weight.dtype)
@@ -303,6 +319,24 @@ def test_older_exports_load(tmp_path):
     (awq / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": 64, "w_bit": 4,
                                                        "version": "GEMM"}))
     assert load_model(awq, "float32", "cpu").config.quantization == CheckpointQuantization("awq", 64)
+
+
+def test_act_order_panels_multiply_inputs_in_their_order():
+    g = torch.Generator().manual_seed(0)
+    w = quantize_int4(torch.randn(70, 384, generator=g), group_size=128)
+    act = Int4Weight(w.q, w.scales, w.zeros, 128, (torch.arange(384) // 128)[torch.randperm(384, generator=g)])
+    grouped, perm = act.in_group_order()
+    assert grouped.g_idx is None and torch.equal(grouped.dequantize(), act.dequantize()[:, perm])
+    packed = cpu_kernels.pack_int4_panels(grouped.q, grouped.scales, grouped.zeros, 128, perm)
+    torch.testing.assert_close(packed.unpack(), act.dequantize(), rtol=0, atol=1e-6)
+    for m in (1, 3, 7, 40):  # the few-row kernel and the dequantizing one
+        x = torch.randn(m, 384, generator=g)
+        torch.testing.assert_close(cpu_kernels.packed_linear(x, packed), x @ act.dequantize().T, rtol=1e-4,
+                                   atol=3e-4)
+    uneven = Int4Weight(w.q, w.scales, w.zeros, 128, torch.randint(0, 3, (384,), generator=g))
+    assert uneven.in_group_order() is None
+    with pytest.raises(ValueError, match="permutation"):
+        cpu_kernels.pack_int4_panels(grouped.q, grouped.scales, grouped.zeros, 128, torch.zeros(384))
 
 
 def test_act_order_needs_g_idx_and_no_kernels_keeps_no_4bit_copy(tmp_path, monkeypatch):

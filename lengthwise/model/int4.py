@@ -8,7 +8,8 @@ group-wise asymmetric scheme torchao's and gpt-fast's int4 weight-only use). Wei
 
 A batch-1 decode step reads every weight once, so its floor is weight bytes / bandwidth: 4 bits
 plus a scale and zero per group of 128 is about half a byte a weight, an eighth of float32. The
-fused CPU path keeps the values as 4-bit panels (`lengthwise.ops.cpu.pack_int4_panels`) and never
+fused CPU path keeps the values as 4-bit panels (`lengthwise.ops.cpu.pack_int4_panels`; an
+act-ordered weight with its inputs sorted by group, `Int4Weight.in_group_order`) and never
 dequantizes them at batch 1; every other path (the torch reference, CUDA, bfloat16 on the CPU)
 holds the dequantized weights in the model's dtype.
 
@@ -49,10 +50,18 @@ class Int4Weight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
 
-    @property
-    def contiguous_groups(self) -> bool:
-        """Whether each group is a contiguous run of inputs (what the 4-bit panels hold)."""
-        return self.g_idx is None
+    def in_group_order(self) -> tuple[Int4Weight, torch.Tensor | None] | None:
+        """This weight with its inputs sorted by group, so that each group is a contiguous run (what
+        the 4-bit panels hold), and the order `perm` (`x[:, perm]` is the input the sorted weight
+        takes; None when the groups already run in input order). None if sorting cannot give
+        groups of `group_size` (the last may be shorter)."""
+        if self.g_idx is None:
+            return self, None
+        perm = torch.argsort(self.g_idx, stable=True)
+        k = self.q.shape[1]
+        if not torch.equal(self.g_idx[perm], torch.arange(k) // self.group_size):
+            return None
+        return Int4Weight(self.q[:, perm].contiguous(), self.scales, self.zeros, self.group_size), perm
 
     def groups(self) -> torch.Tensor:
         """The group of each input, `[k]`."""

@@ -284,13 +284,14 @@ def _put_4bit(layer: torch.nn.Module, attr: str, names: tuple[str, ...], tensors
     are 4-bit with the same groups in input order and the model runs on the CPU in float32 with
     the kernels built (`fused`), the 4-bit values are kept (`layer.quantized`; `pack_model` makes
     them 4-bit panels, and a model that packs never writes the dense parameter, which it then
-    drops). Otherwise the parameter holds the dequantized weight (CUDA, bfloat16, act-ordered
-    groups, parts left unquantized)."""
+    drops); act-ordered groups are sorted into runs there, the kernel reading the inputs in that
+    order. Otherwise the parameter holds the dequantized weight (CUDA, bfloat16, groups that
+    sorting cannot make whole, parts left unquantized)."""
     param = getattr(layer, attr)
     bases = [n.removesuffix(".weight") for n in names]
     parts = [read_int4(tensors, b, config.quantization) if b + ".qweight" in tensors else None for b in bases]
     whole = Int4Weight.cat(parts) if all(p is not None for p in parts) else None
-    if (whole is not None and whole.contiguous_groups and fused and param.device.type == "cpu"
+    if (whole is not None and whole.in_group_order() is not None and fused and param.device.type == "cpu"
             and param.dtype == torch.float32):
         layer.quantized[attr] = whole
         if not packs:

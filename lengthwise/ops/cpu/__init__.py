@@ -162,7 +162,7 @@ PANEL = 32  # output columns per panel (decode_forward.cpp's kPanel)
 
 class _PackedWeightC(ctypes.Structure):
     _fields_ = [("data", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("format", ctypes.c_int32),
-                ("group_size", ctypes.c_int32)]
+                ("group_size", ctypes.c_int32), ("perm", ctypes.c_void_p)]
 
 
 @dataclass
@@ -171,8 +171,9 @@ class PackedWeight:
 
     `dtype` is how the panels store it: float32, bfloat16, int8 (then `scales [n]` gives column j's
     weights as `q * scales[j]`) or `INT4` (then `scales [panels, groups, 2, 32]` holds, per group of
-    `group_size` inputs, each column's scale s and offset m: the weight is `q * s + m`). `address`
-    is the C struct the kernels take."""
+    `group_size` inputs, each column's scale s and offset m: the weight is `q * s + m`; with `perm`
+    (int32 [k]) the panels hold the inputs in that order, an act-ordered GPTQ weight's groups
+    sorted into runs, and the kernels read `x[:, perm]`). `address` is the C struct the kernels take."""
 
     panels: torch.Tensor  # raw bytes
     scales: torch.Tensor | None
@@ -180,6 +181,7 @@ class PackedWeight:
     k: int
     dtype: torch.dtype
     group_size: int = 0
+    perm: torch.Tensor | None = None
     _c: _PackedWeightC = field(repr=False, default_factory=_PackedWeightC)
 
     def __post_init__(self) -> None:
@@ -187,6 +189,7 @@ class PackedWeight:
         self._c.scales = self.scales.data_ptr() if self.scales is not None else None
         self._c.format = PANEL_FORMATS[self.dtype]
         self._c.group_size = self.group_size
+        self._c.perm = self.perm.data_ptr() if self.perm is not None else None
 
     @property
     def address(self) -> int:
@@ -194,7 +197,8 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.panels.numel() + (0 if self.scales is None else self.scales.numel() * 4)
+        return (self.panels.numel() + (0 if self.scales is None else self.scales.numel() * 4)
+                + (0 if self.perm is None else self.perm.numel() * 4))
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -218,6 +222,8 @@ class PackedWeight:
         w = cols.permute(0, 2, 1).reshape(p * PANEL, self.k)[:self.n]
         if self.scales is not None and self.dtype == torch.int8:
             w = w * self.scales[:self.n, None]
+        if self.perm is not None:  # column i holds input perm[i]
+            w = torch.empty_like(w).index_copy_(1, self.perm.long(), w)
         return w.contiguous()
 
 
@@ -259,10 +265,13 @@ def pack_panels(weight: torch.Tensor, scales: torch.Tensor | None = None) -> Pac
     return PackedWeight(_pack(weight, weight.dtype), scales, n, k, weight.dtype)
 
 
-def pack_int4_panels(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> PackedWeight:
+def pack_int4_panels(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                     perm: torch.Tensor | None = None) -> PackedWeight:
     """4-bit weights `q [n, k]` (uint8 values in [0, 15]) whose inputs come in groups of
     `group_size` (the last may be shorter), with per (column, group) `scales [n, groups]` and zero
-    points `zeros [n, groups]`: the weight is `(q - zeros[:, g]) * scales[:, g]`, g = kk // group_size."""
+    points `zeros [n, groups]`: the weight is `(q - zeros[:, g]) * scales[:, g]`, g = kk // group_size.
+    With `perm` (a permutation of range(k)), column kk of `q` belongs to input `perm[kk]`: the
+    product is then `x[:, perm] @ weight^T`."""
     if q.dim() != 2 or q.dtype != torch.uint8 or q.stride(1) != 1 or q.is_cuda:
         raise ValueError(f"pack_int4_panels needs a CPU uint8 [n, k] q with unit stride along k, got "
                          f"{tuple(q.shape)} {q.dtype}")
@@ -273,6 +282,10 @@ def pack_int4_panels(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                          f"group_size {group_size}, {tuple(scales.shape)}, {tuple(zeros.shape)}")
     if int(q.max()) > 15:
         raise ValueError("pack_int4_panels: q holds values above 15")
+    if perm is not None:
+        perm = perm.to(torch.int32).contiguous()
+        if perm.shape != (k,) or not torch.equal(torch.sort(perm).values, torch.arange(k, dtype=torch.int32)):
+            raise ValueError(f"pack_int4_panels: perm must be a permutation of range({k})")
     padded = -(-n // PANEL) * PANEL
     s = torch.zeros(padded, groups)
     m = torch.zeros(padded, groups)
@@ -280,7 +293,7 @@ def pack_int4_panels(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     m[:n] = -zeros.float() * scales.float()
     # [2, panels, 32, groups] -> [panels, groups, 2, 32]: a panel's constants for one group together
     params = torch.stack([s, m]).view(2, padded // PANEL, PANEL, groups).permute(1, 3, 0, 2).contiguous()
-    return PackedWeight(_pack(q, INT4), params, n, k, INT4, group_size)
+    return PackedWeight(_pack(q, INT4), params, n, k, INT4, group_size, perm)
 
 
 def _pack(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -177,7 +177,8 @@ def packed_weight(layer: torch.nn.Module, name: str) -> PackedWeight | tuple[Pac
 
 def _pack_quantized(w: Int8Weight | Int4Weight) -> PackedWeight:
     if isinstance(w, Int4Weight):
-        return pack_int4_panels(w.q, w.scales, w.zeros, w.group_size)
+        grouped, perm = w.in_group_order()  # (the loader keeps only weights whose groups sort into runs)
+        return pack_int4_panels(grouped.q, grouped.scales, grouped.zeros, grouped.group_size, perm)
     return pack_panels(w.q, w.scales)
 
 

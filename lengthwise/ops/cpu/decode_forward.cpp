@@ -61,13 +61,25 @@ enum WeightFormat : int32_t { kF32 = 0, kBF16 = 1, kInt8 = 2, kInt4 = 3 };
 
 // A packed weight as Python hands it over: its panels, its scales (kInt8: one per column, padded
 // to whole panels; kInt4: per panel p and group g, s[32] then m[32] at (p * groups + g) * 64;
-// else null), its format and (kInt4) the group size along k.
+// else null), its format, (kInt4) the group size along k, and (kInt4, else null) the order of
+// its inputs: an act-ordered GPTQ weight's groups sorted into runs, so it multiplies x[:, perm].
 struct PackedWeight {
   const void* data;
   const float* scales;
   int32_t format;
   int32_t group_size;
+  const int32_t* perm;
 };
+
+// x [m, k], or where `perm` is set its columns in that order (x[:, perm]) in this thread's buffer.
+inline const float* inputs_in_order(const float* x, int m, int k, const int32_t* perm) {
+  if (!perm) return x;
+  thread_local std::vector<float> buf;
+  buf.resize(int64_t(m) * k);
+  for (int r = 0; r < m; ++r)
+    for (int i = 0; i < k; ++i) buf[int64_t(r) * k + i] = x[int64_t(r) * k + perm[i]];
+  return buf.data();
+}
 
 // The panel formats: `load` gives one kk's 32 weights as two float vectors.
 struct F32Panel {
@@ -301,6 +313,7 @@ inline void panel_product<Int4Panel>(const float* x, int m, int k, const PackedW
 // Threads take contiguous runs of panels, so each streams its share of the weights once.
 template <class W>
 void linear_omp_as(const float* x, int m, int k, const PackedWeight& w, const float* bias, int n, float* y) {
+  x = inputs_in_order(x, m, k, w.perm);
 #pragma omp for schedule(static)
   for (int p = 0; p < num_panels(n); ++p) {
     const int j0 = p * kPanel, nv = std::min(kPanel, n - j0);
@@ -344,6 +357,7 @@ inline void silu_mul_panel(const float* g, const float* u, int m, int nv, const 
 template <class W>
 void gate_up_silu_omp_as(const float* x, int m, int k, const PackedWeight& gate, const PackedWeight& up,
                          const float* bias, int inter, float* act, float* gu) {
+  x = inputs_in_order(x, m, k, gate.perm);  // (gate and up of one checkpoint share their order)
 #pragma omp for schedule(static)
   for (int p = 0; p < num_panels(inter); ++p) {
     const int j0 = p * kPanel, nv = std::min(kPanel, inter - j0);
