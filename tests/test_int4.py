@@ -86,9 +86,9 @@ def quantized_checkpoint(tmp_path, method: str, family: str = "llama", group_siz
             g_idx = torch.arange(k) // gs
             if act_order == "uneven":  # groups of unequal sizes: no sorting makes runs of group_size
                 g_idx = torch.randint(0, groups, (k,), generator=g)
-            elif act_order:
+            elif act_order:  # ("per-linear": each its own order, which no fused projection can hold)
                 shared_input = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
-                                "mlp.up_proj": "mlp.gate_proj"}.get(name, name)
+                                "mlp.up_proj": "mlp.gate_proj"}.get(name, name) if act_order is True else name
                 order = orders.setdefault(shared_input, torch.randperm(k, generator=g))
                 g_idx = g_idx[order]
             scales = (0.005 + 0.02 * torch.rand(n, groups, generator=g)).half().float()
@@ -121,8 +121,8 @@ def _panels(layer, name: str) -> tuple:
     return w if isinstance(w, tuple) else (w,)
 
 
-def _prompts(vocab: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
+def _prompts(vocab: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 11, 24, 40)]
 
 
@@ -160,16 +160,19 @@ def test_quantized_checkpoints_match_transformers(method, family, tmp_path):
 
 
 @needs_kernels
-@pytest.mark.parametrize("variant", ["gptq-v2", "gptq-whole-rows", "gptq-act-order", "gptq-uneven-groups",
-                                     "awq-partly-dense"])
+@pytest.mark.parametrize("variant", ["gptq-v2", "gptq-whole-rows", "gptq-act-order", "gptq-act-order-per-linear",
+                                     "gptq-uneven-groups", "awq-partly-dense"])
 def test_quantized_checkpoint_variants(variant, tmp_path):
     """GPTQ's v2 format (zero points stored as they are); group_size -1 (one group per row);
     desc_act groups in activation order (4-bit panels over the inputs sorted by group, the kernels
-    reading them in that order); groups of unequal sizes, which no order makes runs of group_size
-    (dequantized: float32 panels); projections left unquantized (AWQ's modules_to_not_convert).
-    Prefill (op-by-op on the panels) and greedy decode (the fused step) against transformers."""
+    reading them in that order), and where q, k and v (gate and up) were given different orders
+    (the fused projections dequantized, o and down still 4-bit); groups of unequal sizes, which no
+    order makes runs of group_size (dequantized: float32 panels); projections left unquantized
+    (AWQ's modules_to_not_convert). Prefill (op-by-op on the panels) and greedy decode of 6
+    sequences together (the fused step, from 5 rows on its dequantizing branch) against transformers."""
     kwargs = {"gptq-v2": dict(method="gptq", v1=False), "gptq-whole-rows": dict(method="gptq", group_size=-1),
               "gptq-act-order": dict(method="gptq", act_order=True),
+              "gptq-act-order-per-linear": dict(method="gptq", act_order="per-linear"),
               "gptq-uneven-groups": dict(method="gptq", act_order="uneven"),
               "awq-partly-dense": dict(method="awq", dense_layers=("0.mlp.down_proj", "1.self_attn.k_proj"),
                                        modules_to_not_convert=["down_proj"])}[variant]
@@ -177,19 +180,30 @@ def test_quantized_checkpoint_variants(variant, tmp_path):
     model = load_model(path, "float32", "cpu")
     prompts = _prompts(hf.config.vocab_size)
     assert _rel_err(prompt_logits(model, prompts), _hf_last_logits(hf, prompts)) < 1e-4
-    out = generate(model, prompts[1:2], SamplingParams(max_tokens=8, temperature=0.0))[0]
-    with torch.no_grad():
-        ref = hf.generate(torch.tensor(prompts[1:2]), max_new_tokens=8, do_sample=False)[0, len(prompts[1]):]
-    assert out.token_ids == ref.tolist()
+    batch = [*prompts, *_prompts(hf.config.vocab_size, seed=2)[:2]]
+    outs = generate(model, batch, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(batch, outs, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):]
+        assert out.token_ids == ref.tolist()
     formats = {(i, name): {w.dtype for w in _panels(layer, name)}
                for i, layer in enumerate(model.layers) for name in QUANTIZED_WEIGHTS}
-    perms = [w.perm for layer in model.layers for name in QUANTIZED_WEIGHTS for w in _panels(layer, name)]
-    assert all(p is not None for p in perms) == (variant == "gptq-act-order")
+    perms = {name: [w.perm is not None for layer in model.layers for w in _panels(layer, name)]
+             for name in QUANTIZED_WEIGHTS}
+    if variant == "gptq-act-order":
+        assert all(all(p) for p in perms.values())
+    elif variant == "gptq-act-order-per-linear":
+        assert all(perms["o_weight"]) and all(perms["down_weight"])
+        assert formats[(0, "qkv_weight")] == formats[(0, "gate_up_weight")] == {torch.float32}
+    else:
+        assert not any(any(p) for p in perms.values())
     if variant == "gptq-uneven-groups":
         assert all(f.isdisjoint({cpu_kernels.INT4}) for f in formats.values())
     elif variant == "awq-partly-dense":
         assert cpu_kernels.INT4 not in (model.layers[0].down_weight.dtype, model.layers[1].qkv_weight.dtype)
         assert model.layers[0].qkv_weight.dtype == cpu_kernels.INT4
+    elif variant == "gptq-act-order-per-linear":
+        assert formats[(1, "o_weight")] == formats[(1, "down_weight")] == {cpu_kernels.INT4}
     else:
         assert all(f == {cpu_kernels.INT4} for f in formats.values())
         if variant == "gptq-whole-rows":

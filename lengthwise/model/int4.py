@@ -50,6 +50,15 @@ class Int4Weight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
 
+    @property
+    def sortable(self) -> bool:
+        """Whether sorting the inputs by group makes every group a run of `group_size` (the last may
+        be shorter): what the 4-bit panels need (`in_group_order`)."""
+        if self.g_idx is None:
+            return True
+        k = self.q.shape[1]
+        return torch.equal(torch.sort(self.g_idx, stable=True).values, torch.arange(k) // self.group_size)
+
     def in_group_order(self) -> tuple[Int4Weight, torch.Tensor | None] | None:
         """This weight with its inputs sorted by group, so that each group is a contiguous run (what
         the 4-bit panels hold), and the order `perm` (`x[:, perm]` is the input the sorted weight

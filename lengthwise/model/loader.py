@@ -281,7 +281,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
 def _put_4bit(layer: torch.nn.Module, attr: str, names: tuple[str, ...], tensors: dict[str, torch.Tensor],
               config: ModelConfig, packs: bool, fused: bool) -> None:
     """`layer.<attr>` (q, k, v fused; gate, up fused) of a quantized checkpoint. Where all its parts
-    are 4-bit with the same groups in input order and the model runs on the CPU in float32 with
+    are 4-bit with the same groups (runs of group_size once sorted) and the model runs on the CPU in float32 with
     the kernels built (`fused`), the 4-bit values are kept (`layer.quantized`; `pack_model` makes
     them 4-bit panels, and a model that packs never writes the dense parameter, which it then
     drops); act-ordered groups are sorted into runs there, the kernel reading the inputs in that
@@ -291,7 +291,7 @@ def _put_4bit(layer: torch.nn.Module, attr: str, names: tuple[str, ...], tensors
     bases = [n.removesuffix(".weight") for n in names]
     parts = [read_int4(tensors, b, config.quantization) if b + ".qweight" in tensors else None for b in bases]
     whole = Int4Weight.cat(parts) if all(p is not None for p in parts) else None
-    if (whole is not None and whole.in_group_order() is not None and fused and param.device.type == "cpu"
+    if (whole is not None and whole.sortable and fused and param.device.type == "cpu"
             and param.dtype == torch.float32):
         layer.quantized[attr] = whole
         if not packs:

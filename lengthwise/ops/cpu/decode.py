@@ -263,6 +263,8 @@ class _Pointers:
         weights = [w for (gate, up), d in zip(gate_up, down, strict=True) for w in (gate, up, d)]
         if len({w.dtype for w in weights}) != 1:
             raise ValueError("a sparse layer's expert panels must share one format")
+        if any(w.perm is not None for w in weights):  # (experts_omp reads inputs in their own order)
+            raise ValueError("a sparse layer's expert panels cannot reorder their inputs")
         self.keep += [router, *weights]
         self.expert_bytes += sum(w.nbytes for w in weights)
         table = (ctypes.c_void_p * len(weights))(*(w.address for w in weights))
@@ -275,6 +277,10 @@ class _Pointers:
             if len({p.dtype for p in packed}) != 1:  # decode_forward.cpp reads both in gate's format
                 raise ValueError(f"{name}: gate and up panels must share one format, got "
                                  f"{[str(p.dtype) for p in packed]}")
+            gate, up = packed  # ... and gathers their inputs in gate's order
+            same = gate.perm is None if up.perm is None else gate.perm is not None and torch.equal(gate.perm, up.perm)
+            if not same:
+                raise ValueError(f"{name}: gate and up panels must read their inputs in one order")
             self.keep += packed
             return [p.address for p in packed]
         self.keep.append(packed)

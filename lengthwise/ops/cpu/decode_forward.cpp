@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -71,14 +72,15 @@ struct PackedWeight {
   const int32_t* perm;
 };
 
-// x [m, k], or where `perm` is set its columns in that order (x[:, perm]) in this thread's buffer.
-inline const float* inputs_in_order(const float* x, int m, int k, const int32_t* perm) {
+// x [m, k], or where `perm` is set its columns in that order (x[:, perm]) gathered into
+// `ordered` [m, k] by the threads of the parallel region together (the rows shared among them;
+// the `omp for`'s barrier: every row is in place before any thread reads it). Called by every thread.
+inline const float* inputs_in_order(const float* x, int m, int k, const int32_t* perm, float* ordered) {
   if (!perm) return x;
-  thread_local std::vector<float> buf;
-  buf.resize(int64_t(m) * k);
+#pragma omp for schedule(static)
   for (int r = 0; r < m; ++r)
-    for (int i = 0; i < k; ++i) buf[int64_t(r) * k + i] = x[int64_t(r) * k + perm[i]];
-  return buf.data();
+    for (int i = 0; i < k; ++i) ordered[int64_t(r) * k + i] = x[int64_t(r) * k + perm[i]];
+  return ordered;
 }
 
 // The panel formats: `load` gives one kk's 32 weights as two float vectors.
@@ -311,9 +313,11 @@ inline void panel_product<Int4Panel>(const float* x, int m, int k, const PackedW
 
 // y[m, n] = x[m, k] @ W^T + bias for packed W; called by every thread of a parallel region.
 // Threads take contiguous runs of panels, so each streams its share of the weights once.
+// `ordered`: room for x[m, k] in its panels' input order (used only where w.perm is set).
 template <class W>
-void linear_omp_as(const float* x, int m, int k, const PackedWeight& w, const float* bias, int n, float* y) {
-  x = inputs_in_order(x, m, k, w.perm);
+void linear_omp_as(const float* x, int m, int k, const PackedWeight& w, const float* bias, int n, float* y,
+                   float* ordered) {
+  x = inputs_in_order(x, m, k, w.perm, ordered);
 #pragma omp for schedule(static)
   for (int p = 0; p < num_panels(n); ++p) {
     const int j0 = p * kPanel, nv = std::min(kPanel, n - j0);
@@ -324,12 +328,13 @@ void linear_omp_as(const float* x, int m, int k, const PackedWeight& w, const fl
   }
 }
 
-void linear_omp(const float* x, int m, int k, const PackedWeight* w, const float* bias, int n, float* y) {
+void linear_omp(const float* x, int m, int k, const PackedWeight* w, const float* bias, int n, float* y,
+                float* ordered) {
   switch (w->format) {
-    case kBF16: return linear_omp_as<BF16Panel>(x, m, k, *w, bias, n, y);
-    case kInt8: return linear_omp_as<Int8Panel>(x, m, k, *w, bias, n, y);
-    case kInt4: return linear_omp_as<Int4Panel>(x, m, k, *w, bias, n, y);
-    default: return linear_omp_as<F32Panel>(x, m, k, *w, bias, n, y);
+    case kBF16: return linear_omp_as<BF16Panel>(x, m, k, *w, bias, n, y, ordered);
+    case kInt8: return linear_omp_as<Int8Panel>(x, m, k, *w, bias, n, y, ordered);
+    case kInt4: return linear_omp_as<Int4Panel>(x, m, k, *w, bias, n, y, ordered);
+    default: return linear_omp_as<F32Panel>(x, m, k, *w, bias, n, y, ordered);
   }
 }
 
@@ -356,8 +361,8 @@ inline void silu_mul_panel(const float* g, const float* u, int m, int nv, const 
 // columns are computed back to back into per-thread scratch `gu` [2][m][kPanel], then combined.
 template <class W>
 void gate_up_silu_omp_as(const float* x, int m, int k, const PackedWeight& gate, const PackedWeight& up,
-                         const float* bias, int inter, float* act, float* gu) {
-  x = inputs_in_order(x, m, k, gate.perm);  // (gate and up of one checkpoint share their order)
+                         const float* bias, int inter, float* act, float* gu, float* ordered) {
+  x = inputs_in_order(x, m, k, gate.perm, ordered);  // (Python checks that up has gate's order)
 #pragma omp for schedule(static)
   for (int p = 0; p < num_panels(inter); ++p) {
     const int j0 = p * kPanel, nv = std::min(kPanel, inter - j0);
@@ -371,12 +376,12 @@ void gate_up_silu_omp_as(const float* x, int m, int k, const PackedWeight& gate,
 
 // (Python packs the gate and up halves of one checkpoint in the same format.)
 void gate_up_silu_omp(const float* x, int m, int k, const PackedWeight* gate, const PackedWeight* up,
-                      const float* bias, int inter, float* act, float* gu) {
+                      const float* bias, int inter, float* act, float* gu, float* ordered) {
   switch (gate->format) {
-    case kBF16: return gate_up_silu_omp_as<BF16Panel>(x, m, k, *gate, *up, bias, inter, act, gu);
-    case kInt8: return gate_up_silu_omp_as<Int8Panel>(x, m, k, *gate, *up, bias, inter, act, gu);
-    case kInt4: return gate_up_silu_omp_as<Int4Panel>(x, m, k, *gate, *up, bias, inter, act, gu);
-    default: return gate_up_silu_omp_as<F32Panel>(x, m, k, *gate, *up, bias, inter, act, gu);
+    case kBF16: return gate_up_silu_omp_as<BF16Panel>(x, m, k, *gate, *up, bias, inter, act, gu, ordered);
+    case kInt8: return gate_up_silu_omp_as<Int8Panel>(x, m, k, *gate, *up, bias, inter, act, gu, ordered);
+    case kInt4: return gate_up_silu_omp_as<Int4Panel>(x, m, k, *gate, *up, bias, inter, act, gu, ordered);
+    default: return gate_up_silu_omp_as<F32Panel>(x, m, k, *gate, *up, bias, inter, act, gu, ordered);
   }
 }
 
@@ -534,8 +539,10 @@ extern "C" void lw_pack_panels(const void* w, int n, int k, int64_t ldw, int for
 // y[m, n] = x[m, k] @ W^T + bias (bias may be null) for a packed W.
 extern "C" void lw_packed_linear(const float* x, int m, int k, const PackedWeight* w, const float* bias, int n,
                                  float* y, int num_threads) {
+  // (uninitialised: no cost unless the weight's inputs are reordered)
+  const std::unique_ptr<float[]> ordered(w->perm ? new float[int64_t(m) * k] : nullptr);
 #pragma omp parallel num_threads(num_threads)
-  linear_omp(x, m, k, w, bias, n, y);
+  linear_omp(x, m, k, w, bias, n, y, ordered.get());
 }
 
 // One forward pass over all layers for T new tokens.
@@ -574,6 +581,8 @@ extern "C" void lw_decode_forward(
     moe.yg.resize(rows * hidden);
   }
   std::vector<float> gu(int64_t(num_threads) * 2 * T * kPanel);  // gate_up_silu_omp's per-thread scratch
+  // Inputs gathered in an act-ordered 4-bit weight's order (uninitialised: untouched unless used).
+  const std::unique_ptr<float[]> ordered(new float[int64_t(T) * std::max({hidden, q_size, inter})]);
   std::vector<std::pair<int, int>> rows;  // (token, row-group)
   for (int b = 0; b < B; ++b)
     for (int t = query_start[b]; t < query_start[b + 1]; ++t) rows.emplace_back(t, b);
@@ -596,7 +605,7 @@ extern "C" void lw_decode_forward(
       for (int i = 0; i < hidden; ++i) res[i] = l == 0 ? src[i] : res[i] + src[i];
       rms_norm_row(res, p[kInputNorm], hidden, eps, h.data() + int64_t(t) * hidden);
     }
-    linear_omp(h.data(), T, hidden, weight(p[kQkvP]), p[kQkvB], qkv_size, qkv.data());
+    linear_omp(h.data(), T, hidden, weight(p[kQkvP]), p[kQkvB], qkv_size, qkv.data(), ordered.get());
     // q/k norm, RoPE, and the new keys and values into the cache (small next to the matmuls: one thread).
 #pragma omp single
     for (int t = 0; t < T; ++t) {
@@ -631,7 +640,7 @@ extern "C" void lw_decode_forward(
       const int h0 = (i % splits) * per_split;
       if (h0 < kv_heads) lw::attend(a, t, b, h0, std::min(kv_heads, h0 + per_split));
     }
-    linear_omp(attn.data(), T, q_size, weight(p[kOP]), p[kOB], hidden, y.data());
+    linear_omp(attn.data(), T, q_size, weight(p[kOP]), p[kOB], hidden, y.data(), ordered.get());
 #pragma omp single
     for (int t = 0; t < T; ++t) {
       float* res = residual.data() + int64_t(t) * hidden;
@@ -642,11 +651,11 @@ extern "C" void lw_decode_forward(
     float* my_gu = gu.data() + int64_t(omp_get_thread_num()) * 2 * T * kPanel;
     if (inters[l] > 0) {
       gate_up_silu_omp(h.data(), T, hidden, weight(p[kGateP]), weight(p[kUpP]), p[kGateUpB], inters[l], act.data(),
-                       my_gu);
-      linear_omp(act.data(), T, inters[l], weight(p[kDownP]), p[kDownB], hidden, y.data());
+                       my_gu, ordered.get());
+      linear_omp(act.data(), T, inters[l], weight(p[kDownP]), p[kDownB], hidden, y.data(), ordered.get());
     }
     if (p[kRouter]) {
-      linear_omp(h.data(), T, hidden, weight(p[kRouter]), nullptr, num_experts, moe.logits.data());
+      linear_omp(h.data(), T, hidden, weight(p[kRouter]), nullptr, num_experts, moe.logits.data(), ordered.get());
 #pragma omp single
       route_rows(h.data(), T, hidden, num_experts, top_k, renormalize != 0, moe);
       experts_omp(reinterpret_cast<const PackedWeight* const*>(p[kExperts]), hidden, expert_inter, moe, my_gu);
