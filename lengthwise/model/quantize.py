@@ -56,7 +56,9 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
 def check_quantization(quantization: str | None, device: torch.device, dtype: torch.dtype,
                        config: ModelConfig | None = None) -> None:
     """Refuse, naming the field, a method we do not have, a device/dtype it does not run on, or a
-    model (`config`) it does not cover: int8 quantizes dense projections, not a sparse layer's experts."""
+    model (`config`) it does not cover: int8 and int4 quantize dense projections, not a sparse
+    layer's experts. A GPTQ/AWQ checkpoint takes `quantization` None or its own method (it runs on
+    any device: dequantized off the CPU's float32 path); those methods need such a checkpoint."""
     checkpoint = config.quantization.method if config is not None and config.quantization is not None else None
     if checkpoint is not None:
         if quantization not in (None, checkpoint):
