@@ -66,10 +66,9 @@ class Int4Weight:
         groups of `group_size` (the last may be shorter)."""
         if self.g_idx is None:
             return self, None
-        perm = torch.argsort(self.g_idx, stable=True)
-        k = self.q.shape[1]
-        if not torch.equal(self.g_idx[perm], torch.arange(k) // self.group_size):
+        if not self.sortable:
             return None
+        perm = torch.argsort(self.g_idx, stable=True)
         return Int4Weight(self.q[:, perm].contiguous(), self.scales, self.zeros, self.group_size), perm
 
     def groups(self) -> torch.Tensor:
