@@ -8,7 +8,7 @@
 #     bash benchmarks/gpu_issue8.sh tests kernels           # correctness, the b1 roofline (<= 500 s)
 #     bash benchmarks/gpu_issue8.sh experimental unfused    # the opt-in kernels, the fusion's A/B
 #     bash benchmarks/gpu_issue8.sh cublas throughput       # cuBLAS A/B, throughput vs transformers
-#     bash benchmarks/gpu_issue8.sh host                    # the engine's host work per step
+#     bash benchmarks/gpu_issue8.sh host int4               # host work per step; 4-bit weights
 #
 # (no argument runs every step). tests: the CUDA/Triton correctness tests. kernels: `bench
 # kernels` on the Llama-3.2-1B shape with the fused single-row kernels and the Triton GEMV (the
@@ -25,7 +25,10 @@
 # which the device machine does not get: copy dev.jsonl into the ignored gpu-data/, carry that
 # folder with the call and set ALPACA=gpu-data/dev.jsonl; never commit it). host: the engine's host
 # work per decode step on this machine's CPU (benchmarks/host_overhead.py, the replay stubbed), to
-# set beside the GPU's step times. Record what it measures
+# set beside the GPU's step times. int4: the W4A16 kernel's GPU tests (GPTQ/AWQ checkpoints on
+# CUDA, graphed decode) and `bench kernels --quantization int4` (the batch-1 step on 4-bit
+# projections: set decode_b1_ms beside the kernels step's bfloat16 one; the "(4-bit)" rows are
+# the kernel against the dense rows' cuBLAS/GEMV on the same shapes). Record what it measures
 # in docs/benchmarks.md, "CUDA".
 set -u
 OUT="${OUT:-gpu-out}"
@@ -49,7 +52,7 @@ step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, log to $OUT/NAM
 cat "$OUT/device.txt"
 
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels experimental unfused cublas throughput host)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels experimental unfused cublas throughput host int4)
 KERNELS=(-m lengthwise.cli bench kernels --model llama-1b --device cuda --dtype bfloat16)
 for s in "${STEPS[@]}"; do
     case "$s" in
@@ -77,6 +80,10 @@ for s in "${STEPS[@]}"; do
         DATA=()
         [ -n "${ALPACA:-}" ] && DATA=(--data "$ALPACA")
         step host 120 "$PY" benchmarks/host_overhead.py --rows 1,64,128,256 --repeats 1 ${DATA[@]+"${DATA[@]}"} --out "$OUT/host" ;;
-    *) echo "unknown step $s (tests, kernels, experimental, unfused, cublas, throughput, host)" >&2; exit 2 ;;
+    int4)
+        step int4_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_int4.py tests/test_ops_triton.py \
+            -k "cuda or triton_kernel or bench_kernels or int4_linear"
+        step kernels_int4 200 "$PY" "${KERNELS[@]}" --quantization int4 --json "$OUT/k1b_int4.json" ;;
+    *) echo "unknown step $s (tests, kernels, experimental, unfused, cublas, throughput, host, int4)" >&2; exit 2 ;;
     esac
 done

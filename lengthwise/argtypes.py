@@ -89,7 +89,8 @@ def output_file(text: str) -> Path:
 def add_precision_arguments(p: argparse.ArgumentParser) -> None:
     """`--quantization` and `--kv-cache-dtype` (`EngineConfig.quantization`, `.kv_cache_dtype`)."""
     p.add_argument("--quantization", default=None, choices=list(QUANTIZATION_METHODS),
-                   help="int8 / int4: weight-only int8 or group-wise 4-bit decoder projections (CPU, float32; "
+                   help="int8 / int4: weight-only int8 or group-wise 4-bit decoder projections (CPU, float32; int4 "
+                   "also on CUDA; "
                    "faster batch-1 decode, some accuracy lost); gptq / awq: the method of a quantized "
                    "checkpoint (read from its config.json anyway)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),

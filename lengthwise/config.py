@@ -117,10 +117,11 @@ class EngineConfig:
     `quantization`: `"int8"` stores the decoder's projections as int8 with a scale per output
     row, `"int4"` as 4 bits with a scale and zero point per row and group of 128 inputs
     (weight-only; `lengthwise.model.quantize`): a quarter or an eighth of float32's bytes for the
-    CPU's batch-1 decode to stream, at some accuracy (docs/benchmarks.md measures both). CPU and
-    float32 only. `None` (default) serves the checkpoint's weights as they are: a GPTQ or AWQ
-    checkpoint's 4-bit projections stay 4-bit on the CPU in float32 (`"gptq"`/`"awq"` may name
-    its method, as in vLLM) and are dequantized into the model's dtype elsewhere.
+    CPU's batch-1 decode to stream, at some accuracy (docs/benchmarks.md measures both). On the
+    CPU in float32; `"int4"` also on CUDA in the model's dtype (the Triton W4A16 kernel). `None`
+    (default) serves the checkpoint's weights as they are: a GPTQ or AWQ checkpoint's 4-bit
+    projections stay 4-bit on the CPU in float32 and on CUDA (`"gptq"`/`"awq"` may name its
+    method, as in vLLM) and are dequantized into the model's dtype elsewhere.
     `kv_cache_dtype`: the dtype keys and values are held in (vLLM's name). `"auto"` (default) is
     the model's dtype; `"bfloat16"` under a float32 model on the CPU halves the cache's bytes:
     twice the tokens in the same `kv_cache_memory`, and half the bytes for decode attention to

@@ -4,7 +4,9 @@ A quantized checkpoint is built here from a random transformers model: each deco
 becomes 4-bit values, zero points and float16 scales, packed into int32 words as AutoGPTQ and
 AutoAWQ pack them (the loops below follow their pack routines, written independently of
 lengthwise's vectorised unpacking), and the transformers model is given the dequantized weights
-as the reference. (The fused CPU path's 4-bit panels against the op-by-op path: test_cpu_decode.py.)
+as the reference. (The fused CPU path's 4-bit panels against the op-by-op path: test_cpu_decode.py;
+the Triton W4A16 kernel against the torch reference: test_ops_triton.py. Here the whole model runs
+on that kernel too, on the CPU under Triton's interpreter, as CUDA runs it.)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import STORIES, make_hf_model, requires_stories
+from conftest import STORIES, make_hf_model, requires_cuda, requires_stories
 from safetensors.torch import load_file, save_file
 
 from lengthwise import LLM, SamplingParams, generate, load_model
@@ -28,6 +30,8 @@ from lengthwise.model.quantize import QUANTIZED_WEIGHTS
 from lengthwise.ops import cpu as cpu_kernels
 from lengthwise.ops.cpu import decode as cpu_decode
 from lengthwise.ops.cpu import dense
+from lengthwise.ops.dispatch import KERNELS_ENV
+from lengthwise.ops.int4 import PackedInt4, pack_int4
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -212,8 +216,8 @@ def test_quantized_checkpoint_variants(variant, tmp_path):
 
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_quantized_checkpoints_dequantize_off_the_fused_path(method, tmp_path, monkeypatch):
-    """bfloat16 on the CPU (and CUDA, which takes the same branch) hold the dequantized weights in
-    the model's dtype; float32 kept dense keeps the 4-bit values beside them for the fused path."""
+    """bfloat16 on the CPU (where Triton does not run) holds the dequantized weights in the model's
+    dtype; float32 kept dense keeps the 4-bit values beside them for the fused path."""
     hf, path = quantized_checkpoint(tmp_path, method)
     prompts = _prompts(hf.config.vocab_size)
     ref = _hf_last_logits(hf, prompts)
@@ -405,3 +409,146 @@ def test_int4_stories260k_stays_close_to_float32():
     agreement = prompt_logprob_agreement(pa, pb)
     assert 0.05 < agreement.mean_change < 1.0, agreement.mean_change
     assert agreement.top1_agreement >= 0.8, agreement.top1_agreement
+
+
+# The W4A16 kernel's tests run on the GPU where there is one, else on the CPU under the interpreter.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _on_the_triton_kernel(monkeypatch) -> None:
+    """Load and run as CUDA does: every op on Triton (on the CPU: the interpreter), and no CPU
+    panels (as where the C++ kernels cannot build), so 4-bit projections become `PackedInt4`s."""
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    monkeypatch.setattr(cpu_kernels, "segment_attention_kernel", lambda: None)
+    monkeypatch.setattr(cpu_decode, "segment_attention_kernel", lambda: None)
+
+
+def test_packed_int4_holds_gptq_words(tmp_path):
+    """`pack_int4` lays the values out as GPTQ's own qweight (words along k, low nibble first), and
+    its values and dequantized weight are those of the `Int4Weight`, act order included."""
+    _, path = quantized_checkpoint(tmp_path, "gptq", act_order=True, v1=False)
+    tensors = load_file(path / "model.safetensors")
+    base = "model.layers.1.mlp.down_proj"
+    w = read_int4_for_test(tensors, base, path)
+    packed = pack_int4(w.q, w.scales, w.zeros, w.groups(), "cpu")
+    assert torch.equal(packed.qweight, tensors[base + ".qweight"])
+    assert torch.equal(packed.g_idx, tensors[base + ".g_idx"].int())
+    assert torch.equal(packed.values(), w.q) and torch.equal(packed.dequantize(), w.dequantize())
+    assert packed.shape == w.shape and packed.nbytes < w.shape[0] * w.shape[1]  # (about half a byte a weight)
+    with pytest.raises(ValueError, match="k must be a multiple of 8"):
+        pack_int4(w.q[:, :12], w.scales, w.zeros, w.groups()[:12], "cpu")
+    with pytest.raises(ValueError, match="groups"):
+        pack_int4(w.q, w.scales, w.zeros[:, :1], w.groups(), "cpu")
+
+
+def read_int4_for_test(tensors, base: str, path) -> Int4Weight:
+    from lengthwise.model.config import ModelConfig
+    from lengthwise.model.int4 import read_int4
+
+    return read_int4(tensors, base, ModelConfig.from_dir(path).quantization)
+
+
+@pytest.mark.parametrize("variant", ["gptq", "awq", "gptq-act-order", "gptq-uneven-groups",
+                                     "gptq-act-order-per-linear", "awq-partly-dense"])
+def test_quantized_checkpoints_on_the_triton_kernel(variant, tmp_path, monkeypatch):
+    """Where the W4A16 kernel runs (CUDA; without a GPU the interpreter), a checkpoint's projections
+    stay 4-bit whatever their groups (the kernel looks each input's group up: act order and
+    unequal groups too: o and down stay 4-bit); a fused projection whose parts have different
+    groups (as the builder gives q, k, v for those two variants), or a part left dense, is
+    dequantized. No dense copy of a 4-bit projection is allocated. Prefill (the tl.dot path) and
+    greedy decode (the GEMV path) against transformers on the dequantized weights."""
+    kwargs = {"gptq": dict(method="gptq"), "awq": dict(method="awq"),
+              "gptq-act-order": dict(method="gptq", act_order=True),
+              "gptq-uneven-groups": dict(method="gptq", act_order="uneven"),
+              "gptq-act-order-per-linear": dict(method="gptq", act_order="per-linear"),
+              "awq-partly-dense": dict(method="awq", dense_layers=("0.mlp.down_proj",),
+                                       modules_to_not_convert=["down_proj"])}[variant]
+    hf, path = quantized_checkpoint(tmp_path, **kwargs)
+    _on_the_triton_kernel(monkeypatch)
+    model = load_model(path, "float32", KERNEL_DEVICE)
+    kinds = {(i, name): type(getattr(layer, name)) for i, layer in enumerate(model.layers)
+             for name in QUANTIZED_WEIGHTS}
+    fused_parts_differ = {(i, n) for i in (0, 1) for n in ("qkv_weight", "gate_up_weight")}
+    dense_ones = {"gptq-act-order-per-linear": fused_parts_differ, "gptq-uneven-groups": fused_parts_differ,
+                  "awq-partly-dense": {(0, "down_weight")}}.get(variant, set())
+    assert {key for key, kind in kinds.items() if kind is not PackedInt4} == dense_ones
+    assert all(isinstance(getattr(model.layers[i], n), torch.nn.Parameter) for i, n in dense_ones)
+    projection_bytes = sum(p.nbytes for name, p in model.named_parameters() if name.split(".")[-1] in QUANTIZED_WEIGHTS)
+    assert projection_bytes == sum(getattr(model.layers[i], n).nbytes for i, n in dense_ones)
+    prompts = _prompts(hf.config.vocab_size)
+    assert _rel_err(prompt_logits(model, prompts).cpu(), _hf_last_logits(hf, prompts)) < 1e-4
+    outs = generate(model, prompts[:2], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts[:2], outs, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=4, do_sample=False)[0, len(prompt):]
+        assert out.token_ids == ref.tolist()
+
+
+def test_int4_quantization_on_the_triton_kernel(hf_checkpoint, monkeypatch):
+    """quantization="int4" where the W4A16 kernel runs: each projection becomes the `PackedInt4` of
+    `quantize_int4` of its weight, and the kernel's logits and greedy tokens match the torch
+    reference's (which dequantizes at every call). (bfloat16 and float16 activations: the kernel
+    tests in test_ops_triton.py.)"""
+    path = hf_checkpoint("llama")[1]
+    plain = load_model(path, "float32", KERNEL_DEVICE)
+    _on_the_triton_kernel(monkeypatch)
+    quant = load_model(path, "float32", KERNEL_DEVICE, quantization="int4")
+    assert quant.quantization == "int4"
+    for lp, lq in zip(plain.layers, quant.layers, strict=True):
+        for name in QUANTIZED_WEIGHTS:
+            w, expected = getattr(lq, name), quantize_int4(dense(getattr(lp, name)))
+            assert isinstance(w, PackedInt4) and torch.equal(w.values(), expected.q)
+            assert torch.equal(w.dequantize(), expected.dequantize())
+    assert not any(name.split(".")[-1] in QUANTIZED_WEIGHTS for name, _ in quant.named_parameters())
+    prompts = _prompts(plain.config.vocab_size)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    kernel, kernel_tokens = prompt_logits(quant, prompts), generate(quant, prompts[:2], params)
+    monkeypatch.setenv(KERNELS_ENV, "torch")
+    reference, reference_tokens = prompt_logits(quant, prompts), generate(quant, prompts[:2], params)
+    assert _rel_err(kernel, reference) < 1e-4
+    assert [o.token_ids for o in kernel_tokens] == [o.token_ids for o in reference_tokens]
+    assert _rel_err(reference, prompt_logits(plain, prompts)) > 1e-3  # (it is quantized)
+
+
+@requires_cuda
+@pytest.mark.parametrize("method, dtype", [("gptq", "float16"), ("awq", "bfloat16")])
+def test_quantized_checkpoints_on_cuda(method, dtype, tmp_path):
+    """On a GPU the projections are `PackedInt4`s on the device (act-ordered GPTQ as stored); logits
+    match transformers within 16-bit rounding, and the engine's graphed decode steps give the
+    tokens of plain eager steps."""
+    hf, path = quantized_checkpoint(tmp_path, method, act_order=method == "gptq")
+    llm = LLM(path, device="cuda", dtype=dtype, kv_cache_memory=1 << 26)
+    model = llm.engine.model
+    assert all(isinstance(getattr(layer, name), PackedInt4) and getattr(layer, name).device.type == "cuda"
+               for layer in model.layers for name in QUANTIZED_WEIGHTS)
+    prompts = _prompts(hf.config.vocab_size)
+    assert _rel_err(prompt_logits(model, prompts).float().cpu(), _hf_last_logits(hf, prompts)) < 3e-2
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    graphed = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    eager = generate(model, prompts, params)
+    assert [o.outputs[0].token_ids for o in graphed] == [o.token_ids for o in eager]
+
+
+def test_bench_kernels_counts_4bit_projections(tmp_path, monkeypatch):
+    """`bench kernels` on a model whose projections run on the W4A16 kernel: the streamed bytes are
+    the 4-bit ones, and each projection has a row for the kernel the model really runs."""
+    from lengthwise.bench.kernels import kernel_rows, streamed_weight_bytes
+
+    _, path = quantized_checkpoint(tmp_path, "gptq")
+    _on_the_triton_kernel(monkeypatch)
+    model = load_model(path, "float32", KERNEL_DEVICE)
+    streamed, form = streamed_weight_bytes(path, model)
+    dense_bytes, dense_form = streamed_weight_bytes(path, _dequantized(path, monkeypatch))
+    assert form == "float32, 8 projections int4" and dense_form == "float32"
+    int4 = [getattr(layer, n) for layer in model.layers for n in QUANTIZED_WEIGHTS]
+    assert dense_bytes - streamed == sum(w.n * w.k * 4 - w.nbytes for w in int4) > 0
+    rows = {r["kernel"]: r for r in kernel_rows(model, 1, 10.0, 100.0, torch.float32)}
+    for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+        assert rows[f"{name} (4-bit)"]["bytes"] < rows[name]["bytes"] / 4
+
+
+def _dequantized(path, monkeypatch):
+    monkeypatch.setenv(KERNELS_ENV, "torch")  # (no Triton: the 4-bit projections are dequantized at load)
+    model = load_model(path, "float32", KERNEL_DEVICE)
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    return model

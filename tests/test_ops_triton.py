@@ -31,6 +31,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 DEVICE = "cuda" if CUDA else "cpu"
 KERNEL_MODULES = {"norm": ["_rms_norm_kernel"], "activation": ["_silu_and_mul_kernel"], "linear": ["_gemv_kernel"],
+                  "int4": ["_int4_linear_kernel"],
                   "rotary": ["_rotary_write_kernel"],  # before "fused", which calls its helper
                   "fused": ["_norm_qkv_rotary_kernel", "_norm_gate_up_silu_kernel"],
                   "attention": ["_decode_kernel", "_decode_reduce_kernel", "_prefill_kernel"]}
@@ -194,6 +195,72 @@ def test_gemv_split_k(dtype, n, k, split, bias):
     assert torch.equal(triton_ops.gemv(x, w, b, tile=tile), got)
     with pytest.raises(ValueError, match="SPLIT"):
         triton_ops.gemv(x, w, b, tile={"BLOCK_N": 8, "BLOCK_K": 32, "SPLIT": 99})
+
+
+def _int4_weight(n: int, k: int, group_size: int, act_order: bool, g: torch.Generator):
+    """A random 4-bit weight: values, scales, integral zeros and each input's group (act order: the
+    groups' inputs scattered over k, as a desc_act GPTQ checkpoint numbers them)."""
+    from lengthwise.ops.int4 import pack_int4
+
+    groups = -(-k // group_size)
+    g_idx = torch.arange(k) // group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales = 0.01 + 0.05 * torch.rand(n, groups, generator=g)
+    zeros = torch.randint(0, 16, (n, groups), generator=g).float()
+    return pack_int4(q, scales, zeros, g_idx, DEVICE), (q.float() - zeros[:, g_idx]) * scales[:, g_idx]
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+@pytest.mark.parametrize("m, n, k, group_size, act_order, bias", [
+    (1, 40, 96, 32, False, True), (1, 33, 200, 200, True, False),  # the GEMV; one group a row
+    (5, 48, 136, 64, True, True), (20, 66, 256, 128, False, False),  # tl.dot: 16 and 32 rows a program
+    (70, 24, 64, 16, True, True)])  # 64 rows a program, a second (short) row block
+def test_int4_linear(dtype, m, n, k, group_size, act_order, bias):
+    """The W4A16 kernel against `x @ W^T` on the dequantized weight: M, N and K not multiples of the
+    tile, groups in input order and in act order, with and without bias; the output poisoned. A
+    16-bit model's dequantized weight is rounded to its dtype, as the kernel's tl.dot tile is."""
+    from lengthwise.ops.int4 import PackedInt4
+    from lengthwise.ops.linear import linear
+
+    g = _gen(m * n * k + group_size)
+    weight, w = _int4_weight(n, k, group_size, act_order, g)
+    x = _randn(m, k, g=g, dtype=dtype)
+    b = _randn(n, g=g, dtype=dtype) if bias else None
+    out = _poisoned((m, n), dtype)
+    got = triton_ops.int4_linear(x, weight, b, out)
+    w_ref = w.to(DEVICE) if m == 1 else w.to(DEVICE, dtype).float()  # (the GEMV keeps float32 weights)
+    ref = x.double() @ w_ref.double().t() + (0 if b is None else b.double())
+    assert got.data_ptr() == out.data_ptr() and got.dtype == dtype and not got.isnan().any()
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}[dtype]
+    assert ((got.double() - ref).abs().max() / ref.abs().max()).item() < tol
+    assert isinstance(weight, PackedInt4) and torch.equal(weight.dequantize().cpu(), w)
+    reference = linear(x, weight, b)  # the dispatch chose the torch reference here: it dequantizes
+    assert ((reference.double() - ref).abs().max() / ref.abs().max()).item() < tol
+    with pytest.raises(ValueError, match="int4_linear takes x"):
+        triton_ops.int4_linear(x[:, :-1], weight)
+    with pytest.raises(ValueError, match="out must be"):
+        triton_ops.int4_linear(x, weight, out=out[:, :-1])
+
+
+def test_int4_linear_dispatch(monkeypatch):
+    """`linear` sends a 4-bit weight to the kernel wherever Triton runs (any number of rows, leading
+    dimensions kept) and dequantizes it for the torch reference; the fused single-row kernels,
+    which read dense weights, leave it to the op-by-op path."""
+    from lengthwise.ops.fused import fused_single_row
+    from lengthwise.ops.linear import linear
+
+    weight, w = _int4_weight(24, 64, 32, False, _gen(3))
+    x = _randn(2, 3, 64, g=_gen(4))
+    reference = linear(x, weight)
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    got = linear(x, weight)
+    assert got.shape == (2, 3, 24)
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(reference, x @ w.to(DEVICE).t(), atol=1e-5, rtol=1e-5)
+    row = x[0, :1]
+    assert fused_single_row(row, w.to(DEVICE)) and not fused_single_row(row, weight)
 
 
 @pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)

@@ -35,12 +35,27 @@ def test_quantization_is_refused_where_it_does_not_apply():
         EngineConfig(quantization="fp8")
     with pytest.raises(ValueError, match="quantization must be one of int8"):
         check_quantization("fp8", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="quantization='int8'.*CPU's fused decode path; on cuda"):
+        check_quantization("int8", torch.device("cuda"), torch.float32)
     for method in ("int8", "int4"):
-        with pytest.raises(ValueError, match=f"quantization='{method}'.*cuda"):
-            check_quantization(method, torch.device("cuda"), torch.float32)
         with pytest.raises(ValueError, match=f"quantization='{method}' needs dtype float32"):
             check_quantization(method, torch.device("cpu"), torch.bfloat16)
     check_quantization(None, torch.device("cuda"), torch.bfloat16)
+
+
+def test_int4_on_cuda_needs_the_triton_kernel(monkeypatch):
+    """int4 on CUDA runs on the Triton W4A16 kernel, in any of the model's dtypes; where Triton
+    does not run there it is refused, naming why."""
+    monkeypatch.setattr("lengthwise.ops.dispatch.triton_available", lambda: True)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        check_quantization("int4", torch.device("cuda"), dtype)
+    monkeypatch.setenv("LENGTHWISE_KERNELS", "torch")
+    with pytest.raises(ValueError, match="quantization='int4' on cuda runs on the Triton W4A16 kernel"):
+        check_quantization("int4", torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setenv("LENGTHWISE_KERNELS", "auto")
+    monkeypatch.setattr("lengthwise.ops.dispatch.triton_available", lambda: False)
+    with pytest.raises(ValueError, match="triton does not import"):
+        check_quantization("int4", torch.device("cuda"), torch.bfloat16)
 
 
 @pytest.mark.parametrize("packed", [True, False])

@@ -191,6 +191,7 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
     from lengthwise.ops import linear as dispatched_linear
     from lengthwise.ops.dispatch import use_triton
     from lengthwise.ops.fused import fused_single_row, norm_gate_up_silu, norm_qkv_rotary_write
+    from lengthwise.ops.int4 import PackedInt4
     from lengthwise.ops.rotary import rotary_and_write_kv
 
     c, dev, dt = model.config, model.device, model.dtype
@@ -231,6 +232,9 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
         flops = 2 * batch * n * kdim
         cost = ((n * kdim + batch * (n + kdim)) * isz, flops)
         rows = [(name, lambda: dispatched_linear(inp, dense_w), *cost)]
+        if isinstance(w, PackedInt4):  # what the model really runs: the W4A16 kernel on its 4-bit weight
+            rows.append((f"{name} (4-bit)", lambda: dispatched_linear(inp, w), w.nbytes + batch * (n + kdim) * isz,
+                         flops))
         if batch == 1 and use_triton(inp):
             rows.append((f"{name} (F.linear)", lambda: F.linear(inp, dense_w), *cost))
         if dev.type == "cpu" and dt == torch.float32 and cpu_kernels.segment_attention_kernel() is not None:
@@ -260,7 +264,7 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
         *(moe_rows(sparse, x, res, isz) if sparse is not None else []),
         *linear("lm_head", model.lm_head if model.head_panels is None else model.head_panels, x),
     ]
-    if fused_single_row(x) and layer.moe is None:
+    if fused_single_row(x, layer.qkv_weight) and layer.moe is None:
         # What a batch-1 layer really runs in place of the norm, QKV, RoPE, gate-up and SiLU rows above.
         qkv_n, inter = c.q_size + 2 * c.kv_size, c.intermediate_size
         ops += [
@@ -505,14 +509,22 @@ def _reference_generate(llm: Any, prompts: list[list[int]], params: Any) -> list
 def streamed_weight_bytes(model_dir: Path, model: Any) -> tuple[int, str]:
     """Bytes of weights a batch-1 decode step reads, and in what form: the fused CPU path's packed
     panels where it ran (a bfloat16 checkpoint's weights stream as bfloat16, quantized ones as int8
-    or 4-bit values and their scales), else every weight in the model's dtype."""
+    or 4-bit values and their scales), else every weight in the model's dtype but the W4A16
+    kernel's 4-bit projections (their values, scales, zeros and groups)."""
     from lengthwise.bench.engines import decode_weight_bytes
     from lengthwise.ops.cpu import INT4
+    from lengthwise.ops.int4 import PackedInt4
 
     dense = decode_weight_bytes(model_dir, model.dtype.itemsize)
     ptrs = getattr(model, "_cpu_decode_pointers", None)
     if ptrs is None:
-        return dense, str(model.dtype).removeprefix("torch.")
+        form = str(model.dtype).removeprefix("torch.")
+        int4 = [w for layer in model.layers for w in (layer.qkv_weight, layer.o_weight, layer.gate_up_weight,
+                                                      layer.down_weight) if isinstance(w, PackedInt4)]
+        if int4:  # (the W4A16 kernel's projections: their packed bytes in place of the dense ones)
+            dense -= sum(w.n * w.k * model.dtype.itemsize - w.nbytes for w in int4)
+            form += f", {len(int4)} projections int4"
+        return dense, form
     c = model.config
     small = (c.num_layers * (2 * c.hidden_size + 2 * c.head_dim * c.qk_norm) + c.hidden_size) * 4  # norms
     def name(dtype: torch.dtype) -> str:

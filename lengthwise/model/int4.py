@@ -10,8 +10,9 @@ A batch-1 decode step reads every weight once, so its floor is weight bytes / ba
 plus a scale and zero per group of 128 is about half a byte a weight, an eighth of float32. The
 fused CPU path keeps the values as 4-bit panels (`lengthwise.ops.cpu.pack_int4_panels`; an
 act-ordered weight with its inputs sorted by group, `Int4Weight.in_group_order`) and never
-dequantizes them at batch 1; every other path (the torch reference, CUDA, bfloat16 on the CPU)
-holds the dequantized weights in the model's dtype.
+dequantizes them at batch 1. On CUDA they stay 4-bit too, in GPTQ's layout, for the Triton W4A16
+kernel (`lengthwise.ops.int4`); the torch reference dequantizes at every call. Only a model
+neither path serves (a bfloat16 model on the CPU) holds the dequantized weights in its dtype.
 
 On disk (both store the transposed `[k, n]` layout of the original linear, 8 values per int32,
 low bits first): GPTQ packs `qweight [k / 8, n]` along k and `qzeros [groups, n / 8]` along n,
@@ -74,7 +75,7 @@ class Int4Weight:
     def groups(self) -> torch.Tensor:
         """The group of each input, `[k]`."""
         k = self.q.shape[1]
-        return self.g_idx if self.g_idx is not None else torch.arange(k) // self.group_size
+        return self.g_idx if self.g_idx is not None else torch.arange(k, device=self.q.device) // self.group_size
 
     def dequantize(self) -> torch.Tensor:
         """The float32 `[n, k]` weight."""
@@ -108,14 +109,14 @@ def quantize_int4(weight: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) ->
     n, k = w.shape
     groups = -(-k // group_size)
     padded = torch.nn.functional.pad(w, (0, groups * group_size - k)).view(n, groups, group_size)
-    pad_mask = torch.arange(groups * group_size).view(groups, group_size) < k
+    pad_mask = torch.arange(groups * group_size, device=w.device).view(groups, group_size) < k
     big = torch.finfo(torch.float32).max
     lo = torch.where(pad_mask, padded, big).amin(dim=2).clamp(max=0.0)
     hi = torch.where(pad_mask, padded, -big).amax(dim=2).clamp(min=0.0)
     scales = (hi - lo) / 15.0
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     zeros = torch.round(-lo / scales).clamp(0, 15)
-    g = torch.arange(k) // group_size
+    g = torch.arange(k, device=w.device) // group_size
     q = torch.round(w / scales[:, g] + zeros[:, g]).clamp(0, 15).to(torch.uint8)
     return Int4Weight(q, scales, zeros, group_size)
 

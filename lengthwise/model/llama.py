@@ -48,12 +48,15 @@ class DecoderLayer(nn.Module):
         self.sliding_window = c.sliding_windows[layer_idx]
         self.scale = c.head_dim ** -0.5
         h, qkv = c.hidden_size, c.q_size + 2 * c.kv_size
+        # A quantized checkpoint's projections are allocated by the loader (`load_model`): most stay
+        # 4-bit, and a dense copy of all of them would need the memory the 4 bits save.
+        proj = "meta" if c.quantization is not None else device
         self.input_norm = _param((h,), dtype, device)
-        self.qkv_weight = _param((qkv, h), dtype, device)
+        self.qkv_weight = _param((qkv, h), dtype, proj)
         self.qkv_bias = _param((qkv,), dtype, device) if c.qkv_bias else None
         self.q_norm = _param((c.head_dim,), dtype, device) if c.qk_norm else None
         self.k_norm = _param((c.head_dim,), dtype, device) if c.qk_norm else None
-        self.o_weight = _param((h, c.q_size), dtype, device)
+        self.o_weight = _param((h, c.q_size), dtype, proj)
         self.o_bias = _param((h,), dtype, device) if c.o_bias else None
         self.post_attn_norm = _param((h,), dtype, device)
         moe = c.moe if c.moe is not None and c.moe.sparse_layers[layer_idx] else None
@@ -68,9 +71,9 @@ class DecoderLayer(nn.Module):
             inter = moe.shared_expert_intermediate_size
             if inter:
                 self.shared_gate_weight = _param((1, h), dtype, device)
-        self.gate_up_weight = _param((2 * inter, h), dtype, device) if inter else None
+        self.gate_up_weight = _param((2 * inter, h), dtype, proj) if inter else None
         self.gate_up_bias = _param((2 * inter,), dtype, device) if c.mlp_bias and inter else None
-        self.down_weight = _param((h, inter), dtype, device) if inter else None
+        self.down_weight = _param((h, inter), dtype, proj) if inter else None
         self.down_bias = _param((h,), dtype, device) if c.mlp_bias and inter else None
         # name -> Int8Weight or Int4Weight for the projections `quantize_model` replaced or a GPTQ/AWQ
         # checkpoint stored in 4 bits (their parameters then hold the dequantized weights, unless

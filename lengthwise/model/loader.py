@@ -4,7 +4,8 @@ Reads `model.safetensors` or the shards listed in `model.safetensors.index.json`
 checked against the shape the config implies, so a mismatched checkpoint fails with the tensor's
 name rather than deep inside a matmul. A GPTQ or AWQ checkpoint stores its decoder projections as
 4-bit `qweight`/`qzeros`/`scales` (`lengthwise.model.int4`): on the CPU in float32 they stay 4-bit
-(the fused path's panels); elsewhere they are dequantized into the model's dtype.
+(the fused path's panels), on CUDA too (the Triton W4A16 kernel's `PackedInt4`); elsewhere they are
+dequantized into the model's dtype. No dense copy of a 4-bit projection is ever allocated.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from safetensors import safe_open
 from lengthwise.model.config import CheckpointError, ModelConfig, read_json
 from lengthwise.model.int4 import Int4Weight, read_int4, stored_shapes
 from lengthwise.model.llama import CausalLM
-from lengthwise.model.quantize import check_quantization, quantize_model
+from lengthwise.model.quantize import check_quantization, int4_kernel_route, quantize_model, set_int4
 from lengthwise.ops.cpu import decode as cpu_decode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -275,30 +276,51 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
         quantize_model(model, quantization)
     if packs:
         cpu_decode.pack_model(model)  # the projections held once, as the CPU GEMM's panels
+    unloaded = [name for name, p in model.named_parameters() if p.is_meta]
+    if unloaded:  # (a bug, not a checkpoint problem: every path above allocates what it keeps)
+        raise RuntimeError(f"{model_dir}: parameters left unallocated after loading: {unloaded[:4]}")
     return model.eval()
 
 
 def _put_4bit(layer: torch.nn.Module, attr: str, names: tuple[str, ...], tensors: dict[str, torch.Tensor],
               config: ModelConfig, packs: bool, fused: bool) -> None:
     """`layer.<attr>` (q, k, v fused; gate, up fused) of a quantized checkpoint. Where all its parts
-    are 4-bit with the same groups (runs of group_size once sorted) and the model runs on the CPU in float32 with
-    the kernels built (`fused`), the 4-bit values are kept (`layer.quantized`; `pack_model` makes
-    them 4-bit panels, and a model that packs never writes the dense parameter, which it then
-    drops); act-ordered groups are sorted into runs there, the kernel reading the inputs in that
-    order. Otherwise the parameter holds the dequantized weight (CUDA, bfloat16, groups that
-    sorting cannot make whole, parts left unquantized)."""
+    are 4-bit with the same groups, it stays 4-bit:
+
+    - on the CPU in float32 with the kernels built (`fused`), if its groups are runs of group_size
+      once sorted: `layer.quantized`, which `pack_model` makes 4-bit panels (act-ordered groups
+      sorted into runs, the kernel reading the inputs in that order); a model that packs never
+      allocates the dense parameter;
+    - where the Triton W4A16 kernel runs (CUDA), as a `PackedInt4` in place of the parameter.
+
+    Otherwise the parameter (allocated here: the model leaves quantized projections on the meta
+    device) holds the dequantized weight (bfloat16 on the CPU, parts left unquantized, groups that
+    sorting cannot make whole on the CPU's path)."""
     param = getattr(layer, attr)
+    device = layer.input_norm.device
     bases = [n.removesuffix(".weight") for n in names]
     parts = [read_int4(tensors, b, config.quantization) if b + ".qweight" in tensors else None for b in bases]
     whole = Int4Weight.cat(parts) if all(p is not None for p in parts) else None
-    if (whole is not None and whole.sortable and fused and param.device.type == "cpu"
-            and param.dtype == torch.float32):
+    cpu_panels = fused and device.type == "cpu" and param.dtype == torch.float32
+    if whole is not None and whole.sortable and cpu_panels:
         layer.quantized[attr] = whole
         if not packs:
-            param.data.copy_(whole.dequantize())
+            _allocate(layer, attr).copy_(whole.dequantize())
+        return
+    if whole is not None and int4_kernel_route(device, param.dtype):  # (never where cpu_panels is)
+        set_int4(layer, attr, whole)
         return
     dense = [p.dequantize() if p is not None else tensors[n].float() for p, n in zip(parts, names, strict=True)]
-    param.data.copy_(torch.cat(dense).to(param.dtype))
+    _allocate(layer, attr).copy_(torch.cat(dense).to(param.dtype))
+
+
+def _allocate(layer: torch.nn.Module, attr: str) -> torch.Tensor:
+    """`layer.<attr>`, a parameter on the meta device, allocated on the layer's device."""
+    meta = getattr(layer, attr)
+    param = torch.nn.Parameter(torch.empty(meta.shape, dtype=meta.dtype, device=layer.input_norm.device),
+                               requires_grad=False)
+    layer._parameters[attr] = param
+    return param.data
 
 
 def _put_experts(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], config: ModelConfig, index: int,

@@ -9,7 +9,9 @@ packed CPU model (the default: `lengthwise.ops.cpu.decode.pack_model`) the quant
 the only copy: the fused decode path and prefill's panel GEMM read them, and the torch reference
 unpacks the dequantized weights. A model kept dense (`LENGTHWISE_CPU_PACKED_WEIGHTS=0`) holds the
 dequantized weights as its parameters and the quantized values for the fused path beside them.
-Either way every path computes the same model. Activations, the KV cache, norms, embeddings and
+Either way every path computes the same model. On CUDA (wherever Triton runs, in the model's
+dtype) `int4` replaces each projection by its 4-bit values (`lengthwise.ops.int4.PackedInt4`),
+which the W4A16 kernel dequantizes in registers; `int8` stays CPU-only. Activations, the KV cache, norms, embeddings and
 the LM head are not quantized (vLLM's quantization methods leave the LM head too); on a packed
 model they may be held in bfloat16 where that is exact. (A GPTQ or AWQ checkpoint arrives
 quantized: `check_quantization` only checks that `quantization` agrees with it.)
@@ -23,7 +25,9 @@ import torch
 
 from lengthwise.config import QUANTIZATION_METHODS
 from lengthwise.model.config import CHECKPOINT_QUANTIZATIONS, ModelConfig
-from lengthwise.model.int4 import quantize_int4
+from lengthwise.model.int4 import Int4Weight, quantize_int4
+from lengthwise.ops.dispatch import triton_runs_on
+from lengthwise.ops.int4 import pack_int4
 
 # The decoder layer's projections (`DecoderLayer` attributes) that quantization replaces.
 QUANTIZED_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
@@ -53,6 +57,24 @@ def quantize_int8(weight: torch.Tensor) -> Int8Weight:
     return Int8Weight(q, scales)
 
 
+def int4_kernel_route(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether 4-bit weights stay 4-bit on the Triton W4A16 kernel (`lengthwise.ops.int4`): wherever
+    Triton runs (CUDA), except where the CPU's fused path packs its own 4-bit panels (float32 on a
+    CPU where its kernels build; tests force Triton on the CPU)."""
+    from lengthwise.ops import cpu as cpu_ops
+
+    cpu_panels = device.type == "cpu" and dtype == torch.float32 and cpu_ops.segment_attention_kernel() is not None
+    return triton_runs_on(device) and not cpu_panels
+
+
+def set_int4(layer: torch.nn.Module, name: str, weight: Int4Weight) -> None:
+    """Make `layer.<name>` the 4-bit `weight` as the W4A16 kernel reads it (`PackedInt4`, on the
+    layer's device), in place of its dense parameter."""
+    packed = pack_int4(weight.q, weight.scales, weight.zeros, weight.groups(), layer.input_norm.device)
+    del layer._parameters[name]
+    setattr(layer, name, packed)
+
+
 def check_quantization(quantization: str | None, device: torch.device, dtype: torch.dtype,
                        config: ModelConfig | None = None) -> None:
     """Refuse, naming the field, a method we do not have, a device/dtype it does not run on, or a
@@ -76,6 +98,11 @@ def check_quantization(quantization: str | None, device: torch.device, dtype: to
     if quantization not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or None, "
                          f"got {quantization!r}")
+    if quantization == "int4" and int4_kernel_route(device, dtype):
+        return  # (the Triton W4A16 kernel, in the model's dtype)
+    if quantization == "int4" and device.type != "cpu":
+        raise ValueError(f"quantization='int4' on {device.type} runs on the Triton W4A16 kernel, and Triton does "
+                         f"not run here (triton does not import, or LENGTHWISE_KERNELS=torch)")
     if device.type != "cpu":
         raise ValueError(f"quantization={quantization!r} is weight-only quantization for the CPU's fused decode path; "
                          f"on {device.type} it would only add error (serve the checkpoint's own dtype there)")
@@ -97,10 +124,14 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> None:
     packed = cpu_decode.is_packed(model)
     cpu_decode.unpack_model(model)  # (a packed model: dense again, quantized, packed again below)
     method = quantize_int8 if quantization == "int8" else quantize_int4
+    kernel = quantization == "int4" and int4_kernel_route(model.device, model.dtype)
     for layer in model.layers:
         for name in QUANTIZED_WEIGHTS:
             param = getattr(layer, name)
             quantized = method(param.data)
+            if kernel:
+                set_int4(layer, name, quantized)
+                continue
             param.data.copy_(quantized.dequantize())
             layer.quantized[name] = quantized
     model.quantization = quantization

@@ -39,11 +39,16 @@ def kernel_choice() -> str:
 
 def use_triton(x: torch.Tensor) -> bool:
     """Whether the op about to run on `x` should take its Triton kernel."""
+    return triton_runs_on(x.device)
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether ops on tensors on `device` take their Triton kernels (see the module docstring)."""
     choice = kernel_choice()
     if choice == "torch":
         return False
     if choice == "auto":
-        return x.is_cuda and triton_available()
+        return device.type == "cuda" and triton_available()
     if not triton_available():
         raise ValueError(f"{KERNELS_ENV}=triton, but triton does not import")
     return True

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 from lengthwise.ops import triton as triton_ops
 from lengthwise.ops.activation import silu_and_mul
-from lengthwise.ops.cpu import AnyWeight, PackedWeight, dense
+from lengthwise.ops.cpu import AnyWeight, dense
 from lengthwise.ops.dispatch import use_triton
+from lengthwise.ops.int4 import PackedInt4
 from lengthwise.ops.linear import gemv_enabled, linear
 from lengthwise.ops.norm import rms_norm
 from lengthwise.ops.rotary import rotary_and_write_kv
@@ -33,21 +34,22 @@ from lengthwise.ops.rotary import rotary_and_write_kv
 FUSED_ENV = "LENGTHWISE_FUSED"
 
 
-def fused_single_row(x: torch.Tensor) -> bool:
-    """Whether `x` is one row that takes the fused single-row kernels."""
+def fused_single_row(x: torch.Tensor, weight: AnyWeight | PackedInt4) -> bool:
+    """Whether `x` is one row that takes the fused single-row kernels with `weight` (they read dense
+    weights: a 4-bit one runs op by op, on the W4A16 kernel)."""
     return (x.dim() == 2 and x.shape[0] == 1 and os.environ.get(FUSED_ENV, "1") != "0" and gemv_enabled()
-            and use_triton(x))
+            and not isinstance(weight, PackedInt4) and use_triton(x))
 
 
 def norm_qkv_rotary_write(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                          qkv_weight: torch.Tensor | PackedWeight, qkv_bias: torch.Tensor | None, cos: torch.Tensor,
+                          qkv_weight: AnyWeight | PackedInt4, qkv_bias: torch.Tensor | None, cos: torch.Tensor,
                           sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           slot_mapping: torch.Tensor, q_norm: torch.Tensor | None = None,
                           k_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`x [T, hidden]` (+ `residual`) -> RMSNorm -> QKV -> (q/k RMSNorm) -> RoPE; k and v are
     stored into the flat caches `[slots, kv_heads, head_dim]` at `slot_mapping [T]`.
     Returns `(q [T, heads, head_dim], x + residual)`."""
-    if q_norm is None and k_norm is None and fused_single_row(x):
+    if q_norm is None and k_norm is None and fused_single_row(x, qkv_weight):
         return triton_ops.norm_qkv_rotary_write(x, residual, norm_weight, eps, dense(qkv_weight), qkv_bias, cos,
                                                 sin, k_cache, v_cache, slot_mapping)
     kv_heads, dim = k_cache.shape[1:]
@@ -65,11 +67,11 @@ def norm_qkv_rotary_write(x: torch.Tensor, residual: torch.Tensor | None, norm_w
 
 
 def norm_gate_up_silu(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                      gate_up_weight: AnyWeight,
+                      gate_up_weight: AnyWeight | PackedInt4,
                       gate_up_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """`x [T, hidden]` (+ `residual`) -> RMSNorm -> gate-up -> `silu(gate) * up`.
     Returns `(activation [T, intermediate], x + residual)`."""
-    if fused_single_row(x):
+    if fused_single_row(x, gate_up_weight):
         return triton_ops.norm_gate_up_silu(x, residual, norm_weight, eps, dense(gate_up_weight), gate_up_bias)
     x, residual = rms_norm(x, norm_weight, eps, residual)
     if isinstance(gate_up_weight, tuple):  # packed halves: two products, no [T, 2 * inter] in between

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from lengthwise.ops.int4 import PackedInt4
+
 _HERE = Path(__file__).parent
 SOURCES = [_HERE / "segment_attention.cpp", _HERE / "decode_forward.cpp"]
 HEADERS = [_HERE / "attention.h"]
@@ -231,10 +233,13 @@ class PackedWeight:
 AnyWeight = torch.Tensor | PackedWeight | tuple[PackedWeight, ...]
 
 
-def dense(weight: AnyWeight) -> torch.Tensor:
-    """`weight` as a float tensor `[n, k]` (halves of a pair stacked), unpacking panels if needed."""
+def dense(weight: AnyWeight | PackedInt4) -> torch.Tensor:
+    """`weight` as a float tensor `[n, k]` (halves of a pair stacked), unpacking panels or
+    dequantizing a Triton 4-bit weight if needed."""
     if isinstance(weight, tuple):
         return torch.cat([dense(w) for w in weight])
+    if isinstance(weight, PackedInt4):
+        return weight.dequantize()
     return weight.unpack() if isinstance(weight, PackedWeight) else weight
 
 

@@ -36,6 +36,7 @@ from lengthwise.ops.cpu import (
     segment_attention_kernel,
 )
 from lengthwise.ops.dispatch import kernel_choice
+from lengthwise.ops.int4 import PackedInt4
 from lengthwise.ops.rotary import rotary_cos_sin
 
 FUSED_ENV = "LENGTHWISE_CPU_FUSED"            # "0" keeps the op-by-op path (an A/B switch)
@@ -197,13 +198,14 @@ def packed_experts(layer: torch.nn.Module) -> tuple[list[tuple[PackedWeight, Pac
             [pack_panels(w) for w in down])
 
 
-def projection_panels(model: torch.nn.Module) -> list[PackedWeight]:
-    """The panels `model`'s layers hold as their projections and experts (none for a dense model)."""
+def projection_panels(model: torch.nn.Module) -> list[PackedWeight | PackedInt4]:
+    """The packed weights `model`'s layers hold as their projections and experts: CPU panels, or
+    the Triton kernel's 4-bit weights (none for a dense model)."""
     weights = [getattr(layer, name) for layer in model.layers for name in PROJECTIONS]
     for layer in model.layers:
         if layer.moe is not None and not isinstance(layer.experts_down, torch.Tensor):
             weights += [*layer.experts_gate_up, *layer.experts_down]
-    return [w for weight in weights for w in _as_tuple(weight) if isinstance(w, PackedWeight)]
+    return [w for weight in weights for w in _as_tuple(weight) if isinstance(w, PackedWeight | PackedInt4)]
 
 
 def _as_tuple(weight: object) -> tuple:

@@ -49,6 +49,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return run(x, weight, bias, **knobs)
 
 
+def int4_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                **knobs) -> torch.Tensor:
+    """`F.linear` with a 4-bit weight (`lengthwise.ops.int4.PackedInt4`), dequantized in registers."""
+    from lengthwise.ops.triton.int4 import int4_linear as run
+
+    return run(x, weight, bias, out, **knobs)
+
+
 def norm_qkv_rotary_write(x, residual, norm_weight, eps, weight, bias, cos, sin, k_cache, v_cache, slot_mapping,
                           out=None, **knobs):
     """One token: residual add + RMSNorm + QKV GEMV + RoPE + KV write in one kernel; returns (q, residual)."""
@@ -73,5 +81,5 @@ def paged_attention(q, k_cache, v_cache, positions, meta, scale, sliding_window=
     return run(q, k_cache, v_cache, positions, meta, scale, sliding_window, out)
 
 
-__all__ = ["fused_add_rms_norm", "gemv", "norm_gate_up_silu", "norm_qkv_rotary_write", "paged_attention",
+__all__ = ["fused_add_rms_norm", "gemv", "int4_linear", "norm_gate_up_silu", "norm_qkv_rotary_write", "paged_attention",
            "rotary_and_write_kv", "silu_and_mul"]
