@@ -82,7 +82,7 @@ for s in "${STEPS[@]}"; do
         step host 120 "$PY" benchmarks/host_overhead.py --rows 1,64,128,256 --repeats 1 ${DATA[@]+"${DATA[@]}"} --out "$OUT/host" ;;
     int4)
         step int4_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_int4.py tests/test_ops_triton.py \
-            -k "cuda or triton_kernel or bench_kernels or int4_linear"
+            -k "cuda or triton_kernel or bench_kernels or int4_linear or quantized_moe or odd_widths"
         step kernels_int4 200 "$PY" "${KERNELS[@]}" --quantization int4 --json "$OUT/k1b_int4.json" ;;
     *) echo "unknown step $s (tests, kernels, experimental, unfused, cublas, throughput, host, int4)" >&2; exit 2 ;;
     esac

@@ -12,6 +12,7 @@ on that kernel too, on the CPU under Triton's interpreter, as CUDA runs it.)
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -268,8 +269,11 @@ def test_what_is_refused_names_the_field(tmp_path):
     make_hf_model("mixtral").save_pretrained(moe)
     moe_config = json.loads((moe / "config.json").read_text())
     (moe / "config.json").write_text(json.dumps({**moe_config, "quantization_config": config["quantization_config"]}))
-    with pytest.raises(CheckpointError, match="quantized mixtral"):
-        load_model(moe, "float32", "cpu")
+    # (A quantized MoE checkpoint whose projections are all stored unquantized loads them as they are.)
+    loaded = load_model(moe, "float32", "cpu")
+    assert loaded.quantization == "gptq"
+    stored = load_file(moe / "model.safetensors")["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    assert torch.equal(dense(loaded.layers[1].experts_down[3]), stored.float())
 
 
 def test_a_checkpoint_short_of_its_4bit_tensors_fails_by_name(tmp_path):
@@ -510,6 +514,21 @@ def test_int4_quantization_on_the_triton_kernel(hf_checkpoint, monkeypatch):
     assert _rel_err(reference, prompt_logits(plain, prompts)) > 1e-3  # (it is quantized)
 
 
+def test_int4_on_the_triton_kernel_keeps_odd_widths_dense(monkeypatch, tmp_path):
+    """A projection whose input width is not a multiple of 8 (stories260k's down projection: 172)
+    cannot be held in the kernel's words: quantized, but kept as its dequantized weight."""
+    from conftest import save_hf_model
+
+    path = save_hf_model(make_hf_model("llama", intermediate_size=100), tmp_path / "odd")
+    _on_the_triton_kernel(monkeypatch)
+    model = load_model(path, "float32", KERNEL_DEVICE, quantization="int4")
+    layer = model.layers[0]
+    assert isinstance(layer.gate_up_weight, PackedInt4) and isinstance(layer.down_weight, torch.nn.Parameter)
+    assert not layer.quantized  # (nothing kept beside it: no CPU panels on this route)
+    expected = quantize_int4(dense(load_model(path, "float32", KERNEL_DEVICE).layers[0].down_weight))
+    assert torch.equal(layer.down_weight, expected.dequantize())
+
+
 @requires_cuda
 @pytest.mark.parametrize("method, dtype", [("gptq", "float16"), ("awq", "bfloat16")])
 def test_quantized_checkpoints_on_cuda(method, dtype, tmp_path):
@@ -529,26 +548,106 @@ def test_quantized_checkpoints_on_cuda(method, dtype, tmp_path):
     assert [o.outputs[0].token_ids for o in graphed] == [o.token_ids for o in eager]
 
 
-def test_bench_kernels_counts_4bit_projections(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_kernels_counts_4bit_projections(dtype, tmp_path, monkeypatch):
     """`bench kernels` on a model whose projections run on the W4A16 kernel: the streamed bytes are
     the 4-bit ones, and each projection has a row for the kernel the model really runs."""
     from lengthwise.bench.kernels import kernel_rows, streamed_weight_bytes
 
     _, path = quantized_checkpoint(tmp_path, "gptq")
     _on_the_triton_kernel(monkeypatch)
-    model = load_model(path, "float32", KERNEL_DEVICE)
+    model = load_model(path, dtype, KERNEL_DEVICE)
     streamed, form = streamed_weight_bytes(path, model)
-    dense_bytes, dense_form = streamed_weight_bytes(path, _dequantized(path, monkeypatch))
-    assert form == "float32, 8 projections int4" and dense_form == "float32"
+    dense_bytes, dense_form = streamed_weight_bytes(path, _dequantized(path, dtype, monkeypatch))
+    assert form == f"{dtype}, 8 projections int4" and dense_form == dtype
     int4 = [getattr(layer, n) for layer in model.layers for n in QUANTIZED_WEIGHTS]
-    assert dense_bytes - streamed == sum(w.n * w.k * 4 - w.nbytes for w in int4) > 0
-    rows = {r["kernel"]: r for r in kernel_rows(model, 1, 10.0, 100.0, torch.float32)}
+    assert dense_bytes - streamed == sum(w.n * w.k * model.dtype.itemsize - w.nbytes for w in int4) > 0
+    rows = {r["kernel"]: r for r in kernel_rows(model, 1, 10.0, 100.0, model.dtype)}
     for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
-        assert rows[f"{name} (4-bit)"]["bytes"] < rows[name]["bytes"] / 4
+        assert rows[f"{name} (4-bit)"]["bytes"] < rows[name]["bytes"] / 2
 
 
-def _dequantized(path, monkeypatch):
+def _dequantized(path, dtype, monkeypatch):
     monkeypatch.setenv(KERNELS_ENV, "torch")  # (no Triton: the 4-bit projections are dequantized at load)
-    model = load_model(path, "float32", KERNEL_DEVICE)
+    model = load_model(path, dtype, KERNEL_DEVICE)
     monkeypatch.setenv(KERNELS_ENV, "triton")
     return model
+
+
+# Every decoder projection of a sparse checkpoint as saved: attention, experts, Qwen2-MoE's shared
+# expert (the routers and the shared-expert gate stay unquantized, as GPTQ and AWQ leave them).
+_SPARSE_PROJECTION = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(shared_expert\.|experts\.\d+\.)"
+                                r"(gate|up|down)_proj|(block_sparse_moe|mlp)\.experts\.\d+\.w[123])\.weight")
+
+
+def quantized_moe_checkpoint(tmp_path, family: str, method: str, group_size: int = 32):
+    """(transformers model on the dequantized weights, 4-bit checkpoint dir) of a mixture-of-experts
+    `family`: every projection of the saved checkpoint quantized as `quantized_checkpoint` does
+    (in input order), the reference loaded by transformers from the dequantized weights (it holds
+    experts fused in memory, so they go through its own loading)."""
+    import transformers
+
+    hf = make_hf_model(family)
+    ref_dir, quant_dir = tmp_path / f"{family}-dense", tmp_path / f"{family}-{method}"
+    hf.save_pretrained(ref_dir)
+    tensors = load_file(ref_dir / "model.safetensors")
+    g = torch.Generator().manual_seed(7)
+    stored = {}
+    names = [n for n in tensors if _SPARSE_PROJECTION.fullmatch(n)]
+    assert any(".experts." in n for n in names)
+    for name in names:
+        w = tensors[name].float()
+        n, k = w.shape
+        groups = -(-k // group_size)
+        g_idx = torch.arange(k) // group_size
+        scales = (0.005 + 0.02 * torch.rand(n, groups, generator=g)).half().float()
+        zeros = torch.randint(1, 16, (n, groups), generator=g)
+        q = torch.round(w / scales[:, g_idx] + zeros[:, g_idx]).clamp(0, 15).to(torch.uint8)
+        tensors[name] = ((q.float() - zeros[:, g_idx]) * scales[:, g_idx]).contiguous()
+        packed = _gptq_tensors(q, zeros, scales, g_idx, True) if method == "gptq" else _awq_tensors(q, zeros, scales)
+        stored.update({f"{name.removesuffix('.weight')}.{key}": t for key, t in packed.items()})
+    save_file(tensors, ref_dir / "model.safetensors", metadata={"format": "pt"})
+    reference = getattr(transformers, type(hf).__name__).from_pretrained(ref_dir).eval()
+    hf.save_pretrained(quant_dir)
+    dense_rest = {n: t for n, t in tensors.items() if n not in names}
+    save_file({**dense_rest, **stored}, quant_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((quant_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": group_size,
+                                     **({"desc_act": False, "sym": False} if method == "gptq"
+                                        else {"version": "gemm", "zero_point": True})}
+    (quant_dir / "config.json").write_text(json.dumps(config))
+    return reference, quant_dir
+
+
+@pytest.mark.parametrize("family, method", [("qwen3-moe", "gptq"), ("mixtral", "awq"), ("qwen2-moe", "gptq")])
+@pytest.mark.parametrize("route", ["cpu-panels", "triton"])
+def test_quantized_moe_checkpoints(family, method, route, tmp_path, monkeypatch):
+    """Quantized mixture-of-experts checkpoints (Qwen3-MoE, Mixtral, Qwen2-MoE with its shared
+    expert): every expert stays 4-bit, as 4-bit panels on the CPU (the fused step's expert kernel
+    reads them) or as one `PackedInt4` per expert on the W4A16 kernel; logits and greedy tokens
+    against transformers on the dequantized weights."""
+    hf, path = quantized_moe_checkpoint(tmp_path, family, method)
+    if route == "triton":
+        _on_the_triton_kernel(monkeypatch)
+        model = load_model(path, "float32", KERNEL_DEVICE)
+    else:
+        model = load_model(path, "float32", "cpu")
+    sparse = [layer for layer in model.layers if layer.moe is not None]
+    assert sparse
+    for layer in sparse:
+        if route == "triton":
+            assert all(isinstance(w, PackedInt4) for w in (*layer.experts_gate_up, *layer.experts_down))
+        else:
+            assert {w.dtype for pair in layer.experts_gate_up for w in pair} == {cpu_kernels.INT4}
+            assert {w.dtype for w in layer.experts_down} == {cpu_kernels.INT4}
+    assert not any(p.is_meta for p in model.parameters())
+    prompts = _prompts(hf.config.vocab_size)
+    assert _rel_err(prompt_logits(model, prompts).cpu(), _hf_last_logits(hf, prompts)) < 1e-4
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    outs = generate(model, prompts[:3], params)
+    if route == "cpu-panels":
+        assert model._cpu_decode_pointers is not None  # the fused step ran on the 4-bit experts
+    for prompt, out in zip(prompts[:3], outs, strict=True):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), max_new_tokens=5, do_sample=False)[0, len(prompt):]
+        assert out.token_ids == ref.tolist()

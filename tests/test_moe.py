@@ -162,20 +162,45 @@ def test_loader_stacks_experts_and_names_missing_ones(qwen3_moe, tmp_path, monke
         load_model(broken, "float32", "cpu")
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("family", ["qwen3-moe", "qwen2-moe"])
-def test_int8_is_refused_for_experts(family, tmp_path):
-    """Refused at load, and when an engine is asked to quantize a loaded model (Qwen2-MoE would
-    otherwise quantize its shared expert and attention only and call itself int8)."""
-    from lengthwise.config import EngineConfig
-    from lengthwise.engine.llm_engine import LLMEngine
+def test_quantization_covers_the_experts(family, method, tmp_path, monkeypatch):
+    """int8 and int4 quantize every expert as a matrix of its own (and Qwen2-MoE's shared expert
+    and the attention projections), held once as int8 or 4-bit panels; the fused decode step
+    gives the op-by-op path's greedy tokens, and the model is not the unquantized one."""
+    from lengthwise.model.int4 import quantize_int4
+    from lengthwise.model.quantize import quantize_int8
+    from lengthwise.ops import cpu as cpu_kernels
 
     path = save_hf_model(make_hf_model(family), tmp_path / family)
-    with pytest.raises(ValueError, match="quantization='int8'.*experts"):
-        load_model(path, "float32", "cpu", quantization="int8")
-    model = load_model(path, "float32", "cpu")
-    with pytest.raises(ValueError, match="quantization='int8'.*experts"):
-        LLMEngine(model, None, EngineConfig(quantization="int8"))
-    assert model.quantization is None
+    plain = load_model(path, "float32", "cpu")
+    quant = load_model(path, "float32", "cpu", quantization=method)
+    assert quant.quantization == method
+    fmt, scheme = {"int8": (torch.int8, quantize_int8), "int4": (cpu_kernels.INT4, quantize_int4)}[method]
+    sparse = [i for i, layer in enumerate(quant.layers) if layer.moe is not None]
+    for i in sparse:
+        pl, ql = plain.layers[i], quant.layers[i]
+        for e in (0, len(ql.experts_down) - 1):
+            gate, up = ql.experts_gate_up[e]
+            assert gate.dtype == up.dtype == ql.experts_down[e].dtype == fmt
+            want = scheme(dense(pl.experts_down[e])).dequantize()
+            torch.testing.assert_close(dense(ql.experts_down[e]), want, atol=1e-6, rtol=0)
+        if ql.gate_up_weight is not None:  # Qwen2-MoE's shared expert
+            assert {w.dtype for w in ql.gate_up_weight} == {fmt}
+    prompts = [[5 + i, 17, 99 - i, 3] for i in range(6)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    fused = [o.token_ids for o in generate(quant, prompts, params)]
+    assert quant._cpu_decode_pointers is not None  # the decode steps took the fused path
+    def expert_bytes(model) -> int:
+        return sum(w.nbytes for i in sparse for pair in model.layers[i].experts_gate_up for w in pair) + sum(
+            w.nbytes for i in sparse for w in model.layers[i].experts_down)
+
+    assert expert_bytes(quant) < expert_bytes(plain) / (3 if method == "int8" else 5)  # (float32 panels there)
+    q_logits, p_logits = prompt_logits(quant, prompts), prompt_logits(plain, prompts)
+    assert 0 < (q_logits - p_logits).abs().max() < 0.5 * p_logits.abs().max()
+    monkeypatch.setenv(cpu_decode.FUSED_ENV, "0")
+    assert [o.token_ids for o in generate(quant, prompts, params)] == fused
+    torch.testing.assert_close(prompt_logits(quant, prompts), q_logits, atol=1e-4, rtol=1e-4)
 
 
 def test_nan_router_logits_stay_in_range_on_the_fused_path(qwen3_moe, monkeypatch):

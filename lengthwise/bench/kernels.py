@@ -211,7 +211,7 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
     h = c.hidden_size
     x = torch.randn(batch, h, device=dev, dtype=dt)
     res = torch.randn_like(x)
-    qkv = F.linear(x, cpu_kernels.dense(layer.qkv_weight))
+    qkv = F.linear(x, cpu_kernels.dense(layer.qkv_weight).to(dt))
     q, k, v = qkv.split((c.q_size, c.kv_size, c.kv_size), dim=-1)
     q = q.reshape(batch, c.num_heads, c.head_dim)
     k = k.reshape(batch, c.num_kv_heads, c.head_dim)
@@ -264,17 +264,17 @@ def kernel_rows(model: Any, batch: int, bandwidth_gbs: float, peak_gflops: float
         *(moe_rows(sparse, x, res, isz) if sparse is not None else []),
         *linear("lm_head", model.lm_head if model.head_panels is None else model.head_panels, x),
     ]
+    # What a batch-1 layer really runs in place of the norm, QKV, RoPE, gate-up and SiLU rows above
+    # (each block where its weight takes the fused kernel: not a 4-bit one).
+    qkv_n, inter = c.q_size + 2 * c.kv_size, c.intermediate_size
     if fused_single_row(x, layer.qkv_weight) and layer.moe is None:
-        # What a batch-1 layer really runs in place of the norm, QKV, RoPE, gate-up and SiLU rows above.
-        qkv_n, inter = c.q_size + 2 * c.kv_size, c.intermediate_size
-        ops += [
-            ("norm+qkv_proj+rotary+write_kv (fused)", lambda: norm_qkv_rotary_write(
-                x, res, layer.input_norm, c.rms_norm_eps, layer.qkv_weight, layer.qkv_bias, cos, sin, k_cache,
-                v_cache, meta.slot_mapping), (qkv_n * h + 4 * h + qkv_n) * isz, 2 * qkv_n * h),
-            ("norm+gate_up_proj+silu (fused)", lambda: norm_gate_up_silu(
-                x, res, layer.post_attn_norm, c.rms_norm_eps, layer.gate_up_weight, layer.gate_up_bias),
-             (2 * inter * h + 4 * h + inter) * isz, 4 * inter * h),
-        ]
+        ops.append(("norm+qkv_proj+rotary+write_kv (fused)", lambda: norm_qkv_rotary_write(
+            x, res, layer.input_norm, c.rms_norm_eps, layer.qkv_weight, layer.qkv_bias, cos, sin, k_cache,
+            v_cache, meta.slot_mapping), (qkv_n * h + 4 * h + qkv_n) * isz, 2 * qkv_n * h))
+    if fused_single_row(x, layer.gate_up_weight) and layer.moe is None:
+        ops.append(("norm+gate_up_proj+silu (fused)", lambda: norm_gate_up_silu(
+            x, res, layer.post_attn_norm, c.rms_norm_eps, layer.gate_up_weight, layer.gate_up_bias),
+            (2 * inter * h + 4 * h + inter) * isz, 4 * inter * h))
     rows = []
     with torch.inference_mode():
         for name, fn, nbytes, flops in ops:

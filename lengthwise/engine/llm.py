@@ -32,7 +32,8 @@ class LLM:
 
     `model_dir` is a local Hugging Face checkpoint directory (the built-in default model when
     `None`). The other arguments are `EngineConfig`'s: `dtype`, `device`, `quantization` (`"int8"` or
-    `"int4"`: weight-only quantization on the CPU; GPTQ and AWQ checkpoints load as they are),
+    `"int4"`: weight-only quantization on the CPU, int4 also on CUDA; GPTQ and AWQ checkpoints
+    load as they are),
     `kv_cache_dtype` (`"bfloat16"`: half the KV bytes on the CPU),
     `kv_cache_memory` (bytes or a fraction of free memory),
     `max_num_seqs`, `max_num_batched_tokens`, `block_size`, `max_model_len`, the scheduling

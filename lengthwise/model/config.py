@@ -213,9 +213,6 @@ class ModelConfig:
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         quant = raw.get("quantization_config")
         quantization = CheckpointQuantization.from_hf(quant) if quant else None
-        if quantization is not None and model_type in MOE_MODEL_TYPES:
-            raise CheckpointError(f"config.json: quantized {model_type} checkpoints are not supported (4-bit "
-                                  f"experts); serve a bfloat16, float16 or float32 checkpoint")
         architectures = raw.get("architectures") or []
         if architectures and not any(str(a).endswith("ForCausalLM") for a in architectures):
             raise CheckpointError(f"config.json: architectures {architectures} has no *ForCausalLM: lengthwise "

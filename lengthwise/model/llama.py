@@ -66,8 +66,8 @@ class DecoderLayer(nn.Module):
         if moe is not None:
             e, i = moe.num_experts, moe.expert_intermediate_size
             self.router_weight = _param((e, h), dtype, device)
-            self.experts_gate_up = _param((e, 2 * i, h), dtype, device)
-            self.experts_down = _param((e, h, i), dtype, device)
+            self.experts_gate_up = _param((e, 2 * i, h), dtype, proj)
+            self.experts_down = _param((e, h, i), dtype, proj)
             inter = moe.shared_expert_intermediate_size
             if inter:
                 self.shared_gate_weight = _param((1, h), dtype, device)

@@ -23,6 +23,7 @@ from lengthwise.model.int4 import Int4Weight, read_int4, stored_shapes
 from lengthwise.model.llama import CausalLM
 from lengthwise.model.quantize import check_quantization, int4_kernel_route, quantize_model, set_int4
 from lengthwise.ops.cpu import decode as cpu_decode
+from lengthwise.ops.int4 import pack_int4
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other spellings
@@ -30,7 +31,9 @@ _DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other spellin
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
 # The decoder projections a GPTQ or AWQ checkpoint may store as 4-bit tensors.
-_PROJECTION = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
+# (A sparse layer's experts and Qwen2-MoE's shared expert too; never the router or the shared-expert gate.)
+_PROJECTION = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(shared_expert\.|experts\.\d+\.)?"
+                         r"(gate|up|down)_proj|block_sparse_moe\.experts\.\d+\.w[123])\.weight")
 
 
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: torch.device) -> torch.dtype:
@@ -225,8 +228,9 @@ def _tie(tensors: dict[str, torch.Tensor], model_dir: Path) -> None:
 
 def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
                device: str | torch.device = "auto", quantization: str | None = None) -> CausalLM:
-    """Load a checkpoint directory as a `CausalLM` on `device` in `dtype`; `quantization="int8"`
-    quantizes its decoder projections (`lengthwise.model.quantize`; CPU, float32)."""
+    """Load a checkpoint directory as a `CausalLM` on `device` in `dtype`; `quantization="int8"` or
+    `"int4"` quantizes its decoder projections and experts (`lengthwise.model.quantize`: on the CPU
+    in float32; int4 also on CUDA). A GPTQ/AWQ checkpoint loads as it is stored (4-bit)."""
     model_dir = Path(model_dir)
     config = ModelConfig.from_dir(model_dir)
     dev = resolve_device(device)
@@ -266,7 +270,7 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
         put_projection(layer, "o_weight", attn + "o_proj.weight")
         put(layer.o_bias, attn + "o_proj.bias")
         if layer.moe is not None:
-            _put_experts(layer, tensors, config, i, dt)
+            _put_experts(layer, tensors, config, i, dt, packs, fused)
             mlp += "shared_expert."  # (Qwen2-MoE's; `put` skips what the layer does not have)
         put_projection(layer, "gate_up_weight", mlp + "gate_proj.weight", mlp + "up_proj.weight")
         put(layer.gate_up_bias, mlp + "gate_proj.bias", mlp + "up_proj.bias")
@@ -311,7 +315,7 @@ def _put_4bit(layer: torch.nn.Module, attr: str, names: tuple[str, ...], tensors
         set_int4(layer, attr, whole)
         return
     dense = [p.dequantize() if p is not None else tensors[n].float() for p, n in zip(parts, names, strict=True)]
-    _allocate(layer, attr).copy_(torch.cat(dense).to(param.dtype))
+    _allocate(layer, attr).copy_(torch.cat(dense).to(param.dtype))  # (parts read once: not _dense_part)
 
 
 def _allocate(layer: torch.nn.Module, attr: str) -> torch.Tensor:
@@ -324,13 +328,48 @@ def _allocate(layer: torch.nn.Module, attr: str) -> torch.Tensor:
 
 
 def _put_experts(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], config: ModelConfig, index: int,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, packs: bool, fused: bool) -> None:
     """Stack a sparse layer's experts: gate and up rows of expert e in `experts_gate_up[e]`, its
-    down projection in `experts_down[e]`; the router as is, and Qwen2-MoE's shared-expert gate."""
+    down projection in `experts_down[e]`; the router as is, and Qwen2-MoE's shared-expert gate.
+
+    A quantized checkpoint's 4-bit experts stay 4-bit where every expert of the layer is: as the
+    fused CPU path's 4-bit panels (`layer.quantized`, packed by `pack_model`; only groups in input
+    order: its expert kernel reads no input order), or as a `PackedInt4` per expert where the W4A16
+    kernel runs. Otherwise they are dequantized into the stacked parameters (allocated here)."""
     router, experts = expert_names(config, index)
     layer.router_weight.data.copy_(tensors[router].to(dtype))
-    for e, (gate, up, down) in enumerate(experts):
-        layer.experts_gate_up.data[e].copy_(torch.cat([tensors[gate], tensors[up]]).to(dtype))
-        layer.experts_down.data[e].copy_(tensors[down].to(dtype))
     if layer.shared_gate_weight is not None:
         layer.shared_gate_weight.data.copy_(tensors[f"model.layers.{index}.mlp.shared_expert_gate.weight"].to(dtype))
+    device = layer.input_norm.device
+    if config.quantization is not None:
+        def four_bit(*names: str) -> Int4Weight | None:
+            parts = [read_int4(tensors, n.removesuffix(".weight"), config.quantization)
+                     if n.removesuffix(".weight") + ".qweight" in tensors else None for n in names]
+            return Int4Weight.cat(parts) if all(p is not None for p in parts) else None
+
+        gate_up = [four_bit(gate, up) for gate, up, _ in experts]
+        down = [four_bit(d) for _, _, d in experts]
+        whole = all(w is not None for w in (*gate_up, *down))
+        if whole and fused and device.type == "cpu" and dtype == torch.float32:
+            if all(w.g_idx is None or torch.equal(w.g_idx, torch.arange(w.shape[1]) // w.group_size)
+                   for w in (*gate_up, *down)):
+                layer.quantized.update(experts_gate_up=gate_up, experts_down=down)
+                if not packs:  # (kept dense, the 4-bit values beside them for the fused path)
+                    _allocate(layer, "experts_gate_up").copy_(torch.stack([w.dequantize() for w in gate_up]))
+                    _allocate(layer, "experts_down").copy_(torch.stack([w.dequantize() for w in down]))
+                return
+        elif whole and int4_kernel_route(device, dtype):
+            for attr, weights in (("experts_gate_up", gate_up), ("experts_down", down)):
+                del layer._parameters[attr]
+                setattr(layer, attr, [pack_int4(w.q, w.scales, w.zeros, w.groups(), device) for w in weights])
+            return
+    stacked_gate_up, stacked_down = _allocate(layer, "experts_gate_up"), _allocate(layer, "experts_down")
+    for e, (gate, up, down) in enumerate(experts):
+        stacked_gate_up[e].copy_(torch.cat([_dense_part(tensors, n, config) for n in (gate, up)]).to(dtype))
+        stacked_down[e].copy_(_dense_part(tensors, down, config).to(dtype))
+
+
+def _dense_part(tensors: dict[str, torch.Tensor], name: str, config: ModelConfig) -> torch.Tensor:
+    """The weight `name` as stored, or dequantized from its 4-bit tensors."""
+    base = name.removesuffix(".weight")
+    return read_int4(tensors, base, config.quantization).dequantize() if base + ".qweight" in tensors else tensors[name]

@@ -29,8 +29,10 @@ from lengthwise.model.int4 import Int4Weight, quantize_int4
 from lengthwise.ops.dispatch import triton_runs_on
 from lengthwise.ops.int4 import pack_int4
 
-# The decoder layer's projections (`DecoderLayer` attributes) that quantization replaces.
+# The decoder layer's projections (`DecoderLayer` attributes) that quantization replaces, and a
+# sparse layer's stacked experts (each expert quantized as a matrix of its own).
 QUANTIZED_WEIGHTS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+EXPERT_WEIGHTS = ("experts_gate_up", "experts_down")
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,11 @@ def set_int4(layer: torch.nn.Module, name: str, weight: Int4Weight) -> None:
 
 def check_quantization(quantization: str | None, device: torch.device, dtype: torch.dtype,
                        config: ModelConfig | None = None) -> None:
-    """Refuse, naming the field, a method we do not have, a device/dtype it does not run on, or a
-    model (`config`) it does not cover: int8 and int4 quantize dense projections, not a sparse
-    layer's experts. A GPTQ/AWQ checkpoint takes `quantization` None or its own method (it runs on
-    any device: dequantized off the CPU's float32 path); those methods need such a checkpoint."""
+    """Refuse, naming the field, a method we do not have or a device/dtype it does not run on (int8
+    and int4 quantize the decoder projections and a sparse layer's experts alike). A GPTQ/AWQ
+    checkpoint (`config`) takes `quantization` None or its own method (it runs on any device: 4-bit
+    on the CPU's float32 path and on the Triton kernel, dequantized elsewhere); those methods need
+    such a checkpoint."""
     checkpoint = config.quantization.method if config is not None and config.quantization is not None else None
     if checkpoint is not None:
         if quantization not in (None, checkpoint):
@@ -92,9 +95,6 @@ def check_quantization(quantization: str | None, device: torch.device, dtype: to
                          f"quantization_config), and this one is not quantized; quantize it with 'int4' or 'int8'")
     if quantization is None:
         return
-    if config is not None and config.moe is not None:
-        raise ValueError(f"quantization={quantization!r} covers dense decoder projections; this "
-                         f"{config.model_type} checkpoint's experts are not supported by it")
     if quantization not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or None, "
                          f"got {quantization!r}")
@@ -128,13 +128,28 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> None:
     for layer in model.layers:
         for name in QUANTIZED_WEIGHTS:
             param = getattr(layer, name)
+            if param is None:  # (a sparse layer without a shared expert)
+                continue
             quantized = method(param.data)
-            if kernel:
+            if kernel and param.shape[1] % 8 == 0:
                 set_int4(layer, name, quantized)
                 continue
             param.data.copy_(quantized.dequantize())
-            layer.quantized[name] = quantized
+            if not kernel:  # (for the CPU's panels; on the Triton route a k its words cannot hold stays dense)
+                layer.quantized[name] = quantized
+        for name in EXPERT_WEIGHTS if layer.moe is not None else ():
+            stacked = getattr(layer, name)
+            experts = [method(w) for w in stacked.data]
+            if kernel and stacked.shape[2] % 8 == 0:
+                del layer._parameters[name]
+                setattr(layer, name, [pack_int4(w.q, w.scales, w.zeros, w.groups(), stacked.device) for w in experts])
+                continue
+            stacked.data.copy_(torch.stack([w.dequantize() for w in experts]))
+            if not kernel:
+                layer.quantized[name] = experts
     model.quantization = quantization
     model._cpu_decode_pointers = None  # packed before quantizing: pack again
+    if model.device.type == "cuda":  # the dense weights' blocks back to the device, for the KV cache's sizing
+        torch.cuda.empty_cache()
     if packed:
         cpu_decode.pack_model(model)

@@ -186,10 +186,16 @@ def _pack_quantized(w: Int8Weight | Int4Weight) -> PackedWeight:
 def packed_experts(layer: torch.nn.Module) -> tuple[list[tuple[PackedWeight, PackedWeight]], list[PackedWeight]]:
     """A sparse layer's experts as panels: per expert (gate, up) and down; its own if the model is
     packed, else packed now. One format for all of a layer's experts (the fused path reads them in
-    the first one's): bfloat16 where every expert weight is a bfloat16 value, else float32."""
+    the first one's): int8 or 4-bit for quantized experts, else bfloat16 where every expert
+    weight is a bfloat16 value, else float32."""
     gate_up, down = layer.experts_gate_up, layer.experts_down
-    if not isinstance(gate_up, torch.Tensor):
+    if not isinstance(down, torch.Tensor):
         return gate_up, down
+    if "experts_down" in layer.quantized:  # int8 or 4-bit experts (`quantize_model`, a GPTQ/AWQ checkpoint)
+        halves = [(w.rows(slice(0, w.q.shape[0] // 2)), w.rows(slice(w.q.shape[0] // 2, None)))
+                  for w in layer.quantized["experts_gate_up"]]
+        return ([(_pack_quantized(g), _pack_quantized(u)) for g, u in halves],
+                [_pack_quantized(w) for w in layer.quantized["experts_down"]])
     gate_up, down = _narrowest_exact(gate_up), _narrowest_exact(down)
     if gate_up.dtype != down.dtype:
         gate_up, down = layer.experts_gate_up, layer.experts_down
