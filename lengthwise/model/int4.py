@@ -60,6 +60,12 @@ class Int4Weight:
         k = self.q.shape[1]
         return torch.equal(torch.sort(self.g_idx, stable=True).values, torch.arange(k) // self.group_size)
 
+    @property
+    def in_input_order(self) -> bool:
+        """Whether input kk belongs to group `kk // group_size` (no act order to follow)."""
+        k = self.q.shape[1]
+        return self.g_idx is None or torch.equal(self.g_idx, torch.arange(k, device=self.q.device) // self.group_size)
+
     def in_group_order(self) -> tuple[Int4Weight, torch.Tensor | None] | None:
         """This weight with its inputs sorted by group, so that each group is a contiguous run (what
         the 4-bit panels hold), and the order `perm` (`x[:, perm]` is the input the sorted weight

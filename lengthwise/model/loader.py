@@ -23,7 +23,6 @@ from lengthwise.model.int4 import Int4Weight, read_int4, stored_shapes
 from lengthwise.model.llama import CausalLM
 from lengthwise.model.quantize import check_quantization, int4_kernel_route, quantize_model, set_int4
 from lengthwise.ops.cpu import decode as cpu_decode
-from lengthwise.ops.int4 import pack_int4
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other spellings
@@ -302,8 +301,7 @@ def _put_4bit(layer: torch.nn.Module, attr: str, names: tuple[str, ...], tensors
     sorting cannot make whole on the CPU's path)."""
     param = getattr(layer, attr)
     device = layer.input_norm.device
-    bases = [n.removesuffix(".weight") for n in names]
-    parts = [read_int4(tensors, b, config.quantization) if b + ".qweight" in tensors else None for b in bases]
+    parts = _four_bit_parts(tensors, names, config)
     whole = Int4Weight.cat(parts) if all(p is not None for p in parts) else None
     cpu_panels = fused and device.type == "cpu" and param.dtype == torch.float32
     if whole is not None and whole.sortable and cpu_panels:
@@ -314,8 +312,20 @@ def _put_4bit(layer: torch.nn.Module, attr: str, names: tuple[str, ...], tensors
     if whole is not None and int4_kernel_route(device, param.dtype):  # (never where cpu_panels is)
         set_int4(layer, attr, whole)
         return
-    dense = [p.dequantize() if p is not None else tensors[n].float() for p, n in zip(parts, names, strict=True)]
-    _allocate(layer, attr).copy_(torch.cat(dense).to(param.dtype))  # (parts read once: not _dense_part)
+    _allocate(layer, attr).copy_(_dense(parts, names, tensors).to(param.dtype))
+
+
+def _four_bit_parts(tensors: dict[str, torch.Tensor], names: tuple[str, ...],
+                    config: ModelConfig) -> list[Int4Weight | None]:
+    """Each weight `names[i]` read from its 4-bit tensors, or None where it is stored unquantized."""
+    bases = [n.removesuffix(".weight") for n in names]
+    return [read_int4(tensors, b, config.quantization) if b + ".qweight" in tensors else None for b in bases]
+
+
+def _dense(parts: list[Int4Weight | None], names: tuple[str, ...], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The weights `names` stacked along n: each dequantized from its 4-bit part, or as stored."""
+    return torch.cat([p.dequantize() if p is not None else tensors[n].float()
+                      for p, n in zip(parts, names, strict=True)])
 
 
 def _allocate(layer: torch.nn.Module, attr: str) -> torch.Tensor:
@@ -343,33 +353,25 @@ def _put_experts(layer: torch.nn.Module, tensors: dict[str, torch.Tensor], confi
     device = layer.input_norm.device
     if config.quantization is not None:
         def four_bit(*names: str) -> Int4Weight | None:
-            parts = [read_int4(tensors, n.removesuffix(".weight"), config.quantization)
-                     if n.removesuffix(".weight") + ".qweight" in tensors else None for n in names]
+            parts = _four_bit_parts(tensors, names, config)
             return Int4Weight.cat(parts) if all(p is not None for p in parts) else None
 
         gate_up = [four_bit(gate, up) for gate, up, _ in experts]
         down = [four_bit(d) for _, _, d in experts]
         whole = all(w is not None for w in (*gate_up, *down))
         if whole and fused and device.type == "cpu" and dtype == torch.float32:
-            if all(w.g_idx is None or torch.equal(w.g_idx, torch.arange(w.shape[1]) // w.group_size)
-                   for w in (*gate_up, *down)):
+            if all(w.in_input_order for w in (*gate_up, *down)):
                 layer.quantized.update(experts_gate_up=gate_up, experts_down=down)
                 if not packs:  # (kept dense, the 4-bit values beside them for the fused path)
                     _allocate(layer, "experts_gate_up").copy_(torch.stack([w.dequantize() for w in gate_up]))
                     _allocate(layer, "experts_down").copy_(torch.stack([w.dequantize() for w in down]))
                 return
         elif whole and int4_kernel_route(device, dtype):
-            for attr, weights in (("experts_gate_up", gate_up), ("experts_down", down)):
-                del layer._parameters[attr]
-                setattr(layer, attr, [pack_int4(w.q, w.scales, w.zeros, w.groups(), device) for w in weights])
+            set_int4(layer, "experts_gate_up", gate_up)
+            set_int4(layer, "experts_down", down)
             return
     stacked_gate_up, stacked_down = _allocate(layer, "experts_gate_up"), _allocate(layer, "experts_down")
     for e, (gate, up, down) in enumerate(experts):
-        stacked_gate_up[e].copy_(torch.cat([_dense_part(tensors, n, config) for n in (gate, up)]).to(dtype))
-        stacked_down[e].copy_(_dense_part(tensors, down, config).to(dtype))
-
-
-def _dense_part(tensors: dict[str, torch.Tensor], name: str, config: ModelConfig) -> torch.Tensor:
-    """The weight `name` as stored, or dequantized from its 4-bit tensors."""
-    base = name.removesuffix(".weight")
-    return read_int4(tensors, base, config.quantization).dequantize() if base + ".qweight" in tensors else tensors[name]
+        for target, names in ((stacked_gate_up[e], (gate, up)), (stacked_down[e], (down,))):
+            parts = _four_bit_parts(tensors, names, config) if config.quantization is not None else [None] * len(names)
+            target.copy_(_dense(parts, names, tensors).to(dtype))

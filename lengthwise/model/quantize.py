@@ -27,7 +27,7 @@ from lengthwise.config import QUANTIZATION_METHODS
 from lengthwise.model.config import CHECKPOINT_QUANTIZATIONS, ModelConfig
 from lengthwise.model.int4 import Int4Weight, quantize_int4
 from lengthwise.ops.dispatch import triton_runs_on
-from lengthwise.ops.int4 import pack_int4
+from lengthwise.ops.int4 import PackedInt4, pack_int4
 
 # The decoder layer's projections (`DecoderLayer` attributes) that quantization replaces, and a
 # sparse layer's stacked experts (each expert quantized as a matrix of its own).
@@ -69,10 +69,16 @@ def int4_kernel_route(device: torch.device, dtype: torch.dtype) -> bool:
     return triton_runs_on(device) and not cpu_panels
 
 
-def set_int4(layer: torch.nn.Module, name: str, weight: Int4Weight) -> None:
+def to_packed_int4(weight: Int4Weight, device: torch.device) -> PackedInt4:
+    """`weight` as the W4A16 kernel reads it, on `device`."""
+    return pack_int4(weight.q, weight.scales, weight.zeros, weight.groups(), device)
+
+
+def set_int4(layer: torch.nn.Module, name: str, weight: Int4Weight | list[Int4Weight]) -> None:
     """Make `layer.<name>` the 4-bit `weight` as the W4A16 kernel reads it (`PackedInt4`, on the
-    layer's device), in place of its dense parameter."""
-    packed = pack_int4(weight.q, weight.scales, weight.zeros, weight.groups(), layer.input_norm.device)
+    layer's device; a sparse layer's experts: one per expert), in place of its dense parameter."""
+    device = layer.input_norm.device
+    packed = [to_packed_int4(w, device) for w in weight] if isinstance(weight, list) else to_packed_int4(weight, device)
     del layer._parameters[name]
     setattr(layer, name, packed)
 
@@ -141,8 +147,7 @@ def quantize_model(model: torch.nn.Module, quantization: str) -> None:
             stacked = getattr(layer, name)
             experts = [method(w) for w in stacked.data]
             if kernel and stacked.shape[2] % 8 == 0:
-                del layer._parameters[name]
-                setattr(layer, name, [pack_int4(w.q, w.scales, w.zeros, w.groups(), stacked.device) for w in experts])
+                set_int4(layer, name, experts)
                 continue
             stacked.data.copy_(torch.stack([w.dequantize() for w in experts]))
             if not kernel:
