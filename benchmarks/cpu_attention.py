@@ -7,9 +7,9 @@ A decode step of `--batch` rows (by default llama-100m's attention shape: 12 hea
 a prompt segment and a response segment of random lengths in scattered 16-token blocks. Prints the
 time per layer call of each backend and the K/V bytes read per second (each context's keys and
 values read once, the minimum any exact kernel must read): the torch reference, and the C++ kernel
-over the cache in float32 and in bfloat16 (`kv_cache_dtype`: half the bytes), each with its tiles
-walked a head at a time and in memory order (`LENGTHWISE_CPU_ATTENTION_ORDER`; `*` marks the
-order the kernel takes for that dtype).
+over the cache in float32, bfloat16 (`kv_cache_dtype`: half the bytes) and float8 e4m3 and e5m2
+(a quarter), each with its tiles walked a head at a time and in memory order
+(`LENGTHWISE_CPU_ATTENTION_ORDER`; `*` marks the order the kernel takes for that dtype).
 """
 
 from __future__ import annotations
@@ -87,10 +87,12 @@ def main() -> None:
           + (f", all in {args.in_cache} cached blocks" if args.in_cache else ""))
     print(f"{'backend':<41} {'ms/layer':>9} {'GB/s':>7}")
     results = {}
-    k16, v16 = k.bfloat16(), v.bfloat16()
     cases = [("reference", "torch", "auto", k, v, kv_bytes)]
-    for dtype, kc, vc, nbytes, default in (("float32", k, v, kv_bytes, "head"),
-                                           ("bfloat16", k16, v16, kv_bytes // 2, "memory")):
+    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                               ("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
+        kc, vc = k.to(torch_dtype), v.to(torch_dtype)
+        nbytes = kv_bytes // 4 * kc.element_size()
+        default = "head" if dtype == "float32" else "memory"
         for order in ("head", "memory"):
             name = f"cpu-kernel, {dtype} cache, {order} order" + (" *" if order == default else "")
             cases.append((name, "auto", order, kc, vc, nbytes))
@@ -102,8 +104,10 @@ def main() -> None:
         print(f"{name:<41} {dt * 1e3:>9.2f} {nbytes / dt / 1e9:>7.1f}")
     f32 = results["cpu-kernel, float32 cache, head order"]
     print(f"(* the order the kernel takes for that dtype) speed-up of the kernel over the reference: "
-          f"{results['reference'] / f32:.1f}x; of a bfloat16 cache over a float32 one: "
-          f"{f32 / results['cpu-kernel, bfloat16 cache, memory order']:.2f}x")
+          f"{results['reference'] / f32:.1f}x; over a float32 cache, of a bfloat16 one "
+          f"{f32 / results['cpu-kernel, bfloat16 cache, memory order']:.2f}x, fp8_e4m3 "
+          f"{f32 / results['cpu-kernel, fp8_e4m3 cache, memory order']:.2f}x, fp8_e5m2 "
+          f"{f32 / results['cpu-kernel, fp8_e5m2 cache, memory order']:.2f}x")
 
 
 if __name__ == "__main__":

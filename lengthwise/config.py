@@ -7,8 +7,9 @@ from typing import Any
 
 # `EngineConfig.quantization`'s methods (`lengthwise.model.quantize` implements them).
 QUANTIZATION_METHODS = ("int8", "int4", "gptq", "awq")
-# `EngineConfig.kv_cache_dtype`'s choices: "auto" is the model's dtype.
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+# `EngineConfig.kv_cache_dtype`'s choices (vLLM's names): "auto" is the model's dtype; "fp8" is
+# "fp8_e4m3" (torch.float8_e4m3fn), "fp8_e5m2" torch.float8_e5m2.
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
 # `SpeculativeConfig.method`s: draft-free n-gram lookup (vLLM's "ngram", prompt lookup decoding).
 SPECULATIVE_METHODS = ("ngram",)
 # One verify step feeds a sequence 1 + num_speculative_tokens tokens; the CPU's fused decode takes
@@ -126,7 +127,10 @@ class EngineConfig:
     the model's dtype; `"bfloat16"` under a float32 model on the CPU halves the cache's bytes:
     twice the tokens in the same `kv_cache_memory`, and half the bytes for decode attention to
     read, at the cost of rounding each key and value to bfloat16 (docs/benchmarks.md measures
-    both). On CUDA the cache takes the model's dtype.
+    both). `"fp8"` (= `"fp8_e4m3"`: 3 mantissa bits, values up to 448) and `"fp8_e5m2"` (2 mantissa
+    bits, up to 57344) hold one byte per value on the CPU under any model dtype: four times
+    float32's tokens, rounded to nearest and saturated at the format's largest value with no
+    scale (vLLM's default k/v scale of 1.0). On CUDA the cache takes the model's dtype.
     `speculative_config`: speculative decoding (`SpeculativeConfig`, or vLLM's dict form such
     as `{"method": "ngram", "num_speculative_tokens": 4}`); `None` (default) decodes one token
     per sequence and step.

@@ -15,6 +15,7 @@ from lengthwise.model.int4 import quantize_int4
 from lengthwise.model.quantize import quantize_int8
 from lengthwise.ops import AttentionMetadata
 from lengthwise.ops import cpu as cpu_kernels
+from lengthwise.ops.attention import to_fp8
 from lengthwise.ops.cpu import decode as cpu_decode
 
 pytestmark = pytest.mark.skipif(cpu_kernels.segment_attention_kernel() is None,
@@ -238,15 +239,30 @@ def test_fused_step_matches_op_by_op(family, weights, hf_checkpoint, tmp_path, m
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, *MOE_FAMILIES, "odd-sizes"])
-def test_fused_step_over_a_bf16_kv_cache(family, hf_checkpoint, tmp_path, monkeypatch):
-    """kv_cache_dtype="bfloat16": the fused step, the op-by-op path and the torch reference write
-    the same new keys and values (1 ulp apart at most, where float32 paths differ in the last bit),
-    layer 0's the bfloat16 roundings of what a float32 cache gets, and read them back alike."""
+# The spacing of each narrow KV cache dtype's values relative to a value (its significant bits).
+KV_ULP = {torch.bfloat16: 2.0 ** -7, torch.float8_e4m3fn: 2.0 ** -3, torch.float8_e5m2: 2.0 ** -2}
+
+
+def _narrowed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (to_fp8(x, dtype) if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else x.to(dtype)).float()
+
+
+# bfloat16 on every family; float8 on one dense, one sparse and the odd-sized one (the kernels' paths).
+NARROW_CASES = [*((f, torch.bfloat16) for f in (*FAMILIES, *MOE_FAMILIES, "odd-sizes")),
+                *((f, fp8) for f in ("llama", "qwen3-moe", "odd-sizes") for fp8 in (torch.float8_e4m3fn,
+                                                                                  torch.float8_e5m2))]
+
+
+@pytest.mark.parametrize("family, narrow", NARROW_CASES)
+def test_fused_step_over_a_narrow_kv_cache(family, narrow, hf_checkpoint, tmp_path, monkeypatch):
+    """kv_cache_dtype="bfloat16", "fp8" and "fp8_e5m2": the fused step, the op-by-op path and the
+    torch reference write the same new keys and values (1 ulp apart at most, where float32 paths
+    differ in the last bit), layer 0's the roundings of what a float32 cache gets, and read them
+    back alike."""
     path = _odd_checkpoint(tmp_path) if family == "odd-sizes" else hf_checkpoint(family)[1]
     model = load_model(path, "float32", "cpu")
     results = {}
-    for kv_dtype in (torch.float32, torch.bfloat16):
+    for kv_dtype in (torch.float32, narrow):
         ids, positions, meta, cache = _segments(model, torch.Generator().manual_seed(3), kv_dtype=kv_dtype)
         assert cache.k[0].dtype == kv_dtype
         slots = meta.slot_mapping
@@ -260,10 +276,10 @@ def test_fused_step_over_a_bf16_kv_cache(family, hf_checkpoint, tmp_path, monkey
                 t[slots] = float("nan")
             hidden = model(ids, positions, meta, cache)
             results[kv_dtype, path_] = (hidden, [t[slots].float() for t in (*cache.k, *cache.v)])
-    ulp = 2.0 ** -7  # bfloat16's spacing relative to a value (8 significant bits)
+    ulp = KV_ULP[narrow]
     for path_ in ("1", "0"):
-        h, kv = results[torch.bfloat16, path_]
-        href, kvref = results[torch.bfloat16, "torch"]
+        h, kv = results[narrow, path_]
+        href, kvref = results[narrow, "torch"]
         assert torch.isfinite(h).all()
         torch.testing.assert_close(h, href, rtol=1e-3, atol=1e-3)
         for a, b in zip(kv, kvref, strict=True):
@@ -272,10 +288,10 @@ def test_fused_step_over_a_bf16_kv_cache(family, hf_checkpoint, tmp_path, monkey
         f = results[torch.float32, path_][1]
         layers = len(model.layers)
         for i in (0, layers):  # k[0], v[0]
-            torch.testing.assert_close(kv[i], f[i].bfloat16().float(), rtol=ulp, atol=1e-6)
+            torch.testing.assert_close(kv[i], _narrowed(f[i], narrow), rtol=ulp, atol=1e-6)
     # the cache's rounding shows in the outputs, a little: against the float32 cache's step
-    h32, h16 = results[torch.float32, "1"][0], results[torch.bfloat16, "1"][0]
-    assert 0 < (h32 - h16).abs().max() < 0.1 * h32.abs().max()
+    h32, hn = results[torch.float32, "1"][0], results[narrow, "1"][0]
+    assert 0 < (h32 - hn).abs().max() < (0.1 if narrow == torch.bfloat16 else 0.5) * h32.abs().max()
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral-sliding", "qwen3"])
@@ -374,13 +390,13 @@ def test_a_tied_bf16_checkpoint_keeps_one_narrow_embedding(tmp_path):
 
 @pytest.mark.parametrize("packed, quantization, kv_cache_dtype", [
     ("1", None, "auto"), ("0", None, "auto"), ("1", "int8", "auto"), ("0", "int8", "auto"), ("1", "int4", "auto"),
-    ("0", "int4", "auto"), ("1", None, "bfloat16")])
+    ("0", "int4", "auto"), ("1", None, "bfloat16"), ("1", None, "fp8"), ("1", "int4", "fp8_e5m2")])
 def test_engine_generations_equal_with_and_without_the_fused_path(quantization, packed, kv_cache_dtype,
                                                                   hf_checkpoint, monkeypatch):
     """Whole requests through the engine (prefill op-by-op, decode fused), samples sharing a prompt;
     with the weights held as panels (the default) or dense (the fused path packs its own copy;
-    quantized, the op-by-op path then runs on the dequantized weights); with a float32 or a
-    bfloat16 KV cache."""
+    quantized, the op-by-op path then runs on the dequantized weights); with a float32, bfloat16 or
+    float8 KV cache."""
     monkeypatch.setenv(cpu_decode.PACKED_WEIGHTS_ENV, packed)
     model = load_model(hf_checkpoint("qwen3")[1], "float32", "cpu", quantization=quantization)
     assert cpu_decode.is_packed(model) == (packed == "1")
@@ -395,7 +411,8 @@ def test_engine_generations_equal_with_and_without_the_fused_path(quantization, 
         monkeypatch.setenv(cpu_decode.FUSED_ENV, fused)
         config = EngineConfig(block_size=4, max_num_seqs=8, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
         engine = LLMEngine(model, None, config)
-        assert engine.runner.cache.k[0].dtype == (torch.bfloat16 if kv_cache_dtype == "bfloat16" else torch.float32)
+        assert engine.runner.cache.k[0].dtype == {"auto": torch.float32, "bfloat16": torch.bfloat16, "fp8":
+                                                  torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[kv_cache_dtype]
         outs[fused] = run_to_completion(engine, prompts, params)
         if fused == "1":
             assert calls and max(calls) <= cpu_decode.max_rows()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lengthwise.ops import AttentionMetadata, paged_attention
-from lengthwise.ops.cpu import ATTENTION_ORDER_ENV, attention_order, segment_attention_kernel, supports
+from lengthwise.ops.cpu import ATTENTION_ORDER_ENV, KV_DTYPES, attention_order, segment_attention_kernel, supports
 
 
 @pytest.fixture(params=["torch", "cpu-kernel"])
@@ -22,7 +22,7 @@ def backend(request, monkeypatch):
 def _dense(q, k, v, q_pos, window):
     # q [n, H, D], k/v [L, Hkv, D] in position order
     rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1).double(), v.repeat_interleave(rep, 1).double()
+    k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
     scores = torch.einsum("nhd,lhd->hnl", q.double(), k) / q.shape[-1] ** 0.5
     kp = torch.arange(k.shape[0])[None, :]
     mask = kp <= q_pos[:, None]
@@ -34,10 +34,10 @@ def _dense(q, k, v, q_pos, window):
 
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2), (8, 1)])
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 def test_prompt_and_response_segments_one_softmax(heads, kv_heads, window, kv_dtype, backend):
-    """float32 queries over a float32 or a bfloat16 cache (`kv_cache_dtype`): the reference reads
-    the same bfloat16 values, so both must agree to float32 precision."""
+    """float32 queries over a float32, bfloat16 or float8 cache (`kv_cache_dtype`): the reference
+    reads the same rounded values, so both must agree to float32 precision."""
     g = torch.Generator().manual_seed(heads * 10 + kv_heads)
     bs, D, num_blocks = 4, 8, 60
     k_cache = torch.randn(num_blocks * bs, kv_heads, D, generator=g).to(kv_dtype)
@@ -95,7 +95,7 @@ def test_cpu_kernel_at_model_scale_matches_reference(monkeypatch):
 
 
 @pytest.mark.parametrize("order", ["head", "memory"])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("head_dim, heads, kv_heads, bs, window", [
     (64, 12, 12, 16, None),   # llama-100m's shape (the AVX-512 path's 16-key tiles, several 512-key chunks)
     (128, 8, 2, 32, None),    # blocks longer than a tile: a block is read as two tiles
@@ -109,7 +109,7 @@ def test_cpu_kernel_long_contexts_match_dense_reference(head_dim, heads, kv_head
                                                         monkeypatch):
     """Decode rows whose contexts cross the kernel's 512-key softmax chunks, against float64, over
     a float32 or a bfloat16 cache (every path: vector and portable, by key and transposed; the
-    vector path's tiles walked a head at a time and in memory order)."""
+    vector path's tiles walked a head at a time and in memory order); float8 caches too."""
     if segment_attention_kernel() is None:
         pytest.skip("the CPU attention kernel could not be built here (no C++ compiler?)")
     monkeypatch.setenv(ATTENTION_ORDER_ENV, order)
@@ -137,7 +137,7 @@ def test_cpu_kernel_long_contexts_match_dense_reference(head_dim, heads, kv_head
 
 
 @pytest.mark.parametrize("order", ["auto", "head", "memory"])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
 @pytest.mark.parametrize("head_dim, heads, kv_heads", [(64, 12, 12), (64, 8, 2), (128, 4, 4), (32, 6, 3)])
 def test_cpu_kernel_one_row_splits_its_kv_heads(head_dim, heads, kv_heads, kv_dtype, order, monkeypatch):
     """A lone decode row (batch 1): the kernel splits its KV heads among tasks, so tasks start at
@@ -171,3 +171,27 @@ def test_attention_order_switch_names_itself(monkeypatch):
     with pytest.raises(ValueError, match=f"{ATTENTION_ORDER_ENV} must be one of auto, head, memory"):
         attention_order()
 
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("head_dim", [64, 24])
+def test_cpu_kernel_reads_every_float8_byte_as_torch_does(fp8, head_dim, backend):
+    """Each query row attends to one key only, so its output is that key's value as the kernel
+    widens it: every finite byte of the format (subnormals, the largest, both zeros) must read
+    back as torch's own conversion gives it, on the vector path (64) and the portable one (24)."""
+    values = torch.arange(256, dtype=torch.uint8).view(fp8)
+    finite = values[torch.isfinite(values.float())]
+    kv_heads = 2
+    per_slot = kv_heads * head_dim
+    slots = -(-finite.numel() // per_slot)
+    v_cache = torch.zeros(slots * per_slot, dtype=fp8)
+    v_cache.view(torch.uint8)[:finite.numel()] = finite.view(torch.uint8)
+    v_cache = v_cache.view(slots, kv_heads, head_dim)
+    k_cache = torch.zeros_like(v_cache)
+    # row b: a one-token prompt in block b (block size 1)
+    meta = AttentionMetadata(list(range(slots + 1)), torch.zeros(0, dtype=torch.long), 1,
+                             torch.arange(slots)[:, None], [1] * slots)
+    q = torch.randn(slots, 2 * kv_heads, head_dim)
+    out = paged_attention(q, k_cache, v_cache, torch.zeros(slots, dtype=torch.long), meta, head_dim ** -0.5)
+    expected = v_cache.float().repeat_interleave(2, 1)
+    assert torch.equal(out, expected)

@@ -127,8 +127,20 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
              slot_mapping: torch.Tensor) -> None:
     """Store new keys/values `[T, kv_heads, head_dim]` into flat caches `[slots, kv_heads, head_dim]`
     (rounded to the cache's dtype where it is narrower: `EngineConfig.kv_cache_dtype`)."""
+    if k_cache.element_size() == 1:  # float8: torch has no index_copy_ for it; copy the bytes
+        k_cache.view(torch.uint8).index_copy_(0, slot_mapping, to_fp8(k, k_cache.dtype).view(torch.uint8))
+        v_cache.view(torch.uint8).index_copy_(0, slot_mapping, to_fp8(v, v_cache.dtype).view(torch.uint8))
+        return
     k_cache.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def to_fp8(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` rounded to the float8 `dtype`, saturating at its largest finite value as vLLM's fp8 KV
+    cache does (torch's own conversion gives infinity in e5m2), NaN kept: the same bytes the CPU
+    kernels write (`lengthwise.ops.cpu.kernel_rounding`)."""
+    m = torch.finfo(dtype).max
+    return x.clamp(-m, m).to(dtype)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

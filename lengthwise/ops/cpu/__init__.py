@@ -16,7 +16,7 @@ The library is built with the system C++ compiler (`$CXX`, else `c++`) for this 
 (`-march=native`) into the lengthwise cache directory, keyed by a hash of sources, flags and CPU,
 and loaded with ctypes. If no compiler is found or the build fails, `segment_attention_kernel()`
 returns `None` (with one warning) and callers use the torch reference. float32 activations only;
-the KV cache may be float32 or bfloat16 (`KV_DTYPES`).
+the KV cache may be float32, bfloat16 or float8 (`KV_DTYPES`).
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ def segment_attention_kernel() -> ctypes.CDLL | None:
     so.lw_segment_attention.argtypes = (
         [ctypes.c_void_p] * 8 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 3)
+    so.lw_store_kv.restype = None
+    so.lw_store_kv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     _declare_decode(so)
     max_heads, max_dim = ctypes.c_int(), ctypes.c_int()
     so.lw_limits(ctypes.byref(max_heads), ctypes.byref(max_dim))
@@ -110,8 +112,28 @@ def _declare_decode(so: ctypes.CDLL) -> None:
                                      + [i, p, p, p, i, p, i, i, i, i, i])
 
 
-# The KV cache dtypes the kernels read (`EngineConfig.kv_cache_dtype` on the CPU).
-KV_DTYPES = (torch.float32, torch.bfloat16)
+# The KV cache dtypes the kernels read and write (`EngineConfig.kv_cache_dtype` on the CPU), in
+# attention.h's KvKind order.
+KV_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def kv_kind(dtype: torch.dtype) -> int:
+    """The kernels' code for a KV cache of `dtype` (attention.h's KvKind)."""
+    if dtype not in KV_DTYPES:
+        raise ValueError(f"the CPU kernels read a {', '.join(map(str, KV_DTYPES))} KV cache, got {dtype}")
+    return KV_DTYPES.index(dtype)
+
+
+def kernel_rounding(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` (float32) rounded into `dtype` by the kernels' own conversion, the one the fused decode
+    step writes keys and values with (tests pin it against torch's)."""
+    lib = segment_attention_kernel()
+    if lib is None:
+        raise RuntimeError("the CPU kernels could not be built here")
+    src = x.to(torch.float32).contiguous()
+    out = torch.empty(src.shape, dtype=dtype)
+    lib.lw_store_kv(ctypes.c_void_p(src.data_ptr()), ctypes.c_void_p(out.data_ptr()), src.numel(), kv_kind(dtype))
+    return out
 # How the attention kernel walks a tile of keys (an A/B switch): "auto" the faster for the cache's
 # dtype (memory order for bfloat16, a head at a time for float32), "head" or "memory" forces one.
 ATTENTION_ORDER_ENV = "LENGTHWISE_CPU_ATTENTION_ORDER"
@@ -127,8 +149,8 @@ def attention_order() -> int:
 
 
 def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the kernel handles these tensors (CPU, float32 queries over a float32 or bfloat16
-    cache, head sizes within its limits)."""
+    """Whether the kernel handles these tensors (CPU, float32 queries over a cache of one of
+    `KV_DTYPES`, head sizes within its limits)."""
     if q.device.type != "cpu" or q.dtype != torch.float32 or k_cache.dtype not in KV_DTYPES:
         return False
     lib = segment_attention_kernel()
@@ -152,7 +174,7 @@ def segment_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         ptr(kt.response_lens.data_ptr()), ptr(kt.prompt_block_tables.data_ptr()), kt.prompt_block_tables.shape[1],
         ptr(kt.response_block_tables.data_ptr()), kt.response_block_tables.shape[1], ptr(group_ids.data_ptr()),
         len(groups), q.shape[1], k_cache.shape[1], q.shape[2], meta.block_size, sliding_window or 0, scale,
-        int(k_cache.dtype == torch.bfloat16), attention_order(), torch.get_num_threads())
+        kv_kind(k_cache.dtype), attention_order(), torch.get_num_threads())
 
 
 # decode_forward.cpp's WeightFormat, by the dtype a weight's panels hold (torch.quint4x2: 4-bit

@@ -17,9 +17,39 @@ constexpr int kMaxHeads = 128;   // query heads
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxTile = 32;     // keys per softmax update (at most one block)
 
-// A KV cache element: float32, or bfloat16 held as its 16 raw bits (half the bytes for attention
-// to read; the arithmetic stays float32).
+// A KV cache element: float32; bfloat16 held as its 16 raw bits; or one byte of float8 (torch's
+// float8_e4m3fn: 3 mantissa bits, bias 7, at most 448, no infinities; float8_e5m2: 2 mantissa
+// bits, bias 15, at most 57344). Narrower caches hold more tokens and give attention fewer bytes
+// to read; the arithmetic stays float32.
 using bf16 = uint16_t;
+struct fp8e4m3 { uint8_t bits; };
+struct fp8e5m2 { uint8_t bits; };
+
+// The cache's element type as the Python side passes it (`lengthwise.ops.cpu.kv_kind`).
+enum KvKind : int { kKvF32 = 0, kKvBF16 = 1, kKvE4M3 = 2, kKvE5M2 = 3 };
+
+template <class T> struct Fp8Format;
+template <> struct Fp8Format<fp8e4m3> { static constexpr int kMan = 3, kBias = 7; static constexpr float kMax = 448.f; };
+template <> struct Fp8Format<fp8e5m2> { static constexpr int kMan = 2, kBias = 15; static constexpr float kMax = 57344.f; };
+
+// Every byte's value, for scalar reads (the AVX-512 path converts through float16 instead).
+template <class T>
+struct Fp8Table {
+  float v[256];
+  constexpr Fp8Table() : v() {
+    using F = Fp8Format<T>;
+    for (int b = 0; b < 256; ++b) {
+      const int e = (b & 0x7F) >> F::kMan, m = b & ((1 << F::kMan) - 1);
+      float mag = float(e ? (1 << F::kMan) + m : m);  // the significand in units of the last bit
+      for (int x = (e ? e : 1) - F::kBias - F::kMan; x != 0; x += x > 0 ? -1 : 1) mag *= x > 0 ? 2.f : 0.5f;
+      const bool e4m3 = F::kMan == 3;
+      if (e4m3 ? (b & 0x7F) == 0x7F : e == 31) mag = e4m3 || m ? __builtin_nanf("") : __builtin_inff();
+      v[b] = b & 0x80 ? -mag : mag;
+    }
+  }
+};
+inline constexpr Fp8Table<fp8e4m3> kE4M3{};
+inline constexpr Fp8Table<fp8e5m2> kE5M2{};
 
 inline float widen(float x) { return x; }
 inline float widen(bf16 x) {
@@ -28,6 +58,9 @@ inline float widen(bf16 x) {
   std::memcpy(&f, &u, 4);
   return f;
 }
+inline float widen(fp8e4m3 x) { return kE4M3.v[x.bits]; }
+inline float widen(fp8e5m2 x) { return kE5M2.v[x.bits]; }
+
 // float32 -> bfloat16, rounding to nearest even as torch's `.to(torch.bfloat16)` does (NaN kept NaN).
 inline bf16 narrow_bf16(float f) {
   uint32_t u;
@@ -35,13 +68,61 @@ inline bf16 narrow_bf16(float f) {
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return bf16((u >> 16) | 0x40);
   return bf16((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
+// float32 -> float8, rounding to nearest even and saturating at the largest finite value (as
+// vLLM's fp8 KV cache does; torch's `.to()` after a clamp gives the same bytes). NaN stays NaN.
+// Branch-free integer arithmetic, which the compiler vectorizes: the store runs for every new
+// token's keys and values.
+template <class T>
+inline T narrow_fp8(float f) {
+  using F = Fp8Format<T>;
+  constexpr int kShift = 23 - F::kMan;
+  constexpr int kMinExp = 1 - F::kBias;  // the smallest normal's exponent
+  uint32_t u, max_bits, min_normal;
+  std::memcpy(&u, &f, 4);
+  const float max = F::kMax, smallest = 1.f / float(1u << -kMinExp);
+  std::memcpy(&max_bits, &max, 4);
+  std::memcpy(&min_normal, &smallest, 4);
+  const uint8_t sign = uint8_t((u >> 24) & 0x80);
+  const uint32_t mag = u & 0x7FFFFFFFu;
+  const bool nan = mag > 0x7F800000u;
+  const uint32_t a = std::min(mag, max_bits);
+  // Normal results: round the float32 significand to kMan bits (a carry moves the exponent up),
+  // then rebias the exponent.
+  const uint32_t rounded = a + ((1u << (kShift - 1)) - 1) + ((a >> kShift) & 1u);
+  const uint32_t normal = (rounded - (uint32_t(127 - F::kBias) << 23)) >> kShift;
+  // Below the smallest normal: adding 2^(kMinExp - kMan + 23), whose last bit is the subnormal
+  // step, rounds to a multiple of the step; the sum's low bits count the steps (the smallest
+  // normal's code where it rounds up to it).
+  float af, magic = float(1u << 23) * smallest / float(1u << F::kMan), sum;
+  std::memcpy(&af, &a, 4);
+  sum = af + magic;
+  uint32_t sum_bits, magic_bits;
+  std::memcpy(&sum_bits, &sum, 4);
+  std::memcpy(&magic_bits, &magic, 4);
+  const uint32_t code = a < min_normal ? sum_bits - magic_bits : normal;
+  return T{uint8_t(nan ? sign | 0x7F : sign | code)};
+}
+
 // Store n floats as KV elements.
 inline void store_kv(float* dst, const float* src, int n) { std::copy(src, src + n, dst); }
 inline void store_kv(bf16* dst, const float* src, int n) {
   for (int i = 0; i < n; ++i) dst[i] = narrow_bf16(src[i]);
 }
+template <class T, class = typename std::enable_if_t<std::is_same_v<T, fp8e4m3> || std::is_same_v<T, fp8e5m2>>>
+inline void store_kv(T* dst, const float* src, int n) {
+  for (int i = 0; i < n; ++i) dst[i] = narrow_fp8<T>(src[i]);
+}
+// Store n floats at element `at` of a pool of `kind` elements.
+inline void store_kv(int kind, void* pool, int64_t at, const float* src, int n) {
+  switch (kind) {
+    case kKvBF16: return store_kv(static_cast<bf16*>(pool) + at, src, n);
+    case kKvE4M3: return store_kv(static_cast<fp8e4m3*>(pool) + at, src, n);
+    case kKvE5M2: return store_kv(static_cast<fp8e5m2*>(pool) + at, src, n);
+    default: return store_kv(static_cast<float*>(pool) + at, src, n);
+  }
+}
 
-// `k`/`v` point to float32 or bfloat16 pools (`kv_bf16`). `order`: how the AVX-512 path walks a
+// `k`/`v` point to pools of `kv_kind` elements (KvKind). `order`: how the AVX-512 path walks a
 // tile: 0 the faster for the cache's dtype, 1 a head at a time, 2 in memory order (the A/B).
 struct Args {
   const float* q; const void* k; const void* v; float* out;
@@ -51,7 +132,7 @@ struct Args {
   int prompt_width, response_width;
   int heads, kv_heads, head_dim, block_size, window;
   float scale;
-  bool kv_bf16;
+  int kv_kind;
   int order;
 };
 
@@ -229,11 +310,30 @@ inline __m512 sum16(__m512* p) {
   return p[0];
 }
 
-// 16 KV elements as floats (bfloat16: widen by a shift into the high half of each lane).
+// 16 KV elements as floats (bfloat16: widen by a shift into the high half of each lane; float8:
+// move its bits to where a float16's are and convert that).
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const bf16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m256i load16_bytes(const uint8_t* p) {
+  return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+// e5m2 is a float16 cut to its high byte.
+inline __m512 load16(const fp8e5m2* p) {
+  return _mm512_cvtph_ps(_mm256_slli_epi16(load16_bytes(&p->bits), 8));
+}
+// e4m3's exponent and mantissa placed in a float16's (sign to bit 15, the rest to bits 7-13) make
+// a float16 kLoadUnit = 2^8 times smaller, subnormals included, and the conversion is exact: the
+// bytes sign-extended to 16 bits and shifted left by 7 put the sign in bits 14 and 15; bit 14 is
+// cleared. attend_avx512 scales the queries and the outputs by the unit instead of every load.
+// (The NaN byte reads as 480 units here: the cache never holds one, narrow_fp8 saturates.)
+template <class KV> constexpr float kLoadUnit = 1.f;
+template <> constexpr float kLoadUnit<fp8e4m3> = 256.f;
+inline __m512 load16(const fp8e4m3* p) {
+  const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16(short(0xBF80))));
 }
 
 constexpr int kChunkKeys = 512;  // keys per softmax update of the AVX-512 path
@@ -307,6 +407,12 @@ inline void attend_avx512(Row& r, const Args& a) {
   thread_local std::vector<__m512> parts;  // memory order: [nh][16] partial dot products of a tile
   if (kMemoryOrder && parts.size() < size_t(nh) * 16) parts.resize(size_t(nh) * 16);
   __m512* tile_parts = parts.data();
+  // Loads give values in units of kLoadUnit<KV>: scores are exact with the queries scaled by it (a
+  // power of two), and the accumulated values are scaled back at the end.
+  constexpr float unit = kLoadUnit<KV>;
+  if constexpr (unit != 1.f)
+    for (int h = 0; h < nh; ++h)
+      for (int d = 0; d < D; ++d) r.q[h][d] *= unit;
   int64_t slot;
   for (int c0 = r.lo; c0 <= r.hi; c0 += kChunkKeys) {
     const int c1 = std::min(r.hi + 1, c0 + kChunkKeys), nk = c1 - c0;
@@ -380,10 +486,13 @@ inline void attend_avx512(Row& r, const Args& a) {
       }
     }
   }
+  if constexpr (unit != 1.f)
+    for (int h = 0; h < nh; ++h)
+      for (int d = 0; d < D; ++d) r.acc[h][d] *= unit;
 }
 #endif
 
-// The AVX-512 path walks a bfloat16 cache in memory order (see scores_in_memory_order) where the
+// The AVX-512 path walks a bfloat16 or float8 cache in memory order (see scores_in_memory_order) where the
 // task reads whole key rows (every KV head: a tile is then one contiguous run), and otherwise a
 // head at a time: the faster of the two for each case in docs/benchmarks.md ("A bfloat16 KV
 // cache"; with a row's KV heads split among tasks, at small batches, memory order was slower, and
@@ -393,7 +502,7 @@ inline void attend_row(Row& r, const Args& a) {
 #if defined(__AVX512F__)
   if (a.head_dim % 16 == 0) {
     const bool whole_rows = r.nh == a.heads;
-    const bool memory_order = a.order == 0 ? std::is_same_v<KV, bf16> && whole_rows : a.order == 2;
+    const bool memory_order = a.order == 0 ? sizeof(KV) < sizeof(float) && whole_rows : a.order == 2;
     return memory_order ? attend_avx512<KV, true>(r, a) : attend_avx512<KV, false>(r, a);
   }
 #endif
@@ -404,8 +513,12 @@ inline void attend_row(Row& r, const Args& a) {
 // the build has it and the head size is a multiple of 16, else the portable one.
 inline void attend(const Args& a, int t, int b, int h0, int h1) {
   Row r(a, t, b, h0, h1);
-  if (a.kv_bf16) attend_row<bf16>(r, a);
-  else attend_row<float>(r, a);
+  switch (a.kv_kind) {
+    case kKvBF16: attend_row<bf16>(r, a); break;
+    case kKvE4M3: attend_row<fp8e4m3>(r, a); break;
+    case kKvE5M2: attend_row<fp8e5m2>(r, a); break;
+    default: attend_row<float>(r, a);
+  }
   r.write(a);
 }
 }  // namespace lw

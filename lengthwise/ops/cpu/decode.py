@@ -25,11 +25,11 @@ from lengthwise.model.int4 import Int4Weight
 from lengthwise.model.quantize import Int8Weight
 from lengthwise.ops.attention import AttentionMetadata
 from lengthwise.ops.cpu import (
-    KV_DTYPES,
     AnyWeight,
     PackedWeight,
     attention_order,
     dense,
+    kv_kind,
     pack_int4_panels,
     pack_panels,
     packed_linear,
@@ -339,9 +339,6 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Te
             kv_cache: KVCacheStorage) -> torch.Tensor:
     """The same result as `CausalLM.forward` (final-normed hidden states `[T, hidden]`, keys and values
     written into `kv_cache`), computed by `decode_forward.cpp`."""
-    if kv_cache.dtype not in KV_DTYPES:
-        raise ValueError(f"the fused CPU decode path reads a {' or '.join(map(str, KV_DTYPES))} KV cache, "
-                         f"got {kv_cache.dtype}")
     lib = segment_attention_kernel()
     ptrs = _pointers(model, kv_cache)
     c = model.config
@@ -362,5 +359,5 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Te
         p(pos.data_ptr()), p(kt.query_start.data_ptr()), meta.num_seqs, p(kt.prompt_lens.data_ptr()),
         p(kt.response_lens.data_ptr()), p(kt.prompt_block_tables.data_ptr()), kt.prompt_block_tables.shape[1],
         p(kt.response_block_tables.data_ptr()), kt.response_block_tables.shape[1], meta.block_size,
-        int(kv_cache.dtype == torch.bfloat16), attention_order(), torch.get_num_threads())
+        kv_kind(kv_cache.dtype), attention_order(), torch.get_num_threads())
     return out

@@ -553,7 +553,7 @@ extern "C" void lw_packed_linear(const float* x, int m, int k, const PackedWeigh
 //   weights renormalised if `renormalize`.
 //   cos/sin [T, head_dim]; slots [T]: where each token's key and value go; the rest is the
 //   segment attention metadata (see segment_attention.cpp) for the B row-groups. The KV cache
-//   holds float32, or bfloat16 where `kv_bf16` (keys and values rounded as they are written);
+//   holds `kv_kind` elements (lw::KvKind: keys and values rounded as they are written);
 //   `attention_order` as lw::Args's `order`.
 extern "C" void lw_decode_forward(
     const void* const* layers, const int32_t* windows, const int32_t* inters, int num_layers, int hidden,
@@ -562,7 +562,7 @@ extern "C" void lw_decode_forward(
     const float* x, float* out, int T, const float* cos, const float* sin, const int64_t* slots,
     const int64_t* positions, const int32_t* query_start, int B, const int32_t* prompt_lens,
     const int32_t* response_lens, const int32_t* prompt_tables, int prompt_width, const int32_t* response_tables,
-    int response_width, int block_size, int kv_bf16, int attention_order, int num_threads) {
+    int response_width, int block_size, int kv_kind, int attention_order, int num_threads) {
   const int D = head_dim, q_size = heads * D, kv_size = kv_heads * D, qkv_size = q_size + 2 * kv_size;
   std::vector<float> residual(int64_t(T) * hidden), h(int64_t(T) * hidden), y(int64_t(T) * hidden);
   std::vector<float> qkv(int64_t(T) * qkv_size), q(int64_t(T) * q_size), attn(int64_t(T) * q_size);
@@ -596,7 +596,7 @@ extern "C" void lw_decode_forward(
 #pragma omp parallel num_threads(num_threads)
   for (int l = 0; l < num_layers; ++l) {
     const float* const* p = reinterpret_cast<const float* const*>(layers) + int64_t(l) * kNumLayerPtrs;
-    void* k_cache = const_cast<float*>(p[kKCache]);  // float32 or bfloat16 (`kv_bf16`)
+    void* k_cache = const_cast<float*>(p[kKCache]);  // `kv_kind` elements
     void* v_cache = const_cast<float*>(p[kVCache]);
 #pragma omp single
     for (int t = 0; t < T; ++t) {
@@ -625,15 +625,13 @@ extern "C" void lw_decode_forward(
         if (p[kKNorm]) rms_norm_row(kh, p[kKNorm], D, eps, kr);
         else std::copy(kh, kh + D, kr);
         rope(kr, c, s, D);
-        if (kv_bf16) lw::store_kv(static_cast<lw::bf16*>(k_cache) + dst + hh * D, kr, D);
-        else lw::store_kv(static_cast<float*>(k_cache) + dst + hh * D, kr, D);
+        lw::store_kv(kv_kind, k_cache, dst + hh * D, kr, D);
       }
-      if (kv_bf16) lw::store_kv(static_cast<lw::bf16*>(v_cache) + dst, row + q_size + kv_size, kv_size);
-      else lw::store_kv(static_cast<float*>(v_cache) + dst, row + q_size + kv_size, kv_size);
+      lw::store_kv(kv_kind, v_cache, dst, row + q_size + kv_size, kv_size);
     }
     const lw::Args a{q.data(), k_cache, v_cache, attn.data(), positions, query_start, prompt_lens, response_lens,
                      prompt_tables, response_tables, prompt_width, response_width, heads, kv_heads, D,
-                     block_size, windows[l], scale, kv_bf16 != 0, attention_order};
+                     block_size, windows[l], scale, kv_kind, attention_order};
 #pragma omp for schedule(dynamic, 1)
     for (int i = 0; i < tasks; ++i) {
       const auto& [t, b] = rows[i / splits];

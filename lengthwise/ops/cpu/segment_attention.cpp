@@ -3,7 +3,7 @@
 // gathered or padded, so every key and value is read from memory exactly once per query row
 // (and once per KV head for all the query heads that share it: GQA).
 //
-// Plain C ABI (called through ctypes), float32 queries over a float32 or bfloat16 cache, no torch headers: it compiles in about a
+// Plain C ABI (called through ctypes), float32 queries over a float32, bfloat16 or float8 cache, no torch headers: it compiles in about a
 // second. Work is split over (query row, KV head) pairs among `num_threads` std::threads, which
 // exit when done (no spinning pool to fight torch's own threads).
 #include "attention.h"
@@ -25,16 +25,16 @@ extern "C" int lw_limits(int* max_heads, int* max_head_dim) {
 
 // Attention for the query rows of the row-groups listed in `groups` (other groups are left
 // untouched, for the caller to handle). Tensors are contiguous: q/out [T, heads, D],
-// k/v [slots, kv_heads, D] (float32, or bfloat16 where `kv_bf16`), tables [B, width] of block ids;
+// k/v [slots, kv_heads, D] of `kv_kind` elements (lw::KvKind), tables [B, width] of block ids;
 // `order` as lw::Args's.
 extern "C" void lw_segment_attention(
     const float* q, const void* k, const void* v, float* out, const int64_t* positions,
     const int32_t* query_start, const int32_t* prompt_lens, const int32_t* response_lens,
     const int32_t* prompt_tables, int prompt_width, const int32_t* response_tables, int response_width,
     const int32_t* groups, int num_groups, int heads, int kv_heads, int head_dim, int block_size,
-    int window, float scale, int kv_bf16, int order, int num_threads) {
+    int window, float scale, int kv_kind, int order, int num_threads) {
   Args a{q, k, v, out, positions, query_start, prompt_lens, response_lens, prompt_tables, response_tables,
-         prompt_width, response_width, heads, kv_heads, head_dim, block_size, window, scale, kv_bf16 != 0, order};
+         prompt_width, response_width, heads, kv_heads, head_dim, block_size, window, scale, kv_kind, order};
   std::vector<std::pair<int, int>> rows;  // (query row, group)
   for (int i = 0; i < num_groups; ++i) {
     const int b = groups[i];
@@ -62,4 +62,11 @@ extern "C" void lw_segment_attention(
   for (int i = 1; i < n; ++i) pool.emplace_back(run);
   run();
   for (auto& th : pool) th.join();
+}
+
+// The kernels' own rounding of n floats into `kv_kind` elements (what lw_decode_forward writes),
+// for tests to pin against torch's conversions.
+extern "C" void lw_store_kv(const float* src, void* dst, int64_t n, int kv_kind) {
+  for (int64_t i = 0; i < n; i += 1 << 20)
+    lw::store_kv(kv_kind, dst, i, src + i, int(std::min<int64_t>(n - i, 1 << 20)));
 }
