@@ -6,7 +6,7 @@
 # is capped; a device call is capped at 10 minutes), so run them in four calls:
 #
 #     bash benchmarks/gpu_issue8.sh tests kernels           # correctness, the b1 roofline (<= 500 s)
-#     bash benchmarks/gpu_issue8.sh experimental unfused    # the opt-in kernels, the fusion's A/B
+#     bash benchmarks/gpu_issue8.sh experimental unfused fp8  # opt-in kernels, fusion A/B, fp8 KV
 #     bash benchmarks/gpu_issue8.sh cublas throughput       # cuBLAS A/B, throughput vs transformers
 #     bash benchmarks/gpu_issue8.sh host int4               # host work per step; 4-bit weights
 #
@@ -28,8 +28,10 @@
 # set beside the GPU's step times. int4: the W4A16 kernel's GPU tests (GPTQ/AWQ checkpoints on
 # CUDA, graphed decode) and `bench kernels --quantization int4` (the batch-1 step on 4-bit
 # projections: set decode_b1_ms beside the kernels step's bfloat16 one; the "(4-bit)" rows are
-# the kernel against the dense rows' cuBLAS/GEMV on the same shapes). Record what it measures
-# in docs/benchmarks.md, "CUDA".
+# the kernel against the dense rows' cuBLAS/GEMV on the same shapes). fp8: `bench kernels
+# --kv-cache-dtype fp8` (the Triton kernels over a float8 KV cache: set the attention rows and
+# decode_b1_ms beside the bfloat16 cache's; its correctness tests run in the tests step). Record
+# what it measures in docs/benchmarks.md, "CUDA".
 set -u
 OUT="${OUT:-gpu-out}"
 mkdir -p "$OUT"
@@ -52,7 +54,7 @@ step() {  # step NAME LIMIT_S CMD...: run CMD with a time limit, log to $OUT/NAM
 cat "$OUT/device.txt"
 
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels experimental unfused cublas throughput host int4)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(tests kernels experimental unfused fp8 cublas throughput host int4)
 KERNELS=(-m lengthwise.cli bench kernels --model llama-1b --device cuda --dtype bfloat16)
 for s in "${STEPS[@]}"; do
     case "$s" in
@@ -66,6 +68,7 @@ for s in "${STEPS[@]}"; do
         step kernels_experimental 150 "$PY" "${KERNELS[@]}" --json "$OUT/k1b_experimental.json"
         unset LENGTHWISE_GEMV_SPLITK LENGTHWISE_ATTN_FUSED_REDUCE ;;
     unfused) LENGTHWISE_FUSED=0 step kernels_unfused 120 "$PY" "${KERNELS[@]}" --json "$OUT/k1b_unfused.json" ;;
+    fp8) step kernels_fp8 120 "$PY" "${KERNELS[@]}" --kv-cache-dtype fp8 --json "$OUT/k1b_fp8.json" ;;
     cublas) LENGTHWISE_GEMV=0 step kernels_cublas 120 "$PY" "${KERNELS[@]}" --json "$OUT/k1b_cublas.json" ;;
     throughput)
         if [ -n "${ALPACA:-}" ]; then
@@ -84,6 +87,6 @@ for s in "${STEPS[@]}"; do
         step int4_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_int4.py tests/test_ops_triton.py \
             -k "cuda or triton_kernel or bench_kernels or int4_linear or quantized_moe or odd_widths"
         step kernels_int4 200 "$PY" "${KERNELS[@]}" --quantization int4 --json "$OUT/k1b_int4.json" ;;
-    *) echo "unknown step $s (tests, kernels, experimental, unfused, cublas, throughput, host, int4)" >&2; exit 2 ;;
+    *) echo "unknown step $s (tests, kernels, experimental, unfused, fp8, cublas, throughput, host, int4)" >&2; exit 2 ;;
     esac
 done

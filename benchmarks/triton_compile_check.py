@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--inter", type=int, default=8192)
     parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3", "fp8_e5m2"],
+                        help="the KV cache the write and attention kernels are compiled for (auto: the activations')")
     args = parser.parse_args()
 
     from lengthwise.ops import AttentionMetadata
@@ -105,7 +107,8 @@ def main() -> None:
         qkv = torch.randn(t, (h + 2 * hkv) * d, dtype=dtype)
         q, k, v = qkv.split((h * d, hkv * d, hkv * d), -1)
         q, k, v = q.view(t, h, d), k.view(t, hkv, d), v.view(t, hkv, d)
-        cache = torch.zeros(4096 * bs, hkv, d, dtype=dtype)
+        fp8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+        cache = torch.zeros(4096 * bs, hkv, d, dtype=fp8.get(args.kv_cache_dtype, dtype))
         triton_ops.rotary_and_write_kv(q, k, v, torch.randn(t, d, dtype=dtype), torch.randn(t, d, dtype=dtype),
                                        cache, cache, torch.arange(t))
         # The batch-1 GEMVs (plain and split-K) and the fused single-row kernels, every autotuned config.
@@ -141,7 +144,7 @@ def main() -> None:
     arch = f"sm_{args.arch}a" if args.arch == 90 else f"sm_{args.arch}"
     vector_loads = re.compile(r"ld\.global(?:\.\w+)*\.v4")
     async_copies = re.compile(r"cp\.async\.\w+\.shared\.global[^;]*, (?:16|0x10)\b")
-    print(f"triton {triton.__version__}, target {arch}, heads {h}/{hkv}, head_dim {d}")
+    print(f"triton {triton.__version__}, target {arch}, heads {h}/{hkv}, head_dim {d}, KV cache {args.kv_cache_dtype}")
     print("| dtype | kernel | constexprs | warps/stages | shared B | regs | spill B | 16B loads | 16B async copies "
           "| mma |")
     print("|---|---|---|---|---|---|---|---|---|---|")

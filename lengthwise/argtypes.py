@@ -96,7 +96,7 @@ def add_precision_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help="dtype of the KV cache (default auto: the model's); bfloat16 under a float32 model "
                    "on the CPU holds twice the tokens and halves decode attention's reads; fp8 (= fp8_e4m3) "
-                   "and fp8_e5m2 one byte per value on the CPU (some accuracy lost)")
+                   "and fp8_e5m2 one byte per value, on the CPU and CUDA (some accuracy lost)")
 
 
 def json_object(text: str) -> dict[str, object]:

@@ -128,9 +128,10 @@ class EngineConfig:
     twice the tokens in the same `kv_cache_memory`, and half the bytes for decode attention to
     read, at the cost of rounding each key and value to bfloat16 (docs/benchmarks.md measures
     both). `"fp8"` (= `"fp8_e4m3"`: 3 mantissa bits, values up to 448) and `"fp8_e5m2"` (2 mantissa
-    bits, up to 57344) hold one byte per value on the CPU under any model dtype: four times
-    float32's tokens, rounded to nearest and saturated at the format's largest value with no
-    scale (vLLM's default k/v scale of 1.0). On CUDA the cache takes the model's dtype.
+    bits, up to 57344) hold one byte per value under any model dtype, on the CPU and on CUDA
+    (the Triton kernels): four times float32's tokens, twice bfloat16's, rounded to nearest and
+    saturated at the format's largest value with no scale (vLLM's default k/v scale of 1.0).
+    Otherwise on CUDA the cache takes the model's dtype.
     `speculative_config`: speculative decoding (`SpeculativeConfig`, or vLLM's dict form such
     as `{"method": "ngram", "num_speculative_tokens": 4}`); `None` (default) decodes one token
     per sequence and step.

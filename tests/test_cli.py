@@ -131,7 +131,7 @@ def test_console_script_entry_point():
     (["generate", "--prompt", "x", "--kv-cache-memory", "inf"], "--kv-cache-memory"),
     (["generate", "--prompt", "x", "--quantization", "nf4"], "--quantization"),
     (["serve", "m", "--quantization", "fp8"], "--quantization"),
-    (["serve", "m", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
+    (["serve", "m", "--kv-cache-dtype", "fp4"], "--kv-cache-dtype"),
     (["serve", "m", "--speculative-config", "{method: ngram}"], "--speculative-config"),
     (["generate", "--prompt", "x", "--speculative-config", "4"], "--speculative-config"),
     (["serve", "m", "--port", "99999"], "--port"),

@@ -46,8 +46,9 @@ def test_kv_cache_dtype_is_refused_where_it_does_not_apply():
     assert _kv_cache_dtype("auto", gpu_model) == _kv_cache_dtype("bfloat16", gpu_model) == torch.bfloat16
     with pytest.raises(ValueError, match="kv_cache_dtype='float32': on cuda the KV cache is held in the model's dtype"):
         _kv_cache_dtype("float32", gpu_model)
-    with pytest.raises(ValueError, match="kv_cache_dtype='fp8': on cuda the KV cache is held in the model's dtype"):
-        _kv_cache_dtype("fp8", gpu_model)
+    # float8 there too: the Triton kernels read and write it
+    assert _kv_cache_dtype("fp8", gpu_model) == torch.float8_e4m3fn
+    assert _kv_cache_dtype("fp8_e5m2", gpu_model) == torch.float8_e5m2
     # On the CPU the one other cache is bfloat16 under float32: a wider cache only costs memory.
     cpu_bf16_model = SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="kv_cache_dtype='float32' under a bfloat16 model"):

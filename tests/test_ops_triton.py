@@ -754,3 +754,117 @@ def test_cuda_triton_model_matches_transformers(monkeypatch, family):
         assert err < tol, dtype
         if dtype == torch.float32:
             assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
+# --- float8 KV caches (kv_cache_dtype="fp8" / "fp8_e5m2") -----------------------------------------
+
+FP8_CACHES = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def _fp8_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+@pytest.mark.parametrize("cache", FP8_CACHES)
+@pytest.mark.parametrize("dtype, heads, kv_heads, window", [ATTENTION_CASES[1], ATTENTION_CASES[4], ATTENTION_CASES[5]])
+def test_attention_reads_a_float8_cache(dtype, heads, kv_heads, window, cache):
+    """Decode (one and three partitions) and prefill over a float8 cache, widened as loaded, against
+    the torch reference reading the same bytes; slots outside the contexts hold float8 NaN."""
+    from lengthwise.ops.attention import to_fp8
+    from lengthwise.ops.triton.attention import paged_attention as triton_attention
+
+    for seqs, decode in ((DECODE_SEQS, True), (PREFILL_SEQS, False)):
+        q, k_cache, v_cache, positions, meta = _segment_case(heads, kv_heads, seqs, dtype, seed=heads + 3 * kv_heads)
+        k_cache, v_cache = to_fp8(3 * k_cache, cache), to_fp8(v_cache, cache)
+        ref = paged_attention(q, k_cache, v_cache, positions, meta, 0.3, window)
+        assert not ref.isnan().any()
+        splits = [dict(num_splits=1), dict(num_splits=3, block_n=16)]
+        for kwargs in (splits if decode else [dict(block_m=16, block_n=16)]):
+            out = _poisoned(q.shape, dtype)
+            got = triton_attention(q, k_cache, v_cache, positions, meta, 0.3, window, out, **kwargs)
+            torch.testing.assert_close(got, ref, **ATTENTION_TOL[dtype], msg=lambda m, k=kwargs: f"{k}: {m}")
+        if not decode:  # through the dispatching entry point too
+            got = triton_ops.paged_attention(q, k_cache, v_cache, positions, meta, 0.3, window)
+            torch.testing.assert_close(got, ref, **ATTENTION_TOL[dtype])
+
+
+@pytest.mark.parametrize("cache", FP8_CACHES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_and_write_kv_into_a_float8_cache(nearest_casts, dtype, cache):
+    """RoPE'd keys and the values stored into a float8 cache: the torch path's bytes (rounded in the
+    activations' dtype, then saturated and rounded to nearest even), large values saturating."""
+    g, t, slots_total, heads, kv_heads, head_dim = _gen(8), 9, 64, 8, 2, 24
+    big = 600.0 if cache == torch.float8_e4m3fn else 7e4  # some keys and values past the format's largest
+    qkv = _randn(t, (heads + 2 * kv_heads) * head_dim, g=g, dtype=dtype, scale=big / 3)
+    q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q, k, v = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim)
+    positions = torch.randint(0, 500, (t,), generator=g).to(DEVICE)
+    cos, sin = rotary_cos_sin(positions, rotary_inv_freq(head_dim, 10000.0).to(DEVICE), dtype)
+    slots = torch.randperm(slots_total, generator=g)[:t].to(DEVICE)
+    shape = (slots_total, kv_heads, head_dim)
+    ref_k, ref_v = _poisoned(shape, cache), _poisoned(shape, cache)
+    ref_q = rotary_and_write_kv(q, k, v, cos, sin, ref_k, ref_v, slots)  # the torch reference
+    k_cache, v_cache = _poisoned(shape, cache), _poisoned(shape, cache)
+    got = triton_ops.rotary_and_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+    torch.testing.assert_close(got, ref_q, **ELEMENTWISE_TOL[dtype])
+    largest = torch.finfo(cache).max
+    assert (ref_v[slots].float().abs() == largest).any()  # saturated, not infinite or NaN
+    if dtype == torch.bfloat16:  # bit for bit: both round each product and sum of the rotation to bf16
+        assert torch.equal(_fp8_bytes(k_cache), _fp8_bytes(ref_k))
+    else:  # float32: the paths' products may differ in the last bit (a fused multiply-add), a float8 step at a tie
+        differ = _fp8_bytes(k_cache) != _fp8_bytes(ref_k)
+        assert differ.float().mean() < 0.01
+        torch.testing.assert_close(k_cache.float(), ref_k.float(), rtol=0.25, atol=0, equal_nan=True)
+    assert torch.equal(_fp8_bytes(v_cache), _fp8_bytes(ref_v))
+
+
+@pytest.mark.parametrize("cache", FP8_CACHES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_qkv_rotary_write_into_a_float8_cache(nearest_casts, dtype, cache):
+    """The fused single-row kernel stores what it stores into a cache in the activations' dtype,
+    saturated and rounded to float8 (`to_fp8` of that cache's values, byte for byte)."""
+    from lengthwise.ops.attention import to_fp8
+
+    heads, kv_heads, head_dim, hidden = 8, 2, 20, 100
+    n = (heads + 2 * kv_heads) * head_dim
+    x, res, norm_w, w, b = _one_token_inputs(dtype, hidden, n, True, True, seed=21)
+    cos, sin = rotary_cos_sin(torch.tensor([37], device=DEVICE), rotary_inv_freq(head_dim, 1e4).to(DEVICE), dtype)
+    slot, shape = torch.tensor([5], device=DEVICE), (12, kv_heads, head_dim)
+    caches = {}
+    for cache_dtype in (dtype, cache):
+        k_cache, v_cache = _poisoned(shape, cache_dtype), _poisoned(shape, cache_dtype)
+        q, _ = triton_ops.norm_qkv_rotary_write(x, res, norm_w, 1e-6, w, b, cos, sin, k_cache, v_cache, slot,
+                                                tile=SMALL_TILE["BLOCK_P"])
+        caches[cache_dtype] = (q, k_cache, v_cache)
+    wide, narrow = caches[dtype], caches[cache]
+    assert torch.equal(narrow[0], wide[0])
+    for a, b_ in zip(narrow[1:], wide[1:], strict=True):
+        assert torch.equal(_fp8_bytes(a[5]), _fp8_bytes(to_fp8(b_[5], cache)))
+        assert bool(a[torch.arange(12, device=DEVICE) != 5].float().isnan().all())
+
+
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e5m2"])
+def test_model_over_a_float8_cache_matches_torch(monkeypatch, kv):
+    """The engine with kv_cache_dtype="fp8"/"fp8_e5m2" through the Triton kernels (prefill, split-K
+    decode, the KV writes) against the torch reference over its own float8 cache: the same greedy
+    tokens and close logprobs."""
+    from lengthwise import SamplingParams
+    from lengthwise.config import EngineConfig
+    from lengthwise.engine.llm import run_to_completion
+    from lengthwise.engine.llm_engine import LLMEngine
+
+    model = _tiny_model(torch.float32)
+    prompts = [[5, 17, 9, 3, 50], list(range(10, 27)), [7]]
+    params = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=2)] * 3
+    outs = {}
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv(KERNELS_ENV, "auto" if CUDA and choice == "triton" else choice)
+        engine = LLMEngine(model, None, EngineConfig(block_size=4, kv_cache_dtype=kv, enforce_eager=not CUDA))
+        assert engine.runner.cache.dtype == {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[kv]
+        assert use_triton(model.embed) == (choice == "triton")
+        outs[choice] = run_to_completion(engine, prompts, params)
+    for a, b in zip(outs["torch"], outs["triton"], strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            for tok, lp in la.items():
+                assert abs(lp.logprob - lb[tok].logprob) < 1e-3

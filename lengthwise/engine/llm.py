@@ -34,7 +34,7 @@ class LLM:
     `None`). The other arguments are `EngineConfig`'s: `dtype`, `device`, `quantization` (`"int8"` or
     `"int4"`: weight-only quantization on the CPU, int4 also on CUDA; GPTQ and AWQ checkpoints
     load as they are),
-    `kv_cache_dtype` (`"bfloat16"`: half the KV bytes on the CPU; `"fp8"`, `"fp8_e5m2"`: a quarter),
+    `kv_cache_dtype` (`"bfloat16"`: half the KV bytes on the CPU; `"fp8"`, `"fp8_e5m2"`: a quarter, CPU and CUDA),
     `kv_cache_memory` (bytes or a fraction of free memory),
     `max_num_seqs`, `max_num_batched_tokens`, `block_size`, `max_model_len`, the scheduling
     `policy`, the `length_predictor` (a saved predictor directory, `"self"` or `"oracle"`) and

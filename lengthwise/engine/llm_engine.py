@@ -521,21 +521,19 @@ FP8_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "f
 
 
 def _kv_cache_dtype(name: str, model: CausalLM) -> torch.dtype:
-    """`EngineConfig.kv_cache_dtype` for `model`: "auto" is the model's dtype; the other caches,
-    on the CPU only, are bfloat16 under a float32 model (half the bytes, which the CPU kernels
-    read) and float8 under any (a byte per value: the CPU kernels read it under float32, the torch
-    reference under half precision). On CUDA the Triton kernels (and CUDA graphs) read the cache
-    in the activations' dtype; a cache wider than the model only costs memory, and bfloat16 under
-    float16 loses precision."""
+    """`EngineConfig.kv_cache_dtype` for `model`: "auto" is the model's dtype; float8 under any
+    model on any device (a byte per value: the CPU kernels read it under float32, the Triton
+    kernels on CUDA, the torch reference elsewhere); bfloat16 under a float32 model on the CPU
+    (half the bytes, which the CPU kernels read). Otherwise a cache wider than the model only
+    costs memory, bfloat16 under float16 loses precision, and on CUDA the Triton kernels (and CUDA
+    graphs) read the cache in the activations' dtype or float8."""
     dtype = model.dtype if name == "auto" else FP8_KV_DTYPES.get(name) or getattr(torch, name)
-    if dtype == model.dtype:
+    if dtype == model.dtype or name in FP8_KV_DTYPES:
         return dtype
     model_dtype = str(model.dtype).removeprefix("torch.")
     if model.device.type != "cpu":
         raise ValueError(f"kv_cache_dtype={name!r}: on {model.device.type} the KV cache is held in the model's "
-                         f"dtype ({model_dtype}); use 'auto'")
-    if name in FP8_KV_DTYPES:
-        return dtype
+                         f"dtype ({model_dtype}) or in fp8; use 'auto' or 'fp8'")
     if not (dtype == torch.bfloat16 and model.dtype == torch.float32):
         raise ValueError(f"kv_cache_dtype={name!r} under a {model_dtype} model: a cache in another dtype than "
                          f"the model's is bfloat16 under float32 only (or fp8); use 'auto'")

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import torch
 
+# Float8 KV caches the Triton kernels read and write besides the activations' dtype.
+FP8_CACHES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
 
 def _check_cache(q: torch.Tensor, k_cache: torch.Tensor) -> None:
-    if k_cache.dtype != q.dtype:
-        raise ValueError(f"the Triton kernels read a KV cache in the activations' dtype ({q.dtype}), got a "
-                         f"{k_cache.dtype} cache: leave kv_cache_dtype at 'auto' where they run")
+    if k_cache.dtype != q.dtype and k_cache.dtype not in FP8_CACHES:
+        raise ValueError(f"the Triton kernels read a KV cache in the activations' dtype ({q.dtype}) or in "
+                         f"float8, got a {k_cache.dtype} cache: use kv_cache_dtype 'auto' or 'fp8' where they run")
 
 
 def fused_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

@@ -33,11 +33,13 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _decode_segment(q, m_i, l_i, acc, k_ptr, v_ptr, table_ptr, start, end, block_size, kc_ss, vc_ss,
-                    scale_log2, d, dmask, BLOCK_N: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+                    scale_log2, d, dmask, BLOCK_N: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+                    ACT: tl.constexpr):
     """Fold keys `[start, end)` of one segment (indices within the segment) into the online softmax.
 
     Every key in the range is visible (the caller clipped it to the causal and window bounds).
-    `k_ptr`/`v_ptr` already point at this program's KV head.
+    `k_ptr`/`v_ptr` already point at this program's KV head. A float8 cache is widened to the
+    activations' dtype `ACT` as it is loaded (a no-op for a cache in that dtype).
     """
     for s in range(start, end, BLOCK_N):
         offs = s + tl.arange(0, BLOCK_N)
@@ -45,8 +47,8 @@ def _decode_segment(q, m_i, l_i, acc, k_ptr, v_ptr, table_ptr, start, end, block
         block = tl.load(table_ptr + offs // block_size, mask=nmask, other=0).to(tl.int64)
         slot = block * block_size + offs % block_size
         kvmask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + slot[:, None] * kc_ss + d[None, :], mask=kvmask, other=0.0)
-        v = tl.load(v_ptr + slot[:, None] * vc_ss + d[None, :], mask=kvmask, other=0.0)
+        k = tl.load(k_ptr + slot[:, None] * kc_ss + d[None, :], mask=kvmask, other=0.0).to(ACT)
+        v = tl.load(v_ptr + slot[:, None] * vc_ss + d[None, :], mask=kvmask, other=0.0).to(ACT)
         if DOT_F32:
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC) * scale_log2  # [BLOCK_G, BLOCK_N]
@@ -108,10 +110,10 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, p_table_ptr, r_tabl
     # One softmax state carried from the prompt segment into the response segment.
     m_i, l_i, acc = _decode_segment(q, m_i, l_i, acc, k_ptr, v_ptr, p_table_ptr + b * p_table_st,
                                     lo, tl.minimum(hi, p_len), block_size, kc_ss, vc_ss, scale_log2, d, dmask,
-                                    BLOCK_N, PREC, DOT_F32)
+                                    BLOCK_N, PREC, DOT_F32, q_ptr.dtype.element_ty)
     m_i, l_i, acc = _decode_segment(q, m_i, l_i, acc, k_ptr, v_ptr, r_table_ptr + b * r_table_st,
                                     tl.maximum(lo - p_len, 0), hi - p_len, block_size, kc_ss, vc_ss, scale_log2,
-                                    d, dmask, BLOCK_N, PREC, DOT_F32)
+                                    d, dmask, BLOCK_N, PREC, DOT_F32, q_ptr.dtype.element_ty)
     if SPLIT:
         has = l_i > 0  # an empty partition contributes weight 0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -174,16 +176,18 @@ def _decode_reduce_kernel(part_out_ptr, part_lse_ptr, out_ptr, po_st, po_sh, po_
 @triton.jit
 def _prefill_segment(q, q_pos, m_i, l_i, acc, k_ptr, v_ptr, table_ptr, start, end, pos_offset, block_size,
                      kc_ss, vc_ss, scale_log2, window, d, dmask,
-                     BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr):
-    """Fold keys `[start, end)` of one segment, masked causally (and by the window) per query row."""
+                     BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr, PREC: tl.constexpr, DOT_F32: tl.constexpr,
+                     ACT: tl.constexpr):
+    """Fold keys `[start, end)` of one segment, masked causally (and by the window) per query row
+    (a float8 cache widened to `ACT` as `_decode_segment` does)."""
     for s in range(start, end, BLOCK_N):
         offs = s + tl.arange(0, BLOCK_N)
         nmask = offs < end
         block = tl.load(table_ptr + offs // block_size, mask=nmask, other=0).to(tl.int64)
         slot = block * block_size + offs % block_size
         kvmask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + slot[:, None] * kc_ss + d[None, :], mask=kvmask, other=0.0)
-        v = tl.load(v_ptr + slot[:, None] * vc_ss + d[None, :], mask=kvmask, other=0.0)
+        k = tl.load(k_ptr + slot[:, None] * kc_ss + d[None, :], mask=kvmask, other=0.0).to(ACT)
+        v = tl.load(v_ptr + slot[:, None] * vc_ss + d[None, :], mask=kvmask, other=0.0).to(ACT)
         k_pos = pos_offset + offs
         visible = nmask[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
@@ -240,10 +244,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, qs_ptr, tiles_ptr,
     v_ptr = v_cache_ptr + kvh * vc_sh
     m_i, l_i, acc = _prefill_segment(q, q_pos, m_i, l_i, acc, k_ptr, v_ptr, p_table_ptr + b * p_table_st,
                                      lo, tl.minimum(hi, p_len), 0, block_size, kc_ss, vc_ss, scale_log2,
-                                     window, d, dmask, BLOCK_N, USE_WINDOW, PREC, DOT_F32)
+                                     window, d, dmask, BLOCK_N, USE_WINDOW, PREC, DOT_F32, q_ptr.dtype.element_ty)
     m_i, l_i, acc = _prefill_segment(q, q_pos, m_i, l_i, acc, k_ptr, v_ptr, r_table_ptr + b * r_table_st,
                                      tl.maximum(lo - p_len, 0), hi - p_len, p_len, block_size, kc_ss, vc_ss,
-                                     scale_log2, window, d, dmask, BLOCK_N, USE_WINDOW, PREC, DOT_F32)
+                                     scale_log2, window, d, dmask, BLOCK_N, USE_WINDOW, PREC, DOT_F32,
+                                     q_ptr.dtype.element_ty)
     o = acc / tl.where(rmask, l_i, 1.0)[:, None]  # padding rows may see no key at all
     tl.store(out_ptr + rows[:, None] * o_st + h * o_sh + d[None, :], o, mask=qmask)
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lengthwise.ops.triton.rotary import _rotate_half
+from lengthwise.ops.triton.rotary import _rotate_half, to_cache
 
 
 @triton.jit
@@ -101,12 +101,12 @@ def _norm_qkv_rotary_kernel(x_ptr, r_ptr, g_ptr, sum_ptr, w_ptr, b_ptr, cos_ptr,
         tl.store(q_ptr + hi, y2, mask=jmask)
     elif head < HEADS + KV_HEADS:
         dst = k_cache_ptr + slot * kc_ss + (head - HEADS) * kc_sh + j
-        tl.store(dst, y1, mask=keep)
-        tl.store(dst + HALF, y2, mask=keep)
+        tl.store(dst, to_cache(y1, k_cache_ptr.dtype.element_ty, dt), mask=keep)
+        tl.store(dst + HALF, to_cache(y2, k_cache_ptr.dtype.element_ty, dt), mask=keep)
     else:
         dst = v_cache_ptr + slot * vc_ss + (head - HEADS - KV_HEADS) * vc_sh + j
-        tl.store(dst, y1, mask=keep)
-        tl.store(dst + HALF, y2, mask=keep)
+        tl.store(dst, to_cache(y1, v_cache_ptr.dtype.element_ty, dt), mask=keep)
+        tl.store(dst + HALF, to_cache(y2, v_cache_ptr.dtype.element_ty, dt), mask=keep)
 
 
 @triton.jit

@@ -16,6 +16,39 @@ def _rotate_half(x1, x2, c1, c2, s1, s2, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _fp8_bits(x, MAN: tl.constexpr, BIAS: tl.constexpr, MAX_BITS: tl.constexpr, MAGIC: tl.constexpr):
+    """float32 `x` as float8 bytes (int32, 0-255): `narrow_fp8` of ops/cpu/attention.h, integer
+    arithmetic rounding to nearest even and saturating at the format's largest finite value (its
+    float32 bits `MAX_BITS`); below the smallest normal, adding `MAGIC` (2^(1 - BIAS - MAN + 23),
+    whose last bit is the subnormal step) rounds to a multiple of the step. Written out rather than
+    `.to(float8)`: Triton 3.9's interpreter drops the carry when rounding up to the next power of two
+    (124.5 became 64), and torch's bytes are the reference on every backend."""
+    SHIFT: tl.constexpr = 23 - MAN
+    u = x.to(tl.int32, bitcast=True)
+    sign = (u >> 24) & 0x80
+    mag = u & 0x7FFFFFFF
+    a = tl.minimum(mag, MAX_BITS)
+    normal = (a + ((1 << (SHIFT - 1)) - 1) + ((a >> SHIFT) & 1) - ((127 - BIAS) << 23)) >> SHIFT
+    subnormal = (a.to(tl.float32, bitcast=True) + MAGIC).to(tl.int32, bitcast=True) - tl.full(
+        x.shape, MAGIC, tl.float32).to(tl.int32, bitcast=True)
+    code = tl.where(a < ((128 - BIAS) << 23), subnormal, normal)
+    return tl.where(mag > 0x7F800000, 0x7F, code) | sign
+
+
+@triton.jit
+def to_cache(x, CACHE: tl.constexpr, ACT: tl.constexpr):
+    """float32 `x` as the cache stores it: rounded to the activations' dtype `ACT` (what the torch
+    path writes), then, for a float8 cache, saturated and rounded to nearest even: the bytes of
+    `lengthwise.ops.attention.to_fp8`."""
+    x = x.to(ACT)
+    if CACHE == tl.float8e4nv:  # largest 448, smallest normal 2^-6
+        x = _fp8_bits(x.to(tl.float32), 3, 7, 0x43E00000, 16384.0).to(tl.uint8).to(CACHE, bitcast=True)
+    elif CACHE == tl.float8e5:  # largest 57344, smallest normal 2^-14
+        x = _fp8_bits(x.to(tl.float32), 2, 15, 0x47600000, 128.0).to(tl.uint8).to(CACHE, bitcast=True)
+    return x
+
+
+@triton.jit
 def _rotary_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
                          q_st, q_sh, k_st, k_sh, v_st, v_sh, cos_st, sin_st, qo_st, qo_sh,
                          kc_ss, kc_sh, vc_ss, vc_sh, heads, kv_heads,
@@ -45,15 +78,18 @@ def _rotary_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cac
     # rejects a mask made of a block and a scalar condition.)
     mk = ((hk < kv_heads) & (hk * 0 + slot >= 0))[:, None] & dmask[None, :]
     src = k_ptr + t * k_st + hk[:, None] * k_sh + d[None, :]
+    # (dtypes are passed where used: the compiler takes no dtype held in a local variable)
     o1, o2 = _rotate_half(tl.load(src, mask=mk).to(tl.float32), tl.load(src + HALF, mask=mk).to(tl.float32),
-                          c1, c2, s1, s2, k_cache_ptr.dtype.element_ty)
+                          c1, c2, s1, s2, k_ptr.dtype.element_ty)
     dst = k_cache_ptr + slot * kc_ss + hk[:, None] * kc_sh + d[None, :]
-    tl.store(dst, o1, mask=mk)
-    tl.store(dst + HALF, o2, mask=mk)
+    tl.store(dst, to_cache(o1, k_cache_ptr.dtype.element_ty, k_ptr.dtype.element_ty), mask=mk)
+    tl.store(dst + HALF, to_cache(o2, k_cache_ptr.dtype.element_ty, k_ptr.dtype.element_ty), mask=mk)
     src = v_ptr + t * v_st + hk[:, None] * v_sh + d[None, :]
     dst = v_cache_ptr + slot * vc_ss + hk[:, None] * vc_sh + d[None, :]
-    tl.store(dst, tl.load(src, mask=mk), mask=mk)
-    tl.store(dst + HALF, tl.load(src + HALF, mask=mk), mask=mk)
+    tl.store(dst, to_cache(tl.load(src, mask=mk).to(tl.float32), v_cache_ptr.dtype.element_ty,
+                           v_ptr.dtype.element_ty), mask=mk)
+    tl.store(dst + HALF, to_cache(tl.load(src + HALF, mask=mk).to(tl.float32), v_cache_ptr.dtype.element_ty,
+                                  v_ptr.dtype.element_ty), mask=mk)
 
 
 def _last_dim_dense(x: torch.Tensor) -> torch.Tensor:
