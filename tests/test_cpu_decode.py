@@ -239,8 +239,10 @@ def test_fused_step_matches_op_by_op(family, weights, hf_checkpoint, tmp_path, m
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-# The spacing of each narrow KV cache dtype's values relative to a value (its significant bits).
+# The spacing of each narrow KV cache dtype's values relative to a value (its significant bits),
+# and its smallest subnormal (the absolute spacing below the smallest normal).
 KV_ULP = {torch.bfloat16: 2.0 ** -7, torch.float8_e4m3fn: 2.0 ** -3, torch.float8_e5m2: 2.0 ** -2}
+KV_TINY = {torch.bfloat16: 1e-6, torch.float8_e4m3fn: 2.0 ** -9, torch.float8_e5m2: 2.0 ** -16}
 
 
 def _narrowed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -283,7 +285,7 @@ def test_fused_step_over_a_narrow_kv_cache(family, narrow, hf_checkpoint, tmp_pa
         assert torch.isfinite(h).all()
         torch.testing.assert_close(h, href, rtol=1e-3, atol=1e-3)
         for a, b in zip(kv, kvref, strict=True):
-            torch.testing.assert_close(a, b, rtol=ulp, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=ulp, atol=KV_TINY[narrow])
         # layer 0's keys and values come before any attention read the cache: the float32 cache's, rounded
         f = results[torch.float32, path_][1]
         layers = len(model.layers)

@@ -37,17 +37,23 @@ def test_narrow_kv_caches_hold_more_blocks(hf_checkpoint):
         assert engines[name].scheduler.kv.pool.num_blocks == engines[name].num_blocks
 
 
-def test_kv_cache_dtype_is_refused_where_it_does_not_apply():
+def test_kv_cache_dtype_is_refused_where_it_does_not_apply(monkeypatch):
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, bfloat16, fp8, fp8_e4m3, "
                        "fp8_e5m2, got 'fp8_e4m3fnuz'"):
         EngineConfig(kv_cache_dtype="fp8_e4m3fnuz")
-    # On CUDA the Triton kernels and the CUDA graphs read the cache in the model's dtype.
+    # On CUDA the Triton kernels and the CUDA graphs read the cache in the model's dtype or float8.
     gpu_model = SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cuda"))
     assert _kv_cache_dtype("auto", gpu_model) == _kv_cache_dtype("bfloat16", gpu_model) == torch.bfloat16
     with pytest.raises(ValueError, match="kv_cache_dtype='float32': on cuda the KV cache is held in the model's dtype"):
         _kv_cache_dtype("float32", gpu_model)
-    # float8 there too: the Triton kernels read and write it
+    # float8 there too: the Triton kernels read and write it (e4m3 from compute capability 8.9)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert _kv_cache_dtype("fp8", gpu_model) == torch.float8_e4m3fn
+    assert _kv_cache_dtype("fp8_e5m2", gpu_model) == torch.float8_e5m2
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8': float8 e4m3 needs a GPU of compute capability "
+                       r"8.9 or newer, this one is 8.0; use 'fp8_e5m2'"):
+        _kv_cache_dtype("fp8", gpu_model)
     assert _kv_cache_dtype("fp8_e5m2", gpu_model) == torch.float8_e5m2
     # On the CPU the one other cache is bfloat16 under float32: a wider cache only costs memory.
     cpu_bf16_model = SimpleNamespace(dtype=torch.bfloat16, device=torch.device("cpu"))

@@ -528,6 +528,11 @@ def _kv_cache_dtype(name: str, model: CausalLM) -> torch.dtype:
     costs memory, bfloat16 under float16 loses precision, and on CUDA the Triton kernels (and CUDA
     graphs) read the cache in the activations' dtype or float8."""
     dtype = model.dtype if name == "auto" else FP8_KV_DTYPES.get(name) or getattr(torch, name)
+    if dtype == torch.float8_e4m3fn and model.device.type == "cuda":
+        capability = torch.cuda.get_device_capability(model.device)
+        if capability < (8, 9):  # Triton compiles e4m3 for Ada and Hopper (sm_89) and later only
+            raise ValueError(f"kv_cache_dtype={name!r}: float8 e4m3 needs a GPU of compute capability 8.9 or "
+                             f"newer, this one is {capability[0]}.{capability[1]}; use 'fp8_e5m2' or 'auto'")
     if dtype == model.dtype or name in FP8_KV_DTYPES:
         return dtype
     model_dtype = str(model.dtype).removeprefix("torch.")

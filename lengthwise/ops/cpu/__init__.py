@@ -135,7 +135,7 @@ def kernel_rounding(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     lib.lw_store_kv(ctypes.c_void_p(src.data_ptr()), ctypes.c_void_p(out.data_ptr()), src.numel(), kv_kind(dtype))
     return out
 # How the attention kernel walks a tile of keys (an A/B switch): "auto" the faster for the cache's
-# dtype (memory order for bfloat16, a head at a time for float32), "head" or "memory" forces one.
+# dtype (memory order for bfloat16 and float8, a head at a time for float32), "head" or "memory" forces one.
 ATTENTION_ORDER_ENV = "LENGTHWISE_CPU_ATTENTION_ORDER"
 ATTENTION_ORDERS = {"auto": 0, "head": 1, "memory": 2}
 

@@ -328,7 +328,8 @@ inline __m512 load16(const fp8e5m2* p) {
 // a float16 kLoadUnit = 2^8 times smaller, subnormals included, and the conversion is exact: the
 // bytes sign-extended to 16 bits and shifted left by 7 put the sign in bits 14 and 15; bit 14 is
 // cleared. attend_avx512 scales the queries and the outputs by the unit instead of every load.
-// (The NaN byte reads as 480 units here: the cache never holds one, narrow_fp8 saturates.)
+// (A NaN byte, written for a NaN key or value, reads as 480 units here where the portable path and
+// torch read NaN: a model producing NaN is broken either way, and masking it costs every load.)
 template <class KV> constexpr float kLoadUnit = 1.f;
 template <> constexpr float kLoadUnit<fp8e4m3> = 256.f;
 inline __m512 load16(const fp8e4m3* p) {
