@@ -236,3 +236,22 @@ def test_cli_errors_name_the_problem(tmp_path, bench_cache, monkeypatch, capsys)
     assert main(_bench_args(tmp_path, "--engines", "lengthwise,vllm")) == 2
     assert "vllm" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists()
+
+
+def test_kv_cache_dtype_in_the_throughput_benchmark(tmp_path, bench_cache, monkeypatch):
+    """`--kv-cache-dtype` reaches lengthwise's engine with the same KV bytes as the model's dtype
+    would take (the baselines' memory), so fp8 under the float32 preset holds four times the tokens."""
+    monkeypatch.setenv("LENGTHWISE_CACHE", str(bench_cache))
+    held = {}
+    for kv in ("auto", "fp8"):
+        out = tmp_path / kv
+        assert main(_bench_args(out, "--engines", "lengthwise", "--num-requests", "3", "--max-output-len", "8",
+                                "--warmup-requests", "1", "--warmup-tokens", "2", "--kv-cache-tokens", "2048",
+                                "--kv-cache-dtype", kv)) == 0
+        report = json.loads((out / "out.json").read_text())
+        assert report["config"]["kv_cache_dtype"] == kv
+        details = report["results"][0]["details"]
+        assert details["kv_cache_dtype"] == {"auto": "float32", "fp8": "float8_e4m3fn"}[kv]
+        held[kv] = (details["kv_cache_memory_bytes"], details["kv_cache_tokens_held"])
+    assert held["auto"][0] == held["fp8"][0]
+    assert held["fp8"][1] == 4 * held["auto"][1] >= 4 * 2048

@@ -106,7 +106,7 @@ def run_lengthwise(spec: dict[str, Any]) -> dict[str, Any]:
               max_num_seqs=spec["max_num_seqs"], max_num_batched_tokens=spec["max_num_batched_tokens"],
               block_size=spec["block_size"], policy=spec["policy"],
               enable_prefix_caching=spec.get("prefix_caching", True),
-              speculative_config=spec.get("speculative_config"))
+              speculative_config=spec.get("speculative_config"), kv_cache_dtype=spec.get("kv_cache_dtype", "auto"))
     prompts, lens = spec["prompts"], spec["output_lens"]
     if spec["warmup_prompts"]:
         llm.generate(spec["warmup_prompts"], _sampling_params(spec["warmup_tokens"]), use_tqdm=False)
@@ -129,8 +129,9 @@ def run_lengthwise(spec: dict[str, Any]) -> dict[str, Any]:
     digests = output_digests([o.outputs[0].token_ids for o in outs], lens)
     preemptions = sum(o.metrics.num_preemptions for o in outs)
     steps, launched, used = (after - b for after, b in zip(counters(), before, strict=True))
-    details = {"kv_cache_memory_bytes": kv_bytes, "policy": spec["policy"], "num_preemptions": preemptions,
-               "sampling_steps": steps}
+    details = {"kv_cache_memory_bytes": kv_bytes, "kv_cache_dtype": str(engine.kv_cache_dtype).removeprefix("torch."),
+               "kv_cache_tokens_held": engine.num_blocks * engine.config.block_size, "policy": spec["policy"],
+               "num_preemptions": preemptions, "sampling_steps": steps}
     if engine.stats.draft_tokens:  # speculative decoding (counted over warm-up and timed run)
         details |= {"draft_tokens": engine.stats.draft_tokens, "accepted_tokens": engine.stats.accepted_tokens}
     if graphs is not None:  # async decode: steps launched before the previous step's tokens were read

@@ -27,6 +27,7 @@ from lengthwise.bench import report as rep
 from lengthwise.bench.engines import TRANSFORMERS_ENGINES
 from lengthwise.bench.presets import PRESETS, resolve_model
 from lengthwise.bench.workloads import WORKLOADS, Workload, alpaca_lengths, synthetic
+from lengthwise.config import KV_CACHE_DTYPES
 
 ENGINES = ("lengthwise", "transformers", "transformers-cb")
 WARMUP_SEED = 987654321
@@ -69,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=32768,
                    help="KV cache capacity in tokens for both paged engines (default 32768)")
     p.add_argument("--policy", default="fcfs", help="lengthwise scheduling policy (default fcfs)")
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="lengthwise's KV cache dtype (default auto: the model's). Its KV memory stays the bytes of "
+                        "--kv-cache-tokens in the model's dtype, the baselines', so a narrower cache (bfloat16 under "
+                        "float32, fp8) holds more tokens in the same memory")
     add_speculative_argument(p)  # lengthwise only: the baselines decode a token per step
     p.add_argument("--cb-prefix-sharing", action=argparse.BooleanOptionalAction, default=True,
                    help="transformers-cb's prefix sharing (allow_block_sharing; default on, as transformers "
@@ -205,6 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size[0], "max_num_seqs": args.max_num_seqs, "prefix_caching": prefix_caching,
             "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
             "kv_cache_tokens": args.kv_cache_tokens, "policy": args.policy,
+            "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"),
             "speculative_config": getattr(args, "speculative_config", None),
             "cb_prefix_sharing": args.cb_prefix_sharing, "warmup_prompts": warmup, "warmup_tokens": args.warmup_tokens,
             "progress": progress, "prompts": workload.prompts, "output_lens": workload.output_lens}
@@ -213,6 +219,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "batch_size": args.batch_size, "max_num_seqs": args.max_num_seqs, "prefix_caching": prefix_caching,
               "max_num_batched_tokens": args.max_num_batched_tokens, "block_size": args.block_size,
               "kv_cache_tokens": args.kv_cache_tokens, "policy": args.policy,
+              "kv_cache_dtype": getattr(args, "kv_cache_dtype", "auto"),
               "speculative_config": getattr(args, "speculative_config", None),
               "repeats": getattr(args, "repeats", 1),
               "warmup": {"requests": len(warmup), "max_tokens": args.warmup_tokens,
