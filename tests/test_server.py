@@ -615,3 +615,22 @@ def test_bench_serve_measures_every_request_against_the_server(server, tmp_path)
     assert main([*common, "--goodput", "ttft:0.001", "--json", str(js)]) == 0
     assert json.loads(js.read_text())["request_goodput"] == 0  # nobody's first token within 1 us
     assert main([*common, "--goodput", "speed:5"]) == 2  # an unknown SLO: a clear error, not a silent skip
+
+
+@pytest.mark.parametrize("kv, shown", [("auto", "float32"), ("fp8", "float8_e4m3fn")])
+def test_metrics_describe_the_kv_cache(model_dir, kv, shown):
+    """`lengthwise:cache_config_info` (vLLM's cache_config_info) labels the cache the engine really
+    holds: `--kv-cache-dtype fp8` shows as float8_e4m3fn."""
+    from lengthwise.cli import build_parser
+    from lengthwise.server.cli import build_state
+
+    state = build_state(build_parser().parse_args(["serve", str(model_dir), "--threads", "1", "--kv-cache-memory",
+                                                   "4MiB", "--kv-cache-dtype", kv, "--served-model-name", "s"]))
+    engine = state.engine.engine
+    lines = [ln for ln in state.metrics.render().decode().splitlines()
+             if ln.startswith("lengthwise:cache_config_info{")]
+    assert len(lines) == 1 and lines[0].endswith(" 1.0"), lines
+    labels = dict(item.split("=") for item in lines[0].split("{", 1)[1].split("}", 1)[0].split(","))
+    assert labels == {"model_name": '"s"', "cache_dtype": f'"{shown}"', "block_size": f'"{engine.config.block_size}"',
+                      "num_blocks": f'"{engine.num_blocks}"',
+                      "num_tokens": f'"{engine.num_blocks * engine.config.block_size}"'}

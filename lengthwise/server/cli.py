@@ -98,6 +98,7 @@ def build_state(args: argparse.Namespace) -> Any:
         raise ValueError(f"{model_dir} has no tokenizer.json: the server needs one to encode prompts")
     name = args.served_model_name or model_dir.resolve().name
     metrics = ServerMetrics(name)
+    metrics.describe_cache(engine)
     return ServerState(AsyncEngine(engine, max_waiting=args.max_waiting, observer=metrics), name, engine.tokenizer,
                        engine.max_model_len, engine.default_sampling_params(), metrics, args.api_key,
                        args.grace_period, generation_defaults(model_dir).get("max_tokens"),

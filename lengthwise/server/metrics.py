@@ -27,6 +27,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
+        self._model_name = model_name
 
         def gauge(name: str, doc: str) -> Any:
             return Gauge(f"lengthwise:{name}", doc, labels, registry=r).labels(model_name)
@@ -59,6 +60,16 @@ class ServerMetrics:
         self._seen_preemptions = 0
         self._seen_collected = 0
         self._seen_tokens = 0
+
+    def describe_cache(self, engine: Any) -> None:
+        """`lengthwise:cache_config_info` (vLLM's `cache_config_info`): a gauge at 1 whose labels say
+        how the KV cache is held: its dtype (the effective one: `kv_cache_dtype="fp8"` shows as
+        float8_e4m3fn), block size, blocks and the tokens they hold."""
+        labels = {"model_name": self._model_name, "cache_dtype": str(engine.kv_cache_dtype).removeprefix("torch."),
+                  "block_size": str(engine.config.block_size), "num_blocks": str(engine.num_blocks),
+                  "num_tokens": str(engine.num_blocks * engine.config.block_size)}
+        Gauge("lengthwise:cache_config_info", "How the KV cache is held (the labels); always 1", list(labels),
+              registry=self.registry).labels(**labels).set(1)
 
     def on_step(self, engine: Any, seconds: float) -> None:
         s = engine.scheduler
