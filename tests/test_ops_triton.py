@@ -263,16 +263,22 @@ def test_int4_linear_dispatch(monkeypatch):
     assert fused_single_row(row, w.to(DEVICE)) and not fused_single_row(row, weight)
 
 
-@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (8, 2, 24), (8, 1, 16)])
-def test_rotary_and_write_kv(dtype, heads, kv_heads, head_dim):
-    g, t, slots_total = _gen(3), 9, 64
-    qkv = _randn(t, (heads + 2 * kv_heads) * head_dim, g=g, dtype=dtype)  # q, k, v as strided views
+def _rotary_inputs(g, t, slots_total, heads, kv_heads, head_dim, dtype, scale=1.0):
+    """q, k, v of `t` tokens as strided views of one qkv output, RoPE tables at random positions,
+    and `t` distinct random slots of `slots_total`."""
+    qkv = _randn(t, (heads + 2 * kv_heads) * head_dim, g=g, dtype=dtype, scale=scale)
     q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
     q, k, v = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim)
     positions = torch.randint(0, 500, (t,), generator=g).to(DEVICE)
     cos, sin = rotary_cos_sin(positions, rotary_inv_freq(head_dim, 10000.0).to(DEVICE), dtype)
-    slots = torch.randperm(slots_total, generator=g)[:t].to(DEVICE)
+    return q, k, v, cos, sin, torch.randperm(slots_total, generator=g)[:t].to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", ELEMENTWISE_DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 16), (8, 2, 24), (8, 1, 16)])
+def test_rotary_and_write_kv(dtype, heads, kv_heads, head_dim):
+    g, t, slots_total = _gen(3), 9, 64
+    q, k, v, cos, sin, slots = _rotary_inputs(g, t, slots_total, heads, kv_heads, head_dim, dtype)
     cache_shape = (slots_total, kv_heads, head_dim)
     ref_k, ref_v = _poisoned(cache_shape, dtype), _poisoned(cache_shape, dtype)
     ref_q = rotary_and_write_kv(q, k, v, cos, sin, ref_k, ref_v, slots)  # the torch reference (dispatch: torch)
@@ -795,12 +801,7 @@ def test_rotary_and_write_kv_into_a_float8_cache(nearest_casts, dtype, cache):
     activations' dtype, then saturated and rounded to nearest even), large values saturating."""
     g, t, slots_total, heads, kv_heads, head_dim = _gen(8), 9, 64, 8, 2, 24
     big = 600.0 if cache == torch.float8_e4m3fn else 7e4  # some keys and values past the format's largest
-    qkv = _randn(t, (heads + 2 * kv_heads) * head_dim, g=g, dtype=dtype, scale=big / 3)
-    q, k, v = qkv.split((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
-    q, k, v = q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim)
-    positions = torch.randint(0, 500, (t,), generator=g).to(DEVICE)
-    cos, sin = rotary_cos_sin(positions, rotary_inv_freq(head_dim, 10000.0).to(DEVICE), dtype)
-    slots = torch.randperm(slots_total, generator=g)[:t].to(DEVICE)
+    q, k, v, cos, sin, slots = _rotary_inputs(g, t, slots_total, heads, kv_heads, head_dim, dtype, scale=big / 3)
     shape = (slots_total, kv_heads, head_dim)
     ref_k, ref_v = _poisoned(shape, cache), _poisoned(shape, cache)
     ref_q = rotary_and_write_kv(q, k, v, cos, sin, ref_k, ref_v, slots)  # the torch reference

@@ -317,12 +317,10 @@ inline __m512 load16(const bf16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
-inline __m256i load16_bytes(const uint8_t* p) {
-  return _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 // e5m2 is a float16 cut to its high byte.
 inline __m512 load16(const fp8e5m2* p) {
-  return _mm512_cvtph_ps(_mm256_slli_epi16(load16_bytes(&p->bits), 8));
+  const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_cvtph_ps(_mm256_slli_epi16(x, 8));
 }
 // e4m3's exponent and mantissa placed in a float16's (sign to bit 15, the rest to bits 7-13) make
 // a float16 kLoadUnit = 2^8 times smaller, subnormals included, and the conversion is exact: the
