@@ -13,10 +13,13 @@
   `quantization="int4"`); the arithmetic is float32 in every case.
 
 The library is built with the system C++ compiler (`$CXX`, else `c++`) for this CPU
-(`-march=native`) into the lengthwise cache directory, keyed by a hash of sources, flags and CPU,
-and loaded with ctypes. If no compiler is found or the build fails, `segment_attention_kernel()`
-returns `None` (with one warning) and callers use the torch reference. float32 activations only;
-the KV cache may be float32, bfloat16 or float8 (`KV_DTYPES`).
+(`-march=native`; `LENGTHWISE_CPU_MARCH` names another target) into the lengthwise cache
+directory, keyed by a hash of sources, flags and CPU, and loaded with ctypes. If no compiler is
+found or the build fails, `segment_attention_kernel()` returns `None` (with one warning) and
+callers use the torch reference. float32 activations only;
+the KV cache may be float32, bfloat16 or float8 (`KV_DTYPES`). The decode forward's vector code
+(`simd.h`) has an AVX-512 form, an AVX2 + FMA form and a portable one (`simd_isa()` says which
+was built); the attention kernel has AVX-512 loops and portable ones.
 """
 
 from __future__ import annotations
@@ -39,11 +42,16 @@ from lengthwise.ops.int4 import PackedInt4
 
 _HERE = Path(__file__).parent
 SOURCES = [_HERE / "segment_attention.cpp", _HERE / "decode_forward.cpp"]
-HEADERS = [_HERE / "attention.h"]
+HEADERS = [_HERE / "attention.h", _HERE / "simd.h"]
 # -fopenmp links libgomp.so.1 by soname: inside a process that imported torch that is torch's own
 # copy, so the kernels' OpenMP threads are torch's intra-op pool, not a second pool competing for
 # the same cores.
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+MARCH_ENV = "LENGTHWISE_CPU_MARCH"  # the compiler's -march (default native: this CPU)
+
+
+def _flags() -> list[str]:
+    return [f"-march={os.environ.get(MARCH_ENV) or 'native'}", *FLAGS]
 
 
 def _cache_dir() -> Path:
@@ -71,13 +79,13 @@ def segment_attention_kernel() -> ctypes.CDLL | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         texts = [f.read_text() for f in (*SOURCES, *HEADERS)]
         key = hashlib.sha256(b"\0".join(x.encode() for x in (
-            *texts, " ".join(FLAGS), version, _cpu_signature(), platform.machine()))).hexdigest()[:16]
+            *texts, " ".join(_flags()), version, _cpu_signature(), platform.machine()))).hexdigest()[:16]
         lib = _cache_dir() / f"lengthwise-cpu-{key}.so"
         if not lib.is_file():
             lib.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
                 out = Path(tmp) / lib.name
-                subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", str(out)], check=True,
+                subprocess.run([compiler, *_flags(), *map(str, SOURCES), "-o", str(out)], check=True,
                                capture_output=True, text=True, timeout=300)
                 os.replace(out, lib)  # atomic: concurrent builders never load a half-written file
         so = ctypes.CDLL(str(lib))
@@ -90,6 +98,8 @@ def segment_attention_kernel() -> ctypes.CDLL | None:
     so.lw_segment_attention.argtypes = (
         [ctypes.c_void_p] * 8 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 3)
+    so.lw_simd_isa.restype = ctypes.c_char_p
+    so.lw_simd_isa.argtypes = []
     so.lw_store_kv.restype = None
     so.lw_store_kv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     _declare_decode(so)
@@ -110,6 +120,13 @@ def _declare_decode(so: ctypes.CDLL) -> None:
     so.lw_decode_forward.restype = None
     so.lw_decode_forward.argtypes = ([p, p, p] + [i] * 9 + [f, f, p, p, p, i] + [p] * 5
                                      + [i, p, p, p, i, p, i, i, i, i, i])
+
+
+def simd_isa() -> str | None:
+    """The vector code the decode forward was built with: "avx512", "avx2" or "portable" (None: no
+    kernels here)."""
+    so = segment_attention_kernel()
+    return None if so is None else so.lw_simd_isa().decode()
 
 
 # The KV cache dtypes the kernels read and write (`EngineConfig.kv_cache_dtype` on the CPU), in

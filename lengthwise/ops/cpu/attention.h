@@ -7,6 +7,7 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#include "simd.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -280,23 +281,8 @@ inline void attend_generic(Row& r, const Args& a) {
 }
 
 #if defined(__AVX512F__)
-// exp on 16 lanes: 2^(x log2 e) as 2^i * 2^f with f in [-0.5, 0.5] and a degree-7 Taylor polynomial
-// of e^(f ln 2) (relative error about 2e-7, below float32's rounding of the scores).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, i), _mm512_set1_ps(0.693147180559945f));
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, i);
-}
+// exp on 16 lanes (simd.h; the AVX-512 form there is this kernel's own).
+inline __m512 exp16(__m512 x) { return simd::exp(x); }
 
 // Lane i of the result is the sum of the 16 lanes of p[i]: a 16x16 transpose-add in four levels
 // (two permutes and an add per pair), instead of a horizontal reduction per key.

@@ -14,8 +14,8 @@
 // own intra-op pool: nothing here competes with torch for the cores. float32 activations; the KV
 // cache may be bfloat16.
 #include "attention.h"
+#include "simd.h"
 
-#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -26,6 +26,9 @@
 #include <vector>
 
 namespace {
+
+namespace sv = lw::simd;
+using sv::V;
 
 // Per-layer pointers, in this order (absent optional tensors are null). The projections' entries
 // point to `PackedWeight`s (`lw_pack_panels`); the gate and up halves of the gate-up projection
@@ -43,7 +46,9 @@ enum LayerPtr {
 // product is then two vector loads per kk, broadcast-multiplied by one scalar of each x row.
 constexpr int kPanel = 32;
 constexpr int kBlockK = 256;   // a panel's k-block stays in L1 across x's row chunks
-constexpr int kChunk = 12;     // x rows per micro-kernel call: 24 accumulators + 2 weight vectors
+// x rows per micro-kernel call: 2 accumulator vectors per row + 2 weight vectors in registers
+// (AVX-512: 12 rows, 24 zmm accumulators; AVX2: 3 rows; see simd.h).
+constexpr int kChunk = sv::kChunkRows;
 constexpr int kInt4Rows = 4;   // rows micro_int4 takes: 16 accumulators + 2 weight vectors
 
 // How a panel's 32 weights of one kk are stored. Batch-1 decode streams every weight once per
@@ -87,29 +92,25 @@ inline const float* inputs_in_order(const float* x, int m, int k, const int32_t*
 struct F32Panel {
   using T = float;
   static constexpr int kRow = kPanel;  // elements of T per kk
-  static inline void load(const T* pw, __m512& w0, __m512& w1) {
-    w0 = _mm512_loadu_ps(pw);
-    w1 = _mm512_loadu_ps(pw + 16);
+  static inline void load(const T* pw, V& w0, V& w1) {
+    w0 = sv::load(pw);
+    w1 = sv::load(pw + 16);
   }
 };
 
 struct BF16Panel {
   using T = uint32_t;
   static constexpr int kRow = kPanel / 2;
-  static inline void load(const T* pw, __m512& w0, __m512& w1) {
-    const __m512i v = _mm512_loadu_si512(pw);
-    w0 = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    w1 = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int(0xFFFF0000u))));
-  }
+  static inline void load(const T* pw, V& w0, V& w1) { sv::load_bf16_pair(pw, w0, w1); }
 };
 
 struct Int8Panel {
   using T = int8_t;
   static constexpr int kRow = kPanel;
-  static inline void load(const T* pw, __m512& w0, __m512& w1) {
-    // Two 16-byte loads that fold into the sign extensions (no 256-bit load and lane extract).
-    w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pw))));
-    w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pw + 16))));
+  static inline void load(const T* pw, V& w0, V& w1) {
+    // Two 16-byte loads (with AVX-512 they fold into the sign extensions: no lane extract).
+    w0 = sv::load_i8(pw);
+    w1 = sv::load_i8(pw + 16);
   }
 };
 
@@ -118,33 +119,25 @@ struct Int4Panel {
   using T = uint8_t;
   static constexpr int kRow = kPanel / 2;
   // One kk's 32 values q as floats (low nibbles: columns 0-15; high: 16-31).
-  static inline void load_q(const T* pw, __m512& q0, __m512& q1) {
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(pw)));
-    q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-    q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-  }
+  static inline void load_q(const T* pw, V& q0, V& q1) { sv::load_u4_pair(pw, q0, q1); }
 };
-
-inline __mmask16 tail_mask(int n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
 
 // y[r][0:nv] = (or +=, unless `first`) acc[r] (times the column scales, if any) for MR rows.
 template <int MR>
-inline void store_rows(__m512 (&acc)[MR][2], const float* scale, float* y, int64_t ldy, bool first, int nv) {
-  const __mmask16 m0 = tail_mask(nv), m1 = tail_mask(nv - 16);
+inline void store_rows(V (&acc)[MR][2], const float* scale, float* y, int64_t ldy, bool first, int nv) {
+  const sv::Mask m0 = sv::tail_mask(nv), m1 = sv::tail_mask(nv - 16);
   for (int r = 0; r < MR; ++r) {
     float* yr = y + r * ldy;
     if (scale) {
-      acc[r][0] = _mm512_mul_ps(acc[r][0], _mm512_loadu_ps(scale));
-      acc[r][1] = _mm512_mul_ps(acc[r][1], _mm512_loadu_ps(scale + 16));
+      acc[r][0] = sv::mul(acc[r][0], sv::load(scale));
+      acc[r][1] = sv::mul(acc[r][1], sv::load(scale + 16));
     }
     if (!first) {
-      acc[r][0] = _mm512_add_ps(acc[r][0], _mm512_maskz_loadu_ps(m0, yr));
-      acc[r][1] = _mm512_add_ps(acc[r][1], _mm512_maskz_loadu_ps(m1, yr + 16));
+      acc[r][0] = sv::add(acc[r][0], sv::maskz_load(m0, yr));
+      acc[r][1] = sv::add(acc[r][1], sv::maskz_load(m1, yr + 16));
     }
-    _mm512_mask_storeu_ps(yr, m0, acc[r][0]);
-    _mm512_mask_storeu_ps(yr + 16, m1, acc[r][1]);
+    sv::mask_store(yr, m0, acc[r][0]);
+    sv::mask_store(yr + 16, m1, acc[r][1]);
   }
 }
 
@@ -153,16 +146,16 @@ inline void store_rows(__m512 (&acc)[MR][2], const float* scale, float* y, int64
 template <int MR, class W>
 inline void micro(const float* x, int64_t ldx, const typename W::T* panel, const float* scale, int k0, int k1,
                   float* y, int64_t ldy, bool first, int nv) {
-  __m512 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  V acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = sv::zero();
   const typename W::T* pw = panel + int64_t(k0) * W::kRow;
   for (int kk = k0; kk < k1; ++kk, pw += W::kRow) {
-    __m512 w0, w1;
+    V w0, w1;
     W::load(pw, w0, w1);
     for (int r = 0; r < MR; ++r) {
-      const __m512 xb = _mm512_set1_ps(x[r * ldx + kk]);
-      acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+      const V xb = sv::set1(x[r * ldx + kk]);
+      acc[r][0] = sv::fmadd(xb, w0, acc[r][0]);
+      acc[r][1] = sv::fmadd(xb, w1, acc[r][1]);
     }
   }
   store_rows<MR>(acc, scale, y, ldy, first, nv);
@@ -175,50 +168,51 @@ inline void micro(const float* x, int64_t ldx, const typename W::T* panel, const
 template <int MR>
 inline void micro_int4(const float* x, int64_t ldx, const uint8_t* panel, const float* params, int group_size,
                        int k0, int k1, float* y, int64_t ldy, bool first, int nv) {
-  constexpr int U = MR == 1 ? 4 : MR == 2 ? 2 : 1;
-  __m512 tot[MR][2];
-  for (int r = 0; r < MR; ++r) tot[r][0] = tot[r][1] = _mm512_setzero_ps();
+  // (AVX2 holds half the accumulators: a V is two registers there.)
+  constexpr int U = sv::kChunkRows < 12 ? (MR == 1 ? 2 : 1) : MR == 1 ? 4 : MR == 2 ? 2 : 1;
+  V tot[MR][2];
+  for (int r = 0; r < MR; ++r) tot[r][0] = tot[r][1] = sv::zero();
   const uint8_t* pw = panel + int64_t(k0) * Int4Panel::kRow;
   for (int g0 = k0; g0 < k1;) {
     const int gi = g0 / group_size, g1 = std::min(k1, (gi + 1) * group_size);
-    __m512 acc[U][MR][2];
+    V acc[U][MR][2];
     for (int u = 0; u < U; ++u)
-      for (int r = 0; r < MR; ++r) acc[u][r][0] = acc[u][r][1] = _mm512_setzero_ps();
+      for (int r = 0; r < MR; ++r) acc[u][r][0] = acc[u][r][1] = sv::zero();
     int kk = g0;
     for (; kk + U <= g1; kk += U, pw += U * Int4Panel::kRow)
       for (int u = 0; u < U; ++u) {
-        __m512 q0, q1;
+        V q0, q1;
         Int4Panel::load_q(pw + u * Int4Panel::kRow, q0, q1);
         for (int r = 0; r < MR; ++r) {
-          const __m512 xb = _mm512_set1_ps(x[r * ldx + kk + u]);
-          acc[u][r][0] = _mm512_fmadd_ps(xb, q0, acc[u][r][0]);
-          acc[u][r][1] = _mm512_fmadd_ps(xb, q1, acc[u][r][1]);
+          const V xb = sv::set1(x[r * ldx + kk + u]);
+          acc[u][r][0] = sv::fmadd(xb, q0, acc[u][r][0]);
+          acc[u][r][1] = sv::fmadd(xb, q1, acc[u][r][1]);
         }
       }
     for (; kk < g1; ++kk, pw += Int4Panel::kRow) {
-      __m512 q0, q1;
+      V q0, q1;
       Int4Panel::load_q(pw, q0, q1);
       for (int r = 0; r < MR; ++r) {
-        const __m512 xb = _mm512_set1_ps(x[r * ldx + kk]);
-        acc[0][r][0] = _mm512_fmadd_ps(xb, q0, acc[0][r][0]);
-        acc[0][r][1] = _mm512_fmadd_ps(xb, q1, acc[0][r][1]);
+        const V xb = sv::set1(x[r * ldx + kk]);
+        acc[0][r][0] = sv::fmadd(xb, q0, acc[0][r][0]);
+        acc[0][r][1] = sv::fmadd(xb, q1, acc[0][r][1]);
       }
     }
     const float* sm = params + int64_t(gi) * 2 * kPanel;
-    const __m512 s0 = _mm512_loadu_ps(sm), s1 = _mm512_loadu_ps(sm + 16);
-    const __m512 m0 = _mm512_loadu_ps(sm + kPanel), m1 = _mm512_loadu_ps(sm + kPanel + 16);
+    const V s0 = sv::load(sm), s1 = sv::load(sm + 16);
+    const V m0 = sv::load(sm + kPanel), m1 = sv::load(sm + kPanel + 16);
     for (int r = 0; r < MR; ++r) {
       for (int u = 1; u < U; ++u) {
-        acc[0][r][0] = _mm512_add_ps(acc[0][r][0], acc[u][r][0]);
-        acc[0][r][1] = _mm512_add_ps(acc[0][r][1], acc[u][r][1]);
+        acc[0][r][0] = sv::add(acc[0][r][0], acc[u][r][0]);
+        acc[0][r][1] = sv::add(acc[0][r][1], acc[u][r][1]);
       }
       const float* xr = x + r * ldx;
       float sx = 0.f;
 #pragma omp simd reduction(+ : sx)
       for (int i = g0; i < g1; ++i) sx += xr[i];
-      const __m512 sxb = _mm512_set1_ps(sx);
-      tot[r][0] = _mm512_fmadd_ps(sxb, m0, _mm512_fmadd_ps(acc[0][r][0], s0, tot[r][0]));
-      tot[r][1] = _mm512_fmadd_ps(sxb, m1, _mm512_fmadd_ps(acc[0][r][1], s1, tot[r][1]));
+      const V sxb = sv::set1(sx);
+      tot[r][0] = sv::fmadd(sxb, m0, sv::fmadd(acc[0][r][0], s0, tot[r][0]));
+      tot[r][1] = sv::fmadd(sxb, m1, sv::fmadd(acc[0][r][1], s1, tot[r][1]));
     }
     g0 = g1;
   }
@@ -232,14 +226,14 @@ inline void dequantize_block(const uint8_t* panel, const float* params, int grou
   for (int g0 = k0; g0 < k1;) {
     const int gi = g0 / group_size, g1 = std::min(k1, (gi + 1) * group_size);
     const float* sm = params + int64_t(gi) * 2 * kPanel;
-    const __m512 s0 = _mm512_loadu_ps(sm), s1 = _mm512_loadu_ps(sm + 16);
-    const __m512 m0 = _mm512_loadu_ps(sm + kPanel), m1 = _mm512_loadu_ps(sm + kPanel + 16);
+    const V s0 = sv::load(sm), s1 = sv::load(sm + 16);
+    const V m0 = sv::load(sm + kPanel), m1 = sv::load(sm + kPanel + 16);
     for (int kk = g0; kk < g1; ++kk, pw += Int4Panel::kRow) {
-      __m512 q0, q1;
+      V q0, q1;
       Int4Panel::load_q(pw, q0, q1);
       float* o = out + int64_t(kk - k0) * kPanel;
-      _mm512_storeu_ps(o, _mm512_fmadd_ps(q0, s0, m0));
-      _mm512_storeu_ps(o + 16, _mm512_fmadd_ps(q1, s1, m1));
+      sv::store(o, sv::fmadd(q0, s0, m0));
+      sv::store(o + 16, sv::fmadd(q1, s1, m1));
     }
     g0 = g1;
   }
@@ -344,15 +338,15 @@ void linear_omp(const float* x, int m, int k, const PackedWeight* w, const float
 inline void silu_mul_panel(const float* g, const float* u, int m, int nv, const float* bias_g, const float* bias_u,
                            float* act, int64_t ld_act) {
   for (int j = 0; j < nv; j += 16) {
-    const __mmask16 mk = tail_mask(nv - j);
-    const __m512 bg = bias_g ? _mm512_maskz_loadu_ps(mk, bias_g + j) : _mm512_setzero_ps();
-    const __m512 bu = bias_u ? _mm512_maskz_loadu_ps(mk, bias_u + j) : _mm512_setzero_ps();
+    const sv::Mask mk = sv::tail_mask(nv - j);
+    const V bg = bias_g ? sv::maskz_load(mk, bias_g + j) : sv::zero();
+    const V bu = bias_u ? sv::maskz_load(mk, bias_u + j) : sv::zero();
     for (int r = 0; r < m; ++r) {
-      const __m512 gv = _mm512_add_ps(_mm512_loadu_ps(g + r * kPanel + j), bg);
-      const __m512 uv = _mm512_add_ps(_mm512_loadu_ps(u + r * kPanel + j), bu);
-      const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.f),
-                                       _mm512_add_ps(_mm512_set1_ps(1.f), lw::exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
-      _mm512_mask_storeu_ps(act + int64_t(r) * ld_act + j, mk, _mm512_mul_ps(_mm512_mul_ps(gv, sig), uv));
+      const V gv = sv::add(sv::load(g + r * kPanel + j), bg);
+      const V uv = sv::add(sv::load(u + r * kPanel + j), bu);
+      const V sig = sv::div(sv::set1(1.f),
+                                       sv::add(sv::set1(1.f), sv::exp(sv::sub(sv::zero(), gv))));
+      sv::mask_store(act + int64_t(r) * ld_act + j, mk, sv::mul(sv::mul(gv, sig), uv));
     }
   }
 }
@@ -505,6 +499,8 @@ inline void rope(float* x, const float* cos, const float* sin, int d) {
 }  // namespace
 
 // Bytes `lw_pack_panels` writes for a [n, k] weight in `format`.
+extern "C" const char* lw_simd_isa() { return lw::simd::kIsa; }
+
 extern "C" int64_t lw_packed_bytes(int n, int k, int format) {
   const int64_t per_kk = format == kF32 ? 4 * kPanel : format == kBF16 ? 2 * kPanel : format == kInt8 ? kPanel
                                                                                           : kPanel / 2;
