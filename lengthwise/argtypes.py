@@ -117,3 +117,31 @@ def add_speculative_argument(p: argparse.ArgumentParser) -> None:
                    "(draft-free n-gram lookup in the prompt and output; prompt_lookup_max/min set the n-gram "
                    'sizes, default 4 down to 2; "adaptive": true drafts per row only what its acceptance and the '
                    "measured step cost pay for)")
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """One `--lora-modules` entry, as vLLM takes it: `NAME=PATH`, or `{"name": ..., "path": ...}`."""
+    if text.lstrip().startswith("{"):
+        value = json_object(text)
+        name, path = value.get("name"), value.get("path")
+    else:
+        name, sep, path = text.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected NAME=PATH or a JSON object with name and path, got {text!r}")
+    if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+        raise argparse.ArgumentTypeError(f"a LoRA module needs a non-empty name and path, got {text!r}")
+    return name, path
+
+
+def add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    """vLLM's LoRA flags (`EngineConfig.enable_lora`, `max_loras`, `max_lora_rank`, `max_cpu_loras`)
+    and `--lora-modules`, the adapters a server offers under their own model names."""
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (implied by --lora-modules)")
+    p.add_argument("--lora-modules", nargs="+", type=lora_module, default=[], metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT directories) served as models named NAME; also JSON "
+                   '\'{"name": NAME, "path": PATH}\'')
+    p.add_argument("--max-loras", type=positive_int, default=1,
+                   help="adapters among the requests running at once (default 1; others wait their turn)")
+    p.add_argument("--max-lora-rank", type=positive_int, default=16, help="the highest adapter rank (default 16)")
+    p.add_argument("--max-cpu-loras", type=positive_int, default=None,
+                   help="adapters kept loaded (default --max-loras)")

@@ -135,6 +135,12 @@ class EngineConfig:
     `speculative_config`: speculative decoding (`SpeculativeConfig`, or vLLM's dict form such
     as `{"method": "ngram", "num_speculative_tokens": 4}`); `None` (default) decodes one token
     per sequence and step.
+    `enable_lora`: serve LoRA adapters (PEFT saves) over the model: each request may name one
+    (`LoRARequest`); batches mix adapters and the base model. `max_loras`: the most adapters among
+    the requests running at once (others wait for a place; vLLM's meaning), `max_lora_rank`: the
+    highest rank an adapter may have, `max_cpu_loras`: the most adapters kept loaded (default
+    `max_loras`; the least recently used one no live request needs is dropped first). Steps with
+    adapters run layer by layer (not the fused CPU decode path, not CUDA graphs).
     `async_decode`: with those graphs, launch the next decode step before reading this step's
     tokens back, so the host's per-step work overlaps the GPU's (vLLM's async scheduling, for
     steps whose rows are predictable; `False` for the A/B).
@@ -158,11 +164,19 @@ class EngineConfig:
     async_decode: bool = True
     allow_benchmark_predictors: bool = True
     speculative_config: SpeculativeConfig | dict[str, Any] | None = None
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
             _positive_int(name, getattr(self, name))
+        if self.max_cpu_loras is not None:
+            _positive_int("max_cpu_loras", self.max_cpu_loras)
+            if self.max_cpu_loras < self.max_loras:
+                raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
         if self.max_model_len is not None:
             _positive_int("max_model_len", self.max_model_len)
         m = self.kv_cache_memory
@@ -175,7 +189,7 @@ class EngineConfig:
                 raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {m}")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be a bool, got {self.enable_prefix_caching!r}")
-        for name in ("enforce_eager", "async_decode", "allow_benchmark_predictors"):
+        for name in ("enforce_eager", "async_decode", "allow_benchmark_predictors", "enable_lora"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

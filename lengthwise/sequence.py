@@ -15,6 +15,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from lengthwise.lora.request import LoRARequest
 from lengthwise.sampling_params import SamplingParams
 
 
@@ -63,6 +64,7 @@ class Request:
     max_tokens: int                      # params.max_tokens clipped to the model's context
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None  # the conversation, when a chat template rendered the prompt
+    lora_request: LoRARequest | None = None  # the LoRA adapter it runs with (None: the base model)
     predicted_length: float | None = None  # filled by a length predictor, read by policies
     prediction: Any = None               # the full LengthPrediction (distribution, quantiles), if any
     status: RequestStatus = RequestStatus.WAITING
@@ -82,6 +84,11 @@ class Request:
     def __post_init__(self) -> None:
         if not self.seqs:
             self.seqs = [Sequence(f"{self.request_id}-{i}", i, self) for i in range(self.params.n)]
+
+    @property
+    def lora_id(self) -> int:
+        """Its adapter's `lora_int_id`; 0 for the base model."""
+        return 0 if self.lora_request is None else self.lora_request.lora_int_id
 
     @property
     def prompt_len(self) -> int:

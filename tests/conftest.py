@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import threading
 import time
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from torch import nn
 
 # Keep the suite deterministic and off a busy second core.
 torch.set_num_threads(int(os.environ.get("LENGTHWISE_TEST_THREADS", "1")))
@@ -137,6 +141,37 @@ def make_hf_model(family: str, seed: int = 0, **overrides):
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
     return model
+
+
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def save_adapter(path: Path, hf: nn.Module, seed: int, rank: int = 4, alpha: float = 8.0, modules=LORA_MODULES,
+                 rank_pattern: dict | None = None, alpha_pattern: dict | None = None, **config) -> Path:
+    """A PEFT LoRA save for `hf`'s decoder projections named in `modules` (random A and B, so the
+    adapter changes the outputs); `rank_pattern`/`alpha_pattern` as PEFT writes them."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, mod in hf.named_modules():
+        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in modules and ".layers." in name \
+                and ".experts." not in name:
+            r = lora_pattern(rank_pattern or {}, name, rank)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = 0.2 * torch.randn(r, mod.in_features, generator=g)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = 0.2 * torch.randn(mod.out_features, r, generator=g)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / "adapter_model.safetensors")
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
+           "target_modules": list(modules), "bias": "none", "use_rslora": False, "use_dora": False,
+           "fan_in_fan_out": False, "modules_to_save": None, "rank_pattern": rank_pattern or {},
+           "alpha_pattern": alpha_pattern or {}, **config}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def lora_pattern(patterns: dict, name: str, default):
+    """A PEFT rank/alpha pattern's value for module `name` (PEFT's `get_pattern_key`: the key, a
+    regular expression, matches the end of the name)."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)), default)
 
 
 def save_hf_model(model, path: Path, **kwargs) -> Path:

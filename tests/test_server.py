@@ -634,3 +634,48 @@ def test_metrics_describe_the_kv_cache(model_dir, kv, shown):
     assert labels == {"model_name": '"s"', "cache_dtype": f'"{shown}"', "block_size": f'"{engine.config.block_size}"',
                       "num_blocks": f'"{engine.num_blocks}"',
                       "num_tokens": f'"{engine.num_blocks * engine.config.block_size}"'}
+
+
+def test_lora_modules_are_served_as_models(model_dir, tmp_path):
+    """`--lora-modules` as vLLM takes it: each adapter is a model of /v1/models (its parent the base
+    model), a request naming it generates what the offline engine generates with that adapter,
+    streamed too, and a bad adapter stops the start-up naming it."""
+    import transformers
+    from conftest import save_adapter
+
+    from lengthwise import LLM, SamplingParams
+    from lengthwise.lora import LoRARequest
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    sql = save_adapter(tmp_path / "sql", hf, seed=1)
+    chat = save_adapter(tmp_path / "chat", hf, seed=2, rank=8, modules=("q_proj", "v_proj"))
+    proc, base = _start(model_dir, "--lora-modules", f"sql={sql}", json.dumps({"name": "chat", "path": str(chat)}),
+                        "--max-loras", "2")
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
+        cards = {m.id: m for m in client.models.list().data}
+        assert set(cards) == {NAME, "sql", "chat"}
+        assert cards["sql"].parent == NAME and cards["sql"].root == str(sql) and cards[NAME].parent is None
+        assert client.models.retrieve("chat").parent == NAME
+        offline = LLM(model_dir, dtype="float32", device="cpu", enable_lora=True, max_loras=2)
+        prompt = "Once upon a time, there was a little girl named Lily."
+        params = SamplingParams(temperature=0.0, max_tokens=40)
+        texts = {}
+        for name, lora in ((NAME, None), ("sql", LoRARequest("sql", 1, str(sql))),
+                           ("chat", LoRARequest("chat", 2, str(chat)))):
+            want = offline.generate([prompt], params, use_tqdm=False, lora_request=lora)[0].outputs[0].text
+            r = client.completions.create(model=name, prompt=prompt, max_tokens=40, temperature=0)
+            assert r.model == name and r.choices[0].text == want
+            stream = client.completions.create(model=name, prompt=prompt, max_tokens=40, temperature=0, stream=True)
+            assert "".join(c.choices[0].text for c in stream if c.choices) == want
+            texts[name] = want
+        assert len(set(texts.values())) == 3  # each adapter really changes the text
+        with pytest.raises(openai.NotFoundError, match="'sql'"):
+            client.completions.create(model="sqll", prompt=prompt, max_tokens=4)
+    finally:
+        _stop(proc)
+    bad = save_adapter(tmp_path / "bad", hf, seed=3, rank=32)  # above the default --max-lora-rank 16
+    out = subprocess.run([sys.executable, "-m", "lengthwise.cli", "serve", str(model_dir), "--port",
+                          str(_free_port()), "--lora-modules", f"bad={bad}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "max_lora_rank" in out.stderr and "Traceback" not in out.stderr

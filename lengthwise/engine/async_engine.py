@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lengthwise.engine.llm_engine import LLMEngine
+from lengthwise.lora.request import LoRARequest
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.sequence import Request
 
@@ -181,18 +182,21 @@ class AsyncEngine:
     # -- requests ----------------------------------------------------------------------------------
 
     async def add(self, prompt: str | Sequence[int], params: SamplingParams,
-                  request_id: str | None = None, messages: list[dict[str, Any]] | None = None) -> RequestStream:
-        """Add a request; returns its `RequestStream` once the engine has accepted it. Raises
-        `ValueError` (a bad request), `QueueFull` or `EngineStopped` if it is not accepted."""
+                  request_id: str | None = None, messages: list[dict[str, Any]] | None = None,
+                  lora_request: LoRARequest | None = None) -> RequestStream:
+        """Add a request (with `lora_request`, generated with that adapter); returns its
+        `RequestStream` once the engine has accepted it. Raises `ValueError` (a bad request),
+        `QueueFull` or `EngineStopped` if it is not accepted."""
         rid = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        await asyncio.wrap_future(self._call(lambda: self._add(rid, prompt, params, stream, messages)))
+        await asyncio.wrap_future(self._call(lambda: self._add(rid, prompt, params, stream, messages, lora_request)))
         return RequestStream(self, rid, stream.queue)
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[StreamDelta]:
+                       request_id: str | None = None,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[StreamDelta]:
         """`add`, then yield the request's deltas until it finishes (closing early aborts it)."""
-        stream = await self.add(prompt, params, request_id)
+        stream = await self.add(prompt, params, request_id, lora_request=lora_request)
         try:
             async for delta in stream:
                 yield delta
@@ -225,14 +229,14 @@ class AsyncEngine:
         return fut
 
     def _add(self, rid: str, prompt: str | Sequence[int], params: SamplingParams, stream: _Stream,
-             messages: list[dict[str, Any]] | None = None) -> None:
+             messages: list[dict[str, Any]] | None = None, lora_request: LoRARequest | None = None) -> None:
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
         waiting = len(self.engine.length.pending) + self.engine.scheduler.num_waiting
         if self.max_waiting is not None and waiting >= self.max_waiting:
             raise QueueFull(f"{waiting} requests are waiting (the bound is {self.max_waiting})")
         self.engine.add_request(prompt if isinstance(prompt, str) else list(prompt), params, request_id=rid,
-                                messages=messages)
+                                messages=messages, lora_request=lora_request)
         stream.sent_text = [0] * params.n
         stream.sent_tokens = [0] * params.n
         self._streams[rid] = stream

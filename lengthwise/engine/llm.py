@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from lengthwise.config import EngineConfig
 from lengthwise.engine.llm_engine import LLMEngine
 from lengthwise.engine.outputs import RequestOutput
+from lengthwise.lora.request import LoRARequest
 from lengthwise.model.default import default_model_dir
 from lengthwise.sampling_params import SamplingParams
 
@@ -38,7 +39,8 @@ class LLM:
     `kv_cache_memory` (bytes or a fraction of free memory),
     `max_num_seqs`, `max_num_batched_tokens`, `block_size`, `max_model_len`, the scheduling
     `policy`, the `length_predictor` (a saved predictor directory, `"self"` or `"oracle"`) and
-    `record_lengths` (a JSONL file).
+    `record_lengths` (a JSONL file), and LoRA serving: `enable_lora`, `max_loras`, `max_lora_rank`,
+    `max_cpu_loras`.
     """
 
     def __init__(self, model_dir: str | Path | None = None, **engine_args: Any) -> None:
@@ -66,14 +68,17 @@ class LLM:
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool | Callable[..., Any] = True) -> list[RequestOutput]:
+                 use_tqdm: bool | Callable[..., Any] = True,
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Generate for every prompt: text, a list of token ids, or a dict with `"prompt"` and/or
         `"prompt_token_ids"` (both: the ids are used, the text is the output's `prompt`) and,
         for benchmarks with the `oracle` predictor, `"true_length"`.
 
         `sampling_params` is one `SamplingParams` for all prompts or a list with one per prompt
         (default: the checkpoint's generation defaults). `use_tqdm`: a progress bar, or (as vLLM)
-        a tqdm-like class to draw it with. Returns outputs in prompt order.
+        a tqdm-like class to draw it with. `lora_request`: the LoRA adapter every prompt runs with, or
+        a list with one per prompt (None entries: the base model); needs `enable_lora=True`.
+        Returns outputs in prompt order.
         """
         prompts = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -91,7 +96,8 @@ class LLM:
         inputs = [_prompt_input(p, i) for i, p in enumerate(prompts)]
         true_lengths = [p.get("true_length") if isinstance(p, dict) else None for p in prompts]
         outputs = run_to_completion(self.engine, [ids for ids, _ in inputs], params, use_tqdm, true_lengths,
-                                    [p.get("messages") if isinstance(p, dict) else None for p in prompts])
+                                    [p.get("messages") if isinstance(p, dict) else None for p in prompts],
+                                    _per_prompt_loras(lora_request, len(prompts)))
         for out, (_, text) in zip(outputs, inputs, strict=True):
             if out.prompt is None:
                 out.prompt = text
@@ -101,11 +107,12 @@ class LLM:
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template_kwargs: dict[str, Any] | None = None,
-             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+             tools: list[dict[str, Any]] | None = None,
+             lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
         """Generate replies to one conversation (a list of `{"role", "content"}` messages) or a list of
         conversations, each rendered with the model's chat template (vLLM's arguments:
         `continue_final_message` goes on writing the last message, `chat_template_kwargs` are the
-        template's variables, `tools` are shown to it)."""
+        template's variables, `tools` are shown to it; `lora_request` as in `generate`)."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer.json with a chat template in the model directory")
         if not isinstance(messages, list) or not messages:
@@ -120,11 +127,12 @@ class LLM:
             # The template places BOS itself: encoded without special tokens, as encode_chat does.
             prompts.append({"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False),
                             "prompt": text, "messages": messages})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
 def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params: list[SamplingParams],
                       use_tqdm: bool | Callable[..., Any] = False, true_lengths: list[float | None] | None = None,
-                      messages: list[list[dict[str, Any]] | None] | None = None) -> list[RequestOutput]:
+                      messages: list[list[dict[str, Any]] | None] | None = None,
+                      lora_requests: list[LoRARequest | None] | None = None) -> list[RequestOutput]:
     """Queue every prompt on `engine`, step until all are finished, return their outputs in order.
     If anything fails midway (a bad prompt, an interrupt), the requests already queued are aborted."""
     ids: list[str] = []
@@ -132,7 +140,8 @@ def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params:
         for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
             hint = None if true_lengths is None else true_lengths[i]
             ids.append(engine.add_request(prompt, sp, true_length=hint,
-                                          messages=None if messages is None else messages[i]).request_id)
+                                          messages=None if messages is None else messages[i],
+                                          lora_request=None if lora_requests is None else lora_requests[i]).request_id)
     except BaseException:
         for rid in ids:  # nothing half-submitted stays queued
             engine.abort_request(rid)
@@ -160,6 +169,18 @@ def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params:
     finally:
         bar.close()
     return [results[rid] for rid in ids]
+
+
+def _per_prompt_loras(lora_request: LoRARequest | Seq[LoRARequest | None] | None,
+                      num_prompts: int) -> list[LoRARequest | None] | None:
+    """`generate`'s `lora_request` as one entry per prompt (one request for all, or a list)."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return None if lora_request is None else [lora_request] * num_prompts
+    if not isinstance(lora_request, (list, tuple)):
+        raise ValueError(f"lora_request must be a LoRARequest or a list of them, got {type(lora_request).__name__}")
+    if len(lora_request) != num_prompts:
+        raise ValueError(f"lora_request has {len(lora_request)} entries for {num_prompts} prompts")
+    return list(lora_request)
 
 
 def _as_prompt_list(prompts: PromptType | Seq[PromptType]) -> list[PromptType]:

@@ -34,6 +34,8 @@ from lengthwise.engine.model_runner import ModelRunner
 from lengthwise.engine.outputs import RequestOutput
 from lengthwise.engine.sampler import draw_uniform, make_generator, sample, token_logprobs
 from lengthwise.kv.storage import KVCacheStorage
+from lengthwise.lora.adapter import LoRARegistry
+from lengthwise.lora.request import LoRARequest
 from lengthwise.model import CausalLM, load_model
 from lengthwise.model.config import read_json
 from lengthwise.model.quantize import quantize_model
@@ -108,9 +110,13 @@ class LLMEngine:
                                    enable_prefix_caching=config.enable_prefix_caching, proposer=proposer,
                                    draft_max_batch=None if spec is None else spec.disable_by_batch_size,
                                    draft_step_tokens=self.model.fused_step_tokens(),
-                                   draft_planner=DraftLengthPlanner() if spec is not None and spec.adaptive else None)
+                                   draft_planner=DraftLengthPlanner() if spec is not None and spec.adaptive else None,
+                                   max_loras=config.max_loras if config.enable_lora else None)
+        self.loras = (LoRARegistry(mc, self.model.dtype, self.model.device, config.max_lora_rank,
+                                   config.max_cpu_loras or config.max_loras) if config.enable_lora else None)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.max_model_len,
-                                  graph_batch=self._graph_batch(), kv_cache_dtype=self.kv_cache_dtype)
+                                  graph_batch=self._graph_batch(), kv_cache_dtype=self.kv_cache_dtype,
+                                  loras=self.loras)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.length = LengthPerception(self, config.length_predictor, config.record_lengths)
@@ -161,14 +167,16 @@ class LLMEngine:
     def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None,
                     true_length: float | None = None, eos_after: int | None = None,
-                    messages: list[dict[str, Any]] | None = None) -> Request:
+                    messages: list[dict[str, Any]] | None = None,
+                    lora_request: LoRARequest | None = None) -> Request:
         """Tokenize (if text), validate and queue a request; returns its state.
 
         For benchmarks only: `true_length` is what the `oracle` predictor returns; `eos_after`
         ends each sample after exactly that many tokens, as if the model had emitted its end
         token there, so a workload's recorded lengths are reproduced without the scheduler or
         the policy seeing them (unlike `max_tokens`, which they read). `messages`: the conversation
-        a chat template rendered into `prompt` (the `self` predictor asks inside it).
+        a chat template rendered into `prompt` (the `self` predictor asks inside it). `lora_request`:
+        the LoRA adapter to generate with (needs `enable_lora`), loaded here on first use.
         """
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
@@ -213,8 +221,14 @@ class LLMEngine:
             raise ValueError(f"request {request_id!r} needs {need} KV blocks (prompt of {len(prompt_ids)} tokens, "
                              f"n={params.n} x max_tokens={max_tokens}) but the cache has {self.num_blocks}; "
                              f"raise kv_cache_memory or lower max_tokens or n")
+        if lora_request is not None:
+            if not isinstance(lora_request, LoRARequest):
+                raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
+            if self.loras is None:
+                raise ValueError("lora_request needs an engine with enable_lora=True")
+            self.loras.load(lora_request, {r.lora_id for r in self.requests.values() if not r.finished})
         request = Request(request_id, prompt_ids, params, time.monotonic() if arrival_time is None else arrival_time,
-                          max_tokens, prompt=text, messages=messages)
+                          max_tokens, prompt=text, messages=messages, lora_request=lora_request)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(prompt_ids)
         for seq in request.seqs:

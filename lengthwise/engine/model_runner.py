@@ -8,6 +8,9 @@ tokens after its input token, into the next slots of its response segment, and r
 at each of those positions. Decode-only steps of up to `graph_batch` rows go through
 `DecodeGraphs` instead (CUDA graphs on a GPU) when the runner was built with them.
 
+Rows of requests with a LoRA adapter carry it into the forward pass (`LoRABatch`: the rows of each
+adapter); such steps never replay a graph.
+
 Padding rows (`static:pad=true`: the finished rows a vanilla static batch keeps computing) are
 extra decode rows that copy a real decode row's token, position and context but write their K/V
 into a scratch block, and whose logits are computed and dropped: the same work as transformers'
@@ -20,8 +23,10 @@ import torch
 
 from lengthwise.engine.cuda_graph import DecodeGraphs, DecodeRows
 from lengthwise.kv.block_manager import KVBlockManager
+from lengthwise.lora.adapter import LoRARegistry
 from lengthwise.model.llama import CausalLM
 from lengthwise.ops import AttentionMetadata
+from lengthwise.ops.lora import LoRABatch
 from lengthwise.sched.scheduler import ScheduledChunk
 from lengthwise.sequence import Request
 
@@ -33,13 +38,15 @@ class ModelRunner:
     (contexts up to `max_model_len`), captured as CUDA graphs unless `capture_graphs` is False
     (then the same static buffers run eagerly: the CPU tests' way to check them). The cache holds
     one more block than `num_blocks`, the padding rows' scratch block. `kv_cache_dtype` (default:
-    the model's dtype) is the cache's element type.
+    the model's dtype) is the cache's element type. `loras`: the engine's loaded LoRA adapters
+    (None: requests run the base model only).
     """
 
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, max_model_len: int | None = None,
                  graph_batch: int = 0, capture_graphs: bool | None = None,
-                 kv_cache_dtype: torch.dtype | None = None) -> None:
+                 kv_cache_dtype: torch.dtype | None = None, loras: LoRARegistry | None = None) -> None:
         self.model = model
+        self.loras = loras
         self.block_size = block_size
         self.cache = model.new_kv_cache(num_blocks + 1, block_size, kv_cache_dtype)
         self.scratch_slot = num_blocks * block_size  # block `num_blocks`: padding rows write here
@@ -74,6 +81,7 @@ class ModelRunner:
         resp_tables: list[list[int]] = []
         resp_lens: list[int] = []
         sample_rows: list[int] = []
+        adapters: list[int] = []  # each row group's lora_int_id (0: none)
         scored: list[tuple[int, ScheduledChunk]] = []  # (first row, prompt chunk) to score for prompt logprobs
         for c in chunks:
             req = c.request
@@ -94,6 +102,7 @@ class ModelRunner:
                 resp_tables.append(blocks)
                 resp_lens.append(c.end + len(c.draft))
             prompt_tables.append(prompt_blocks)
+            adapters.append(req.lora_id)
             stop = c.end + len(c.draft)
             positions.extend(range(base + c.start, base + stop))
             slots.extend(blocks[i // bs] * bs + i % bs for i in range(c.start, stop))
@@ -113,6 +122,7 @@ class ModelRunner:
             prompt_lens.append(prompt_lens[i])
             resp_tables.append(resp_tables[i])
             resp_lens.append(resp_lens[i])
+            adapters.append(adapters[i])
             query_start.append(query_start[-1] + 1)
             sample_rows.append(query_start[-1] - 1)
 
@@ -123,7 +133,8 @@ class ModelRunner:
             _table(prompt_tables, device), prompt_lens,
             _table(resp_tables, device) if has_response else None, resp_lens if has_response else None)
         hidden = self.model(torch.tensor(ids, dtype=torch.long, device=device),
-                            torch.tensor(positions, dtype=torch.long, device=device), meta, self.cache)
+                            torch.tensor(positions, dtype=torch.long, device=device), meta, self.cache,
+                            self._lora_batch(adapters, query_start) if any(adapters) else None)
         for first, c in scored:
             # Position j predicts prompt token j + 1; the prompt's last position predicts the first
             # output token, which the sampler scores.
@@ -168,9 +179,21 @@ class ModelRunner:
         return True
 
     def _graphed(self, chunks: list[ScheduledChunk]) -> bool:
-        """Whether this step is decode only and small enough for the graphs."""
+        """Whether this step is decode only, small enough for the graphs and without adapters."""
         return self.graphs is not None and 0 < len(chunks) <= self.graphs.max_batch and all(
-            c.seq is not None and c.sample and c.num_tokens == 1 for c in chunks)
+            c.seq is not None and c.sample and c.num_tokens == 1 and not c.request.lora_id for c in chunks)
+
+    def _lora_batch(self, adapters: list[int], query_start: list[int]) -> LoRABatch:
+        """The rows of each adapter in the step (`adapters[g]`: row group g's lora_int_id)."""
+        assert self.loras is not None, "a request with an adapter reached an engine without enable_lora"
+        rows: dict[int, list[int]] = {}
+        for g, lora_id in enumerate(adapters):
+            if lora_id:
+                rows.setdefault(lora_id, []).extend(range(query_start[g], query_start[g + 1]))
+        total, device = query_start[-1], self.model.device
+        return LoRABatch([(self.loras.get(lora_id).layers,
+                           None if len(r) == total else torch.tensor(r, dtype=torch.long, device=device))
+                          for lora_id, r in rows.items()])
 
     def _decode_rows(self, chunks: list[ScheduledChunk], kv: KVBlockManager, next_step: bool = False,
                      ending: list[bool] | None = None) -> DecodeRows | None:

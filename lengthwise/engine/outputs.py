@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from lengthwise.engine.detokenizer import TokenPieces
 from lengthwise.engine.sampler import TokenLogprobs
+from lengthwise.lora.request import LoRARequest
 from lengthwise.sequence import Request
 from lengthwise.tokenizer import Tokenizer
 
@@ -57,6 +58,7 @@ class RequestOutput:
     # With `SamplingParams.prompt_logprobs`, vLLM's shape: one entry per prompt token, None for the
     # first, then each token's `TokenLogprobs` (also a dict id -> Logprob) under the tokens before it.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    lora_request: LoRARequest | None = None  # the adapter it ran with (None: the base model)
 
     @classmethod
     def from_request(cls, request: Request, tokenizer: Tokenizer | None = None) -> RequestOutput:
@@ -74,7 +76,8 @@ class RequestOutput:
                                  request.num_preemptions)
         return cls(request.request_id, request.prompt, list(ids), outputs, request.finished,
                    metrics, request.predicted_length, request.num_cached_tokens,
-                   None if request.prompt_logprobs is None else list(request.prompt_logprobs))
+                   None if request.prompt_logprobs is None else list(request.prompt_logprobs),
+                   request.lora_request)
 
 
 def _decode_logprobs(tokenizer: Tokenizer, prev: int, token_ids: list[int],

@@ -149,10 +149,12 @@ class KVBlockManager:
         """Make the sequence's response segment hold `num_tokens` tokens. `False` if out of blocks."""
         return self._grow(self._responses[seq_id], num_tokens)
 
-    def match_prefix(self, request_id: str, tokens: Sequence[int]) -> int:
+    def match_prefix(self, request_id: str, tokens: Sequence[int], namespace: int = 0) -> int:
         """Attach the cached blocks of the longest cached prefix of `tokens` (whole blocks, and never
         the last token, whose logits must be computed) to the request's still empty prompt segment,
-        one reference per attached sample. Returns how many prompt tokens need no computing."""
+        one reference per attached sample. Returns how many prompt tokens need no computing.
+        `namespace`: prefixes are only shared within one (a LoRA adapter's id: its keys and values
+        differ from the base model's for the same tokens; 0, the base model)."""
         users = self._users.get(request_id)
         if not users:
             raise ValueError(f"request {request_id!r} has no sequences attached")
@@ -160,7 +162,7 @@ class KVBlockManager:
         if not self.enable_prefix_caching or prompt.blocks:
             return 0
         matched = []
-        for key in self._keys(tokens, (len(tokens) - 1) // self.block_size):
+        for key in self._keys(tokens, (len(tokens) - 1) // self.block_size, namespace):
             block = self._cached.get(key)
             if block is None:
                 break
@@ -172,13 +174,14 @@ class KVBlockManager:
         prompt.num_tokens = len(matched) * self.block_size
         return prompt.num_tokens
 
-    def cache_prompt(self, request_id: str, tokens: Sequence[int], num_computed: int) -> None:
+    def cache_prompt(self, request_id: str, tokens: Sequence[int], num_computed: int, namespace: int = 0) -> None:
         """Offer the request's full prompt blocks within its first `num_computed` tokens (their keys
-        and values written) as prefixes for later requests. Freed, they stay cached until evicted."""
+        and values written) as prefixes for later requests of the same `namespace` (see
+        `match_prefix`). Freed, they stay cached until evicted."""
         if not self.enable_prefix_caching:
             return
         blocks = self._prompts[request_id].blocks
-        for i, key in enumerate(self._keys(tokens, num_computed // self.block_size)):
+        for i, key in enumerate(self._keys(tokens, num_computed // self.block_size, namespace)):
             if blocks[i] not in self._key_of and key not in self._cached:
                 self._cached[key] = blocks[i]
                 self._key_of[blocks[i]] = key
@@ -187,8 +190,9 @@ class KVBlockManager:
     def num_cached_blocks(self) -> int:
         return len(self._cached)
 
-    def _keys(self, tokens: Sequence[int], num_blocks: int):  # noqa: ANN202 (generator of keys)
-        bs, parent = self.block_size, 0
+    def _keys(self, tokens: Sequence[int], num_blocks: int, namespace: int = 0):  # noqa: ANN202 (generator of keys)
+        # A namespace's chain starts from its own root, so no key of one equals a key of another.
+        bs, parent = self.block_size, 0 if namespace == 0 else hash(("namespace", namespace))
         for i in range(num_blocks):
             key = (parent, tuple(tokens[i * bs:(i + 1) * bs]))
             yield key

@@ -26,6 +26,7 @@ from lengthwise.ops import (
 )
 from lengthwise.ops.cpu import decode as cpu_decode
 from lengthwise.ops.fused import norm_gate_up_silu, norm_qkv_rotary_write
+from lengthwise.ops.lora import LayerLoRA, LoRABatch
 from lengthwise.ops.moe import moe_experts, route, swiglu
 
 
@@ -82,19 +83,25 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor,
                 sin: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                lora: LayerLoRA | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer on `x [T, hidden]`; `lora`: the LoRA adapters' updates of this layer's rows."""
         c = self.config
         # Norm, QKV, RoPE and the KV write; one kernel for a single row on the Triton path.
         q, residual = norm_qkv_rotary_write(x, residual, self.input_norm, c.rms_norm_eps, self.qkv_weight,
                                             self.qkv_bias, cos, sin, k_cache, v_cache, meta.slot_mapping,
-                                            self.q_norm, self.k_norm)
+                                            self.q_norm, self.k_norm, lora)
         attn = paged_attention(q, k_cache, v_cache, positions, meta, self.scale, self.sliding_window)
-        x = linear(attn.reshape(-1, c.q_size), self.o_weight, self.o_bias)
+        attn = attn.reshape(-1, c.q_size)
+        x = linear(attn, self.o_weight, self.o_bias)
+        if lora is not None:
+            lora.add(x, attn, "o")
         if self.moe is not None:
             return self._sparse_mlp(x, residual)
         x, residual = norm_gate_up_silu(x, residual, self.post_attn_norm, c.rms_norm_eps, self.gate_up_weight,
-                                        self.gate_up_bias)
-        return linear(x, self.down_weight, self.down_bias), residual
+                                        self.gate_up_bias, lora)
+        out = linear(x, self.down_weight, self.down_bias)
+        return (out if lora is None else lora.add(out, x, "down")), residual
 
     def _sparse_mlp(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, residual = rms_norm(x, self.post_attn_norm, self.config.rms_norm_eps, residual)
@@ -146,20 +153,23 @@ class CausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: KVCacheStorage) -> torch.Tensor:
+                kv_cache: KVCacheStorage, lora: LoRABatch | None = None) -> torch.Tensor:
         """Run `input_ids [T]` at `positions [T]`; return the final hidden states `[T, hidden]`.
 
         Every new token's key and value is written into `kv_cache` at `meta.slot_mapping`. Decode
-        steps on the CPU run all layers in one fused C++ call (`lengthwise.ops.cpu.decode`).
+        steps on the CPU run all layers in one fused C++ call (`lengthwise.ops.cpu.decode`), except
+        steps with LoRA adapters (`lora`: which rows use which adapter), which run layer by layer.
         """
         qs = meta.query_start
-        if cpu_decode.eligible(self, input_ids.shape[0], max(b - a for a, b in zip(qs[:-1], qs[1:], strict=True))):
+        longest = max(b - a for a, b in zip(qs[:-1], qs[1:], strict=True))
+        if lora is None and cpu_decode.eligible(self, input_ids.shape[0], longest):
             return cpu_decode.forward(self, input_ids, positions, meta, kv_cache)
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, self.inv_freq, self.dtype, self.rope_scale)
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, positions, meta, kv_cache.k[i], kv_cache.v[i])
+            x, residual = layer(x, residual, cos, sin, positions, meta, kv_cache.k[i], kv_cache.v[i],
+                                None if lora is None else lora.layer(i))
         return rms_norm(x, self.final_norm, self.config.rms_norm_eps, residual)[0]
 
     def fused_step_tokens(self) -> int | None:

@@ -78,7 +78,7 @@ class Scheduler:
                  max_num_batched_tokens: int, clock: Callable[[], float] = time.monotonic,
                  enable_prefix_caching: bool = False, proposer: DraftProposer | None = None,
                  draft_max_batch: int | None = None, draft_step_tokens: int | None = None,
-                 draft_planner: DraftLengthPlanner | None = None) -> None:
+                 draft_planner: DraftLengthPlanner | None = None, max_loras: int | None = None) -> None:
         if max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
         if max_num_batched_tokens <= 0:
@@ -99,6 +99,8 @@ class Scheduler:
         # Drafts keep a step that fits in this many tokens within it (the executor's fast path).
         self.draft_step_tokens = draft_step_tokens
         self.draft_planner = draft_planner  # None: every row drafts what the proposer offers
+        # At most this many LoRA adapters among the running requests (vLLM's max_loras); None: any.
+        self.max_loras = max_loras
 
     # -- requests in and out -------------------------------------------------------------------
 
@@ -227,12 +229,23 @@ class Scheduler:
                              num_free_blocks=self.kv.num_free_blocks, num_blocks=self.kv.pool.num_blocks,
                              seq_slots=self.max_num_seqs - num_seqs, block_size=self.kv.block_size,
                              max_num_seqs=self.max_num_seqs, running=tuple(self.running))
+        adapters = {r.lora_id for r in self.running if r.lora_id} if self.max_loras is not None else None
+        waiting_for_adapter = False
         for request in self.policy.candidates(view):
             if budget <= 0:
                 break
             seqs = request.active_seqs
             if num_seqs + len(seqs) > self.max_num_seqs:
                 break
+            if adapters is not None and request.lora_id:
+                if waiting_for_adapter or (request.lora_id not in adapters
+                                           and len(adapters) >= self.max_loras):  # type: ignore[operator]
+                    # Its adapter would be one too many in the batch. Requests of the running
+                    # adapters wait behind it, so that those drain and it gets its turn (else a
+                    # steady stream of them would keep it waiting for ever); the base model's go on.
+                    waiting_for_adapter = True
+                    continue
+                adapters.add(request.lora_id)
             if request.suspended:  # its blocks are still held: it resumes where it stopped
                 chunks = self._plan(request, budget)
                 if chunks is None:
@@ -250,7 +263,7 @@ class Scheduler:
                 self.kv.add_sequence(seq.seq_id, request.request_id)
             # Prompt logprobs need every prompt position's logits: no cached prefix for them.
             cached = (0 if request.params.prompt_logprobs is not None
-                      else self.kv.match_prefix(request.request_id, request.prompt_ids))
+                      else self.kv.match_prefix(request.request_id, request.prompt_ids, request.lora_id))
             # The rest of the prompt (and a first response block per sample) must fit beside the
             # headroom, or admitting it now would only preempt someone a few steps later.
             need = (self.kv.blocks_for(request.prompt_len) - cached // self.kv.block_size
@@ -374,7 +387,7 @@ class Scheduler:
         for c in chunks:
             if c.seq is None:
                 c.request.num_prompt_computed = c.end
-                self.kv.cache_prompt(c.request.request_id, c.request.prompt_ids, c.end)
+                self.kv.cache_prompt(c.request.request_id, c.request.prompt_ids, c.end, c.request.lora_id)
             else:
                 c.seq.num_computed = c.end
             used += c.num_tokens

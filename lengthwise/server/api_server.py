@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lengthwise.engine.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestStream, StreamDelta
 from lengthwise.engine.detokenizer import TokenPieces
 from lengthwise.engine.llm import chat_messages
+from lengthwise.lora.request import LoRARequest
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.server.metrics import CONTENT_TYPE, ServerMetrics
 from lengthwise.server.protocol import (
@@ -63,6 +64,7 @@ class ServerState:
     default_max_tokens: int | None = None  # generation_config.json's max_new_tokens: caps chat's default
     tool_parser: HermesToolParser | None = None  # --tool-call-parser: reads tool calls out of chat answers
     reasoning_parser: ReasoningParser | None = None  # --reasoning-parser: splits <think> off chat answers
+    loras: dict[str, LoRARequest] = dataclasses.field(default_factory=dict)  # --lora-modules, by name
     created: int = 0
 
 
@@ -113,9 +115,13 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    def model_card() -> dict[str, Any]:
-        return {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lengthwise",
-                "max_model_len": state.max_model_len}
+    def model_card(name: str | None = None) -> dict[str, Any]:
+        """The base model's card, or (`name`) a LoRA adapter's, whose `parent` is the base model."""
+        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "lengthwise",
+                "root": state.model_name, "parent": None, "max_model_len": state.max_model_len}
+        if name is not None and name != state.model_name:
+            card |= {"id": name, "root": state.loras[name].lora_path, "parent": state.model_name}
+        return card
 
     async def tokenizer_body(request: Request, cls: type[Any]) -> Any:
         """The checked body of a tokenizer endpoint, whose `model` is optional (vLLM's)."""
@@ -155,19 +161,19 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         check_key(request)
-        return JSONResponse({"object": "list", "data": [model_card()]})
+        return JSONResponse({"object": "list", "data": [model_card(), *map(model_card, state.loras)]})
 
     @app.get("/v1/models/{model:path}")
     async def model(request: Request, model: str) -> Response:  # the openai client's models.retrieve
         check_key(request)
         check_model(model)
-        return JSONResponse(model_card())
+        return JSONResponse(model_card(model))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         check_key(request)
         req = parse_body(CompletionRequest, await request.body())
-        check_model(req.model)
+        lora = check_model(req.model)
         items = _completion_prompts(req.prompt, state.tokenizer)
         prompts = [ids for ids, _ in items]
         bound = state.engine.max_waiting
@@ -184,13 +190,13 @@ def build_app(state: ServerState) -> FastAPI:
                                  prompt_logprobs=req.logprobs if req.echo else None)
         echo = [Echo(text if text is not None else state.tokenizer.decode(ids, skip_special_tokens=False),
                      ids, echo_only) for ids, text in items] if req.echo else None
-        return await respond(request, req, prompts, params, chat=False, echo=echo)
+        return await respond(request, req, prompts, params, chat=False, echo=echo, lora=lora)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         check_key(request)
         req = parse_body(ChatCompletionRequest, await request.body())
-        check_model(req.model)
+        lora = check_model(req.model)
         try:
             messages = chat_messages([m.model_dump(exclude_none=True) for m in req.messages])
         except ValueError as e:
@@ -257,12 +263,18 @@ def build_app(state: ServerState) -> FastAPI:
                 params = dataclasses.replace(params, structured_outputs=dataclasses.replace(
                     params.structured_outputs, start_after=END))
         return await respond(request, req, [ids], params, chat=True, messages=messages, tools=parser,
-                             reasoning=reasoning)
+                             reasoning=reasoning, lora=lora)
 
-    def check_model(name: str) -> None:
-        if name != state.model_name:  # 404, as OpenAI and vLLM answer (the client raises NotFoundError)
-            raise ApiError(404, f"the model {name!r} does not exist here; this server serves {state.model_name!r}",
-                           "model", code="model_not_found")
+    def check_model(name: str) -> LoRARequest | None:
+        """The adapter `name` asks for (None: the base model); an unknown name is a 404, as OpenAI and
+        vLLM answer (the client raises NotFoundError)."""
+        if name == state.model_name:
+            return None
+        if name in state.loras:
+            return state.loras[name]
+        served = ", ".join(repr(m) for m in (state.model_name, *state.loras))
+        raise ApiError(404, f"the model {name!r} does not exist here; this server serves {served}",
+                       "model", code="model_not_found")
 
     def check_length(prompt_len: int, max_tokens: int | None, what: str, param: str = "max_tokens") -> None:
         if prompt_len >= state.max_model_len:
@@ -276,12 +288,12 @@ def build_app(state: ServerState) -> FastAPI:
     async def respond(request: Request, req: Any, prompts: list[list[int]], params: SamplingParams,
                       chat: bool, messages: list[dict[str, Any]] | None = None,
                       echo: list[Echo] | None = None, tools: HermesToolParser | ForcedToolCalls | None = None,
-                      reasoning: ReasoningRequest | None = None) -> Response:
+                      reasoning: ReasoningRequest | None = None, lora: LoRARequest | None = None) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         streams: list[RequestStream] = []
         try:
             for k, ids in enumerate(prompts):
-                streams.append(await _accept(state.engine, ids, params, f"{rid}-{k}", messages))
+                streams.append(await _accept(state.engine, ids, params, f"{rid}-{k}", messages, lora))
         except BaseException:
             for stream in streams:  # the prompts accepted before the refusal: abort them
                 stream.close()
@@ -289,7 +301,7 @@ def build_app(state: ServerState) -> FastAPI:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             body = _stream_events(state, rid, streams, params.n, chat, include_usage, params.logprobs, echo, tools,
-                                  reasoning)
+                                  reasoning, req.model)
             return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         task = asyncio.ensure_future(_collect(streams))
@@ -301,7 +313,7 @@ def build_app(state: ServerState) -> FastAPI:
                     stream.close()
                 return Response(status_code=499)
         return JSONResponse(_full_response(state, rid, task.result(), params.n, chat, params.logprobs, echo,
-                                           tools, reasoning))
+                                           tools, reasoning, req.model))
 
     return app
 
@@ -374,10 +386,10 @@ def _completion_prompts(prompt: Any, tokenizer: Tokenizer) -> list[tuple[list[in
 
 
 async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams, rid: str,
-                  messages: list[dict[str, Any]] | None = None) -> RequestStream:
+                  messages: list[dict[str, Any]] | None = None, lora: LoRARequest | None = None) -> RequestStream:
     """Add a request; the engine's refusal becomes an `ApiError`."""
     try:
-        return await engine.add(ids, params, rid, messages)
+        return await engine.add(ids, params, rid, messages, lora)
     except QueueFull as e:
         raise ApiError(429, f"the server is busy: {e}; retry later", type_="rate_limit_error",
                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -388,7 +400,8 @@ async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams, r
         msg = str(e)
         first = msg.split(" ", 1)[0]
         param = ("n" if msg.startswith("n=") else "max_tokens" if "KV blocks" in msg
-                 else first if first in ("logit_bias", "stop_token_ids") else "prompt")
+                 else first if first in ("logit_bias", "stop_token_ids")
+                 else "model" if lora is not None and ("lora" in msg or "adapter" in msg) else "prompt")
         raise ApiError(400, msg, param) from None
 
 
@@ -490,7 +503,8 @@ def _echoed_choice(state: ServerState, echo: Echo | None, prompt_lps: list[Any] 
 def _full_response(state: ServerState, rid: str, results: list[dict[str, Any]], n: int, chat: bool,
                    logprobs: int | None, echo: list[Echo] | None = None,
                    tools: HermesToolParser | ForcedToolCalls | None = None,
-                   reasoning: ReasoningRequest | None = None) -> dict[str, Any]:
+                   reasoning: ReasoningRequest | None = None, model: str | None = None) -> dict[str, Any]:
+    """The non-streamed body; `model`: the name the request asked for (a LoRA adapter's, or the base's)."""
     choices = []
     for k, res in enumerate(results):
         for i in range(n):
@@ -520,7 +534,7 @@ def _full_response(state: ServerState, rid: str, results: list[dict[str, Any]], 
     finals = [r["final"] for r in results]
     predicted = [f.predicted_length for f in finals if f is not None]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": state.model_name, "choices": choices, "usage": _usage(finals, echo),
+            "model": model or state.model_name, "choices": choices, "usage": _usage(finals, echo),
             "predicted_length": predicted[0] if len(predicted) == 1 else (predicted or None)}
 
 
@@ -546,9 +560,10 @@ async def _merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Stre
 async def _stream_events(state: ServerState, rid: str, streams: list[RequestStream], n: int,
                          chat: bool, include_usage: bool, logprobs: int | None,
                          echo: list[Echo] | None = None, tools: HermesToolParser | ForcedToolCalls | None = None,
-                         reasoning: ReasoningRequest | None = None) -> AsyncIterator[bytes]:
-    """Server-sent events in OpenAI's chunk format, `data: [DONE]` last."""
+                         reasoning: ReasoningRequest | None = None, model: str | None = None) -> AsyncIterator[bytes]:
+    """Server-sent events in OpenAI's chunk format, `data: [DONE]` last (`model` as `_full_response`)."""
     created = int(time.time())
+    model = model or state.model_name
     obj = "chat.completion.chunk" if chat else "text_completion"
     finals: list[StreamDelta | None] = [None] * len(streams)
     pieces: dict[int, TokenPieces] = {}  # per choice, with logprobs: where its tokens are
@@ -556,7 +571,7 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
     ended: set[int] = set()  # choices whose finish_reason went out: nothing more is sent for them
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        body = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": choices}
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
         if include_usage:
             body["usage"] = None
         body.update(extra)
@@ -615,7 +630,7 @@ async def _stream_events(state: ServerState, rid: str, streams: list[RequestStre
         if choices:
             yield event(choices, predicted_length=delta.predicted_length)
     if include_usage:
-        body = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": [],
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                 "usage": _usage(finals, echo)}
         yield f"data: {json.dumps(body)}\n\n".encode()
     yield b"data: [DONE]\n\n"

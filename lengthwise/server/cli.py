@@ -20,7 +20,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lengthwise.argtypes import add_precision_arguments, add_speculative_argument, kv_memory, port, positive_int
+from lengthwise.argtypes import (
+    add_lora_arguments,
+    add_precision_arguments,
+    add_speculative_argument,
+    kv_memory,
+    port,
+    positive_int,
+)
 from lengthwise.server.reasoning import PARSERS as REASONING_PARSERS
 from lengthwise.server.tools import PARSERS
 
@@ -40,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction, add_policy_arguments: Any) -> No
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     add_precision_arguments(p)
     add_speculative_argument(p)
+    add_lora_arguments(p)
     p.add_argument("--kv-cache-memory", type=kv_memory, default=None,
                    help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -92,17 +100,38 @@ def build_state(args: argparse.Namespace) -> Any:
                           max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, policy=args.policy,
                           policy_options=parse_policy_options(args.policy_option),
                           length_predictor=args.length_predictor, speculative_config=args.speculative_config,
-                          allow_benchmark_predictors=False)  # real traffic has no true lengths
+                          allow_benchmark_predictors=False,  # real traffic has no true lengths
+                          enable_lora=args.enable_lora or bool(args.lora_modules), max_loras=args.max_loras,
+                          max_lora_rank=args.max_lora_rank,
+                          # every served adapter stays loaded: none is re-read on the engine thread
+                          max_cpu_loras=args.max_cpu_loras or max(args.max_loras, len(args.lora_modules)))
+    name = args.served_model_name or model_dir.resolve().name
+    loras = lora_requests(args.lora_modules, name)
     engine = LLMEngine.from_dir(model_dir, config)
     if engine.tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer.json: the server needs one to encode prompts")
-    name = args.served_model_name or model_dir.resolve().name
+    for lora in loras.values():  # a bad adapter stops the start-up, naming it, not its first request
+        engine.loras.load(lora)
     metrics = ServerMetrics(name)
     metrics.describe_cache(engine)
     return ServerState(AsyncEngine(engine, max_waiting=args.max_waiting, observer=metrics), name, engine.tokenizer,
                        engine.max_model_len, engine.default_sampling_params(), metrics, args.api_key,
                        args.grace_period, generation_defaults(model_dir).get("max_tokens"),
-                       make_parser(args.tool_call_parser), make_reasoning_parser(args.reasoning_parser))
+                       make_parser(args.tool_call_parser), make_reasoning_parser(args.reasoning_parser), loras)
+
+
+def lora_requests(modules: list[tuple[str, str]], model_name: str) -> dict[str, Any]:
+    """`--lora-modules` as `LoRARequest`s by name, ids 1, 2, ... in the order given."""
+    from lengthwise.lora import LoRARequest
+
+    loras: dict[str, Any] = {}
+    for name, path in modules:
+        if name in loras or name == model_name:
+            raise ValueError(f"--lora-modules: the name {name!r} is used twice (the base model is {model_name!r})")
+        if not Path(path).is_dir():
+            raise ValueError(f"--lora-modules: {name}={path}: no such directory")
+        loras[name] = LoRARequest(name, len(loras) + 1, str(path))
+    return loras
 
 
 def run(args: argparse.Namespace) -> int:

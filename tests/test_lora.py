@@ -1,0 +1,332 @@
+"""LoRA adapters: PEFT saves load, batches mixing adapters and the base model match transformers
+with each adapter merged into its weights, prefixes are cached per adapter, `max_loras` bounds the
+adapters running together, and what cannot be served is refused naming it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import lora_pattern, make_hf_model, save_adapter, save_hf_model
+from safetensors.torch import save_file
+from torch import nn
+
+from lengthwise import LLM, SamplingParams
+from lengthwise.config import EngineConfig
+from lengthwise.engine.llm_engine import LLMEngine
+from lengthwise.lora import LoRARequest
+from lengthwise.lora.adapter import load_adapter
+from lengthwise.model import load_model
+from lengthwise.sequence import RequestStatus
+
+PROMPTS = [[5, 17, 9, 3, 50, 61, 7], list(range(10, 40)), [7, 300, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+
+
+def merged(hf: nn.Module, adapter: Path) -> nn.Module:
+    """`hf` with the adapter merged into its weights: W + scaling * B @ A (PEFT's merge)."""
+    from safetensors.torch import load_file
+
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    out = copy.deepcopy(hf)
+    modules = dict(out.named_modules())
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if ".lora_A." not in key:
+                continue
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = tensors[key.replace("lora_A", "lora_B")]
+            r = a.shape[0]
+            alpha = lora_pattern(cfg["alpha_pattern"], name, cfg["lora_alpha"])
+            scaling = alpha / (math.sqrt(r) if cfg["use_rslora"] else r)
+            modules[name].weight += scaling * (b @ a)
+    return out
+
+
+def hf_greedy(hf: nn.Module, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens and each one's log-probability."""
+    with torch.no_grad():
+        ids = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n)[0]
+        logp = torch.log_softmax(hf(ids[None]).logits[0].float(), -1)
+    new = ids[len(prompt):].tolist()
+    return new, [logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(new)]
+
+
+def assert_matches(outputs, references) -> None:
+    for out, (tokens, logprobs) in zip(outputs, references, strict=True):
+        got = out.outputs[0]
+        assert got.token_ids == tokens
+        assert max(abs(lp.logprob - want) for lp, want in zip(got.logprobs, logprobs, strict=True)) < 1e-3
+
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A random llama checkpoint and two adapters: (hf, checkpoint, adapter 1, adapter 2)."""
+    hf = make_hf_model("llama")
+    root = tmp_path_factory.mktemp("lora-llama")
+    return (hf, save_hf_model(hf, root / "model"), save_adapter(root / "a1", hf, seed=1),
+            save_adapter(root / "a2", hf, seed=2, rank=8, alpha=4.0, modules=("q_proj", "v_proj", "down_proj")))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral-sliding", "llama-head-dim-bias"])
+def test_adapter_matches_transformers_with_the_adapter_merged(family, tmp_path):
+    hf = make_hf_model(family)
+    path = save_hf_model(hf, tmp_path / "model")
+    adapter = save_adapter(tmp_path / "a", hf, seed=3)
+    llm = LLM(path, dtype="float32", device="cpu", enable_lora=True)
+    lora = LoRARequest("a", 1, str(adapter))
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=lora)
+    ref = merged(hf, adapter)
+    assert_matches(outs, [hf_greedy(ref, p, 12) for p in PROMPTS])
+    assert all(o.lora_request == lora for o in outs)
+    # The adapter changes the outputs (the comparison above is not of the base model).
+    assert [o.outputs[0].token_ids for o in outs] != [hf_greedy(hf, p, 12)[0] for p in PROMPTS]
+
+
+def test_one_batch_mixes_adapters_and_the_base_model(llama):
+    hf, path, a1, a2 = llama
+    llm = LLM(path, dtype="float32", device="cpu", enable_lora=True, max_loras=2)
+    loras = [LoRARequest("a1", 1, str(a1)), LoRARequest("a2", 2, str(a2))]
+    prompts = PROMPTS * 2
+    per_prompt = [loras[0], None, loras[1], loras[0], loras[1], loras[1], None, loras[0]]
+    steps = []
+    real = llm.engine.runner.run
+
+    def spy(chunks, kv, padding_rows=0):
+        steps.append({c.request.lora_id for c in chunks})
+        return real(chunks, kv, padding_rows)
+
+    llm.engine.runner.run = spy
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=per_prompt)
+    models = {None: hf, 1: merged(hf, a1), 2: merged(hf, a2)}
+    assert_matches(outs, [hf_greedy(models[lr and lr.lora_int_id], p, 12) for p, lr in zip(prompts, per_prompt,
+                                                                                             strict=True)])
+    assert {0, 1, 2} in steps  # base rows and both adapters' rows ran in the same forward passes
+
+
+def test_max_loras_bounds_the_adapters_running_together(llama):
+    hf, path, a1, a2 = llama
+    engine = LLMEngine(load_model(path, "float32", "cpu"), None, EngineConfig(enable_lora=True, max_loras=1))
+    loras = [LoRARequest("a1", 1, str(a1)), LoRARequest("a2", 2, str(a2))]
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(p, GREEDY, lora_request=loras[i % 2])
+    engine.add_request(PROMPTS[0], GREEDY)  # the base model never counts against max_loras
+    seen = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        seen.append({r.lora_id for r in engine.scheduler.running})
+        assert len({i for i in seen[-1] if i}) <= 1
+    assert {0, 1} in seen or {0, 2} in seen  # the base request ran beside an adapter's
+    assert any(1 in s for s in seen) and any(2 in s for s in seen)
+
+
+def test_prefix_cache_is_kept_per_adapter(llama):
+    hf, path, a1, a2 = llama
+    llm = LLM(path, dtype="float32", device="cpu", enable_lora=True, max_loras=2, block_size=4)
+    prompt = list(range(20, 45))
+    first = llm.generate([prompt], GREEDY, use_tqdm=False, lora_request=LoRARequest("a1", 1, str(a1)))[0]
+    assert first.num_cached_tokens == 0
+    # Another adapter (and the base model) must compute the prompt again: its keys differ.
+    other = llm.generate([prompt], GREEDY, use_tqdm=False, lora_request=LoRARequest("a2", 2, str(a2)))[0]
+    base = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert other.num_cached_tokens == 0 and base.num_cached_tokens == 0
+    again = llm.generate([prompt], GREEDY, use_tqdm=False, lora_request=LoRARequest("a1", 1, str(a1)))[0]
+    assert again.num_cached_tokens == 24
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert_matches([other, base], [hf_greedy(merged(hf, a2), prompt, 12), hf_greedy(hf, prompt, 12)])
+
+
+def test_scaling_rslora_and_per_module_patterns(tmp_path):
+    hf = make_hf_model("llama")
+    path = save_hf_model(hf, tmp_path / "model")
+    adapter = save_adapter(tmp_path / "a", hf, seed=4, rank=4, alpha=6.0, use_rslora=True,
+                           rank_pattern={"layers.1.self_attn.q_proj": 2, "down_proj": 6},
+                           alpha_pattern={"o_proj|up_proj": 1.5})
+    llm = LLM(path, dtype="float32", device="cpu", enable_lora=True)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=LoRARequest("a", 1, str(adapter)))
+    ref = merged(hf, adapter)
+    assert_matches(outs, [hf_greedy(ref, p, 12) for p in PROMPTS])
+
+
+def test_mixture_of_experts_attention_adapter(tmp_path):
+    hf = make_hf_model("qwen3-moe")
+    path = save_hf_model(hf, tmp_path / "model")
+    adapter = save_adapter(tmp_path / "a", hf, seed=5, modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    llm = LLM(path, dtype="float32", device="cpu", enable_lora=True)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=LoRARequest("a", 1, str(adapter)))
+    assert_matches(outs, [hf_greedy(merged(hf, adapter), p, 12) for p in PROMPTS])
+
+
+def test_graphed_decode_steps_leave_adapter_rows_to_the_eager_path(llama, monkeypatch):
+    from lengthwise.engine.cuda_graph import DecodeGraphs
+
+    hf, path, a1, _ = llama
+    monkeypatch.setattr(LLMEngine, "_graph_batch", lambda self: 4)
+    graphed = []
+    real_run = DecodeGraphs.run
+    monkeypatch.setattr(DecodeGraphs, "run", lambda self, rows: graphed.append(len(rows.token_ids))
+                        or real_run(self, rows))
+    llm = LLM(path, dtype="float32", device="cpu", enable_lora=True)
+    lora = LoRARequest("a1", 1, str(a1))
+    outs = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False, lora_request=[lora, None])
+    assert_matches(outs, [hf_greedy(merged(hf, a1), PROMPTS[0], 12), hf_greedy(hf, PROMPTS[1], 12)])
+    assert not graphed  # every decode step had an adapter row
+    graphed.clear()
+    outs = llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+    assert graphed  # base-only decode steps still replay the graphs
+    assert_matches(outs, [hf_greedy(hf, p, 12) for p in PROMPTS[:2]])
+
+
+def test_speculative_decoding_with_an_adapter(llama):
+    hf, path, a1, _ = llama
+    lora = LoRARequest("a1", 1, str(a1))
+    plain = LLM(path, dtype="float32", device="cpu", enable_lora=True)
+    spec = LLM(path, dtype="float32", device="cpu", enable_lora=True,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [9, 9, 9, 9, 9, 9]]
+    want = plain.generate(prompts, GREEDY, use_tqdm=False, lora_request=lora)
+    got = spec.generate(prompts, GREEDY, use_tqdm=False, lora_request=lora)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert spec.engine.stats.draft_tokens > 0
+
+
+def test_bfloat16_model_with_an_adapter(llama):
+    hf, path, a1, _ = llama
+    llm = LLM(path, dtype="bfloat16", device="cpu", enable_lora=True)
+    lora = LoRARequest("a1", 1, str(a1))
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                       use_tqdm=False, lora_request=lora)[0]
+    adapter = load_adapter(lora, llm.engine.model.config, torch.bfloat16, torch.device("cpu"), 16)
+    assert all(w.a.dtype == torch.bfloat16 for layer in adapter.layers for w in layer.values())
+    assert out.outputs[0].token_ids[:2] == hf_greedy(merged(hf, a1), PROMPTS[1], 2)[0]
+
+
+def test_registry_keeps_max_cpu_loras_and_ids_mean_one_directory(llama):
+    hf, path, a1, a2 = llama
+    engine = LLMEngine(load_model(path, "float32", "cpu"), None,
+                       EngineConfig(enable_lora=True, max_loras=1, max_cpu_loras=1))
+    engine.add_request(PROMPTS[0], GREEDY, lora_request=LoRARequest("a1", 1, str(a1)))
+    with pytest.raises(ValueError, match="lora_int_id 1 is already adapter 'a1'"):
+        engine.add_request(PROMPTS[0], GREEDY, lora_request=LoRARequest("x", 1, str(a2)))
+    # Adapter 1 is in use: loading adapter 2 keeps it beyond max_cpu_loras until its request ends.
+    engine.add_request(PROMPTS[1], GREEDY, lora_request=LoRARequest("a2", 2, str(a2)))
+    assert 1 in engine.loras and 2 in engine.loras
+    while engine.has_unfinished_requests():
+        engine.step()
+    for rid in list(engine.requests):
+        engine.pop_finished(rid)
+    engine.add_request(PROMPTS[2], GREEDY, lora_request=LoRARequest("a1", 1, str(a1)))
+    assert len(engine.loras) == 1 and 1 in engine.loras
+
+
+def test_an_id_stays_its_directory_after_its_adapter_was_dropped(llama):
+    """The prefix cache keeps blocks under an adapter's id after the adapter itself was dropped:
+    the id may not come back meaning another directory."""
+    hf, path, a1, a2 = llama
+    llm = LLM(path, dtype="float32", device="cpu", enable_lora=True, max_loras=1, max_cpu_loras=1)
+    llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False, lora_request=LoRARequest("a1", 1, str(a1)))
+    llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False, lora_request=LoRARequest("a2", 2, str(a2)))
+    assert 1 not in llm.engine.loras and 2 in llm.engine.loras
+    with pytest.raises(ValueError, match="lora_int_id 1 is already adapter 'a1'"):
+        llm.generate([PROMPTS[1]], GREEDY, use_tqdm=False, lora_request=LoRARequest("c", 1, str(a2)))
+
+
+def test_a_steady_stream_of_one_adapter_does_not_starve_another(llama):
+    hf, path, a1, a2 = llama
+    engine = LLMEngine(load_model(path, "float32", "cpu"), None,
+                       EngineConfig(enable_lora=True, max_loras=1, max_cpu_loras=2))
+    first, second = LoRARequest("a1", 1, str(a1)), LoRARequest("a2", 2, str(a2))
+    short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.add_request(PROMPTS[0], short, lora_request=first)
+    engine.step()
+    other = engine.add_request(PROMPTS[1], short, lora_request=second)
+    base = engine.add_request(PROMPTS[2], short)
+    for _ in range(20):  # a new request of the running adapter every step
+        engine.add_request(PROMPTS[3], short, lora_request=first)
+        engine.step()
+        if other.status is not RequestStatus.WAITING:
+            break
+    assert other.status is not RequestStatus.WAITING  # admitted once the first adapter's rows drained
+    assert base.status is not RequestStatus.WAITING  # the base model's request never waited for it
+
+
+def _adapter_with(tmp_path: Path, hf, config: dict | None = None, extra: dict | None = None) -> Path:
+    path = save_adapter(tmp_path / "bad", hf, seed=6, modules=("q_proj",), **(config or {}))
+    if extra:
+        from safetensors.torch import load_file
+
+        save_file({**load_file(path / "adapter_model.safetensors"), **extra}, path / "adapter_model.safetensors")
+    return path
+
+
+@pytest.mark.parametrize("config, extra, message", [
+    ({"use_dora": True}, None, "DoRA adapters"),
+    ({"bias": "lora_only"}, None, "bias='lora_only'"),
+    ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
+    ({"peft_type": "IA3"}, None, "peft_type 'IA3'"),
+    ({"r": 0}, None, "r must be a positive number"),
+    (None, {"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(4, 320)}, "embed_tokens"),
+    (None, {"base_model.model.lm_head.lora_A.weight": torch.zeros(4, 64)}, "lm_head"),
+    (None, {"base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
+            "base_model.model.model.layers.5.self_attn.q_proj.lora_B.weight": torch.zeros(64, 4)}, "layer 5"),
+    (None, {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 64)}, "lora_B missing"),
+    (None, {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 64),
+            "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.zeros(64, 4)}, r"expected \[rank, 64\]"),
+])
+def test_adapters_the_engine_cannot_serve_are_refused(llama, tmp_path, config, extra, message):
+    hf, path, *_ = llama
+    bad = _adapter_with(tmp_path, hf, config, extra)
+    engine = LLMEngine(load_model(path, "float32", "cpu"), None, EngineConfig(enable_lora=True))
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(PROMPTS[0], GREEDY, lora_request=LoRARequest("bad", 1, str(bad)))
+    assert not engine.requests  # nothing was queued
+
+
+def test_lora_request_and_config_errors(llama, tmp_path):
+    hf, path, a1, a2 = llama
+    model = load_model(path, "float32", "cpu")
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        LLMEngine(model, None, EngineConfig()).add_request(PROMPTS[0], GREEDY,
+                                                           lora_request=LoRARequest("a", 1, str(a1)))
+    engine = LLMEngine(model, None, EngineConfig(enable_lora=True, max_lora_rank=4))
+    with pytest.raises(ValueError, match="above max_lora_rank=4"):
+        engine.add_request(PROMPTS[0], GREEDY, lora_request=LoRARequest("a2", 2, str(a2)))  # rank 8
+    with pytest.raises(ValueError, match="has no adapter_config.json"):
+        engine.add_request(PROMPTS[0], GREEDY, lora_request=LoRARequest("none", 3, str(tmp_path)))
+    with pytest.raises(ValueError, match="lora_request must be a LoRARequest"):
+        engine.add_request(PROMPTS[0], GREEDY, lora_request={"lora_name": "a"})
+    for kwargs, message in (({"lora_int_id": 0}, "lora_int_id must be a positive integer"),
+                            ({"lora_name": ""}, "lora_name must be a non-empty string")):
+        with pytest.raises(ValueError, match=message):
+            LoRARequest(**{"lora_name": "a", "lora_int_id": 1, "lora_path": str(a1), **kwargs})
+    for kwargs, message in (({"max_loras": 0}, "max_loras must be a positive integer"),
+                            ({"max_lora_rank": -1}, "max_lora_rank must be a positive integer"),
+                            ({"max_loras": 4, "max_cpu_loras": 2}, r"max_cpu_loras \(2\) must be at least max_loras"),
+                            ({"enable_lora": "yes"}, "enable_lora must be a bool")):
+        with pytest.raises(ValueError, match=message):
+            EngineConfig(**kwargs)
+    llm = LLM(path, dtype="float32", device="cpu", enable_lora=True)
+    with pytest.raises(ValueError, match="lora_request has 1 entries for 2 prompts"):
+        llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False, lora_request=[LoRARequest("a", 1, str(a1))])
+
+
+def test_mixture_of_experts_mlp_adapters_are_refused(tmp_path):
+    hf = make_hf_model("qwen3-moe")
+    path = save_hf_model(hf, tmp_path / "model")
+    bad = save_adapter(tmp_path / "a", hf, seed=7, modules=("q_proj",))
+    from safetensors.torch import load_file
+
+    tensors = load_file(bad / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"] = torch.zeros(4, 64)
+    tensors["base_model.model.model.layers.0.mlp.gate_proj.lora_B.weight"] = torch.zeros(32, 4)
+    save_file(tensors, bad / "adapter_model.safetensors")
+    engine = LLMEngine(load_model(path, "float32", "cpu"), None, EngineConfig(enable_lora=True))
+    with pytest.raises(ValueError, match="a mixture-of-experts layer"):
+        engine.add_request(PROMPTS[0], GREEDY, lora_request=LoRARequest("a", 1, str(bad)))
