@@ -242,19 +242,36 @@ def test_a_steady_stream_of_one_adapter_does_not_starve_another(llama):
     hf, path, a1, a2 = llama
     engine = LLMEngine(load_model(path, "float32", "cpu"), None,
                        EngineConfig(enable_lora=True, max_loras=1, max_cpu_loras=2))
+    engine.scheduler.lora_turn_steps = 4  # (default 256: a typical answer's length)
     first, second = LoRARequest("a1", 1, str(a1)), LoRARequest("a2", 2, str(a2))
     short = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     engine.add_request(PROMPTS[0], short, lora_request=first)
     engine.step()
     other = engine.add_request(PROMPTS[1], short, lora_request=second)
     base = engine.add_request(PROMPTS[2], short)
-    for _ in range(20):  # a new request of the running adapter every step
+    for _ in range(30):  # a new request of the running adapter every step
         engine.add_request(PROMPTS[3], short, lora_request=first)
         engine.step()
         if other.status is not RequestStatus.WAITING:
             break
     assert other.status is not RequestStatus.WAITING  # admitted once the first adapter's rows drained
     assert base.status is not RequestStatus.WAITING  # the base model's request never waited for it
+
+
+def test_a_running_adapter_takes_all_its_waiting_requests_in_its_turn(llama):
+    """max_loras=1 with requests of two adapters interleaved: the first adapter's turn batches all
+    of its requests (not one at a time behind the other adapter's), then the second's."""
+    hf, path, a1, a2 = llama
+    engine = LLMEngine(load_model(path, "float32", "cpu"), None,
+                       EngineConfig(enable_lora=True, max_loras=1, max_cpu_loras=2))
+    loras = [LoRARequest("a1", 1, str(a1)), LoRARequest("a2", 2, str(a2))]
+    for i in range(8):
+        engine.add_request(PROMPTS[i % 4], GREEDY, lora_request=loras[i % 2])
+    engine.step()
+    assert [r.lora_id for r in engine.scheduler.running] == [1, 1, 1, 1]
+    while engine.has_unfinished_requests() and 2 not in {r.lora_id for r in engine.scheduler.running}:
+        engine.step()
+    assert [r.lora_id for r in engine.scheduler.running] == [2, 2, 2, 2]
 
 
 def _adapter_with(tmp_path: Path, hf, config: dict | None = None, extra: dict | None = None) -> Path:

@@ -78,7 +78,8 @@ class Scheduler:
                  max_num_batched_tokens: int, clock: Callable[[], float] = time.monotonic,
                  enable_prefix_caching: bool = False, proposer: DraftProposer | None = None,
                  draft_max_batch: int | None = None, draft_step_tokens: int | None = None,
-                 draft_planner: DraftLengthPlanner | None = None, max_loras: int | None = None) -> None:
+                 draft_planner: DraftLengthPlanner | None = None, max_loras: int | None = None,
+                 lora_turn_steps: int = 256) -> None:
         if max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {max_num_seqs}")
         if max_num_batched_tokens <= 0:
@@ -101,6 +102,9 @@ class Scheduler:
         self.draft_planner = draft_planner  # None: every row drafts what the proposer offers
         # At most this many LoRA adapters among the running requests (vLLM's max_loras); None: any.
         self.max_loras = max_loras
+        self.lora_turn_steps = lora_turn_steps
+        self._adapter_since: dict[int, int] = {}  # adapter -> the step it last entered the running set
+        self.num_steps = 0
 
     # -- requests in and out -------------------------------------------------------------------
 
@@ -170,6 +174,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Plan the next forward pass; advances the computed-token counters of what it schedules."""
+        self.num_steps += 1
         out = SchedulerOutput()
         for request in list(self.running):
             cap = self.policy.cap(request)
@@ -237,15 +242,10 @@ class Scheduler:
             seqs = request.active_seqs
             if num_seqs + len(seqs) > self.max_num_seqs:
                 break
-            if adapters is not None and request.lora_id:
-                if waiting_for_adapter or (request.lora_id not in adapters
-                                           and len(adapters) >= self.max_loras):  # type: ignore[operator]
-                    # Its adapter would be one too many in the batch. Requests of the running
-                    # adapters wait behind it, so that those drain and it gets its turn (else a
-                    # steady stream of them would keep it waiting for ever); the base model's go on.
-                    waiting_for_adapter = True
-                    continue
-                adapters.add(request.lora_id)
+            if adapters is not None and request.lora_id and not self._adapter_admits(request.lora_id, adapters,
+                                                                                     waiting_for_adapter):
+                waiting_for_adapter = True
+                continue
             if request.suspended:  # its blocks are still held: it resumes where it stopped
                 chunks = self._plan(request, budget)
                 if chunks is None:
@@ -286,6 +286,22 @@ class Scheduler:
             num_seqs += len(seqs)
             budget -= sum(c.num_tokens for c in chunks)
         return num_seqs
+
+    def _adapter_admits(self, lora_id: int, adapters: set[int], someone_waits: bool) -> bool:
+        """Whether a request of adapter `lora_id` may join the running requests, whose adapters are
+        `adapters` (updated when it may), under `max_loras`. A new adapter needs a free place. A
+        running adapter's turn lasts `lora_turn_steps` steps from when it (re)entered: after that,
+        while a request of another adapter waits for a place (`someone_waits`), its new requests
+        wait too, so that its rows drain and the other gets its turn (else a steady stream of one
+        adapter would keep the others waiting for ever)."""
+        if lora_id in adapters:
+            since = self._adapter_since.get(lora_id, self.num_steps)
+            return not someone_waits or self.num_steps - since < self.lora_turn_steps
+        if len(adapters) >= self.max_loras:  # type: ignore[operator]
+            return False
+        adapters.add(lora_id)
+        self._adapter_since[lora_id] = self.num_steps
+        return True
 
     def _start(self, request: Request, chunks: list[ScheduledChunk], out: SchedulerOutput) -> None:
         self.policy.admitted(request)
