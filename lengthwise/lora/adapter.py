@@ -13,7 +13,6 @@ of-experts MLPs.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import OrderedDict
@@ -26,7 +25,7 @@ import torch
 from safetensors import safe_open
 
 from lengthwise.lora.request import LoRARequest
-from lengthwise.model.config import ModelConfig
+from lengthwise.model.config import ModelConfig, read_json
 from lengthwise.ops.lora import LayerWeights, LoRAWeight
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -76,12 +75,7 @@ def read_adapter_config(directory: Path) -> dict[str, Any]:
     path = directory / ADAPTER_CONFIG
     if not path.is_file():
         raise ValueError(f"lora_path {str(directory)!r} has no {ADAPTER_CONFIG} (a PEFT LoRA adapter directory)")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    config = read_json(path)  # (CheckpointError is a ValueError naming the file)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {config['peft_type']!r} is not served; only LORA adapters are")
     refusals = {"use_dora": "DoRA adapters (use_dora) are not served",
