@@ -20,13 +20,20 @@ decoding `--output-len` tokens (ignore_eos). Variants, as generated tokens per s
   cost nothing.
 
 Variants alternate within each of `--rounds` rounds; ratios are taken within a round, and the
-tables give the median round. Writes lora.json, .md and .png to `--out`.
+tables give the median round.
+
+Then (`--step-batches`, default 1,64) the decode step itself: at each batch size, the median time
+of a decode-only step (the model runner's whole step) with the first adapter on every row, on the
+fused CPU step (`lora.h`) and on the op-by-op path (`LENGTHWISE_CPU_FUSED=0`, where adapter steps
+ran before the fused step took them), against the base model's fused step. Writes lora.json, .md
+and .png to `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -41,6 +48,7 @@ from lengthwise.bench.presets import resolve_model
 from lengthwise.bench.report import pyplot
 from lengthwise.lora import LoRARequest
 from lengthwise.model.config import ModelConfig
+from lengthwise.ops.cpu.decode import FUSED_ENV
 
 BASELINE = "merged, one adapter at a time"
 BOUND = "base model, one batch"
@@ -75,6 +83,40 @@ def timed(llm: LLM, prompts: list[list[int]], params: SamplingParams,
     return time.perf_counter() - start, sum(len(o.outputs[0].token_ids) for o in outs)
 
 
+STEP_VARIANTS = ("base model, fused step", "adapter, fused step", "adapter, op-by-op step")
+
+
+def step_times(llm: LLM, prompts: list[list[int]], lora: LoRARequest, batch: int, rounds: int,
+               decode_tokens: int = 24) -> dict[str, float]:
+    """Median seconds of a decode-only step of `batch` rows for each of STEP_VARIANTS: `batch`
+    prompts decode `decode_tokens` tokens per run, the variants alternating, `rounds` runs each."""
+    times: dict[str, list[float]] = {name: [] for name in STEP_VARIANTS}
+    runner = llm.engine.runner
+    real = runner.run
+    current = [""]
+
+    def timed_run(chunks, kv, padding_rows=0):
+        start = time.perf_counter()
+        out = real(chunks, kv, padding_rows)
+        if len(chunks) == batch and all(c.num_tokens == 1 and c.seq is not None for c in chunks):
+            times[current[0]].append(time.perf_counter() - start)
+        return out
+
+    runner.run = timed_run
+    params = SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True)
+    try:
+        for _ in range(rounds):
+            for name in STEP_VARIANTS:
+                current[0] = name
+                os.environ[FUSED_ENV] = "0" if "op-by-op" in name else "1"
+                llm.generate([{"prompt_token_ids": p} for p in prompts[:batch]], params, use_tqdm=False,
+                             lora_request=None if name.startswith("base") else lora)
+    finally:
+        runner.run = real
+        os.environ.pop(FUSED_ENV, None)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-100m")
@@ -86,6 +128,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--out", type=Path, default=Path("results/lora"))
+    ap.add_argument("--step-batches", default="1,64", help="batch sizes of the decode-step timing ('' skips it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -98,8 +141,11 @@ def main() -> None:
                for _ in range(args.requests)]
     per_request = [loras[i % args.adapters] for i in range(args.requests)]
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    # No prefix caching: every variant runs the same prompts again, and cached prompts would skip
+    # the prefill of some variants and not of others (a base-model engine's cache serves every
+    # later base run; an adapter's prompts are cached per adapter).
     common = dict(dtype="float32", device="cpu", max_model_len=args.prompt_len + args.output_len,
-                  max_num_seqs=args.requests, kv_cache_memory=1 << 30)
+                  max_num_seqs=args.requests, kv_cache_memory=1 << 30, enable_prefix_caching=False)
     base = LLM(model_dir, **common)
     lora_llms = {m: LLM(model_dir, **common, enable_lora=True, max_loras=m, max_cpu_loras=args.adapters,
                         max_lora_rank=args.rank) for m in (args.adapters, 1)}
@@ -138,7 +184,6 @@ def main() -> None:
         "adapter_mib": sum(w.a.nbytes + w.b.nbytes for layer in lora_llms[1].engine.loras.get(1).layers
                            for w in layer.values()) / 2 ** 20,
     }
-    (args.out / "lora.json").write_text(json.dumps(report, indent=2))
     lines = [f"{args.model}, {args.adapters} adapters of rank {args.rank} (every projection, "
              f"{report['adapter_mib']:.1f} MiB each), {args.requests} requests x ({args.prompt_len} + "
              f"{args.output_len}) tokens, {args.threads} threads, {args.rounds} rounds",
@@ -147,12 +192,25 @@ def main() -> None:
     for name in variants:
         lines.append(f"| {name} | {middle[name]:.0f} | {ratios[name]:.2f}x | "
                      f"{statistics.median(r[name] / r[BOUND] for r in rounds):.2f}x |")
+    batches = [int(b) for b in args.step_batches.split(",") if b]
+    steps = {b: step_times(lora_llms[1], prompts, loras[0], b, args.rounds) for b in
+             tqdm(batches, desc="decode steps", unit="batch", dynamic_ncols=True)}
+    report["decode_step_s"] = {str(b): t for b, t in steps.items()}
+    (args.out / "lora.json").write_text(json.dumps(report, indent=2))
+    if steps:
+        lines += ["", "decode step (median ms; ratio to the base model's fused step at the same batch)", "",
+                  "| batch | " + " | ".join(STEP_VARIANTS) + " |", "|---" * (len(STEP_VARIANTS) + 1) + "|"]
+        for b, t in steps.items():
+            cells = [f"{t[n] * 1e3:.1f} ({t[n] / t[STEP_VARIANTS[0]]:.2f}x)" for n in STEP_VARIANTS]
+            lines.append(f"| {b} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     (args.out / "lora.md").write_text(table + "\n")
     print(table)
     plt = pyplot()
     if plt is not None:
-        fig, ax = plt.subplots(figsize=(8, 3.6))
+        fig, axes = plt.subplots(1, 2 if steps else 1, figsize=(13 if steps else 8, 3.6), squeeze=False,
+                                 gridspec_kw={"width_ratios": [3, 2]} if steps else None)
+        ax = axes[0][0]
         names = list(variants)
         ax.barh(names[::-1], [middle[n] for n in names[::-1]],
                 color=["#888888" if n in (BASELINE, BOUND) else "#4477aa" for n in names[::-1]])
@@ -161,6 +219,20 @@ def main() -> None:
         ax.set_xlabel("generated tokens / s (median round)")
         ax.set_title(f"LoRA serving, {args.model}, {args.adapters} adapters of rank {args.rank}", fontsize=10)
         ax.set_xlim(0, max(middle.values()) * 1.3)
+        if steps:
+            ax = axes[0][1]
+            width = 0.8 / len(STEP_VARIANTS)
+            for i, name in enumerate(STEP_VARIANTS):
+                xs = [j + i * width for j in range(len(steps))]
+                ys = [t[name] / t[STEP_VARIANTS[0]] for t in steps.values()]
+                ax.bar(xs, ys, width, label=name)
+                for x, y in zip(xs, ys, strict=True):
+                    ax.text(x, y, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
+            ax.set_xticks([j + width for j in range(len(steps))], [f"batch {b}" for b in steps])
+            ax.set_ylim(0, 1.3 * max(t[n] / t[STEP_VARIANTS[0]] for t in steps.values() for n in STEP_VARIANTS))
+            ax.set_ylabel("decode step time / base model's")
+            ax.set_title("decode step with an adapter on every row", fontsize=10)
+            ax.legend(fontsize=7, loc="upper left")
         fig.tight_layout()
         fig.savefig(args.out / "lora.png", dpi=120)
         print(f"wrote {args.out / 'lora.png'}")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, MOE_FAMILIES, assert_same_generations, make_hf_model, save_hf_model
+from conftest import (
+    FAMILIES,
+    LORA_MODULES,
+    MOE_FAMILIES,
+    assert_same_generations,
+    make_hf_model,
+    save_adapter,
+    save_hf_model,
+)
 
 from lengthwise import SamplingParams, load_model
 from lengthwise.config import EngineConfig
@@ -237,6 +245,72 @@ def test_fused_step_matches_op_by_op(family, weights, hf_checkpoint, tmp_path, m
     torch.testing.assert_close(h1, h0, rtol=1e-4, atol=1e-4)
     for a, b in zip(kv1, kv0, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# The decode step's six rows (_segments) of adapter "a" and of adapter "b" (None: every row); the
+# rest use the base model.
+LORA_ROWS = {"mixed": ([0, 1, 2, 3, 5], [4]), "with-base": ([3, 0], [5]), "all": (None,), "one-row": ([2],)}
+
+
+@pytest.mark.parametrize("family,rows", [("llama", "mixed"), ("llama", "with-base"), ("llama", "all"),
+                                         ("llama", "one-row"), ("qwen3", "mixed"), ("odd-sizes", "with-base"),
+                                         ("qwen2-moe", "with-base")])
+def test_fused_step_with_lora_adapters_matches_op_by_op(family, rows, hf_checkpoint, tmp_path, monkeypatch):
+    """LoRA inside the fused step (lora.h) against the op-by-op path's updates, on steps mixing
+    adapters and the base model: ranks that are not multiples of 16 (per-module ranks, one above
+    16), an adapter on q/v/down only (block-diagonal q/k/v with k absent), five rows of one adapter
+    (more than one chunk of rows), one adapted row on three threads (its shrink split along k in
+    three parts), q/k/v blocks that do not start on a vector (qwen3's 24-wide KV heads), widths
+    with masked tails (odd-sizes), and attention-only adapters of a mixture-of-experts model (its
+    sparse layers have no MLP updates)."""
+    from lengthwise.lora import LoRARequest
+    from lengthwise.lora.adapter import load_adapter
+    from lengthwise.ops.lora import LoRABatch
+
+    if family == "odd-sizes":
+        import transformers
+
+        path = _odd_checkpoint(tmp_path)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path)
+    else:
+        hf, path = hf_checkpoint(family)
+    model = load_model(path, "float32", "cpu")
+    modules = ("q_proj", "k_proj", "v_proj", "o_proj") if model.config.moe else LORA_MODULES
+    first = save_adapter(tmp_path / "a", hf, seed=1, rank=5, modules=modules, rank_pattern={"q_proj": 3})
+    second = save_adapter(tmp_path / "b", hf, seed=2, rank=20, alpha=10.0,
+                          modules=tuple(m for m in ("q_proj", "v_proj", "down_proj") if m in modules))
+    adapters = [load_adapter(LoRARequest(name, i + 1, str(d)), model.config, torch.float32, torch.device("cpu"), 32)
+                for i, (name, d) in enumerate((("a", first), ("b", second)))]
+    ids, positions, meta, cache = _segments(model, torch.Generator().manual_seed(3))
+    groups = [(a.weights, None if r is None else torch.tensor(r))
+              for a, r in zip(adapters, LORA_ROWS[rows], strict=False)]
+    slots = meta.slot_mapping
+    results = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3 if rows == "one-row" else threads)
+    try:
+        for fused, lora in (("1", LoRABatch(groups)), ("0", LoRABatch(groups)), ("1", None)):
+            monkeypatch.setenv(cpu_decode.FUSED_ENV, fused)
+            for t in (*cache.k, *cache.v):
+                t[slots] = float("nan")
+            hidden = model(ids, positions, AttentionMetadata(meta.query_start, slots, meta.block_size,
+                                                             meta.prompt_block_tables, meta.prompt_lens,
+                                                             meta.response_block_tables, meta.response_lens),
+                           cache, lora)
+            results[fused, lora is None] = (hidden, [t[slots].clone() for t in (*cache.k, *cache.v)])
+    finally:
+        torch.set_num_threads(threads)
+    (h1, kv1), (h0, kv0), (base, _) = results["1", False], results["0", False], results["1", True]
+    assert model._cpu_decode_pointers is not None  # the fused path ran
+    torch.testing.assert_close(h1, h0, rtol=1e-4, atol=1e-4)
+    for a, b in zip(kv1, kv0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    adapted = {r for _, rs in groups for r in (range(6) if rs is None else rs.tolist())}
+    for r in range(6):  # the adapters change their rows, and only theirs
+        assert (h1[r] - base[r]).abs().max() > 1e-3 if r in adapted else torch.equal(h1[r], base[r])
+    # The kernels read the loader's own (transposed) A and B: no second copy of an adapter.
+    held = {t.data_ptr() for layer in adapters[0].layers for w in layer.values() for t in (w.a, w.b)}
+    assert {t.data_ptr() for t in adapters[0].weights.derived["cpu_fused"].keep} == held
 
 
 # The spacing of each narrow KV cache dtype's values relative to a value (its significant bits),

@@ -1,6 +1,6 @@
 """The CPU kernels for every vector code path `simd.h` has (AVX-512, AVX2 + FMA, portable loops),
 not only the one this CPU's `-march=native` picks: each is built (`LENGTHWISE_CPU_MARCH`) into its
-own cache and runs test_cpu_decode's GEMM, 4-bit and fused-step comparisons against torch in a
+own cache and runs test_cpu_decode's GEMM, 4-bit, fused-step and LoRA comparisons against torch in a
 subprocess. A path this CPU cannot execute is skipped, saying so; the native one is what the rest
 of the suite runs."""
 
@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"portable": ("x86-64", ()), "avx2": ("x86-64-v3", ("avx2", "fma")),
            "avx512": ("x86-64-v4", ("avx512f", "avx512bw", "avx512vl"))}
 SUBSET = ("test_panel_packed_linear_matches_f_linear or test_int4_groups_that_straddle_k_blocks "
-          "or test_fused_step_matches_op_by_op or test_fused_step_over_a_narrow_kv_cache")
+          "or test_fused_step_matches_op_by_op or test_fused_step_over_a_narrow_kv_cache "
+          "or test_fused_step_with_lora_adapters")
 
 
 def _cpu_flags() -> set[str]:

@@ -21,6 +21,8 @@ from lengthwise.engine.llm_engine import LLMEngine
 from lengthwise.lora import LoRARequest
 from lengthwise.lora.adapter import load_adapter
 from lengthwise.model import load_model
+from lengthwise.ops import cpu as cpu_kernels
+from lengthwise.ops.cpu import decode as cpu_decode
 from lengthwise.sequence import RequestStatus
 
 PROMPTS = [[5, 17, 9, 3, 50, 61, 7], list(range(10, 40)), [7, 300, 12], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
@@ -109,6 +111,38 @@ def test_one_batch_mixes_adapters_and_the_base_model(llama):
     assert_matches(outs, [hf_greedy(models[lr and lr.lora_int_id], p, 12) for p, lr in zip(prompts, per_prompt,
                                                                                              strict=True)])
     assert {0, 1, 2} in steps  # base rows and both adapters' rows ran in the same forward passes
+
+
+@pytest.mark.skipif(cpu_kernels.segment_attention_kernel() is None, reason="the CPU kernels do not build here")
+def test_decode_steps_with_adapters_take_the_fused_cpu_step(llama, monkeypatch):
+    """Decode steps mixing two adapters (one on every projection, one on q/v/down only) and the base
+    model run in the fused C++ step, with the op-by-op path's tokens and log-probabilities."""
+    hf, path, a1, a2 = llama
+    loras = [LoRARequest("a1", 1, str(a1)), LoRARequest("a2", 2, str(a2))]
+    per_prompt = [loras[0], None, loras[1], loras[0]]
+    fused_groups = []
+    real = cpu_decode.forward
+
+    def spy(model, input_ids, positions, meta, kv_cache, lora=None):
+        fused_groups.append((len(lora.groups) if lora else 0, input_ids.shape[0]))
+        return real(model, input_ids, positions, meta, kv_cache, lora)
+
+    monkeypatch.setattr(cpu_decode, "forward", spy)
+    llm = LLM(path, dtype="float32", device="cpu", enable_lora=True, max_loras=2)
+    fused = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=per_prompt)
+    assert (2, 4) in fused_groups  # a step of all four rows: both adapters and the base model
+    monkeypatch.setenv(cpu_decode.FUSED_ENV, "0")
+    fused_groups.clear()
+    plain = LLM(path, dtype="float32", device="cpu", enable_lora=True, max_loras=2).generate(
+        PROMPTS, GREEDY, use_tqdm=False, lora_request=per_prompt)
+    assert not fused_groups
+    for f, p in zip(fused, plain, strict=True):
+        assert f.outputs[0].token_ids == p.outputs[0].token_ids
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(f.outputs[0].logprobs, p.outputs[0].logprobs,
+                                                               strict=True)) < 1e-4
+    models = {None: hf, 1: merged(hf, a1), 2: merged(hf, a2)}
+    assert_matches(fused, [hf_greedy(models[lr and lr.lora_int_id], p, 12) for p, lr in zip(PROMPTS, per_prompt,
+                                                                                             strict=True)])
 
 
 def test_max_loras_bounds_the_adapters_running_together(llama):
@@ -224,6 +258,31 @@ def test_registry_keeps_max_cpu_loras_and_ids_mean_one_directory(llama):
         engine.pop_finished(rid)
     engine.add_request(PROMPTS[2], GREEDY, lora_request=LoRARequest("a1", 1, str(a1)))
     assert len(engine.loras) == 1 and 1 in engine.loras
+
+
+def test_adapters_added_and_removed_at_run_time(llama):
+    """vLLM's LLMEngine.add_lora / remove_lora / list_loras: an adapter removed while a request uses
+    it stays loaded until that request ends (which finishes with it), then goes; removing an
+    unknown id says so."""
+    hf, path, a1, a2 = llama
+    engine = LLMEngine(load_model(path, "float32", "cpu"), None,
+                       EngineConfig(enable_lora=True, max_loras=2, max_cpu_loras=4))
+    assert engine.add_lora(LoRARequest("a1", 1, str(a1))) and engine.add_lora(LoRARequest("a2", 2, str(a2)))
+    assert engine.list_loras() == {1, 2}
+    engine.add_request(PROMPTS[0], GREEDY, request_id="r", lora_request=LoRARequest("a1", 1, str(a1)))
+    engine.step()
+    assert engine.remove_lora(1) and engine.remove_lora(2)
+    assert engine.list_loras() == set() and 1 in engine.loras and 2 not in engine.loras
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_matches([engine.pop_finished("r")], [hf_greedy(merged(hf, a1), PROMPTS[0], 12)])
+    assert 1 not in engine.loras and not engine.remove_lora(1)
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        engine.add_lora(LoRARequest("big", 3, str(save_adapter(path.parent / "big", hf, seed=9, rank=32))))
+    assert engine.list_loras() == set()
+    plain = LLMEngine(load_model(path, "float32", "cpu"), None, EngineConfig())
+    with pytest.raises(ValueError, match="enable_lora"):
+        plain.add_lora(LoRARequest("a1", 1, str(a1)))
 
 
 def test_an_id_stays_its_directory_after_its_adapter_was_dropped(llama):

@@ -117,6 +117,79 @@ def _metrics(base: str) -> dict[str, float]:
     return out
 
 
+def _post_text(base: str, path: str, body: dict, key: str | None = None) -> tuple[int, str]:
+    """POST `body`; the status and the raw answer (the LoRA endpoints answer in plain text)."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _adapters_added_and_removed_while_serving(base, client, offline, hf, tmp_path, prompt, params, texts) -> None:
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter: an adapter added while serving is
+    a model at once and generates what the offline engine does with it; a name is loaded once
+    unless `load_inplace` (its new files then serve); a bad adapter is refused naming what is
+    wrong and leaves nothing behind; unloading ends a name (404 after), by name or id, while a
+    request already streaming with it finishes with it."""
+    from conftest import save_adapter
+
+    from lengthwise import SamplingParams
+    from lengthwise.lora import LoRARequest
+
+    story = save_adapter(tmp_path / "story", hf, seed=4, rank=4)
+    other = save_adapter(tmp_path / "other", hf, seed=5, rank=8, modules=("o_proj", "down_proj"))
+    assert _post_text(base, "/v1/load_lora_adapter", {"lora_name": "story", "lora_path": str(story)}) == (
+        200, "Success: LoRA adapter 'story' added successfully.")
+    assert client.models.retrieve("story").parent == NAME
+    want = offline.generate([prompt], params, use_tqdm=False,
+                            lora_request=LoRARequest("story", 9, str(story)))[0].outputs[0].text
+    assert client.completions.create(model="story", prompt=prompt, max_tokens=40, temperature=0).choices[0].text == want
+    assert want not in texts.values()
+    status, body = _post_text(base, "/v1/load_lora_adapter", {"lora_name": "story", "lora_path": str(other)})
+    assert status == 400 and json.loads(body)["error"]["param"] == "lora_name" and "already" in body
+    assert _post_text(base, "/v1/load_lora_adapter", {"lora_name": "story", "lora_path": str(other),
+                                                      "load_inplace": True})[0] == 200
+    want = offline.generate([prompt], params, use_tqdm=False,
+                            lora_request=LoRARequest("other", 10, str(other)))[0].outputs[0].text
+    assert client.completions.create(model="story", prompt=prompt, max_tokens=40, temperature=0).choices[0].text == want
+    bad = save_adapter(tmp_path / "bad", hf, seed=3, rank=32)  # above the default --max-lora-rank 16
+    for path, needle in ((bad, "max_lora_rank"), (tmp_path / "missing", "missing")):
+        status, body = _post_text(base, "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(path)})
+        assert status == 400 and json.loads(body)["error"]["param"] == "lora_path" and needle in body, body
+    for body, param in (({"lora_name": NAME, "lora_path": str(story)}, "lora_name"),
+                        ({"lora_name": " ", "lora_path": str(story)}, "lora_name"),
+                        ({"lora_name": "x"}, "lora_path"), ({}, "lora_name")):
+        path = "/v1/unload_lora_adapter" if body == {} else "/v1/load_lora_adapter"
+        status, answer = _post_text(base, path, body)
+        assert status == 400 and json.loads(answer)["error"]["param"] == param, answer
+    assert {m.id for m in client.models.list().data} == {NAME, "sql", "chat", "story"}
+    # Unloading "sql" while one of its requests streams: that request finishes with "sql".
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    want = offline.generate([prompt], long, use_tqdm=False,
+                            lora_request=LoRARequest("sql", 1, str(tmp_path / "sql")))[0].outputs[0].text
+    stream = client.completions.create(model="sql", prompt=prompt, max_tokens=200, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    first = next(c for c in stream if c.choices).choices[0].text
+    assert _post_text(base, "/v1/unload_lora_adapter", {"lora_name": "sql"}) == (
+        200, "Success: LoRA adapter 'sql' removed successfully.")
+    assert first + "".join(c.choices[0].text for c in stream if c.choices) == want
+    with pytest.raises(openai.NotFoundError, match="'sql'"):
+        client.completions.create(model="sql", prompt=prompt, max_tokens=4)
+    status, body = _post_text(base, "/v1/unload_lora_adapter", {"lora_name": "sql"})
+    assert status == 404 and "cannot be found" in body
+    assert _post_text(base, "/v1/unload_lora_adapter", {"lora_int_id": 2})[0] == 200  # "chat", by its id
+    assert {m.id for m in client.models.list().data} == {NAME, "story"}
+
+
+def test_runtime_lora_updating_is_off_unless_asked_for(server):
+    assert _post_text(server, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "/tmp"})[0] == 401  # no key
+    status, body = _post_text(server, "/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "/tmp"}, KEY)
+    assert status == 400 and "--allow-runtime-lora-updating" in body
+
+
 # -- the happy paths, through the official client --------------------------------------------------
 
 def test_models_and_health(client, server):
@@ -650,7 +723,7 @@ def test_lora_modules_are_served_as_models(model_dir, tmp_path):
     sql = save_adapter(tmp_path / "sql", hf, seed=1)
     chat = save_adapter(tmp_path / "chat", hf, seed=2, rank=8, modules=("q_proj", "v_proj"))
     proc, base = _start(model_dir, "--lora-modules", f"sql={sql}", json.dumps({"name": "chat", "path": str(chat)}),
-                        "--max-loras", "2")
+                        "--max-loras", "2", "--allow-runtime-lora-updating")
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
         cards = {m.id: m for m in client.models.list().data}
@@ -672,9 +745,10 @@ def test_lora_modules_are_served_as_models(model_dir, tmp_path):
         assert len(set(texts.values())) == 3  # each adapter really changes the text
         with pytest.raises(openai.NotFoundError, match="'sql'"):
             client.completions.create(model="sqll", prompt=prompt, max_tokens=4)
+        _adapters_added_and_removed_while_serving(base, client, offline, hf, tmp_path, prompt, params, texts)
     finally:
         _stop(proc)
-    bad = save_adapter(tmp_path / "bad", hf, seed=3, rank=32)  # above the default --max-lora-rank 16
+    bad = tmp_path / "bad"  # rank 32: above the default --max-lora-rank 16
     out = subprocess.run([sys.executable, "-m", "lengthwise.cli", "serve", str(model_dir), "--port",
                           str(_free_port()), "--lora-modules", f"bad={bad}"],
                          capture_output=True, text=True, timeout=120)

@@ -208,6 +208,19 @@ class AsyncEngine:
         if self.alive:
             self._call(lambda: self._abort(request_id))
 
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load `lora_request`'s adapter: read and checked on a worker thread (the engine keeps
+        stepping), then added on the engine thread. Raises ValueError naming what is wrong."""
+        registry = self.engine.loras
+        if registry is None:
+            raise ValueError("LoRA adapters need an engine with enable_lora=True")
+        adapter = await asyncio.to_thread(registry.read, lora_request)
+        await asyncio.wrap_future(self._call(lambda: self.engine.add_lora(lora_request, adapter)))
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        """Drop adapter `lora_id` (requests using it finish with it first); False if not loaded."""
+        return await asyncio.wrap_future(self._call(lambda: self.engine.remove_lora(lora_id)))
+
     # -- the engine thread -------------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], Any]) -> Future:
@@ -312,7 +325,7 @@ class AsyncEngine:
             stream.sent_prompt_logprobs = True
         if request.finished:
             self._streams.pop(rid)
-            self.engine.requests.pop(rid, None)
+            self.engine.forget(rid)
             if self.observer is not None:
                 self.observer.on_finish(request)
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, delta)

@@ -34,7 +34,7 @@ from lengthwise.engine.model_runner import ModelRunner
 from lengthwise.engine.outputs import RequestOutput
 from lengthwise.engine.sampler import draw_uniform, make_generator, sample, token_logprobs
 from lengthwise.kv.storage import KVCacheStorage
-from lengthwise.lora.adapter import LoRARegistry
+from lengthwise.lora.adapter import LoRAAdapter, LoRARegistry
 from lengthwise.lora.request import LoRARequest
 from lengthwise.model import CausalLM, load_model
 from lengthwise.model.config import read_json
@@ -226,7 +226,7 @@ class LLMEngine:
                 raise ValueError(f"lora_request must be a LoRARequest, got {type(lora_request).__name__}")
             if self.loras is None:
                 raise ValueError("lora_request needs an engine with enable_lora=True")
-            self.loras.load(lora_request, {r.lora_id for r in self.requests.values() if not r.finished})
+            self.loras.load(lora_request, self._loras_in_use())
         request = Request(request_id, prompt_ids, params, time.monotonic() if arrival_time is None else arrival_time,
                           max_tokens, prompt=text, messages=messages, lora_request=lora_request)
         if params.prompt_logprobs is not None:
@@ -304,10 +304,47 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.length.pending) or self.scheduler.has_unfinished()
 
+    # -- LoRA adapters at run time (vLLM's LLMEngine methods) -------------------------------------
+
+    def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool:
+        """Load `lora_request`'s adapter now (requests naming it load it too, on first use);
+        `adapter`: read already (`LoRARegistry.read`). Raises ValueError naming what is wrong."""
+        self._lora_registry().load(lora_request, self._loras_in_use(), adapter)
+        return True
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Drop adapter `lora_id`: at once, or, while requests use it, when they have ended.
+        False if it was not loaded."""
+        return self._lora_registry().remove(lora_id, self._loras_in_use())
+
+    def list_loras(self) -> set[int]:
+        """The ids of the adapters loaded (and not removed)."""
+        return set(self._lora_registry().ids())
+
+    def _lora_registry(self) -> LoRARegistry:
+        if self.loras is None:
+            raise ValueError("LoRA adapters need an engine with enable_lora=True")
+        return self.loras
+
+    def _collect_loras(self) -> None:
+        """Drop removed adapters whose last requests have ended."""
+        if self.loras is not None and self.loras.retiring:
+            self.loras.collect(self._loras_in_use())
+
+    def _loras_in_use(self) -> set[int]:
+        return {r.lora_id for r in self.requests.values() if not r.finished and r.lora_id}
+
     def pop_finished(self, request_id: str) -> RequestOutput:
         """The final output of a finished request, forgetting the request."""
-        request = self.requests.pop(request_id)
+        request = self.requests[request_id]
+        self.forget(request_id)
         return RequestOutput.from_request(request, self.tokenizer)
+
+    def forget(self, request_id: str) -> None:
+        """Drop what the engine keeps of a finished request (its output, for `pop_finished`); an
+        adapter removed while the request used it goes with it."""
+        self.requests.pop(request_id, None)
+        self._collect_loras()
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -315,6 +352,7 @@ class LLMEngine:
         """Run one scheduling step and forward pass. Returns the requests that gained tokens or finished."""
         for request in self.length.predict_pending():
             self.scheduler.add(request)
+        self._collect_loras()
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         for request in plan.restarted:  # FCR recompute: the discarded output starts over, same seed

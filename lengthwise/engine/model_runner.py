@@ -191,7 +191,7 @@ class ModelRunner:
             if lora_id:
                 rows.setdefault(lora_id, []).extend(range(query_start[g], query_start[g + 1]))
         total, device = query_start[-1], self.model.device
-        return LoRABatch([(self.loras.get(lora_id).layers,
+        return LoRABatch([(self.loras.get(lora_id).weights,
                            None if len(r) == total else torch.tensor(r, dtype=torch.long, device=device))
                           for lora_id, r in rows.items()])
 

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from lengthwise.lora.request import LoRARequest
 from lengthwise.model.config import ModelConfig, read_json
-from lengthwise.ops.lora import LayerWeights, LoRAWeight
+from lengthwise.ops.lora import AdapterWeights, LayerWeights, LoRAWeight
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -43,7 +43,12 @@ class LoRAAdapter:
 
     request: LoRARequest
     rank: int  # the largest rank among its modules
-    layers: list[LayerWeights]
+    weights: AdapterWeights
+
+    @property
+    def layers(self) -> list[LayerWeights]:
+        """Per decoder layer, its updates by projection name."""
+        return self.weights.layers
 
     @property
     def nbytes(self) -> int:
@@ -148,7 +153,7 @@ def load_adapter(request: LoRARequest, config: ModelConfig, dtype: torch.dtype, 
         parts[layer].setdefault(name, []).append((index, a.float(), b.float() * scaling))
     layers = [{name: _fuse(name, found_parts, config, dtype, device) for name, found_parts in layer.items()}
               for layer in parts]
-    return LoRAAdapter(request, max_rank, layers)
+    return LoRAAdapter(request, max_rank, AdapterWeights(layers))
 
 
 def _fuse(name: str, parts: list[tuple[int, torch.Tensor, torch.Tensor]], config: ModelConfig,
@@ -159,23 +164,33 @@ def _fuse(name: str, parts: list[tuple[int, torch.Tensor, torch.Tensor]], config
     widths = {"qkv": (c.q_size, c.kv_size, c.kv_size), "gate_up": (c.intermediate_size,) * 2}.get(name)
     if widths is None:
         (_, a, b), = parts
-        return LoRAWeight(a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous())
+        return _weight(a, b, (), dtype, device)
     parts = sorted(parts, key=lambda p: p[0])
     a = torch.cat([p[1] for p in parts])
     b = torch.zeros(sum(widths), a.shape[0])
-    col = 0
+    col, blocks = 0, []
     for index, part_a, part_b in parts:
         row = sum(widths[:index])
         b[row:row + widths[index], col:col + part_a.shape[0]] = part_b
+        blocks.append((row, row + widths[index], col, col + part_a.shape[0]))
         col += part_a.shape[0]
-    return LoRAWeight(a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous())
+    return _weight(a, b, tuple(blocks), dtype, device)
+
+
+def _weight(a: torch.Tensor, b: torch.Tensor, blocks: tuple[tuple[int, int, int, int], ...], dtype: torch.dtype,
+            device: torch.device) -> LoRAWeight:
+    """The update with `a` and `b` held transposed in memory (`a.T` [in, rank] and `b.T` [rank, out]
+    contiguous, `a` and `b` views): the GEMMs' layout, `x @ a.T` and `... @ b.T` in torch and the
+    fused CPU step's kernels (lora.h)."""
+    return LoRAWeight(a.to(device, dtype).T.contiguous().T, b.to(device, dtype).T.contiguous().T, blocks)
 
 
 class LoRARegistry:
     """The adapters an engine has loaded, by `lora_int_id`, at most `capacity` of them kept (the
     least recently used one not in use by a live request is dropped first; vLLM's
     `max_cpu_loras`). One id always means one directory, even after its adapter was dropped:
-    asking for it with another is an error."""
+    asking for it with another is an error. `remove` drops an adapter at once, or, while live
+    requests use it, when they have ended (`collect`)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, max_lora_rank: int,
                  capacity: int) -> None:
@@ -185,19 +200,29 @@ class LoRARegistry:
         # Every id ever loaded -> its directory: dropped adapters' ids stay taken, because the
         # prefix cache may still hold blocks computed with them under that id.
         self._paths: dict[int, tuple[str, Path]] = {}
+        self._retired: set[int] = set()  # removed while in use: dropped once no live request holds them
 
-    def load(self, request: LoRARequest, in_use: Collection[int] = ()) -> LoRAAdapter:
-        """The adapter of `request`, read from disk the first time (and after it was dropped).
-        `in_use`: the ids live requests hold, which stay loaded even beyond `capacity`."""
+    def read(self, request: LoRARequest) -> LoRAAdapter:
+        """`request`'s adapter read from disk and checked against the model, without keeping it
+        (thread-safe: a server reads adapters off the engine's thread, then `load`s them)."""
+        return load_adapter(request, self.config, self.dtype, self.device, self.max_lora_rank)
+
+    def load(self, request: LoRARequest, in_use: Collection[int] = (), adapter: LoRAAdapter | None = None
+             ) -> LoRAAdapter:
+        """The adapter of `request`, read from disk the first time (and after it was dropped), or
+        `adapter`, read already (`read`). `in_use`: the ids live requests hold, which stay loaded
+        even beyond `capacity`."""
         known = self._paths.get(request.lora_int_id)
         if known is not None and known[1] != Path(request.lora_path).resolve():
             raise ValueError(f"lora_int_id {request.lora_int_id} is already adapter {known[0]!r} at "
                              f"{str(known[1])!r}; give {request.lora_path!r} another lora_int_id")
-        adapter = self._loaded.get(request.lora_int_id)
-        if adapter is not None:
+        self._retired.discard(request.lora_int_id)
+        loaded = self._loaded.get(request.lora_int_id)
+        if loaded is not None:
+            adapter = loaded
             self._loaded.move_to_end(request.lora_int_id)
         else:
-            adapter = load_adapter(request, self.config, self.dtype, self.device, self.max_lora_rank)
+            adapter = adapter if adapter is not None else self.read(request)
             self._loaded[request.lora_int_id] = adapter
             self._paths[request.lora_int_id] = (request.lora_name, Path(request.lora_path).resolve())
         for lora_id in list(self._loaded):  # least recently used first
@@ -206,6 +231,32 @@ class LoRARegistry:
             if lora_id != request.lora_int_id and lora_id not in in_use:
                 del self._loaded[lora_id]
         return adapter
+
+    def remove(self, lora_id: int, in_use: Collection[int] = ()) -> bool:
+        """Drop adapter `lora_id` (whether it was loaded): now, or while live requests use it
+        (`in_use`), once they have ended (`collect`). Its id keeps meaning its directory."""
+        if lora_id not in self._loaded:
+            return False
+        if lora_id in in_use:
+            self._retired.add(lora_id)
+        else:
+            del self._loaded[lora_id]
+        return True
+
+    def collect(self, in_use: Collection[int]) -> None:
+        """Drop the removed adapters no live request uses any more."""
+        for lora_id in [i for i in self._retired if i not in in_use]:
+            self._retired.discard(lora_id)
+            self._loaded.pop(lora_id, None)
+
+    @property
+    def retiring(self) -> bool:
+        """Whether removed adapters wait for their requests to end."""
+        return bool(self._retired)
+
+    def ids(self) -> list[int]:
+        """The ids of the adapters kept (removed ones still in use excluded), least recently used first."""
+        return [i for i in self._loaded if i not in self._retired]
 
     def get(self, lora_id: int) -> LoRAAdapter:
         """A loaded adapter (requests hold their adapter loaded while they live)."""

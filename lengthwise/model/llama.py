@@ -156,14 +156,14 @@ class CausalLM(nn.Module):
                 kv_cache: KVCacheStorage, lora: LoRABatch | None = None) -> torch.Tensor:
         """Run `input_ids [T]` at `positions [T]`; return the final hidden states `[T, hidden]`.
 
-        Every new token's key and value is written into `kv_cache` at `meta.slot_mapping`. Decode
-        steps on the CPU run all layers in one fused C++ call (`lengthwise.ops.cpu.decode`), except
-        steps with LoRA adapters (`lora`: which rows use which adapter), which run layer by layer.
+        Every new token's key and value is written into `kv_cache` at `meta.slot_mapping`; `lora`:
+        which rows use which LoRA adapter. Decode steps on the CPU run all layers in one fused C++
+        call (`lengthwise.ops.cpu.decode`), adapters included.
         """
         qs = meta.query_start
         longest = max(b - a for a, b in zip(qs[:-1], qs[1:], strict=True))
-        if lora is None and cpu_decode.eligible(self, input_ids.shape[0], longest):
-            return cpu_decode.forward(self, input_ids, positions, meta, kv_cache)
+        if cpu_decode.eligible(self, input_ids.shape[0], longest):
+            return cpu_decode.forward(self, input_ids, positions, meta, kv_cache, lora)
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, self.inv_freq, self.dtype, self.rope_scale)
         residual = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import time
 import uuid
@@ -37,7 +38,9 @@ from lengthwise.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     TokenizeRequest,
+    UnloadLoRAAdapterRequest,
     parse_body,
     sampling_params,
 )
@@ -65,6 +68,7 @@ class ServerState:
     tool_parser: HermesToolParser | None = None  # --tool-call-parser: reads tool calls out of chat answers
     reasoning_parser: ReasoningParser | None = None  # --reasoning-parser: splits <think> off chat answers
     loras: dict[str, LoRARequest] = dataclasses.field(default_factory=dict)  # --lora-modules, by name
+    runtime_lora_updating: bool = False  # --allow-runtime-lora-updating: /v1/load_lora_adapter and unload
     created: int = 0
 
 
@@ -168,6 +172,55 @@ def build_app(state: ServerState) -> FastAPI:
         check_key(request)
         check_model(model)
         return JSONResponse(model_card(model))
+
+    # Adapters added at run time take ids after every one served so far: an id never names two
+    # directories (the prefix cache keys its blocks by id).
+    lora_ids = itertools.count(max((lr.lora_int_id for lr in state.loras.values()), default=0) + 1)
+    lora_lock = asyncio.Lock()  # one load or unload at a time: each checks the names, then awaits
+
+    def check_lora_updating(request: Request) -> None:
+        check_key(request)
+        if not state.runtime_lora_updating:
+            raise ApiError(400, "adding and removing LoRA adapters at run time is off: start the server with "
+                           "--allow-runtime-lora-updating")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        """vLLM's: serve the adapter at `lora_path` as the model `lora_name` from now on."""
+        check_lora_updating(request)
+        req = parse_body(LoadLoRAAdapterRequest, await request.body())
+        async with lora_lock:
+            old = state.loras.get(req.lora_name)
+            if req.lora_name == state.model_name:
+                raise ApiError(400, f"lora_name {req.lora_name!r} is the base model's name", "lora_name")
+            if old is not None and not req.load_inplace:
+                raise ApiError(400, f"The lora adapter {req.lora_name!r} has already been loaded; unload it "
+                               f"first or set load_inplace", "lora_name")
+            lora = LoRARequest(req.lora_name, next(lora_ids), req.lora_path)
+            try:
+                await state.engine.add_lora(lora)
+            except (ValueError, OSError) as e:  # the loader names the file and what is wrong with it
+                raise ApiError(400, f"cannot load adapter {req.lora_name!r}: {e}", "lora_path") from None
+            state.loras[req.lora_name] = lora
+            if old is not None:  # its running requests finish with the adapter they started with
+                await state.engine.remove_lora(old.lora_int_id)
+        return Response(f"Success: LoRA adapter '{req.lora_name}' added successfully.", media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        """vLLM's: stop serving adapter `lora_name` (requests already accepted finish with it)."""
+        check_lora_updating(request)
+        req = parse_body(UnloadLoRAAdapterRequest, await request.body())
+        async with lora_lock:
+            name = req.lora_name or next((n for n, lr in state.loras.items() if lr.lora_int_id == req.lora_int_id),
+                                         None)
+            lora = state.loras.get(name) if name else None
+            if lora is None or req.lora_int_id not in (None, lora.lora_int_id):
+                what = repr(req.lora_name) if req.lora_name else f"with lora_int_id {req.lora_int_id}"
+                raise ApiError(404, f"The lora adapter {what} cannot be found", "lora_name", code="model_not_found")
+            del state.loras[name]
+            await state.engine.remove_lora(lora.lora_int_id)
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

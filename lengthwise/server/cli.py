@@ -48,6 +48,10 @@ def add_parser(sub: argparse._SubParsersAction, add_policy_arguments: Any) -> No
     add_precision_arguments(p)
     add_speculative_argument(p)
     add_lora_arguments(p)
+    p.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's, there behind "
+                   "VLLM_ALLOW_RUNTIME_LORA_UPDATING): adapters added and removed while serving; implies "
+                   "--enable-lora")
     p.add_argument("--kv-cache-memory", type=kv_memory, default=None,
                    help="KV cache size: bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -101,7 +105,8 @@ def build_state(args: argparse.Namespace) -> Any:
                           policy_options=parse_policy_options(args.policy_option),
                           length_predictor=args.length_predictor, speculative_config=args.speculative_config,
                           allow_benchmark_predictors=False,  # real traffic has no true lengths
-                          enable_lora=args.enable_lora or bool(args.lora_modules), max_loras=args.max_loras,
+                          enable_lora=args.enable_lora or bool(args.lora_modules) or args.allow_runtime_lora_updating,
+                          max_loras=args.max_loras,
                           max_lora_rank=args.max_lora_rank,
                           # every served adapter stays loaded: none is re-read on the engine thread
                           max_cpu_loras=args.max_cpu_loras or max(args.max_loras, len(args.lora_modules)))
@@ -117,7 +122,8 @@ def build_state(args: argparse.Namespace) -> Any:
     return ServerState(AsyncEngine(engine, max_waiting=args.max_waiting, observer=metrics), name, engine.tokenizer,
                        engine.max_model_len, engine.default_sampling_params(), metrics, args.api_key,
                        args.grace_period, generation_defaults(model_dir).get("max_tokens"),
-                       make_parser(args.tool_call_parser), make_reasoning_parser(args.reasoning_parser), loras)
+                       make_parser(args.tool_call_parser), make_reasoning_parser(args.reasoning_parser), loras,
+                       runtime_lora_updating=args.allow_runtime_lora_updating)
 
 
 def lora_requests(modules: list[tuple[str, str]], model_name: str) -> dict[str, Any]:

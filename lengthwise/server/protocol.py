@@ -204,6 +204,34 @@ class DetokenizeRequest(BaseModel):
         pass
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's `/v1/load_lora_adapter`: serve the PEFT adapter at `lora_path` as model `lora_name`
+    (`load_inplace`: replace the adapter of that name, e.g. its files changed)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+    def unsupported(self) -> None:
+        for field in ("lora_name", "lora_path"):
+            if not getattr(self, field).strip():
+                raise ApiError(400, f"{field} must not be empty", field)
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's `/v1/unload_lora_adapter`: stop serving adapter `lora_name` (or the one whose id is
+    `lora_int_id`)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    lora_name: str | None = None
+    lora_int_id: int | None = None
+
+    def unsupported(self) -> None:
+        if not self.lora_name and self.lora_int_id is None:
+            raise ApiError(400, "give lora_name (or lora_int_id) of the adapter to unload", "lora_name")
+
+
 def parse_body(cls: type[BaseModel], raw: bytes) -> Any:
     """Validate a request body; malformed JSON, a wrong type, a missing or unknown field: 400."""
     try:

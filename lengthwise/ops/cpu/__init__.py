@@ -42,7 +42,7 @@ from lengthwise.ops.int4 import PackedInt4
 
 _HERE = Path(__file__).parent
 SOURCES = [_HERE / "segment_attention.cpp", _HERE / "decode_forward.cpp"]
-HEADERS = [_HERE / "attention.h", _HERE / "simd.h"]
+HEADERS = [_HERE / "attention.h", _HERE / "lora.h", _HERE / "simd.h"]
 # -fopenmp links libgomp.so.1 by soname: inside a process that imported torch that is torch's own
 # copy, so the kernels' OpenMP threads are torch's intra-op pool, not a second pool competing for
 # the same cores.
@@ -119,7 +119,7 @@ def _declare_decode(so: ctypes.CDLL) -> None:
     so.lw_packed_linear.argtypes = [p, i, i, p, p, i, p, i]
     so.lw_decode_forward.restype = None
     so.lw_decode_forward.argtypes = ([p, p, p] + [i] * 9 + [f, f, p, p, p, i] + [p] * 5
-                                     + [i, p, p, p, i, p, i, i, i, i, i])
+                                     + [i, p, p, p, i, p, i, i, i, i, p, p, p, i, i, i])
 
 
 def simd_isa() -> str | None:

@@ -4,7 +4,8 @@ The op-by-op torch path spends about half of a batch-1 decode step outside the m
 small ops per layer, each with its dispatch and OpenMP fork/join); `decode_forward.cpp` runs the
 whole decoder with one parallel region, so a step costs about what reading the weights costs.
 `CausalLM.forward` takes this path when `eligible` says so (up to 256 tokens, at most 16 new ones
-per sequence); everything else (long prefill chunks, bfloat16 models, GPUs, an explicit
+per sequence), LoRA adapters' rows included (`lora.h`: each adapter's updates are added inside the
+same call); everything else (long prefill chunks, bfloat16 models, GPUs, an explicit
 `LENGTHWISE_KERNELS`) keeps the op-by-op path, which is also the reference the tests compare this
 one against.
 
@@ -16,6 +17,7 @@ reads them too; a model left dense gets a second, packed copy here at its first 
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 
 import torch
@@ -37,6 +39,8 @@ from lengthwise.ops.cpu import (
 )
 from lengthwise.ops.dispatch import kernel_choice
 from lengthwise.ops.int4 import PackedInt4
+from lengthwise.ops.lora import PROJECTIONS as LORA_PROJECTIONS
+from lengthwise.ops.lora import AdapterWeights, LoRABatch
 from lengthwise.ops.rotary import rotary_cos_sin
 
 FUSED_ENV = "LENGTHWISE_CPU_FUSED"            # "0" keeps the op-by-op path (an A/B switch)
@@ -330,15 +334,64 @@ def _pointers(model: torch.nn.Module, kv_cache: KVCacheStorage) -> _Pointers:
     return ptrs
 
 
+class _LoraProj(ctypes.Structure):
+    """lora.h's `LoraProj`: one projection of one adapter (`at` null: not adapted)."""
+
+    _fields_ = [("at", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("rank", ctypes.c_int32),
+                ("num_blocks", ctypes.c_int32), ("blocks", (ctypes.c_int32 * 4) * 3)]
+
+
+class _LoraTable:
+    """One adapter's projections for `decode_forward.cpp`, [layer][LORA_PROJECTIONS] (lora.h's order),
+    built once per adapter. The kernels read `a` and `b` transposed, as the loader stores them (a
+    copy only of a weight held otherwise)."""
+
+    def __init__(self, weights: AdapterWeights) -> None:
+        self.keep: list[torch.Tensor] = []
+        self.rank = 0
+        self.entries = (_LoraProj * (len(weights.layers) * len(LORA_PROJECTIONS)))()
+        for i, layer in enumerate(weights.layers):
+            for j, name in enumerate(LORA_PROJECTIONS):
+                w = layer.get(name)
+                if w is None:
+                    continue
+                if w.a.dtype != torch.float32 or w.a.device.type != "cpu":
+                    raise ValueError(f"the fused CPU decode path needs float32 CPU adapters, got {w.a.dtype} "
+                                     f"on {w.a.device}")
+                at, bt = w.a.T.contiguous(), w.b.T.contiguous()
+                self.keep += [at, bt]
+                e = self.entries[i * len(LORA_PROJECTIONS) + j]
+                e.at, e.bt, e.rank = at.data_ptr(), bt.data_ptr(), at.shape[1]
+                blocks = w.nonzero_blocks()
+                e.num_blocks = len(blocks)
+                for b, block in enumerate(blocks):
+                    e.blocks[b][:] = block
+                self.rank = max(self.rank, at.shape[1])
+
+
+def _lora_step(lora: LoRABatch, num_tokens: int) -> tuple[ctypes.Array, torch.Tensor, torch.Tensor, int]:
+    """A step's adapters for `lw_decode_forward`: their tables, the token rows using them grouped
+    by adapter and each group's offset, and the largest rank among them."""
+    tables = []
+    for weights, _ in lora.groups:
+        if "cpu_fused" not in weights.derived:
+            weights.derived["cpu_fused"] = _LoraTable(weights)
+        tables.append(weights.derived["cpu_fused"])
+    rows = [torch.arange(num_tokens) if r is None else r.cpu() for _, r in lora.groups]
+    offsets = torch.tensor([0, *itertools.accumulate(len(r) for r in rows)], dtype=torch.int32)
+    array = (ctypes.c_void_p * len(tables))(*(ctypes.addressof(t.entries) for t in tables))
+    return array, torch.cat(rows).to(torch.int32), offsets, max(t.rank for t in tables)
+
+
 def logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """`CausalLM.compute_logits` for a step that took `forward`: the LM head on its packed copy."""
     return packed_linear(hidden, model._cpu_decode_pointers.lm_head)
 
 
 def forward(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-            kv_cache: KVCacheStorage) -> torch.Tensor:
+            kv_cache: KVCacheStorage, lora: LoRABatch | None = None) -> torch.Tensor:
     """The same result as `CausalLM.forward` (final-normed hidden states `[T, hidden]`, keys and values
-    written into `kv_cache`), computed by `decode_forward.cpp`."""
+    written into `kv_cache`, `lora`'s rows through their adapters), computed by `decode_forward.cpp`."""
     lib = segment_attention_kernel()
     ptrs = _pointers(model, kv_cache)
     c = model.config
@@ -350,6 +403,7 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Te
     out = torch.empty_like(x)
     p = ctypes.c_void_p
     moe = c.moe
+    tables, rows, offsets, max_rank = _lora_step(lora, x.shape[0]) if lora is not None else (None,) * 3 + (0,)
     lib.lw_decode_forward(
         ptrs.layers, ptrs.windows, ptrs.inters, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads,
         c.head_dim, moe.num_experts if moe else 0, moe.top_k if moe else 0,
@@ -359,5 +413,7 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Te
         p(pos.data_ptr()), p(kt.query_start.data_ptr()), meta.num_seqs, p(kt.prompt_lens.data_ptr()),
         p(kt.response_lens.data_ptr()), p(kt.prompt_block_tables.data_ptr()), kt.prompt_block_tables.shape[1],
         p(kt.response_block_tables.data_ptr()), kt.response_block_tables.shape[1], meta.block_size,
-        kv_kind(kv_cache.dtype), attention_order(), torch.get_num_threads())
+        kv_kind(kv_cache.dtype), attention_order(), tables, None if rows is None else p(rows.data_ptr()),
+        None if offsets is None else p(offsets.data_ptr()), 0 if tables is None else len(tables), max_rank,
+        torch.get_num_threads())
     return out

@@ -14,6 +14,7 @@
 // own intra-op pool: nothing here competes with torch for the cores. float32 activations; the KV
 // cache may be bfloat16.
 #include "attention.h"
+#include "lora.h"
 #include "simd.h"
 
 #include <omp.h>
@@ -353,9 +354,12 @@ inline void silu_mul_panel(const float* g, const float* u, int m, int nv, const 
 
 // act[m, inter] = silu(x @ gate^T + bg) * (x @ up^T + bu): the gate and up panels of the same
 // columns are computed back to back into per-thread scratch `gu` [2][m][kPanel], then combined.
+// LoRA (`lora`, layer `layer`): each adapted row's gate and up updates join the panel's columns
+// before the activation (their shrink already done).
 template <class W>
 void gate_up_silu_omp_as(const float* x, int m, int k, const PackedWeight& gate, const PackedWeight& up,
-                         const float* bias, int inter, float* act, float* gu, float* ordered) {
+                         const float* bias, int inter, float* act, float* gu, float* ordered,
+                         const lw::LoraStep& lora, int layer) {
   x = inputs_in_order(x, m, k, gate.perm, ordered);  // (Python checks that up has gate's order)
 #pragma omp for schedule(static)
   for (int p = 0; p < num_panels(inter); ++p) {
@@ -364,18 +368,24 @@ void gate_up_silu_omp_as(const float* x, int m, int k, const PackedWeight& gate,
     float* u = gu + int64_t(m) * kPanel;
     panel_product<W>(x, m, k, gate, p, nv, g, kPanel);
     panel_product<W>(x, m, k, up, p, nv, u, kPanel);
+    for (const lw::LoraChunk& c : lora.chunks)
+      if (const lw::LoraProj* a = lora.at(c, layer, lw::kLoraGateUp)) {
+        lw::lora_expand_chunk(lora, c, *a, 2 * inter, j0, j0 + nv, g, kPanel, j0);
+        lw::lora_expand_chunk(lora, c, *a, 2 * inter, inter + j0, inter + j0 + nv, u, kPanel, inter + j0);
+      }
     silu_mul_panel(g, u, m, nv, bias ? bias + j0 : nullptr, bias ? bias + inter + j0 : nullptr, act + j0, inter);
   }
 }
 
 // (Python packs the gate and up halves of one checkpoint in the same format.)
 void gate_up_silu_omp(const float* x, int m, int k, const PackedWeight* gate, const PackedWeight* up,
-                      const float* bias, int inter, float* act, float* gu, float* ordered) {
+                      const float* bias, int inter, float* act, float* gu, float* ordered, const lw::LoraStep& lora,
+                      int layer) {
   switch (gate->format) {
-    case kBF16: return gate_up_silu_omp_as<BF16Panel>(x, m, k, *gate, *up, bias, inter, act, gu, ordered);
-    case kInt8: return gate_up_silu_omp_as<Int8Panel>(x, m, k, *gate, *up, bias, inter, act, gu, ordered);
-    case kInt4: return gate_up_silu_omp_as<Int4Panel>(x, m, k, *gate, *up, bias, inter, act, gu, ordered);
-    default: return gate_up_silu_omp_as<F32Panel>(x, m, k, *gate, *up, bias, inter, act, gu, ordered);
+    case kBF16: return gate_up_silu_omp_as<BF16Panel>(x, m, k, *gate, *up, bias, inter, act, gu, ordered, lora, layer);
+    case kInt8: return gate_up_silu_omp_as<Int8Panel>(x, m, k, *gate, *up, bias, inter, act, gu, ordered, lora, layer);
+    case kInt4: return gate_up_silu_omp_as<Int4Panel>(x, m, k, *gate, *up, bias, inter, act, gu, ordered, lora, layer);
+    default: return gate_up_silu_omp_as<F32Panel>(x, m, k, *gate, *up, bias, inter, act, gu, ordered, lora, layer);
   }
 }
 
@@ -551,6 +561,9 @@ extern "C" void lw_packed_linear(const float* x, int m, int k, const PackedWeigh
 //   segment attention metadata (see segment_attention.cpp) for the B row-groups. The KV cache
 //   holds `kv_kind` elements (lw::KvKind: keys and values rounded as they are written);
 //   `attention_order` as lw::Args's `order`.
+//   LoRA (see lora.h): `lora_tables` [G] the step's adapters' projection tables, `lora_rows` the
+//   token rows using one, adapter g's at lora_offsets[g] .. lora_offsets[g + 1] (G = 0: none);
+//   `lora_max_rank` the largest (stacked) rank among them.
 extern "C" void lw_decode_forward(
     const void* const* layers, const int32_t* windows, const int32_t* inters, int num_layers, int hidden,
     int heads, int kv_heads, int head_dim, int num_experts, int top_k, int expert_inter, int renormalize,
@@ -558,7 +571,8 @@ extern "C" void lw_decode_forward(
     const float* x, float* out, int T, const float* cos, const float* sin, const int64_t* slots,
     const int64_t* positions, const int32_t* query_start, int B, const int32_t* prompt_lens,
     const int32_t* response_lens, const int32_t* prompt_tables, int prompt_width, const int32_t* response_tables,
-    int response_width, int block_size, int kv_kind, int attention_order, int num_threads) {
+    int response_width, int block_size, int kv_kind, int attention_order, const lw::LoraProj* const* lora_tables,
+    const int32_t* lora_rows, const int32_t* lora_offsets, int num_adapters, int lora_max_rank, int num_threads) {
   const int D = head_dim, q_size = heads * D, kv_size = kv_heads * D, qkv_size = q_size + 2 * kv_size;
   std::vector<float> residual(int64_t(T) * hidden), h(int64_t(T) * hidden), y(int64_t(T) * hidden);
   std::vector<float> qkv(int64_t(T) * qkv_size), q(int64_t(T) * q_size), attn(int64_t(T) * q_size);
@@ -577,6 +591,7 @@ extern "C" void lw_decode_forward(
     moe.yg.resize(rows * hidden);
   }
   std::vector<float> gu(int64_t(num_threads) * 2 * T * kPanel);  // gate_up_silu_omp's per-thread scratch
+  const lw::LoraStep lora(lora_tables, lora_rows, lora_offsets, num_adapters, T, lora_max_rank, num_threads);
   // Inputs gathered in an act-ordered 4-bit weight's order (uninitialised: untouched unless used).
   const std::unique_ptr<float[]> ordered(new float[int64_t(T) * std::max({hidden, q_size, inter})]);
   std::vector<std::pair<int, int>> rows;  // (token, row-group)
@@ -602,6 +617,8 @@ extern "C" void lw_decode_forward(
       rms_norm_row(res, p[kInputNorm], hidden, eps, h.data() + int64_t(t) * hidden);
     }
     linear_omp(h.data(), T, hidden, weight(p[kQkvP]), p[kQkvB], qkv_size, qkv.data(), ordered.get());
+    lw::lora_shrink_omp(lora, l, lw::kLoraQkv, h.data(), hidden);
+    lw::lora_expand_omp(lora, l, lw::kLoraQkv, qkv_size, qkv.data());
     // q/k norm, RoPE, and the new keys and values into the cache (small next to the matmuls: one thread).
 #pragma omp single
     for (int t = 0; t < T; ++t) {
@@ -635,6 +652,8 @@ extern "C" void lw_decode_forward(
       if (h0 < kv_heads) lw::attend(a, t, b, h0, std::min(kv_heads, h0 + per_split));
     }
     linear_omp(attn.data(), T, q_size, weight(p[kOP]), p[kOB], hidden, y.data(), ordered.get());
+    lw::lora_shrink_omp(lora, l, lw::kLoraO, attn.data(), q_size);
+    lw::lora_expand_omp(lora, l, lw::kLoraO, hidden, y.data());
 #pragma omp single
     for (int t = 0; t < T; ++t) {
       float* res = residual.data() + int64_t(t) * hidden;
@@ -644,9 +663,12 @@ extern "C" void lw_decode_forward(
     }
     float* my_gu = gu.data() + int64_t(omp_get_thread_num()) * 2 * T * kPanel;
     if (inters[l] > 0) {
+      lw::lora_shrink_omp(lora, l, lw::kLoraGateUp, h.data(), hidden);
       gate_up_silu_omp(h.data(), T, hidden, weight(p[kGateP]), weight(p[kUpP]), p[kGateUpB], inters[l], act.data(),
-                       my_gu, ordered.get());
+                       my_gu, ordered.get(), lora, l);
       linear_omp(act.data(), T, inters[l], weight(p[kDownP]), p[kDownB], hidden, y.data(), ordered.get());
+      lw::lora_shrink_omp(lora, l, lw::kLoraDown, act.data(), inters[l]);
+      lw::lora_expand_omp(lora, l, lw::kLoraDown, hidden, y.data());
     }
     if (p[kRouter]) {
       linear_omp(h.data(), T, hidden, weight(p[kRouter]), nullptr, num_experts, moe.logits.data(), ordered.get());
