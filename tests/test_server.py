@@ -709,6 +709,43 @@ def test_metrics_describe_the_kv_cache(model_dir, kv, shown):
                       "num_tokens": f'"{engine.num_blocks * engine.config.block_size}"'}
 
 
+def test_metrics_name_the_adapters_running_and_waiting(model_dir, tmp_path):
+    """`lengthwise:lora_requests_info` (vLLM's lora_requests_info): with max_loras=1 and requests
+    of two adapters, one adapter's requests run while the other's wait, and the gauge's labels say
+    which; one label set at a time, the current one."""
+    import transformers
+    from conftest import save_adapter
+
+    from lengthwise import SamplingParams
+    from lengthwise.config import EngineConfig
+    from lengthwise.engine.llm_engine import LLMEngine
+    from lengthwise.lora import LoRARequest
+    from lengthwise.server.metrics import ServerMetrics
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    a, b = save_adapter(tmp_path / "a", hf, seed=1), save_adapter(tmp_path / "b", hf, seed=2)
+    engine = LLMEngine.from_dir(model_dir, EngineConfig(dtype="float32", device="cpu", enable_lora=True, max_loras=1))
+    metrics = ServerMetrics("s")
+    metrics.describe_loras(1)
+
+    def labels() -> dict[str, str]:
+        lines = [ln for ln in metrics.render().decode().splitlines() if ln.startswith("lengthwise:lora_requests_info{")]
+        assert len(lines) == 1, lines
+        return dict(item.split("=", 1) for item in lines[0].split("{", 1)[1].split("}", 1)[0].split(","))
+
+    assert labels() == {"model_name": '"s"', "max_lora": '"1"', "waiting_lora_adapters": '""',
+                        "running_lora_adapters": '""'}
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    for lora in (LoRARequest("a", 1, str(a)), LoRARequest("b", 2, str(b)), None):
+        engine.add_request("Once upon a time", params, lora_request=lora)
+    seen = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        metrics.on_step(engine, 0.0)
+        seen.append((labels()["running_lora_adapters"], labels()["waiting_lora_adapters"]))
+    assert seen[0] == ('"a"', '"b"') and ('"b"', '""') in seen and seen[-1] == ('""', '""')
+
+
 def test_lora_modules_are_served_as_models(model_dir, tmp_path):
     """`--lora-modules` as vLLM takes it: each adapter is a model of /v1/models (its parent the base
     model), a request naming it generates what the offline engine generates with that adapter,
@@ -730,6 +767,8 @@ def test_lora_modules_are_served_as_models(model_dir, tmp_path):
         assert set(cards) == {NAME, "sql", "chat"}
         assert cards["sql"].parent == NAME and cards["sql"].root == str(sql) and cards[NAME].parent is None
         assert client.models.retrieve("chat").parent == NAME
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+            assert re.search(r'lengthwise:lora_requests_info\{[^}]*max_lora="2"', r.read().decode())
         offline = LLM(model_dir, dtype="float32", device="cpu", enable_lora=True, max_loras=2)
         prompt = "Once upon a time, there was a little girl named Lily."
         params = SamplingParams(temperature=0.0, max_tokens=40)

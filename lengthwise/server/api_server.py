@@ -217,7 +217,8 @@ def build_app(state: ServerState) -> FastAPI:
             lora = state.loras.get(name) if name else None
             if lora is None or req.lora_int_id not in (None, lora.lora_int_id):
                 what = repr(req.lora_name) if req.lora_name else f"with lora_int_id {req.lora_int_id}"
-                raise ApiError(404, f"The lora adapter {what} cannot be found", "lora_name", code="model_not_found")
+                raise ApiError(404, f"The lora adapter {what} cannot be found",
+                               "lora_name" if req.lora_name else "lora_int_id", code="model_not_found")
             del state.loras[name]
             await state.engine.remove_lora(lora.lora_int_id)
         return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")

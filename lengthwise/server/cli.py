@@ -119,6 +119,8 @@ def build_state(args: argparse.Namespace) -> Any:
         engine.loras.load(lora)
     metrics = ServerMetrics(name)
     metrics.describe_cache(engine)
+    if engine.loras is not None:
+        metrics.describe_loras(config.max_loras)
     return ServerState(AsyncEngine(engine, max_waiting=args.max_waiting, observer=metrics), name, engine.tokenizer,
                        engine.max_model_len, engine.default_sampling_params(), metrics, args.api_key,
                        args.grace_period, generation_defaults(model_dir).get("max_tokens"),

@@ -60,6 +60,8 @@ class ServerMetrics:
         self._seen_preemptions = 0
         self._seen_collected = 0
         self._seen_tokens = 0
+        self.lora_info: Gauge | None = None  # describe_loras
+        self._lora_labels: dict[str, str] = {}
 
     def describe_cache(self, engine: Any) -> None:
         """`lengthwise:cache_config_info` (vLLM's `cache_config_info`): a gauge at 1 whose labels say
@@ -70,6 +72,32 @@ class ServerMetrics:
                   "num_tokens": str(engine.num_blocks * engine.config.block_size)}
         Gauge("lengthwise:cache_config_info", "How the KV cache is held (the labels); always 1", list(labels),
               registry=self.registry).labels(**labels).set(1)
+
+    def describe_loras(self, max_loras: int) -> None:
+        """Add `lengthwise:lora_requests_info` (vLLM's `lora_requests_info`): labels `max_lora` and
+        the names of the adapters among the running and the waiting requests (comma-separated),
+        valued the time they were last seen; one label set, the current one."""
+        self.lora_info = Gauge("lengthwise:lora_requests_info",
+                               "LoRA adapters of the running and the waiting requests (the labels); the value "
+                               "is when they were last seen",
+                               ["model_name", "max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                               registry=self.registry)
+        self._lora_labels = {"model_name": self._model_name, "max_lora": str(max_loras),
+                             "waiting_lora_adapters": "", "running_lora_adapters": ""}
+        self.lora_info.labels(**self._lora_labels).set_to_current_time()
+
+    def _observe_loras(self, engine: Any) -> None:
+        running = {id(r) for r in engine.scheduler.running}
+        names: dict[str, set[str]] = {"running_lora_adapters": set(), "waiting_lora_adapters": set()}
+        for r in engine.requests.values():
+            if r.lora_request is not None and not r.finished:
+                names["running_lora_adapters" if id(r) in running else "waiting_lora_adapters"].add(
+                    r.lora_request.lora_name)
+        labels = self._lora_labels | {k: ",".join(sorted(v)) for k, v in names.items()}
+        if labels != self._lora_labels:  # one label set at a time: the state now
+            self.lora_info.clear()
+            self._lora_labels = labels
+        self.lora_info.labels(**labels).set_to_current_time()
 
     def on_step(self, engine: Any, seconds: float) -> None:
         s = engine.scheduler
@@ -86,6 +114,8 @@ class ServerMetrics:
         self.draft_tokens.inc(st.draft_tokens - self._seen_drafts)
         self.accepted_tokens.inc(st.accepted_tokens - self._seen_accepted)
         self._seen_drafts, self._seen_accepted = st.draft_tokens, st.accepted_tokens
+        if self.lora_info is not None:
+            self._observe_loras(engine)
 
     def on_finish(self, request: Request) -> None:
         n_out = [len(s.output_ids) for s in request.seqs]
