@@ -273,9 +273,14 @@ def test_adapters_added_and_removed_at_run_time(llama):
     engine.step()
     assert engine.remove_lora(1) and engine.remove_lora(2)
     assert engine.list_loras() == set() and 1 in engine.loras and 2 not in engine.loras
+    # A request naming the removed adapter (accepted before its removal was seen) uses it, but
+    # does not take the removal back: the adapter goes when the last of them ends.
+    engine.add_request(PROMPTS[1], GREEDY, request_id="s", lora_request=LoRARequest("a1", 1, str(a1)))
+    assert engine.list_loras() == set()
     while engine.has_unfinished_requests():
         engine.step()
-    assert_matches([engine.pop_finished("r")], [hf_greedy(merged(hf, a1), PROMPTS[0], 12)])
+    assert_matches([engine.pop_finished(rid) for rid in "rs"],
+                   [hf_greedy(merged(hf, a1), p, 12) for p in PROMPTS[:2]])
     assert 1 not in engine.loras and not engine.remove_lora(1)
     with pytest.raises(ValueError, match="max_lora_rank"):
         engine.add_lora(LoRARequest("big", 3, str(save_adapter(path.parent / "big", hf, seed=9, rank=32))))
@@ -283,6 +288,22 @@ def test_adapters_added_and_removed_at_run_time(llama):
     plain = LLMEngine(load_model(path, "float32", "cpu"), None, EngineConfig())
     with pytest.raises(ValueError, match="enable_lora"):
         plain.add_lora(LoRARequest("a1", 1, str(a1)))
+
+
+def test_pinned_adapters_stay_beyond_max_cpu_loras(llama):
+    """A server pins the adapters it serves: loading another never drops them (it would be read
+    again on the engine thread at its next request); unpinned ones still make room."""
+    hf, path, a1, a2 = llama
+    engine = LLMEngine(load_model(path, "float32", "cpu"), None,
+                       EngineConfig(enable_lora=True, max_loras=1, max_cpu_loras=1))
+    engine.add_lora(LoRARequest("a1", 1, str(a1)))
+    assert engine.pin_lora(1) and not engine.pin_lora(5)
+    engine.add_lora(LoRARequest("a2", 2, str(a2)))
+    engine.add_lora(LoRARequest("a3", 3, str(a2)))  # (another id, the same directory)
+    assert engine.list_loras() == {1, 3}  # 1 pinned; 2 made room for 3
+    assert engine.remove_lora(1)  # removing unpins
+    engine.add_lora(LoRARequest("a2", 2, str(a2)))
+    assert engine.list_loras() == {2}
 
 
 def test_an_id_stays_its_directory_after_its_adapter_was_dropped(llama):
@@ -340,6 +361,16 @@ def _adapter_with(tmp_path: Path, hf, config: dict | None = None, extra: dict | 
 
         save_file({**load_file(path / "adapter_model.safetensors"), **extra}, path / "adapter_model.safetensors")
     return path
+
+
+def test_a_corrupt_adapter_file_is_refused_naming_it(llama, tmp_path):
+    hf, path, *_ = llama
+    adapter = _adapter_with(tmp_path, hf)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    llm = LLM(path, dtype="float32", device="cpu", enable_lora=True)
+    with pytest.raises(ValueError, match="adapter_model.safetensors: not a readable safetensors file"):
+        llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False, lora_request=LoRARequest("bad", 1, str(adapter)))
 
 
 @pytest.mark.parametrize("config, extra, message", [

@@ -156,7 +156,10 @@ def _adapters_added_and_removed_while_serving(base, client, offline, hf, tmp_pat
                             lora_request=LoRARequest("other", 10, str(other)))[0].outputs[0].text
     assert client.completions.create(model="story", prompt=prompt, max_tokens=40, temperature=0).choices[0].text == want
     bad = save_adapter(tmp_path / "bad", hf, seed=3, rank=32)  # above the default --max-lora-rank 16
-    for path, needle in ((bad, "max_lora_rank"), (tmp_path / "missing", "missing")):
+    corrupt = save_adapter(tmp_path / "corrupt", hf, seed=6, rank=4) / "adapter_model.safetensors"
+    corrupt.write_bytes(corrupt.read_bytes()[:100])
+    for path, needle in ((bad, "max_lora_rank"), (tmp_path / "missing", "missing"),
+                         (corrupt.parent, "not a readable safetensors file")):
         status, body = _post_text(base, "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(path)})
         assert status == 400 and json.loads(body)["error"]["param"] == "lora_path" and needle in body, body
     for body, param in (({"lora_name": NAME, "lora_path": str(story)}, "lora_name"),

@@ -209,13 +209,16 @@ class AsyncEngine:
             self._call(lambda: self._abort(request_id))
 
     async def add_lora(self, lora_request: LoRARequest) -> None:
-        """Load `lora_request`'s adapter: read and checked on a worker thread (the engine keeps
-        stepping), then added on the engine thread. Raises ValueError naming what is wrong."""
+        """Load and pin `lora_request`'s adapter (it stays loaded until `remove_lora`: a served
+        adapter is never re-read on the engine thread): read and checked on a worker thread (the
+        engine keeps stepping), then added on the engine thread. Raises ValueError naming what is
+        wrong."""
         registry = self.engine.loras
         if registry is None:
             raise ValueError("LoRA adapters need an engine with enable_lora=True")
         adapter = await asyncio.to_thread(registry.read, lora_request)
-        await asyncio.wrap_future(self._call(lambda: self.engine.add_lora(lora_request, adapter)))
+        await asyncio.wrap_future(self._call(lambda: self.engine.add_lora(lora_request, adapter)
+                                             and self.engine.pin_lora(lora_request.lora_int_id)))
 
     async def remove_lora(self, lora_id: int) -> bool:
         """Drop adapter `lora_id` (requests using it finish with it first); False if not loaded."""

@@ -309,8 +309,13 @@ class LLMEngine:
     def add_lora(self, lora_request: LoRARequest, adapter: LoRAAdapter | None = None) -> bool:
         """Load `lora_request`'s adapter now (requests naming it load it too, on first use);
         `adapter`: read already (`LoRARegistry.read`). Raises ValueError naming what is wrong."""
-        self._lora_registry().load(lora_request, self._loras_in_use(), adapter)
+        self._lora_registry().load(lora_request, self._loras_in_use(), adapter, keep=True)
         return True
+
+    def pin_lora(self, lora_id: int) -> bool:
+        """Keep adapter `lora_id` loaded beyond `max_cpu_loras` until `remove_lora`; False if it is
+        not loaded."""
+        return self._lora_registry().pin(lora_id)
 
     def remove_lora(self, lora_id: int) -> bool:
         """Drop adapter `lora_id`: at once, or, while requests use it, when they have ended.

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from lengthwise.lora.request import LoRARequest
 from lengthwise.model.config import ModelConfig, read_json
@@ -111,19 +111,23 @@ def load_adapter(request: LoRARequest, config: ModelConfig, dtype: torch.dtype, 
     if not weights.is_file():
         raise ValueError(f"lora_path {str(directory)!r} has no {ADAPTER_WEIGHTS}")
     found: dict[str, dict[str, torch.Tensor]] = {}  # module -> {"A": ..., "B": ...}
-    with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            m = _KEY.fullmatch(key)
-            if m is None:
-                raise ValueError(f"{weights}: tensor {key!r} adapts no decoder projection this engine serves "
-                                 f"(q/k/v/o_proj, gate/up/down_proj of a decoder layer)")
-            module, layer, part = m.group(1), int(m.group(2)), m.group(4)
-            if layer >= config.num_layers:
-                raise ValueError(f"{weights}: tensor {key!r} is for layer {layer}; the model has {config.num_layers}")
-            if part not in _part_shapes(config, layer):
-                where = " (a mixture-of-experts layer)" if part in _PARTS else ""
-                raise ValueError(f"{weights}: tensor {key!r}: {part} of layer {layer}{where} cannot be adapted")
-            found.setdefault(module, {})[m.group(5)] = f.get_tensor(key)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    except SafetensorError as e:  # a truncated or corrupt file: the adapter's fault, not the server's
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
+    for key, tensor in tensors.items():
+        m = _KEY.fullmatch(key)
+        if m is None:
+            raise ValueError(f"{weights}: tensor {key!r} adapts no decoder projection this engine serves "
+                             f"(q/k/v/o_proj, gate/up/down_proj of a decoder layer)")
+        module, layer, part = m.group(1), int(m.group(2)), m.group(4)
+        if layer >= config.num_layers:
+            raise ValueError(f"{weights}: tensor {key!r} is for layer {layer}; the model has {config.num_layers}")
+        if part not in _part_shapes(config, layer):
+            where = " (a mixture-of-experts layer)" if part in _PARTS else ""
+            raise ValueError(f"{weights}: tensor {key!r}: {part} of layer {layer}{where} cannot be adapted")
+        found.setdefault(module, {})[m.group(5)] = tensor
     if not found:
         raise ValueError(f"{weights}: holds no LoRA tensors")
     use_rslora = bool(cfg.get("use_rslora", False))
@@ -189,8 +193,9 @@ class LoRARegistry:
     """The adapters an engine has loaded, by `lora_int_id`, at most `capacity` of them kept (the
     least recently used one not in use by a live request is dropped first; vLLM's
     `max_cpu_loras`). One id always means one directory, even after its adapter was dropped:
-    asking for it with another is an error. `remove` drops an adapter at once, or, while live
-    requests use it, when they have ended (`collect`)."""
+    asking for it with another is an error. Pinned adapters (`pin`: a server's served ones) are
+    never dropped to make room. `remove` drops an adapter at once, or, while live requests use it,
+    when they have ended (`collect`)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, max_lora_rank: int,
                  capacity: int) -> None:
@@ -201,22 +206,26 @@ class LoRARegistry:
         # prefix cache may still hold blocks computed with them under that id.
         self._paths: dict[int, tuple[str, Path]] = {}
         self._retired: set[int] = set()  # removed while in use: dropped once no live request holds them
+        self._pinned: set[int] = set()
 
     def read(self, request: LoRARequest) -> LoRAAdapter:
         """`request`'s adapter read from disk and checked against the model, without keeping it
         (thread-safe: a server reads adapters off the engine's thread, then `load`s them)."""
         return load_adapter(request, self.config, self.dtype, self.device, self.max_lora_rank)
 
-    def load(self, request: LoRARequest, in_use: Collection[int] = (), adapter: LoRAAdapter | None = None
-             ) -> LoRAAdapter:
+    def load(self, request: LoRARequest, in_use: Collection[int] = (), adapter: LoRAAdapter | None = None,
+             keep: bool = False) -> LoRAAdapter:
         """The adapter of `request`, read from disk the first time (and after it was dropped), or
         `adapter`, read already (`read`). `in_use`: the ids live requests hold, which stay loaded
-        even beyond `capacity`."""
+        even beyond `capacity`. `keep`: an explicit load (`LLMEngine.add_lora`), which takes back
+        an earlier `remove`; a request's own load does not (a removed adapter goes once its
+        requests, this one too, have ended)."""
         known = self._paths.get(request.lora_int_id)
         if known is not None and known[1] != Path(request.lora_path).resolve():
             raise ValueError(f"lora_int_id {request.lora_int_id} is already adapter {known[0]!r} at "
                              f"{str(known[1])!r}; give {request.lora_path!r} another lora_int_id")
-        self._retired.discard(request.lora_int_id)
+        if keep:
+            self._retired.discard(request.lora_int_id)
         loaded = self._loaded.get(request.lora_int_id)
         if loaded is not None:
             adapter = loaded
@@ -228,15 +237,24 @@ class LoRARegistry:
         for lora_id in list(self._loaded):  # least recently used first
             if len(self._loaded) <= self.capacity:
                 break
-            if lora_id != request.lora_int_id and lora_id not in in_use:
+            if lora_id != request.lora_int_id and lora_id not in in_use and lora_id not in self._pinned:
                 del self._loaded[lora_id]
         return adapter
+
+    def pin(self, lora_id: int) -> bool:
+        """Keep adapter `lora_id` loaded whatever `capacity` says, until it is removed; False if it
+        is not loaded."""
+        if lora_id not in self._loaded:
+            return False
+        self._pinned.add(lora_id)
+        return True
 
     def remove(self, lora_id: int, in_use: Collection[int] = ()) -> bool:
         """Drop adapter `lora_id` (whether it was loaded): now, or while live requests use it
         (`in_use`), once they have ended (`collect`). Its id keeps meaning its directory."""
         if lora_id not in self._loaded:
             return False
+        self._pinned.discard(lora_id)
         if lora_id in in_use:
             self._retired.add(lora_id)
         else:

@@ -184,6 +184,16 @@ def build_app(state: ServerState) -> FastAPI:
             raise ApiError(400, "adding and removing LoRA adapters at run time is off: start the server with "
                            "--allow-runtime-lora-updating")
 
+    async def serve_lora(name: str, lora: LoRARequest, old: LoRARequest | None) -> None:
+        """Load `lora` and serve it as `name`, in place of `old`."""
+        try:
+            await state.engine.add_lora(lora)
+        except (ValueError, OSError) as e:  # the loader names the file and what is wrong with it
+            raise ApiError(400, f"cannot load adapter {name!r}: {e}", "lora_path") from None
+        state.loras[name] = lora
+        if old is not None:  # its running requests finish with the adapter they started with
+            await state.engine.remove_lora(old.lora_int_id)
+
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(request: Request) -> Response:
         """vLLM's: serve the adapter at `lora_path` as the model `lora_name` from now on."""
@@ -196,14 +206,9 @@ def build_app(state: ServerState) -> FastAPI:
             if old is not None and not req.load_inplace:
                 raise ApiError(400, f"The lora adapter {req.lora_name!r} has already been loaded; unload it "
                                f"first or set load_inplace", "lora_name")
-            lora = LoRARequest(req.lora_name, next(lora_ids), req.lora_path)
-            try:
-                await state.engine.add_lora(lora)
-            except (ValueError, OSError) as e:  # the loader names the file and what is wrong with it
-                raise ApiError(400, f"cannot load adapter {req.lora_name!r}: {e}", "lora_path") from None
-            state.loras[req.lora_name] = lora
-            if old is not None:  # its running requests finish with the adapter they started with
-                await state.engine.remove_lora(old.lora_int_id)
+            # Shielded: a client gone mid-load must not leave the engine and the names disagreeing.
+            await asyncio.shield(serve_lora(req.lora_name, LoRARequest(req.lora_name, next(lora_ids), req.lora_path),
+                                            old))
         return Response(f"Success: LoRA adapter '{req.lora_name}' added successfully.", media_type="text/plain")
 
     @app.post("/v1/unload_lora_adapter")

@@ -108,7 +108,7 @@ def build_state(args: argparse.Namespace) -> Any:
                           enable_lora=args.enable_lora or bool(args.lora_modules) or args.allow_runtime_lora_updating,
                           max_loras=args.max_loras,
                           max_lora_rank=args.max_lora_rank,
-                          # every served adapter stays loaded: none is re-read on the engine thread
+                          # (served adapters are pinned: this bounds only others)
                           max_cpu_loras=args.max_cpu_loras or max(args.max_loras, len(args.lora_modules)))
     name = args.served_model_name or model_dir.resolve().name
     loras = lora_requests(args.lora_modules, name)
@@ -116,7 +116,8 @@ def build_state(args: argparse.Namespace) -> Any:
     if engine.tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer.json: the server needs one to encode prompts")
     for lora in loras.values():  # a bad adapter stops the start-up, naming it, not its first request
-        engine.loras.load(lora)
+        engine.add_lora(lora)
+        engine.pin_lora(lora.lora_int_id)  # served adapters stay loaded: none is re-read on the engine thread
     metrics = ServerMetrics(name)
     metrics.describe_cache(engine)
     if engine.loras is not None:

@@ -94,10 +94,10 @@ class ServerMetrics:
                 names["running_lora_adapters" if id(r) in running else "waiting_lora_adapters"].add(
                     r.lora_request.lora_name)
         labels = self._lora_labels | {k: ",".join(sorted(v)) for k, v in names.items()}
-        if labels != self._lora_labels:  # one label set at a time: the state now
-            self.lora_info.clear()
-            self._lora_labels = labels
         self.lora_info.labels(**labels).set_to_current_time()
+        if labels != self._lora_labels:  # one label set at a time, the state now (the new one set
+            self.lora_info.remove(*self._lora_labels.values())  # first: a scrape never finds none)
+            self._lora_labels = labels
 
     def on_step(self, engine: Any, seconds: float) -> None:
         s = engine.scheduler

@@ -40,7 +40,7 @@ from lengthwise.ops.cpu import (
 from lengthwise.ops.dispatch import kernel_choice
 from lengthwise.ops.int4 import PackedInt4
 from lengthwise.ops.lora import PROJECTIONS as LORA_PROJECTIONS
-from lengthwise.ops.lora import AdapterWeights, LoRABatch
+from lengthwise.ops.lora import AdapterWeights, LoRABatch, LoRAWeight
 from lengthwise.ops.rotary import rotary_cos_sin
 
 FUSED_ENV = "LENGTHWISE_CPU_FUSED"            # "0" keeps the op-by-op path (an A/B switch)
@@ -355,9 +355,7 @@ class _LoraTable:
                 w = layer.get(name)
                 if w is None:
                     continue
-                if w.a.dtype != torch.float32 or w.a.device.type != "cpu":
-                    raise ValueError(f"the fused CPU decode path needs float32 CPU adapters, got {w.a.dtype} "
-                                     f"on {w.a.device}")
+                _check_lora(w, name)
                 at, bt = w.a.T.contiguous(), w.b.T.contiguous()
                 self.keep += [at, bt]
                 e = self.entries[i * len(LORA_PROJECTIONS) + j]
@@ -367,6 +365,21 @@ class _LoraTable:
                 for b, block in enumerate(blocks):
                     e.blocks[b][:] = block
                 self.rank = max(self.rank, at.shape[1])
+
+
+def _check_lora(w: LoRAWeight, name: str) -> None:
+    """What lora.h relies on: float32 CPU tensors, `a` [rank, k] and `b` [n, rank], at most three
+    blocks, each inside `b`."""
+    for t in (w.a, w.b):
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name}: the fused CPU decode path needs float32 CPU adapters, got {t.dtype} on "
+                             f"{t.device}")
+    (rank, _), (n, b_rank) = w.a.shape, w.b.shape
+    blocks = w.nonzero_blocks()
+    if b_rank != rank or len(blocks) > 3 or any(not (0 <= c0 <= c1 <= n and 0 <= r0 <= r1 <= rank)
+                                                for c0, c1, r0, r1 in blocks):
+        raise ValueError(f"{name}: an update with a {tuple(w.a.shape)}, b {tuple(w.b.shape)} and blocks {blocks} "
+                         f"is not one lora.h can read")
 
 
 def _lora_step(lora: LoRABatch, num_tokens: int) -> tuple[ctypes.Array, torch.Tensor, torch.Tensor, int]:
