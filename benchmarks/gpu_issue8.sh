@@ -10,7 +10,8 @@
 #     bash benchmarks/gpu_issue8.sh cublas throughput       # cuBLAS A/B, throughput vs transformers
 #     bash benchmarks/gpu_issue8.sh host int4               # host work per step; 4-bit weights
 #
-# (no argument runs every step). tests: the CUDA/Triton correctness tests. kernels: `bench
+# (no argument runs every step). tests: the CUDA/Triton correctness tests (LoRA's too: adapters
+# have never run on a GPU; its CPU tests run again there, a minute). kernels: `bench
 # kernels` on the Llama-3.2-1B shape with the fused single-row kernels and the Triton GEMV (the
 # batch-1 roofline, against transformers, logits checked). unfused: the same with
 # LENGTHWISE_FUSED=0 (Triton GEMVs, elementwise kernels separate: the fusion's A/B). experimental:
@@ -59,7 +60,7 @@ KERNELS=(-m lengthwise.cli bench kernels --model llama-1b --device cuda --dtype 
 for s in "${STEPS[@]}"; do
     case "$s" in
     tests) step tests 300 "$PY" -m pytest -q -rs -p no:cacheprovider \
-        tests/test_cuda_graph.py tests/test_ops_triton.py tests/test_dtypes_devices.py ;;
+        tests/test_cuda_graph.py tests/test_ops_triton.py tests/test_dtypes_devices.py tests/test_lora.py ;;
     kernels) step kernels 200 "$PY" "${KERNELS[@]}" --compare-transformers --check --json "$OUT/k1b.json" ;;
     experimental)  # their correctness tests first (GEMVs, attention, batch-1 decode, graphs)
         export LENGTHWISE_GEMV_SPLITK=1 LENGTHWISE_ATTN_FUSED_REDUCE=1

@@ -99,7 +99,8 @@ class EngineConfig:
     `kv_cache_memory`: the KV cache's size, allocated once at start-up: an int is bytes, a float
     in (0, 1] a fraction of the device's free memory, `None` the default (90% of free GPU memory;
     on the CPU, the smaller of 4 GiB and half the available memory). The cache is never larger
-    than `max_num_seqs` full-length contexts need.
+    than `max_num_seqs` full-length contexts need. With `enable_lora` on a GPU, a share of free
+    memory is taken after setting aside what `max_cpu_loras` adapters of `max_lora_rank` can take.
     `max_num_batched_tokens`: the token budget of one forward pass; longer prompts are prefilled
     in chunks of at most this many tokens.
     `enable_prefix_caching`: full prompt blocks are kept (until their space is needed) and reused
@@ -139,8 +140,8 @@ class EngineConfig:
     (`LoRARequest`); batches mix adapters and the base model. `max_loras`: the most adapters among
     the requests running at once (others wait for a place; vLLM's meaning), `max_lora_rank`: the
     highest rank an adapter may have, `max_cpu_loras`: the most adapters kept loaded (default
-    `max_loras`; the least recently used one no live request needs is dropped first). Steps with
-    adapters run layer by layer (not the fused CPU decode path, not CUDA graphs).
+    `max_loras`; the least recently used one no live request needs is dropped first). Decode steps
+    with adapters take the fused CPU decode step; on a GPU they run eagerly, outside CUDA graphs.
     `async_decode`: with those graphs, launch the next decode step before reading this step's
     tokens back, so the host's per-step work overlaps the GPU's (vLLM's async scheduling, for
     steps whose rows are predictable; `False` for the A/B).

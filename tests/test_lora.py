@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lora_pattern, make_hf_model, save_adapter, save_hf_model
+from conftest import lora_pattern, make_hf_model, requires_cuda, save_adapter, save_hf_model
 from safetensors.torch import save_file
 from torch import nn
 
@@ -113,6 +113,29 @@ def test_one_batch_mixes_adapters_and_the_base_model(llama):
     assert {0, 1, 2} in steps  # base rows and both adapters' rows ran in the same forward passes
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_adapters_on_a_gpu_mixed_with_graphed_base_rows(llama, dtype):
+    """On CUDA (Triton kernels, decode steps as CUDA graphs): a batch mixing two adapters and the
+    base model gives transformers' tokens with each adapter merged (float32: logprobs to 1e-3;
+    bfloat16: the tokens of the float32 run where its margins allow, checked loosely), the
+    adapters' memory was set aside before the cache was sized, and the engine graphs its steps."""
+    hf, path, a1, a2 = llama
+    llm = LLM(path, dtype=dtype, device="cuda", enable_lora=True, max_loras=2)
+    assert llm.engine.runner.graphs is not None and llm.engine.loras.device.type == "cuda"
+    loras = [LoRARequest("a1", 1, str(a1)), LoRARequest("a2", 2, str(a2))]
+    prompts = PROMPTS * 2
+    per_prompt = [loras[0], None, loras[1], loras[0], loras[1], loras[1], None, loras[0]]
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False, lora_request=per_prompt)
+    models = {None: hf, 1: merged(hf, a1), 2: merged(hf, a2)}
+    refs = [hf_greedy(models[lr and lr.lora_int_id], p, 12) for p, lr in zip(prompts, per_prompt, strict=True)]
+    if dtype == "float32":
+        assert_matches(outs, refs)
+    else:  # bfloat16 rounding may flip a near tie: most sequences' first tokens agree
+        agree = sum(o.outputs[0].token_ids[:4] == r[0][:4] for o, r in zip(outs, refs, strict=True))
+        assert agree >= len(refs) - 2
+
+
 @pytest.mark.skipif(cpu_kernels.segment_attention_kernel() is None, reason="the CPU kernels do not build here")
 def test_decode_steps_with_adapters_take_the_fused_cpu_step(llama, monkeypatch):
     """Decode steps mixing two adapters (one on every projection, one on q/v/down only) and the base
@@ -196,6 +219,35 @@ def test_mixture_of_experts_attention_adapter(tmp_path):
     llm = LLM(path, dtype="float32", device="cpu", enable_lora=True)
     outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False, lora_request=LoRARequest("a", 1, str(adapter)))
     assert_matches(outs, [hf_greedy(merged(hf, adapter), p, 12) for p in PROMPTS])
+
+
+def test_adapter_memory_is_set_aside_before_a_gpu_sizes_its_kv_cache(llama, tmp_path, monkeypatch):
+    """A GPU's KV cache takes a share of the memory free at start-up, and adapters are loaded
+    later: `max_cpu_loras` adapters at `max_lora_rank` are set aside first. The bound is exactly
+    what an adapter of every projection at that rank takes; explicit bytes are taken as given."""
+    from lengthwise.engine import llm_engine
+    from lengthwise.lora.adapter import adapter_bytes_bound
+
+    hf, path, a1, a2 = llama
+    mc = load_model(path, "float32", "cpu").config
+    full = load_adapter(LoRARequest("full", 1, str(save_adapter(tmp_path / "full", hf, seed=7, rank=16))),
+                        mc, torch.float32, torch.device("cpu"), 16)
+    bound = adapter_bytes_bound(mc, 16, torch.float32)
+    assert full.nbytes == bound and adapter_bytes_bound(mc, 16, torch.bfloat16) * 2 == bound
+    assert load_adapter(LoRARequest("a2", 2, str(a2)), mc, torch.float32, torch.device("cpu"), 16).nbytes < bound
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 80 << 30))
+    assert llm_engine._kv_budget_bytes(0.5, cuda, 1 << 30) == 4 << 30
+    assert llm_engine._kv_budget_bytes(None, cuda, 0) == int(0.9 * (10 << 30))
+    assert llm_engine._kv_budget_bytes(None, cuda, 20 << 30) == 0
+    assert llm_engine._kv_budget_bytes(1 << 20, cuda, 1 << 30) == 1 << 20
+    # The engine sets aside max_cpu_loras adapters' worth (none without LoRA).
+    asked = []
+    real = llm_engine._kv_budget_bytes
+    monkeypatch.setattr(llm_engine, "_kv_budget_bytes", lambda m, d, reserve=0: asked.append(reserve) or real(m, d))
+    LLMEngine(load_model(path, "float32", "cpu"), None, EngineConfig(enable_lora=True, max_loras=2, max_cpu_loras=3))
+    LLMEngine(load_model(path, "float32", "cpu"), None, EngineConfig())
+    assert asked == [3 * bound, 0]
 
 
 def test_graphed_decode_steps_leave_adapter_rows_to_the_eager_path(llama, monkeypatch):
@@ -437,3 +489,70 @@ def test_mixture_of_experts_mlp_adapters_are_refused(tmp_path):
     engine = LLMEngine(load_model(path, "float32", "cpu"), None, EngineConfig(enable_lora=True))
     with pytest.raises(ValueError, match="a mixture-of-experts layer"):
         engine.add_request(PROMPTS[0], GREEDY, lora_request=LoRARequest("a", 1, str(bad)))
+
+
+LENGTH_INSTRUCTIONS = ["Count from 12 to 57.", "Spell the word apple.", "List 5 animals.",
+                       "Describe a fox in 3 sentences.", "Repeat the phrase 'good day' 9 times.",
+                       "Write the numbers from 175 to 189 in words.", "What is 34 + 58? Show your working.",
+                       "Sort these numbers: 5, 3, 9, 1."]
+
+
+@pytest.fixture(scope="module")
+def builtin_with_adapter(tmp_path_factory):
+    """The built-in model (it answers the length query), a mild adapter for it, and the built-in
+    model with that adapter merged, saved with its tokenizer: (model dir, adapter, merged dir)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from lengthwise.model.default import default_model_dir
+
+    model_dir = default_model_dir()
+    root = tmp_path_factory.mktemp("lora-builtin")
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    adapter = save_adapter(root / "a", hf, seed=3, alpha=0.5)
+    merged(hf, adapter).save_pretrained(root / "merged")
+    for f in model_dir.iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, root / "merged" / f.name)
+    return model_dir, adapter, root / "merged"
+
+
+def test_self_length_predictor_asks_through_the_request_adapter(builtin_with_adapter):
+    """The `self` predictor asks the model that will answer: a request with an adapter gets the
+    prediction the model with that adapter merged makes, not the base model's."""
+    model_dir, adapter, merged_dir = builtin_with_adapter
+    lora = LoRARequest("a", 1, str(adapter))
+    one = SamplingParams(max_tokens=1)
+    llm = LLM(model_dir, dtype="float32", device="cpu", enable_lora=True, length_predictor="self")
+    with_adapter = [o.predicted_length for o in llm.generate(LENGTH_INSTRUCTIONS, one, use_tqdm=False,
+                                                              lora_request=lora)]
+    base = [o.predicted_length for o in llm.generate(LENGTH_INSTRUCTIONS, one, use_tqdm=False)]
+    ref = LLM(merged_dir, dtype="float32", device="cpu", length_predictor="self")
+    want = [o.predicted_length for o in ref.generate(LENGTH_INSTRUCTIONS, one, use_tqdm=False)]
+    assert with_adapter == pytest.approx(want, rel=1e-4)
+    # The adapter moves the model's own estimates (the comparison above is not of the base model).
+    assert sum(abs(a - b) > 1 for a, b in zip(with_adapter, base, strict=True)) >= 3
+
+
+def test_self_predictor_keeps_a_removed_adapter_its_request_still_needs(builtin_with_adapter, tmp_path):
+    """The asking engine shares the served engine's adapters and keeps the ones the served
+    requests hold: an adapter removed while its request waits to be predicted still serves that
+    request's question and answer, and goes when the request ends. Recorded lengths name it."""
+    model_dir, adapter, merged_dir = builtin_with_adapter
+    lora = LoRARequest("a", 1, str(adapter))
+    engine = LLMEngine.from_dir(model_dir, EngineConfig(dtype="float32", device="cpu", enable_lora=True,
+                                                        length_predictor="self",
+                                                        record_lengths=str(tmp_path / "rec.jsonl")))
+    engine.add_request(LENGTH_INSTRUCTIONS[0], GREEDY, request_id="r", lora_request=lora)
+    assert engine.remove_lora(1) and 1 in engine.loras
+    while engine.has_unfinished_requests():
+        engine.step()
+    out = engine.pop_finished("r")
+    ref = LLM(merged_dir, dtype="float32", device="cpu", length_predictor="self")
+    want = ref.generate([LENGTH_INSTRUCTIONS[0]], GREEDY, use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == want.outputs[0].token_ids
+    assert out.predicted_length == pytest.approx(want.predicted_length, rel=1e-4)
+    assert 1 not in engine.loras
+    record = json.loads((tmp_path / "rec.jsonl").read_text())
+    assert record["lora"] == "a" and record["predicted"] == out.predicted_length

@@ -7,7 +7,10 @@
 - The `probe` predicts at the end of prefill from the final hidden state of the last prompt
   token, which the step computed anyway.
 - With `record_lengths=FILE`, every finished request appends `{id, prompt, features, length,
-  lengths}` to FILE: the training data for `lengthwise predictor train --kind probe`.
+  lengths, predicted, lora}` to FILE: the training data for `lengthwise predictor train --kind
+  probe` (`lora`: the adapter's name, or null for the base model).
+- A request with a LoRA adapter is predicted for the adapted model: the `self` predictor asks
+  through the adapter, and the probe reads the adapted model's hidden states.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class LengthPerception:
             text = self.engine.tokenizer.decode(request.prompt_ids, skip_special_tokens=True)
         return LengthQuery(prompt=text or "", prompt_ids=request.prompt_ids, features=features,
                            true_length=self.true_lengths.get(request.request_id), request_id=request.request_id,
-                           messages=request.messages)
+                           messages=request.messages, lora_request=request.lora_request)
 
     def predict_pending(self) -> list[Request]:
         """Predict every queued request in one batch; returns them, ready for the scheduler."""
@@ -96,7 +99,10 @@ class LengthPerception:
             lengths = [len(s.output_ids) for s in request.seqs]
             record = {"id": request.request_id, "prompt": self.query(request).prompt, "features": features,
                       "length": max(lengths), "lengths": {f"s{i}": n for i, n in enumerate(lengths)},
-                      "predicted": request.predicted_length}
+                      "predicted": request.predicted_length,
+                      # the features are the adapted model's hidden states: a probe per adapter
+                      # trains on its own records
+                      "lora": None if request.lora_request is None else request.lora_request.lora_name}
             with self.record_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         self.true_lengths.pop(request.request_id, None)

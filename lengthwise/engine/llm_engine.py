@@ -34,7 +34,7 @@ from lengthwise.engine.model_runner import ModelRunner
 from lengthwise.engine.outputs import RequestOutput
 from lengthwise.engine.sampler import draw_uniform, make_generator, sample, token_logprobs
 from lengthwise.kv.storage import KVCacheStorage
-from lengthwise.lora.adapter import LoRAAdapter, LoRARegistry
+from lengthwise.lora.adapter import LoRAAdapter, LoRARegistry, adapter_bytes_bound
 from lengthwise.lora.request import LoRARequest
 from lengthwise.model import CausalLM, load_model
 from lengthwise.model.config import read_json
@@ -75,7 +75,10 @@ class LLMEngine:
     """A model, its tokenizer, a KV cache and a scheduler, advanced one step at a time."""
 
     def __init__(self, model: CausalLM, tokenizer: Tokenizer | None = None, config: EngineConfig | None = None,
-                 model_dir: str | Path | None = None) -> None:
+                 model_dir: str | Path | None = None, lora_owner: LLMEngine | None = None) -> None:
+        """`lora_owner`: an engine on the same model whose LoRA adapters this one runs too (the
+        `self` length predictor's private engine asks through the served requests' adapters): its
+        registry is shared, and adapters the live requests of either engine hold stay loaded."""
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         self.model_dir = None if model_dir is None else Path(model_dir)
@@ -112,7 +115,11 @@ class LLMEngine:
                                    draft_step_tokens=self.model.fused_step_tokens(),
                                    draft_planner=DraftLengthPlanner() if spec is not None and spec.adaptive else None,
                                    max_loras=config.max_loras if config.enable_lora else None)
-        self.loras = (LoRARegistry(mc, self.model.dtype, self.model.device, config.max_lora_rank,
+        if lora_owner is not None and (lora_owner.loras is None or lora_owner.model is not model):
+            raise ValueError("lora_owner must be an engine with enable_lora=True on the same model")
+        self._lora_owner = lora_owner
+        self.loras = (lora_owner.loras if lora_owner is not None else
+                      LoRARegistry(mc, self.model.dtype, self.model.device, config.max_lora_rank,
                                    config.max_cpu_loras or config.max_loras) if config.enable_lora else None)
         self.runner = ModelRunner(self.model, self.num_blocks, config.block_size, self.max_model_len,
                                   graph_batch=self._graph_batch(), kv_cache_dtype=self.kv_cache_dtype,
@@ -138,7 +145,11 @@ class LLMEngine:
         c, mc = self.config, self.model.config
         per_block = KVCacheStorage.bytes_per_block(mc.num_layers, c.block_size, mc.num_kv_heads, mc.head_dim,
                                                    self.kv_cache_dtype)
-        budget = _kv_budget_bytes(c.kv_cache_memory, self.model.device)
+        # A GPU's budget is a share of the memory free now: adapters loaded later must fit beside
+        # the cache, so their most is set aside first (vLLM profiles it with the adapters loaded).
+        lora_reserve = (c.max_cpu_loras or c.max_loras) * adapter_bytes_bound(mc, c.max_lora_rank, self.model.dtype) \
+            if c.enable_lora else 0
+        budget = _kv_budget_bytes(c.kv_cache_memory, self.model.device, lora_reserve)
         blocks_per_seq = -(-self.max_model_len // c.block_size)
         # More than every running sequence at full length would never be used.
         num_blocks = min(budget // per_block, c.max_num_seqs * blocks_per_seq + c.max_num_seqs)
@@ -332,12 +343,13 @@ class LLMEngine:
         return self.loras
 
     def _collect_loras(self) -> None:
-        """Drop removed adapters whose last requests have ended."""
+        """Drop removed adapters whose last requests (the owner's too, when shared) have ended."""
         if self.loras is not None and self.loras.retiring:
             self.loras.collect(self._loras_in_use())
 
     def _loras_in_use(self) -> set[int]:
-        return {r.lora_id for r in self.requests.values() if not r.finished and r.lora_id}
+        mine = {r.lora_id for r in self.requests.values() if not r.finished and r.lora_id}
+        return mine if self._lora_owner is None else mine | self._lora_owner._loras_in_use()
 
     def pop_finished(self, request_id: str) -> RequestOutput:
         """The final output of a finished request, forgetting the request."""
@@ -602,12 +614,15 @@ def _kv_cache_dtype(name: str, model: CausalLM) -> torch.dtype:
     return dtype
 
 
-def _kv_budget_bytes(memory: int | float | None, device: torch.device) -> int:
+def _kv_budget_bytes(memory: int | float | None, device: torch.device, reserve: int = 0) -> int:
+    """The KV cache's bytes: `memory` bytes as given, else a share (`memory`, default 0.9) of the
+    GPU memory free now less `reserve` (what LoRA adapters may take later), else on the CPU a
+    share of the memory available (default: at most CPU_DEFAULT_KV_BYTES, half of it)."""
     if isinstance(memory, int):
         return memory
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * (0.9 if memory is None else memory))
+        return max(0, int(free * (0.9 if memory is None else memory)) - reserve)
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if memory is None:
         return min(CPU_DEFAULT_KV_BYTES, available // 2)

@@ -66,6 +66,23 @@ def _part_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def adapter_bytes_bound(config: ModelConfig, rank: int, dtype: torch.dtype) -> int:
+    """The most bytes one loaded adapter of rank at most `rank` can take: every projection PEFT
+    may adapt, at that rank, stored as the loader stores it (A stacked per fused projection, B
+    block-diagonal over its parts). What a GPU sets aside for `max_cpu_loras` adapters before it
+    sizes the KV cache."""
+    elements = 0
+    for layer in range(config.num_layers):
+        shapes = _part_shapes(config, layer)
+        fused: dict[str, list[tuple[int, int]]] = {}
+        for module, shape in shapes.items():
+            fused.setdefault(_PARTS[module][0], []).append(shape)
+        for parts in fused.values():
+            stacked_rank = rank * len(parts)
+            elements += sum(rank * fan_in for _, fan_in in parts) + sum(out for out, _ in parts) * stacked_rank
+    return elements * torch.empty((), dtype=dtype).element_size()
+
+
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's `rank_pattern`/`alpha_pattern` lookup: the first key that matches the end of the
     module's name (`q_proj`, `layers.0.self_attn.q_proj`, or a regular expression)."""
@@ -207,6 +224,12 @@ class LoRARegistry:
         self._paths: dict[int, tuple[str, Path]] = {}
         self._retired: set[int] = set()  # removed while in use: dropped once no live request holds them
         self._pinned: set[int] = set()
+
+    @property
+    def max_nbytes(self) -> int:
+        """The memory `capacity` adapters at the largest rank take (adapters in use or pinned may
+        go beyond `capacity`)."""
+        return self.capacity * adapter_bytes_bound(self.config, self.max_lora_rank, self.dtype)
 
     def read(self, request: LoRARequest) -> LoRAAdapter:
         """`request`'s adapter read from disk and checked against the model, without keeping it

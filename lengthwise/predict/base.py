@@ -18,7 +18,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from lengthwise.lora.request import LoRARequest
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -32,7 +35,9 @@ class LengthQuery:
     caller knows the bare `instruction` and `input` (dataset records do), text predictors embed
     those instead of the fixed template. `features` is the served model's hidden state at the end
     of prefill (the probe's input); `true_length` is known only to benchmarks (the oracle).
-`messages` is the conversation a chat template rendered into `prompt` (chat requests only).
+    `messages` is the conversation a chat template rendered into `prompt` (chat requests only).
+    `lora_request` is the LoRA adapter the request runs with: the `self` predictor asks the model
+    through it, since the adapted model is the one that will write the answer.
     """
 
     prompt: str = ""
@@ -43,6 +48,7 @@ class LengthQuery:
     true_length: float | None = None
     messages: Sequence[dict[str, Any]] | None = None  # the conversation, for chat requests
     request_id: str | None = None
+    lora_request: LoRARequest | None = None
 
 
 @dataclass(frozen=True)

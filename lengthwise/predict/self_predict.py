@@ -18,6 +18,9 @@ and read the answer one of two ways:
 - `"greedy"` (spec `"self-greedy"`): the paper's reading, greedy decoding for at most 8 tokens
   and the number in the answer (`parse_length`: the one followed by "tokens", else the first).
 
+A request with a LoRA adapter is asked through its adapter (the asking engine shares the served
+engine's adapters), since the adapted model is the one that will answer.
+
 An answer without a number falls back to another predictor (default: a constant) and is counted.
 The paper LoRA-tunes the model to answer well; that step is out of scope for served checkpoints
 (the built-in model is trained for it by `lengthwise train-tiny`), so an untuned model's answers
@@ -112,14 +115,17 @@ class SelfPredictor(LengthPredictor):
         from lengthwise.engine.llm_engine import LLMEngine
         from lengthwise.predict.simple import ConstantPredictor
 
-        # A private engine on the same weights, so asking never disturbs the served requests' KV.
+        # A private engine on the same weights, so asking never disturbs the served requests' KV;
+        # with LoRA, on the served engine's adapters: a request is asked through its own adapter.
         c = engine.config
         self.asker = LLMEngine(engine.model, engine.tokenizer,
                                EngineConfig(dtype=c.dtype, device=c.device, block_size=c.block_size,
                                             max_num_seqs=64, max_num_batched_tokens=c.max_num_batched_tokens,
                                             kv_cache_memory=_asker_kv_bytes(engine), max_model_len=c.max_model_len,
                                             kv_cache_dtype=c.kv_cache_dtype,
-                                            enable_prefix_caching=True))
+                                            enable_prefix_caching=True, enable_lora=c.enable_lora,
+                                            max_loras=c.max_loras, max_lora_rank=c.max_lora_rank),
+                               lora_owner=engine if c.enable_lora else None)
         self.fallback = fallback or ConstantPredictor(fallback_length)
         self.max_length = float(engine.max_model_len)
         self.num_queries = 0
@@ -153,12 +159,13 @@ class SelfPredictor(LengthPredictor):
         prompts = [self._fit(self.query_prompt(q), limit) for q in queries]
         top = TOP_FIRST_TOKENS if self.read == "median" else None
         params = SamplingParams(max_tokens=MAX_ANSWER_TOKENS, temperature=0.0, logprobs=top)
-        outs = run_to_completion(self.asker, prompts, [params] * len(prompts))
+        loras = [q.lora_request for q in queries]
+        outs = run_to_completion(self.asker, prompts, [params] * len(prompts), lora_requests=loras)
         answers = [o.outputs[0].text for o in outs]
         self.last_answers = answers
         self.num_queries += len(queries)
         if self.read == "median":
-            lengths = self._median_reads(prompts, [o.outputs[0] for o in outs])
+            lengths = self._median_reads(prompts, [o.outputs[0] for o in outs], loras)
         else:
             lengths = [None if (n := parse_length(a)) is None else float(n) for a in answers]
         out: list[LengthPrediction | None] = []
@@ -175,7 +182,8 @@ class SelfPredictor(LengthPredictor):
                 out[i] = p
         return out  # type: ignore[return-value]
 
-    def _median_reads(self, prompts: list[list[int]], greedy: list[Any]) -> list[float | None]:
+    def _median_reads(self, prompts: list[list[int]], greedy: list[Any],
+                      loras: list[Any]) -> list[float | None]:
         """Per query, the binned median of the numbers its likely first tokens lead to (None when
         none of them leads to a number). The greedy answer already completes its own first token;
         every other likely first token is completed greedily in one more batch, which shares the
@@ -195,7 +203,8 @@ class SelfPredictor(LengthPredictor):
                     forced.append((i, token, math.exp(lp)))
         if forced:
             params = SamplingParams(max_tokens=MAX_ANSWER_TOKENS - 1, temperature=0.0)
-            outs = run_to_completion(self.asker, [prompts[i] + [t] for i, t, _ in forced], [params] * len(forced))
+            outs = run_to_completion(self.asker, [prompts[i] + [t] for i, t, _ in forced], [params] * len(forced),
+                                     lora_requests=[loras[i] for i, _, _ in forced])
             for (i, t, p), o in zip(forced, outs, strict=True):
                 n = parse_length(tok.decode([t, *o.outputs[0].token_ids], skip_special_tokens=True))
                 candidates[i].append((None if n is None else float(n), p))
