@@ -1,8 +1,8 @@
 """The CPU kernels for every vector code path `simd.h` has (AVX-512, AVX2 + FMA, portable loops),
 not only the one this CPU's `-march=native` picks: each is built (`LENGTHWISE_CPU_MARCH`) into its
-own cache and runs test_cpu_decode's GEMM, 4-bit, fused-step and LoRA comparisons against torch in a
-subprocess. A path this CPU cannot execute is skipped, saying so; the native one is what the rest
-of the suite runs."""
+own cache and runs test_cpu_decode's GEMM, 4-bit, fused-step and LoRA comparisons and
+test_ops_attention's kernel ones (every KV cache dtype) against torch in a subprocess. A path
+this CPU cannot execute is skipped, saying so; the native one is what the rest of the suite runs."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ TARGETS = {"portable": ("x86-64", ()), "avx2": ("x86-64-v3", ("avx2", "fma")),
            "avx512": ("x86-64-v4", ("avx512f", "avx512bw", "avx512vl"))}
 SUBSET = ("test_panel_packed_linear_matches_f_linear or test_int4_groups_that_straddle_k_blocks "
           "or test_fused_step_matches_op_by_op or test_fused_step_over_a_narrow_kv_cache "
-          "or test_fused_step_with_lora_adapters")
+          "or test_fused_step_with_lora_adapters "
+          "or test_cpu_kernel or test_prompt_and_response_segments_one_softmax")
 
 
 def _cpu_flags() -> set[str]:
@@ -50,7 +51,8 @@ def test_kernels_of_each_instruction_set_match_torch(isa, tmp_path):
                            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert built.stdout.strip() == isa, built.stderr[-2000:]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          str(ROOT / "tests" / "test_cpu_decode.py"), "-k", SUBSET],
+                          str(ROOT / "tests" / "test_cpu_decode.py"), str(ROOT / "tests" / "test_ops_attention.py"),
+                          "-k", SUBSET],
                          env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-500:]

@@ -8,8 +8,12 @@
 #include <type_traits>
 #include <vector>
 #include "simd.h"
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
 #include <immintrin.h>
+// The vector path (attend_vector): simd.h's 16 lanes, and float16 conversions for float8 caches.
+#define LW_ATTENTION_VECTOR 1
+#else
+#define LW_ATTENTION_VECTOR 0
 #endif
 
 namespace lw {
@@ -33,7 +37,7 @@ template <class T> struct Fp8Format;
 template <> struct Fp8Format<fp8e4m3> { static constexpr int kMan = 3, kBias = 7; static constexpr float kMax = 448.f; };
 template <> struct Fp8Format<fp8e5m2> { static constexpr int kMan = 2, kBias = 15; static constexpr float kMax = 57344.f; };
 
-// Every byte's value, for scalar reads (the AVX-512 path converts through float16 instead).
+// Every byte's value, for scalar reads (the vector path converts through float16 instead).
 template <class T>
 struct Fp8Table {
   float v[256];
@@ -123,7 +127,7 @@ inline void store_kv(int kind, void* pool, int64_t at, const float* src, int n) 
   }
 }
 
-// `k`/`v` point to pools of `kv_kind` elements (KvKind). `order`: how the AVX-512 path walks a
+// `k`/`v` point to pools of `kv_kind` elements (KvKind). `order`: how the vector path walks a
 // tile: 0 the faster for the cache's dtype, 1 a head at a time, 2 in memory order (the A/B).
 struct Args {
   const float* q; const void* k; const void* v; float* out;
@@ -195,7 +199,7 @@ struct Row {
 
 // Scores s[h][i] of a tile's n keys for the row's nh query heads (kt: the tile's first key at the
 // row's first KV head), a dot product per key and head: the compiler vectorizes each across the
-// head, which serves head sizes that are multiples of 16 (where the AVX-512 path is not built).
+// head, which serves head sizes that are multiples of 16 (where the vector path is not built).
 template <class KV>
 inline void scores_by_key(const Row& r, const KV* kt, int n, int64_t row_stride, int D, int G,
                           float (*s)[kMaxTile]) {
@@ -280,48 +284,48 @@ inline void attend_generic(Row& r, const Args& a) {
   }
 }
 
-#if defined(__AVX512F__)
-// exp on 16 lanes (simd.h; the AVX-512 form there is this kernel's own).
-inline __m512 exp16(__m512 x) { return simd::exp(x); }
-
-// Lane i of the result is the sum of the 16 lanes of p[i]: a 16x16 transpose-add in four levels
-// (two permutes and an add per pair), instead of a horizontal reduction per key.
-inline __m512 sum16(__m512* p) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  for (int w = 8; w >= 1; w /= 2)
-    for (int j = 0; j < w; ++j)
-      p[j] = _mm512_add_ps(_mm512_permutex2var_ps(p[2 * j], even, p[2 * j + 1]),
-                           _mm512_permutex2var_ps(p[2 * j], odd, p[2 * j + 1]));
-  return p[0];
-}
+#if LW_ATTENTION_VECTOR
+using simd::V;
 
 // 16 KV elements as floats (bfloat16: widen by a shift into the high half of each lane; float8:
-// move its bits to where a float16's are and convert that).
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16* p) {
+// move its bits to where a float16's are and convert that, F16C's conversion on AVX2).
+inline V load16(const float* p) { return simd::load(p); }
+#if defined(__AVX512F__)
+inline V load16(const bf16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+// float16 bit patterns (16 of them) as floats.
+inline V halves_to_float(__m256i h) { return _mm512_cvtph_ps(h); }
+#else
+inline V load16(const bf16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16))};
+}
+inline V halves_to_float(__m256i h) {
+  return {_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
+}
+#endif
 // e5m2 is a float16 cut to its high byte.
-inline __m512 load16(const fp8e5m2* p) {
+inline V load16(const fp8e5m2* p) {
   const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm512_cvtph_ps(_mm256_slli_epi16(x, 8));
+  return halves_to_float(_mm256_slli_epi16(x, 8));
 }
 // e4m3's exponent and mantissa placed in a float16's (sign to bit 15, the rest to bits 7-13) make
 // a float16 kLoadUnit = 2^8 times smaller, subnormals included, and the conversion is exact: the
 // bytes sign-extended to 16 bits and shifted left by 7 put the sign in bits 14 and 15; bit 14 is
-// cleared. attend_avx512 scales the queries and the outputs by the unit instead of every load.
+// cleared. attend_vector scales the queries and the outputs by the unit instead of every load.
 // (A NaN byte, written for a NaN key or value, reads as 480 units here where the portable path and
 // torch read NaN: a model producing NaN is broken either way, and masking it costs every load.)
 template <class KV> constexpr float kLoadUnit = 1.f;
 template <> constexpr float kLoadUnit<fp8e4m3> = 256.f;
-inline __m512 load16(const fp8e4m3* p) {
+inline V load16(const fp8e4m3* p) {
   const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16(short(0xBF80))));
+  return halves_to_float(_mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16(short(0xBF80))));
 }
 
-constexpr int kChunkKeys = 512;  // keys per softmax update of the AVX-512 path
+constexpr int kChunkKeys = 512;  // keys per softmax update of the vector path
 
 // The scores pass of a tile of n keys in memory order: every KV head of key i (its slice loaded
 // once for the G query heads that share it), then key i + 1, each (head, key) partial dot product
@@ -330,30 +334,29 @@ constexpr int kChunkKeys = 512;  // keys per softmax update of the AVX-512 path
 // between heads: 1.1-1.5x faster over a bfloat16 cache that streams from memory, but for a
 // float32 one no faster from memory and 10% slower from cache (`benchmarks/cpu_attention.py`).
 template <class KV>
-inline void scores_in_memory_order(const Row& r, const KV* kt, int n, int64_t row_stride, int D, int G,
-                                   __m512* part) {
+inline void scores_in_memory_order(const Row& r, const KV* kt, int n, int64_t row_stride, int D, int G, V* part) {
   const int nc = D / 16;
   for (int i = 0; i < 16; ++i) {
     if (i >= n) {
-      for (int h = 0; h < r.nh; ++h) part[16 * h + i] = _mm512_setzero_ps();
+      for (int h = 0; h < r.nh; ++h) part[16 * h + i] = simd::zero();
       continue;
     }
     const KV* ki = kt + i * row_stride;
     for (int g = 0; g < r.nh / G; ++g) {
       const KV* kg = ki + g * D;
-      if (nc == 4) {  // head size 64: the slice in four registers
-        const __m512 k0 = load16(kg), k1 = load16(kg + 16), k2 = load16(kg + 32), k3 = load16(kg + 48);
+      if (nc == 4) {  // head size 64: the slice in four vectors
+        const V k0 = load16(kg), k1 = load16(kg + 16), k2 = load16(kg + 32), k3 = load16(kg + 48);
         for (int h = g * G; h < (g + 1) * G; ++h) {
-          __m512 s = _mm512_mul_ps(_mm512_load_ps(r.q[h]), k0);
-          s = _mm512_fmadd_ps(_mm512_load_ps(r.q[h] + 16), k1, s);
-          s = _mm512_fmadd_ps(_mm512_load_ps(r.q[h] + 32), k2, s);
-          part[16 * h + i] = _mm512_fmadd_ps(_mm512_load_ps(r.q[h] + 48), k3, s);
+          V s = simd::mul(simd::load(r.q[h]), k0);
+          s = simd::fmadd(simd::load(r.q[h] + 16), k1, s);
+          s = simd::fmadd(simd::load(r.q[h] + 32), k2, s);
+          part[16 * h + i] = simd::fmadd(simd::load(r.q[h] + 48), k3, s);
         }
         continue;
       }
       for (int h = g * G; h < (g + 1) * G; ++h) {
-        __m512 s = _mm512_mul_ps(_mm512_load_ps(r.q[h]), load16(kg));
-        for (int c = 1; c < nc; ++c) s = _mm512_fmadd_ps(_mm512_load_ps(r.q[h] + 16 * c), load16(kg + 16 * c), s);
+        V s = simd::mul(simd::load(r.q[h]), load16(kg));
+        for (int c = 1; c < nc; ++c) s = simd::fmadd(simd::load(r.q[h] + 16 * c), load16(kg + 16 * c), s);
         part[16 * h + i] = s;
       }
     }
@@ -368,30 +371,33 @@ inline void values_in_memory_order(Row& r, const KV* vt, int n, int64_t row_stri
   for (int i = 0; i < n; ++i) {
     const KV* vi = vt + i * row_stride;
     for (int h = 0; h < r.nh; ++h) {
-      const __m512 wh = _mm512_set1_ps(w[h * kChunkKeys + i]);
+      const V wh = simd::set1(w[h * kChunkKeys + i]);
       const KV* vh = vi + (h / G) * D;
       float* acc = r.acc[h];
       for (int c = 0; c < nc; ++c)
-        _mm512_store_ps(acc + 16 * c, _mm512_fmadd_ps(wh, load16(vh + 16 * c), _mm512_load_ps(acc + 16 * c)));
+        simd::store(acc + 16 * c, simd::fmadd(wh, load16(vh + 16 * c), simd::load(acc + 16 * c)));
     }
   }
 }
 
-// The same result as `attend_generic` for head sizes that are a multiple of 16, 1.6x as fast when
-// the keys are in cache (no faster when they stream from memory: both read at the same rate).
-// Compilers vectorize the generic loops with 256-bit vectors and one dependent accumulator per dot
-// product. Here, per chunk of up to kChunkKeys keys: every score first (a head's 16 keys of a tile
-// reduced together by sum16), one softmax update, then the values a head at a time with its
-// accumulator in registers (a bfloat16 cache: both passes in memory order instead).
+// The same result as `attend_generic` for head sizes that are a multiple of 16, in simd.h's 16-lane
+// vectors (AVX-512, or AVX2 with FMA and F16C). With AVX-512 1.6x as fast as the generic loops when
+// the keys are in cache (no faster when they stream from memory: both read at the same rate), and
+// on AVX2 it is what reads a float8 cache at memory speed (the generic loops widen a byte at a time
+// through a table: docs/benchmarks.md, "Attention on AVX2 CPUs"). Compilers vectorize the generic
+// loops with one dependent accumulator per dot product. Here, per chunk of up to kChunkKeys keys:
+// every score first (a head's 16 keys of a tile reduced together by sum16), one softmax update,
+// then the values a head at a time with its accumulator in registers (or both passes in memory
+// order: see attend_row).
 template <class KV, bool kMemoryOrder>
-inline void attend_avx512(Row& r, const Args& a) {
+inline void attend_vector(Row& r, const Args& a) {
   const int D = a.head_dim, G = a.heads / a.kv_heads, nh = r.nh, nc = D / 16;
   const int64_t row_stride = int64_t(a.kv_heads) * D;
   thread_local std::vector<float> scores;  // [nh][kChunkKeys]
   if (scores.size() < size_t(nh) * kChunkKeys) scores.resize(size_t(nh) * kChunkKeys);
-  thread_local std::vector<__m512> parts;  // memory order: [nh][16] partial dot products of a tile
+  thread_local std::vector<V> parts;  // memory order: [nh][16] partial dot products of a tile
   if (kMemoryOrder && parts.size() < size_t(nh) * 16) parts.resize(size_t(nh) * 16);
-  __m512* tile_parts = parts.data();
+  V* tile_parts = parts.data();
   // Loads give values in units of kLoadUnit<KV>: scores are exact with the queries scaled by it (a
   // power of two), and the accumulated values are scaled back at the end.
   constexpr float unit = kLoadUnit<KV>;
@@ -404,48 +410,47 @@ inline void attend_avx512(Row& r, const Args& a) {
     for (int p = c0, n; p < c1; p += n) {
       n = r.tile(a, p, c1, 16, &slot);
       const KV* kt = static_cast<const KV*>(a.k) + slot * row_stride + int64_t(r.h0) * D;
+      const simd::Mask keys = simd::tail_mask(n);
       if constexpr (kMemoryOrder) {
         scores_in_memory_order(r, kt, n, row_stride, D, G, tile_parts);
         for (int h = 0; h < nh; ++h)
-          _mm512_mask_storeu_ps(scores.data() + h * kChunkKeys + (p - c0), __mmask16((1u << n) - 1),
-                                sum16(tile_parts + 16 * h));
+          simd::mask_store(scores.data() + h * kChunkKeys + (p - c0), keys, simd::sum16(tile_parts + 16 * h));
         continue;
       }
       for (int h = 0; h < nh; ++h) {
         const KV* kh = kt + (h / G) * D;
-        __m512 part[16];
+        V part[16];
         for (int i = 0; i < 16; ++i) {
-          if (i >= n) { part[i] = _mm512_setzero_ps(); continue; }
+          if (i >= n) { part[i] = simd::zero(); continue; }
           const KV* ki = kh + i * row_stride;
-          __m512 s = _mm512_mul_ps(_mm512_load_ps(r.q[h]), load16(ki));
-          for (int c = 1; c < nc; ++c)
-            s = _mm512_fmadd_ps(_mm512_load_ps(r.q[h] + 16 * c), load16(ki + 16 * c), s);
+          V s = simd::mul(simd::load(r.q[h]), load16(ki));
+          for (int c = 1; c < nc; ++c) s = simd::fmadd(simd::load(r.q[h] + 16 * c), load16(ki + 16 * c), s);
           part[i] = s;
         }
-        _mm512_mask_storeu_ps(scores.data() + h * kChunkKeys + (p - c0), __mmask16((1u << n) - 1), sum16(part));
+        simd::mask_store(scores.data() + h * kChunkKeys + (p - c0), keys, simd::sum16(part));
       }
     }
     for (int h = 0; h < nh; ++h) {
       float* sh = scores.data() + h * kChunkKeys;
-      __m512 mx = _mm512_set1_ps(-1e30f);
+      V mx = simd::set1(-1e30f);
       for (int j = 0; j < nk; j += 16) {
-        const __mmask16 mk = nk - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nk - j)) - 1);
-        mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, sh + j));
+        const simd::Mask mk = simd::tail_mask(nk - j);
+        mx = simd::max(mx, simd::select(mk, simd::maskz_load(mk, sh + j), mx));
       }
-      const float new_m = std::max(r.m[h], _mm512_reduce_max_ps(mx));
+      const float new_m = std::max(r.m[h], simd::reduce_max(mx));
       const float correction = std::exp(r.m[h] - new_m);
-      const __m512 nm = _mm512_set1_ps(new_m);
-      __m512 sum = _mm512_setzero_ps();
+      const V nm = simd::set1(new_m);
+      V sum = simd::zero();
       for (int j = 0; j < nk; j += 16) {
-        const __mmask16 mk = nk - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nk - j)) - 1);
-        const __m512 e = _mm512_maskz_mov_ps(mk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sh + j), nm)));
-        _mm512_mask_storeu_ps(sh + j, mk, e);
-        sum = _mm512_add_ps(sum, e);
+        const simd::Mask mk = simd::tail_mask(nk - j);
+        const V e = simd::select(mk, simd::exp(simd::sub(simd::maskz_load(mk, sh + j), nm)), simd::zero());
+        simd::mask_store(sh + j, mk, e);
+        sum = simd::add(sum, e);
       }
-      r.l[h] = r.l[h] * correction + _mm512_reduce_add_ps(sum);
+      r.l[h] = r.l[h] * correction + simd::reduce_add(sum);
       r.m[h] = new_m;
-      const __m512 cv = _mm512_set1_ps(correction);
-      for (int c = 0; c < nc; ++c) _mm512_store_ps(r.acc[h] + 16 * c, _mm512_mul_ps(_mm512_load_ps(r.acc[h] + 16 * c), cv));
+      const V cv = simd::set1(correction);
+      for (int c = 0; c < nc; ++c) simd::store(r.acc[h] + 16 * c, simd::mul(simd::load(r.acc[h] + 16 * c), cv));
     }
     for (int p = c0, n; p < c1; p += n) {
       n = r.tile(a, p, c1, 16, &slot);
@@ -459,14 +464,14 @@ inline void attend_avx512(Row& r, const Args& a) {
         const float* w = scores.data() + h * kChunkKeys + (p - c0);
         for (int c = 0; c < nc; c += 4) {  // up to four vectors of the head's accumulator in registers
           const int nv = std::min(4, nc - c);
-          __m512 x[4];
-          for (int j = 0; j < nv; ++j) x[j] = _mm512_load_ps(r.acc[h] + 16 * (c + j));
+          V x[4];
+          for (int j = 0; j < nv; ++j) x[j] = simd::load(r.acc[h] + 16 * (c + j));
           for (int i = 0; i < n; ++i) {
-            const __m512 wi = _mm512_set1_ps(w[i]);
+            const V wi = simd::set1(w[i]);
             const KV* vi = vh + i * row_stride + 16 * c;
-            for (int j = 0; j < nv; ++j) x[j] = _mm512_fmadd_ps(wi, load16(vi + 16 * j), x[j]);
+            for (int j = 0; j < nv; ++j) x[j] = simd::fmadd(wi, load16(vi + 16 * j), x[j]);
           }
-          for (int j = 0; j < nv; ++j) _mm512_store_ps(r.acc[h] + 16 * (c + j), x[j]);
+          for (int j = 0; j < nv; ++j) simd::store(r.acc[h] + 16 * (c + j), x[j]);
         }
       }
     }
@@ -477,25 +482,35 @@ inline void attend_avx512(Row& r, const Args& a) {
 }
 #endif
 
-// The AVX-512 path walks a bfloat16 or float8 cache in memory order (see scores_in_memory_order) where the
+// The vector path walks a bfloat16 or float8 cache in memory order (see scores_in_memory_order) where the
 // task reads whole key rows (every KV head: a tile is then one contiguous run), and otherwise a
 // head at a time: the faster of the two for each case in docs/benchmarks.md ("A bfloat16 KV
 // cache"; with a row's KV heads split among tasks, at small batches, memory order was slower, and
 // over a float32 cache it was no faster). `Args::order` overrides it.
+//
+// On AVX2 a head at a time stays with the generic loops for float32 and bfloat16 caches: its 16
+// strided key reads per head, in half-width vectors, streamed a bfloat16 cache 1.5x slower than the
+// generic loops (which walk a tile key by key), and a float32 one no faster. A float8 cache takes
+// the vector path in both orders: the generic loops widen it a byte at a time, 3-4x slower.
 template <class KV>
 inline void attend_row(Row& r, const Args& a) {
-#if defined(__AVX512F__)
+#if LW_ATTENTION_VECTOR
   if (a.head_dim % 16 == 0) {
     const bool whole_rows = r.nh == a.heads;
     const bool memory_order = a.order == 0 ? sizeof(KV) < sizeof(float) && whole_rows : a.order == 2;
-    return memory_order ? attend_avx512<KV, true>(r, a) : attend_avx512<KV, false>(r, a);
+    if (memory_order) return attend_vector<KV, true>(r, a);
+#if !defined(__AVX512F__)
+    if (sizeof(KV) > 1) return attend_generic<KV>(r, a);
+#endif
+    return attend_vector<KV, false>(r, a);
   }
 #endif
   attend_generic<KV>(r, a);
 }
 
-// Query row `t` of row-group `b`, KV heads [h0, h1) and their query heads: the AVX-512 path where
-// the build has it and the head size is a multiple of 16, else the portable one.
+// Query row `t` of row-group `b`, KV heads [h0, h1) and their query heads: the vector path where
+// the build has it (AVX-512, or AVX2 + FMA + F16C) and the head size is a multiple of 16, else the
+// portable one.
 inline void attend(const Args& a, int t, int b, int h0, int h1) {
   Row r(a, t, b, h0, h1);
   switch (a.kv_kind) {

@@ -61,6 +61,21 @@ inline V pow2(V p, V i) { return _mm512_scalef_ps(p, i); }
 inline V round_nearest(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 inline V max(V a, V b) { return _mm512_max_ps(a, b); }
 inline V min(V a, V b) { return _mm512_min_ps(a, b); }
+// a's lanes where m is set, b's elsewhere.
+inline V select(Mask m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
+inline float reduce_add(V v) { return _mm512_reduce_add_ps(v); }
+inline float reduce_max(V v) { return _mm512_reduce_max_ps(v); }
+// Lane i of the result is the sum of the 16 lanes of p[i] (p is clobbered): a 16x16 transpose-add
+// in four levels (two permutes and an add per pair), instead of a horizontal reduction per vector.
+inline V sum16(V* p) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int w = 8; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j)
+      p[j] = _mm512_add_ps(_mm512_permutex2var_ps(p[2 * j], even, p[2 * j + 1]),
+                           _mm512_permutex2var_ps(p[2 * j], odd, p[2 * j + 1]));
+  return p[0];
+}
 
 #elif defined(__AVX2__) && defined(__FMA__)
 
@@ -118,6 +133,34 @@ inline V round_nearest(V x) {
 }
 inline V max(V a, V b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
 inline V min(V a, V b) { return {_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)}; }
+inline V select(Mask m, V a, V b) {
+  return {_mm256_blendv_ps(b.lo, a.lo, _mm256_castsi256_ps(m.lo)), _mm256_blendv_ps(b.hi, a.hi, _mm256_castsi256_ps(m.hi))};
+}
+inline float reduce_add(V v) {
+  const __m256 s = _mm256_add_ps(v.lo, v.hi);
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+inline float reduce_max(V v) {
+  const __m256 s = _mm256_max_ps(v.lo, v.hi);
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_shuffle_ps(x, x, 1)));
+}
+// Lane i of the result is the sum of the 8 lanes of q[i], i < 8: horizontal adds pair the lanes up
+// within each 128-bit half, then the halves are added across.
+inline __m256 sum8(const __m256* q) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(q[0], q[1]), _mm256_hadd_ps(q[2], q[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(q[4], q[5]), _mm256_hadd_ps(q[6], q[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+// Lane i of the result is the sum of the 16 lanes of p[i].
+inline V sum16(V* p) {
+  __m256 q[16];
+  for (int i = 0; i < 16; ++i) q[i] = _mm256_add_ps(p[i].lo, p[i].hi);
+  return {sum8(q), sum8(q + 8)};
+}
 
 #else  // portable: plain loops over 16 floats, vectorized by the compiler where it can
 
@@ -144,7 +187,27 @@ inline V min(V a, V b) { LW_LANES(a.f[i] < b.f[i] ? a.f[i] : b.f[i]); }
 inline V round_nearest(V x) { LW_LANES(std::nearbyint(x.f[i])); }
 inline V pow2(V p, V e) { LW_LANES(std::ldexp(p.f[i], int(e.f[i]))); }
 inline V load_i8(const int8_t* p) { LW_LANES(float(p[i])); }
+inline V select(Mask m, V a, V b) { LW_LANES(i < m.n ? a.f[i] : b.f[i]); }
+inline V sum16(V* p) {
+  V r;
+  for (int i = 0; i < 16; ++i) {
+    float s = 0.f;
+    for (int j = 0; j < 16; ++j) s += p[i].f[j];
+    r.f[i] = s;
+  }
+  return r;
+}
 #undef LW_LANES
+inline float reduce_add(V v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v.f[i];
+  return s;
+}
+inline float reduce_max(V v) {
+  float m = v.f[0];
+  for (int i = 1; i < 16; ++i) m = m > v.f[i] ? m : v.f[i];
+  return m;
+}
 
 inline void load_bf16_pair(const uint32_t* p, V& lo, V& hi) {
   for (int i = 0; i < 16; ++i) {
