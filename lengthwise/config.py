@@ -99,8 +99,8 @@ class EngineConfig:
     `kv_cache_memory`: the KV cache's size, allocated once at start-up: an int is bytes, a float
     in (0, 1] a fraction of the device's free memory, `None` the default (90% of free GPU memory;
     on the CPU, the smaller of 4 GiB and half the available memory). The cache is never larger
-    than `max_num_seqs` full-length contexts need. With `enable_lora` on a GPU, a share of free
-    memory is taken after setting aside what `max_cpu_loras` adapters of `max_lora_rank` can take.
+    than `max_num_seqs` full-length contexts need. With `enable_lora` on a GPU, what
+    `max_cpu_loras` adapters of `max_lora_rank` can take comes out of that share of free memory.
     `max_num_batched_tokens`: the token budget of one forward pass; longer prompts are prefilled
     in chunks of at most this many tokens.
     `enable_prefix_caching`: full prompt blocks are kept (until their space is needed) and reused

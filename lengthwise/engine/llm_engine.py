@@ -115,8 +115,10 @@ class LLMEngine:
                                    draft_step_tokens=self.model.fused_step_tokens(),
                                    draft_planner=DraftLengthPlanner() if spec is not None and spec.adaptive else None,
                                    max_loras=config.max_loras if config.enable_lora else None)
-        if lora_owner is not None and (lora_owner.loras is None or lora_owner.model is not model):
-            raise ValueError("lora_owner must be an engine with enable_lora=True on the same model")
+        if lora_owner is not None and (lora_owner.loras is None or lora_owner.model is not model
+                                       or not config.enable_lora):
+            raise ValueError("lora_owner must be an engine with enable_lora=True on the same model, and this "
+                             "engine's config must set enable_lora=True too")
         self._lora_owner = lora_owner
         self.loras = (lora_owner.loras if lora_owner is not None else
                       LoRARegistry(mc, self.model.dtype, self.model.device, config.max_lora_rank,
@@ -154,8 +156,11 @@ class LLMEngine:
         # More than every running sequence at full length would never be used.
         num_blocks = min(budget // per_block, c.max_num_seqs * blocks_per_seq + c.max_num_seqs)
         if num_blocks < blocks_per_seq:
-            raise ValueError(f"kv_cache_memory of {budget} bytes holds {num_blocks} blocks of {per_block} bytes, "
-                             f"fewer than the {blocks_per_seq} one {self.max_model_len}-token context needs; "
+            adapters = (f" after setting aside {lora_reserve} bytes for max_cpu_loras LoRA adapters of rank "
+                        f"max_lora_rank={c.max_lora_rank} (lower either)" if lora_reserve and
+                        not isinstance(c.kv_cache_memory, int) and self.model.device.type == "cuda" else "")
+            raise ValueError(f"kv_cache_memory of {budget} bytes{adapters} holds {num_blocks} blocks of {per_block} "
+                             f"bytes, fewer than the {blocks_per_seq} one {self.max_model_len}-token context needs; "
                              f"raise kv_cache_memory or lower max_model_len")
         return int(num_blocks)
 

@@ -225,12 +225,6 @@ class LoRARegistry:
         self._retired: set[int] = set()  # removed while in use: dropped once no live request holds them
         self._pinned: set[int] = set()
 
-    @property
-    def max_nbytes(self) -> int:
-        """The memory `capacity` adapters at the largest rank take (adapters in use or pinned may
-        go beyond `capacity`)."""
-        return self.capacity * adapter_bytes_bound(self.config, self.max_lora_rank, self.dtype)
-
     def read(self, request: LoRARequest) -> LoRAAdapter:
         """`request`'s adapter read from disk and checked against the model, without keeping it
         (thread-safe: a server reads adapters off the engine's thread, then `load`s them)."""

@@ -124,7 +124,10 @@ class SelfPredictor(LengthPredictor):
                                             kv_cache_memory=_asker_kv_bytes(engine), max_model_len=c.max_model_len,
                                             kv_cache_dtype=c.kv_cache_dtype,
                                             enable_prefix_caching=True, enable_lora=c.enable_lora,
-                                            max_loras=c.max_loras, max_lora_rank=c.max_lora_rank),
+                                            # every adapter it asks through is loaded already:
+                                            # one batch may hold them all
+                                            max_loras=max(c.max_loras, c.max_cpu_loras or 1),
+                                            max_lora_rank=c.max_lora_rank),
                                lora_owner=engine if c.enable_lora else None)
         self.fallback = fallback or ConstantPredictor(fallback_length)
         self.max_length = float(engine.max_model_len)
