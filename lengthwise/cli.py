@@ -52,8 +52,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     """`--policy NAME` and repeatable `--policy-option KEY=VALUE` (values parsed as JSON if they can be)."""
-    p.add_argument("--policy", default="fcfs",
-                   help="scheduling policy: fcfs (= continuous), continuous-sjf, static, sequence, multibin")
+    p.add_argument("--policy", "--scheduling-policy", dest="policy", default="fcfs",
+                   help="scheduling policy: fcfs (= continuous), priority (vLLM's: requests' priority, then "
+                   "arrival), continuous-sjf (priority, then shortest predicted), static, sequence, multibin")
     p.add_argument("--policy-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a policy option, e.g. fcr=continue, batch_size=16, bins=4 (repeat for several)")
 

@@ -53,6 +53,25 @@ def test_bench_schedule_reproduces_lengths_and_sorting_cuts_padding(random_model
     assert (out / "schedule.png").is_file() and "| static" in (out / "schedule.md").read_text()
 
 
+def test_bench_schedule_reports_each_priority_class(random_model, tmp_path):
+    """`--priorities`: the priority policy gets the classes (one slot: class 0 starts first), fcfs
+    does not (the engine would refuse them) but is measured on the same split."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"id": str(i), "prompt": f"the sea {i}", "lengths": {"t0.0": 6}}) + "\n"
+                            for i in range(10)))
+    out = tmp_path / "out"
+    assert main(["bench", "schedule", "--model", str(random_model), "--data", str(data), "--num-requests", "10",
+                 "--max-num-seqs", "1", "--priorities", "0:1,1:1", "--policy", "fcfs", "--policy", "priority",
+                 "--json", str(tmp_path / "r.json"), "--out-dir", str(out)]) == 0
+    records = {r["policy"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    split = {c: m["num_requests"] for c, m in records["fcfs"]["priority_classes"].items()}
+    assert split == {c: m["num_requests"] for c, m in records["priority"]["priority_classes"].items()}
+    assert sorted(split) == ["0", "1"] and sum(split.values()) == 10
+    prio = records["priority"]["priority_classes"]
+    assert prio["0"]["ttft_p99_s"] < prio["1"]["ttft_mean_s"]  # every urgent one started before the others' mean
+    assert "| priority | 0 |" in (out / "schedule.md").read_text()
+
+
 @pytest.mark.parametrize("policy, options", [
     ("static", {"batch_size": 4}),
     ("sequence", {"vbs": False, "vbs_fixed": 4, "fcr": None}),  # one batch of the four, run to its end

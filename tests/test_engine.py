@@ -192,6 +192,32 @@ def test_llm_api_text_prompts_chat_and_outputs(random_model):
     assert not llm.engine.requests  # nothing left queued after the failed call
 
 
+@pytest.mark.parametrize("policy", ["priority", "continuous-sjf"])
+def test_generate_serves_lower_priority_values_first_with_the_same_tokens(random_model, policy):
+    """vLLM's `LLM.generate(..., priority=[...])`: one sequence at a time, the requests start in
+    priority order (ties: arrival), and each writes what it writes under FCFS."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = ["the sun", "a word", "the sea and", "one more", "last"]
+    prio = [3, 1, 2, 1, 0]
+    llm = LLM(random_model, dtype="float32", device="cpu", max_num_seqs=1, policy=policy)
+    outs = llm.generate(prompts, params, use_tqdm=False, priority=prio)
+    started = sorted(range(len(prompts)), key=lambda i: outs[i].metrics.first_token_time)
+    assert started == [4, 1, 3, 2, 0]
+    fcfs = LLM(random_model, dtype="float32", device="cpu", max_num_seqs=1)
+    assert _tokens(outs) == _tokens(fcfs.generate(prompts, params, use_tqdm=False))
+    with pytest.raises(ValueError, match="priority has 1 entries for 2 prompts"):
+        llm.generate(["x", "y"], params, use_tqdm=False, priority=[0])
+    with pytest.raises(ValueError, match="priority must be an integer"):
+        llm.generate(["x"], params, use_tqdm=False, priority=[True])
+    with pytest.raises(ValueError, match="priority must be a list"):
+        llm.generate(["x"], params, use_tqdm=False, priority=1)
+    # A policy that would ignore it refuses it (vLLM's rule), naming the policies that do not.
+    with pytest.raises(ValueError, match=r"priority=2 needs a scheduling policy .*'fcfs'"):
+        fcfs.generate(["x"], params, use_tqdm=False, priority=[2])
+    assert fcfs.generate(["x"], params, use_tqdm=False, priority=[0])[0].finished
+    assert not llm.engine.requests and not fcfs.engine.requests
+
+
 def test_logprobs_and_stop_strings_through_the_engine(random_model):
     llm = LLM(random_model, dtype="float32", device="cpu")
     base = llm.generate(["the sun and the sea"], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),

@@ -39,8 +39,9 @@ class Run:
 
 
 def req(rid: str, prompt_len: int, true_len: int, predicted: float | None = None, max_tokens: int = 64,
-        arrival: float = 0.0) -> Request:
-    r = Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), arrival, max_tokens)
+        arrival: float = 0.0, priority: int = 0) -> Request:
+    r = Request(rid, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens), arrival, max_tokens,
+                priority=priority)
     r.predicted_length = predicted
     r.true_len = true_len  # type: ignore[attr-defined]  (the fake model's stopping point)
     return r
@@ -316,6 +317,69 @@ def test_predictive_admission_preempts_less_than_admit_then_preempt():
     assert s_plain.num_preemptions > 0 and s_pred.num_preemptions == 0
 
 
+# -- user priorities (vLLM's `priority`) -------------------------------------------------------------
+
+def test_priority_policy_admits_by_priority_then_arrival():
+    rs = [req(str(i), 3, true_len=4, priority=p, arrival=float(i)) for i, p in enumerate([2, 0, 1, 0, 2])]
+    run, _ = drive(make_policy("priority"), rs, max_num_seqs=1)
+    assert run.admitted_order == ["1", "3", "2", "0", "4"]
+    assert run.preempted == []
+
+
+@pytest.mark.parametrize("name", ["priority", "continuous-sjf"])
+@pytest.mark.parametrize("short_of", ["slots", "blocks"])
+def test_an_urgent_request_preempts_a_less_urgent_one_and_equals_do_not(name, short_of):
+    """A request of a more urgent class (lower priority) that cannot start (no sequence slot, or
+    no blocks) preempts the least urgent running request; it then runs at once, and the victim
+    finishes later in full. One of the same class waits its turn."""
+    long_ = req("long", 40, true_len=40, predicted=40, priority=1, max_tokens=40)
+    same = req("same", 4, true_len=3, predicted=3, priority=1, arrival=5.0)
+    urgent = req("urgent", 28, true_len=3, predicted=3, priority=0, arrival=10.0)
+    # "blocks": 20 blocks of 4 hold all of long (10 + 10), whose 10 + 3 at step 10 leave 7 free:
+    # too few for urgent's 7 + 1 and the headroom's 1.
+    sizing = {"max_num_seqs": 1} if short_of == "slots" else {"num_blocks": 20, "max_num_seqs": 8}
+    run, s = drive(make_policy(name), [], arrivals={0.0: [long_], 5.0: [same], 10.0: [urgent]}, **sizing)
+    assert run.preempted == ["long"]
+    assert "urgent" in run.steps[10]  # admitted the step it arrived
+    assert run.finish_time["urgent"] < run.finish_time["long"]
+    assert run.finished == expected([long_, same, urgent])
+    if short_of == "slots":  # `same` had no slot and was not let in by preempting its equal
+        assert run.finish_time["same"] > run.finish_time["urgent"]
+    assert s.kv.num_free_blocks == s.kv.pool.num_blocks
+
+
+def test_a_block_shortage_preempts_the_least_urgent_running_request():
+    """Running requests are continued most urgent first, so when blocks run out mid-step the
+    victim is a less urgent one even if it was admitted first."""
+    low = req("low", 4, true_len=30, priority=2, max_tokens=30)
+    high = req("high", 4, true_len=30, priority=0, max_tokens=30, arrival=1.0)
+    run, _ = drive(make_policy("priority"), [], arrivals={0.0: [low], 1.0: [high]}, num_blocks=15)
+    assert "low" in run.preempted and "high" not in run.preempted
+    assert run.finished == expected([low, high])
+
+
+def test_sjf_orders_by_priority_class_before_predicted_length_and_aging():
+    """Within a class, shortest predicted first; a class is never overtaken, not even by a
+    request of a lower class that has waited long enough to age past everything."""
+    policy = make_policy("continuous-sjf", {"aging": 1.0})
+    old_low = req("old-low", 3, 5, predicted=1, priority=1, arrival=0.0)  # aged to -999
+    long_hi = req("long-hi", 3, 5, predicted=500, priority=0, arrival=999.0)
+    short_hi = req("short-hi", 3, 5, predicted=5, priority=0, arrival=999.0)
+    for r in (old_low, long_hi, short_hi):
+        policy.add(r)
+    view = SchedulerView(now=1000.0, num_running_requests=0, num_running_seqs=0, num_free_blocks=100,
+                         num_blocks=100, seq_slots=8, block_size=4)
+    assert [r.request_id for r in policy.candidates(view)] == ["short-hi", "long-hi", "old-low"]
+    assert policy.most_urgent(1000.0) is short_hi
+    assert policy.victim([old_low, long_hi, short_hi], 1000.0) is old_low
+
+
+def test_policies_that_ignore_priority_say_so():
+    assert make_policy("priority").supports_priority and make_policy("continuous-sjf").supports_priority
+    for name in ("fcfs", "continuous", "static", "sequence", "multibin"):
+        assert not make_policy(name).supports_priority, name
+
+
 def test_policy_options_are_validated_by_name():
     with pytest.raises(ValueError, match="no option"):
         make_policy("static", {"batchsize": 4})
@@ -333,7 +397,8 @@ def test_policy_options_are_validated_by_name():
 
 # -- every policy: nothing lost, nothing duplicated -------------------------------------------------
 
-POLICIES = [("fcfs", {}), ("fcfs", {"predictive": True}), ("continuous-sjf", {}), ("static", {"batch_size": 3}),
+POLICIES = [("fcfs", {}), ("fcfs", {"predictive": True}), ("continuous-sjf", {}), ("priority", {}),
+            ("priority", {"predictive": True}), ("static", {"batch_size": 3}),
             ("static", {"batch_size": 3, "pad": True}),
             ("sequence", {"window": 5, "fcr": "recompute"}), ("sequence", {"window": 5, "fcr": "continue"}),
             ("sequence", {"vbs": False, "fcr": None}), ("sequence", {"window": 5, "vbs": "paper", "pad": True}),
@@ -342,14 +407,17 @@ POLICIES = [("fcfs", {}), ("fcfs", {"predictive": True}), ("continuous-sjf", {})
 
 @settings(max_examples=40, deadline=None)
 @given(policy=st.sampled_from(POLICIES),
-       reqs=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 40), st.integers(1, 60), st.integers(0, 30)),
+       reqs=st.lists(st.tuples(st.integers(1, 20), st.integers(1, 40), st.integers(1, 60), st.integers(0, 30),
+                               st.integers(0, 2)),
                      min_size=1, max_size=25),
        num_blocks=st.integers(30, 120))
 def test_no_request_is_lost_or_duplicated_under_random_arrivals(policy, reqs, num_blocks):
     arrivals: dict[float, list[Request]] = {}
     rs = []
-    for i, (prompt, true_len, pred, at) in enumerate(reqs):
-        r = req(str(i), prompt, true_len=true_len, predicted=pred, max_tokens=48, arrival=float(at))
+    prioritised = make_policy(*policy).supports_priority  # random classes: priority preemption too
+    for i, (prompt, true_len, pred, at, prio) in enumerate(reqs):
+        r = req(str(i), prompt, true_len=true_len, predicted=pred, max_tokens=48, arrival=float(at),
+                priority=prio if prioritised else 0)
         rs.append(r)
         arrivals.setdefault(float(at), []).append(r)
     run, s = drive(make_policy(*policy), [], arrivals=arrivals, num_blocks=num_blocks, block_size=4,

@@ -472,6 +472,8 @@ def test_structured_outputs_hold_answers_to_json_and_choices(client):
     ({"model": NAME, "prompt": "hi", "guided_choice": ["a"], "response_format": {"type": "json_object"}},
      "guided_choice"),
     ({"model": NAME, "prompt": ["hi"] * 51}, "prompt"),  # more prompts than --max-waiting 50 could ever queue
+    ({"model": NAME, "prompt": "hi", "priority": 1}, "priority"),  # this server's fcfs would ignore it
+    ({"model": NAME, "prompt": "hi", "priority": "high"}, "priority"),
 ])
 def test_bad_completion_requests_get_400_naming_the_parameter(server, body, param):
     status, err = _post(server, "/v1/completions", body)
@@ -580,6 +582,45 @@ def test_generation_config_caps_the_default_chat_length(model_dir, tmp_path):
         body = {"model": NAME, "messages": [{"role": "user", "content": "Once upon a time"}], "ignore_eos": True}
         status, r = _post(base, "/v1/chat/completions", body, None)
         assert status == 200 and r["usage"]["completion_tokens"] == 5, r
+    finally:
+        _stop(proc)
+
+
+def test_a_priority_server_takes_priorities_and_a_busy_one_serves_the_urgent_first(model_dir, offline):
+    """`--scheduling-policy priority` (vLLM's flag): `priority` is accepted on both endpoints and
+    changes no text; with one sequence slot, an urgent request sent while a long one runs
+    finishes first (it preempts it)."""
+    import concurrent.futures
+
+    from lengthwise import SamplingParams
+
+    proc, base = _start(model_dir, "--scheduling-policy", "priority", "--max-num-seqs", "1")
+    try:
+        prompt = "Once upon a time"
+        want = offline.generate([prompt], SamplingParams(temperature=0.0, max_tokens=12), use_tqdm=False)[0]
+        body = {"model": NAME, "prompt": prompt, "max_tokens": 12, "temperature": 0, "priority": -5}
+        status, r = _post(base, "/v1/completions", body, None)
+        assert status == 200 and r["choices"][0]["text"] == want.outputs[0].text, r
+        chat = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "priority": 7}
+        assert _post(base, "/v1/chat/completions", chat, None)[0] == 200
+        done: list[str] = []
+
+        def send(name: str, priority: int, max_tokens: int) -> None:
+            b = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "priority": priority}
+            assert _post(base, "/v1/completions", b, None)[0] == 200
+            done.append(name)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(send, "long", 1, 480)
+            for _ in range(200):  # until the long one is running
+                if _metrics(base).get("lengthwise:num_requests_running", 0) >= 1:
+                    break
+                time.sleep(0.02)
+            fast = pool.submit(send, "urgent", 0, 2)
+            fast.result(timeout=60)
+            slow.result(timeout=120)
+        assert done == ["urgent", "long"]
+        assert _metrics(base)["lengthwise:num_preemptions_total"] >= 1
     finally:
         _stop(proc)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -92,6 +93,52 @@ def _split_options(text: str) -> list[str]:
     return items
 
 
+def draw_priorities(spec: str, n: int, rng: np.random.Generator) -> list[int]:
+    """`n` priority classes drawn from `CLASS:WEIGHT,...` (e.g. `0:1,1:9`: a tenth urgent)."""
+    classes, weights = [], []
+    for part in spec.split(","):
+        cls, sep, weight = part.partition(":")
+        try:
+            classes.append(int(cls))
+            weights.append(float(weight) if sep else math.nan)
+        except ValueError:
+            raise ValueError(f"--priorities {spec!r}: expected CLASS:WEIGHT pairs, e.g. 0:1,1:9") from None
+    if not all(w > 0 for w in weights) or len(set(classes)) != len(classes):
+        raise ValueError(f"--priorities {spec!r}: each class once, with a weight > 0")
+    p = np.asarray(weights) / sum(weights)
+    return [classes[k] for k in rng.choice(len(classes), size=n, p=p)]
+
+
+def per_class_latency(done: list[Any], class_of: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Latency and TTFT of each priority class of finished requests (`class_of`: request id ->
+    its class, which a policy that ignores priorities never saw); keys are the classes as text."""
+    out = {}
+    for cls in sorted(set(class_of.values())):
+        rs = [r for r in done if class_of[r.request_id] == cls]
+        if not rs:
+            continue
+        lat = np.array([r.finish_time - r.arrival_time for r in rs])
+        ttft = np.array([r.first_token_time - r.arrival_time for r in rs])
+        out[str(cls)] = {"num_requests": len(rs), "latency_mean_s": float(lat.mean()),
+                         "latency_p99_s": float(np.percentile(lat, 99)), "ttft_mean_s": float(ttft.mean()),
+                         "ttft_p99_s": float(np.percentile(ttft, 99)),
+                         "preempted": sum(r.num_preemptions > 0 for r in rs)}
+    return out
+
+
+def format_class_table(results: list[dict[str, Any]]) -> str:
+    """Each run's latency per priority class (empty when no run has classes)."""
+    if not any(r.get("priority_classes") for r in results):
+        return ""
+    lines = ["| run | priority | requests | latency mean/p99 s | TTFT mean/p99 s | preempted |", "|" + "---|" * 6]
+    for r in results:
+        for c, m in (r.get("priority_classes") or {}).items():
+            lines.append(f"| {r['label']} | {c} | {m['num_requests']} | {m['latency_mean_s']:.1f} / "
+                         f"{m['latency_p99_s']:.1f} | {m['ttft_mean_s']:.1f} / {m['ttft_p99_s']:.1f} | "
+                         f"{m['preempted']} |")
+    return "\n".join(lines)
+
+
 def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("schedule", help="scheduling policies side by side on alpaca-lengths",
                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +150,8 @@ def add_subcommand(bench_sub: argparse._SubParsersAction) -> None:
                    help=f"a policy run (repeat); default: {' '.join(DEFAULT_POLICIES)}")
     p.add_argument("--request-rate", type=positive_float, default=None,
                    help="Poisson arrivals per second (default: all at 0)")
+    p.add_argument("--priorities", default=None, metavar="CLASS:WEIGHT,...", help="requests' priority classes, "
+                   "e.g. 0:1,1:9 (policies that order by priority get them; the table reports each class)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--kv-cache-tokens", type=int, default=None, help="KV cache size in tokens")
@@ -136,6 +185,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
                              f"{label}'s context of {context}: use a model with a longer context or fewer requests")
     arrivals = ([0.0] * len(lengths) if args.request_rate is None else
                 np.cumsum(np.random.default_rng(args.seed).exponential(1 / args.request_rate, len(lengths))).tolist())
+    priorities = (draw_priorities(args.priorities, len(lengths), np.random.default_rng(args.seed + 1))
+                  if args.priorities else None)
     kv_bytes = None
     if args.kv_cache_tokens is not None:
         if args.kv_cache_tokens < 1:
@@ -150,7 +201,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         config = EngineConfig(dtype=args.dtype, kv_cache_memory=kv_bytes, max_num_seqs=args.max_num_seqs,
                               policy=spec.name, policy_options=spec.options,
                               length_predictor=spec.predictor or args.predictor)
-        rec = run_policy(model, tokenizer, config, [t for t, _ in records_in], lengths, arrivals, spec)
+        rec = run_policy(model, tokenizer, config, [t for t, _ in records_in], lengths, arrivals, spec, priorities)
         rec["model"] = label
         rec["predictor"] = spec.predictor or args.predictor
         results.append(rec)
@@ -160,6 +211,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         gc.collect()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
+    classes = format_class_table(results)
+    table += f"\n\n{classes}" if classes else ""
     (args.out_dir / "schedule.md").write_text(table + "\n")
     print(table)
     if args.json is not None:
@@ -169,10 +222,13 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def run_policy(model: Any, tokenizer: Any, config: Any, prompts: list[str] | list[list[int]],
-               lengths: list[int] | None, arrivals: list[float], spec: PolicySpec) -> dict[str, Any]:
+               lengths: list[int] | None, arrivals: list[float], spec: PolicySpec,
+               priorities: list[int] | None = None) -> dict[str, Any]:
     """Serve the workload under one policy on a fresh engine (same model weights); return its record.
     With `lengths`, each request generates exactly its recorded length (hidden from the policy);
-    with None, greedy decoding runs to the model's own end of sequence (at most HARD_CAP tokens)."""
+    with None, greedy decoding runs to the model's own end of sequence (at most HARD_CAP tokens).
+    `priorities`: each request's class, given to a policy that orders by priority; the record
+    reports each class's latency under every policy."""
     from lengthwise.engine.llm_engine import LLMEngine
     from lengthwise.sampling_params import SamplingParams
 
@@ -182,6 +238,7 @@ def run_policy(model: Any, tokenizer: Any, config: Any, prompts: list[str] | lis
     if oracle and lengths is None:
         raise ValueError("the oracle predictor needs the workload's lengths")
     order = sorted(range(len(prompts)), key=lambda i: arrivals[i])
+    prioritised = priorities is not None and engine.scheduler.policy.supports_priority
     nxt = 0
     done: list[Any] = []
     bar = tqdm(total=len(prompts), desc=spec.label, unit="req", dynamic_ncols=True)
@@ -192,7 +249,8 @@ def run_policy(model: Any, tokenizer: Any, config: Any, prompts: list[str] | lis
             i = order[nxt]
             engine.add_request(prompts[i], params, request_id=str(i), arrival_time=start + arrivals[i],
                                true_length=lengths[i] if oracle else None,
-                               eos_after=lengths[i] if lengths is not None else None)
+                               eos_after=lengths[i] if lengths is not None else None,
+                               priority=priorities[i] if prioritised else 0)
             nxt += 1
         if not engine.has_unfinished_requests():
             time.sleep(max(0.0, min(0.05, arrivals[order[nxt]] - now)))
@@ -218,7 +276,9 @@ def run_policy(model: Any, tokenizer: Any, config: Any, prompts: list[str] | lis
             "ttft_p99_s": float(np.percentile(ttft, 99)), "tpot_mean_s": float(np.mean(tpot)) if tpot else 0.0,
             "elapsed_s": elapsed, "num_requests": len(done), "output_tokens": tokens,
             "prediction_s": engine.length.stats.seconds, "steps": engine.stats.sampling_steps,
-            "padding_row_steps": engine.stats.padding_row_steps}
+            "padding_row_steps": engine.stats.padding_row_steps,
+            "priority_classes": None if priorities is None else per_class_latency(
+                done, {str(i): c for i, c in enumerate(priorities)})}
 
 
 def format_row(r: dict[str, Any]) -> str:

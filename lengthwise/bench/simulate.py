@@ -42,7 +42,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lengthwise.argtypes import output_file, positive_int
-from lengthwise.bench.schedule import HARD_CAP, PolicySpec, format_table, parse_policy
+from lengthwise.bench.schedule import (
+    HARD_CAP,
+    PolicySpec,
+    draw_priorities,
+    format_class_table,
+    format_table,
+    parse_policy,
+    per_class_latency,
+)
 from lengthwise.bench.step_model import StepModel, step_features
 from lengthwise.bench.workloads import read_alpaca_records
 from lengthwise.sampling_params import SamplingParams
@@ -67,6 +75,7 @@ class Workload:
     # The prompts' real token ids (with `--model`), so that prefix caching finds what the engine's
     # finds (alpaca prompts share a template); None: synthetic prompts that share nothing.
     prompt_ids: list[list[int]] | None = None
+    priorities: list[int] | None = None  # per request, from `--priorities` (None: all 0)
 
     def prompt(self, i: int) -> list[int]:
         """Request `i`'s prompt tokens: the real ones, or a synthetic prompt whose first token is
@@ -182,7 +191,10 @@ def make_workload(args: argparse.Namespace) -> Workload:
         prompt_lens = [args.prompt_tokens or 1] * n
         dist = tuple(args.lengths.split(":"))
     predicted = predict(args.predictions, ids, lengths, rng)
-    return Workload(ids, prompt_lens, lengths, predicted, draw_arrivals(args.arrival, n, rng), dist, prompt_ids)
+    arrivals = draw_arrivals(args.arrival, n, rng)
+    # Drawn last, so that a workload without them is the same as before they existed.
+    priorities = draw_priorities(args.priorities, n, rng) if args.priorities else None
+    return Workload(ids, prompt_lens, lengths, predicted, arrivals, dist, prompt_ids, priorities)
 
 
 # -- the simulator -------------------------------------------------------------------------------
@@ -307,7 +319,8 @@ def simulate(w: Workload, policy_factory: Callable[[], Any], servers: int, route
         if nxt < len(order) and w.arrivals[order[nxt]] <= step_at:
             i = order[nxt]
             t = w.arrivals[i]
-            req = Request(w.ids[i], w.prompt(i), params, t, max_tokens)
+            req = Request(w.ids[i], w.prompt(i), params, t, max_tokens,
+                          priority=w.priorities[i] if w.priorities else 0)
             req.predicted_length = w.predicted[i]
             requests.append(req)
             j = replica_of[req.request_id] = route(router, replicas, nxt, w.predicted[i], edges)
@@ -382,6 +395,8 @@ def record(result: SimResult, w: Workload, spec: PolicySpec, args: argparse.Name
             "steps": sum(r.steps for r in result.replicas), "servers": servers, "bins": bins,
             "router": args.router, "bin_wait_mean_s": bin_wait, "wait_mean_s": float(np.mean(waits)),
             "analytic_requests_per_s": analytic_requests_per_s(w, spec, args, servers, step_model),
+            "priority_classes": per_class_latency(done, dict(zip(w.ids, w.priorities, strict=True)))
+            if w.priorities else None,
             "lengths": args.lengths, "arrival": args.arrival, "predictions": args.predictions,
             "step_model": step_model.coefficients(), "seed": args.seed}
 
@@ -448,7 +463,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
         if r["policy"] == "multibin":
             sweeps.setdefault(r["servers"], []).append(r)
     sweeps = {k: v for k, v in sweeps.items() if len(v) > 1}
-    cols = 3 if sweeps else 2
+    classes = sorted({c for r in results for c in (r.get("priority_classes") or {})}, key=int)
+    cols = 2 + bool(sweeps) + bool(classes)
     fig, axes = plt.subplots(1, cols, figsize=(6.5 * cols, 0.45 * len(labels) + 2.5))
     y = np.arange(len(labels))
     axes[0].barh(y - 0.2, [r["requests_per_s"] for r in results], 0.4, label="simulated")
@@ -476,6 +492,16 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_xlabel("bins k")
         ax.set_title("multi-bin throughput (requests/s)")
         ax.legend(fontsize=8)
+    if classes:
+        ax = axes[-1]
+        h = 0.8 / len(classes)
+        for k, c in enumerate(classes):
+            ax.barh(y - 0.4 + h * (k + 0.5), [(r.get("priority_classes") or {}).get(c, {}).get("ttft_mean_s", 0)
+                                             for r in results], h, label=f"priority {c}")
+        ax.set_yticks(y, labels)
+        ax.invert_yaxis()
+        ax.set_title("mean time to first token by priority class (s)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -492,7 +518,8 @@ def format_sim_table(results: list[dict[str, Any]]) -> str:
                      f"{f'{a:.3f}' if a else '-'} | {r['steady_requests_per_s']:.3f} | "
                      f"{r['latency_mean_s']:.1f} / {r['latency_p99_s']:.1f} | {r['ttft_mean_s']:.1f} | "
                      f"{r['effective_token_ratio']:.1%} | {waits} |")
-    return "\n".join(lines)
+    classes = format_class_table(results)
+    return "\n".join(lines) + (f"\n\n{classes}" if classes else "")
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -511,6 +538,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: with --data, the --model tokenizer's count, else characters / 4; else 1)")
     p.add_argument("--model", default=None, help="checkpoint or preset whose tokenizer counts --data prompts")
     p.add_argument("--predictions", default="oracle", help="oracle, lognormal:SIGMA, or file:PATH")
+    p.add_argument("--priorities", default=None, metavar="CLASS:WEIGHT,...", help="requests' priority classes "
+                   "(lower first, under the priority and continuous-sjf policies), e.g. 0:1,1:9; reports "
+                   "each class's latency")
     p.add_argument("--arrival", default="all", help="all, poisson:RATE, gamma:RATE:BURSTINESS")
     p.add_argument("--num-requests", type=positive_int, default=1024)
     p.add_argument("--step-model", default="constant:0.05", help="constant:SECONDS or a JSON file from "

@@ -183,20 +183,22 @@ class AsyncEngine:
 
     async def add(self, prompt: str | Sequence[int], params: SamplingParams,
                   request_id: str | None = None, messages: list[dict[str, Any]] | None = None,
-                  lora_request: LoRARequest | None = None) -> RequestStream:
-        """Add a request (with `lora_request`, generated with that adapter); returns its
+                  lora_request: LoRARequest | None = None, priority: int = 0) -> RequestStream:
+        """Add a request (with `lora_request`, generated with that adapter; `priority` as in
+        `LLMEngine.add_request`); returns its
         `RequestStream` once the engine has accepted it. Raises `ValueError` (a bad request),
         `QueueFull` or `EngineStopped` if it is not accepted."""
         rid = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        await asyncio.wrap_future(self._call(lambda: self._add(rid, prompt, params, stream, messages, lora_request)))
+        await asyncio.wrap_future(self._call(lambda: self._add(rid, prompt, params, stream, messages, lora_request,
+                                                                     priority)))
         return RequestStream(self, rid, stream.queue)
 
     async def generate(self, prompt: str | Sequence[int], params: SamplingParams,
                        request_id: str | None = None,
-                       lora_request: LoRARequest | None = None) -> AsyncIterator[StreamDelta]:
+                       lora_request: LoRARequest | None = None, priority: int = 0) -> AsyncIterator[StreamDelta]:
         """`add`, then yield the request's deltas until it finishes (closing early aborts it)."""
-        stream = await self.add(prompt, params, request_id, lora_request=lora_request)
+        stream = await self.add(prompt, params, request_id, lora_request=lora_request, priority=priority)
         try:
             async for delta in stream:
                 yield delta
@@ -245,14 +247,15 @@ class AsyncEngine:
         return fut
 
     def _add(self, rid: str, prompt: str | Sequence[int], params: SamplingParams, stream: _Stream,
-             messages: list[dict[str, Any]] | None = None, lora_request: LoRARequest | None = None) -> None:
+             messages: list[dict[str, Any]] | None = None, lora_request: LoRARequest | None = None,
+             priority: int = 0) -> None:
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
         waiting = len(self.engine.length.pending) + self.engine.scheduler.num_waiting
         if self.max_waiting is not None and waiting >= self.max_waiting:
             raise QueueFull(f"{waiting} requests are waiting (the bound is {self.max_waiting})")
         self.engine.add_request(prompt if isinstance(prompt, str) else list(prompt), params, request_id=rid,
-                                messages=messages, lora_request=lora_request)
+                                messages=messages, lora_request=lora_request, priority=priority)
         stream.sent_text = [0] * params.n
         stream.sent_tokens = [0] * params.n
         self._streams[rid] = stream

@@ -69,7 +69,8 @@ class LLM:
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool | Callable[..., Any] = True,
-                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[RequestOutput]:
+                 lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+                 priority: Seq[int] | None = None) -> list[RequestOutput]:
         """Generate for every prompt: text, a list of token ids, or a dict with `"prompt"` and/or
         `"prompt_token_ids"` (both: the ids are used, the text is the output's `prompt`) and,
         for benchmarks with the `oracle` predictor, `"true_length"`.
@@ -78,7 +79,8 @@ class LLM:
         (default: the checkpoint's generation defaults). `use_tqdm`: a progress bar, or (as vLLM)
         a tqdm-like class to draw it with. `lora_request`: the LoRA adapter every prompt runs with, or
         a list with one per prompt (None entries: the base model); needs `enable_lora=True`.
-        Returns outputs in prompt order.
+        `priority`: one integer per prompt, lower served first (vLLM's; needs the `priority` or
+        `continuous-sjf` policy unless all are 0). Returns outputs in prompt order.
         """
         prompts = _as_prompt_list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -93,11 +95,17 @@ class LLM:
         else:
             raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got "
                              f"{type(sampling_params).__name__}")
+        if priority is not None:
+            if not isinstance(priority, (list, tuple)):
+                raise ValueError(f"priority must be a list with one integer per prompt, got {type(priority).__name__}")
+            if len(priority) != len(prompts):
+                raise ValueError(f"priority has {len(priority)} entries for {len(prompts)} prompts")
         inputs = [_prompt_input(p, i) for i, p in enumerate(prompts)]
         true_lengths = [p.get("true_length") if isinstance(p, dict) else None for p in prompts]
         outputs = run_to_completion(self.engine, [ids for ids, _ in inputs], params, use_tqdm, true_lengths,
                                     [p.get("messages") if isinstance(p, dict) else None for p in prompts],
-                                    _per_prompt_loras(lora_request, len(prompts)))
+                                    _per_prompt_loras(lora_request, len(prompts)),
+                                    None if priority is None else list(priority))
         for out, (_, text) in zip(outputs, inputs, strict=True):
             if out.prompt is None:
                 out.prompt = text
@@ -132,7 +140,8 @@ class LLM:
 def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params: list[SamplingParams],
                       use_tqdm: bool | Callable[..., Any] = False, true_lengths: list[float | None] | None = None,
                       messages: list[list[dict[str, Any]] | None] | None = None,
-                      lora_requests: list[LoRARequest | None] | None = None) -> list[RequestOutput]:
+                      lora_requests: list[LoRARequest | None] | None = None,
+                      priorities: list[int] | None = None) -> list[RequestOutput]:
     """Queue every prompt on `engine`, step until all are finished, return their outputs in order.
     If anything fails midway (a bad prompt, an interrupt), the requests already queued are aborted."""
     ids: list[str] = []
@@ -141,7 +150,8 @@ def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params:
             hint = None if true_lengths is None else true_lengths[i]
             ids.append(engine.add_request(prompt, sp, true_length=hint,
                                           messages=None if messages is None else messages[i],
-                                          lora_request=None if lora_requests is None else lora_requests[i]).request_id)
+                                          lora_request=None if lora_requests is None else lora_requests[i],
+                                          priority=0 if priorities is None else priorities[i]).request_id)
     except BaseException:
         for rid in ids:  # nothing half-submitted stays queued
             engine.abort_request(rid)

@@ -184,7 +184,7 @@ class LLMEngine:
                     request_id: str | None = None, arrival_time: float | None = None,
                     true_length: float | None = None, eos_after: int | None = None,
                     messages: list[dict[str, Any]] | None = None,
-                    lora_request: LoRARequest | None = None) -> Request:
+                    lora_request: LoRARequest | None = None, priority: int = 0) -> Request:
         """Tokenize (if text), validate and queue a request; returns its state.
 
         For benchmarks only: `true_length` is what the `oracle` predictor returns; `eos_after`
@@ -193,6 +193,8 @@ class LLMEngine:
         the policy seeing them (unlike `max_tokens`, which they read). `messages`: the conversation
         a chat template rendered into `prompt` (the `self` predictor asks inside it). `lora_request`:
         the LoRA adapter to generate with (needs `enable_lora`), loaded here on first use.
+        `priority`: vLLM's; lower is served first, under a policy that orders by it (`priority`,
+        `continuous-sjf`); any other policy refuses a nonzero one rather than ignore it.
         """
         params = params or self.default_sampling_params()
         if not isinstance(params, SamplingParams):
@@ -226,6 +228,11 @@ class LLMEngine:
         if true_length is not None and (isinstance(true_length, bool) or not isinstance(true_length, (int, float))
                                         or not true_length >= 0):
             raise ValueError(f"true_length must be a number of tokens >= 0, got {true_length!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer (lower is served first), got {priority!r}")
+        if priority and not self.scheduler.policy.supports_priority:
+            raise ValueError(f"priority={priority} needs a scheduling policy that orders by priority "
+                             f"('priority' or 'continuous-sjf'); this engine's is {self.config.policy!r}")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} samples cannot run together under max_num_seqs="
                              f"{self.config.max_num_seqs}; raise max_num_seqs or lower n")
@@ -244,7 +251,8 @@ class LLMEngine:
                 raise ValueError("lora_request needs an engine with enable_lora=True")
             self.loras.load(lora_request, self._loras_in_use())
         request = Request(request_id, prompt_ids, params, time.monotonic() if arrival_time is None else arrival_time,
-                          max_tokens, prompt=text, messages=messages, lora_request=lora_request)
+                          max_tokens, prompt=text, messages=messages, lora_request=lora_request,
+                          priority=priority)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(prompt_ids)
         for seq in request.seqs:

@@ -4,9 +4,9 @@ with fake clocks."""
 
 from lengthwise.sched.batching import BatchPolicy, MultiBinPolicy, SequencePolicy, StaticPolicy
 from lengthwise.sched.continuous import ShortestJobFirstPolicy
-from lengthwise.sched.policy import FCFSPolicy, SchedulerView, SchedulingPolicy, make_policy
+from lengthwise.sched.policy import FCFSPolicy, PriorityPolicy, SchedulerView, SchedulingPolicy, make_policy
 from lengthwise.sched.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 
-__all__ = ["BatchPolicy", "FCFSPolicy", "MultiBinPolicy", "ScheduledChunk", "Scheduler", "SchedulerOutput",
-           "SchedulerView", "SchedulingPolicy", "SequencePolicy", "ShortestJobFirstPolicy", "StaticPolicy",
-           "make_policy"]
+__all__ = ["BatchPolicy", "FCFSPolicy", "MultiBinPolicy", "PriorityPolicy", "ScheduledChunk", "Scheduler",
+           "SchedulerOutput", "SchedulerView", "SchedulingPolicy", "SequencePolicy", "ShortestJobFirstPolicy",
+           "StaticPolicy", "make_policy"]

@@ -12,6 +12,11 @@ When the KV cache runs out, the running request that this same priority ranks la
 preempted: the one admission would have taken last. An aged long request is thereby protected;
 preempting by predicted work alone would make it the first victim of every shortage, to wait
 and recompute its context again. `predictive=True` adds predictive admission, as for `fcfs`.
+
+User priorities (`Request.priority`, vLLM's: lower first) are strict classes above all this:
+shortest predicted first with aging within a class, a lower class only when no higher one
+waits, and a waiting request may preempt running ones of a lower class (the scheduler's
+priority preemption). Aging never lifts a request across classes: a class is a promise.
 Pure Python: no torch.
 """
 
@@ -26,6 +31,7 @@ from lengthwise.sequence import Request
 
 class ShortestJobFirstPolicy(SchedulingPolicy):
     name = "continuous-sjf"
+    supports_priority = True
 
     def __init__(self, *, aging: float = 1.0, predictive: bool = False, quantile: float = 0.9) -> None:
         if not aging > 0:
@@ -35,8 +41,13 @@ class ShortestJobFirstPolicy(SchedulingPolicy):
         self.waiting: dict[int, Request] = {}
 
     def priority(self, request: Request, now: float) -> float:
+        """Within a priority class: predicted remaining tokens, less `aging` per second waited."""
         remaining = predicted(request) - max((len(s.output_ids) for s in request.seqs), default=0)
         return remaining - self.aging * (now - request.arrival_time)
+
+    def rank(self, request: Request, now: float) -> tuple[float, float, float]:
+        """Admission order (smallest first) and, from the other end, preemption order."""
+        return request.priority, self.priority(request, now), request.arrival_time
 
     def add(self, request: Request) -> None:
         self.waiting[id(request)] = request
@@ -48,12 +59,15 @@ class ShortestJobFirstPolicy(SchedulingPolicy):
         self.remove(request)
 
     def candidates(self, view: SchedulerView) -> Iterable[Request]:
-        order = sorted(self.waiting.values(), key=lambda r: (self.priority(r, view.now), r.arrival_time))
+        order = sorted(self.waiting.values(), key=lambda r: self.rank(r, view.now))
         order = order[:max(view.seq_slots, 0)]
         return predictive_admission(order, view, self.quantile) if self.predictive else order
 
     def victim(self, running: list[Request], now: float) -> Request:
-        return max(running, key=lambda r: (self.priority(r, now), r.arrival_time))
+        return max(running, key=lambda r: self.rank(r, now))
+
+    def most_urgent(self, now: float) -> Request | None:
+        return min(self.waiting.values(), key=lambda r: self.rank(r, now), default=None)
 
     def __len__(self) -> int:
         return len(self.waiting)

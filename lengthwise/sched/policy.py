@@ -48,6 +48,10 @@ class SchedulingPolicy(ABC):
     # How rows that reach their `cap` are collected: "recompute" (start again from scratch, as
     # the first paper) or "continue" (keep the KV segments and resume later).
     fcr: str | None = None
+    # Whether it orders by `Request.priority` (lower first): the engine refuses a nonzero priority
+    # under a policy that would ignore it (vLLM's rule), and the scheduler lets a waiting request
+    # preempt running ones of a lower priority class (`most_urgent`).
+    supports_priority: bool = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -88,6 +92,11 @@ class SchedulingPolicy(ABC):
         """The running request to preempt when blocks run out (`now`: the scheduler's clock): by
         default the newest arrival, which has the least work to lose and the most time left to wait."""
         return max(running, key=lambda r: r.arrival_time)
+
+    def most_urgent(self, now: float) -> Request | None:
+        """The waiting request this policy would offer first (only policies that
+        `supports_priority` need say: the scheduler preempts for it across priority classes)."""
+        return None
 
     def finished(self, request: Request) -> None:  # noqa: B027 (optional hook)
         """A running request finished (or was aborted); policies that track batches may note it."""
@@ -169,20 +178,25 @@ class FCFSPolicy(SchedulingPolicy):
         check_quantile(quantile)
         self.predictive = predictive
         self.quantile = quantile
-        self._queue: list[tuple[float, int, Request]] = []
-        self._keys: dict[int, tuple[float, int]] = {}
+        self._queue: list[tuple[tuple[float, ...], Request]] = []  # sorted by key
+        self._keys: dict[int, tuple[float, ...]] = {}
         self._tiebreak = count()
 
+    def order(self, request: Request) -> tuple[float, ...]:
+        """The queue's sort key (the first sequence number breaks ties)."""
+        return (request.arrival_time,)
+
     def add(self, request: Request) -> None:
-        key = self._keys.setdefault(id(request), (request.arrival_time, next(self._tiebreak)))
-        bisect.insort(self._queue, (*key, request), key=lambda e: e[:2])
+        # Keyed once: a preempted or collected request goes back to its first place.
+        key = self._keys.setdefault(id(request), (*self.order(request), next(self._tiebreak)))
+        bisect.insort(self._queue, (key, request), key=lambda e: e[0])
 
     def remove(self, request: Request) -> bool:
         key = self._keys.get(id(request))
         if key is None:
             return False
-        i = bisect.bisect_left(self._queue, key, key=lambda e: e[:2])
-        if i < len(self._queue) and self._queue[i][2] is request:
+        i = bisect.bisect_left(self._queue, key, key=lambda e: e[0])
+        if i < len(self._queue) and self._queue[i][1] is request:
             del self._queue[i]
             del self._keys[id(request)]
             return True
@@ -190,7 +204,7 @@ class FCFSPolicy(SchedulingPolicy):
 
     def candidates(self, view: SchedulerView) -> Iterable[Request]:
         # A copy (admission mutates the queue), and no longer than could possibly be admitted.
-        out = [e[2] for e in self._queue[:max(view.seq_slots, 0)]]
+        out = [e[1] for e in self._queue[:max(view.seq_slots, 0)]]
         return predictive_admission(out, view, self.quantile) if self.predictive else out
 
     def admitted(self, request: Request) -> None:
@@ -198,6 +212,26 @@ class FCFSPolicy(SchedulingPolicy):
 
     def __len__(self) -> int:
         return len(self._queue)
+
+
+class PriorityPolicy(FCFSPolicy):
+    """vLLM's `priority` scheduling: the lowest `Request.priority` first, arrival order within a
+    priority. When the cache runs out, the running request of the highest priority value (the
+    newest among equals) is preempted; a waiting request that does not fit is let in by
+    preempting running requests of a strictly higher priority value (the scheduler's priority
+    preemption). Options as for `fcfs`."""
+
+    name = "priority"
+    supports_priority = True
+
+    def order(self, request: Request) -> tuple[float, ...]:
+        return (request.priority, request.arrival_time)
+
+    def victim(self, running: list[Request], now: float) -> Request:
+        return max(running, key=lambda r: (r.priority, r.arrival_time))
+
+    def most_urgent(self, now: float) -> Request | None:
+        return self._queue[0][1] if self._queue else None
 
 
 SchedulingPolicy.registry["continuous"] = FCFSPolicy  # the issue's name for continuous FCFS

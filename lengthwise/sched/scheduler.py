@@ -180,6 +180,12 @@ class Scheduler:
             cap = self.policy.cap(request)
             if cap is not None and request.prompt_done and max(len(s.output_ids) for s in request.active_seqs) >= cap:
                 self._collect(request, out)
+        if self.policy.supports_priority and self.running:
+            # The most urgent class (lowest value) is continued first (stable: admission order
+            # within a class), so a block shortage mid-step preempts from the other end (`victim`
+            # sees only the requests not yet planned).
+            self.running.sort(key=lambda r: r.priority)
+            self._preempt_for_priority(out)
         budget = self.max_num_batched_tokens
         drafting = self.proposer is not None and (
             self.draft_max_batch is None or self.num_running_seqs <= self.draft_max_batch)
@@ -226,6 +232,38 @@ class Scheduler:
             request.num_prompt_computed = 0
             out.restarted.append(request)
         self.policy.collected(request)
+
+    def _preempt_for_priority(self, out: SchedulerOutput) -> None:
+        """Priority preemption (vLLM's): while the waiting request the policy offers first is of a
+        more urgent class (lower `priority`) than a running one and could not be admitted now
+        (no sequence slot, or too few free blocks for its prompt and first tokens), preempt the
+        running request the policy ranks last. Without it an urgent request would wait for a
+        long, unimportant batch to finish."""
+        now = self.clock()
+        while self.running:
+            head = self.policy.most_urgent(now)
+            if head is None:
+                return
+            victim = self.policy.victim(self.running, now)
+            if victim.priority <= head.priority or self._admissible(head):
+                return
+            self._preempt(victim)
+            out.preempted.append(victim)
+
+    def _admissible(self, request: Request) -> bool:
+        """Whether `request` has a sequence slot and the blocks to start now (a cached prefix is not
+        looked up: a request that would fit only thanks to it still preempts, so the test errs on
+        the urgent request's side). An adapter that cannot have a place counts as admissible:
+        preempting for blocks would not let it in."""
+        seqs = request.active_seqs
+        if self.num_running_seqs + len(seqs) > self.max_num_seqs:
+            return False
+        if self.max_loras is not None and request.lora_id:
+            adapters = {r.lora_id for r in self.running if r.lora_id}
+            if request.lora_id not in adapters and len(adapters) >= self.max_loras:
+                return True
+        need = self.kv.blocks_for(request.prompt_len) + sum(self.kv.blocks_for(len(s.output_ids) + 1) for s in seqs)
+        return self.kv.num_free_blocks - need >= self.watermark_blocks
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
         """Admit waiting requests in the policy's order while they fit; returns the running sequences."""

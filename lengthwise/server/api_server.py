@@ -352,7 +352,8 @@ def build_app(state: ServerState) -> FastAPI:
         streams: list[RequestStream] = []
         try:
             for k, ids in enumerate(prompts):
-                streams.append(await _accept(state.engine, ids, params, f"{rid}-{k}", messages, lora))
+                streams.append(await _accept(state.engine, ids, params, f"{rid}-{k}", messages, lora,
+                                              req.priority))
         except BaseException:
             for stream in streams:  # the prompts accepted before the refusal: abort them
                 stream.close()
@@ -445,10 +446,11 @@ def _completion_prompts(prompt: Any, tokenizer: Tokenizer) -> list[tuple[list[in
 
 
 async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams, rid: str,
-                  messages: list[dict[str, Any]] | None = None, lora: LoRARequest | None = None) -> RequestStream:
+                  messages: list[dict[str, Any]] | None = None, lora: LoRARequest | None = None,
+                  priority: int = 0) -> RequestStream:
     """Add a request; the engine's refusal becomes an `ApiError`."""
     try:
-        return await engine.add(ids, params, rid, messages, lora)
+        return await engine.add(ids, params, rid, messages, lora, priority)
     except QueueFull as e:
         raise ApiError(429, f"the server is busy: {e}; retry later", type_="rate_limit_error",
                        code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -458,7 +460,8 @@ async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams, r
     except ValueError as e:  # the engine's own checks: name the request field that decides it
         msg = str(e)
         first = msg.split(" ", 1)[0]
-        param = ("n" if msg.startswith("n=") else "max_tokens" if "KV blocks" in msg
+        param = ("n" if msg.startswith("n=") else "priority" if msg.startswith("priority")
+                 else "max_tokens" if "KV blocks" in msg
                  else first if first in ("logit_bias", "stop_token_ids")
                  else "model" if lora is not None and ("lora" in msg or "adapter" in msg) else "prompt")
         raise ApiError(400, msg, param) from None

@@ -65,6 +65,8 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # Lower is served first; needs a server started with --policy priority or continuous-sjf.
+    priority: int = 0
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and older guided_*.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
