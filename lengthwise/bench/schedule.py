@@ -93,8 +93,10 @@ def _split_options(text: str) -> list[str]:
     return items
 
 
-def draw_priorities(spec: str, n: int, rng: np.random.Generator) -> list[int]:
-    """`n` priority classes drawn from `CLASS:WEIGHT,...` (e.g. `0:1,1:9`: a tenth urgent)."""
+def draw_priorities(spec: str, n: int, seed: int) -> list[int]:
+    """`n` priority classes drawn from `CLASS:WEIGHT,...` (e.g. `0:1,1:9`: a tenth urgent), from a
+    stream of their own (`seed` + 1), so that `bench schedule` and `simulate` give request i the
+    same class."""
     classes, weights = [], []
     for part in spec.split(","):
         cls, sep, weight = part.partition(":")
@@ -106,7 +108,7 @@ def draw_priorities(spec: str, n: int, rng: np.random.Generator) -> list[int]:
     if not all(w > 0 for w in weights) or len(set(classes)) != len(classes):
         raise ValueError(f"--priorities {spec!r}: each class once, with a weight > 0")
     p = np.asarray(weights) / sum(weights)
-    return [classes[k] for k in rng.choice(len(classes), size=n, p=p)]
+    return [classes[k] for k in np.random.default_rng(seed + 1).choice(len(classes), size=n, p=p)]
 
 
 def per_class_latency(done: list[Any], class_of: dict[str, int]) -> dict[str, dict[str, float]]:
@@ -185,8 +187,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
                              f"{label}'s context of {context}: use a model with a longer context or fewer requests")
     arrivals = ([0.0] * len(lengths) if args.request_rate is None else
                 np.cumsum(np.random.default_rng(args.seed).exponential(1 / args.request_rate, len(lengths))).tolist())
-    priorities = (draw_priorities(args.priorities, len(lengths), np.random.default_rng(args.seed + 1))
-                  if args.priorities else None)
+    priorities = draw_priorities(args.priorities, len(lengths), args.seed) if args.priorities else None
     kv_bytes = None
     if args.kv_cache_tokens is not None:
         if args.kv_cache_tokens < 1:

@@ -192,8 +192,8 @@ def make_workload(args: argparse.Namespace) -> Workload:
         dist = tuple(args.lengths.split(":"))
     predicted = predict(args.predictions, ids, lengths, rng)
     arrivals = draw_arrivals(args.arrival, n, rng)
-    # Drawn last, so that a workload without them is the same as before they existed.
-    priorities = draw_priorities(args.priorities, n, rng) if args.priorities else None
+    # Their own stream, as `bench schedule` draws them: request i has the same class in both.
+    priorities = draw_priorities(args.priorities, n, args.seed) if args.priorities else None
     return Workload(ids, prompt_lens, lengths, predicted, arrivals, dist, prompt_ids, priorities)
 
 
