@@ -178,3 +178,28 @@ def test_prefix_cache_off_matches_nothing():
     m.cache_prompt("a", list(range(9)), 9)
     m.add_sequence("b0", "b")
     assert m.match_prefix("b", list(range(9))) == 0
+
+
+def test_shared_prefix_blocks_and_reclaimable_predict_what_admission_and_freeing_do():
+    """What priority preemption reads without touching anything: the cached prefix blocks a new
+    prompt would share with running requests, and the blocks freeing a request would return."""
+    kv = KVBlockManager(num_blocks=20, block_size=4, enable_prefix_caching=True)
+    prompt = list(range(1, 14))  # 13 tokens: 3 full blocks + 1
+    kv.add_sequence("a-0", "a")
+    kv.add_sequence("a-1", "a")  # two samples share the prompt segment
+    assert kv.grow_prompt("a", 13) and kv.grow_response("a-0", 5) and kv.grow_response("a-1", 1)
+    kv.cache_prompt("a", prompt, 13)
+    longer = prompt + [99, 98, 97]
+    assert kv.shared_prefix_blocks(longer) == 3  # held by "a": a request with it needs 3 fewer
+    assert kv.shared_prefix_blocks(longer, namespace=7) == 0  # another adapter's cache
+    assert kv.reclaimable(["a-0", "a-1"]) == 4 + 2 + 1  # prompt + both responses
+    assert kv.reclaimable(["a-0"]) == 2  # one sample alone keeps the shared prompt
+    kv.add_sequence("b-0", "b")
+    assert kv.match_prefix("b", longer) == 12
+    assert kv.reclaimable(["a-0", "a-1"]) == 1 + 3  # "b" now shares the 3 cached blocks
+    free = kv.num_free_blocks
+    kv.free_sequence("a-0")
+    kv.free_sequence("a-1")
+    assert kv.num_free_blocks == free + 4 and kv.reclaimable(["a-0"]) == 0
+    kv.free_sequence("b-0")
+    assert kv.shared_prefix_blocks(longer) == 0  # still cached, but on the free list: saves nothing

@@ -50,10 +50,10 @@ def req(rid: str, prompt_len: int, true_len: int, predicted: float | None = None
 def drive(policy, requests: list[Request], *, num_blocks: int = 400, block_size: int = 4, max_num_seqs: int = 64,
           budget: int = 256, clock: FakeClock | None = None, step_s: float = 1.0,
           arrivals: dict[float, list[Request]] | None = None, prefix_caching: bool = False,
-          limit: int = 20_000) -> tuple[Run, Scheduler]:
+          limit: int = 20_000, max_loras: int | None = None) -> tuple[Run, Scheduler]:
     clock = clock or FakeClock()
     s = Scheduler(policy, num_blocks, block_size, max_num_seqs, budget, clock=clock,
-                  enable_prefix_caching=prefix_caching)
+                  enable_prefix_caching=prefix_caching, max_loras=max_loras)
     run = Run()
     pending = sorted((arrivals or {0.0: requests}).items())
     while pending or s.has_unfinished():
@@ -356,6 +356,82 @@ def test_a_block_shortage_preempts_the_least_urgent_running_request():
     run, _ = drive(make_policy("priority"), [], arrivals={0.0: [low], 1.0: [high]}, num_blocks=15)
     assert "low" in run.preempted and "high" not in run.preempted
     assert run.finished == expected([low, high])
+
+
+@pytest.mark.parametrize("name", ["priority", "continuous-sjf"])
+def test_priority_preemption_follows_predictive_admission(name):
+    """Under predictive admission a request is let in by its predicted need, not its first block:
+    an urgent request that the blocks would take but the prediction would not still preempts the
+    less urgent one (else it waited for it to finish, which was then preempted anyway)."""
+    long_ = req("long", 8, true_len=100, predicted=100, priority=1, max_tokens=100)
+    urgent = req("urgent", 8, true_len=3, predicted=3, priority=0, arrival=2.0, max_tokens=100)
+    run, _ = drive(make_policy(name, {"predictive": True}), [], arrivals={0.0: [long_], 2.0: [urgent]},
+                   num_blocks=28, max_num_seqs=8)
+    assert run.preempted == ["long"] and run.finish_time["urgent"] == 4.0
+    assert run.finished == expected([long_, urgent])
+
+
+def test_no_preemption_that_cannot_let_the_urgent_request_in():
+    """An urgent request that would not fit even with every less urgent request gone (an equal
+    holds the cache) preempts no one: the short less urgent request finishes undisturbed."""
+    hi = req("hi-run", 40, true_len=30, priority=0, max_tokens=30)
+    lo = req("lo-run", 4, true_len=8, priority=1, max_tokens=30)
+    urgent = req("urgent", 40, true_len=3, priority=0, arrival=2.0, max_tokens=30)
+    run, _ = drive(make_policy("priority"), [], arrivals={0.0: [hi, lo], 2.0: [urgent]}, num_blocks=22)
+    assert run.preempted == [] and run.finish_time["lo-run"] == 7.0
+    assert run.finished == expected([hi, lo, urgent])
+
+
+def test_a_prompt_prefix_shared_with_a_running_request_is_not_preempted_for():
+    """Prefix caching: the urgent prompt extends the running one's, whose blocks it will share, so
+    it fits without preempting anyone (counting its whole prompt preempted the running request
+    only to admit it again in the same step, its answer's KV lost)."""
+    running = req("running", 40, true_len=30, priority=1, max_tokens=30)
+    urgent = req("urgent", 44, true_len=3, priority=0, max_tokens=30, arrival=12.0)
+    run, _ = drive(make_policy("priority"), [], arrivals={0.0: [running], 12.0: [urgent]}, num_blocks=22,
+                   prefix_caching=True)
+    assert run.preempted == [] and run.prefill["urgent"] == 4  # 40 prompt tokens shared
+    assert run.finished == expected([running, urgent])
+
+
+def test_priority_preemption_makes_room_for_an_adapter_and_never_readmits_its_victims_at_once():
+    """max_loras=1: an urgent request of another adapter needs the adapter's place and two slots:
+    both less urgent requests (one adapter) are preempted once, it runs at once, they resume."""
+    from lengthwise.lora.request import LoRARequest
+
+    a, b = LoRARequest("a", 1, "/a"), LoRARequest("b", 2, "/b")
+    first = req("first", 8, true_len=40, priority=1, max_tokens=40)
+    second = req("second", 8, true_len=40, priority=1, max_tokens=40, arrival=0.5)
+    first.lora_request = second.lora_request = a
+    urgent = Request("urgent", list(range(1, 9)), SamplingParams(max_tokens=40, n=2), 2.0, 40, priority=0,
+                     lora_request=b)
+    urgent.true_len = 3  # type: ignore[attr-defined]
+    run, _ = drive(make_policy("priority"), [], arrivals={0.0: [first, second], 2.0: [urgent]}, max_num_seqs=3,
+                   max_loras=1)
+    assert sorted(run.preempted) == ["first", "second"] and run.finish_time["urgent"] == 4.0
+    assert run.prefill == {"first": 16, "second": 16, "urgent": 8}  # each recomputed its prompt once
+
+
+@pytest.mark.parametrize("name", ["fcfs", "priority"])
+def test_a_preempted_request_goes_back_to_its_place_among_equals(name):
+    """Requests that arrived together keep their order across a preemption (vLLM puts a preempted
+    request back at the queue's front): its key lives while it runs and goes when it finishes."""
+    policy = make_policy(name)
+    r0, r1, r2 = (req(str(i), 4, true_len=5) for i in range(3))
+    for r in (r0, r1, r2):
+        policy.add(r)
+    view = SchedulerView(now=0.0, num_running_requests=0, num_running_seqs=0, num_free_blocks=100,
+                         num_blocks=100, seq_slots=8, block_size=4)
+    policy.admitted(r0)
+    assert list(policy.candidates(view)) == [r1, r2]
+    policy.preempted(r0)
+    assert list(policy.candidates(view)) == [r0, r1, r2]
+    policy.admitted(r0)
+    policy.finished(r0)
+    assert not policy.remove(r0) and policy.remove(r1) and list(policy.candidates(view)) == [r2]
+    assert len(policy._keys) == 1  # only r2's: nothing kept for finished or removed requests
+    # Among equal arrivals the victim is the last admitted, which has the least work to lose.
+    assert policy.victim([r0, r1, r2], now=0.0) is r2
 
 
 def test_sjf_orders_by_priority_class_before_predicted_length_and_aging():

@@ -474,6 +474,7 @@ def test_structured_outputs_hold_answers_to_json_and_choices(client):
     ({"model": NAME, "prompt": ["hi"] * 51}, "prompt"),  # more prompts than --max-waiting 50 could ever queue
     ({"model": NAME, "prompt": "hi", "priority": 1}, "priority"),  # this server's fcfs would ignore it
     ({"model": NAME, "prompt": "hi", "priority": "high"}, "priority"),
+    ({"model": NAME, "prompt": "hi", "priority": True}, "priority"),  # strict: not read as 1
 ])
 def test_bad_completion_requests_get_400_naming_the_parameter(server, body, param):
     status, err = _post(server, "/v1/completions", body)
@@ -612,10 +613,12 @@ def test_a_priority_server_takes_priorities_and_a_busy_one_serves_the_urgent_fir
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             slow = pool.submit(send, "long", 1, 480)
-            for _ in range(200):  # until the long one is running
+            for _ in range(500):  # until the long one is running
                 if _metrics(base).get("lengthwise:num_requests_running", 0) >= 1:
                     break
                 time.sleep(0.02)
+            else:
+                pytest.fail("the long request never started")
             fast = pool.submit(send, "urgent", 0, 2)
             fast.result(timeout=60)
             slow.result(timeout=120)

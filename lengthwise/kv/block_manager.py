@@ -174,6 +174,34 @@ class KVBlockManager:
         prompt.num_tokens = len(matched) * self.block_size
         return prompt.num_tokens
 
+    def shared_prefix_blocks(self, tokens: Sequence[int], namespace: int = 0) -> int:
+        """How many blocks of the longest cached prefix of `tokens` (as `match_prefix` would find
+        it) are held by running requests now, so that a request with this prompt would share them
+        rather than need blocks of its own (a cached block on the free list saves nothing: taking
+        it back takes it off the free list). Reads only."""
+        if not self.enable_prefix_caching:
+            return 0
+        shared = 0
+        for key in self._keys(tokens, (len(tokens) - 1) // self.block_size, namespace):
+            block = self._cached.get(key)
+            if block is None:
+                break
+            shared += self.pool.refcount(block) > 0
+        return shared
+
+    def reclaimable(self, seq_ids: Sequence[str]) -> int:
+        """Blocks that freeing all of `seq_ids` (every attached sample of one request) would return
+        to the free list: their response blocks, and the prompt blocks no other request shares
+        (a prefix another request reuses stays). Unknown ids count nothing."""
+        blocks: dict[int, int] = {}
+        for seq_id in seq_ids:
+            response = self._responses.get(seq_id)
+            if response is None:
+                continue
+            for b in (*response.blocks, *self._prompts[self._request_of[seq_id]].blocks):
+                blocks[b] = blocks.get(b, 0) + 1
+        return sum(self.pool.refcount(b) == n for b, n in blocks.items())
+
     def cache_prompt(self, request_id: str, tokens: Sequence[int], num_computed: int, namespace: int = 0) -> None:
         """Offer the request's full prompt blocks within its first `num_computed` tokens (their keys
         and values written) as prefixes for later requests of the same `namespace` (see

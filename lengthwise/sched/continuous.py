@@ -69,5 +69,8 @@ class ShortestJobFirstPolicy(SchedulingPolicy):
     def most_urgent(self, now: float) -> Request | None:
         return min(self.waiting.values(), key=lambda r: self.rank(r, now), default=None)
 
+    def admits(self, request: Request, view: SchedulerView) -> bool:
+        return not self.predictive or bool(predictive_admission([request], view, self.quantile))
+
     def __len__(self) -> int:
         return len(self.waiting)

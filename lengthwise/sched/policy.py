@@ -90,13 +90,19 @@ class SchedulingPolicy(ABC):
 
     def victim(self, running: list[Request], now: float) -> Request:
         """The running request to preempt when blocks run out (`now`: the scheduler's clock): by
-        default the newest arrival, which has the least work to lose and the most time left to wait."""
-        return max(running, key=lambda r: r.arrival_time)
+        default the newest arrival, which has the least work to lose and the most time left to wait
+        (among equal arrivals the last admitted: `running` is in admission order)."""
+        return max(reversed(running), key=lambda r: r.arrival_time)
 
     def most_urgent(self, now: float) -> Request | None:
         """The waiting request this policy would offer first (only policies that
         `supports_priority` need say: the scheduler preempts for it across priority classes)."""
         return None
+
+    def admits(self, request: Request, view: SchedulerView) -> bool:
+        """Whether this policy's own admission test (beyond slots and blocks, which the scheduler
+        checks) would let `request` in given `view`: the scheduler asks before preempting for it."""
+        return True
 
     def finished(self, request: Request) -> None:  # noqa: B027 (optional hook)
         """A running request finished (or was aborted); policies that track batches may note it."""
@@ -187,28 +193,40 @@ class FCFSPolicy(SchedulingPolicy):
         return (request.arrival_time,)
 
     def add(self, request: Request) -> None:
-        # Keyed once: a preempted or collected request goes back to its first place.
+        # Keyed once, the key kept while it runs: a preempted request goes back to its first place
+        # (ahead of its equals that arrived with it, as vLLM puts it back at the queue's front).
         key = self._keys.setdefault(id(request), (*self.order(request), next(self._tiebreak)))
         bisect.insort(self._queue, (key, request), key=lambda e: e[0])
 
-    def remove(self, request: Request) -> bool:
+    def _unqueue(self, request: Request) -> bool:
         key = self._keys.get(id(request))
         if key is None:
             return False
         i = bisect.bisect_left(self._queue, key, key=lambda e: e[0])
         if i < len(self._queue) and self._queue[i][1] is request:
             del self._queue[i]
-            del self._keys[id(request)]
             return True
         return False
+
+    def remove(self, request: Request) -> bool:
+        if not self._unqueue(request):
+            return False
+        del self._keys[id(request)]
+        return True
 
     def candidates(self, view: SchedulerView) -> Iterable[Request]:
         # A copy (admission mutates the queue), and no longer than could possibly be admitted.
         out = [e[1] for e in self._queue[:max(view.seq_slots, 0)]]
         return predictive_admission(out, view, self.quantile) if self.predictive else out
 
+    def admits(self, request: Request, view: SchedulerView) -> bool:
+        return not self.predictive or bool(predictive_admission([request], view, self.quantile))
+
     def admitted(self, request: Request) -> None:
-        self.remove(request)
+        self._unqueue(request)
+
+    def finished(self, request: Request) -> None:
+        self._keys.pop(id(request), None)
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -228,7 +246,7 @@ class PriorityPolicy(FCFSPolicy):
         return (request.priority, request.arrival_time)
 
     def victim(self, running: list[Request], now: float) -> Request:
-        return max(running, key=lambda r: (r.priority, r.arrival_time))
+        return max(reversed(running), key=lambda r: (r.priority, r.arrival_time))
 
     def most_urgent(self, now: float) -> Request | None:
         return self._queue[0][1] if self._queue else None

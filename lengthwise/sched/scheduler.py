@@ -180,6 +180,7 @@ class Scheduler:
             cap = self.policy.cap(request)
             if cap is not None and request.prompt_done and max(len(s.output_ids) for s in request.active_seqs) >= cap:
                 self._collect(request, out)
+        self._preempted_now: set[int] = set()  # by priority preemption this step: not re-admitted in it
         if self.policy.supports_priority and self.running:
             # The most urgent class (lowest value) is continued first (stable: admission order
             # within a class), so a block shortage mid-step preempts from the other end (`victim`
@@ -234,36 +235,53 @@ class Scheduler:
         self.policy.collected(request)
 
     def _preempt_for_priority(self, out: SchedulerOutput) -> None:
-        """Priority preemption (vLLM's): while the waiting request the policy offers first is of a
-        more urgent class (lower `priority`) than a running one and could not be admitted now
-        (no sequence slot, or too few free blocks for its prompt and first tokens), preempt the
-        running request the policy ranks last. Without it an urgent request would wait for a
-        long, unimportant batch to finish."""
+        """Priority preemption (vLLM V0's): when the waiting request the policy offers first is of a
+        more urgent class (lower `priority`) than some running ones and could not start now, but
+        could once those were gone, preempt them, the one the policy ranks last first, until it
+        can. Without it an urgent request would wait for a long, unimportant batch to finish; a
+        request that preempting could not let in (a busier class holds the cache) preempts no one."""
         now = self.clock()
-        while self.running:
-            head = self.policy.most_urgent(now)
-            if head is None:
-                return
+        head = self.policy.most_urgent(now)
+        if head is None:
+            return
+        lower = [r for r in self.running if r.priority > head.priority]
+        if not lower or self._admissible(head, now) or not self._admissible(head, now, without=lower):
+            return
+        while not self._admissible(head, now):
             victim = self.policy.victim(self.running, now)
-            if victim.priority <= head.priority or self._admissible(head):
+            if victim.priority <= head.priority:  # (cannot happen: preempting all of `lower` lets it in)
                 return
             self._preempt(victim)
             out.preempted.append(victim)
+            self._preempted_now.add(id(victim))
 
-    def _admissible(self, request: Request) -> bool:
-        """Whether `request` has a sequence slot and the blocks to start now (a cached prefix is not
-        looked up: a request that would fit only thanks to it still preempts, so the test errs on
-        the urgent request's side). An adapter that cannot have a place counts as admissible:
-        preempting for blocks would not let it in."""
+    def _admissible(self, request: Request, now: float, without: list[Request] | None = None) -> bool:
+        """Whether `request` could start now, were the running requests `without` preempted first: a
+        sequence slot, its adapter's place, blocks for its prompt (less a cached prefix running
+        requests hold) and first token above the watermark, and the policy's own test
+        (`admits`: predictive admission)."""
+        gone = {id(r) for r in without or ()}
+        running = [r for r in self.running if id(r) not in gone]
+        num_seqs = sum(len(r.active_seqs) for r in running)
         seqs = request.active_seqs
-        if self.num_running_seqs + len(seqs) > self.max_num_seqs:
+        if num_seqs + len(seqs) > self.max_num_seqs:
             return False
         if self.max_loras is not None and request.lora_id:
-            adapters = {r.lora_id for r in self.running if r.lora_id}
+            adapters = {r.lora_id for r in running if r.lora_id}
             if request.lora_id not in adapters and len(adapters) >= self.max_loras:
-                return True
-        need = self.kv.blocks_for(request.prompt_len) + sum(self.kv.blocks_for(len(s.output_ids) + 1) for s in seqs)
-        return self.kv.num_free_blocks - need >= self.watermark_blocks
+                return False
+        kv = self.kv
+        free = kv.num_free_blocks + sum(kv.reclaimable([s.seq_id for s in r.seqs]) for r in without or ())
+        shared = (0 if request.params.prompt_logprobs is not None
+                  else kv.shared_prefix_blocks(request.prompt_ids, request.lora_id))
+        need = kv.blocks_for(request.prompt_len) - shared + sum(kv.blocks_for(len(s.output_ids) + 1) for s in seqs)
+        if free - need < (self.watermark_blocks if running else 0):
+            return False
+        view = SchedulerView(now=now, num_running_requests=len(running), num_running_seqs=num_seqs,
+                             num_free_blocks=free, num_blocks=kv.pool.num_blocks,
+                             seq_slots=self.max_num_seqs - num_seqs, block_size=kv.block_size,
+                             max_num_seqs=self.max_num_seqs, running=tuple(running))
+        return self.policy.admits(request, view)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
         """Admit waiting requests in the policy's order while they fit; returns the running sequences."""
@@ -277,6 +295,8 @@ class Scheduler:
         for request in self.policy.candidates(view):
             if budget <= 0:
                 break
+            if id(request) in self._preempted_now:
+                continue
             seqs = request.active_seqs
             if num_seqs + len(seqs) > self.max_num_seqs:
                 break
