@@ -104,6 +104,7 @@ class Scheduler:
         self.max_loras = max_loras
         self.lora_turn_steps = lora_turn_steps
         self._adapter_since: dict[int, int] = {}  # adapter -> the step it last entered the running set
+        self._preempted_now: set[int] = set()  # by priority preemption this step: not re-admitted in it
         self.num_steps = 0
 
     # -- requests in and out -------------------------------------------------------------------
@@ -180,7 +181,7 @@ class Scheduler:
             cap = self.policy.cap(request)
             if cap is not None and request.prompt_done and max(len(s.output_ids) for s in request.active_seqs) >= cap:
                 self._collect(request, out)
-        self._preempted_now: set[int] = set()  # by priority preemption this step: not re-admitted in it
+        self._preempted_now.clear()
         if self.policy.supports_priority and self.running:
             # The most urgent class (lowest value) is continued first (stable: admission order
             # within a class), so a block shortage mid-step preempts from the other end (`victim`
