@@ -1,5 +1,6 @@
 """lengthwise: an LLM inference engine that perceives response lengths before decoding and schedules on them."""
 
+from lengthwise.beam_search import BeamSearchParams
 from lengthwise.config import EngineConfig
 from lengthwise.engine import LLM, Generation, LLMEngine, RequestOutput, generate
 from lengthwise.model import CausalLM, CheckpointError, ModelConfig, load_model
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM",
+    "BeamSearchParams",
     "CausalLM",
     "CheckpointError",
     "EngineConfig",

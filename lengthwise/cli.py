@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lengthwise.argtypes import add_precision_arguments, add_speculative_argument, kv_memory
+from lengthwise.beam_search import BeamSearchParams
 from lengthwise.engine import LLM
 from lengthwise.engine.llm_engine import generation_defaults
 from lengthwise.model import CheckpointError
@@ -32,6 +33,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible output")
     p.add_argument("--n", type=int, default=1, help="samples per prompt, sharing one prompt KV segment (default 1)")
+    p.add_argument("--beam-width", type=int, default=None,
+                   help="beam search with this many beams instead of sampling: prints the best answers, best first")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="with --beam-width: answers ranked by cumulative logprob / length ** this (default 1)")
     p.add_argument("--stop", action="append", default=None,
                    help="stop string; repeat for several (a newline from a shell: $'\\n')")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -86,6 +91,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = llm.tokenizer
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer.json, so text prompts cannot be encoded")
+    if args.length_penalty is not None and args.beam_width is None:
+        raise ValueError("--length-penalty needs --beam-width (it ranks beam search answers)")
+    if args.beam_width is not None:
+        return _beam_search(llm, args, generation_defaults(model_dir).get("max_tokens", DEFAULT_MAX_TOKENS))
     sampling = generation_defaults(model_dir)
     for name in ("temperature", "top_p", "top_k"):
         if getattr(args, name) is not None:
@@ -116,6 +125,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                 label = f"{i}.{c.index}" if len(out.outputs) > 1 else f"{i}"
                 print(f"--- [{label}] {args.prompt[i]!r} ({c.finish_reason}, {len(c.token_ids)} tokens)")
             print(c.text)
+    return 0
+
+
+def _beam_search(llm: LLM, args: argparse.Namespace, default_max_tokens: int) -> int:
+    """`generate --beam-width`: each prompt's answers, best first, with their scores."""
+    sampling = {"--temperature": args.temperature, "--top-p": args.top_p, "--top-k": args.top_k,
+                "--seed": args.seed, "--stop": args.stop, "--n": None if args.n == 1 else args.n}
+    given = [flag for flag, value in sampling.items() if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be used with --beam-width (the search picks the tokens; "
+                         f"--beam-width answers are returned)")
+    params = BeamSearchParams(beam_width=args.beam_width,
+                              length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
+                              max_tokens=default_max_tokens if args.max_tokens is None else args.max_tokens)
+    if args.chat:
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [{"prompt_token_ids": llm.tokenizer.encode_chat([*system, {"role": "user", "content": t}], True)}
+                   for t in args.prompt]
+    else:
+        prompts = list(args.prompt)
+    for i, out in enumerate(llm.beam_search(prompts, params, use_tqdm=len(args.prompt) > 1)):
+        for k, answer in enumerate(out.sequences):
+            print(f"--- [{i}.{k}] {args.prompt[i]!r} (score {answer.score:.3f}, {answer.finish_reason}, "
+                  f"{len(answer.logprobs)} tokens)")
+            print(answer.text)
     return 0
 
 

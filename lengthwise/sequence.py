@@ -66,6 +66,9 @@ class Request:
     messages: list[dict[str, Any]] | None = None  # the conversation, when a chat template rendered the prompt
     lora_request: LoRARequest | None = None  # the LoRA adapter it runs with (None: the base model)
     priority: int = 0                    # lower runs first under a policy that orders by priority (vLLM's)
+    # Beam search (a BeamSearchParams): its `n` sequences are the beams, stepped together, and the
+    # engine, not the sampler, picks their tokens. None: sampling.
+    beam: Any = None
     predicted_length: float | None = None  # filled by a length predictor, read by policies
     prediction: Any = None               # the full LengthPrediction (distribution, quantiles), if any
     status: RequestStatus = RequestStatus.WAITING

@@ -201,6 +201,21 @@ def random_model(tmp_path_factory):
     return random_model_dir(seed=0, cache_dir=tmp_path_factory.mktemp("lw-cache"))
 
 
+def spy_graph_runs(monkeypatch) -> list[int]:
+    """The rows of every decode step that goes through `DecodeGraphs.run` from now on."""
+    from lengthwise.engine.cuda_graph import DecodeGraphs
+
+    calls: list[int] = []
+    real_run = DecodeGraphs.run
+
+    def counting_run(self, rows):
+        calls.append(len(rows.token_ids))
+        return real_run(self, rows)
+
+    monkeypatch.setattr(DecodeGraphs, "run", counting_run)
+    return calls
+
+
 def graphed_and_plain_decode(model, monkeypatch, graph_batch: int = 4):
     """Run the same five requests through an engine whose decode steps of up to `graph_batch` rows
     go through `DecodeGraphs` (CUDA graphs on a GPU, the same static buffers eagerly elsewhere) and
@@ -209,21 +224,13 @@ def graphed_and_plain_decode(model, monkeypatch, graph_batch: int = 4):
     rows, and starts above `graph_batch` (the eager fallback)."""
     from lengthwise import SamplingParams
     from lengthwise.config import EngineConfig
-    from lengthwise.engine.cuda_graph import DecodeGraphs
     from lengthwise.engine.llm import run_to_completion
     from lengthwise.engine.llm_engine import LLMEngine
 
     prompts = [[5, 17, 9, 3, 50], list(range(10, 40)), [7], [1, 2, 3], [8, 8, 8, 8, 8, 8, 8, 8, 9]]
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, logprobs=2, n=n)
               for m, n in ((14, 1), (11, 1), (8, 1), (5, 1), (3, 2))]
-    calls = []
-    real_run = DecodeGraphs.run
-
-    def counting_run(self, rows):
-        calls.append(len(rows.token_ids))
-        return real_run(self, rows)
-
-    monkeypatch.setattr(DecodeGraphs, "run", counting_run)
+    calls = spy_graph_runs(monkeypatch)
     outs = {}
     for batch in (graph_batch, 0):
         monkeypatch.setattr(LLMEngine, "_graph_batch", lambda self, b=batch: b)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,25 @@ def test_generate_prints_the_greedy_completion(capsys):
                  "--max-tokens", "12", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(" girl named Lily. She loved to play")  # the continuation's own leading space
+
+
+@requires_stories
+def test_generate_with_beam_search_prints_the_answers_best_first(capsys):
+    from lengthwise import LLM, BeamSearchParams
+
+    prompt = "Once upon a time, there was a little"
+    assert main(["generate", str(STORIES), "--prompt", prompt, "--max-tokens", "12", "--device", "cpu",
+                 "--beam-width", "3", "--length-penalty", "0.5"]) == 0
+    out = capsys.readouterr().out
+    want = LLM(STORIES, dtype="float32", device="cpu").beam_search(
+        [prompt], BeamSearchParams(beam_width=3, max_tokens=12, length_penalty=0.5))[0]
+    texts = re.findall(r"--- \[0\.(\d)\] .*\(score (-?[\d.]+), length, 12 tokens\)\n(.*)\n", out)
+    assert [(int(k), t) for k, _, t in texts] == [(k, s.text) for k, s in enumerate(want.sequences)]
+    assert main(["generate", str(STORIES), "--prompt", prompt, "--beam-width", "2", "--temperature", "1",
+                 "--n", "2"]) == 2
+    assert "--temperature, --n cannot be used with --beam-width" in capsys.readouterr().err
+    assert main(["generate", str(STORIES), "--prompt", prompt, "--length-penalty", "2"]) == 2
+    assert "--length-penalty needs --beam-width" in capsys.readouterr().err
 
 
 @requires_stories

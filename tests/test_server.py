@@ -443,6 +443,32 @@ def test_structured_outputs_hold_answers_to_json_and_choices(client):
                    for c in regex.choices), [c.text for c in regex.choices]
 
 
+def test_beam_search_answers_are_the_choices_best_first(client, offline):
+    """vLLM's `use_beam_search`: `n` beams; the choices are the offline `LLM.beam_search`'s answers
+    in its order, streamed or not, on completions and chat."""
+    from lengthwise import BeamSearchParams
+
+    prompt = "Once upon a time"
+    want = offline.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=24, length_penalty=0.5))[0]
+    kw = dict(model=NAME, prompt=prompt, max_tokens=24, n=3, extra_body={"use_beam_search": True,
+                                                                          "length_penalty": 0.5})
+    r = client.completions.create(**kw)
+    assert [c.text for c in r.choices] == [s.text for s in want.sequences]
+    assert [c.index for c in r.choices] == [0, 1, 2] and {c.finish_reason for c in r.choices} == {"length"}
+    assert r.usage.completion_tokens == 3 * 24
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == [s.text for s in want.sequences]
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Lily saw a bird"}],
+                                          max_tokens=300, n=2, extra_body={"use_beam_search": True})
+    ids = offline.get_tokenizer().encode_chat([{"role": "user", "content": "Lily saw a bird"}], True)
+    answers = offline.beam_search([{"prompt_token_ids": ids}], BeamSearchParams(beam_width=2, max_tokens=300))[0]
+    assert [c.message.content for c in chat.choices] == [s.text for s in answers.sequences]
+    assert [c.finish_reason for c in chat.choices] == [s.finish_reason for s in answers.sequences]
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("body, param", [
@@ -475,6 +501,16 @@ def test_structured_outputs_hold_answers_to_json_and_choices(client):
     ({"model": NAME, "prompt": "hi", "priority": 1}, "priority"),  # this server's fcfs would ignore it
     ({"model": NAME, "prompt": "hi", "priority": "high"}, "priority"),
     ({"model": NAME, "prompt": "hi", "priority": True}, "priority"),  # strict: not read as 1
+    ({"model": NAME, "prompt": "hi", "use_beam_search": True, "top_p": 0.5}, "top_p"),  # the search picks tokens
+    ({"model": NAME, "prompt": "hi", "use_beam_search": True, "temperature": 0.7}, "temperature"),
+    ({"model": NAME, "prompt": "hi", "use_beam_search": True, "echo": True}, "echo"),
+    ({"model": NAME, "prompt": "hi", "use_beam_search": True, "n": 9}, "n"),  # beyond --max-num-seqs 8
+    ({"model": NAME, "prompt": "hi", "use_beam_search": True, "early_stopping": "sometimes"}, "early_stopping"),
+    ({"model": NAME, "prompt": "hi", "length_penalty": 2.0}, "length_penalty"),  # not a beam search: unused
+    ({"model": NAME, "prompt": "hi", "use_beam_search": True, "logprobs": 0}, "logprobs"),  # 0 is not unset
+    ({"model": NAME, "prompt": "hi", "use_beam_search": True, "guided_grammar": "root ::= x"}, "guided_grammar"),
+    ({"model": NAME, "prompt": "hi", "use_beam_search": True, "skip_special_tokens": False}, "skip_special_tokens"),
+    ({"model": NAME, "prompt": "hi", "use_beam_search": True, "max_tokens": 0}, "max_tokens"),
 ])
 def test_bad_completion_requests_get_400_naming_the_parameter(server, body, param):
     status, err = _post(server, "/v1/completions", body)

@@ -30,6 +30,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from lengthwise.beam_search import BeamSearchParams
 from lengthwise.engine.llm_engine import LLMEngine
 from lengthwise.lora.request import LoRARequest
 from lengthwise.sampling_params import SamplingParams
@@ -181,11 +182,12 @@ class AsyncEngine:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    async def add(self, prompt: str | Sequence[int], params: SamplingParams,
+    async def add(self, prompt: str | Sequence[int], params: SamplingParams | BeamSearchParams,
                   request_id: str | None = None, messages: list[dict[str, Any]] | None = None,
                   lora_request: LoRARequest | None = None, priority: int = 0) -> RequestStream:
         """Add a request (with `lora_request`, generated with that adapter; `priority` as in
-        `LLMEngine.add_request`); returns its
+        `LLMEngine.add_request`; `params` a `BeamSearchParams`: a beam search, whose one delta
+        carries its answers when it ends); returns its
         `RequestStream` once the engine has accepted it. Raises `ValueError` (a bad request),
         `QueueFull` or `EngineStopped` if it is not accepted."""
         rid = request_id or f"req-{next(self._ids)}"
@@ -246,7 +248,7 @@ class AsyncEngine:
         self._wake.set()
         return fut
 
-    def _add(self, rid: str, prompt: str | Sequence[int], params: SamplingParams, stream: _Stream,
+    def _add(self, rid: str, prompt: str | Sequence[int], params: SamplingParams | BeamSearchParams, stream: _Stream,
              messages: list[dict[str, Any]] | None = None, lora_request: LoRARequest | None = None,
              priority: int = 0) -> None:
         if not self._accepting:
@@ -254,10 +256,11 @@ class AsyncEngine:
         waiting = len(self.engine.length.pending) + self.engine.scheduler.num_waiting
         if self.max_waiting is not None and waiting >= self.max_waiting:
             raise QueueFull(f"{waiting} requests are waiting (the bound is {self.max_waiting})")
-        self.engine.add_request(prompt if isinstance(prompt, str) else list(prompt), params, request_id=rid,
-                                messages=messages, lora_request=lora_request, priority=priority)
-        stream.sent_text = [0] * params.n
-        stream.sent_tokens = [0] * params.n
+        request = self.engine.add_request(prompt if isinstance(prompt, str) else list(prompt), params,
+                                          request_id=rid, messages=messages, lora_request=lora_request,
+                                          priority=priority)
+        stream.sent_text = [0] * request.params.n
+        stream.sent_tokens = [0] * request.params.n
         self._streams[rid] = stream
 
     def _abort(self, rid: str) -> None:

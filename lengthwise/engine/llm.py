@@ -18,9 +18,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from lengthwise.beam_search import BeamSearchParams
 from lengthwise.config import EngineConfig
 from lengthwise.engine.llm_engine import LLMEngine
-from lengthwise.engine.outputs import RequestOutput
+from lengthwise.engine.outputs import BeamSearchOutput, RequestOutput
 from lengthwise.lora.request import LoRARequest
 from lengthwise.model.default import default_model_dir
 from lengthwise.sampling_params import SamplingParams
@@ -111,6 +112,24 @@ class LLM:
                 out.prompt = text
         return outputs
 
+    def beam_search(self, prompts: PromptType | Seq[PromptType], params: BeamSearchParams,
+                    lora_request: LoRARequest | Seq[LoRARequest | None] | None = None,
+                    use_tqdm: bool | Callable[..., Any] = False) -> list[BeamSearchOutput]:
+        """Beam-search every prompt (vLLM's `LLM.beam_search`; prompts as in `generate`): each
+        keeps `params.beam_width` beams, all prompts' beams in one continuous batch, the beams of
+        a prompt sharing its KV blocks. Returns per prompt its `beam_width` answers, best first;
+        the same as transformers' `generate(num_beams=beam_width, num_return_sequences=beam_width,
+        length_penalty=..., early_stopping=..., do_sample=False)` on the same checkpoint when no
+        logits processor applies (beams are ranked by the raw log-probabilities: the checkpoint's
+        generation config, e.g. its `repetition_penalty`, plays no part)."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        prompts = _as_prompt_list(prompts)
+        inputs = [_prompt_input(p, i) for i, p in enumerate(prompts)]
+        outputs = run_to_completion(self.engine, [ids for ids, _ in inputs], [params] * len(prompts), use_tqdm,
+                                    lora_requests=_per_prompt_loras(lora_request, len(prompts)))
+        return [BeamSearchOutput.from_request_output(out) for out in outputs]
+
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
@@ -136,6 +155,7 @@ class LLM:
             prompts.append({"prompt_token_ids": self.tokenizer.encode(text, add_special_tokens=False),
                             "prompt": text, "messages": messages})
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
+
 
 def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params: list[SamplingParams],
                       use_tqdm: bool | Callable[..., Any] = False, true_lengths: list[float | None] | None = None,

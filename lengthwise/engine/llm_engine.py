@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
+from lengthwise.beam_search import BeamSearchParams
 from lengthwise.config import EngineConfig
+from lengthwise.engine.beam import BeamSearch, candidates
 from lengthwise.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from lengthwise.engine.length import LengthPerception
 from lengthwise.engine.model_runner import ModelRunner
@@ -127,6 +129,7 @@ class LLMEngine:
                                   graph_batch=self._graph_batch(), kv_cache_dtype=self.kv_cache_dtype,
                                   loras=self.loras)
         self.requests: dict[str, Request] = {}
+        self._beams: dict[str, BeamSearch] = {}  # the search state of each beam search request
         self._ids = itertools.count()
         self.length = LengthPerception(self, config.length_predictor, config.record_lengths)
         self.stats = EngineStats()
@@ -180,7 +183,7 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def add_request(self, prompt: str | Seq[int], params: SamplingParams | None = None,
+    def add_request(self, prompt: str | Seq[int], params: SamplingParams | BeamSearchParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None,
                     true_length: float | None = None, eos_after: int | None = None,
                     messages: list[dict[str, Any]] | None = None,
@@ -195,8 +198,14 @@ class LLMEngine:
         the LoRA adapter to generate with (needs `enable_lora`), loaded here on first use.
         `priority`: vLLM's; lower is served first, under a policy that orders by it (`priority`,
         `continuous-sjf`); any other policy refuses a nonzero one rather than ignore it.
+        `params` may be `BeamSearchParams`: the request is a beam search, its `beam_width`
+        sequences the beams (stepped together; the finished output holds the best answers).
         """
         params = params or self.default_sampling_params()
+        beam = None
+        if isinstance(params, BeamSearchParams):
+            beam, params = params, params.sampling_params()
+            self._check_beam_search(beam, eos_after)
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         request_id = str(next(self._ids)) if request_id is None else request_id
@@ -252,7 +261,9 @@ class LLMEngine:
             self.loras.load(lora_request, self._loras_in_use())
         request = Request(request_id, prompt_ids, params, time.monotonic() if arrival_time is None else arrival_time,
                           max_tokens, prompt=text, messages=messages, lora_request=lora_request,
-                          priority=priority)
+                          priority=priority, beam=beam)
+        if beam is not None:
+            self._beams[request_id] = BeamSearch(beam, max_tokens, self.eos_token_ids)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None] * len(prompt_ids)
         for seq in request.seqs:
@@ -267,6 +278,18 @@ class LLMEngine:
         else:
             self.scheduler.add(request)
         return request
+
+    def _check_beam_search(self, beam: BeamSearchParams, eos_after: int | None) -> None:
+        if eos_after is not None:
+            raise ValueError("eos_after (a benchmark's recorded lengths) cannot be used with beam search")
+        # transformers' candidate count: the first step takes them all from the prompt's one row.
+        keep = max(2, 1 + (0 if beam.ignore_eos else len(self.eos_token_ids))) * beam.beam_width
+        if keep > self.model.config.vocab_size:
+            raise ValueError(f"beam_width={beam.beam_width} needs {keep} candidates per step, more than the "
+                             f"vocabulary's {self.model.config.vocab_size} tokens")
+        if beam.beam_width > self.config.max_num_batched_tokens:
+            raise ValueError(f"beam_width={beam.beam_width} beams step together, beyond max_num_batched_tokens="
+                             f"{self.config.max_num_batched_tokens}")
 
     @staticmethod
     def _check_stop_strings(seq: Sequence, new: str, armed: bool = True) -> bool:
@@ -316,6 +339,7 @@ class LLMEngine:
         request = self.requests.get(request_id)
         if request is None:
             return False
+        self._beams.pop(request_id, None)
         if self.length.discard(request_id):  # still waiting for its prediction: never scheduled
             for seq in request.active_seqs:
                 seq.finish_reason = "abort"
@@ -389,6 +413,8 @@ class LLMEngine:
             request.first_token_time = None  # nobody saw the discarded tokens
             for seq in request.seqs:
                 self._init_sequence(seq)
+            if request.beam is not None:
+                self._beams[request.request_id].reset()
         if not plan.chunks:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending")  # a bug, never expected
@@ -401,10 +427,17 @@ class LLMEngine:
         history: list[list[int]] = []  # each row's tokens so far (drafted ones included), for penalties
         drafts: list[tuple[int, Sequence, list[int]]] = []  # (first row, seq, draft) of speculative rows
         prefilled: list[tuple[int, Request]] = []
+        beams: dict[str, tuple[Request, list[int]]] = {}  # beam search requests' rows, chosen from below
         min_tokens = guided = False  # any row held to its min_tokens, any structured (found here: this loop
         row = 0  # runs every step)
         for chunk in plan.chunks:
             if not chunk.sample:
+                continue
+            if chunk.request.beam is not None:  # (no drafts: the scheduler gives beams none)
+                beams.setdefault(chunk.request.request_id, (chunk.request, []))[1].append(row)
+                if chunk.seq is None:
+                    prefilled.append((row, chunk.request))
+                row += 1
                 continue
             min_tokens = min_tokens or chunk.request.params.min_tokens > 0
             guided = guided or chunk.request.params.structured_outputs is not None
@@ -430,16 +463,22 @@ class LLMEngine:
             hidden = self.runner.last_hidden
             self.length.on_prefill_done([r for _, r in prefilled],
                                         hidden[torch.tensor([i for i, _ in prefilled], device=hidden.device)])
-        if not seqs:
+        if not seqs and not beams:
             return []
         self.stats.sampling_steps += 1
         self.stats.row_steps += plan.rows
         self.stats.padding_row_steps += plan.padding_rows
+        touched: dict[str, Request] = {}
+        if beams:
+            self._beam_steps(list(beams.values()), logits, touched)
+        if not seqs:
+            return list(touched.values())
         if len(rows) != logits.shape[0]:
             logits = logits[torch.tensor(rows, device=logits.device)]
         ahead = None
-        # (Not with a proposer: a next step that drafts cannot replay the graph launched ahead.)
-        if (self.config.async_decode and self.runner.graphs is not None and not plan.padding_rows
+        # (Not with a proposer: a next step that drafts cannot replay the graph launched ahead; nor
+        # with beams, whose next tokens and tables the search picks.)
+        if (self.config.async_decode and self.runner.graphs is not None and not plan.padding_rows and not beams
                 and self.scheduler.proposer is None and self._next_step_predictable(plan.chunks)):
             # Queue the next decode step before reading this one's tokens back (see DecodeGraphs).
             def ahead(tokens: torch.Tensor) -> bool:
@@ -452,7 +491,6 @@ class LLMEngine:
                      banned=self._banned_rows(seqs, drafts) if min_tokens else None,
                      allowed=[self._allowed(s) for s in seqs] if guided else None)
         now = time.monotonic()
-        touched: dict[str, Request] = {}
         verified = iter(drafts)
         spec = next(verified, None)
         i = 0
@@ -480,6 +518,57 @@ class LLMEngine:
             # What a decode step's tokens cost, for the next steps' draft lengths.
             planner.observe_step(plan.num_tokens, time.perf_counter() - started)
         return list(touched.values())
+
+    def _beam_steps(self, requests: list[tuple[Request, list[int]]], logits: torch.Tensor,
+                    touched: dict[str, Request]) -> None:
+        """Choose the beam search requests' next beams from their rows' logits (the prompt's one row
+        at the first step, then one per beam), requests with as many rows ranked together, and
+        make their sequences follow: a beam that grew in its parent's slot keeps its sequence and
+        KV; one that moved takes its parent's tokens and KV (shared blocks, a copied partial one).
+        A search that is done leaves the answers, best first, in its sequences, which end. A
+        request is reported (`touched`) only when it ends: its beams are not answers before."""
+        groups: dict[tuple[int, int], list[tuple[Request, list[int]]]] = {}
+        for request, rows in requests:
+            groups.setdefault((len(rows), self._beams[request.request_id].keep), []).append((request, rows))
+        now = time.monotonic()
+        kv, copies = self.scheduler.kv, []
+        for (num_rows, _), members in groups.items():
+            index = torch.tensor([i for _, rows in members for i in rows], device=logits.device)
+            logprobs = torch.log_softmax(logits[index].float(), dim=-1).view(len(members), num_rows, -1)
+            searches = [self._beams[request.request_id] for request, _ in members]
+            for (request, _), search, cand in zip(members, searches, candidates(searches, logprobs), strict=True):
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                parents = search.advance(cand)
+                if search.done:
+                    self._finish_beams(request, search, now)
+                    touched[request.request_id] = request
+                    continue
+                seqs = request.seqs
+                if any(p != j for j, p in enumerate(parents)):
+                    copies += kv.fork_responses([(seq.seq_id, seqs[p].seq_id) for seq, p in zip(seqs, parents,
+                                                                                               strict=True)])
+                for seq, tokens in zip(seqs, search.tokens, strict=True):
+                    seq.output_ids = tokens  # (beams step together: every num_computed is the same)
+        self.runner.cache.copy_blocks(copies)
+
+    def _finish_beams(self, request: Request, search: BeamSearch, now: float) -> None:
+        """End a finished search's sequences, each carrying one answer, best first."""
+        answers = search.answers()
+        p = request.params
+        for seq, answer in zip(request.seqs, answers, strict=False):
+            seq.output_ids = answer.tokens
+            seq.state["logprobs"] = answer.token_logprobs()
+            seq.state["beam_score"] = answer.score
+            ended = answer.finish_reason == "stop" and not p.include_stop_str_in_output
+            if self.tokenizer is not None:
+                seq.state["text"] = self.tokenizer.decode(answer.tokens[:-1] if ended else answer.tokens)
+        for seq in request.seqs:
+            self.scheduler.finish_sequence(seq, answers[seq.index].finish_reason if seq.index < len(answers)
+                                           else "length")
+        request.finish_time = now
+        self.length.on_finish(request)
+        del self._beams[request.request_id]
 
     def _verify(self, seq: Sequence, draft: list[int], tokens: list[int], logprobs: list[Any], now: float) -> int:
         """Append the tokens sampled at a speculative row's positions (`tokens[j]` drawn after the

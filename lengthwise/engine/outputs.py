@@ -1,4 +1,5 @@
-"""What generation returns: vLLM-shaped `RequestOutput`s, one per request, `n` completions each."""
+"""What generation returns: vLLM-shaped `RequestOutput`s, one per request, `n` completions each
+(and `BeamSearchOutput`s, `LLM.beam_search`'s)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class CompletionOutput:
     finish_reason: str | None
     logprobs: list[TokenLogprobs] | None = None  # one per generated token; each also a dict id -> Logprob
     stop_reason: str | int | None = None
+    score: float | None = None  # a beam search answer's: cumulative_logprob / len(token_ids) ** length_penalty
 
     @property
     def cumulative_logprob(self) -> float | None:
@@ -71,13 +73,45 @@ class RequestOutput:
             if request.prompt_logprobs is not None:
                 _decode_logprobs(tokenizer, ids[0], ids[1:], request.prompt_logprobs[1:])
         outputs = [CompletionOutput(s.index, s.state.get("text", ""), list(s.output_ids), s.finish_reason,
-                                    s.state.get("logprobs"), s.state.get("stop_reason")) for s in request.seqs]
+                                    s.state.get("logprobs"), s.state.get("stop_reason"), s.state.get("beam_score"))
+                   for s in request.seqs]
         metrics = RequestMetrics(request.arrival_time, request.first_token_time, request.finish_time,
                                  request.num_preemptions)
         return cls(request.request_id, request.prompt, list(ids), outputs, request.finished,
                    metrics, request.predicted_length, request.num_cached_tokens,
                    None if request.prompt_logprobs is None else list(request.prompt_logprobs),
                    request.lora_request)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One answer of a beam search, vLLM's shape: `tokens` is the prompt's then the answer's,
+    `logprobs` one entry per answer token (its log-probability and rank, also a dict id ->
+    Logprob), `cum_logprob` their sum, `score` what the answers are ranked by (`cum_logprob /
+    answer_tokens ** length_penalty`), `text` the answer's (without the end token's unless
+    `include_stop_str_in_output`)."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprobs]
+    cum_logprob: float
+    score: float
+    text: str | None
+    finish_reason: str | None  # "stop" (the end token) or "length"
+    stop_reason: int | None = None
+    lora_request: LoRARequest | None = None
+
+
+@dataclass
+class BeamSearchOutput:
+    """`LLM.beam_search`'s result for one prompt: its `beam_width` answers, best first."""
+
+    sequences: list[BeamSearchSequence]
+
+    @classmethod
+    def from_request_output(cls, out: RequestOutput) -> BeamSearchOutput:
+        return cls([BeamSearchSequence(out.prompt_token_ids + c.token_ids, c.logprobs or [],
+                                       c.cumulative_logprob or 0.0, c.score, c.text, c.finish_reason,
+                                       c.stop_reason, out.lora_request) for c in out.outputs])
 
 
 def _decode_logprobs(tokenizer: Tokenizer, prev: int, token_ids: list[int],

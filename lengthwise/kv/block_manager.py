@@ -251,6 +251,66 @@ class KVBlockManager:
         if not users:
             del self._prompts[request_id], self._users[request_id]
 
+    def fork_responses(self, sources: Sequence[tuple[str, str]]) -> list[tuple[int, int]]:
+        """Beam search: make each `(dst, src)` pair's destination sequence continue from its source's
+        response segment as it stands before the call (a source may feed several destinations, or
+        none: its blocks are released). All sequences named must belong to one request, and every
+        segment holds the same number of tokens (beams step together).
+
+        Full blocks are shared (one more reference per extra child); a partly filled last block is
+        written to as the sequence grows, so one child keeps it (the source itself if it is a
+        child) and each other child gets a fresh copy. Returns the `(src_block, dst_block)` copies
+        the caller must make in the KV storage before anything is written. Freeing the sources no
+        child took comes first, so the copies never need more blocks than were held (a source
+        without children frees a partly filled block of its own for each copy). A destination that
+        does not keep its own segment holds another list afterwards (its source's, or a new one):
+        the executor recognises a table by its list (see `DecodeRows`), and no two segments share
+        one (`_grow` extends it in place)."""
+        dsts = [dst for dst, _ in sources]
+        if len(set(dsts)) != len(dsts) or not {src for _, src in sources} <= set(dsts):
+            raise ValueError("fork_responses: each destination once, and every source among the destinations")
+        old = {dst: self._responses[dst] for dst in dsts}
+        children: dict[str, list[str]] = {}
+        for dst, src in sources:
+            children.setdefault(src, []).append(dst)
+        kept: dict[str, str] = {}  # source -> the child that takes its segment as it is
+        for src, dsts_of in children.items():
+            kept[src] = src if src in dsts_of else dsts_of[0]
+        # Segments no one continues. Their partly filled last blocks (each a segment's own) become
+        # the copies' blocks: taking fresh ones instead would evict cached prefixes from the pool.
+        spares: list[int] = []
+        for seq_id, seg in old.items():
+            if seq_id not in children:
+                if seg.num_tokens % self.block_size and self.pool.refcount(seg.blocks[-1]) == 1:
+                    spares.append(seg.blocks[-1])
+                    self.pool.release(seg.blocks[:-1])
+                else:
+                    self.pool.release(seg.blocks)
+        copies: list[tuple[int, int]] = []
+        new: dict[str, Segment] = {}
+        for src, dsts_of in children.items():
+            seg = old[src]
+            if len(seg.blocks) != self.blocks_for(seg.num_tokens):
+                raise ValueError(f"fork_responses: sequence {src!r} holds blocks beyond its tokens")
+            new[kept[src]] = seg if kept[src] == src else Segment(seg.blocks, seg.num_tokens)
+            partial = seg.num_tokens % self.block_size != 0
+            shared = seg.blocks[:-1] if partial else seg.blocks
+            for dst in dsts_of:
+                if dst == kept[src]:
+                    continue
+                blocks = list(shared)
+                self.pool.retain(shared)
+                if partial:
+                    fresh = [spares.pop()] if spares else self.pool.allocate(1)
+                    if fresh is None:  # (cannot happen: see above)
+                        raise RuntimeError("out of KV blocks while forking beams")
+                    copies.append((seg.blocks[-1], fresh[0]))
+                    blocks.append(fresh[0])
+                new[dst] = Segment(blocks, seg.num_tokens)
+        self.pool.release(spares)
+        self._responses.update(new)
+        return copies
+
     def _grow(self, seg: Segment, num_tokens: int) -> bool:
         if num_tokens <= len(seg.blocks) * self.block_size:  # most decode steps: the last block has room
             if num_tokens > seg.num_tokens:

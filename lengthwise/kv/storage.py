@@ -32,3 +32,17 @@ class KVCacheStorage:
         """Bytes one block takes across all layers, K and V together."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks `(src, dst)` in every layer's K and V (beam search forks a partly
+        filled block this way). Sources and destinations must not overlap."""
+        if not copies:
+            return
+        bs, device = self.block_size, self.k[0].device
+        offsets = torch.arange(bs, device=device)
+        src = (torch.tensor([s for s, _ in copies], device=device)[:, None] * bs + offsets).reshape(-1)
+        dst = (torch.tensor([d for _, d in copies], device=device)[:, None] * bs + offsets).reshape(-1)
+        for pool in (*self.k, *self.v):
+            if pool.element_size() == 1:  # float8: no index_copy_ on the CPU; the bytes are the values
+                pool = pool.view(torch.uint8)
+            pool.index_copy_(0, dst, pool.index_select(0, src))

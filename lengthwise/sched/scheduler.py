@@ -397,13 +397,19 @@ class Scheduler:
             budget -= end - start
             if end < request.prompt_len or fresh:
                 return chunks
-        for seq in request.active_seqs:
+        seqs = request.active_seqs
+        # A beam search request's beams are sampled together (their tokens are chosen among all of
+        # theirs): when the budget cannot take every beam's pending tokens, none reaches its last.
+        together = request.beam is None or sum(len(s.output_ids) - s.num_computed for s in seqs) <= budget
+        for seq in seqs:
             if budget <= 0:
                 break
             computed, generated = seq.num_computed, len(seq.output_ids)
-            if computed == generated:  # nothing pending
-                continue
             end = computed + min(budget, generated - computed)
+            if not together:
+                end = min(end, generated - 1)
+            if end <= computed:  # nothing pending (or nothing a beam may feed this step)
+                continue
             if not self.kv.grow_response(seq.seq_id, end):
                 return None
             chunks.append(ScheduledChunk(request, seq, computed, end, sample=end == generated))
@@ -434,9 +440,10 @@ class Scheduler:
     def _draft(self, request: Request, seq: Sequence, budget: int) -> list[int]:
         """The proposer's draft for the decode row of `seq` (`budget`: its input token and the
         draft), its KV slots taken. None for a structured request (its grammar is not walked
-        ahead). Cut to the row's token limit (or its batch's FCR cap), and to the blocks the row
-        holds plus those free beyond the headroom every running row may need to grow."""
-        if request.params.structured_outputs is not None:
+        ahead) or a beam search (its beams change each step). Cut to the row's token limit (or its
+        batch's FCR cap), and to the blocks the row holds plus those free beyond the headroom every
+        running row may need to grow."""
+        if request.params.structured_outputs is not None or request.beam is not None:
             return []
         generated = len(seq.output_ids)
         limit = request.token_limit

@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lengthwise.beam_search import BeamSearchParams
 from lengthwise.engine.async_engine import AsyncEngine, EngineStopped, QueueFull, RequestStream, StreamDelta
 from lengthwise.engine.detokenizer import TokenPieces
 from lengthwise.engine.llm import chat_messages
@@ -41,6 +42,7 @@ from lengthwise.server.protocol import (
     LoadLoRAAdapterRequest,
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
+    beam_search_params,
     parse_body,
     sampling_params,
 )
@@ -245,8 +247,11 @@ def build_app(state: ServerState) -> FastAPI:
         echo_only = req.echo and max_tokens == 0
         for ids in prompts:
             check_length(len(ids), max(max_tokens, 1), "prompt")
-        params = sampling_params(req, 1 if echo_only else max_tokens, req.logprobs, state.defaults,
-                                 prompt_logprobs=req.logprobs if req.echo else None)
+        if req.use_beam_search:
+            params: SamplingParams | BeamSearchParams = beam_search_params(req, max_tokens)
+        else:
+            params = sampling_params(req, 1 if echo_only else max_tokens, req.logprobs, state.defaults,
+                                     prompt_logprobs=req.logprobs if req.echo else None)
         echo = [Echo(text if text is not None else state.tokenizer.decode(ids, skip_special_tokens=False),
                      ids, echo_only) for ids, text in items] if req.echo else None
         return await respond(request, req, prompts, params, chat=False, echo=echo, lora=lora)
@@ -306,7 +311,10 @@ def build_app(state: ServerState) -> FastAPI:
         rest = state.max_model_len - len(ids)  # chat's default, as vLLM: the context left, capped by the config's
         max_tokens = asked if asked is not None else min(rest, state.default_max_tokens or rest)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling_params(req, max_tokens, logprobs, state.defaults)
+        if req.use_beam_search:  # (tools were refused with it: no parser, no forced format)
+            params: SamplingParams | BeamSearchParams = beam_search_params(req, max_tokens)
+        else:
+            params = sampling_params(req, max_tokens, logprobs, state.defaults)
         if forced_format is not None:
             if params.structured_outputs is not None:
                 raise ApiError(400, "a forced tool_choice and an output format both constrain the answer: give one",
@@ -318,7 +326,7 @@ def build_app(state: ServerState) -> FastAPI:
         if state.reasoning_parser is not None:  # where the answer starts: the prompt's last tokens say
             tail = state.tokenizer.decode(ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
             reasoning = state.reasoning_parser.for_request(tail, extra, req.include_reasoning)
-            if reasoning.thinking and params.structured_outputs is not None:  # the format holds after it
+            if reasoning.thinking and isinstance(params, SamplingParams) and params.structured_outputs is not None:
                 params = dataclasses.replace(params, structured_outputs=dataclasses.replace(
                     params.structured_outputs, start_after=END))
         return await respond(request, req, [ids], params, chat=True, messages=messages, tools=parser,
@@ -344,7 +352,7 @@ def build_app(state: ServerState) -> FastAPI:
                            f"requested {prompt_len + max_tokens} ({prompt_len} in the {what}, {max_tokens} for "
                            f"the completion): lower {param}", param)
 
-    async def respond(request: Request, req: Any, prompts: list[list[int]], params: SamplingParams,
+    async def respond(request: Request, req: Any, prompts: list[list[int]], params: SamplingParams | BeamSearchParams,
                       chat: bool, messages: list[dict[str, Any]] | None = None,
                       echo: list[Echo] | None = None, tools: HermesToolParser | ForcedToolCalls | None = None,
                       reasoning: ReasoningRequest | None = None, lora: LoRARequest | None = None) -> Response:
@@ -358,9 +366,11 @@ def build_app(state: ServerState) -> FastAPI:
             for stream in streams:  # the prompts accepted before the refusal: abort them
                 stream.close()
             raise
+        # A beam search's choices are its answers, best first; they come when it ends, whole.
+        n, logprobs = (params.n, params.logprobs) if isinstance(params, SamplingParams) else (params.beam_width, None)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            body = _stream_events(state, rid, streams, params.n, chat, include_usage, params.logprobs, echo, tools,
+            body = _stream_events(state, rid, streams, n, chat, include_usage, logprobs, echo, tools,
                                   reasoning, req.model)
             return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -372,7 +382,7 @@ def build_app(state: ServerState) -> FastAPI:
                 for stream in streams:
                     stream.close()
                 return Response(status_code=499)
-        return JSONResponse(_full_response(state, rid, task.result(), params.n, chat, params.logprobs, echo,
+        return JSONResponse(_full_response(state, rid, task.result(), n, chat, logprobs, echo,
                                            tools, reasoning, req.model))
 
     return app
@@ -445,7 +455,7 @@ def _completion_prompts(prompt: Any, tokenizer: Tokenizer) -> list[tuple[list[in
     return out
 
 
-async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams, rid: str,
+async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams | BeamSearchParams, rid: str,
                   messages: list[dict[str, Any]] | None = None, lora: LoRARequest | None = None,
                   priority: int = 0) -> RequestStream:
     """Add a request; the engine's refusal becomes an `ApiError`."""
@@ -460,7 +470,7 @@ async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams, r
     except ValueError as e:  # the engine's own checks: name the request field that decides it
         msg = str(e)
         first = msg.split(" ", 1)[0]
-        param = ("n" if msg.startswith("n=") else "priority" if msg.startswith("priority")
+        param = ("n" if msg.startswith(("n=", "beam_width=")) else "priority" if msg.startswith("priority")
                  else "max_tokens" if "KV blocks" in msg
                  else first if first in ("logit_bias", "stop_token_ids")
                  else "model" if lora is not None and ("lora" in msg or "adapter" in msg) else "prompt")

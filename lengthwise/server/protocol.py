@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lengthwise.beam_search import BeamSearchParams
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.structured.params import StructuredOutputsParams
 
@@ -67,6 +68,11 @@ class _Common(BaseModel):
     skip_special_tokens: bool = True
     # Lower is served first; needs a server started with --policy priority or continuous-sjf.
     priority: int = 0
+    # vLLM's beam search: n beams, and the n best answers as the choices, best first (transformers'
+    # early_stopping too).
+    use_beam_search: bool = False
+    length_penalty: float | None = None
+    early_stopping: bool | str | None = None  # True, False or "never" (checked by BeamSearchParams)
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and older guided_*.
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -120,6 +126,10 @@ class _Common(BaseModel):
             raise ApiError(400, f"{name}: {e}", name) from None
 
     def unsupported(self) -> None:
+        if not self.use_beam_search:
+            for name in ("length_penalty", "early_stopping"):
+                if getattr(self, name) is not None:
+                    raise ApiError(400, f"{name} needs use_beam_search: true", name)
         if self.best_of not in (None, 1, self.n):
             raise ApiError(400, "best_of other than n is not supported by this server", "best_of")
         if self.stream_options is not None and not self.stream:
@@ -279,6 +289,43 @@ def sampling_params(req: _Common, max_tokens: int, logprobs: int | None, default
         if param in ("logprobs", "prompt_logprobs"):  # (echo's prompt logprobs are the request's logprobs)
             param = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
         raise ApiError(400, str(e), param) from None
+
+
+# What a beam search request may not set (the search, not a sampler, picks its tokens), with the
+# values that mean "unset".
+_NOT_WITH_BEAMS = {"top_p": (None, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0.0), "seed": (None,),
+                   "stop": (None, [], ""), "stop_token_ids": (None, []), "presence_penalty": (0.0,),
+                   "frequency_penalty": (0.0,), "repetition_penalty": (None, 1.0), "logit_bias": (None, {}),
+                   "min_tokens": (0,), "response_format": (None,), "structured_outputs": (None,),
+                   "guided_json": (None,), "guided_choice": (None,), "guided_regex": (None,),
+                   "guided_grammar": (None,), "logprobs": (None, False), "top_logprobs": (None,), "echo": (False,),
+                   "tools": (None, []), "skip_special_tokens": (True,)}
+
+
+def _unset(value: Any, unset: tuple[Any, ...]) -> bool:
+    """Whether `value` is one of `unset` (a bool never stands for a number, nor 0 for False)."""
+    return any(value == u and (value is None) == (u is None) and isinstance(value, bool) == isinstance(u, bool)
+               for u in unset)
+
+
+def beam_search_params(req: _Common, max_tokens: int) -> BeamSearchParams:
+    """A `use_beam_search` request's `BeamSearchParams` (`n` beams). A sampling field set with it, a
+    temperature other than 0 or a value out of range: 400 naming the field."""
+    for name, unset in _NOT_WITH_BEAMS.items():
+        if hasattr(req, name) and not _unset(getattr(req, name), unset):
+            raise ApiError(400, f"{name} cannot be used with use_beam_search (the search picks the tokens)", name)
+    values: dict[str, Any] = dict(beam_width=req.n, max_tokens=max_tokens, ignore_eos=req.ignore_eos,
+                                  temperature=req.temperature or 0.0,
+                                  include_stop_str_in_output=req.include_stop_str_in_output)
+    if req.length_penalty is not None:
+        values["length_penalty"] = req.length_penalty
+    if req.early_stopping is not None:
+        values["early_stopping"] = req.early_stopping
+    try:
+        return BeamSearchParams(**values)
+    except ValueError as e:
+        word = str(e).split(" ", 1)[0]
+        raise ApiError(400, str(e), {"beam_width": "n"}.get(word, word)) from None
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
