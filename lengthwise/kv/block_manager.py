@@ -259,10 +259,10 @@ class KVBlockManager:
 
         Full blocks are shared (one more reference per extra child); a partly filled last block is
         written to as the sequence grows, so one child keeps it (the source itself if it is a
-        child) and each other child gets a fresh copy. Returns the `(src_block, dst_block)` copies
-        the caller must make in the KV storage before anything is written. Freeing the sources no
-        child took comes first, so the copies never need more blocks than were held (a source
-        without children frees a partly filled block of its own for each copy). A destination that
+        child) and each other child gets a copy of it. Returns the `(src_block, dst_block)` copies
+        the caller must make in the KV storage before anything is written. A copy goes into the
+        partly filled block of a source no child took (there is one for each copy, as every
+        segment holds as many tokens), so forks take no free block. A destination that
         does not keep its own segment holds another list afterwards (its source's, or a new one):
         the executor recognises a table by its list (see `DecodeRows`), and no two segments share
         one (`_grow` extends it in place)."""
