@@ -64,6 +64,36 @@ def test_panel_packed_linear_matches_f_linear(fmt, m, k, n, with_bias):
     torch.testing.assert_close(got, F.linear(x, reference, b), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_long_prefill_products_unpack_for_mkl_with_the_same_result(fmt, with_bias, monkeypatch):
+    """`linear` on packed weights: from `DENSE_FROM_ROWS` rows (float32 768, bfloat16 and int8
+    1536) the weight is unpacked for MKL, below it the panels run; 4-bit panels always run; the
+    LENGTHWISE_DENSE_ROWS switch moves the threshold (0: never). Either way the product is the
+    weight's."""
+    import importlib
+
+    linear_module = importlib.import_module("lengthwise.ops.linear")  # (the package exports the function)
+    calls = []
+    real = linear_module.packed_linear
+    monkeypatch.setattr(linear_module, "packed_linear", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(70, 96, generator=g), torch.randn(70, generator=g) if with_bias else None
+    packed, reference = _packed(w, fmt)
+    threshold = linear_module.DENSE_FROM_ROWS.get(packed.dtype)
+    for m in (1, 767, 768, 1536):
+        x = torch.randn(m, 96, generator=g)
+        torch.testing.assert_close(linear_module.linear(x, packed, b), F.linear(x, reference, b), rtol=1e-5,
+                                   atol=1e-4)
+    assert calls == [m for m in (1, 767, 768, 1536) if threshold is None or m < threshold]
+    calls.clear()
+    monkeypatch.setenv(linear_module.DENSE_ROWS_ENV, "0")
+    linear_module.linear(torch.randn(1536, 96), packed)
+    monkeypatch.setenv(linear_module.DENSE_ROWS_ENV, "2")
+    linear_module.linear(torch.randn(2, 96), packed)
+    assert calls == [1536] + ([] if threshold is not None else [2])
+
+
 @pytest.mark.parametrize("group_size", [96, 200, 512, 1000])
 @pytest.mark.parametrize("m", [0, 1, 2, 3, 4, 7, 40])
 def test_int4_groups_that_straddle_k_blocks(group_size, m):
