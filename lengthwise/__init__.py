@@ -3,7 +3,9 @@
 from lengthwise.beam_search import BeamSearchParams
 from lengthwise.config import EngineConfig
 from lengthwise.engine import LLM, Generation, LLMEngine, RequestOutput, generate
+from lengthwise.engine.outputs import EmbeddingOutput, EmbeddingRequestOutput
 from lengthwise.model import CausalLM, CheckpointError, ModelConfig, load_model
+from lengthwise.pooling import PoolerConfig, PoolingParams
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.structured.params import StructuredOutputsParams
 from lengthwise.tokenizer import Tokenizer
@@ -15,10 +17,14 @@ __all__ = [
     "BeamSearchParams",
     "CausalLM",
     "CheckpointError",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
     "EngineConfig",
     "Generation",
     "LLMEngine",
     "ModelConfig",
+    "PoolerConfig",
+    "PoolingParams",
     "RequestOutput",
     "SamplingParams",
     "StructuredOutputsParams",

@@ -1,4 +1,5 @@
-"""The `lengthwise` command line: `lengthwise demo | generate | serve | bench | predictor | simulate | train-tiny`."""
+"""The `lengthwise` command line: `lengthwise demo | generate | embed | serve | bench | predictor | simulate |
+train-tiny`."""
 
 from __future__ import annotations
 
@@ -7,12 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-from lengthwise.argtypes import add_precision_arguments, add_speculative_argument, kv_memory
+from lengthwise.argtypes import add_precision_arguments, add_speculative_argument, json_object, kv_memory
 from lengthwise.beam_search import BeamSearchParams
 from lengthwise.engine import LLM
 from lengthwise.engine.llm_engine import generation_defaults
 from lengthwise.model import CheckpointError
 from lengthwise.model.default import default_model_dir
+from lengthwise.pooling import PoolingParams
 from lengthwise.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 64  # `lengthwise generate`, when neither --max-tokens nor the checkpoint says
@@ -153,6 +155,51 @@ def _beam_search(llm: LLM, args: argparse.Namespace, default_max_tokens: int) ->
     return 0
 
 
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="embed prompts: one vector each, as JSON lines",
+                       description="Embed texts with a local checkpoint: the final hidden states pooled as its "
+                                   "sentence-transformers files say (else the last token), normalized. Prints "
+                                   "one JSON line per text: index, prompt_tokens, embedding.")
+    p.add_argument("model", nargs="?", metavar="MODEL_DIR", help="checkpoint directory (default: built-in)")
+    p.add_argument("--prompt", action="append", default=[], help="text to embed; repeat for several")
+    p.add_argument("--input-file", type=Path, default=None, help="a file of texts to embed, one per line")
+    p.add_argument("--output", type=Path, default=None, help="write the JSON lines here instead of stdout")
+    p.add_argument("--pooler-config", type=json_object, default=None, metavar="JSON",
+                   help='e.g. \'{"pooling_type": "mean", "normalize": false}\' (last, mean or cls)')
+    p.add_argument("--dimensions", type=int, default=None,
+                   help="keep the first N components (matryoshka models only)")
+    p.add_argument("--no-normalize", action="store_true", help="do not L2-normalize the vectors")
+    p.add_argument("--truncate-prompt-tokens", type=int, default=None,
+                   help="embed only each text's last N tokens (-1: the context's worth)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per forward pass (default 2048)")
+    p.set_defaults(func=_cmd_embed)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    texts = list(args.prompt)
+    if args.input_file is not None:
+        texts += [line for line in args.input_file.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError("nothing to embed: give --prompt TEXT or --input-file FILE")
+    params = PoolingParams(dimensions=args.dimensions, normalize=False if args.no_normalize else None,
+                           truncate_prompt_tokens=args.truncate_prompt_tokens)
+    llm = LLM(Path(args.model) if args.model else default_model_dir(), dtype=args.dtype, device=args.device,
+              pooler_config=args.pooler_config, max_num_batched_tokens=args.max_num_batched_tokens)
+    outputs = llm.embed(texts, params, use_tqdm=len(texts) > 1)
+    out = args.output.open("w") if args.output is not None else sys.stdout
+    try:
+        for i, o in enumerate(outputs):
+            out.write(json.dumps({"index": i, "prompt_tokens": len(o.prompt_token_ids),
+                                  "embedding": o.outputs.embedding}) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     from lengthwise.bench import kernels, predictors, schedule, structured, throughput
     from lengthwise.bench import serve as serve_bench
@@ -210,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     _add_generate(sub)
+    _add_embed(sub)
     _add_serve(sub)
     _add_bench(sub)
     _add_predictor(sub)

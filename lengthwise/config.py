@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from lengthwise.pooling import PoolerConfig
+
 # `EngineConfig.quantization`'s methods (`lengthwise.model.quantize` implements them).
 QUANTIZATION_METHODS = ("int8", "int4", "gptq", "awq")
 # `EngineConfig.kv_cache_dtype`'s choices (vLLM's names): "auto" is the model's dtype; "fp8" is
@@ -145,6 +147,10 @@ class EngineConfig:
     `async_decode`: with those graphs, launch the next decode step before reading this step's
     tokens back, so the host's per-step work overlaps the GPU's (vLLM's async scheduling, for
     steps whose rows are predictable; `False` for the A/B).
+    `pooler_config`: how embeddings (`LLM.embed`, `/v1/embeddings`) pool the final hidden states
+    (`lengthwise.pooling.PoolerConfig`, or a dict such as `{"pooling_type": "mean", "normalize":
+    false}`); `None` (default) reads the checkpoint's sentence-transformers files, else pools the
+    last token and normalizes.
     """
 
     dtype: str = "auto"
@@ -169,9 +175,11 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    pooler_config: PoolerConfig | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
+        object.__setattr__(self, "pooler_config", PoolerConfig.parse(self.pooler_config))
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
             _positive_int(name, getattr(self, name))
         if self.max_cpu_loras is not None:

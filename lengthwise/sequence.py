@@ -69,6 +69,9 @@ class Request:
     # Beam search (a BeamSearchParams): its `n` sequences are the beams, stepped together, and the
     # engine, not the sampler, picks their tokens. None: sampling.
     beam: Any = None
+    # An embedding request (a `lengthwise.pooling.PoolingTask`): it ends when its prompt is
+    # computed, with the pooled hidden states instead of a token. None: generation.
+    pooling: Any = None
     predicted_length: float | None = None  # filled by a length predictor, read by policies
     prediction: Any = None               # the full LengthPrediction (distribution, quantiles), if any
     status: RequestStatus = RequestStatus.WAITING
@@ -93,6 +96,13 @@ class Request:
     def lora_id(self) -> int:
         """Its adapter's `lora_int_id`; 0 for the base model."""
         return 0 if self.lora_request is None else self.lora_request.lora_int_id
+
+    @property
+    def reads_every_prompt_position(self) -> bool:
+        """Prompt logprobs score, and mean or CLS pooling read, prompt positions that a cached
+        prefix would skip: such a request computes its whole prompt."""
+        return self.params.prompt_logprobs is not None or (self.pooling is not None
+                                                           and self.pooling.reads_every_position)
 
     @property
     def prompt_len(self) -> int:

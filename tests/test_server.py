@@ -8,6 +8,7 @@ template added; skipped when ../shared is absent.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import re
@@ -467,6 +468,77 @@ def test_beam_search_answers_are_the_choices_best_first(client, offline):
     answers = offline.beam_search([{"prompt_token_ids": ids}], BeamSearchParams(beam_width=2, max_tokens=300))[0]
     assert [c.message.content for c in chat.choices] == [s.text for s in answers.sequences]
     assert [c.finish_reason for c in chat.choices] == [s.finish_reason for s in answers.sequences]
+
+
+def test_embeddings_as_openai_serves_them(client, server, offline):
+    """`/v1/embeddings`: the offline `LLM.embed`'s vectors, as floats or base64 (the official
+    client's default), for texts, token ids and (vLLM's) chat messages; usage counts the prompt
+    tokens; the metrics count the prompts but no first token."""
+    import numpy as np
+
+    from lengthwise import PoolingParams
+
+    texts = ["Once upon a time", "Lily saw a big red ball in the park."]
+    want = offline.embed(texts, use_tqdm=False)
+    before = _metrics(server)
+    r = client.embeddings.create(model=NAME, input=texts, encoding_format="float")
+    assert [d.index for d in r.data] == [0, 1] and r.model == NAME and r.object == "list"
+    for d, w in zip(r.data, want, strict=True):
+        np.testing.assert_allclose(d.embedding, w.outputs.embedding, atol=1e-5)
+    used = sum(len(w.prompt_token_ids) for w in want)
+    assert r.usage.prompt_tokens == r.usage.total_tokens == used
+    after = _metrics(server)
+    assert after["lengthwise:prompt_tokens_total"] - before.get("lengthwise:prompt_tokens_total", 0) == used
+    ttft = "lengthwise:time_to_first_token_seconds_count"
+    assert after.get(ttft, 0) == before.get(ttft, 0)
+    default = client.embeddings.create(model=NAME, input=texts[1])  # sent as base64, decoded by the client
+    np.testing.assert_allclose(default.data[0].embedding, want[1].outputs.embedding, atol=1e-5)
+    status, raw = _post(server, "/v1/embeddings", {"model": NAME, "input": texts[0], "encoding_format": "base64"})
+    assert status == 200
+    vector = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(vector, want[0].outputs.embedding, atol=1e-5)
+    ids = [w.prompt_token_ids for w in want]
+    for given in (ids, ids[0]):
+        r = client.embeddings.create(model=NAME, input=given, encoding_format="float")
+        for d, w in zip(r.data, want, strict=False):
+            np.testing.assert_allclose(d.embedding, w.outputs.embedding, atol=1e-5)
+    # vLLM's extras: chat messages, truncation, no normalization.
+    messages = [{"role": "user", "content": "Lily saw a bird"}]
+    status, r = _post(server, "/v1/embeddings", {"model": NAME, "messages": messages,
+                                                 "truncate_prompt_tokens": 3, "normalize": False})
+    assert status == 200, r
+    chat_ids = offline.get_tokenizer().encode_chat(messages, add_generation_prompt=False)
+    ref = offline.embed([{"prompt_token_ids": chat_ids[-3:]}], PoolingParams(normalize=False), use_tqdm=False)[0]
+    assert r["usage"]["prompt_tokens"] == 3
+    np.testing.assert_allclose(r["data"][0]["embedding"], ref.outputs.embedding, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": NAME}, "input"),
+    ({"model": NAME, "input": []}, "input"),
+    ({"model": NAME, "input": [99999]}, "input"),
+    ({"model": NAME, "input": ["hi", [5, 6]]}, "input"),
+    ({"model": NAME, "input": "hi", "messages": [{"role": "user", "content": "hi"}]}, "input"),
+    ({"model": NAME, "messages": []}, "messages"),
+    ({"model": NAME, "input": "hi", "encoding_format": "binary"}, "encoding_format"),
+    ({"model": NAME, "input": "hi", "dimensions": 8}, "dimensions"),  # not a matryoshka model
+    ({"model": NAME, "input": "hi", "dimensions": 0}, "dimensions"),
+    ({"model": NAME, "input": "hi", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"model": NAME, "input": "hi", "truncate_prompt_tokens": 600}, "truncate_prompt_tokens"),
+    ({"model": NAME, "input": [5] * 513}, "input"),  # beyond the 512-token context
+    ({"model": NAME, "input": "hi", "temperature": 0.5}, "temperature"),
+    ({"model": NAME, "input": "hi", "priority": 1}, "priority"),  # this server's fcfs would ignore it
+    ({"model": NAME, "input": ["hi"] * 51}, "input"),  # more than --max-waiting 50 could ever queue
+])
+def test_bad_embedding_requests_get_400_naming_the_parameter(server, body, param):
+    status, err = _post(server, "/v1/embeddings", body)
+    assert status == 400, err
+    assert err["error"]["type"] == "invalid_request_error" and err["error"]["param"] == param, err
+
+
+def test_embeddings_of_an_unknown_model_are_404(server):
+    status, err = _post(server, "/v1/embeddings", {"model": "text-embedding-3-small", "input": "hi"})
+    assert status == 404 and err["error"]["code"] == "model_not_found"
 
 
 # -- errors ----------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from lengthwise.beam_search import BeamSearchParams
 from lengthwise.engine.llm_engine import LLMEngine
 from lengthwise.lora.request import LoRARequest
+from lengthwise.pooling import PoolingParams
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.sequence import Request
 
@@ -72,6 +73,8 @@ class StreamDelta:
     # With `SamplingParams.prompt_logprobs`: the prompt's `TokenLogprobs` (None first), once, on the
     # first delta after the prompt is computed (or on the last, if it ended before).
     prompt_logprobs: list[Any] | None = None
+    # An embedding request's vector (float32, on the CPU), on its one, final delta.
+    embedding: Any = None
 
 
 class EngineObserver(Protocol):
@@ -182,12 +185,13 @@ class AsyncEngine:
 
     # -- requests ----------------------------------------------------------------------------------
 
-    async def add(self, prompt: str | Sequence[int], params: SamplingParams | BeamSearchParams,
+    async def add(self, prompt: str | Sequence[int], params: SamplingParams | BeamSearchParams | PoolingParams,
                   request_id: str | None = None, messages: list[dict[str, Any]] | None = None,
                   lora_request: LoRARequest | None = None, priority: int = 0) -> RequestStream:
         """Add a request (with `lora_request`, generated with that adapter; `priority` as in
         `LLMEngine.add_request`; `params` a `BeamSearchParams`: a beam search, whose one delta
-        carries its answers when it ends); returns its
+        carries its answers when it ends; a `PoolingParams`: an embedding, whose one delta carries
+        the vector); returns its
         `RequestStream` once the engine has accepted it. Raises `ValueError` (a bad request),
         `QueueFull` or `EngineStopped` if it is not accepted."""
         rid = request_id or f"req-{next(self._ids)}"
@@ -248,7 +252,8 @@ class AsyncEngine:
         self._wake.set()
         return fut
 
-    def _add(self, rid: str, prompt: str | Sequence[int], params: SamplingParams | BeamSearchParams, stream: _Stream,
+    def _add(self, rid: str, prompt: str | Sequence[int], params: SamplingParams | BeamSearchParams | PoolingParams,
+             stream: _Stream,
              messages: list[dict[str, Any]] | None = None, lora_request: LoRARequest | None = None,
              priority: int = 0) -> None:
         if not self._accepting:
@@ -333,6 +338,7 @@ class AsyncEngine:
             delta.prompt_logprobs = list(request.prompt_logprobs)
             stream.sent_prompt_logprobs = True
         if request.finished:
+            delta.embedding = request.seqs[0].state.get("embedding") if request.pooling is not None else None
             self._streams.pop(rid)
             self.engine.forget(rid)
             if self.observer is not None:

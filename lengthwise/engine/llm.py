@@ -10,6 +10,7 @@ order of the prompts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -21,9 +22,10 @@ from tqdm.auto import tqdm
 from lengthwise.beam_search import BeamSearchParams
 from lengthwise.config import EngineConfig
 from lengthwise.engine.llm_engine import LLMEngine
-from lengthwise.engine.outputs import BeamSearchOutput, RequestOutput
+from lengthwise.engine.outputs import BeamSearchOutput, EmbeddingRequestOutput, RequestOutput
 from lengthwise.lora.request import LoRARequest
 from lengthwise.model.default import default_model_dir
+from lengthwise.pooling import PoolingParams
 from lengthwise.sampling_params import SamplingParams
 
 PromptType = str | Seq[int] | dict[str, Any]
@@ -64,6 +66,10 @@ class LLM:
         """The checkpoint's tokenizer (vLLM's accessor), None for a directory without one."""
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix (vLLM's): the next prompts compute theirs."""
+        return self.engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         return self.engine.default_sampling_params()
 
@@ -84,18 +90,9 @@ class LLM:
         `continuous-sjf` policy unless all are 0). Returns outputs in prompt order.
         """
         prompts = _as_prompt_list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or self.get_default_sampling_params()] * len(prompts)
-        elif isinstance(sampling_params, (list, tuple)):
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
-            for i, sp in enumerate(params):
-                if not isinstance(sp, SamplingParams):
-                    raise ValueError(f"sampling_params[{i}] must be a SamplingParams, got {type(sp).__name__}")
-        else:
-            raise ValueError(f"sampling_params must be a SamplingParams or a list of them, got "
-                             f"{type(sampling_params).__name__}")
+        params = _per_prompt(self.get_default_sampling_params() if sampling_params is None else sampling_params,
+                             SamplingParams,
+                             "sampling_params", len(prompts))
         if priority is not None:
             if not isinstance(priority, (list, tuple)):
                 raise ValueError(f"priority must be a list with one integer per prompt, got {type(priority).__name__}")
@@ -130,6 +127,30 @@ class LLM:
                                     lora_requests=_per_prompt_loras(lora_request, len(prompts)))
         return [BeamSearchOutput.from_request_output(out) for out in outputs]
 
+    def embed(self, prompts: PromptType | Seq[PromptType],
+              pooling_params: PoolingParams | Seq[PoolingParams] | None = None, *,
+              truncate_prompt_tokens: int | None = None, use_tqdm: bool | Callable[..., Any] = True,
+              lora_request: LoRARequest | Seq[LoRARequest | None] | None = None) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (vLLM's `LLM.embed`; prompts as in `generate`): the final
+        hidden states of the prompt's tokens pooled as the checkpoint says (`EngineConfig.pooler_config`;
+        by default its sentence-transformers files, else the last token, L2-normalized).
+        `pooling_params`: one `PoolingParams` for all prompts or one per prompt (`dimensions`,
+        `normalize`, `truncate_prompt_tokens`); `truncate_prompt_tokens` here sets it for all.
+        The prompts run in the same continuous batches as any generation (chunked prefill, the
+        length-aware policies), each ending when its prompt is computed. Returns them in order."""
+        prompts = _as_prompt_list(prompts)
+        params = _per_prompt(PoolingParams() if pooling_params is None else pooling_params, PoolingParams,
+                             "pooling_params", len(prompts))
+        if truncate_prompt_tokens is not None:
+            params = [dataclasses.replace(p, truncate_prompt_tokens=truncate_prompt_tokens) for p in params]
+        inputs = [_prompt_input(p, i) for i, p in enumerate(prompts)]
+        outputs = run_to_completion(self.engine, [ids for ids, _ in inputs], params, use_tqdm,
+                                    lora_requests=_per_prompt_loras(lora_request, len(prompts)), desc="embedding")
+        for out, (_, text) in zip(outputs, inputs, strict=True):
+            if out.prompt is None:
+                out.prompt = text
+        return outputs
+
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None, use_tqdm: bool = True,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
@@ -157,11 +178,12 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm, lora_request)
 
 
-def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params: list[SamplingParams],
+def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]],
+                      params: Seq[SamplingParams | BeamSearchParams | PoolingParams],
                       use_tqdm: bool | Callable[..., Any] = False, true_lengths: list[float | None] | None = None,
                       messages: list[list[dict[str, Any]] | None] | None = None,
                       lora_requests: list[LoRARequest | None] | None = None,
-                      priorities: list[int] | None = None) -> list[RequestOutput]:
+                      priorities: list[int] | None = None, desc: str = "generating") -> list[Any]:
     """Queue every prompt on `engine`, step until all are finished, return their outputs in order.
     If anything fails midway (a bad prompt, an interrupt), the requests already queued are aborted."""
     ids: list[str] = []
@@ -178,9 +200,9 @@ def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params:
             engine.requests.pop(rid, None)
         raise
     pending = set(ids)
-    results: dict[str, RequestOutput] = {}
+    results: dict[str, Any] = {}
     progress = use_tqdm if callable(use_tqdm) else tqdm
-    bar = progress(total=len(ids), desc="generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+    bar = progress(total=len(ids), desc=desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
     tokens = 0
     try:
         while pending:
@@ -199,6 +221,20 @@ def run_to_completion(engine: LLMEngine, prompts: list[str | list[int]], params:
     finally:
         bar.close()
     return [results[rid] for rid in ids]
+
+
+def _per_prompt(value: Any, cls: type, name: str, num_prompts: int) -> list[Any]:
+    """One `cls` for every prompt, or a list with one per prompt, as a list (errors name `name`)."""
+    if isinstance(value, cls):
+        return [value] * num_prompts
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a {cls.__name__} or a list of them, got {type(value).__name__}")
+    if len(value) != num_prompts:
+        raise ValueError(f"{name} has {len(value)} entries for {num_prompts} prompts")
+    for i, v in enumerate(value):
+        if not isinstance(v, cls):
+            raise ValueError(f"{name}[{i}] must be a {cls.__name__}, got {type(v).__name__}")
+    return list(value)
 
 
 def _per_prompt_loras(lora_request: LoRARequest | Seq[LoRARequest | None] | None,

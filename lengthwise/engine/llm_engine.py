@@ -33,7 +33,8 @@ from lengthwise.engine.beam import BeamSearch, candidates
 from lengthwise.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from lengthwise.engine.length import LengthPerception
 from lengthwise.engine.model_runner import ModelRunner
-from lengthwise.engine.outputs import RequestOutput
+from lengthwise.engine.outputs import EmbeddingRequestOutput, RequestOutput
+from lengthwise.engine.pooler import PooledState
 from lengthwise.engine.sampler import draw_uniform, make_generator, sample, token_logprobs
 from lengthwise.kv.storage import KVCacheStorage
 from lengthwise.lora.adapter import LoRAAdapter, LoRARegistry, adapter_bytes_bound
@@ -42,6 +43,7 @@ from lengthwise.model import CausalLM, load_model
 from lengthwise.model.config import read_json
 from lengthwise.model.quantize import quantize_model
 from lengthwise.ops.dispatch import use_triton
+from lengthwise.pooling import PoolingParams, PoolingTask, read_model_pooling
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.sched import Scheduler, make_policy
 from lengthwise.sched.draft import NgramProposer
@@ -134,6 +136,7 @@ class LLMEngine:
         self.length = LengthPerception(self, config.length_predictor, config.record_lengths)
         self.stats = EngineStats()
         self.structured = None if tokenizer is None else StructuredOutputs(tokenizer, mc.vocab_size)
+        self.pooling = read_model_pooling(self.model_dir, config.pooler_config)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -183,7 +186,8 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def add_request(self, prompt: str | Seq[int], params: SamplingParams | BeamSearchParams | None = None,
+    def add_request(self, prompt: str | Seq[int],
+                    params: SamplingParams | BeamSearchParams | PoolingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None,
                     true_length: float | None = None, eos_after: int | None = None,
                     messages: list[dict[str, Any]] | None = None,
@@ -200,12 +204,20 @@ class LLMEngine:
         `continuous-sjf`); any other policy refuses a nonzero one rather than ignore it.
         `params` may be `BeamSearchParams`: the request is a beam search, its `beam_width`
         sequences the beams (stepped together; the finished output holds the best answers).
+        `params` may be `PoolingParams`: an embedding request, which ends when its prompt is
+        computed (`pop_finished` gives an `EmbeddingRequestOutput`).
         """
         params = params or self.default_sampling_params()
-        beam = None
+        beam = pooling = pooling_params = None
         if isinstance(params, BeamSearchParams):
             beam, params = params, params.sampling_params()
             self._check_beam_search(beam, eos_after)
+        elif isinstance(params, PoolingParams):
+            pooling_params = params
+            pooling, params = self._pooling_task(params, eos_after, true_length), _EMBED_PARAMS
+        elif not self.model.generates:
+            raise ValueError(f"{self.model_dir or 'this model'} has no LM head (lm_head.weight): it can only "
+                             f"embed (LLM.embed, /v1/embeddings), not generate")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         request_id = str(next(self._ids)) if request_id is None else request_id
@@ -221,7 +233,9 @@ class LLMEngine:
         else:  # bytes would read as a list of ints: refuse every non-list rather than guess
             raise ValueError(f"prompt of request {request_id!r} must be text or a list of token ids, "
                              f"got {type(prompt).__name__}")
-        self._check_prompt(prompt_ids, request_id)
+        if pooling is not None:
+            prompt_ids = self._truncate_for_pooling(prompt_ids, pooling_params.truncate_prompt_tokens)
+        self._check_prompt(prompt_ids, request_id, room_to_generate=pooling is None)
         vocab = self.model.config.vocab_size
         if any(t >= vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids has ids outside the vocabulary [0, {vocab}): "
@@ -248,7 +262,7 @@ class LLMEngine:
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         kv = self.scheduler.kv
-        need = kv.blocks_for(len(prompt_ids)) + params.n * kv.blocks_for(max_tokens)
+        need = kv.blocks_for(len(prompt_ids)) + (0 if pooling else params.n * kv.blocks_for(max_tokens))
         if need > self.num_blocks:
             raise ValueError(f"request {request_id!r} needs {need} KV blocks (prompt of {len(prompt_ids)} tokens, "
                              f"n={params.n} x max_tokens={max_tokens}) but the cache has {self.num_blocks}; "
@@ -261,7 +275,7 @@ class LLMEngine:
             self.loras.load(lora_request, self._loras_in_use())
         request = Request(request_id, prompt_ids, params, time.monotonic() if arrival_time is None else arrival_time,
                           max_tokens, prompt=text, messages=messages, lora_request=lora_request,
-                          priority=priority, beam=beam)
+                          priority=priority, beam=beam, pooling=pooling)
         if beam is not None:
             self._beams[request_id] = BeamSearch(beam, max_tokens, self.eos_token_ids)
         if params.prompt_logprobs is not None:
@@ -273,7 +287,7 @@ class LLMEngine:
             request.eos_after = eos_after
         if true_length is not None:
             self.length.true_lengths[request_id] = float(true_length)
-        if self.length.predicts_before_scheduling:
+        if self.length.predicts_before_scheduling and pooling is None:  # (an embedding generates nothing)
             self.length.pending.append(request)  # predicted in a batch at the next step, then scheduled
         else:
             self.scheduler.add(request)
@@ -304,10 +318,35 @@ class LLMEngine:
         seq.state["text"] = text
         return hit is not None
 
-    def _check_prompt(self, ids: list[int], request_id: str) -> None:
+    def _pooling_task(self, params: PoolingParams, eos_after: int | None, true_length: float | None) -> PoolingTask:
+        """What an embedding request pools, from the model's `PoolerConfig` and its `PoolingParams`."""
+        if eos_after is not None or true_length is not None:
+            raise ValueError("eos_after and true_length (benchmark lengths) do not apply to an embedding request")
+        model = self.pooling
+        if model.config is None:
+            raise ValueError(f"embeddings are not available for this checkpoint: {model.problem}")
+        if params.dimensions is not None:
+            model.check_dimensions(params.dimensions, self.model.config.hidden_size)
+        normalize = model.config.normalize if params.normalize is None else params.normalize
+        return PoolingTask(model.config.pooling_type, normalize, params.dimensions)
+
+    def _truncate_for_pooling(self, ids: list[int], keep: int | None) -> list[int]:
+        """`truncate_prompt_tokens`: the prompt's last `keep` tokens (-1: the context's worth)."""
+        if keep is None:
+            return ids
+        keep = self.max_model_len if keep == -1 else keep
+        if keep > self.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens={keep} is more than max_model_len={self.max_model_len}")
+        return ids[-keep:]
+
+    def _check_prompt(self, ids: list[int], request_id: str, room_to_generate: bool = True) -> None:
         if not ids:
             raise ValueError(f"prompt of request {request_id!r} is empty: at least one token is needed")
-        if len(ids) >= self.max_model_len:
+        if not room_to_generate and len(ids) > self.max_model_len:
+            raise ValueError(f"prompt of request {request_id!r} is {len(ids)} tokens, more than the model's "
+                             f"context of {self.max_model_len} tokens (max_model_len); truncate_prompt_tokens "
+                             f"embeds only its last tokens")
+        if room_to_generate and len(ids) >= self.max_model_len:
             raise ValueError(f"prompt of request {request_id!r} is {len(ids)} tokens, which leaves no room to "
                              f"generate within the context of {self.max_model_len} tokens (max_model_len)")
         vocab = self.model.config.vocab_size
@@ -317,6 +356,9 @@ class LLMEngine:
                              f"[0, {vocab}): {bad[:5]}")
 
     def _init_sequence(self, seq: Sequence) -> None:
+        if seq.request.pooling is not None:
+            seq.state["pool"] = PooledState(seq.request.pooling)
+            return
         p = seq.request.params
         # Sample i of a seeded request draws from seed + i: reproducible alone or in any batch.
         seq.state["generator"] = None if p.greedy else make_generator(
@@ -347,6 +389,11 @@ class LLMEngine:
         elif not self.scheduler.abort(request):
             return False
         request.finish_time = time.monotonic()
+        return True
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget the prefix cache (vLLM's; e.g. between benchmark runs, so a repeat computes again)."""
+        self.scheduler.kv.reset_prefix_cache()
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -388,10 +435,13 @@ class LLMEngine:
         mine = {r.lora_id for r in self.requests.values() if not r.finished and r.lora_id}
         return mine if self._lora_owner is None else mine | self._lora_owner._loras_in_use()
 
-    def pop_finished(self, request_id: str) -> RequestOutput:
-        """The final output of a finished request, forgetting the request."""
+    def pop_finished(self, request_id: str) -> RequestOutput | EmbeddingRequestOutput:
+        """The final output of a finished request, forgetting the request (an
+        `EmbeddingRequestOutput` for an embedding request)."""
         request = self.requests[request_id]
         self.forget(request_id)
+        if request.pooling is not None:
+            return EmbeddingRequestOutput.from_request(request)
         return RequestOutput.from_request(request, self.tokenizer)
 
     def forget(self, request_id: str) -> None:
@@ -422,6 +472,9 @@ class LLMEngine:
         logits = self.runner.run(plan.chunks, self.scheduler.kv, plan.padding_rows)
         for request, first, hidden in self.runner.prompt_hidden:
             self._score_prompt(request, first, hidden)
+        touched: dict[str, Request] = {}
+        for request, start, hidden in self.runner.pooled_hidden:
+            self._pool(request, start, hidden, touched)
         rows: list[int] = []  # the logits row each sampled token is drawn from
         seqs: list[Sequence] = []
         history: list[list[int]] = []  # each row's tokens so far (drafted ones included), for penalties
@@ -431,7 +484,7 @@ class LLMEngine:
         min_tokens = guided = False  # any row held to its min_tokens, any structured (found here: this loop
         row = 0  # runs every step)
         for chunk in plan.chunks:
-            if not chunk.sample:
+            if not chunk.sample or chunk.request.pooling is not None:  # (an embedding has no logits row)
                 continue
             if chunk.request.beam is not None:  # (no drafts: the scheduler gives beams none)
                 beams.setdefault(chunk.request.request_id, (chunk.request, []))[1].append(row)
@@ -464,11 +517,10 @@ class LLMEngine:
             self.length.on_prefill_done([r for _, r in prefilled],
                                         hidden[torch.tensor([i for i, _ in prefilled], device=hidden.device)])
         if not seqs and not beams:
-            return []
+            return list(touched.values())
         self.stats.sampling_steps += 1
         self.stats.row_steps += plan.rows
         self.stats.padding_row_steps += plan.padding_rows
-        touched: dict[str, Request] = {}
         if beams:
             self._beam_steps(list(beams.values()), logits, touched)
         if not seqs:
@@ -618,6 +670,18 @@ class LLMEngine:
         return guide.additive(self.model.device, tuple(sorted(self._stop_tokens(seq) or self.eos_token_ids))
                               if ends else ())
 
+    def _pool(self, request: Request, start: int, hidden: torch.Tensor, touched: dict[str, Request]) -> None:
+        """Take an embedding request's prompt chunk; with its last, the request ends with its vector."""
+        seq = request.seqs[0]
+        state: PooledState = seq.state["pool"]
+        state.add(start, hidden)
+        if start + hidden.shape[0] < request.prompt_len:
+            return
+        seq.state["embedding"] = state.result(request.prompt_len)
+        request.first_token_time = request.finish_time = time.monotonic()
+        self.scheduler.finish_sequence(seq, "stop")
+        touched[request.request_id] = request
+
     def _score_prompt(self, request: Request, first: int, hidden: torch.Tensor) -> None:
         """Prompt logprobs of tokens `first ..` of the request's prompt from the final hidden states
         of the positions before them, a slice of rows at a time (a long prompt's logits over a
@@ -686,6 +750,9 @@ class LLMEngine:
                 request.finish_time = now
                 self.length.on_finish(request)
 
+
+# What an embedding request runs under: one sequence, no sampling (its one "token" is the vector).
+_EMBED_PARAMS = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
 # `EngineConfig.kv_cache_dtype`'s float8 names (vLLM's: plain "fp8" is e4m3).
 FP8_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

@@ -60,13 +60,17 @@ class ModelRunner:
         # the first prompt token scored, final hidden states of the positions that predict it and
         # the tokens after it, within the prompt).
         self.prompt_hidden: list[tuple[Request, int, torch.Tensor]] = []
+        # Embedding requests' prompt chunks of the last step: (request, chunk start, final hidden
+        # states of the chunk's positions). Their rows are never sampled (no logits).
+        self.pooled_hidden: list[tuple[Request, int, torch.Tensor]] = []
 
     def run(self, chunks: list[ScheduledChunk], kv: KVBlockManager, padding_rows: int = 0) -> torch.Tensor:
         """Run one step; return float32 logits `[rows, vocab]`: for each chunk with `sample` set, in
         chunk order, one row (1 + len(draft) rows for a decode row with a draft: its input
         token's, then each draft token's). `padding_rows` more decode rows are computed (copies of
         the step's decode rows, see the module docstring) and their logits dropped."""
-        self.prompt_hidden = []  # (a graphed step is decode only: it scores no prompt)
+        self.prompt_hidden = []  # (a graphed step is decode only: it scores no prompt, pools none)
+        self.pooled_hidden = []
         if not padding_rows and self._graphed(chunks):
             return self._run_graphed(chunks, kv)
         if self.graphs is not None:
@@ -83,10 +87,13 @@ class ModelRunner:
         sample_rows: list[int] = []
         adapters: list[int] = []  # each row group's lora_int_id (0: none)
         scored: list[tuple[int, ScheduledChunk]] = []  # (first row, prompt chunk) to score for prompt logprobs
+        pooled: list[tuple[int, ScheduledChunk]] = []  # (first row, prompt chunk) of embedding requests
         for c in chunks:
             req = c.request
             if c.seq is None and req.params.prompt_logprobs is not None:
                 scored.append((query_start[-1], c))
+            if req.pooling is not None:
+                pooled.append((query_start[-1], c))
             prompt_blocks = kv.prompt_segment(req.request_id).blocks
             if c.seq is None:
                 ids.extend(req.prompt_ids[c.start:c.end])
@@ -107,7 +114,7 @@ class ModelRunner:
             positions.extend(range(base + c.start, base + stop))
             slots.extend(blocks[i // bs] * bs + i % bs for i in range(c.start, stop))
             query_start.append(query_start[-1] + c.num_tokens)
-            if c.sample:
+            if c.sample and req.pooling is None:
                 sample_rows.extend(range(query_start[-1] - 1 - len(c.draft), query_start[-1]))
         num_real = len(sample_rows)
         decode = [i for i, c in enumerate(chunks) if c.seq is not None and c.sample and c.num_tokens == 1
@@ -141,6 +148,7 @@ class ModelRunner:
             stop = min(c.end, c.request.prompt_len - 1)
             if stop > c.start:
                 self.prompt_hidden.append((c.request, c.start + 1, hidden[first:first + stop - c.start]))
+        self.pooled_hidden = [(c.request, c.start, hidden[first:first + c.num_tokens]) for first, c in pooled]
         if not sample_rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         if len(sample_rows) < hidden.shape[0]:

@@ -1,5 +1,5 @@
 """What generation returns: vLLM-shaped `RequestOutput`s, one per request, `n` completions each
-(and `BeamSearchOutput`s, `LLM.beam_search`'s)."""
+(and `BeamSearchOutput`s, `LLM.beam_search`'s; `EmbeddingRequestOutput`s, `LLM.embed`'s)."""
 
 from __future__ import annotations
 
@@ -112,6 +112,38 @@ class BeamSearchOutput:
         return cls([BeamSearchSequence(out.prompt_token_ids + c.token_ids, c.logprobs or [],
                                        c.cumulative_logprob or 0.0, c.score, c.text, c.finish_reason,
                                        c.stop_reason, out.lora_request) for c in out.outputs])
+
+
+@dataclass
+class EmbeddingOutput:
+    """One prompt's embedding (vLLM's shape): `embedding` as floats, `hidden_size` its length."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """`LLM.embed`'s result for one prompt (vLLM's fields, with the prompt's text and timings)."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool
+    prompt: str | None = None
+    metrics: RequestMetrics | None = None
+    lora_request: LoRARequest | None = None
+
+    @classmethod
+    def from_request(cls, request: Request) -> EmbeddingRequestOutput:
+        vector = request.seqs[0].state.get("embedding")
+        metrics = RequestMetrics(request.arrival_time, request.first_token_time, request.finish_time,
+                                 request.num_preemptions)
+        return cls(request.request_id, EmbeddingOutput([] if vector is None else vector.tolist()),
+                   list(request.prompt_ids), request.finished, request.prompt, metrics, request.lora_request)
 
 
 def _decode_logprobs(tokenizer: Tokenizer, prev: int, token_ids: list[int],

@@ -218,6 +218,14 @@ class KVBlockManager:
     def num_cached_blocks(self) -> int:
         return len(self._cached)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (later prompts compute theirs); blocks in use stay with their
+        requests, which may offer their prompts again. Returns how many blocks were forgotten."""
+        forgotten = len(self._cached)
+        self._cached.clear()
+        self._key_of.clear()
+        return forgotten
+
     def _keys(self, tokens: Sequence[int], num_blocks: int, namespace: int = 0):  # noqa: ANN202 (generator of keys)
         # A namespace's chain starts from its own root, so no key of one equals a key of another.
         bs, parent = self.block_size, 0 if namespace == 0 else hash(("namespace", namespace))

@@ -140,6 +140,9 @@ class CausalLM(nn.Module):
             persistent=False)
         self.rope_scale = r.attention_factor  # on cos and sin: YaRN's attention temperature, else 1
         self.quantization: str | None = None  # set by `lengthwise.model.quantize.quantize_model`
+        # False for a base checkpoint stored without its LM head (an embedding model): the engine
+        # embeds with it and refuses to generate (`lm_head` is then the embedding, never read).
+        self.generates = True
         # On the CPU, `lengthwise.ops.cpu.decode.pack_model` replaces the decoder projections by their
         # panels (`PackedWeight`s) and packs the LM head here (then also `lm_head` itself, if untied).
         self.head_panels = None

@@ -6,10 +6,13 @@ name rather than deep inside a matmul. A GPTQ or AWQ checkpoint stores its decod
 4-bit `qweight`/`qzeros`/`scales` (`lengthwise.model.int4`): on the CPU in float32 they stay 4-bit
 (the fused path's panels), on CUDA too (the Triton W4A16 kernel's `PackedInt4`); elsewhere they are
 dequantized into the model's dtype. No dense copy of a 4-bit projection is ever allocated.
+A base model saved without the "model." prefix loads too; one without an LM head (an embedding
+checkpoint) loads with `CausalLM.generates` False: it embeds, the engine refuses to generate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from pathlib import Path
@@ -29,6 +32,7 @@ _DTYPE_ALIASES = {"float": "float32", "half": "float16"}  # vLLM's other spellin
 # Tensors some exporters leave in checkpoints that carry nothing the model needs.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 _EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+_BARE = ("embed_tokens.", "layers.", "norm.")  # a bare base model's tensor names start so
 # The decoder projections a GPTQ or AWQ checkpoint may store as 4-bit tensors.
 # (A sparse layer's experts and Qwen2-MoE's shared expert too; never the router or the shared-expert gate.)
 _PROJECTION = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(shared_expert\.|experts\.\d+\.)?"
@@ -165,7 +169,11 @@ def read_checkpoint(model_dir: Path, config: ModelConfig) -> dict[str, torch.Ten
     for path in weight_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
-            for name in names:
+            # A base model saved on its own (`LlamaModel.save_pretrained`, as embedding checkpoints
+            # such as Qwen3-Embedding are) names its tensors without the "model." prefix.
+            bare = not any(n.startswith("model.") for n in names) and any(n.startswith(_BARE) for n in names)
+            for stored in names:
+                name = f"model.{stored}" if bare and stored.startswith(_BARE) else stored
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
                 shape = shapes.get(name, packed.get(name))
@@ -176,7 +184,7 @@ def read_checkpoint(model_dir: Path, config: ModelConfig) -> dict[str, torch.Ten
                             "no quantize_config.json or quant_config.json is beside it)"
                             if not packed and any(n.endswith(".qweight") for n in names) else "")
                     raise CheckpointError(f"{path.name}: unexpected tensor {name!r} for this config{hint}")
-                t = f.get_tensor(name)
+                t = f.get_tensor(stored)
                 if tuple(t.shape) != shape:
                     raise CheckpointError(
                         f"{path.name}: tensor {name!r} has shape {tuple(t.shape)}, "
@@ -197,6 +205,8 @@ def read_checkpoint(model_dir: Path, config: ModelConfig) -> dict[str, torch.Ten
                                       f"{sorted(set(parts) - set(stored))}")
             shapes.pop(name)  # (present in its 4-bit form)
     missing = [n for n in shapes if n not in tensors]
+    if missing == [_HEAD]:
+        return tensors  # a base model without its LM head: it loads to embed only (`load_model`)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{model_dir}: checkpoint is missing tensors {missing[:5]}{more}")
@@ -236,7 +246,11 @@ def load_model(model_dir: str | Path, dtype: str | torch.dtype = "auto",
     dt = resolve_dtype(dtype, config, dev)
     check_quantization(quantization, dev, dt, config)  # before the weights are read
     tensors = read_checkpoint(model_dir, config)
+    headless = not config.tie_word_embeddings and _HEAD not in tensors
+    if headless:  # the embedding stands in for the absent head, which generation refuses to use
+        config = dataclasses.replace(config, tie_word_embeddings=True)
     model = CausalLM(config, dt, dev)
+    model.generates = not headless
     packs = cpu_decode.packs_weights(model)
     fused = cpu_decode.segment_attention_kernel() is not None  # (else no path reads 4-bit values)
     if config.quantization is not None:

@@ -273,9 +273,9 @@ class Scheduler:
                 return False
         kv = self.kv
         free = kv.num_free_blocks + sum(kv.reclaimable([s.seq_id for s in r.seqs]) for r in without or ())
-        shared = (0 if request.params.prompt_logprobs is not None
+        shared = (0 if request.reads_every_prompt_position
                   else kv.shared_prefix_blocks(request.prompt_ids, request.lora_id))
-        need = kv.blocks_for(request.prompt_len) - shared + sum(kv.blocks_for(len(s.output_ids) + 1) for s in seqs)
+        need = kv.blocks_for(request.prompt_len) - shared + self._first_response_blocks(request, seqs)
         if free - need < (self.watermark_blocks if running else 0):
             return False
         view = SchedulerView(now=now, num_running_requests=len(running), num_running_seqs=num_seqs,
@@ -320,13 +320,13 @@ class Scheduler:
                 continue
             for seq in seqs:
                 self.kv.add_sequence(seq.seq_id, request.request_id)
-            # Prompt logprobs need every prompt position's logits: no cached prefix for them.
-            cached = (0 if request.params.prompt_logprobs is not None
+            # Prompt logprobs and mean/CLS pooling read every prompt position: no cached prefix.
+            cached = (0 if request.reads_every_prompt_position
                       else self.kv.match_prefix(request.request_id, request.prompt_ids, request.lora_id))
             # The rest of the prompt (and a first response block per sample) must fit beside the
             # headroom, or admitting it now would only preempt someone a few steps later.
             need = (self.kv.blocks_for(request.prompt_len) - cached // self.kv.block_size
-                    + sum(self.kv.blocks_for(len(s.output_ids) + 1) for s in seqs))
+                    + self._first_response_blocks(request, seqs))
             headroom = self.watermark_blocks if self.running else 0
             if self.kv.num_free_blocks - need < headroom and self.suspended:
                 # Parked KV yields to the batch being admitted: its owners keep their tokens and
@@ -345,6 +345,13 @@ class Scheduler:
             num_seqs += len(seqs)
             budget -= sum(c.num_tokens for c in chunks)
         return num_seqs
+
+    def _first_response_blocks(self, request: Request, seqs: list[Sequence]) -> int:
+        """Blocks the samples' next tokens need once admitted; none for an embedding request, which
+        ends with its prompt."""
+        if request.pooling is not None:
+            return 0
+        return sum(self.kv.blocks_for(len(s.output_ids) + 1) for s in seqs)
 
     def _adapter_admits(self, lora_id: int, adapters: set[int], someone_waits: bool) -> bool:
         """Whether a request of adapter `lora_id` may join the running requests, whose adapters are

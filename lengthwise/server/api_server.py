@@ -13,16 +13,18 @@ which frees its KV blocks at once. Responses carry `usage` and, as an extra fiel
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import itertools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,6 +34,7 @@ from lengthwise.engine.async_engine import AsyncEngine, EngineStopped, QueueFull
 from lengthwise.engine.detokenizer import TokenPieces
 from lengthwise.engine.llm import chat_messages
 from lengthwise.lora.request import LoRARequest
+from lengthwise.pooling import PoolingParams
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.server.metrics import CONTENT_TYPE, ServerMetrics
 from lengthwise.server.protocol import (
@@ -39,6 +42,7 @@ from lengthwise.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     LoadLoRAAdapterRequest,
     TokenizeRequest,
     UnloadLoRAAdapterRequest,
@@ -332,6 +336,46 @@ def build_app(state: ServerState) -> FastAPI:
         return await respond(request, req, [ids], params, chat=True, messages=messages, tools=parser,
                              reasoning=reasoning, lora=lora)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        """OpenAI's embeddings: one vector per input, pooled from the model's final hidden states
+        (`EngineConfig.pooler_config`), computed in the same continuous batches as generation."""
+        check_key(request)
+        req = parse_body(EmbeddingRequest, await request.body())
+        lora = check_model(req.model)
+        params = req.pooling_params()
+        if req.messages is not None:
+            try:
+                messages = chat_messages([m.model_dump(exclude_none=True) for m in req.messages])
+                prompts = [state.tokenizer.encode_chat(messages, req.add_generation_prompt)]
+            except ValueError as e:
+                raise ApiError(400, str(e), "messages") from None
+            what = "messages"
+        else:
+            prompts = [ids for ids, _ in _completion_prompts(req.input, state.tokenizer, req.add_special_tokens,
+                                                              "input")]
+            what = "input"
+        bound = state.engine.max_waiting
+        if bound is not None and len(prompts) > bound:
+            raise ApiError(400, f"{len(prompts)} inputs in one request; this server queues at most {bound} "
+                           f"requests (--max-waiting): send them in smaller batches", "input")
+        if params.truncate_prompt_tokens is None:
+            for ids in prompts:
+                if len(ids) > state.max_model_len:
+                    raise ApiError(400, f"this model's maximum context length is {state.max_model_len} tokens, "
+                                   f"and the {what} is {len(ids)} tokens: shorten it or set truncate_prompt_tokens",
+                                   what)
+        rid = f"embd-{uuid.uuid4().hex}"
+        streams = await accept_all(prompts, params, rid, None, lora, req.priority, what)
+        done, finals = await unless_disconnected(request, streams, _finals(streams))
+        if not done:
+            return Response(status_code=499)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _encode_vector(f.embedding, req.encoding_format)} for i, f in enumerate(finals)]
+        used = sum(f.prompt_tokens for f in finals)
+        return JSONResponse({"id": rid, "object": "list", "created": int(time.time()), "model": req.model,
+                             "data": data, "usage": {"prompt_tokens": used, "total_tokens": used}})
+
     def check_model(name: str) -> LoRARequest | None:
         """The adapter `name` asks for (None: the base model); an unknown name is a 404, as OpenAI and
         vLLM answer (the client raises NotFoundError)."""
@@ -352,20 +396,41 @@ def build_app(state: ServerState) -> FastAPI:
                            f"requested {prompt_len + max_tokens} ({prompt_len} in the {what}, {max_tokens} for "
                            f"the completion): lower {param}", param)
 
+    async def accept_all(prompts: list[list[int]], params: SamplingParams | BeamSearchParams | PoolingParams,
+                         rid: str, messages: list[dict[str, Any]] | None, lora: LoRARequest | None,
+                         priority: int, prompt_param: str = "prompt") -> list[RequestStream]:
+        """Add one request per prompt (ids `rid-k`); if one is refused, those accepted are aborted."""
+        streams: list[RequestStream] = []
+        try:
+            for k, ids in enumerate(prompts):
+                streams.append(await _accept(state.engine, ids, params, f"{rid}-{k}", messages, lora, priority,
+                                             prompt_param))
+        except BaseException:
+            for stream in streams:  # the prompts accepted before the refusal: abort them
+                stream.close()
+            raise
+        return streams
+
+    async def unless_disconnected(request: Request, streams: list[RequestStream],
+                                  work: Awaitable[Any]) -> tuple[bool, Any]:
+        """Await `work`, polling the client: (False, None) if it went away first (its requests
+        are then aborted, which frees their blocks), else (True, the result)."""
+        task = asyncio.ensure_future(work)
+        while not task.done():
+            await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                for stream in streams:
+                    stream.close()
+                return False, None
+        return True, task.result()
+
     async def respond(request: Request, req: Any, prompts: list[list[int]], params: SamplingParams | BeamSearchParams,
                       chat: bool, messages: list[dict[str, Any]] | None = None,
                       echo: list[Echo] | None = None, tools: HermesToolParser | ForcedToolCalls | None = None,
                       reasoning: ReasoningRequest | None = None, lora: LoRARequest | None = None) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        streams: list[RequestStream] = []
-        try:
-            for k, ids in enumerate(prompts):
-                streams.append(await _accept(state.engine, ids, params, f"{rid}-{k}", messages, lora,
-                                              req.priority))
-        except BaseException:
-            for stream in streams:  # the prompts accepted before the refusal: abort them
-                stream.close()
-            raise
+        streams = await accept_all(prompts, params, rid, messages, lora, req.priority)
         # A beam search's choices are its answers, best first; they come when it ends, whole.
         n, logprobs = (params.n, params.logprobs) if isinstance(params, SamplingParams) else (params.beam_width, None)
         if req.stream:
@@ -374,15 +439,10 @@ def build_app(state: ServerState) -> FastAPI:
                                   reasoning, req.model)
             return StreamingResponse(body, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        task = asyncio.ensure_future(_collect(streams))
-        while not task.done():
-            await asyncio.wait([task], timeout=DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()  # the client went away: abort its requests (frees their blocks)
-                for stream in streams:
-                    stream.close()
-                return Response(status_code=499)
-        return JSONResponse(_full_response(state, rid, task.result(), n, chat, logprobs, echo,
+        done, results = await unless_disconnected(request, streams, _collect(streams))
+        if not done:
+            return Response(status_code=499)
+        return JSONResponse(_full_response(state, rid, results, n, chat, logprobs, echo,
                                            tools, reasoning, req.model))
 
     return app
@@ -434,8 +494,10 @@ def _join_logprobs(*parts: dict[str, list[Any]]) -> dict[str, list[Any]]:
     return {key: [x for part in parts for x in part[key]] for key in parts[0]}
 
 
-def _completion_prompts(prompt: Any, tokenizer: Tokenizer) -> list[tuple[list[int], str | None]]:
-    """`prompt` as (token ids, text or None) pairs: a string, a list of token ids, or a list of either."""
+def _completion_prompts(prompt: Any, tokenizer: Tokenizer, add_special_tokens: bool = True,
+                        param: str = "prompt") -> list[tuple[list[int], str | None]]:
+    """`prompt` as (token ids, text or None) pairs: a string, a list of token ids, or a list of
+    either (`param`: the field's name in errors)."""
     if isinstance(prompt, str):
         items: list[Any] = [prompt]
     elif prompt and all(isinstance(t, int) for t in prompt):
@@ -443,22 +505,45 @@ def _completion_prompts(prompt: Any, tokenizer: Tokenizer) -> list[tuple[list[in
     else:
         items = list(prompt)
     if not items:
-        raise ApiError(400, "prompt must not be empty", "prompt")
+        raise ApiError(400, f"{param} must not be empty", param)
     out = []
     for item in items:
-        ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+        ids = tokenizer.encode(item, add_special_tokens) if isinstance(item, str) else list(item)
         if not ids:
-            raise ApiError(400, "prompt must not be empty", "prompt")
+            raise ApiError(400, f"{param} must not be empty", param)
         if any(not 0 <= t < tokenizer.vocab_size for t in ids):
-            raise ApiError(400, f"prompt has token ids outside the vocabulary [0, {tokenizer.vocab_size})", "prompt")
+            raise ApiError(400, f"{param} has token ids outside the vocabulary [0, {tokenizer.vocab_size})", param)
         out.append((ids, item if isinstance(item, str) else None))
     return out
 
 
-async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams | BeamSearchParams, rid: str,
-                  messages: list[dict[str, Any]] | None = None, lora: LoRARequest | None = None,
-                  priority: int = 0) -> RequestStream:
-    """Add a request; the engine's refusal becomes an `ApiError`."""
+async def _finals(streams: list[RequestStream]) -> list[StreamDelta]:
+    """Each stream's last delta (an embedding request has just that one)."""
+    finals = []
+    try:
+        for stream in streams:
+            final = None
+            async for delta in stream:
+                final = delta
+            finals.append(final)
+    finally:
+        for stream in streams:
+            stream.close()
+    return finals
+
+
+def _encode_vector(vector: torch.Tensor, encoding_format: str) -> list[float] | str:
+    """OpenAI's encodings of an embedding: a list of floats, or base64 of its little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
+
+
+async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams | BeamSearchParams | PoolingParams,
+                  rid: str, messages: list[dict[str, Any]] | None = None, lora: LoRARequest | None = None,
+                  priority: int = 0, prompt_param: str = "prompt") -> RequestStream:
+    """Add a request; the engine's refusal becomes an `ApiError` (`prompt_param`: the request
+    field holding the prompt)."""
     try:
         return await engine.add(ids, params, rid, messages, lora, priority)
     except QueueFull as e:
@@ -470,10 +555,12 @@ async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams | 
     except ValueError as e:  # the engine's own checks: name the request field that decides it
         msg = str(e)
         first = msg.split(" ", 1)[0]
+        field = first.split("=", 1)[0]
         param = ("n" if msg.startswith(("n=", "beam_width=")) else "priority" if msg.startswith("priority")
                  else "max_tokens" if "KV blocks" in msg
-                 else first if first in ("logit_bias", "stop_token_ids")
-                 else "model" if lora is not None and ("lora" in msg or "adapter" in msg) else "prompt")
+                 else field if field in ("logit_bias", "stop_token_ids", "dimensions", "truncate_prompt_tokens")
+                 else "model" if (lora is not None and ("lora" in msg or "adapter" in msg)) or "embeddings are not"
+                 in msg or "LM head" in msg else prompt_param)
         raise ApiError(400, msg, param) from None
 
 

@@ -24,6 +24,7 @@ from lengthwise.argtypes import (
     add_lora_arguments,
     add_precision_arguments,
     add_speculative_argument,
+    json_object,
     kv_memory,
     port,
     positive_int,
@@ -68,6 +69,10 @@ def add_parser(sub: argparse._SubParsersAction, add_policy_arguments: Any) -> No
     p.add_argument("--reasoning-parser", default=None, choices=sorted(REASONING_PARSERS),
                    help="send a thinking model's <think> part as message.reasoning (deepseek_r1: DeepSeek-R1, QwQ; "
                         "qwen3: Qwen3, which also reads chat_template_kwargs' enable_thinking)")
+    p.add_argument("--pooler-config", type=json_object, default=None, metavar="JSON",
+                   help='how /v1/embeddings pools, e.g. \'{"pooling_type": "mean", "normalize": false}\' '
+                   "(last, mean or cls; default: the checkpoint's sentence-transformers files, else the last "
+                   "token, normalized)")
     p.add_argument("--max-waiting", type=int, default=256, help="requests that may wait to be scheduled; "
                    "beyond, 429 with Retry-After (default 256)")
     p.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get to finish "
@@ -104,6 +109,7 @@ def build_state(args: argparse.Namespace) -> Any:
                           max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, policy=args.policy,
                           policy_options=parse_policy_options(args.policy_option),
                           length_predictor=args.length_predictor, speculative_config=args.speculative_config,
+                          pooler_config=args.pooler_config,
                           allow_benchmark_predictors=False,  # real traffic has no true lengths
                           enable_lora=args.enable_lora or bool(args.lora_modules) or args.allow_runtime_lora_updating,
                           max_loras=args.max_loras,

@@ -122,7 +122,7 @@ class ServerMetrics:
         self.prompt_tokens.inc(len(request.prompt_ids))
         self.generation_tokens.inc(sum(n_out))
         end = request.finish_time
-        if request.first_token_time is not None:
+        if request.first_token_time is not None and request.pooling is None:  # (an embedding has no token)
             self.ttft.observe(request.first_token_time - request.arrival_time)
             if end is not None and max(n_out) > 1:
                 self.tpot.observe((end - request.first_token_time) / (max(n_out) - 1))

@@ -9,11 +9,13 @@ when set. Ranges are checked by `SamplingParams`, whose errors name the field. E
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lengthwise.beam_search import BeamSearchParams
+from lengthwise.pooling import PoolingParams
 from lengthwise.sampling_params import SamplingParams
 from lengthwise.structured.params import StructuredOutputsParams
 
@@ -188,6 +190,40 @@ class ChatCompletionRequest(_Common):
                 raise ApiError(400, f"a {m.role} message needs content", f"messages.{i}.content")
 
 
+class EmbeddingRequest(BaseModel):
+    """`/v1/embeddings`: OpenAI's `input` (a string, a list of strings, token ids, or a list of
+    token-id lists), `encoding_format` ("float" or "base64": little-endian float32 bytes),
+    `dimensions` and `user`; vLLM's extras: chat `messages` instead of `input` (one embedding of
+    the conversation rendered through the chat template), `truncate_prompt_tokens`,
+    `add_special_tokens`, `normalize` and `priority`."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]] | None = None
+    messages: list[ChatMessage] | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: int | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = False
+    normalize: bool | None = None
+    priority: int = 0
+
+    def unsupported(self) -> None:
+        if (self.input is None) == (self.messages is None):
+            raise ApiError(400, "give exactly one of input and messages", "input")
+        if self.messages is not None and not self.messages:
+            raise ApiError(400, "messages must not be empty", "messages")
+
+    def pooling_params(self) -> PoolingParams:
+        """The request's `PoolingParams`; a bad value is a 400 naming its field."""
+        try:
+            return PoolingParams(self.dimensions, self.normalize, self.truncate_prompt_tokens)
+        except ValueError as e:
+            raise ApiError(400, str(e), str(e).split(" ", 1)[0]) from None
+
+
 class TokenizeRequest(BaseModel):
     """vLLM's `/tokenize`: a `prompt` (special tokens added unless `add_special_tokens` is false)
     or chat `messages` rendered through the template."""
@@ -244,13 +280,18 @@ class UnloadLoRAAdapterRequest(BaseModel):
             raise ApiError(400, "give lora_name (or lora_int_id) of the adapter to unload", "lora_name")
 
 
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|list\[.*\]|dict\[.*\])")
+
+
 def parse_body(cls: type[BaseModel], raw: bytes) -> Any:
     """Validate a request body; malformed JSON, a wrong type, a missing or unknown field: 400."""
     try:
         req = cls.model_validate_json(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
+        # (a union field's error names the member it tried, e.g. ("input", "list[int]", 0): the
+        # parameter at fault is the field)
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and _UNION_MEMBER.fullmatch(p)))
         if err["type"] == "json_invalid":
             raise ApiError(400, f"the request body is not valid JSON: {err['msg']}") from None
         if err["type"] == "extra_forbidden":
