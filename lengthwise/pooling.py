@@ -29,18 +29,19 @@ _ST_UNSUPPORTED = ("pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens
 @dataclass(frozen=True)
 class PoolerConfig:
     """How the engine pools: `pooling_type` (`"last"`, `"mean"` over every prompt token, or
-    `"cls"`, the first token; vLLM's upper-case names are accepted) and `normalize` (L2)."""
+    `"cls"`, the first token; vLLM's upper-case names are accepted) and `normalize` (L2). As
+    `EngineConfig.pooler_config`, a field left None keeps what the checkpoint says."""
 
-    pooling_type: str = "last"
-    normalize: bool = True
+    pooling_type: str | None = None
+    normalize: bool | None = None
 
     def __post_init__(self) -> None:
         kind = self.pooling_type.lower() if isinstance(self.pooling_type, str) else self.pooling_type
-        if kind not in POOLING_TYPES:
+        if kind is not None and kind not in POOLING_TYPES:
             raise ValueError(f"pooler_config.pooling_type must be one of {', '.join(POOLING_TYPES)}, "
                              f"got {self.pooling_type!r}")
         object.__setattr__(self, "pooling_type", kind)
-        if not isinstance(self.normalize, bool):
+        if self.normalize is not None and not isinstance(self.normalize, bool):
             raise ValueError(f"pooler_config.normalize must be true or false, got {self.normalize!r}")
 
     @classmethod
@@ -102,9 +103,10 @@ class PoolingTask:
 
 @dataclass(frozen=True)
 class ModelPooling:
-    """What a checkpoint says about embedding with it: its `PoolerConfig` (None, with `problem`
-    saying why, when its sentence-transformers files ask for something lengthwise cannot do) and
-    which matryoshka dimensions it supports (`matryoshka`: False, True for any, or a tuple)."""
+    """What a checkpoint says about embedding with it: its `PoolerConfig`, both fields set (None,
+    with `problem` saying why, when its sentence-transformers files ask for something lengthwise
+    cannot do or cannot be read) and which matryoshka dimensions it supports (`matryoshka`:
+    False, True for any, or a tuple)."""
 
     config: PoolerConfig | None
     matryoshka: bool | tuple[int, ...] = False
@@ -123,50 +125,57 @@ class ModelPooling:
 
 
 def read_model_pooling(model_dir: str | Path | None, override: PoolerConfig | None = None) -> ModelPooling:
-    """The checkpoint's pooling (see the module docstring); `override` (EngineConfig.pooler_config)
-    replaces whatever its sentence-transformers files say."""
-    if model_dir is None:
-        return ModelPooling(override or PoolerConfig())
-    model_dir = Path(model_dir)
+    """The checkpoint's pooling (see the module docstring); each field `override`
+    (EngineConfig.pooler_config) sets replaces what its sentence-transformers files say. A file
+    that cannot be read leaves embeddings refused (`problem`), never generation."""
+    override = override or PoolerConfig()
+    kind, normalize, problem = "last", True, None
     matryoshka: bool | tuple[int, ...] = False
-    config_path = model_dir / "config.json"
-    if config_path.is_file():
-        raw = _json(config_path)
-        dims = raw.get("matryoshka_dimensions")
-        if isinstance(dims, list) and dims and all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
-            matryoshka = tuple(dims)
-        elif raw.get("is_matryoshka") is True:
-            matryoshka = True
-    if override is not None:
-        return ModelPooling(override, matryoshka)
-    config, problem = _sentence_transformers_pooling(model_dir)
-    return ModelPooling(config, matryoshka, problem)
+    if model_dir is not None:
+        model_dir = Path(model_dir)
+        try:
+            raw = _json(model_dir / "config.json") if (model_dir / "config.json").is_file() else {}
+            dims = raw.get("matryoshka_dimensions")
+            if isinstance(dims, list) and dims and all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+                matryoshka = tuple(dims)
+            elif raw.get("is_matryoshka") is True:
+                matryoshka = True
+            kind, normalize, problem = _sentence_transformers_pooling(model_dir, override.pooling_type is not None)
+        except ValueError as e:
+            problem = str(e)
+    if problem is not None:
+        return ModelPooling(None, matryoshka, problem)
+    return ModelPooling(PoolerConfig(override.pooling_type or kind,
+                                     normalize if override.normalize is None else override.normalize), matryoshka)
 
 
-def _sentence_transformers_pooling(model_dir: Path) -> tuple[PoolerConfig | None, str | None]:
+def _sentence_transformers_pooling(model_dir: Path, type_given: bool) -> tuple[str, bool, str | None]:
+    """(pooling type, normalize, a problem or None) from `modules.json`; `type_given`: the pooling
+    type is overridden, so a mode lengthwise lacks is no problem."""
     modules_path = model_dir / "modules.json"
     if not modules_path.is_file():
-        return PoolerConfig(), None
+        return "last", True, None
     modules = _json(modules_path)
     if not isinstance(modules, list):
-        return None, f"{modules_path} is not a list of modules"
+        return "last", True, f"{modules_path} is not a list of modules"
     kinds = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules if isinstance(m, dict)}
+    normalize = "Normalize" in kinds
     extra = sorted(set(kinds) - {"Transformer", "Pooling", "Normalize"})
     if extra:
-        return None, (f"{modules_path} lists sentence-transformers module(s) {extra} after pooling, which "
-                      f"lengthwise does not run; its embeddings would differ from the model's")
+        return "last", normalize, (f"{modules_path} lists sentence-transformers module(s) {extra} after pooling, "
+                                   f"which lengthwise does not run; its embeddings would differ from the model's")
     pooling = kinds.get("Pooling")
-    kind = "last"
-    if pooling is not None:
-        path = model_dir / str(pooling.get("path", "")) / "config.json"
-        cfg = _json(path) if path.is_file() else {}
-        chosen = [t for key, t in _ST_MODES.items() if cfg.get(key)]
-        unsupported = [key for key in _ST_UNSUPPORTED if cfg.get(key)]
-        if unsupported or len(chosen) > 1:
-            return None, (f"{path} asks for pooling {unsupported + [k for k in _ST_MODES if cfg.get(k)]}; "
-                          f"lengthwise pools with one of {', '.join(POOLING_TYPES)} (pass pooler_config to choose)")
-        kind = chosen[0] if chosen else "last"
-    return PoolerConfig(kind, "Normalize" in kinds), None
+    if pooling is None:
+        return "last", normalize, None
+    path = model_dir / str(pooling.get("path", "")) / "config.json"
+    cfg = _json(path) if path.is_file() else {}
+    chosen = [t for key, t in _ST_MODES.items() if cfg.get(key)]
+    unsupported = [key for key in _ST_UNSUPPORTED if cfg.get(key)]
+    if (unsupported or len(chosen) > 1) and not type_given:
+        return "last", normalize, (f"{path} asks for pooling {unsupported + [k for k in _ST_MODES if cfg.get(k)]}; "
+                                   f"lengthwise pools with one of {', '.join(POOLING_TYPES)} (pass pooler_config "
+                                   f"to choose)")
+    return (chosen[0] if len(chosen) == 1 else "last"), normalize, None
 
 
 def _json(path: Path) -> Any:

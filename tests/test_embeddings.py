@@ -100,6 +100,8 @@ def test_prompt_lengths_against_the_context(llama):
     assert_close(vectors(llm.embed([[5] + full], truncate_prompt_tokens=-1, use_tqdm=False)), reference(hf, [full]))
     with pytest.raises(ValueError, match="truncate_prompt_tokens=40 is more than max_model_len=32"):
         llm.embed([full], truncate_prompt_tokens=40, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"prompt 0: \['true_length'\] do not apply to embeddings"):
+        llm.embed([{"prompt_token_ids": full, "true_length": 3}], use_tqdm=False)
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -118,7 +120,7 @@ def test_bad_pooler_configs_name_the_field():
         PoolerConfig("last", normalize="yes")
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['dimensions'\]"):
         EngineConfig(pooler_config={"dimensions": 3})
-    assert EngineConfig(pooler_config={"pooling_type": "CLS"}).pooler_config == PoolerConfig("cls", True)
+    assert EngineConfig(pooler_config={"pooling_type": "CLS"}).pooler_config == PoolerConfig("cls", None)
 
 
 def _sentence_transformers_dir(src: Path, dst: Path, modes: dict, normalize: bool, extra: list | None = None) -> Path:
@@ -145,8 +147,11 @@ def test_the_checkpoints_sentence_transformers_files_choose_the_pooling(llama, t
     # A request may still ask for normalization; pooler_config overrides the files.
     assert_close(vectors(llm.embed(PROMPTS, PoolingParams(normalize=True), use_tqdm=False)),
                  reference(hf, PROMPTS, "mean", True))
+    # pooler_config overrides the files field by field: the type here, the normalization there.
     over = LLM(mean, dtype="float32", device="cpu", pooler_config={"pooling_type": "cls"})
-    assert_close(vectors(over.embed(PROMPTS, use_tqdm=False)), reference(hf, PROMPTS, "cls", True))
+    assert_close(vectors(over.embed(PROMPTS, use_tqdm=False)), reference(hf, PROMPTS, "cls", False), 1e-4)
+    over = LLM(mean, dtype="float32", device="cpu", pooler_config={"normalize": True})
+    assert_close(vectors(over.embed(PROMPTS, use_tqdm=False)), reference(hf, PROMPTS, "mean", True))
     cls = _sentence_transformers_dir(path, tmp_path / "cls", {"pooling_mode_cls_token": True}, normalize=True)
     assert_close(vectors(LLM(cls, dtype="float32", device="cpu").embed(PROMPTS, use_tqdm=False)),
                  reference(hf, PROMPTS, "cls", True))
@@ -159,6 +164,16 @@ def test_the_checkpoints_sentence_transformers_files_choose_the_pooling(llama, t
         with pytest.raises(ValueError, match=f"embeddings are not available for this checkpoint: .*{match}"):
             odd.embed(PROMPTS, use_tqdm=False)
         assert odd.generate([PROMPTS[0]], SamplingParams(max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids
+    # A pooling type given in pooler_config replaces a mode lengthwise lacks (not a Dense layer).
+    chosen = LLM(tmp_path / "max", dtype="float32", device="cpu", pooler_config={"pooling_type": "mean"})
+    assert_close(vectors(chosen.embed(PROMPTS, use_tqdm=False)), reference(hf, PROMPTS, "mean", True))
+    # Files that cannot be read refuse embeddings, not the engine.
+    broken = _sentence_transformers_dir(path, tmp_path / "broken", {}, True)
+    (broken / "modules.json").write_text("[{")
+    llm = LLM(broken, dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="modules.json: cannot be read as JSON"):
+        llm.embed(PROMPTS, use_tqdm=False)
+    assert llm.generate([PROMPTS[0]], SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -179,6 +194,10 @@ def test_a_base_model_saved_without_its_lm_head_embeds_and_refuses_to_generate(t
     assert not llm.engine.model.generates
     with pytest.raises(ValueError, match="has no LM head .* it can only embed"):
         llm.generate([PROMPTS[0]], SamplingParams(max_tokens=2), use_tqdm=False)
+    from lengthwise import BeamSearchParams
+
+    with pytest.raises(ValueError, match="has no LM head"):
+        llm.beam_search([PROMPTS[0]], BeamSearchParams(beam_width=2, max_tokens=2))
 
 
 def _tensor_names(path: Path) -> list[str]:

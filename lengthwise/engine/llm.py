@@ -143,6 +143,10 @@ class LLM:
                              "pooling_params", len(prompts))
         if truncate_prompt_tokens is not None:
             params = [dataclasses.replace(p, truncate_prompt_tokens=truncate_prompt_tokens) for p in params]
+        for i, p in enumerate(prompts):
+            extra = sorted(set(p) & {"true_length", "messages"}) if isinstance(p, dict) else []
+            if extra:
+                raise ValueError(f"prompt {i}: {extra} do not apply to embeddings (give prompt or prompt_token_ids)")
         inputs = [_prompt_input(p, i) for i, p in enumerate(prompts)]
         outputs = run_to_completion(self.engine, [ids for ids, _ in inputs], params, use_tqdm,
                                     lora_requests=_per_prompt_loras(lora_request, len(prompts)), desc="embedding")

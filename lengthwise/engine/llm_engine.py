@@ -208,6 +208,9 @@ class LLMEngine:
         computed (`pop_finished` gives an `EmbeddingRequestOutput`).
         """
         params = params or self.default_sampling_params()
+        if not isinstance(params, PoolingParams) and not self.model.generates:
+            raise ValueError(f"{self.model_dir or 'this model'} has no LM head (lm_head.weight): it can only "
+                             f"embed (LLM.embed, /v1/embeddings), not generate")
         beam = pooling = pooling_params = None
         if isinstance(params, BeamSearchParams):
             beam, params = params, params.sampling_params()
@@ -215,9 +218,6 @@ class LLMEngine:
         elif isinstance(params, PoolingParams):
             pooling_params = params
             pooling, params = self._pooling_task(params, eos_after, true_length), _EMBED_PARAMS
-        elif not self.model.generates:
-            raise ValueError(f"{self.model_dir or 'this model'} has no LM head (lm_head.weight): it can only "
-                             f"embed (LLM.embed, /v1/embeddings), not generate")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         request_id = str(next(self._ids)) if request_id is None else request_id
@@ -263,6 +263,10 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         kv = self.scheduler.kv
         need = kv.blocks_for(len(prompt_ids)) + (0 if pooling else params.n * kv.blocks_for(max_tokens))
+        if need > self.num_blocks and pooling is not None:
+            raise ValueError(f"request {request_id!r} needs {need} KV blocks for its prompt of {len(prompt_ids)} "
+                             f"tokens but the cache has {self.num_blocks}; raise kv_cache_memory or set "
+                             f"truncate_prompt_tokens")
         if need > self.num_blocks:
             raise ValueError(f"request {request_id!r} needs {need} KV blocks (prompt of {len(prompt_ids)} tokens, "
                              f"n={params.n} x max_tokens={max_tokens}) but the cache has {self.num_blocks}; "

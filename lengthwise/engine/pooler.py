@@ -29,9 +29,9 @@ class PooledState:
             self.value = part if start == 0 or self.value is None else self.value + part
         elif kind == "cls":
             if start == 0:
-                self.value = hidden[0].float()
+                self.value = hidden[0].float().clone()  # (not a view keeping the step's states alive)
         else:
-            self.value = hidden[-1].float()
+            self.value = hidden[-1].float().clone()
 
     def result(self, prompt_len: int) -> torch.Tensor:
         """The embedding, float32 on the CPU: pooled, cut to `dimensions`, then normalized."""

@@ -177,7 +177,7 @@ def read_checkpoint(model_dir: Path, config: ModelConfig) -> dict[str, torch.Ten
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
                 shape = shapes.get(name, packed.get(name))
-                if shape is None and packed and _zero_bias(f, name):
+                if shape is None and packed and _zero_bias(f, name, stored):
                     continue  # GPTQ-for-LLaMa saved a zero bias for every linear (vLLM skips them too)
                 if shape is None:
                     hint = (" (it holds 4-bit .qweight tensors, but config.json has no quantization_config and "
@@ -213,10 +213,10 @@ def read_checkpoint(model_dir: Path, config: ModelConfig) -> dict[str, torch.Ten
     return tensors
 
 
-def _zero_bias(f: Any, name: str) -> bool:
-    """Whether `name` is a decoder projection's bias that holds only zeros."""
+def _zero_bias(f: Any, name: str, stored: str) -> bool:
+    """Whether `name` (stored in the file as `stored`) is a decoder projection's bias that holds only zeros."""
     return (_PROJECTION.fullmatch(name.removesuffix(".bias") + ".weight") is not None and name.endswith(".bias")
-            and not f.get_tensor(name).any())
+            and not f.get_tensor(stored).any())
 
 
 def _tie(tensors: dict[str, torch.Tensor], model_dir: Path) -> None:

@@ -36,7 +36,10 @@ def _dense_is_faster(x: torch.Tensor, weight: PackedWeight) -> bool:
     if threshold is None or weight.perm is not None:
         return False
     env = os.environ.get(DENSE_ROWS_ENV)
-    threshold = threshold if env is None else int(env)
+    if env is not None:
+        if not env.strip().isdigit():
+            raise ValueError(f"{DENSE_ROWS_ENV} must be a row count (0: always the panels), got {env!r}")
+        threshold = int(env)
     return threshold > 0 and x.numel() >= threshold * x.shape[-1]
 
 

@@ -370,6 +370,9 @@ def build_app(state: ServerState) -> FastAPI:
         done, finals = await unless_disconnected(request, streams, _finals(streams))
         if not done:
             return Response(status_code=499)
+        if any(f is None or f.embedding is None for f in finals):  # aborted: the server is shutting down
+            raise ApiError(503, "the server stopped before the embeddings were computed; retry", type_="server_error",
+                           code="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
         data = [{"object": "embedding", "index": i,
                  "embedding": _encode_vector(f.embedding, req.encoding_format)} for i, f in enumerate(finals)]
         used = sum(f.prompt_tokens for f in finals)
@@ -557,7 +560,7 @@ async def _accept(engine: AsyncEngine, ids: list[int], params: SamplingParams | 
         first = msg.split(" ", 1)[0]
         field = first.split("=", 1)[0]
         param = ("n" if msg.startswith(("n=", "beam_width=")) else "priority" if msg.startswith("priority")
-                 else "max_tokens" if "KV blocks" in msg
+                 else "max_tokens" if "KV blocks" in msg and prompt_param == "prompt"
                  else field if field in ("logit_bias", "stop_token_ids", "dimensions", "truncate_prompt_tokens")
                  else "model" if (lora is not None and ("lora" in msg or "adapter" in msg)) or "embeddings are not"
                  in msg or "LM head" in msg else prompt_param)

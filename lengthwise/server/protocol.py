@@ -291,7 +291,8 @@ def parse_body(cls: type[BaseModel], raw: bytes) -> Any:
         err = e.errors()[0]
         # (a union field's error names the member it tried, e.g. ("input", "list[int]", 0): the
         # parameter at fault is the field)
-        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and _UNION_MEMBER.fullmatch(p)))
+        loc = ".".join(str(p) for i, p in enumerate(err["loc"])
+                       if not (i and isinstance(p, str) and _UNION_MEMBER.fullmatch(p)))
         if err["type"] == "json_invalid":
             raise ApiError(400, f"the request body is not valid JSON: {err['msg']}") from None
         if err["type"] == "extra_forbidden":
