@@ -59,8 +59,9 @@ STEPS=("$@")
 KERNELS=(-m lengthwise.cli bench kernels --model llama-1b --device cuda --dtype bfloat16)
 for s in "${STEPS[@]}"; do
     case "$s" in
-    tests) step tests 300 "$PY" -m pytest -q -rs -p no:cacheprovider \
-        tests/test_cuda_graph.py tests/test_ops_triton.py tests/test_dtypes_devices.py tests/test_lora.py ;;
+    tests) step tests 420 "$PY" -m pytest -q -rs -p no:cacheprovider \
+        tests/test_cuda_graph.py tests/test_ops_triton.py tests/test_dtypes_devices.py tests/test_lora.py \
+        tests/test_pia.py ;;
     kernels) step kernels 200 "$PY" "${KERNELS[@]}" --compare-transformers --check --json "$OUT/k1b.json" ;;
     experimental)  # their correctness tests first (GEMVs, attention, batch-1 decode, graphs)
         export LENGTHWISE_GEMV_SPLITK=1 LENGTHWISE_ATTN_FUSED_REDUCE=1

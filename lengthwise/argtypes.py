@@ -35,6 +35,11 @@ def positive_float(text: str) -> float:
     return _checked(text, float, "a positive number", lambda v: math.isfinite(v) and v > 0)
 
 
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (roundings, tolerances)."""
+    return _checked(text, float, "a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+
+
 def port(text: str) -> int:
     """A TCP port, 1 to 65535."""
     return _checked(text, int, "a port number (1-65535)", lambda v: 1 <= v <= 65535)

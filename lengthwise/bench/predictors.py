@@ -64,7 +64,7 @@ def cmd_predictors(args: argparse.Namespace) -> int:
         engine = None
         if is_self_spec(path):
             if args.model is None:
-                raise ValueError("--predictor self asks a model: pass --model MODEL_DIR")
+                raise ValueError(f"--predictor {path} asks the served model: pass --model MODEL_DIR")
             from lengthwise.engine.llm_engine import LLMEngine
 
             engine = LLMEngine.from_dir(args.model)

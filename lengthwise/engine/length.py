@@ -7,10 +7,12 @@
 - The `probe` predicts at the end of prefill from the final hidden state of the last prompt
   token, which the step computed anyway.
 - With `record_lengths=FILE`, every finished request appends `{id, prompt, features, length,
-  lengths, predicted, lora}` to FILE: the training data for `lengthwise predictor train --kind
-  probe` (`lora`: the adapter's name, or null for the base model).
+  lengths, predicted, lora}` (and a chat request's `messages`) to FILE: the training data for
+  `lengthwise predictor train --kind probe` or `--kind pia` (`lora`: the adapter's name, or null
+  for the base model; `messages`: so PiA asks its training questions as a chat request is asked).
 - A request with a LoRA adapter is predicted for the adapted model: the `self` predictor asks
-  through the adapter, and the probe reads the adapted model's hidden states.
+  through the adapter (a PiA predictor always asks through its own length adapter), and the probe
+  reads the adapted model's hidden states.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ class LengthPerception:
                       # the features are the adapted model's hidden states: a probe per adapter
                       # trains on its own records
                       "lora": None if request.lora_request is None else request.lora_request.lora_name}
+            if request.messages is not None:
+                record["messages"] = request.messages
             with self.record_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(record, default=str) + "\n")
         self.true_lengths.pop(request.request_id, None)

@@ -33,7 +33,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _KEY = re.compile(r"(?:base_model\.model\.)?(model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+))"
                   r"\.lora_([AB])(?:\.default)?\.weight")
 # PEFT module -> (the fused projection it is part of, its part's index there).
-_PARTS = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
+PARTS = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
           "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
 
 
@@ -55,7 +55,7 @@ class LoRAAdapter:
         return sum(w.a.nbytes + w.b.nbytes for layer in self.layers for w in layer.values())
 
 
-def _part_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, int]]:
+def part_shapes(config: ModelConfig, layer: int) -> dict[str, tuple[int, int]]:
     """(out, in) of each module PEFT may adapt in `layer`; a sparse layer's MLP has none."""
     c = config
     shapes = {"q_proj": (c.q_size, c.hidden_size), "k_proj": (c.kv_size, c.hidden_size),
@@ -73,10 +73,10 @@ def adapter_bytes_bound(config: ModelConfig, rank: int, dtype: torch.dtype) -> i
     sizes the KV cache."""
     elements = 0
     for layer in range(config.num_layers):
-        shapes = _part_shapes(config, layer)
+        shapes = part_shapes(config, layer)
         fused: dict[str, list[tuple[int, int]]] = {}
         for module, shape in shapes.items():
-            fused.setdefault(_PARTS[module][0], []).append(shape)
+            fused.setdefault(PARTS[module][0], []).append(shape)
         for parts in fused.values():
             stacked_rank = rank * len(parts)
             elements += sum(rank * fan_in for _, fan_in in parts) + sum(out for out, _ in parts) * stacked_rank
@@ -141,8 +141,8 @@ def load_adapter(request: LoRARequest, config: ModelConfig, dtype: torch.dtype, 
         module, layer, part = m.group(1), int(m.group(2)), m.group(4)
         if layer >= config.num_layers:
             raise ValueError(f"{weights}: tensor {key!r} is for layer {layer}; the model has {config.num_layers}")
-        if part not in _part_shapes(config, layer):
-            where = " (a mixture-of-experts layer)" if part in _PARTS else ""
+        if part not in part_shapes(config, layer):
+            where = " (a mixture-of-experts layer)" if part in PARTS else ""
             raise ValueError(f"{weights}: tensor {key!r}: {part} of layer {layer}{where} cannot be adapted")
         found.setdefault(module, {})[m.group(5)] = tensor
     if not found:
@@ -156,7 +156,7 @@ def load_adapter(request: LoRARequest, config: ModelConfig, dtype: torch.dtype, 
             raise ValueError(f"{weights}: {module} has lora_{'A' if 'A' not in ab else 'B'} missing")
         layer, part = int(module.split(".")[2]), module.rsplit(".", 1)[1]
         a, b = ab["A"], ab["B"]
-        out_features, in_features = _part_shapes(config, layer)[part]
+        out_features, in_features = part_shapes(config, layer)[part]
         rank = a.shape[0]
         if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape != (out_features, rank):
             raise ValueError(f"{weights}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
@@ -170,7 +170,7 @@ def load_adapter(request: LoRARequest, config: ModelConfig, dtype: torch.dtype, 
         max_rank = max(max_rank, rank)
         alpha = _pattern_value(alpha_pattern, module, cfg["lora_alpha"])
         scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
-        name, index = _PARTS[part]
+        name, index = PARTS[part]
         parts[layer].setdefault(name, []).append((index, a.float(), b.float() * scaling))
     layers = [{name: _fuse(name, found_parts, config, dtype, device) for name, found_parts in layer.items()}
               for layer in parts]

@@ -1,4 +1,5 @@
-"""`lengthwise predictor train|eval`: fit a predictor on a length JSONL file, or evaluate one."""
+"""`lengthwise predictor train|eval|record`: fit a predictor on a length JSONL file (`--kind pia`:
+a LoRA adapter of the served model), evaluate one, or record what a model generates."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-from lengthwise.argtypes import input_file, output_file, positive_float, positive_int
+from lengthwise.argtypes import input_file, non_negative_float, output_file, positive_float, positive_int
 from lengthwise.predict.base import LengthPredictor
 from lengthwise.predict.data import load_length_data, write_predictions
 from lengthwise.predict.evaluate import evaluate
 from lengthwise.predict.training import TrainConfig
 
+# `predictor train` options only --kind pia reads (refused for the other kinds, never ignored)
+PIA_OPTIONS = ("model", "rounding", "rank", "alpha", "target_modules", "read", "max_model_len", "dtype", "device")
 EVAL_KEYS = ("mae", "acc50", "acc100", "kendall_tau", "bin_acc_2", "bin_acc_4", "bin_acc_8",
              "latency_ms_b1", "latency_ms_b64")
 
@@ -25,7 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t = psub.add_parser("train", help="fit a length predictor on a JSONL file",
                         description="Fit a predictor on alpaca-lengths style JSONL (prompt + lengths), or on a "
                                     "file the engine recorded with record_lengths (probe).")
-    t.add_argument("--kind", required=True, choices=["proxy", "probe", "constant"])
+    t.add_argument("--kind", required=True, choices=["proxy", "probe", "constant", "pia"],
+                   help="pia: a LoRA adapter of --model trained to answer its own response length (the first paper's "
+                        "Perception in Advance)")
     t.add_argument("--data", required=True, type=Path, help="training JSONL")
     t.add_argument("--target", default="L_max", help="length field: L_max, t0.0, t0.7, L_gt, length (default L_max)")
     t.add_argument("--out", required=True, type=Path, help="directory to save the predictor in")
@@ -41,13 +46,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--limit", type=int, default=None, help="use only the first N records")
     t.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    pia = t.add_argument_group("pia (Perception in Advance)")
+    pia.add_argument("--model", default=None, help="pia: the served model's directory (its adapter is trained)")
+    pia.add_argument("--rounding", type=non_negative_float, default=None,
+                     help="pia: answers are lengths rounded to this multiple (default 50, the paper's)")
+    pia.add_argument("--rank", type=positive_int, default=None, help="pia: LoRA rank (default 8)")
+    pia.add_argument("--alpha", type=positive_float, default=None, help="pia: LoRA alpha (default 16)")
+    pia.add_argument("--target-modules", default=None,
+                     help="pia: comma-separated projections to adapt (default q_proj,v_proj)")
+    pia.add_argument("--read", choices=["median", "greedy"], default=None,
+                     help="pia: how answers are read (see the self predictor; default median)")
+    pia.add_argument("--max-model-len", type=positive_int, default=None,
+                     help="pia: the serving engine's max_model_len, which clips long questions (default: the "
+                          "model's context)")
+    pia.add_argument("--dtype", default=None, help="pia: the model's dtype while training (default auto)")
+    pia.add_argument("--device", default=None, help="pia: cpu, cuda or auto (default auto)")
     t.set_defaults(func=_cmd_train)
 
     e = psub.add_parser("eval", help="evaluate a length predictor on a JSONL file")
-    e.add_argument("--predictor", required=True, help="a predictor directory, 'oracle', or 'self' (with --model)")
+    e.add_argument("--predictor", required=True,
+                   help="a predictor directory, 'oracle', or 'self' (a PiA directory and 'self' need --model)")
     e.add_argument("--data", required=True, type=Path)
     e.add_argument("--target", default="L_max")
-    e.add_argument("--model", default=None, help="for 'self': the model directory to ask")
+    e.add_argument("--model", default=None, help="for 'self' or a PiA directory: the model directory to ask")
     e.add_argument("--json", type=output_file, default=None, help="write the metrics to this JSON file")
     e.add_argument("--predictions-out", type=Path, default=None, help="write {id, predicted} JSONL here")
     e.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
@@ -87,6 +108,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from lengthwise.predict.simple import ConstantPredictor
 
     _threads(args.threads)
+    if args.kind == "pia":
+        return _train_pia(args)
+    for option in PIA_OPTIONS:
+        if getattr(args, option) is not None:
+            raise ValueError(f"--{option.replace('_', '-')} is for --kind pia (a {args.kind} predictor does not "
+                             f"train the served model)")
     data = load_length_data(args.data, args.target, need_features=args.kind == "probe", limit=args.limit)
     # Heads on fixed features (probe, frozen proxy) are cheap per epoch and need more of them.
     head_only = args.kind == "probe" or args.no_finetune
@@ -116,6 +143,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_pia(args: argparse.Namespace) -> int:
+    from lengthwise.config import EngineConfig
+    from lengthwise.engine.llm_engine import LLMEngine
+    from lengthwise.lora.train import LoRATrainConfig
+    from lengthwise.predict.pia import DEFAULT_ROUNDING, PiAPredictor, add_metrics, read_manifest, train_pia
+
+    if args.model is None:
+        raise ValueError("--kind pia trains an adapter of the served model: pass --model MODEL_DIR")
+    if args.encoder != "default" or args.no_finetune:
+        raise ValueError("--encoder and --no-finetune are for --kind proxy")
+    d = LoRATrainConfig()
+    modules = d.target_modules if args.target_modules is None else tuple(
+        m.strip() for m in args.target_modules.split(",") if m.strip())
+    try:
+        cfg = LoRATrainConfig(rank=args.rank or d.rank, alpha=args.alpha or d.alpha, target_modules=modules,
+                              epochs=args.epochs or d.epochs, lr=args.lr or d.lr,
+                              batch_size=args.batch_size or d.batch_size, seed=args.seed)
+    except ValueError as e:  # name the option as typed: "target_modules must ..." -> "--target-modules must ..."
+        field, _, rest = str(e).partition(" ")
+        raise ValueError(f"--{field.replace('_', '-')} {rest}") from None
+    data = load_length_data(args.data, args.target, limit=args.limit)
+    dtype, device = args.dtype or "auto", args.device or "auto"
+    out = train_pia(args.model, data, args.out, cfg, DEFAULT_ROUNDING if args.rounding is None else args.rounding,
+                    args.read or "median", dtype, device, args.max_model_len)
+    if args.eval_data is not None:
+        engine = LLMEngine.from_dir(args.model, EngineConfig(dtype=dtype, device=device,
+                                                              max_model_len=args.max_model_len))
+        predictor = PiAPredictor(engine, out)
+        ev = evaluate(predictor, load_length_data(args.eval_data, args.target), measure_latency=False)
+        _print_metrics(ev.metrics, f"pia on {args.eval_data} ({args.target})")
+        add_metrics(out, eval={"data": str(args.eval_data), **ev.metrics})
+    m = read_manifest(out)["metrics"]
+    print(f"saved pia predictor to {out} (trained in {m['train_seconds']} s on {m['train_records']} records; "
+          f"answer loss per epoch {m['epoch_losses']})")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lengthwise.predict import is_self_spec, make_predictor
 
@@ -123,7 +187,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     engine = None
     if is_self_spec(args.predictor):
         if args.model is None:
-            raise ValueError("--predictor self asks a model: pass --model MODEL_DIR")
+            raise ValueError(f"--predictor {args.predictor} asks the served model: pass --model MODEL_DIR")
         from lengthwise.engine.llm_engine import LLMEngine
 
         engine = LLMEngine.from_dir(args.model)

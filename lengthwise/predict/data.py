@@ -24,6 +24,7 @@ class LengthRecord:
     id: str
     query: LengthQuery
     length: float
+    lora: str | None = None  # the LoRA adapter the length was generated with (recorded files), if any
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,17 @@ def _record(obj: dict, target: str, need_features: bool, where: str, index: int)
     for name in ("instruction", "input"):
         if name in obj and not isinstance(obj[name], str):
             raise ValueError(f"{where}: field {name!r} must be a string")
+    messages = obj.get("messages")
+    if messages is not None and (not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)):
+        raise ValueError(f"{where}: field 'messages' must be a list of chat messages with a 'role' each")
     query = LengthQuery(prompt=prompt, instruction=obj.get("instruction"), input=obj.get("input"),
                         features=features if need_features else None, true_length=length,
-                        request_id=str(obj.get("id", index)))
-    return LengthRecord(str(obj.get("id", index)), query, length)
+                        request_id=str(obj.get("id", index)), messages=messages)
+    lora = obj.get("lora")
+    if lora is not None and not isinstance(lora, str):
+        raise ValueError(f"{where}: field 'lora' must be an adapter name or null")
+    return LengthRecord(str(obj.get("id", index)), query, length, lora)
 
 
 def _target(obj: dict, target: str, where: str) -> float:

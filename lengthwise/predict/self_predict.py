@@ -19,12 +19,14 @@ and read the answer one of two ways:
   and the number in the answer (`parse_length`: the one followed by "tokens", else the first).
 
 A request with a LoRA adapter is asked through its adapter (the asking engine shares the served
-engine's adapters), since the adapted model is the one that will answer.
+engine's adapters), since the adapted model is the one that will answer; with a PiA length adapter
+(`adapter=`) every request is asked through that one instead, which was trained on the base model.
 
 An answer without a number falls back to another predictor (default: a constant) and is counted.
-The paper LoRA-tunes the model to answer well; that step is out of scope for served checkpoints
-(the built-in model is trained for it by `lengthwise train-tiny`), so an untuned model's answers
-are only as good as its instruction following.
+An untuned model's answers are only as good as its instruction following; the paper LoRA-tunes the
+model to answer well, which `lengthwise predictor train --kind pia` does for a served checkpoint
+(`lengthwise.predict.pia`: `adapter=` asks through that adapter). The built-in model is trained
+to answer by `lengthwise train-tiny` itself.
 """
 
 from __future__ import annotations
@@ -32,21 +34,43 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lengthwise.predict.base import LengthPrediction, LengthPredictor, LengthQuery
 
 if TYPE_CHECKING:
     from lengthwise.engine.llm_engine import LLMEngine
+    from lengthwise.tokenizer import Tokenizer
 
 QUERY = ("\nDon't output the response for the above instruction. Instead, you need to predict the number "
          "of tokens in your response. Output one number only.")
 MAX_ANSWER_TOKENS = 8
+LENGTH_ADAPTER = "length-perception"  # the asker's name for a PiA adapter (`adapter=`)
 READS = ("median", "greedy")
 TOP_FIRST_TOKENS = 10
 MIN_FIRST_TOKEN_PROB = 0.01
 _NUMBER = re.compile(r"\d+")
 _TOKENS = re.compile(r"(\d+)\s*tokens?\b", re.IGNORECASE)
+
+
+def length_query(tokenizer: Tokenizer | None, q: LengthQuery) -> str | list[int]:
+    """The paper's question after the request's instruction, in the user's turn: for a chat
+    request, appended to its last user message and rendered by the template (never a chat
+    rendering wrapped in a second one); otherwise the prompt text, in one user turn when the model
+    has a template. Token ids where a template rendered it, else text. PiA training
+    (`lengthwise.predict.pia`) asks exactly this."""
+    tok = tokenizer
+    if q.messages and tok is not None and tok.chat_template:
+        messages = [dict(m) for m in q.messages]
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+        if last is not None:
+            messages[last]["content"] = str(messages[last].get("content") or "") + QUERY
+            return tok.encode_chat(messages, add_generation_prompt=True)
+    text = q.prompt or (tok.decode(list(q.prompt_ids or []), skip_special_tokens=True) if tok else "")
+    if tok is not None and tok.chat_template:
+        return tok.encode_chat([{"role": "user", "content": text + QUERY}], add_generation_prompt=True)
+    return text + QUERY
 
 
 def parse_length(text: str) -> int | None:
@@ -101,7 +125,8 @@ class SelfPredictor(LengthPredictor):
     kind = "self"
 
     def __init__(self, engine: LLMEngine, fallback: LengthPredictor | None = None, fallback_length: float = 128.0,
-                 read: str = "median", rounding: float = 10.0, **kwargs: Any) -> None:
+                 read: str = "median", rounding: float = 10.0, adapter: str | Path | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if read not in READS:
             raise ValueError(f"read must be one of {READS}, got {read!r}")
@@ -113,22 +138,30 @@ class SelfPredictor(LengthPredictor):
             raise ValueError("the self predictor needs a tokenizer to ask the model in text")
         from lengthwise.config import EngineConfig
         from lengthwise.engine.llm_engine import LLMEngine
+        from lengthwise.lora import LoRARequest
         from lengthwise.predict.simple import ConstantPredictor
 
         # A private engine on the same weights, so asking never disturbs the served requests' KV;
         # with LoRA, on the served engine's adapters: a request is asked through its own adapter.
+        # With a length adapter (PiA), every question goes through that adapter instead, held by
+        # the asker alone: it was trained on the base model, and the served requests never see it.
         c = engine.config
+        self.length_lora = None if adapter is None else LoRARequest(LENGTH_ADAPTER, 1, str(adapter))
+        shared = c.enable_lora and self.length_lora is None
         self.asker = LLMEngine(engine.model, engine.tokenizer,
                                EngineConfig(dtype=c.dtype, device=c.device, block_size=c.block_size,
                                             max_num_seqs=64, max_num_batched_tokens=c.max_num_batched_tokens,
                                             kv_cache_memory=_asker_kv_bytes(engine), max_model_len=c.max_model_len,
                                             kv_cache_dtype=c.kv_cache_dtype,
-                                            enable_prefix_caching=True, enable_lora=c.enable_lora,
+                                            enable_prefix_caching=True,
+                                            enable_lora=shared or self.length_lora is not None,
                                             # every adapter it asks through is loaded already:
                                             # one batch may hold them all
-                                            max_loras=max(c.max_loras, c.max_cpu_loras or 1),
-                                            max_lora_rank=c.max_lora_rank),
-                               lora_owner=engine if c.enable_lora else None)
+                                            max_loras=max(c.max_loras, c.max_cpu_loras or 1) if shared else 1,
+                                            max_lora_rank=c.max_lora_rank if shared else _adapter_rank(adapter)),
+                               lora_owner=engine if shared else None)
+        if self.length_lora is not None:
+            self.asker.add_lora(self.length_lora)  # (reads it now: a bad adapter fails at start-up)
         self.fallback = fallback or ConstantPredictor(fallback_length)
         self.max_length = float(engine.max_model_len)
         self.num_queries = 0
@@ -136,21 +169,8 @@ class SelfPredictor(LengthPredictor):
         self.last_answers: list[str] = []
 
     def query_prompt(self, q: LengthQuery) -> str | list[int]:
-        """The paper's question after the request's instruction, in the user's turn: for a chat
-        request, appended to its last user message and rendered by the template (never a chat
-        rendering wrapped in a second one); otherwise the prompt text, in one user turn when the
-        model has a template."""
-        tok = self.asker.tokenizer
-        if q.messages and tok is not None and tok.chat_template:
-            messages = [dict(m) for m in q.messages]
-            last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
-            if last is not None:
-                messages[last]["content"] = str(messages[last].get("content") or "") + QUERY
-                return tok.encode_chat(messages, add_generation_prompt=True)
-        text = q.prompt or (tok.decode(list(q.prompt_ids or []), skip_special_tokens=True) if tok else "")
-        if tok is not None and tok.chat_template:
-            return tok.encode_chat([{"role": "user", "content": text + QUERY}], add_generation_prompt=True)
-        return text + QUERY
+        """The question this predictor asks for `q` (`length_query`)."""
+        return length_query(self.asker.tokenizer, q)
 
     def predict(self, queries: Sequence[LengthQuery]) -> list[LengthPrediction]:
         from lengthwise.engine.llm import run_to_completion
@@ -162,7 +182,7 @@ class SelfPredictor(LengthPredictor):
         prompts = [self._fit(self.query_prompt(q), limit) for q in queries]
         top = TOP_FIRST_TOKENS if self.read == "median" else None
         params = SamplingParams(max_tokens=MAX_ANSWER_TOKENS, temperature=0.0, logprobs=top)
-        loras = [q.lora_request for q in queries]
+        loras = [self.length_lora or q.lora_request for q in queries]
         outs = run_to_completion(self.asker, prompts, [params] * len(prompts), lora_requests=loras)
         answers = [o.outputs[0].text for o in outs]
         self.last_answers = answers
@@ -228,6 +248,16 @@ class SelfPredictor(LengthPredictor):
 
     def save_state(self, directory: Any) -> None:
         raise ValueError("the self predictor has no trained state: select it by name (length_predictor='self')")
+
+
+def _adapter_rank(adapter: str | Path | None) -> int:
+    """The rank the asker must allow for a length adapter (its config's `r`; patterns may raise it)."""
+    if adapter is None:
+        return 16
+    from lengthwise.lora.adapter import read_adapter_config
+
+    cfg = read_adapter_config(Path(adapter))
+    return int(max([cfg["r"], *(cfg.get("rank_pattern") or {}).values()]))
 
 
 ASKER_KV_BYTES = 256 << 20
