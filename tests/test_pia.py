@@ -130,6 +130,25 @@ def test_an_adapter_trained_on_cuda_is_served_as_it_was_trained(hf_checkpoint, t
     assert served == pytest.approx(want, abs=2e-3)
 
 
+def test_bfloat16_model_trains_with_float32_factors(hf_checkpoint):
+    """A bfloat16 checkpoint (as a GPU loads one) gives transformers' bfloat16 logits to bfloat16
+    precision, and its float32 adapter still learns."""
+    hf, path = hf_checkpoint("qwen2")
+    model = load_model(path, "bfloat16", "cpu")
+    ids = torch.randint(3, 300, (2, 17), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = hf.to(torch.bfloat16)(ids).logits.float()
+        hf.float()
+        got = trainable.logits(model, trainable.hidden_states(model, ids))
+    assert (got - want).abs().max() / want.abs().max() < 2e-2
+    cfg = LoRATrainConfig(epochs=4, lr=3e-3, batch_size=8)
+    trained = train_lora(model, random_examples(48, seed=6), cfg, progress=False)
+    assert all(p.dtype == torch.float32 for p in trained.factors.parameters())
+    reference = train_lora(load_model(path, "float32", "cpu"), random_examples(48, seed=6), cfg, progress=False)
+    assert trained.epoch_losses == pytest.approx(reference.epoch_losses, abs=0.05)
+    assert trained.epoch_losses[-1] < trained.epoch_losses[0] - 0.3
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(hf_checkpoint):
     _, path = hf_checkpoint("qwen2")
     model = load_model(path, "float32", "cpu")
@@ -304,10 +323,11 @@ def test_predictor_cli_records_chat_messages_then_trains_and_evaluates_pia(tmp_p
     out = tmp_path / "pia"
     assert main(["predictor", "train", "--kind", "pia", "--model", str(model_dir), "--data", str(record),
                  "--target", "length", "--out", str(out), "--rounding", "10", "--epochs", "1", "--batch-size", "2",
-                 "--eval-data", str(record)]) == 0
+                 "--gradient-checkpointing", "--eval-data", str(record)]) == 0
     assert "saved pia predictor" in capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["eval"]["mae"] >= 0 and manifest["config"]["lora"]["rank"] == 8
+    assert manifest["config"]["lora"]["gradient_checkpointing"] is True
     metrics = tmp_path / "eval.json"
     assert main(["predictor", "eval", "--predictor", str(out), "--model", str(model_dir), "--data", str(record),
                  "--target", "length", "--no-latency", "--json", str(metrics)]) == 0

@@ -16,7 +16,8 @@ from lengthwise.predict.evaluate import evaluate
 from lengthwise.predict.training import TrainConfig
 
 # `predictor train` options only --kind pia reads (refused for the other kinds, never ignored)
-PIA_OPTIONS = ("model", "rounding", "rank", "alpha", "target_modules", "read", "max_model_len", "dtype", "device")
+PIA_OPTIONS = ("model", "rounding", "rank", "alpha", "target_modules", "read", "max_model_len",
+               "gradient_checkpointing", "dtype", "device")
 EVAL_KEYS = ("mae", "acc50", "acc100", "kendall_tau", "bin_acc_2", "bin_acc_4", "bin_acc_8",
              "latency_ms_b1", "latency_ms_b64")
 
@@ -59,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pia.add_argument("--max-model-len", type=positive_int, default=None,
                      help="pia: the serving engine's max_model_len, which clips long questions (default: the "
                           "model's context)")
+    pia.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                     help="pia: recompute each layer in the backward pass instead of keeping its activations "
+                          "(less memory for long questions or big models, about a third more compute)")
     pia.add_argument("--dtype", default=None, help="pia: the model's dtype while training (default auto)")
     pia.add_argument("--device", default=None, help="pia: cpu, cuda or auto (default auto)")
     t.set_defaults(func=_cmd_train)
@@ -159,7 +163,8 @@ def _train_pia(args: argparse.Namespace) -> int:
     try:
         cfg = LoRATrainConfig(rank=args.rank or d.rank, alpha=args.alpha or d.alpha, target_modules=modules,
                               epochs=args.epochs or d.epochs, lr=args.lr or d.lr,
-                              batch_size=args.batch_size or d.batch_size, seed=args.seed)
+                              batch_size=args.batch_size or d.batch_size, seed=args.seed,
+                              gradient_checkpointing=bool(args.gradient_checkpointing))
     except ValueError as e:  # name the option as typed: "target_modules must ..." -> "--target-modules must ..."
         field, _, rest = str(e).partition(" ")
         raise ValueError(f"--{field.replace('_', '-')} {rest}") from None
