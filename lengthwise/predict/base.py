@@ -160,14 +160,20 @@ class PredictorStats:
     num_fallbacks: int = 0
 
 
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    """A predictor directory's parsed manifest; None if `directory` holds none."""
+    path = Path(directory) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_predictor(directory: str | Path, allow_benchmark_only: bool = True) -> LengthPredictor:
     """Load the predictor saved in `directory` (any kind). `allow_benchmark_only=False` (the server)
     refuses kinds such as `oracle` that only make sense in benchmarks."""
     directory = Path(directory)
     path = directory / MANIFEST
-    if not path.is_file():
+    manifest = read_manifest(directory)
+    if manifest is None:
         raise ValueError(f"length predictor directory {directory} has no {MANIFEST}")
-    manifest = json.loads(path.read_text())
     kind = manifest.get("kind")
     cls = LengthPredictor._registry.get(kind)
     if cls is None:

@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lengthwise.predict.base import MANIFEST, LengthPredictor
+from lengthwise.predict.base import MANIFEST, LengthPredictor, read_manifest
 from lengthwise.predict.data import LengthDataset
 from lengthwise.predict.self_predict import MAX_ANSWER_TOKENS, READS, SelfPredictor, length_query
 
@@ -151,14 +151,6 @@ def train_pia(model_dir: str | Path, data: LengthDataset, out: str | Path, confi
                            "lora": asdict(cfg)}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any] | None:
-    """A predictor directory's parsed manifest; None if `directory` holds none."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
 
 
 def add_metrics(directory: str | Path, **metrics: Any) -> None:
